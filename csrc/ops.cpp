@@ -1,0 +1,47 @@
+// The one place that lists every compiled op (TORCH_LIBRARY schemas). Per-device kernels register their
+// implementations with TORCH_LIBRARY_IMPL in cpu/*.cpp and cuda/*.cu; fake (meta) kernels and autograd are
+// registered from Python (flashdml/ops/*.py) with torch.library.register_fake / register_autograd.
+//
+// Conventions shared by all ops (see SPEC.md section 0):
+// * x, y are already L2-normalised (when the user asked for it) and contiguous; fp32, fp16 or bf16; all
+//   accumulation is fp32. Losses and statistics are fp32; gradients come back in the input dtype.
+// * temperature is a 0-dim fp32 tensor on the same device (read on device, so no host sync on CUDA).
+// * labels are int64 or None (None: no label masking).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "flashdml/poison.h"
+
+namespace {
+
+void set_poison(bool enabled) { flashdml::poison_flag().store(enabled); }
+
+bool get_poison() { return flashdml::poison_flag().load(); }
+
+}  // namespace
+
+TORCH_LIBRARY(flashdml, m) {
+  // Test support: fill every op output with NaN / a sentinel before the kernel writes it.
+  m.def("_set_poison(bool enabled) -> ()", &set_poison);
+  m.def("_get_poison() -> bool", &get_poison);
+
+  // SPEC 2.1. Row i's positive is column i; columns j != i with labels[j] == labels[i] are dropped.
+  // Returns the loss, the per-row LSE of z = S / temperature over row i's allowed set, and (symmetric) the
+  // per-column LSE; col_lse is empty when symmetric is false.
+  m.def(
+      "batch_softmax_fwd(Tensor x, Tensor y, Tensor? labels, Tensor temperature, bool symmetric) -> "
+      "(Tensor loss, Tensor row_lse, Tensor col_lse)");
+  // Recomputes S tile by tile; returns dx, dy (input dtype) and d loss / d temperature (0-dim fp32).
+  m.def(
+      "batch_softmax_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor? labels, Tensor temperature, "
+      "bool symmetric, Tensor row_lse, Tensor col_lse) -> (Tensor dx, Tensor dy, Tensor dtemperature)");
+}
+
+// Importing flashdml._C loads the schemas above and all kernel registrations; there is no Python API in the
+// module itself (pytorch/extension-cpp pattern).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

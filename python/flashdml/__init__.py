@@ -1,0 +1,35 @@
+"""flashdml: fused kernels for deep metric learning.
+
+Functional API (SPEC.md section 4)::
+
+    import flashdml as fd
+    loss = fd.batch_softmax(x, y, temperature=0.05)
+    fd.available_backends()          # {"cpu": (True, "..."), "triton": (False, "no CUDA device ..."), ...}
+    with fd.backend("reference"):    # the pure-PyTorch oracle
+        ...
+"""
+from . import _ext  # noqa: F401  (loads flashdml._C when it was built)
+from . import reference
+from ._dispatch import available_backends, backend, get_backend, set_backend
+from .ops.batch_softmax import batch_softmax
+from .ops.unfused import (
+    contextual_loss,
+    contrastive_margin,
+    cross_example_softmax,
+    hardest_negatives,
+    knn,
+    ntxent,
+    similarity,
+    threshold_consistent_margin,
+)
+from . import losses, metrics  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "similarity", "knn", "hardest_negatives",
+    "batch_softmax", "ntxent", "cross_example_softmax",
+    "threshold_consistent_margin", "contrastive_margin", "contextual_loss",
+    "losses", "metrics", "reference",
+    "set_backend", "get_backend", "backend", "available_backends",
+]

@@ -1,0 +1,180 @@
+"""Input checks shared by the reference and the fused ops.
+
+Every public op validates its arguments here, so a bad call fails the same way whichever backend runs it:
+``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong shape, size, value or device, and the
+message always names the offending argument.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+TemperatureLike = Union[float, int, Tensor]
+
+
+def check_embeddings(t, name: str) -> Tensor:
+    """A 2-D floating tensor with at least one row and one column."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor [rows, d], got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it has 0 rows (shape {tuple(t.shape)})")
+    if t.shape[1] == 0:
+        raise ValueError(f"{name} has embedding dimension d = 0 (shape {tuple(t.shape)})")
+    return t
+
+
+def check_labels(labels, name: str, length: int, length_name: str, device: torch.device) -> Tensor:
+    """A 1-D integer tensor of the given length on the given device."""
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(labels).__name__}")
+    if labels.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+    if labels.shape[0] != length:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but {length_name} has {length} rows")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the embeddings are on {device} (mixed devices)")
+    return labels
+
+
+@dataclass
+class Batch:
+    """Validated inputs of a pairwise op.
+
+    ``y``/``ref_labels`` are ``x``/``labels`` themselves in self mode. ``labels`` and ``ref_labels`` are int64
+    (``arange`` in pair mode) or both ``None`` when the op takes no labels.
+    """
+
+    x: Tensor
+    y: Tensor
+    labels: Optional[Tensor]
+    ref_labels: Optional[Tensor]
+    self_mode: bool
+    pair_mode: bool
+
+    @property
+    def B(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def M(self) -> int:
+        return self.y.shape[0]
+
+
+def prepare_batch(
+    x,
+    y=None,
+    labels=None,
+    ref_labels=None,
+    *,
+    labels_required: bool = False,
+    pair_mode_default: bool = True,
+    require_square: bool = False,
+    require_y: bool = False,
+    self_mode_allowed: bool = True,
+) -> Batch:
+    """Check ``x, y, labels, ref_labels`` (SPEC section 0) and fill in self mode and pair mode.
+
+    * ``y=None`` is self mode (``y = x``, ``ref_labels = labels``); ``ref_labels`` without ``y`` is an error.
+    * ``labels=None`` is pair mode (``arange``) when ``pair_mode_default``, an error when ``labels_required``.
+    * In cross mode with labels, ``ref_labels`` is required.
+    """
+    x = check_embeddings(x, "x")
+    if y is None:
+        if require_y:
+            raise ValueError("y is required: this op compares x with a separate reference set y")
+        if not self_mode_allowed:
+            raise ValueError("self mode (y=None) is not supported by this op")
+        if ref_labels is not None:
+            raise ValueError("ref_labels was given without y: in self mode (y=None) ref_labels = labels")
+        self_mode = True
+        y = x
+    else:
+        y = check_embeddings(y, "y")
+        self_mode = False
+        if y.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"x and y must have the same embedding dimension d, got x {tuple(x.shape)} and y {tuple(y.shape)}"
+            )
+        if y.device != x.device:
+            raise ValueError(f"x is on {x.device} but y is on {y.device} (mixed devices)")
+        if y.dtype != x.dtype:
+            raise TypeError(f"x and y must have the same dtype, got x {x.dtype} and y {y.dtype}")
+    B, M = x.shape[0], y.shape[0]
+    if require_square and B != M:
+        raise ValueError(f"this op needs as many references as queries (B == M), got x {B} rows and y {M} rows")
+
+    pair_mode = False
+    if labels is None:
+        if ref_labels is not None:
+            raise ValueError("ref_labels was given without labels")
+        if labels_required:
+            raise ValueError("labels is required by this op")
+        if pair_mode_default:
+            pair_mode = True
+            labels = torch.arange(B, device=x.device)
+            ref_labels = labels if self_mode else torch.arange(M, device=x.device)
+    else:
+        labels = check_labels(labels, "labels", B, "x", x.device).long()
+        if self_mode:
+            ref_labels = labels
+        else:
+            if ref_labels is None:
+                raise ValueError("ref_labels is required when y and labels are given (cross mode)")
+            ref_labels = check_labels(ref_labels, "ref_labels", M, "y", x.device).long()
+    return Batch(x, y, labels, ref_labels, self_mode, pair_mode)
+
+
+def check_temperature(temperature: TemperatureLike, device: torch.device, name: str = "temperature") -> Tensor:
+    """A positive Python number or 0-dim tensor; returned as a 0-dim float32 tensor (grad kept if learnable)."""
+    if isinstance(temperature, Tensor):
+        if temperature.dim() != 0:
+            raise ValueError(f"{name} must be a Python number or a 0-dim tensor, got shape {tuple(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {temperature.dtype}")
+        if temperature.device != device and temperature.device.type != "cpu":
+            raise ValueError(f"{name} is on {temperature.device} but the embeddings are on {device} (mixed devices)")
+        if not _is_compiling():
+            value = float(temperature.detach())
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        return temperature.to(device=device, dtype=torch.float32)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"{name} must be a Python number or a 0-dim tensor, got {type(temperature).__name__}")
+    if not float(temperature) > 0:
+        raise ValueError(f"{name} must be > 0, got {temperature}")
+    return torch.tensor(float(temperature), dtype=torch.float32, device=device)
+
+
+def check_positive_int(value, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False

@@ -1,0 +1,107 @@
+"""Comparing a fused backend with the reference: values and gradients, on poisoned outputs.
+
+``check_against_reference`` runs an op twice on identical inputs — once through ``fd.reference`` in float64
+(the oracle, from the same fp32 inputs upcast) and once through a fused backend under ``poison_outputs()`` —
+then compares the loss and the gradients of every differentiable input (a random upstream gradient is used,
+so a backward that ignores it fails). Tolerances are ``atol + rtol * max|reference|`` per tensor.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+
+import pytest
+import torch
+
+import flashdml as fd
+from flashdml._debug import poison_outputs
+
+# Ragged shapes: B not a multiple of any tile (CPU tiles are 128 x 512, Triton 64/128), d = 1, 3, 129.
+SMALL_SHAPES = [(1, 1), (2, 3), (5, 1), (37, 129), (70, 3), (130, 16)]
+CPU_SHAPES = SMALL_SHAPES + [(257, 33), (600, 129), (1030, 64)]
+
+
+def fused_backends(device: str = "cpu") -> list:
+    """The fused backends that can run on ``device`` here (Triton on CPU only under the interpreter)."""
+    status = fd.available_backends()
+    names = []
+    if device == "cpu":
+        if status["cpu"][0]:
+            names.append("cpu")
+        if status["triton"][0] and os.environ.get("TRITON_INTERPRET") == "1":
+            names.append("triton")
+    else:
+        names += [b for b in ("triton", "cuda") if status[b][0]]
+    return names
+
+
+def backend_params(device: str = "cpu"):
+    """pytest params for every fused backend, skipped with the reason when it cannot run here."""
+    status = fd.available_backends()
+    out = []
+    for name in ("cpu", "triton"):
+        ok, why = status[name]
+        marks = [] if ok else [pytest.mark.skip(reason=f"{name}: {why}")]
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+def clustered(B: int, d: int, n_classes: int, *, seed: int = 0, dtype=torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings near their class centre (so positives are similar) and their labels."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, max(n_classes, 1), (B,), generator=g)
+    centres = torch.randn(max(n_classes, 1), d, generator=g)
+    x = centres[labels] + 0.7 * torch.randn(B, d, generator=g)
+    return x.to(dtype), labels
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> None:
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got64 = got.detach().double()
+    want64 = want.detach().double()
+    assert torch.isfinite(got64).all(), f"{name}: non-finite values (unwritten poisoned output?)"
+    err = (got64 - want64).abs().max().item() if got64.numel() else 0.0
+    scale = want64.abs().max().item() if want64.numel() else 0.0
+    assert err <= atol + rtol * scale, f"{name}: max abs error {err:.3e} > {atol:.1e} + {rtol:.1e} * {scale:.3e}"
+
+
+def check_against_reference(
+    op: str,
+    backend: str,
+    tensors: Dict[str, Optional[torch.Tensor]],
+    kwargs: Dict,
+    *,
+    grad_names: Sequence[str] = ("x", "y"),
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+    upstream: float = 0.7,
+) -> None:
+    """Loss and gradients of ``fd.<op>`` on ``backend`` vs ``fd.reference.<op>`` in float64."""
+
+    def leaves(dtype_for_ref: bool):
+        out = {}
+        for k, v in tensors.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                v = v.detach().double() if dtype_for_ref else v.detach().clone()
+                out[k] = v.requires_grad_(k in grad_names)
+            else:
+                out[k] = v
+        return out
+
+    ref_in = leaves(True)
+    ref_loss = getattr(fd.reference, op)(**ref_in, **kwargs)
+    (ref_loss * upstream).backward()
+
+    fused_in = leaves(False)
+    with fd.backend(backend), poison_outputs():
+        loss = getattr(fd, op)(**fused_in, **kwargs)
+        assert loss.dtype == torch.float32 and loss.dim() == 0, f"loss must be a 0-dim fp32 tensor, got {loss.dtype} {tuple(loss.shape)}"
+        (loss * upstream).backward()
+
+    _close(f"{op}[{backend}] loss", loss, ref_loss, rtol, atol)
+    for k in grad_names:
+        if k not in ref_in or ref_in[k] is None:
+            continue
+        assert fused_in[k].grad is not None, f"{op}[{backend}]: no gradient for {k}"
+        assert fused_in[k].grad.dtype == fused_in[k].dtype, f"{k}.grad dtype {fused_in[k].grad.dtype} != input dtype"
+        _close(f"{op}[{backend}] d{k}", fused_in[k].grad, ref_in[k].grad, rtol, atol)
