@@ -1,0 +1,256 @@
+"""Reference losses of SPEC sections 2.1-2.4 (the contextual loss, 2.5, lives in ``contextual.py``).
+
+Plain PyTorch on the materialised ``S``; autograd supplies every gradient. Computation is float64 for float64
+input, float32 otherwise; each loss returns a 0-dim tensor of that dtype. Empty sets (no positives, no
+negatives, no hard pairs) contribute exactly 0 with a zero gradient: no ``-inf - -inf``, no ``0/0``, and no
+non-finite value in an unselected ``where`` branch.
+
+Temperatures: a Python number becomes a constant of the compute dtype; a tensor (e.g. a learnable 0-dim
+``nn.Parameter``, as in CLIP) is validated by ``check_temperature`` and then used *itself*, cast to the
+compute dtype, so its gradient is exact (float64 in float64 runs) and comes back in its own dtype.
+
+``labels=None`` is pair mode (``labels = ref_labels = arange``, SPEC section 0) for every loss here: in cross
+mode that is the image-text setting with one match per row; in self mode it leaves no positive pair (except the
+diagonal that 2.4 keeps), so the positive terms are 0.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._validation import check_positive_int, check_real, check_temperature, prepare_batch
+from .similarity import _global_topk_flat, _pair_masks, _similarity_matrix
+
+__all__ = [
+    "batch_softmax",
+    "ntxent",
+    "cross_example_softmax",
+    "threshold_consistent_margin",
+    "contrastive_margin",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------
+def _temperature(temperature, like: Tensor) -> Tensor:
+    """Validated temperature as a 0-dim tensor of ``like``'s dtype/device (keeps a learnable tensor's graph)."""
+    check_temperature(temperature, like.device)  # raises TypeError/ValueError naming "temperature"
+    if isinstance(temperature, Tensor):
+        return temperature.to(device=like.device, dtype=like.dtype)
+    return torch.tensor(float(temperature), dtype=like.dtype, device=like.device)
+
+
+def _empty_zero(t: Tensor) -> Tensor:
+    """A 0-dim zero attached to ``t``'s graph with an exactly zero gradient (sum over an empty slice)."""
+    return t.reshape(-1)[:0].sum()
+
+
+def _masked_logsumexp(z: Tensor, mask: Tensor, dim: Optional[int] = None):
+    """``log Σ_{mask} exp(z)`` along ``dim`` (all entries when ``dim is None``), plus "the set is non-empty".
+
+    Where the set is empty the returned value is a finite placeholder (0) with zero gradient; the caller must
+    discard it with the returned flag. Masked-out entries get exactly zero gradient.
+    """
+    filled = z.masked_fill(~mask, float("-inf"))
+    if dim is None:
+        nonempty = mask.any()
+        if not bool(nonempty):
+            return _empty_zero(z), nonempty
+        return torch.logsumexp(filled.reshape(-1), dim=0), nonempty
+    nonempty = mask.any(dim=dim)
+    filled = filled.masked_fill(~nonempty.unsqueeze(dim), 0.0)
+    return torch.logsumexp(filled, dim=dim), nonempty
+
+
+def _softplus(v: Tensor) -> Tensor:
+    """Exact ``log(1 + e^v)`` (``torch.nn.functional.softplus`` returns ``v`` itself above its threshold 20, an
+    error of up to ~2e-9 per term that an oracle cannot afford)."""
+    return torch.logaddexp(v, torch.zeros_like(v))
+
+
+def _mean_over(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values[mask]``; 0 (zero gradient) when the mask is empty. The count is an exact int64."""
+    return _divide_by_count(values[mask].sum(), mask.sum())
+
+
+def _divide_by_count(total: Tensor, count: Tensor) -> Tensor:
+    """``total / count`` for an exact int64 count (0 when the count is 0): the quotient is formed in float64
+    and rounded once, so counts above 2^24 are not rounded to fp32 first."""
+    quotient = total.to(torch.float64) / count.clamp_min(1).to(torch.float64)
+    return quotient.to(total.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2.1 batch softmax / InfoNCE
+# --------------------------------------------------------------------------------------------------------------
+def _batch_softmax_one_direction(z: Tensor, keep: Tensor) -> Tensor:
+    lse, _ = _masked_logsumexp(z, keep, dim=1)  # every row keeps its diagonal: never empty
+    return (lse - torch.diagonal(z)).mean()
+
+
+def batch_softmax(
+    x: Tensor,
+    y: Tensor,
+    labels: Optional[Tensor] = None,
+    *,
+    temperature=0.05,
+    symmetric: bool = False,
+    normalize: bool = True,
+) -> Tensor:
+    """SPEC 2.1: ``mean_i ( LSE_{j ∈ {i} ∪ neg(i)} z_ij − z_ii )`` with ``z = S / τ``; requires y and B == M.
+
+    Row i's positive is column i. ``labels`` (optional, [B]) label both x's rows and y's rows (row i of x and
+    row i of y are a pair, so they share ``labels[i]``); columns ``j ≠ i`` with ``labels[j] == labels[i]`` are
+    false negatives and leave row i's denominator. ``labels=None``: every off-diagonal column is a negative.
+    ``symmetric=True`` averages with the same loss on ``Sᵀ`` (CLIP's loss).
+    """
+    batch = prepare_batch(x, y, labels, labels, require_y=True, require_square=True, pair_mode_default=True)
+    S = _similarity_matrix(batch, normalize)
+    tau = _temperature(temperature, S)
+    z = S / tau
+    eye = torch.eye(batch.B, dtype=torch.bool, device=S.device)
+    keep = (batch.labels[:, None] != batch.ref_labels[None, :]) | eye  # symmetric
+    loss = _batch_softmax_one_direction(z, keep)
+    if symmetric:
+        loss = 0.5 * (loss + _batch_softmax_one_direction(z.T, keep.T))
+    return loss
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2.1b NT-Xent with labels
+# --------------------------------------------------------------------------------------------------------------
+def ntxent(
+    x: Tensor,
+    labels: Optional[Tensor],
+    y: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    temperature=0.07,
+    normalize: bool = True,
+) -> Tensor:
+    """SPEC 2.1b: ``mean_{(a,p)∈P} softplus(LSE_{n∈N(a)} z_an − z_ap)``, N(a) = the negatives of row a.
+
+    A positive whose row has no negative contributes ``softplus(−∞) = 0`` (and no gradient); no positive pair
+    at all gives 0. Equals pytorch-metric-learning's ``NTXentLoss(temperature)`` on self-mode batches.
+    """
+    batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
+    S = _similarity_matrix(batch, normalize)
+    tau = _temperature(temperature, S)
+    z = S / tau
+    pos, neg = _pair_masks(batch)
+    row_lse, row_has_neg = _masked_logsumexp(z, neg, dim=1)  # [B]; placeholder 0 where the row has none
+    per_pair = _softplus(row_lse[:, None] - z)  # finite everywhere
+    counted = pos & row_has_neg[:, None]  # the others are softplus(-inf) = 0
+    return _divide_by_count(per_pair[counted].sum(), pos.sum())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2.2 Cross-Example Softmax (+ Cross-Example Negative Mining)
+# --------------------------------------------------------------------------------------------------------------
+def cross_example_softmax(
+    x: Tensor,
+    y: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    temperature=0.05,
+    top_k: Optional[int] = None,
+    normalize: bool = True,
+) -> Tensor:
+    """SPEC 2.2: ``mean_{p∈P} softplus(Λ − z_p)`` with one batch-wide ``Λ = LSE_{n∈N} z_n``.
+
+    ``top_k=k`` (Cross-Example Negative Mining) replaces N by its k hardest pairs of the whole batch, selected
+    exactly as ``hardest_negatives`` does: on the values of ``S`` in the compute dtype (not on ``z = S/τ``,
+    whose rounding could merge distinct values), value desc, ties → lower flat index. Only the selected
+    negatives get a gradient. ``top_k >= |N|`` is plain XE. No positive or no negative pair gives 0.
+    """
+    batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
+    if top_k is not None:
+        top_k = check_positive_int(top_k, "top_k")
+    S = _similarity_matrix(batch, normalize)
+    tau = _temperature(temperature, S)
+    z = S / tau
+    pos, neg = _pair_masks(batch)
+    if top_k is not None and top_k < int(neg.sum()):
+        flat = _global_topk_flat(S, neg, top_k)
+        neg = torch.zeros_like(neg).reshape(-1).index_fill(0, flat, True).reshape(neg.shape)
+    lam, has_neg = _masked_logsumexp(z, neg)
+    if not bool(has_neg) or not bool(pos.any()):
+        return _empty_zero(z)
+    return _softplus(lam - z[pos]).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2.3 Threshold-Consistent Margin
+# --------------------------------------------------------------------------------------------------------------
+def threshold_consistent_margin(
+    x: Tensor,
+    labels: Optional[Tensor],
+    y: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    pos_margin: float = 0.9,
+    neg_margin: float = 0.5,
+    pos_weight: float = 1.0,
+    neg_weight: float = 1.0,
+) -> Tensor:
+    """SPEC 2.3: ``λ+·mean_{hard pos}(m+ − s) + λ−·mean_{hard neg}(s − m−)``, cosine similarity always.
+
+    Hard positives: positive pairs with ``s <= m+``; hard negatives: negative pairs with ``s >= m−`` (both
+    inclusive). Ordered pairs; self mode drops the diagonal. Each term is 0 when its set is empty; the counts
+    are exact int64. Unlike pytorch-metric-learning's ``ThresholdConsistentMarginLoss``, cross mode compares
+    x with y (pml indexes the query embeddings with the reference indices).
+    """
+    pos_margin = check_real(pos_margin, "pos_margin")
+    neg_margin = check_real(neg_margin, "neg_margin")
+    pos_weight = check_real(pos_weight, "pos_weight")
+    neg_weight = check_real(neg_weight, "neg_weight")
+    batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
+    S = _similarity_matrix(batch, normalize=True)
+    pos, neg = _pair_masks(batch)
+    hard_pos = pos & (S.detach() <= pos_margin)
+    hard_neg = neg & (S.detach() >= neg_margin)
+    pos_term = _mean_over(pos_margin - S, hard_pos)
+    neg_term = _mean_over(S - neg_margin, hard_neg)
+    return pos_weight * pos_term + neg_weight * neg_term
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2.4 Margin contrastive
+# --------------------------------------------------------------------------------------------------------------
+def _contrastive_margin_from_S(S: Tensor, pos: Tensor, neg: Tensor, pos_margin: float, neg_margin: float) -> Tensor:
+    """``Σ_P [m+ − s]_+ / #{P: hinge > 0} + Σ_N [s − m−]_+ / #{N: hinge > 0}`` (shared with the contextual loss)."""
+    pos_hinge = torch.clamp_min(pos_margin - S, 0.0)
+    neg_hinge = torch.clamp_min(S - neg_margin, 0.0)
+    pos_term = _mean_over(pos_hinge, pos & (pos_hinge.detach() > 0))
+    neg_term = _mean_over(neg_hinge, neg & (neg_hinge.detach() > 0))
+    return pos_term + neg_term
+
+
+def contrastive_margin(
+    x: Tensor,
+    labels: Optional[Tensor],
+    y: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    pos_margin: float = 0.75,
+    neg_margin: float = 0.6,
+) -> Tensor:
+    """SPEC 2.4: ``Σ_P [m+ − s]_+ / #{P : hinge > 0} + Σ_N [s − m−]_+ / #{N : hinge > 0}``, cosine only.
+
+    Only pairs with a non-zero hinge are counted (strict ``> 0``); each term is 0 when its count is 0.
+    **Self mode keeps the diagonal as a positive pair** (as the contextual paper's code does): with
+    ``pos_margin < 1`` its hinge ``[m+ − 1]_+`` is 0 and it changes nothing, which is why this equals
+    pytorch-metric-learning's ``ContrastiveLoss(pos_margin, neg_margin, distance=CosineSimilarity())`` (which
+    drops the diagonal) exactly when ``pos_margin < 1``; for ``pos_margin >= 1`` the diagonal's hinge
+    ``m+ − s_ii`` (> 0) adds to the positive sum and count here and not in pml.
+    """
+    pos_margin = check_real(pos_margin, "pos_margin")
+    neg_margin = check_real(neg_margin, "neg_margin")
+    batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
+    S = _similarity_matrix(batch, normalize=True)
+    pos, neg = _pair_masks(batch, keep_diagonal_positive=True)
+    return _contrastive_margin_from_S(S, pos, neg, pos_margin, neg_margin)

@@ -1,0 +1,335 @@
+"""Pure-PyTorch reference for the retrieval and calibration metrics (SPEC section 3).
+
+This is the oracle the fused metric kernels are tested against: it materialises the full similarity matrix,
+computes in float64 (float32 on devices without float64), and favours clarity over speed.
+
+Conventions shared by every function here:
+
+* Cosine similarity: rows of ``x`` (and ``y``) are normalised with :func:`flashdml._math.l2_normalize`
+  (``x / max(||x||, 1e-12)``, so an all-zero row has similarity 0 with everything), then ``S = x̂ ŷᵀ``.
+* ``y=None`` is self mode: the references are ``x`` itself and every query's own entry ``(i, i)`` is removed
+  from its retrieval list and from the pairs (``ref_labels = labels``). ``y`` given is cross mode and
+  ``ref_labels`` is required.
+* Ranking: references are sorted by similarity, descending; ties go to the **lower reference index** first.
+* ``R_i`` = number of references with query ``i``'s label (self excluded). Queries with ``R_i = 0`` are left
+  out of recall@k and MAP@R, exactly like pytorch-metric-learning's ``AccuracyCalculator`` leaves out "lone"
+  queries (label absent from the reference set; in self mode, label occurring only once).
+* A metric with nothing to average (no query with ``R_i > 0``, no positive pair, no class with >= 2 samples,
+  no negative pair) is ``nan``, as in pytorch-metric-learning; never an exception.
+* Results are Python floats.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, Iterable, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .._math import l2_normalize
+from .._validation import check_positive_int, check_real, prepare_batch
+
+__all__ = ["recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate"]
+
+METRIC_NAMES = ("recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis")
+_OPIS_OPTIONS = ("far_range", "n_thresholds", "beta")
+NAN = float("nan")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _work_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _similarity(x: Tensor, y: Tensor) -> Tensor:
+    dt = _work_dtype(x.device)
+    return l2_normalize(x.detach().to(dt)) @ l2_normalize(y.detach().to(dt)).T
+
+
+def _ceil_count(fraction: float, n: int) -> int:
+    """``ceil(fraction * n)`` with the product rounded to 9 decimals first (so 0.07 * 100 gives 7, not 8)."""
+    return math.ceil(round(fraction * n, 9))
+
+
+def _check_ks(ks, n_candidates: int) -> Tuple[int, ...]:
+    if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
+        ks = (ks,)
+    if not isinstance(ks, Iterable):
+        raise TypeError(f"ks must be an integer or a sequence of integers, got {type(ks).__name__}")
+    ks = tuple(dict.fromkeys(check_positive_int(k, "ks") for k in ks))  # de-duplicated, order kept
+    if not ks:
+        raise ValueError("ks is empty: give at least one k")
+    if max(ks) > n_candidates:
+        raise ValueError(
+            f"ks contains k = {max(ks)} but each query has only {n_candidates} references to retrieve from"
+        )
+    return ks
+
+
+def _ranked(x, labels, y, ref_labels):
+    """Relevance of each query's retrieval list, best first: ``rel [B, C]`` bool and ``R [B]`` int64.
+
+    ``C`` = number of candidates (``M``, or ``N - 1`` in self mode). Ties in similarity -> lower reference
+    index first (a stable ascending sort of ``-S``).
+    """
+    batch = prepare_batch(x, y, labels, ref_labels, labels_required=True)
+    S = _similarity(batch.x, batch.y)
+    same = batch.labels[:, None] == batch.ref_labels[None, :]
+    if batch.self_mode:
+        eye = torch.eye(batch.B, dtype=torch.bool, device=S.device)
+        S = S.masked_fill(eye, -math.inf)  # the query itself sorts last and is cut off below
+        same = same & ~eye
+    order = torch.sort(-S, dim=1, stable=True).indices
+    rel = torch.gather(same, 1, order)
+    if batch.self_mode:
+        rel = rel[:, :-1]
+    return rel, same.sum(dim=1), batch
+
+
+def _pair_scores(x, labels, y, ref_labels):
+    """Similarities and same-label flags of every (query, reference) pair; self mode drops ``(i, i)``."""
+    batch = prepare_batch(x, y, labels, ref_labels, labels_required=True)
+    S = _similarity(batch.x, batch.y)
+    same = batch.labels[:, None] == batch.ref_labels[None, :]
+    if batch.self_mode:
+        keep = ~torch.eye(batch.B, dtype=torch.bool, device=S.device)
+        return S[keep], same[keep]
+    return S.reshape(-1), same.reshape(-1)
+
+
+# ----------------------------------------------------------------------------------------------- retrieval
+def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y=None, ref_labels=None
+                ) -> Dict[int, float]:
+    """Recall@k: the fraction of queries with at least one same-label reference among their k nearest.
+
+    Cosine similarity, ties -> lower reference index first, self mode excludes the query itself. Queries with
+    no relevant reference (``R_i = 0``: in self mode the only sample of their label, in cross mode a label
+    absent from ``ref_labels``) are excluded from the mean, as pytorch-metric-learning's ``AccuracyCalculator``
+    excludes "lone" queries; so recall@1 equals its ``precision_at_1``. ``nan`` if no query has ``R_i > 0``.
+
+    ``ks``: an int or a sequence of positive ints; any k larger than the number of references a query can
+    retrieve (``M``, or ``N - 1`` in self mode) is a ``ValueError``. Returns ``{k: recall}`` in the order
+    given (duplicates dropped).
+    """
+    rel, R, batch = _ranked(x, labels, y, ref_labels)
+    ks = _check_ks(ks, rel.shape[1])
+    valid = R > 0
+    out = {}
+    for k in ks:
+        hit = rel[:, :k].any(dim=1)
+        out[k] = float(hit[valid].double().mean()) if bool(valid.any()) else NAN
+    return out
+
+
+def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
+    """MAP@R (Musgrave et al., "A Metric Learning Reality Check").
+
+    For query i, ``R_i`` = number of references with its label (self excluded in self mode);
+    ``AP@R_i = (1/R_i) Σ_{r=1}^{R_i} P@r · rel(r)`` over its ranked list (cosine, ties -> lower reference
+    index first); the result is the mean over the queries with ``R_i > 0`` (``nan`` if there are none).
+    Equals pytorch-metric-learning's ``AccuracyCalculator`` ``mean_average_precision_at_r`` (self mode =
+    its ``ref_includes_query=True``).
+    """
+    rel, R, _ = _ranked(x, labels, y, ref_labels)
+    valid = R > 0
+    if not bool(valid.any()):
+        return NAN
+    rel, R = rel[valid], R[valid]
+    C = rel.shape[1]
+    ranks = torch.arange(1, C + 1, device=rel.device)
+    in_top_r = ranks[None, :] <= R[:, None]
+    hits = (rel & in_top_r).to(torch.float64)
+    precision_at_r = hits.cumsum(dim=1) / ranks.to(torch.float64)
+    ap = (precision_at_r * hits).sum(dim=1) / R.to(torch.float64)
+    return float(ap.mean())
+
+
+# ----------------------------------------------------------------------------------------------- global calibration
+def pr_auc(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
+    """Global PR-AUC (the XE paper's calibration measure): average precision of one threshold swept over all pairs.
+
+    Every (query, reference) pair is scored by its cosine similarity (self mode: all ordered pairs ``i != j``;
+    since ``(i, j)`` and ``(j, i)`` tie, this equals using unordered pairs); positive = same label. With the
+    distinct scores ``s_1 > s_2 > ...`` as thresholds and ``TP(s)``, ``FP(s)`` the pairs with score ``>= s``:
+    ``AP = Σ_t (TP(s_t) - TP(s_{t-1})) / P · TP(s_t) / (TP(s_t) + FP(s_t))`` (tied scores form one step, as
+    in scikit-learn's ``average_precision_score``). Exact. ``nan`` when there is no positive pair.
+    """
+    scores, positive = _pair_scores(x, labels, y, ref_labels)
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return NAN
+    order = torch.sort(-scores, stable=True).indices
+    s, pos = scores[order], positive[order].to(torch.float64)
+    tp = pos.cumsum(0)
+    fp = (1.0 - pos).cumsum(0)
+    last_of_group = torch.ones_like(s, dtype=torch.bool)
+    last_of_group[:-1] = s[1:] != s[:-1]
+    tp, fp = tp[last_of_group], fp[last_of_group]
+    d_tp = torch.diff(tp, prepend=tp.new_zeros(1))
+    return float((d_tp / n_pos * tp / (tp + fp)).sum())
+
+
+# ----------------------------------------------------------------------------------------------- threshold consistency
+def _check_opis_options(far_range, n_thresholds, beta):
+    if not isinstance(far_range, Sequence) or len(far_range) != 2:
+        raise TypeError("far_range must be a pair (far_min, far_max)")
+    lo, hi = check_real(far_range[0], "far_range[0]"), check_real(far_range[1], "far_range[1]")
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"far_range must satisfy 0 < far_min <= far_max <= 1, got {tuple(far_range)}")
+    n_thresholds = check_positive_int(n_thresholds, "n_thresholds")
+    beta = check_real(beta, "beta")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return (lo, hi), n_thresholds, beta
+
+
+def _class_utilities(x, labels, far_range, n_thresholds, beta):
+    """``U [T, n_thresholds]`` (float64) for the T classes with >= 2 samples, rows in ascending label order.
+
+    ``None`` when there is no such class or no negative pair.
+    """
+    far_range, n_thresholds, beta = _check_opis_options(far_range, n_thresholds, beta)
+    batch = prepare_batch(x, None, labels, None, labels_required=True)
+    labels = batch.labels
+    S = _similarity(batch.x, batch.x)
+    N = batch.B
+    iu = torch.triu_indices(N, N, offset=1, device=S.device)  # unordered pairs i < j
+    pair_s = S[iu[0], iu[1]]
+    classes, cls, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    ci, cj = cls[iu[0]], cls[iu[1]]
+    is_neg = ci != cj
+    n_neg = int(is_neg.sum())
+    eligible = counts >= 2
+    if n_neg == 0 or not bool(eligible.any()):
+        return None
+
+    # Calibration range. FAR(s) = share of all negative pairs with similarity >= s (non-increasing in s).
+    # s(f) = the largest threshold with FAR(s) >= f = the ceil(f * n_neg)-th largest negative similarity.
+    neg_desc = torch.sort(pair_s[is_neg], descending=True).values
+
+    def threshold_at(f):
+        return float(neg_desc[min(max(_ceil_count(f, n_neg), 1), n_neg) - 1])
+
+    thresholds = torch.linspace(threshold_at(far_range[1]), threshold_at(far_range[0]), n_thresholds,
+                                dtype=S.dtype, device=S.device)
+    thresholds = torch.sort(thresholds).values  # guards against 1-ulp disorder; the mean over s ignores order
+
+    # Per-class histograms of pair similarities over the threshold grid: bin b = #thresholds <= s, so a pair
+    # passes threshold t (s >= thresholds[t]) exactly when t < b. A positive pair counts for its class, a
+    # negative pair for both of its classes.
+    nb = n_thresholds + 1
+    C = classes.numel()
+    b = torch.searchsorted(thresholds, pair_s, right=True)
+    hist_pos = torch.bincount((ci * nb + b)[~is_neg], minlength=C * nb).view(C, nb)
+    hist_neg = torch.bincount(torch.cat([ci * nb + b, cj * nb + b])[torch.cat([is_neg, is_neg])],
+                              minlength=C * nb).view(C, nb)
+    pos_at_or_above = hist_pos.flip(1).cumsum(1).flip(1)[:, 1:]  # [C, T]: #pos with s >= thresholds[t]
+    neg_below = hist_neg.cumsum(1)[:, :-1]  # [C, T]: #neg with s < thresholds[t]
+    tpr = pos_at_or_above.to(S.dtype) / (counts * (counts - 1) // 2).clamp_min(1).to(S.dtype)[:, None]
+    tnr = neg_below.to(S.dtype) / (counts * (N - counts)).clamp_min(1).to(S.dtype)[:, None]
+    b2 = beta * beta
+    den = b2 * tpr + tnr
+    U = torch.where(den > 0, (1 + b2) * tpr * tnr / den.clamp_min(1e-300), torch.zeros_like(den))
+    return U[eligible]
+
+
+_OPIS_DOC = """
+    Following the TCM paper's definition (Zhang et al., "Threshold-Consistent Margin Loss for Open-World Deep
+    Metric Learning", ICLR 2024), self mode only, cosine similarity, unordered pairs ``i < j``:
+
+    * Classes: every label with >= 2 samples (T of them); classes with one sample are skipped, but their
+      samples still form negative pairs (for the other classes and for the overall FAR).
+    * Class c at threshold s: positive pairs = both samples in c, negative pairs = exactly one sample in c;
+      ``TPR_c(s)`` = share of positives with similarity ``>= s``, ``TNR_c(s)`` = share of negatives ``< s``;
+      utility ``U_c(s) = (1+β²)·TPR·TNR / (β²·TPR + TNR)``, 0 when TPR = TNR = 0.
+    * Calibration range: ``FAR(s)`` = share of **all** negative pairs of the set with similarity ``>= s``.
+      ``s(f)`` = the largest threshold with ``FAR(s) >= f``, i.e. the ``ceil(f·n_neg)``-th largest negative
+      similarity (``f·n_neg`` rounded to 9 decimals before the ceil; rank clamped to ``[1, n_neg]``).
+      ``s_lo = s(far_range[1])``, ``s_hi = s(far_range[0])``, and the thresholds are
+      ``torch.linspace(s_lo, s_hi, n_thresholds)`` in float64 (both ends exact; one threshold = ``s_lo``).
+    * ``nan`` when no class has >= 2 samples or there is no negative pair.
+    The parameters exist because the paper's exact calibration range could not be confirmed.
+"""
+
+
+def opis(x: Tensor, labels: Tensor, *, far_range=(1e-2, 1e-1), n_thresholds: int = 101, beta: float = 1.0) -> float:
+    U = _class_utilities(x, labels, far_range, n_thresholds, beta)
+    if U is None:
+        return NAN
+    return float(((U - U.mean(dim=0, keepdim=True)) ** 2).mean(dim=1).mean())
+
+
+opis.__doc__ = (
+    "OPIS (operating-point inconsistency): ``(1/T) Σ_c mean_s (U_c(s) - Ū(s))²``, ``Ū(s)`` = mean of ``U_c(s)``"
+    " over the T classes.\n" + _OPIS_DOC
+)
+
+
+def eps_opis(x: Tensor, labels: Tensor, *, eps: float = 0.05, far_range=(1e-2, 1e-1), n_thresholds: int = 101,
+             beta: float = 1.0) -> float:
+    eps = check_real(eps, "eps")
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"eps must be in (0, 1], got {eps}")
+    U = _class_utilities(x, labels, far_range, n_thresholds, beta)
+    if U is None:
+        return NAN
+    T = U.shape[0]
+    m = min(max(_ceil_count(eps, T), 1), T)
+    mean_u = U.mean(dim=1)
+    # ranks by mean utility; ties -> lower label first (U's rows are in ascending label order, sorts are stable)
+    best = torch.sort(-mean_u, stable=True).indices[:m]
+    worst = torch.sort(mean_u, stable=True).indices[:m]
+    return float(((U[best].mean(dim=0) - U[worst].mean(dim=0)) ** 2).mean())
+
+
+eps_opis.__doc__ = (
+    "ε-OPIS: ``mean_s (U_high(s) - U_low(s))²``, where ``U_high`` / ``U_low`` are the mean utilities of the"
+    " best / worst ``m = ceil(ε·T)`` classes (ε·T rounded to 9 decimals first, m clamped to [1, T]) ranked by"
+    " their mean utility over the thresholds; ties in that ranking -> lower label first for both.\n" + _OPIS_DOC
+)
+
+
+# ----------------------------------------------------------------------------------------------- all at once
+def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k", "map_at_r", "pr_auc", "opis"),
+             ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y=None, ref_labels=None, **metric_options) -> Dict[str, float]:
+    """Several metrics at once, as one flat dict; each value equals the single-metric function's.
+
+    ``metrics`` names: ``"recall_at_k"`` -> ``"recall@K"`` for each K in ``ks``; ``"map_at_r"`` -> ``"map@r"``;
+    ``"pr_auc"`` -> ``"pr_auc"``; ``"opis"`` -> ``"opis"`` and ``"eps_opis"``; ``"eps_opis"`` -> ``"eps_opis"``.
+    ``metric_options``: ``far_range``, ``n_thresholds``, ``beta`` (OPIS and ε-OPIS) and ``eps`` (ε-OPIS); any
+    other name is a ``TypeError``. OPIS is defined in self mode only: asking for it with ``y`` given is a
+    ``ValueError`` (pass ``metrics`` without ``"opis"`` for a separate gallery).
+    """
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {METRIC_NAMES}")
+    bad_opts = [k for k in metric_options if k not in _OPIS_OPTIONS + ("eps",)]
+    if bad_opts:
+        raise TypeError(f"unknown metric option(s) {bad_opts}; valid: {_OPIS_OPTIONS + ('eps',)}")
+    wants_opis = any(m in ("opis", "eps_opis") for m in metrics)
+    if wants_opis and y is not None:
+        raise ValueError("opis / eps_opis are defined in self mode only (y=None); drop them from metrics "
+                         "to evaluate against a separate gallery")
+    # validate once up front, so a bad call fails the same way whatever the metric list
+    prepare_batch(x, y, labels, ref_labels, labels_required=True)
+
+    out: Dict[str, float] = {}
+    for name in metrics:
+        if name == "recall_at_k":
+            for k, v in recall_at_k(x, labels, ks=ks, y=y, ref_labels=ref_labels).items():
+                out[f"recall@{k}"] = v
+        elif name == "map_at_r":
+            out["map@r"] = map_at_r(x, labels, y=y, ref_labels=ref_labels)
+        elif name == "pr_auc":
+            out["pr_auc"] = pr_auc(x, labels, y=y, ref_labels=ref_labels)
+        else:
+            common = {k: v for k, v in metric_options.items() if k in _OPIS_OPTIONS}
+            if name == "opis":
+                out["opis"] = opis(x, labels, **common)
+            out["eps_opis"] = eps_opis(x, labels, **common, **({"eps": metric_options["eps"]}
+                                                               if "eps" in metric_options else {}))
+    return out

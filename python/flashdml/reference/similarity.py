@@ -1,0 +1,158 @@
+"""Reference similarity and selection primitives (SPEC section 1).
+
+Plain PyTorch that materialises ``S`` ([B, M]); readable rather than fast. Computation runs in float64 when the
+input is float64 and in float32 otherwise (``flashdml._math.compute_dtype``). Selections never rely on
+``torch.topk``'s tie order: candidates are listed in increasing (flat) index order and then sorted by value
+with a *stable* descending sort, so equal values keep the lower index first (SPEC section 0).
+
+The private helpers (``_similarity_matrix``, ``_pair_masks``, ``_global_topk_flat``) are shared with the
+reference losses so that every reference op selects and masks exactly the same way.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._math import compute_dtype, l2_normalize
+from .._validation import Batch, check_positive_int, prepare_batch
+
+__all__ = ["similarity", "knn", "hardest_negatives"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------------------------
+def _similarity_matrix(batch: Batch, normalize: bool) -> Tensor:
+    """``S = x̂ ŷᵀ`` in the compute dtype; in self mode both factors are the same tensor (gradient from both)."""
+    dtype = compute_dtype(batch.x.dtype)
+    xc = batch.x.to(dtype)
+    if normalize:
+        xc = l2_normalize(xc)
+    if batch.self_mode:
+        yc = xc
+    else:
+        yc = batch.y.to(dtype)
+        if normalize:
+            yc = l2_normalize(yc)
+    return xc @ yc.T
+
+
+def _diagonal_mask(batch: Batch) -> Tensor:
+    """Bool [B, M], True on the pairs (i, i) that self mode drops; all False in cross mode."""
+    B, M = batch.B, batch.M
+    if not batch.self_mode:
+        return torch.zeros(B, M, dtype=torch.bool, device=batch.x.device)
+    return torch.eye(B, M, dtype=torch.bool, device=batch.x.device)
+
+
+def _pair_masks(batch: Batch, *, keep_diagonal_positive: bool = False) -> Tuple[Tensor, Tensor]:
+    """Positive and negative pair masks (bool [B, M]) from the labels (SPEC section 0).
+
+    Self mode drops ``(i, i)`` from the positives unless ``keep_diagonal_positive`` (margin contrastive, 2.4).
+    ``(i, i)`` always has equal labels, so it is never a negative.
+    """
+    same = batch.labels[:, None] == batch.ref_labels[None, :]
+    pos = same
+    if not keep_diagonal_positive:
+        pos = same & ~_diagonal_mask(batch)
+    neg = ~same
+    return pos, neg
+
+
+def _global_topk_flat(values: Tensor, mask: Tensor, k: int) -> Tensor:
+    """Flat int64 indices ``i*M + j`` of the k largest ``values[mask]``, sorted by (value desc, flat index asc).
+
+    ``torch.nonzero`` lists the candidates in increasing flat index; a stable descending sort by value then
+    keeps the lower flat index first among equal values. The caller checks ``k <= mask.sum()``.
+    """
+    flat_mask = mask.reshape(-1)
+    candidates = torch.nonzero(flat_mask, as_tuple=False).reshape(-1).to(torch.int64)  # ascending
+    cand_values = values.detach().reshape(-1)[candidates]
+    order = torch.sort(cand_values, descending=True, stable=True).indices
+    return candidates[order[:k]]
+
+
+def _row_topk(values: Tensor, candidate: Tensor, k: int) -> Tensor:
+    """Per row, the column indices (int64 [B, k]) of the k largest candidate values, ties → lower column.
+
+    A two-key sort: first a stable descending sort by value, then a stable sort that moves non-candidates to
+    the end (keeping the value order among candidates). Every row must have at least k candidates.
+    """
+    order = torch.sort(values.detach(), dim=1, descending=True, stable=True).indices
+    not_cand = (~candidate).gather(1, order).to(torch.uint8)
+    order = order.gather(1, torch.sort(not_cand, dim=1, stable=True).indices)
+    return order[:, :k]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public ops
+# --------------------------------------------------------------------------------------------------------------
+def similarity(x: Tensor, y: Optional[Tensor] = None, *, normalize: bool = True) -> Tensor:
+    """SPEC 1.1: ``S = x̂ ŷᵀ`` ([B, M]; fp32, or float64 for float64 input).
+
+    ``y=None`` is self mode (``y = x``). With ``normalize=True`` rows are divided by ``max(‖row‖, 1e-12)``
+    and the gradient flows through the normalisation; ``normalize=False`` is the plain dot product.
+    """
+    batch = prepare_batch(x, y, pair_mode_default=False)
+    return _similarity_matrix(batch, normalize)
+
+
+def knn(
+    x: Tensor,
+    y: Optional[Tensor] = None,
+    k: int = 10,
+    *,
+    normalize: bool = True,
+    exclude_self: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """SPEC 1.2: per row the k largest entries of ``S``, sorted descending, ties → lower column index.
+
+    Returns ``(values [B, k], indices [B, k] int64)``. In self mode with ``exclude_self``, column i is not a
+    candidate for row i. ``k`` larger than the number of candidates per row is a ``ValueError``.
+    The values are gathered from ``S``, so they carry its gradient.
+    """
+    batch = prepare_batch(x, y, pair_mode_default=False)
+    k = check_positive_int(k, "k")
+    drop_self = batch.self_mode and bool(exclude_self)
+    n_candidates = batch.M - (1 if drop_self else 0)
+    if k > n_candidates:
+        raise ValueError(
+            f"k = {k} is larger than the number of candidates per row ({n_candidates}"
+            f"{' after excluding the query itself' if drop_self else ''})"
+        )
+    S = _similarity_matrix(batch, normalize)
+    candidate = ~_diagonal_mask(batch) if drop_self else torch.ones_like(S, dtype=torch.bool)
+    indices = _row_topk(S, candidate, k)
+    return S.gather(1, indices), indices
+
+
+def hardest_negatives(
+    x: Tensor,
+    y: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    k: Optional[int] = None,
+    *,
+    normalize: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """SPEC 1.3: the k largest entries of ``S`` over all negative pairs of the whole batch.
+
+    Sorted descending, ties → lower flat index ``i*M + j`` (computed in int64). ``labels=None`` is pair mode
+    (the negatives are the off-diagonal entries). ``k=None`` means ``k = B``; ``k`` larger than the number of
+    negative pairs is a ``ValueError``. Returns ``(values [k], rows [k] int64, cols [k] int64)``; the values
+    are gathered from ``S`` and carry its gradient.
+    """
+    batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
+    k = batch.B if k is None else check_positive_int(k, "k")
+    _, neg = _pair_masks(batch)
+    n_neg = int(neg.sum())
+    if k > n_neg:
+        raise ValueError(f"k = {k} is larger than the number of negative pairs in the batch ({n_neg})")
+    S = _similarity_matrix(batch, normalize)
+    flat = _global_topk_flat(S, neg, k)
+    M = torch.tensor(batch.M, dtype=torch.int64, device=flat.device)
+    rows = torch.div(flat, M, rounding_mode="floor")
+    cols = flat - rows * M
+    return S.reshape(-1)[flat], rows, cols
