@@ -3,8 +3,10 @@
 // registered from Python (flashdml/ops/*.py) with torch.library.register_fake / register_autograd.
 //
 // Conventions shared by all ops (see SPEC.md section 0):
-// * x, y are already L2-normalised (when the user asked for it) and contiguous; fp32, fp16 or bf16; all
-//   accumulation is fp32. Losses and statistics are fp32; gradients come back in the input dtype.
+// * x, y: fp32, fp16 or bf16 rows; all accumulation is fp32. Losses and statistics are fp32; gradients come
+//   back in the input dtype. With normalize=true the kernel L2-normalises the rows itself (x / max(|x|, 1e-12))
+//   and returns gradients with respect to the raw rows, so no normalised copy is kept between the passes.
+//   (The CUDA kernels take normalize=false only: Python normalises for them; see flashdml/ops/.)
 // * temperature is a 0-dim fp32 tensor on the same device (read on device, so no host sync on CUDA).
 // * labels are int64 or None (None: no label masking).
 #include <Python.h>
@@ -29,12 +31,27 @@ TORCH_LIBRARY(flashdml, m) {
   // Returns the loss, the per-row LSE of z = S / temperature over row i's allowed set, and (symmetric) the
   // per-column LSE; col_lse is empty when symmetric is false.
   m.def(
-      "batch_softmax_fwd(Tensor x, Tensor y, Tensor? labels, Tensor temperature, bool symmetric) -> "
+      "batch_softmax_fwd(Tensor x, Tensor y, Tensor? labels, Tensor temperature, bool symmetric, bool normalize) -> "
       "(Tensor loss, Tensor row_lse, Tensor col_lse)");
   // Recomputes S tile by tile; returns dx, dy (input dtype) and d loss / d temperature (0-dim fp32).
   m.def(
       "batch_softmax_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor? labels, Tensor temperature, "
-      "bool symmetric, Tensor row_lse, Tensor col_lse) -> (Tensor dx, Tensor dy, Tensor dtemperature)");
+      "bool symmetric, bool normalize, Tensor row_lse, Tensor col_lse) -> (Tensor dx, Tensor dy, Tensor dtemperature)");
+
+  // Cross-example softmax (SPEC 2.2, global_partition = true: one LSE over all negative pairs of the batch) and
+  // NT-Xent (SPEC 2.1b, global_partition = false: one LSE per row over that row's negatives). labels and
+  // ref_labels are int64 (arange in pair mode); self_mode drops the pairs (i, i) (y is then x itself: autograd
+  // adds the dx and dy slots). Returns the loss, the negative LSE(s) `lse` ([1] or [B], -inf when empty) and
+  // `coef` ([1] or [B]): c = sum over the positives of sigmoid(lse - z_p) / |P|, which the backward needs.
+  m.def(
+      "xent_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, Tensor temperature, bool global_partition, "
+      "bool self_mode, bool normalize) -> (Tensor loss, Tensor lse, Tensor coef)");
+  m.def(
+      "xent_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor labels, Tensor ref_labels, Tensor temperature, "
+      "bool global_partition, bool self_mode, bool normalize, Tensor lse, Tensor coef) -> "
+      "(Tensor dx, Tensor dy, Tensor dtemperature)");
+
+  // ---- hinge-pair losses (TCM SPEC 2.3, margin contrastive SPEC 2.4): schemas below this line ----
 }
 
 // Importing flashdml._C loads the schemas above and all kernel registrations; there is no Python API in the

@@ -75,8 +75,12 @@ def check_against_reference(
     rtol: float = 1e-4,
     atol: float = 1e-6,
     upstream: float = 0.7,
+    atol_by_name: Optional[Dict[str, float]] = None,
 ) -> None:
-    """Loss and gradients of ``fd.<op>`` on ``backend`` vs ``fd.reference.<op>`` in float64."""
+    """Loss and gradients of ``fd.<op>`` on ``backend`` vs ``fd.reference.<op>`` in float64.
+
+    ``atol_by_name`` overrides ``atol`` for one gradient: dL/dτ = −Σ G⊙z / τ sums terms of size O(1/τ) that
+    can cancel to ~0 (e.g. when every logit is equal), so its fp32 error is absolute, ~1e-6 · Σ|G z| / τ."""
 
     def leaves(dtype_for_ref: bool):
         out = {}
@@ -104,4 +108,4 @@ def check_against_reference(
             continue
         assert fused_in[k].grad is not None, f"{op}[{backend}]: no gradient for {k}"
         assert fused_in[k].grad.dtype == fused_in[k].dtype, f"{k}.grad dtype {fused_in[k].grad.dtype} != input dtype"
-        _close(f"{op}[{backend}] d{k}", fused_in[k].grad, ref_in[k].grad, rtol, atol)
+        _close(f"{op}[{backend}] d{k}", fused_in[k].grad, ref_in[k].grad, rtol, (atol_by_name or {}).get(k, atol))

@@ -34,10 +34,12 @@ void check_inputs(const at::Tensor& x, const at::Tensor& y, const c10::optional<
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
                                                                      const c10::optional<at::Tensor>& labels_in,
-                                                                     const at::Tensor& temperature, bool symmetric) {
+                                                                     const at::Tensor& temperature, bool symmetric,
+                                                                     bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_inputs(x_in, y_in, labels_in, temperature);
-  const at::Tensor x = as_float_contiguous(x_in), y = as_float_contiguous(y_in);
+  at::Tensor x_inv, y_inv;
+  const at::Tensor x = normalized_rows(x_in, normalize, &x_inv), y = normalized_rows(y_in, normalize, &y_inv);
   const at::Tensor labels_t = labels_in.has_value() ? labels_in->contiguous() : at::Tensor();
   const int64_t* labels = labels_in.has_value() ? labels_t.data_ptr<int64_t>() : nullptr;
   const int64_t B = x.size(0);
@@ -142,11 +144,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cpu(const at::T
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& x_in, const at::Tensor& y_in,
-    const c10::optional<at::Tensor>& labels_in, const at::Tensor& temperature, bool symmetric,
+    const c10::optional<at::Tensor>& labels_in, const at::Tensor& temperature, bool symmetric, bool normalize,
     const at::Tensor& row_lse_in, const at::Tensor& col_lse_in) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_inputs(x_in, y_in, labels_in, temperature);
-  const at::Tensor x = as_float_contiguous(x_in), y = as_float_contiguous(y_in);
+  at::Tensor x_inv, y_inv;
+  const at::Tensor x = normalized_rows(x_in, normalize, &x_inv), y = normalized_rows(y_in, normalize, &y_inv);
   const at::Tensor labels_t = labels_in.has_value() ? labels_in->contiguous() : at::Tensor();
   const int64_t* labels = labels_in.has_value() ? labels_t.data_ptr<int64_t>() : nullptr;
   const int64_t B = x.size(0), d = x.size(1);
@@ -164,60 +167,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cpu(
   const float diag_term = symmetric ? 2.f * a_over_b : a_over_b;
   const float g_scale = gl * inv_t;  // G = grad_loss * dL/dz / t
 
-  const TaskPlan plan = plan_row_tasks(B);
-  at::Tensor dx = at::zeros({B, d}, fopts);
-  std::vector<at::Tensor> dy_parts(plan.num_tasks);
-  for (int64_t t = 0; t < plan.num_tasks; ++t) dy_parts[t] = at::zeros({B, d}, fopts);
-  std::vector<double> gz_parts(plan.num_tasks, 0.0);
-
-  for_each_row_block(plan, B, [&](int64_t task, int64_t r0, int64_t r1) {
-    at::Tensor scratch = at::empty({kTileRows, kTileCols}, fopts);
-    const int64_t rn = r1 - r0;
-    at::Tensor x_blk = x.narrow(0, r0, rn);
-    at::Tensor dx_blk = dx.narrow(0, r0, rn);
+  at::Tensor dx = at::zeros({B, d}, fopts), dy = at::zeros({B, d}, fopts);
+  std::vector<double> gz_parts(at::get_num_threads(), 0.0);
+  weighted_gradient_pass(x, y, dx, dy, [&](int64_t task, int64_t r0, int64_t rn, int64_t c0, int64_t cn, float* S,
+                                           int64_t ld) {
     double gz = 0.0;
-    for (int64_t c0 = 0; c0 < B; c0 += kTileCols) {
-      const int64_t cn = std::min(kTileCols, B - c0);
-      at::Tensor G = gemm_tile(scratch, x, r0, rn, y, c0, cn);
-      float* S = scratch.data_ptr<float>();
-      for (int64_t r = 0; r < rn; ++r) {
-        const int64_t i = r0 + r;
-        float* s = S + r * kTileCols;
-        const int64_t li = labels ? labels[i] : 0;
-        const float rli = rl[i];
-        float gz_row = 0.f;
+    for (int64_t r = 0; r < rn; ++r) {
+      const int64_t i = r0 + r;
+      float* s = S + r * ld;
+      const int64_t li = labels ? labels[i] : 0;
+      const float rli = rl[i];
+      float gz_row = 0.f;
 #pragma omp simd reduction(+ : gz_row)
-        for (int64_t c = 0; c < cn; ++c) {
-          const int64_t j = c0 + c;
-          const bool ok = labels == nullptr || labels[j] != li || j == i;
-          const float z = s[c] * inv_t;
-          float g = exp_poly(z - rli);
-          if (cl != nullptr) g += exp_poly(z - cl[j]);
-          g = ok ? g * a_over_b : 0.f;
-          g -= j == i ? diag_term : 0.f;
-          gz_row += g * z;
-          s[c] = g * g_scale;
-        }
-        gz += gz_row;
+      for (int64_t c = 0; c < cn; ++c) {
+        const int64_t j = c0 + c;
+        const bool ok = labels == nullptr || labels[j] != li || j == i;
+        const float z = s[c] * inv_t;
+        float g = exp_poly(z - rli);
+        if (cl != nullptr) g += exp_poly(z - cl[j]);
+        g = ok ? g * a_over_b : 0.f;
+        g -= j == i ? diag_term : 0.f;
+        gz_row += g * z;
+        s[c] = g * g_scale;
       }
-      at::addmm_out(dx_blk, dx_blk, G, y.narrow(0, c0, cn));
-      at::Tensor dy_cols = dy_parts[task].narrow(0, c0, cn);
-      at::addmm_out(dy_cols, dy_cols, G.t(), x_blk);
+      gz += gz_row;
     }
     gz_parts[task] += gz;
   });
 
-  at::Tensor dy = dy_parts[0];
-  for (int64_t t = 1; t < plan.num_tasks; ++t) dy.add_(dy_parts[t]);
   double gz_total = 0.0;
   for (double v : gz_parts) gz_total += v;
   at::Tensor dtemp = new_output({}, fopts);
   dtemp.fill_(-double(gl) * gz_total / double(tau));
-  at::Tensor dx_out = new_output({B, d}, x_in.options());
-  at::Tensor dy_out = new_output({B, d}, y_in.options());
-  dx_out.copy_(dx);
-  dy_out.copy_(dy);
-  return {dx_out, dy_out, dtemp};
+  if (normalize) {
+    normalize_backward_inplace(dx, x, x_inv);
+    normalize_backward_inplace(dy, y, y_inv);
+  }
+  return {grad_output_like(dx, x_in), grad_output_like(dy, y_in), dtemp};
 }
 
 }  // namespace

@@ -12,13 +12,12 @@ from . import _ext  # noqa: F401  (loads flashdml._C when it was built)
 from . import reference
 from ._dispatch import available_backends, backend, get_backend, set_backend
 from .ops.batch_softmax import batch_softmax
+from .ops.xent import cross_example_softmax, ntxent
 from .ops.unfused import (
     contextual_loss,
     contrastive_margin,
-    cross_example_softmax,
     hardest_negatives,
     knn,
-    ntxent,
     similarity,
     threshold_consistent_margin,
 )

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .ops import unfused as _unfused  # noqa: F401
+from .ops import unfused as _unfused, xent as _xent  # noqa: F401
 
 
 def _temperature_parameter(temperature, learnable: bool):
@@ -42,7 +42,7 @@ class NTXentLoss(nn.Module):
         self.normalize = normalize
 
     def forward(self, x: Tensor, labels: Tensor, y: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None):
-        return ops.unfused.ntxent(x, labels, y, ref_labels, temperature=self.temperature, normalize=self.normalize)
+        return ops.xent.ntxent(x, labels, y, ref_labels, temperature=self.temperature, normalize=self.normalize)
 
 
 class CrossExampleSoftmaxLoss(nn.Module):
@@ -57,7 +57,7 @@ class CrossExampleSoftmaxLoss(nn.Module):
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None) -> Tensor:
-        return ops.unfused.cross_example_softmax(x, y, labels, ref_labels, temperature=self.temperature,
+        return ops.xent.cross_example_softmax(x, y, labels, ref_labels, temperature=self.temperature,
                                                  top_k=self.top_k, normalize=self.normalize)
 
 

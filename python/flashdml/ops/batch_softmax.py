@@ -13,30 +13,33 @@ from .._validation import TemperatureLike, check_labels, check_temperature, prep
 from ._registry import register_loss_autograd
 
 OP = "batch_softmax"
-_INPUTS = ("x", "y", "labels", "temperature", "symmetric")
+# C++ ops (CPU, CUDA) take `normalize` and normalise inside the kernel; the Triton ops take normalised rows.
+_CPP_INPUTS = ("x", "y", "labels", "temperature", "symmetric", "normalize")
+_TRITON_INPUTS = ("x", "y", "labels", "temperature", "symmetric")
 
 
-def _fake_fwd(x, y, labels, temperature, symmetric):
+def _fake_fwd(x, y, labels, temperature, symmetric, normalize=False):
     B = x.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
     return x.new_empty((), **f32), x.new_empty((B,), **f32), x.new_empty((B if symmetric else 0,), **f32)
 
 
-def _fake_bwd(grad_loss, x, y, labels, temperature, symmetric, row_lse, col_lse):
+def _fake_bwd(grad_loss, x, y, labels, temperature, symmetric, *rest):
     return torch.empty_like(x), torch.empty_like(y), temperature.new_empty(())
 
 
-def _register(fwd_qualname: str, bwd_qualname: str, bwd_op) -> None:
+def _register(fwd_qualname: str, bwd_qualname: str, bwd_op, inputs) -> None:
     torch.library.register_fake(fwd_qualname)(_fake_fwd)
     torch.library.register_fake(bwd_qualname)(_fake_bwd)
     register_loss_autograd(
-        fwd_qualname, bwd_op, input_names=_INPUTS, grad_inputs=("x", "y", "temperature"),
-        saved_outputs=(1, 2), attrs=("symmetric",),
+        fwd_qualname, bwd_op, input_names=inputs, grad_inputs=("x", "y", "temperature"),
+        saved_outputs=(1, 2), attrs=inputs[4:],
     )
 
 
 if _ext.C_LOADED:
-    _register("flashdml::batch_softmax_fwd", "flashdml::batch_softmax_bwd", torch.ops.flashdml.batch_softmax_bwd)
+    _register("flashdml::batch_softmax_fwd", "flashdml::batch_softmax_bwd", torch.ops.flashdml.batch_softmax_bwd,
+              _CPP_INPUTS)
 
 
 def _triton_ops():
@@ -44,7 +47,7 @@ def _triton_ops():
 
     if not getattr(_triton_ops, "registered", False):
         _register("flashdml_triton::batch_softmax_fwd", "flashdml_triton::batch_softmax_bwd",
-                  torch.ops.flashdml_triton.batch_softmax_bwd)
+                  torch.ops.flashdml_triton.batch_softmax_bwd, _TRITON_INPUTS)
         _triton_ops.registered = True
     return torch.ops.flashdml_triton.batch_softmax_fwd
 
@@ -94,11 +97,15 @@ def batch_softmax(
     if name == "reference":
         return _reference.batch_softmax(x, y, labels, temperature=temperature, symmetric=symmetric, normalize=normalize)
 
+    if name == "cpu":  # normalises inside the kernel: nothing B x d is kept between the passes
+        loss, _, _ = torch.ops.flashdml.batch_softmax_fwd(batch.x.contiguous(), batch.y.contiguous(), labels, t,
+                                                          symmetric, normalize)
+        return loss
     xh, yh = batch.x, batch.y
-    if normalize:
-        xh, yh = l2_normalize(xh.float()), l2_normalize(yh.float())
-    if name in ("triton", "cuda") and batch.x.dtype != torch.float32:
-        xh, yh = xh.to(batch.x.dtype), yh.to(batch.x.dtype)  # tensor-core GEMMs on fp16 / bf16
-    op = _triton_ops() if name == "triton" else torch.ops.flashdml.batch_softmax_fwd
-    loss, _, _ = op(xh.contiguous(), yh.contiguous(), labels, t, symmetric)
+    if normalize:  # fp32 normalisation, then back to fp16 / bf16 for the tensor-core GEMMs
+        xh, yh = l2_normalize(xh.float()).to(xh.dtype), l2_normalize(yh.float()).to(yh.dtype)
+    if name == "triton":
+        loss, _, _ = _triton_ops()(xh.contiguous(), yh.contiguous(), labels, t, symmetric)
+    else:
+        loss, _, _ = torch.ops.flashdml.batch_softmax_fwd(xh.contiguous(), yh.contiguous(), labels, t, symmetric, False)
     return loss

@@ -32,8 +32,6 @@ def through_dispatch(op: str):
 similarity = through_dispatch("similarity")
 knn = through_dispatch("knn")
 hardest_negatives = through_dispatch("hardest_negatives")
-ntxent = through_dispatch("ntxent")
-cross_example_softmax = through_dispatch("cross_example_softmax")
 threshold_consistent_margin = through_dispatch("threshold_consistent_margin")
 contrastive_margin = through_dispatch("contrastive_margin")
 contextual_loss = through_dispatch("contextual_loss")

@@ -1,0 +1,114 @@
+"""Cross-example softmax (SPEC 2.2) and NT-Xent (SPEC 2.1b), fused: the same kernel family with one global
+negative partition (XE) or one per row (NT-Xent)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch, _ext
+from .. import reference as _reference
+from .._validation import TemperatureLike, check_positive_int, check_temperature, prepare_batch
+from ._registry import register_loss_autograd
+
+_INPUTS = ("x", "y", "labels", "ref_labels", "temperature", "global_partition", "self_mode", "normalize")
+
+
+def _fake_fwd(x, y, labels, ref_labels, temperature, global_partition, self_mode, normalize):
+    n = 1 if global_partition else x.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return x.new_empty((), **f32), x.new_empty((n,), **f32), x.new_empty((n,), **f32)
+
+
+def _fake_bwd(grad_loss, x, y, labels, ref_labels, temperature, global_partition, self_mode, normalize, lse, coef):
+    return torch.empty_like(x), torch.empty_like(y), temperature.new_empty(())
+
+
+if _ext.C_LOADED:
+    torch.library.register_fake("flashdml::xent_fwd")(_fake_fwd)
+    torch.library.register_fake("flashdml::xent_bwd")(_fake_bwd)
+    register_loss_autograd("flashdml::xent_fwd", torch.ops.flashdml.xent_bwd, input_names=_INPUTS,
+                           grad_inputs=("x", "y", "temperature"), saved_outputs=(1, 2), attrs=_INPUTS[5:])
+
+
+def _run_fused(op: str, x, y, labels, ref_labels, temperature, normalize, global_partition: bool):
+    batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    t = check_temperature(temperature, batch.x.device)
+    if batch.x.dtype == torch.float64 or _dispatch.resolve(op, batch.x.device) == "reference":
+        return None
+    xx = batch.x.contiguous()
+    yy = xx if batch.self_mode else batch.y.contiguous()  # self mode: one tensor in both slots
+    loss, _, _ = torch.ops.flashdml.xent_fwd(xx, yy, batch.labels, batch.ref_labels, t, global_partition,
+                                             batch.self_mode, normalize)
+    return loss
+
+
+def cross_example_softmax(
+    x: Tensor,
+    y: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    temperature: TemperatureLike = 0.05,
+    top_k: Optional[int] = None,
+    normalize: bool = True,
+) -> Tensor:
+    """Cross-Example Softmax (Veit & Wilber), SPEC 2.2.
+
+    Every positive pair competes against the **same** batch-wide pool of negatives through one shared partition
+    function: ``L = mean_{p∈P} softplus(Λ − z_p)``, ``Λ = LSE_{n∈N} z_n``, ``z = S / temperature``. Because all
+    positives must beat all negatives of every row, similarity scores become comparable across queries
+    (globally calibrated). ``top_k=k`` is Cross-Example Negative Mining: N is replaced by the k hardest negatives
+    of the whole batch (runs the reference for now).
+
+    Args:
+        x: queries ``[B, d]``; y: references ``[M, d]`` or ``None`` (self mode: pairs (i, i) are dropped).
+        labels / ref_labels: int ``[B]`` / ``[M]``; ``labels=None`` is pair mode (row i matches column i).
+        temperature: ``> 0``, float or 0-dim tensor (learnable with ``requires_grad=True``).
+        normalize: cosine similarity (default) or raw dot products.
+
+    Returns a 0-dim fp32 loss; 0 (with zero gradient) when there is no positive or no negative pair. The fused
+    CPU kernel streams S in tiles: memory O((B + M)·d + |P|), one GEMM pass forward, one recompute pass back.
+
+    Example::
+
+        loss = flashdml.cross_example_softmax(emb, labels=labels, temperature=0.05)   # self mode
+        loss = flashdml.cross_example_softmax(img, txt, temperature=0.05)              # image-text pairs
+    """
+    if top_k is not None:
+        check_positive_int(top_k, "top_k")
+        _dispatch.resolve("cross_example_softmax_top_k", x.device if isinstance(x, Tensor) else torch.device("cpu"))
+    else:
+        loss = _run_fused("cross_example_softmax", x, y, labels, ref_labels, temperature, normalize, True)
+        if loss is not None:
+            return loss
+    return _reference.cross_example_softmax(x, y, labels, ref_labels, temperature=temperature, top_k=top_k,
+                                            normalize=normalize)
+
+
+def ntxent(
+    x: Tensor,
+    labels: Optional[Tensor],
+    y: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    *,
+    temperature: TemperatureLike = 0.07,
+    normalize: bool = True,
+) -> Tensor:
+    """NT-Xent with labels (SPEC 2.1b), pytorch-metric-learning's ``NTXentLoss``, fused.
+
+    Every positive pair (a, p) competes against its own anchor's negatives:
+    ``L = mean_{(a,p)∈P} softplus(LSE_{n∈N(a)} z_an − z_ap)``. Equals ``NTXentLoss(temperature)`` on self-mode
+    batches, without its |P|×|N| buffer: memory O((B + M)·d + |P|).
+
+    Example::
+
+        loss = flashdml.ntxent(emb, labels, temperature=0.07)
+    """
+    loss = _run_fused("ntxent", x, y, labels, ref_labels, temperature, normalize, False)
+    if loss is not None:
+        return loss
+    return _reference.ntxent(x, labels, y, ref_labels, temperature=temperature, normalize=normalize)
