@@ -1,0 +1,8 @@
+"""flashdml's microbenchmark suite: ``python -m benchmarks --quick | --full | --op NAME``.
+
+One module per op family (``benchmarks/<op>.py`` exporting ``OP``, see harness.Op / harness.Provider); add a new
+family by writing that module and listing it in OPS. harness.py measures, report.py writes the table, CSV
+and plots (png.py) into benchmarks/results/.
+"""
+
+OPS = ("batch_softmax",)

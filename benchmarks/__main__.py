@@ -1,0 +1,80 @@
+"""CLI: python -m benchmarks --quick | --full | --op NAME [options]  (see --help)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from . import OPS
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=(
+        "flashdml microbenchmarks. Each (op, shape, provider) runs in a fresh subprocess: median and p20/p80 "
+        "wall time, peak memory above the inputs, fraction of the torch.mm fp32 ceiling, speedup vs the reference. "
+        "Writes a markdown table to stdout and CSV + PNG under benchmarks/results/."))
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
+                      help="small shapes of every op, a few minutes in all (`make bench`; the default)")
+    mode.add_argument("--full", action="store_const", dest="mode", const="full", help="every shape of every op")
+    ap.add_argument("--op", action="append", choices=OPS, metavar="NAME",
+                    help=f"only this op ({', '.join(OPS)}); alone it runs the shapes its issue asks for")
+    ap.add_argument("--providers", help="comma-separated provider names to run (default: all)")
+    ap.add_argument("--budget", type=float, help="timing seconds per cell (default 2 quick, 5 otherwise)")
+    ap.add_argument("--timeout", type=float, help="seconds per cell before it is recorded as a timeout "
+                    "(default 120 quick, 900 otherwise)")
+    ap.add_argument("--mem-cap-gib", type=float, default=12.0,
+                    help="CPU memory cap: predicted peaks above it are skipped, workers passing it are killed")
+    ap.add_argument("--threads", type=int, help="torch threads (default: the CPUs this process may use)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--list", action="store_true", help="list ops, shapes and providers, run nothing")
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    from . import harness
+
+    if args._worker:
+        return harness.worker_main(args._worker)
+    harness.ensure_flashdml_importable()
+    mode = args.mode or ("issue" if args.op else "quick")
+    ops = [harness.load_op(n) for n in (args.op or OPS)]
+    only = args.providers.split(",") if args.providers else None
+    if args.list:
+        for op in ops:
+            for shape, prov in harness.cells(op, mode, only):
+                print(f"{op.name}\t{op.shape_label(shape)}\t{prov.name}\t{prov.device}")
+        return 0
+    import torch
+
+    from . import report
+
+    threads = args.threads or harness.default_threads()
+    torch.set_num_threads(threads)
+    t0 = time.monotonic()
+    gemm = (4096, 4096, 256)
+    ceilings = {"cpu": harness.gemm_gflops("cpu", *gemm)}
+    if torch.cuda.is_available():
+        ceilings["cuda"] = harness.gemm_gflops("cuda", 8192, 8192, 8192)
+    quick = mode == "quick"
+    results = harness.run_ops(
+        ops, mode, only_providers=only, threads=threads,
+        budget_s=args.budget or (2.0 if quick else 5.0), timeout_s=args.timeout or (120.0 if quick else 900.0),
+        mem_cap_bytes=args.mem_cap_gib * harness.GiB, max_runs=30 if quick else 100)
+    # Measured again at the end: the better of the two is the ceiling (other load on the machine lowers it).
+    ceilings["cpu"] = max(ceilings["cpu"], harness.gemm_gflops("cpu", *gemm))
+    harness.finish(results, ceilings)
+    info = report.machine_info(threads, ceilings, mode, "x".join(map(str, gemm)) + " (m x n x k)")
+    paths = report.write_all(args.out, mode, ops, results, info)
+    print(report.header(info) + "\n")
+    print(report.markdown_table(results))
+    print(f"\n{len(results)} cells in {time.monotonic() - t0:.0f} s; wrote " +
+          ", ".join(os.path.relpath(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

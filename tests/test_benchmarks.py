@@ -1,0 +1,288 @@
+"""The benchmark harness: statistics, failure recording, the chunked baseline's numerics, the outputs."""
+from __future__ import annotations
+
+import csv
+import os
+import struct
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import harness, png, report  # noqa: E402
+from benchmarks.batch_softmax import OP as BS_OP, chunked_batch_softmax  # noqa: E402
+from benchmarks.harness import GiB, Op, Provider, Result  # noqa: E402
+
+# A dummy op family, written to a file so the worker subprocess can load it (no torch: starts fast).
+DUMMY_OP = textwrap.dedent('''
+    import time
+    from benchmarks.harness import Op, Provider
+
+    def _ok(shape, device):
+        return lambda: sum(range(shape["n"]))
+
+    def _raise(exc):
+        def setup(shape, device):
+            def fn():
+                raise exc
+            return fn
+        return setup
+
+    def _sleep(shape, device):
+        return lambda: time.sleep(60)
+
+    def _hog(shape, device):
+        def fn():
+            blocks = []
+            for _ in range(64):  # up to 1 GiB, touched page by page, slowly enough to be watched
+                blocks.append(bytearray(16 << 20))
+                time.sleep(0.02)
+            time.sleep(5)
+        return fn
+
+    def _chatty(shape, device):
+        import sys
+        def fn():
+            sys.stderr.write("warning: " * 20000)  # more than a pipe holds
+            print("noise on stdout")
+        return fn
+
+    def _exit(shape, device):
+        def fn():
+            import os
+            os._exit(3)
+        return fn
+
+    OP = Op(name="dummy", flops=lambda s: 1e6 * s["n"], sweep="n", providers=[
+        Provider("ok", _ok, reference=True),
+        Provider("ok2", _ok),
+        Provider("memerror", _raise(MemoryError())),
+        Provider("runtime-oom", _raise(RuntimeError("[enforce fail] DefaultCPUAllocator: not enough memory: you tried"))),
+        Provider("bug", _raise(ValueError("a | b"))),
+        Provider("sleep", _sleep),
+        Provider("hog", _hog),
+        Provider("exit", _exit),
+        Provider("chatty", _chatty),
+        Provider("big", _ok, mem_bytes=lambda s: 40 * 2**30),
+        Provider("absent", _ok, available=lambda: (False, "no such library")),
+        Provider("gpu", _ok, device="cuda"),
+    ], shapes={"quick": [{"n": 1000}, {"n": 4000, "only": ["ok", "ok2"]}]})
+''')
+
+
+@pytest.fixture(scope="module")
+def dummy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "dummy_op.py"
+    path.write_text(DUMMY_OP)
+    return harness.load_op(str(path))
+
+
+def cell(op, name, **kw):
+    kw.setdefault("budget_s", 0.05)
+    kw.setdefault("timeout_s", 60)
+    return harness.run_cell(op, {"n": 1000}, op.provider(name), cuda_ok=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_quantiles_on_known_samples():
+    xs = [5, 1, 4, 2, 3]  # unsorted on purpose
+    assert harness.quantile(xs, 0.5) == 3
+    assert harness.quantile(xs, 0.2) == pytest.approx(1.8)
+    assert harness.quantile(xs, 0.8) == pytest.approx(4.2)
+    assert harness.quantile(xs, 0.0) == 1 and harness.quantile(xs, 1.0) == 5
+    assert harness.quantile([1, 2, 3, 4], 0.5) == pytest.approx(2.5)
+    assert harness.quantile([7.0], 0.2) == 7.0
+    with pytest.raises(ValueError):
+        harness.quantile([], 0.5)
+
+
+def test_measure_respects_min_runs_and_budget():
+    r = harness.measure(lambda: None, budget_s=0.0, min_runs=3, max_runs=100)
+    assert len(r["times"]) == 3
+    r = harness.measure(lambda: None, budget_s=10.0, min_runs=3, max_runs=7)
+    assert len(r["times"]) == 7
+
+
+def test_peak_rss_sees_an_allocation():
+    if not harness.reset_peak_rss():
+        pytest.skip("/proc/self/clear_refs not writable here")
+
+    def fn():
+        b = bytearray(200 << 20)  # zero-filled: every page touched
+        return len(b)
+
+    r = harness.measure(fn, budget_s=0.0, min_runs=1)
+    assert 180 <= r["peak_bytes"] / harness.MiB <= 260, r
+
+
+# ----------------------------------------------------------------------- failures become results, not crashes
+def test_ok_cell_has_statistics(dummy):
+    r = cell(dummy, "ok")
+    assert r.status == "ok", r.status
+    assert r.n_runs >= 3 and r.p20_ms <= r.median_ms <= r.p80_ms
+    assert r.peak_mib is not None and r.flops == 1e9
+
+
+@pytest.mark.parametrize("name", ["memerror", "runtime-oom"])
+def test_oom_is_recorded(dummy, name):
+    assert cell(dummy, name).status == "oom"
+
+
+def test_error_timeout_exit_are_recorded(dummy):
+    r = cell(dummy, "bug")
+    assert r.status.startswith("error: ValueError") and r.median_ms is None
+    assert cell(dummy, "sleep", timeout_s=3).status == "timeout: > 3 s"
+    assert cell(dummy, "exit").status.startswith("error: worker exited with 3")
+    assert cell(dummy, "chatty", timeout_s=20).status == "ok"
+
+
+def test_memory_cap_kills_the_worker(dummy):
+    r = cell(dummy, "hog", mem_cap_bytes=0.4 * GiB)
+    assert r.status.startswith("oom: RSS passed the 0.4 GiB cap"), r.status
+
+
+def test_skipped_not_run_and_no_cuda(dummy):
+    assert cell(dummy, "big").status == "skipped: needs ~40 GiB > 12 GiB cap"
+    assert cell(dummy, "absent").status == "not run: no such library"
+    assert cell(dummy, "gpu").status == "not run: no CUDA device"
+
+
+def test_run_ops_fills_fraction_and_speedup(dummy):
+    res = harness.run_ops([dummy], "quick", only_providers=["ok", "ok2", "bug"], ceilings={"cpu": 1.0},
+                          budget_s=0.05, cuda_ok=False)
+    assert [(r.shape, r.provider) for r in res] == [
+        ("n=1000", "ok"), ("n=1000", "ok2"), ("n=1000", "bug"), ("n=4000", "ok"), ("n=4000", "ok2")]
+    for r in res:
+        if r.status == "ok":
+            assert r.gemm_frac == pytest.approx(r.flops / (r.median_ms / 1e3) / 1e9)
+            ref = next(q for q in res if q.shape == r.shape and q.provider == "ok")
+            assert r.speedup == pytest.approx(ref.median_ms / r.median_ms)
+    assert res[2].speedup is None and res[2].gemm_frac is None
+
+
+# -------------------------------------------------------------------------------- the chunked baseline
+def _dense(x, y, labels, t):
+    xn, yn = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(y, dim=1)
+    z = xn @ yn.T / t
+    eye = torch.eye(len(x), dtype=torch.bool)
+    if labels is not None:
+        z = z.masked_fill((labels[:, None] == labels[None, :]) & ~eye, float("-inf"))
+    return (torch.logsumexp(z, 1) - z.diagonal()).mean()
+
+
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("block", [3, 1024])
+def test_chunked_matches_reference(with_labels, block):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(10, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4, 5]) if with_labels else None
+    oracles = [_dense]
+    try:
+        from flashdml.reference import batch_softmax as ref
+
+        oracles.append(lambda x, y, lab, t: ref(x, y, lab, temperature=t))
+    except Exception:  # noqa: BLE001 — the in-test dense formula still checks
+        pass
+    loss = chunked_batch_softmax(x, y, labels, temperature=0.05, block=block)
+    gx, gy = torch.autograd.grad(loss, (x, y))
+    for oracle in oracles:
+        want = oracle(x, y, labels, 0.05)
+        wx, wy = torch.autograd.grad(want, (x, y))
+        torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gx, wx, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gy, wy, rtol=1e-9, atol=1e-12)
+
+
+def test_batch_softmax_module_declares_the_issue_shapes():
+    labels = [BS_OP.shape_label(s) for s in BS_OP.shapes["issue"]]
+    assert "B=M=8192 d=256 labels=4/class" in labels and "B=M=32768 d=128 labels=4/class" in labels
+    names = [p.name for s, p in harness.cells(BS_OP, "issue") if s["B"] == 32768]
+    assert "reference" in names and "chunked-pytorch" not in names
+    ref = BS_OP.provider("reference")
+    assert ref.mem_bytes({"B": 32768, "d": 128}) > 12 * GiB > ref.mem_bytes({"B": 8192, "d": 256})
+    assert BS_OP.flops({"B": 8192, "d": 256}) == 8 * 8192 * 8192 * 256
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+def _chunks(data):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    i, out = 8, []
+    while i < len(data):
+        (n,) = struct.unpack(">I", data[i:i + 4])
+        kind, body = data[i + 4:i + 8], data[i + 8:i + 8 + n]
+        (crc,) = struct.unpack(">I", data[i + 8 + n:i + 12 + n])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        out.append((kind, body))
+        i += 12 + n
+    return out
+
+
+def test_png_is_valid_and_has_the_stated_size(tmp_path):
+    panels = [{"title": "time", "xlabel": "B", "ylabel": "ms",
+               "series": {"a": [(1024, 1.0), (2048, 4.0)], "b": [(1024, 0.5), (4096, 3.0)]}},
+              {"title": "mem", "xlabel": "B", "ylabel": "MiB", "series": {"a": [(1024, 10.0)]}}]
+    w, h = png.save_plot(str(tmp_path / "p.png"), panels, "title", panel_w=300, panel_h=200)
+    chunks = _chunks((tmp_path / "p.png").read_bytes())
+    assert [k for k, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    assert struct.unpack(">IIBBBBB", chunks[0][1]) == (w, h, 8, 2, 0, 0, 0) and w == 600
+    raw = zlib.decompress(chunks[1][1])
+    assert len(raw) == h * (1 + 3 * w)
+    pixels = {raw[r * (1 + 3 * w) + 1 + 3 * c:r * (1 + 3 * w) + 4 + 3 * c] for r in range(h) for c in range(w)}
+    assert bytes(png.PALETTE[0]) in pixels and bytes(png.PALETTE[1]) in pixels and bytes(png.BLACK) in pixels
+
+
+def test_log_ticks():
+    assert png.log_ticks(900, 9000, base2=True) == [1024, 2048, 4096, 8192]
+    assert png.log_ticks(0.5, 2000) == [1, 10, 100, 1000]
+    assert png.log_ticks(3, 30) == [5, 10, 20]
+    assert png.fmt_tick(1e6) == "1e6" and png.fmt_tick(2048.0) == "2048" and png.fmt_tick(0.5) == "0.5"
+
+
+def _results():
+    return [Result("dummy", "n=1", "ok", median_ms=2.0, p20_ms=1.5, p80_ms=2.5, n_runs=5, peak_mib=3.0,
+                   flops=1e9, gemm_frac=0.5, speedup=1.0, sweep_value=1, reference=True, shape_params={"n": 1}),
+            Result("dummy", "n=1", "big", status="skipped: needs ~40 GiB > 12 GiB cap", sweep_value=1,
+                   shape_params={"n": 1})]
+
+
+def test_csv_has_the_columns_and_machine_info(tmp_path):
+    info = report.machine_info(2, {"cpu": 123.4}, "quick", "4096x4096x256")
+    report.write_csv(str(tmp_path / "r.csv"), _results(), info)
+    with open(tmp_path / "r.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert set(report.COLUMNS + report.MACHINE) <= set(rows[0])
+    assert rows[0]["median_ms"] == "2.0" and rows[0]["threads"] == "2" and rows[0]["gemm_gflops_cpu"] == "123.4"
+    assert rows[0]["torch"] == torch.__version__ and rows[0]["cpu_model"]
+    assert rows[1]["status"].startswith("skipped") and rows[1]["median_ms"] == ""
+
+
+def test_markdown_table():
+    md = report.markdown_table(_results()).splitlines()
+    assert md[0].startswith("| op | shape | provider | median ms | p20 ms | p80 ms | peak MiB")
+    assert len(md) == 4 and "| 50.0% | 1.00x |" in md[2] and md[3].endswith("skipped: needs ~40 GiB > 12 GiB cap |")
+
+
+def test_write_all_makes_csv_png_and_summary(tmp_path, dummy):
+    info = report.machine_info(2, {"cpu": 1.0}, "quick")
+    res = _results() + [Result("dummy", "n=4", "ok", median_ms=8.0, peak_mib=5.0, sweep_value=4,
+                               shape_params={"n": 4})]
+    paths = report.write_all(str(tmp_path), "quick", [dummy], res, info)
+    assert sorted(os.path.basename(p) for p in paths) == ["dummy_quick.csv", "dummy_quick.png", "summary_quick.md"]
+
+
+def test_progress_bar(capsys):
+    import io
+
+    s = io.StringIO()
+    p = harness.Progress(2, stream=s)
+    p.step("a")
+    p.step("b")
+    p.close()
+    lines = s.getvalue().splitlines()
+    assert lines[0].startswith("[....") and "1/2" in lines[0] and lines[-1].endswith("done")
