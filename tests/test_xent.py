@@ -129,3 +129,23 @@ def test_xe_bad_inputs():
         fd.ntxent(x, torch.arange(8), temperature=-0.1)
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         fd.cross_example_softmax(x, top_k=0)
+
+
+@pytest.mark.skipif(not fd.available_backends()["cpu"][0], reason="flashdml._C not built")
+def test_xe_beyond_int32_pair_count_matches_float64_chunked():
+    """B = M = 50000 (B·M = 2.5e9 > 2^31 pairs): the fused loss equals a float64 chunked computation."""
+    B, d, tau = 50_000, 16, 0.05
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=1)
+    y = torch.nn.functional.normalize(x + 0.3 * torch.randn(B, d, generator=g), dim=1)
+    with fd.backend("cpu"):
+        got = fd.cross_example_softmax(x, y, temperature=tau).item()  # pair mode: row i matches column i
+    x64, y64 = x.double(), y.double()
+    lse_parts, pos = [], (x64 * y64).sum(1) / tau
+    for r0 in range(0, B, 2048):
+        z = x64[r0:r0 + 2048] @ y64.T / tau
+        z[torch.arange(z.shape[0]), torch.arange(r0, r0 + z.shape[0])] = float("-inf")  # drop the positives
+        lse_parts.append(torch.logsumexp(z.reshape(-1), 0))
+    lam = torch.logsumexp(torch.stack(lse_parts), 0)
+    want = torch.nn.functional.softplus(lam - pos).mean().item()
+    assert abs(got - want) <= 1e-5 * abs(want), (got, want)
