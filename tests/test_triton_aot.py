@@ -1,0 +1,123 @@
+"""Ahead-of-time compilation of every Triton kernel for A100 (sm_80) and H100 (sm_90), no GPU needed.
+
+Each spec in ``flashdml.triton_kernels._aot.all_specs()`` (the constexpr / dtype combinations the launchers use)
+must compile for both architectures with no register spills, no stack or local memory, at most 255 registers and
+shared memory within the architecture's per-block limit. GEMM kernels must use tensor cores for fp16/bf16:
+``mma.sync`` on sm_80 and ``wgmma`` on sm_90. fp32 GEMM kernels use the exact IEEE dot (``input_precision="ieee"``),
+which Triton lowers to FMA instructions on both architectures — asserted too, so a change shows up.
+The interpreter accepts code the compiler rejects, so this complements tests/test_triton_*.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashdml.triton_kernels import _aot
+
+SPECS = _aot.all_specs()
+ARCHS = (80, 90)
+# Max dynamic shared memory per block: A100 163 KiB, H100 227 KiB.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@pytest.fixture(scope="module")
+def aot():
+    """{(spec name, cc): (compiled, resource usage)} for every spec and architecture, compiled once per module."""
+    problem = _aot.toolchain_problem()
+    if problem is not None:
+        pytest.skip(f"cannot compile Triton kernels ahead of time here: {problem}")
+    items = [(spec, cc) for spec in SPECS for cc in ARCHS]
+    compiled = _aot.compile_many(items)
+    return {(spec.name, cc): (c, _aot.resource_usage(c)) for (spec, cc), c in zip(items, compiled)}
+
+
+@pytest.mark.parametrize("cc", ARCHS, ids=lambda cc: f"sm{cc}")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_compiles_without_spills(spec, cc, aot):
+    compiled, usage = aot[(spec.name, cc)]
+    info = f"{spec.name} sm_{cc}: {usage}"
+    assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"register spills: {info}"
+    assert usage["stack"] == 0 and usage["local"] == 0, f"stack / local memory in use: {info}"
+    assert usage["registers"] <= 255, info
+    assert usage["shared_dynamic"] + usage["shared"] <= SMEM_LIMIT[cc], f"shared memory over the limit: {info}"
+    if not spec.gemm:
+        return
+    if spec.dtype in ("fp16", "bf16"):
+        if cc >= 90:  # every tl.dot on wgmma: no fallback to sm_80-style mma.sync
+            assert _aot.has_wgmma(compiled), f"{spec.name}: no wgmma in the sm_{cc} PTX"
+            assert not _aot.has_mma(compiled), f"{spec.name}: some tl.dot fell back to mma.sync on sm_{cc}"
+        else:
+            assert _aot.has_mma(compiled), f"{spec.name}: no mma.sync in the sm_{cc} PTX"
+    else:  # fp32 with input_precision="ieee": exact FMA dot, no tensor cores on either architecture
+        assert not _aot.has_wgmma(compiled) and not _aot.has_mma(compiled), spec.name
+
+
+def test_every_kernel_has_a_spec():
+    """Each @triton.jit kernel defined in a kernel module is covered by that module's AOT_SPECS."""
+    import importlib
+    import pkgutil
+
+    import flashdml.triton_kernels as pkg
+
+    covered = {_aot._jit_function(s.kernel).fn for s in SPECS}
+    missing = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            fn = getattr(obj, "fn", None)
+            if callable(fn) and getattr(fn, "__module__", None) == module.__name__ and hasattr(obj, "arg_names"):
+                if fn not in covered:
+                    missing.append(f"{module.__name__}.{name}")
+    assert not missing, f"kernels without AOT specs: {missing}"
+
+
+def _triton_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}[
+            value.dtype]
+    if isinstance(value, bool):
+        raise TypeError("bool runtime argument")
+    if isinstance(value, int):
+        return "i32"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(type(value))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_specs_cover_batch_softmax_launches(dtype, labels, symmetric, monkeypatch):
+    """Every launch the batch-softmax launchers make matches an AOT spec (types, constexprs, warps, stages)."""
+    from flashdml.triton_kernels import batch_softmax as bs
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel, args, kwargs))
+            return launch
+
+    monkeypatch.setattr(bs, "wrap_triton", Recorder)
+    B, d = 40, 48
+    x = torch.zeros(B, d, dtype=dtype)
+    lab = torch.zeros(B, dtype=torch.int64) if labels else None
+    t = torch.tensor(0.1)
+    loss, row_lse, col_lse = bs.fwd_impl(x, x.clone(), lab, t, symmetric)
+    bs.bwd_impl(torch.tensor(1.0), x, x.clone(), lab, t, symmetric, row_lse, col_lse)
+    assert launches
+    for kernel, args, kwargs in launches:
+        fn = _aot._jit_function(kernel)
+        runtime = dict(zip(fn.arg_names, args))
+        constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+        signature = {k: _triton_type(v) for k, v in runtime.items()}
+        matches = [s for s in SPECS if _aot._jit_function(s.kernel) is fn and s.constexprs == constexprs
+                   and s.signature == signature and s.num_warps == kwargs["num_warps"]
+                   and s.num_stages == kwargs["num_stages"]]
+        assert matches, f"no AOT spec for {fn.__name__} with {signature} {kwargs}"

@@ -1,0 +1,261 @@
+"""Ahead-of-time compilation of the Triton kernels and their resource checks (no GPU needed).
+
+Every kernel module of this package declares a module-level ``AOT_SPECS`` list of :class:`AOTSpec` — one per
+constexpr / dtype combination its launchers can produce. :func:`all_specs` collects them from every module,
+:func:`compile_for` compiles one for a compute capability (80 = A100, 90 = H100) with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, and :func:`resource_usage` reads registers,
+stack / local memory (``cuobjdump --dump-resource-usage`` on the cubin) and spill bytes (``ptxas -v`` on the same
+PTX with the flags Triton uses). Under ``TRITON_INTERPRET=1`` (the test suite without a GPU) Triton's own library
+functions are interpreter objects and nothing can be compiled in-process, so :func:`compile_many` / :func:`compile_for`
+then compile in subprocesses started without that variable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import pickle
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import types
+from typing import Any, Optional
+
+_ALIGN = [["tt.divisibility", 16]]
+
+
+@dataclasses.dataclass(frozen=True)
+class AOTSpec:
+    """One compile configuration of a kernel.
+
+    ``signature``: Triton type string for every runtime argument (``"*fp16"``, ``"i32"``, ``"fp32"``);
+    ``constexprs``: value of every ``tl.constexpr`` argument. ``aligned``: arguments given the 16-divisibility
+    hint the JIT gives aligned pointers and multiples of 16 (``None``: every pointer and integer argument, the
+    common production case). ``gemm``: the kernel's main loop is a ``tl.dot`` (checked for wgmma on sm_90).
+    """
+
+    name: str
+    kernel: Any
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    dtype: str = "fp32"
+    gemm: bool = False
+    aligned: Optional[tuple] = None
+
+    def __repr__(self) -> str:  # short ids in pytest output
+        return self.name
+
+
+_JIT_CACHE: dict = {}
+
+
+def _jit_function(kernel):
+    """The compilable ``JITFunction`` behind ``kernel`` (which is an InterpretedFunction under TRITON_INTERPRET=1)."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return kernel
+    fn = getattr(kernel, "fn", None)
+    if fn is None:
+        raise TypeError(f"not a triton kernel: {kernel!r}")
+    if fn not in _JIT_CACHE:
+        _JIT_CACHE[fn] = JITFunction(fn)
+    return _JIT_CACHE[fn]
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET=1 was active at import: then triton's own @jit library functions (tl.sum, tl.max,
+    ...) are interpreter objects and cannot be compiled in this process."""
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+@dataclasses.dataclass
+class CompiledArtifacts:
+    """What a compile in a subprocess sends back: the same ``asm`` / ``metadata.shared`` a CompiledKernel has."""
+
+    asm: dict
+    metadata: Any
+
+
+def compile_for(spec: AOTSpec, cc: int):
+    """Compile ``spec`` for compute capability ``cc`` (80, 90, ...).
+
+    Returns Triton's CompiledKernel, or under the interpreter a :class:`CompiledArtifacts` from a clean subprocess
+    (the spec must then be one of :func:`all_specs`).
+    """
+    if interpreting():
+        return compile_many([(spec, cc)])[0]
+    return _compile_here(spec, cc)
+
+
+def compile_many(items, jobs: Optional[int] = None) -> list:
+    """Compile ``[(spec, cc), ...]``; under the interpreter in ``jobs`` parallel subprocesses without
+    TRITON_INTERPRET (specs are looked up there by name in :func:`all_specs`)."""
+    items = list(items)
+    if not interpreting():
+        return [_compile_here(spec, cc) for spec, cc in items]
+    jobs = max(1, min(jobs or min(2, os.cpu_count() or 1), len(items)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    chunks = [items[i::jobs] for i in range(jobs)]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i, chunk in enumerate(chunks):
+            out = os.path.join(tmp, f"out{i}.pkl")
+            request = json.dumps([[spec.name, cc] for spec, cc in chunk])
+            proc = subprocess.Popen([sys.executable, "-m", __name__, out], env=env, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc.stdin.write(request)
+            proc.stdin.close()
+            procs.append((proc, out))
+        for proc, out in procs:
+            log = proc.stdout.read()
+            if proc.wait() != 0:
+                raise RuntimeError(f"AOT compile subprocess failed:\n{log[-20000:]}")
+            with open(out, "rb") as f:
+                results.update(pickle.load(f))
+    return [results[(spec.name, cc)] for spec, cc in items]
+
+
+def _compile_here(spec: AOTSpec, cc: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit_function(spec.kernel)
+    signature = {}
+    for name in fn.arg_names:
+        if name in spec.constexprs:
+            signature[name] = "constexpr"
+        elif name in spec.signature:
+            signature[name] = spec.signature[name]
+        else:
+            raise ValueError(f"{spec.name}: argument {name!r} has neither a type nor a constexpr value")
+    extra = set(spec.signature) | set(spec.constexprs)
+    extra -= set(fn.arg_names)
+    if extra:
+        raise ValueError(f"{spec.name}: unknown arguments {sorted(extra)}")
+    aligned = spec.aligned
+    if aligned is None:
+        aligned = tuple(n for n, t in signature.items() if t.startswith("*") or t in ("i32", "i64"))
+    attrs = {(fn.arg_names.index(n),): _ALIGN for n in aligned}
+    src = ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
+    target = GPUTarget("cuda", cc, 32)
+    return triton.compile(src, target=target, options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found at {path}")
+    return path
+
+
+def toolchain_problem() -> Optional[str]:
+    """None when ptxas and cuobjdump are present and runnable, else the reason (tests skip with it)."""
+    try:
+        for tool in ("ptxas", "cuobjdump"):
+            subprocess.run([_tool(tool), "--version"], check=True, capture_output=True, timeout=60)
+    except Exception as exc:  # noqa: BLE001
+        return f"triton's CUDA toolchain is unusable: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _ptx_arch(ptx: str) -> str:
+    m = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.M)
+    if not m:
+        raise ValueError("no .target in PTX")
+    return m.group(1)
+
+
+def resource_usage(compiled) -> dict:
+    """Registers, spills, stack, local and shared memory of a compiled kernel.
+
+    Keys: ``registers``, ``stack`` and ``local`` (bytes per thread, from cuobjdump on the cubin Triton built),
+    ``shared`` (static bytes from cuobjdump; ``shared_dynamic`` from Triton's metadata), ``spill_stores`` /
+    ``spill_loads`` (bytes, from ``ptxas -v`` rerun on the same PTX with Triton's flags), ``arch``.
+    """
+    cubin = compiled.asm["cubin"]
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin_path = os.path.join(tmp, "k.cubin")
+        with open(cubin_path, "wb") as f:
+            f.write(cubin)
+        dump = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin_path], check=True,
+                              capture_output=True, text=True).stdout
+        ptx_path = os.path.join(tmp, "k.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(ptx)
+        arch = _ptx_arch(ptx)
+        log = subprocess.run([_tool("ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}",
+                              ptx_path, "-o", os.path.join(tmp, "k.o")], check=True, capture_output=True,
+                             text=True)
+        log = log.stdout + log.stderr
+    usage = {"arch": arch}
+    for key, field in (("registers", "REG"), ("stack", "STACK"), ("shared", "SHARED"), ("local", "LOCAL")):
+        m = re.search(rf"\b{field}:(\d+)", dump)
+        if not m:
+            raise ValueError(f"cannot parse {field} from cuobjdump output:\n{dump}")
+        usage[key] = int(m.group(1))
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not m:
+        raise ValueError(f"cannot parse spills from ptxas -v output:\n{log}")
+    usage["spill_stores"], usage["spill_loads"] = int(m.group(1)), int(m.group(2))
+    m = re.search(r"Used (\d+) registers", log)
+    usage["registers_ptxas"] = int(m.group(1)) if m else None
+    usage["shared_dynamic"] = int(getattr(compiled.metadata, "shared", 0) or 0)
+    return usage
+
+
+def has_wgmma(compiled) -> bool:
+    return "wgmma.mma_async" in compiled.asm["ptx"]
+
+
+def has_mma(compiled) -> bool:
+    """Tensor-core mma.sync (sm_80 style) in the PTX."""
+    return re.search(r"\bmma\.sync\.aligned", compiled.asm["ptx"]) is not None
+
+
+def all_specs() -> list[AOTSpec]:
+    """AOT_SPECS of every kernel module in this package (modules whose name starts with "_" are skipped)."""
+    specs: list[AOTSpec] = []
+    package = __name__.rsplit(".", 1)[0]
+    pkg = importlib.import_module(package)
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package}.{info.name}")
+        specs.extend(getattr(module, "AOT_SPECS", []))
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate AOT spec names: {duplicates}")
+    return specs
+
+
+def _main(out_path: str) -> None:
+    """Subprocess entry: read [[spec name, cc], ...] on stdin, pickle {(name, cc): CompiledArtifacts} to out_path."""
+    request = json.loads(sys.stdin.read())
+    by_name = {s.name: s for s in all_specs()}
+    results = {}
+    for name, cc in request:
+        compiled = _compile_here(by_name[name], int(cc))
+        meta = types.SimpleNamespace(shared=getattr(compiled.metadata, "shared", 0), name=compiled.metadata.name)
+        results[(name, int(cc))] = CompiledArtifacts(
+            asm={"ptx": compiled.asm["ptx"], "cubin": compiled.asm["cubin"]}, metadata=meta)
+    with open(out_path, "wb") as f:
+        pickle.dump(results, f)
+
+
+if __name__ == "__main__":
+    # Run the package's copy of this module, so the pickled classes are importable by the parent.
+    importlib.import_module(__spec__.name)._main(sys.argv[1])
