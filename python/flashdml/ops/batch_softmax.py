@@ -28,9 +28,10 @@ def _fake_bwd(grad_loss, x, y, labels, temperature, symmetric, *rest):
     return torch.empty_like(x), torch.empty_like(y), temperature.new_empty(())
 
 
-def _register(fwd_qualname: str, bwd_qualname: str, bwd_op, inputs) -> None:
-    torch.library.register_fake(fwd_qualname)(_fake_fwd)
-    torch.library.register_fake(bwd_qualname)(_fake_bwd)
+def _register(fwd_qualname: str, bwd_qualname: str, bwd_op, inputs, *, fakes: bool = True) -> None:
+    if fakes:  # the Triton module registers its own fakes next to its triton_op definitions
+        torch.library.register_fake(fwd_qualname)(_fake_fwd)
+        torch.library.register_fake(bwd_qualname)(_fake_bwd)
     register_loss_autograd(
         fwd_qualname, bwd_op, input_names=inputs, grad_inputs=("x", "y", "temperature"),
         saved_outputs=(1, 2), attrs=inputs[4:],
@@ -47,7 +48,7 @@ def _triton_ops():
 
     if not getattr(_triton_ops, "registered", False):
         _register("flashdml_triton::batch_softmax_fwd", "flashdml_triton::batch_softmax_bwd",
-                  torch.ops.flashdml_triton.batch_softmax_bwd, _TRITON_INPUTS)
+                  torch.ops.flashdml_triton.batch_softmax_bwd, _TRITON_INPUTS, fakes=False)
         _triton_ops.registered = True
     return torch.ops.flashdml_triton.batch_softmax_fwd
 
