@@ -1,0 +1,235 @@
+// CUDA backend of batch softmax / InfoNCE (SPEC 2.1): flashdml::batch_softmax_fwd / batch_softmax_bwd.
+//
+// Nothing B x B is ever stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma tensor
+// cores for fp16 / bf16, exact-fp32 SIMT FFMA for fp32) and reduces them on the spot. Per-element formulas
+// (allowed pairs, gradient weight) come from flashdml/batch_softmax.h and the online LSE from
+// flashdml/online_lse.h, shared with the CPU kernels. Deterministic: no atomics; column work split across
+// blocks ("splits", for occupancy at small B) produces partials that later kernels reduce in a fixed order.
+//
+// Forward:  bs_lse_kernel (x, y)  -> per-split (max, sum) per row + z_ii;  finalize_lse_kernel -> row_lse,
+//           per-row loss terms;  symmetric: the same two on (y, x) -> col_lse (the allowed test is symmetric
+//           and z^T = y x^T);  scaled_sum_kernel -> loss.
+// Backward: bs_grad_kernel (x, y) -> per-split fp32 partials of g y (+ partial sums of g z for dtemperature);
+//           reduce_splits_kernel -> dx;  bs_grad_kernel (y, x) -> g^T x partials;  reduce -> dy;
+//           scaled_sum_kernel -> dtemperature.  (g = unscaled dL/dz, see batch_softmax.h.)
+// temperature and grad_loss are read on the device (no host sync).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <optional>
+#include <tuple>
+
+#include "flashdml/batch_softmax.h"
+#include "flashdml/online_lse.h"
+#include "flashdml/poison.h"
+#include "batch_softmax_kernels.cuh"
+
+namespace flashdml {
+namespace cuda {
+namespace {
+
+using namespace bs;  // the kernels (batch_softmax_kernels.cuh)
+
+constexpr int kMaxSplits = 16;
+
+// ---- host side -------------------------------------------------------------------------------------------
+
+template <typename T>
+struct DeviceType;
+template <>
+struct DeviceType<float> {
+  using type = float;
+};
+template <>
+struct DeviceType<at::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+const typename DeviceType<T>::type* dptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename DeviceType<T>::type*>(t.data_ptr<T>());
+}
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Column splits: enough blocks for ~2 waves of 1 block / SM, at most kMaxSplits, no empty split.
+std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
+  int64_t want = (2 * int64_t(sm_count()) + other_blocks - 1) / other_blocks;
+  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, kMaxSplits}));
+  const int64_t tps = (ntiles + want - 1) / want;
+  return {(ntiles + tps - 1) / tps, tps};  // (nsplit, tiles per split)
+}
+
+template <typename DT>
+bool use_vec(const at::Tensor& a, const at::Tensor& b, int64_t d) {
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return aligned(a.data_ptr()) && aligned(b.data_ptr()) && d % TileCfg<DT>::kVW == 0;
+}
+
+// Per-row LSE of z = A B^T / tau over the allowed set -> lse[0 .. n), terms[0 .. n) = lse_i - z_ii.
+template <typename T>
+void run_lse(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, const float* tau, float* lse,
+             float* terms, cudaStream_t stream) {
+  using DT = typename DeviceType<T>::type;
+  const int64_t n = A.size(0), d = A.size(1);
+  const int64_t nrb = (n + kBM - 1) / kBM, ntiles = (n + kBN - 1) / kBN;
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);
+  at::Tensor ws = at::empty({(2 * nsplit + 1) * n}, A.options().dtype(at::kFloat));
+  float* part_max = ws.data_ptr<float>();
+  float* part_sum = part_max + nsplit * n;
+  float* diag = part_sum + nsplit * n;
+  bs_lse_kernel<DT><<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+      dptr<T>(A), dptr<T>(Bm), labels, tau, n, d, tps, use_vec<DT>(A, Bm, d), part_max, part_sum, diag);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  finalize_lse_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(part_max, part_sum, diag, int(nsplit), n, lse,
+                                                                     terms);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// out = (host_scale * grad / tau) * G B with G_ij the unscaled weight of (A row i, B row j); also writes the
+// per-block sums of g z to dtau_part (nsplit * nrb floats) when given.
+template <typename T>
+void run_grad(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, const float* tau, const float* lse_r,
+              const float* lse_c, float host_scale, const float* grad, at::Tensor& out, at::Tensor* dtau_part,
+              cudaStream_t stream) {
+  using DT = typename DeviceType<T>::type;
+  const int64_t n = A.size(0), d = A.size(1);
+  const int64_t nrb = (n + kBM - 1) / kBM, ntiles = (n + kBN - 1) / kBN;
+  const int64_t nch = (d + TileCfg<DT>::kDV - 1) / TileCfg<DT>::kDV;
+  TORCH_CHECK(nch <= 65535, "batch_softmax_bwd: embedding dimension too large for the CUDA kernel");
+  const auto [nsplit, tps] = plan_splits(nrb * nch, ntiles);
+  at::Tensor part = at::empty({nsplit * n * d}, A.options().dtype(at::kFloat));
+  float* dtp = nullptr;
+  if (dtau_part != nullptr) {
+    *dtau_part = at::empty({nsplit * nrb}, A.options().dtype(at::kFloat));
+    dtp = dtau_part->data_ptr<float>();
+  }
+  bs_grad_kernel<DT><<<dim3(unsigned(nrb), unsigned(nch), unsigned(nsplit)), kThreads, 0, stream>>>(
+      dptr<T>(A), dptr<T>(Bm), labels, tau, lse_r, lse_c, n, d, tps, use_vec<DT>(A, Bm, d), part.data_ptr<float>(),
+      dtp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t total = n * d;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256, 8 * int64_t(sm_count())));
+  reduce_splits_kernel<DT><<<unsigned(blocks), 256, 0, stream>>>(
+      part.data_ptr<float>(), int(nsplit), total, host_scale, grad, tau,
+      reinterpret_cast<DT*>(out.data_ptr<T>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& labels,
+                  const at::Tensor& temperature) {
+  TORCH_CHECK(x.is_cuda() && y.is_cuda(), op, ": x and y must be CUDA tensors");
+  TORCH_CHECK(x.device() == y.device(), op, ": x and y must be on the same device");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2, op, ": x and y must be 2-D");
+  TORCH_CHECK(x.size(0) == y.size(0) && x.size(1) == y.size(1), op, ": x and y must have the same shape (B == M)");
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0, op, ": empty input");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": x and y must have the same dtype");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": dtype must be fp32, fp16 or bf16");
+  TORCH_CHECK(x.size(0) <= int64_t(INT_MAX) * kBM, op, ": batch too large");
+  if (labels.has_value()) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 && labels->size(0) == x.size(0), op,
+                ": labels must be int64 [B]");
+    TORCH_CHECK(labels->device() == x.device(), op, ": labels must be on the device of x");
+  }
+  TORCH_CHECK(temperature.numel() == 1 && temperature.device() == x.device(), op,
+              ": temperature must be a 0-dim tensor on the device of x");
+}
+
+#define FLASHDML_DISPATCH_FLOAT16(st, ...)                                               \
+  switch (st) {                                                                          \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }                   \
+    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }                 \
+    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; }         \
+    default: TORCH_CHECK(false, "flashdml: unsupported dtype ", st);                     \
+  }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cuda(const at::Tensor& x_in, const at::Tensor& y_in,
+                                                                      const std::optional<at::Tensor>& labels_in,
+                                                                      const at::Tensor& temperature, bool symmetric,
+                                                                      bool normalize) {
+  check_inputs("batch_softmax_fwd", x_in, y_in, labels_in, temperature);
+  TORCH_CHECK(!normalize, "batch_softmax_fwd (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  const at::Tensor tau = temperature.to(at::kFloat).contiguous();
+  at::Tensor labels;
+  if (labels_in.has_value()) labels = labels_in->contiguous();
+  const int64_t* lab = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
+  const int64_t n = x.size(0);
+  const auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor loss = new_output(at::IntArrayRef{}, fopts);
+  at::Tensor row_lse = new_output({n}, fopts);
+  at::Tensor col_lse = new_output({symmetric ? n : 0}, fopts);
+  at::Tensor terms = at::empty({symmetric ? 2 * n : n}, fopts);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const float* tp = tau.data_ptr<float>();
+  FLASHDML_DISPATCH_FLOAT16(x.scalar_type(), [&] {
+    run_lse<scalar_t>(x, y, lab, tp, row_lse.data_ptr<float>(), terms.data_ptr<float>(), stream);
+    if (symmetric) run_lse<scalar_t>(y, x, lab, tp, col_lse.data_ptr<float>(), terms.data_ptr<float>() + n, stream);
+  });
+  scaled_sum_kernel<<<1, kSumThreads, 0, stream>>>(terms.data_ptr<float>(), terms.numel(),
+                                                   batch_softmax_scale(n, symmetric), nullptr, nullptr,
+                                                   loss.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, row_lse, col_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& x_in, const at::Tensor& y_in,
+    const std::optional<at::Tensor>& labels_in, const at::Tensor& temperature, bool symmetric, bool normalize,
+    const at::Tensor& row_lse_in, const at::Tensor& col_lse_in) {
+  check_inputs("batch_softmax_bwd", x_in, y_in, labels_in, temperature);
+  TORCH_CHECK(!normalize, "batch_softmax_bwd (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
+  const int64_t n = x_in.size(0);
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_in.device(),
+              "batch_softmax_bwd: grad_loss must be a 0-dim tensor on the device of x");
+  TORCH_CHECK(row_lse_in.numel() == n && row_lse_in.device() == x_in.device(), "batch_softmax_bwd: row_lse must be [B]");
+  TORCH_CHECK(!symmetric || (col_lse_in.numel() == n && col_lse_in.device() == x_in.device()),
+              "batch_softmax_bwd: col_lse must be [B] when symmetric");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  const at::Tensor tau = temperature.to(at::kFloat).contiguous();
+  const at::Tensor grad = grad_loss.to(at::kFloat).contiguous();
+  const at::Tensor row_lse = row_lse_in.to(at::kFloat).contiguous();
+  const at::Tensor col_lse = symmetric ? col_lse_in.to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor labels;
+  if (labels_in.has_value()) labels = labels_in->contiguous();
+  const int64_t* lab = labels.defined() ? labels.data_ptr<int64_t>() : nullptr;
+  at::Tensor dx = new_output(x.sizes(), x.options());
+  at::Tensor dy = new_output(y.sizes(), y.options());
+  at::Tensor dtemp = new_output(at::IntArrayRef{}, x.options().dtype(at::kFloat));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const float scale = batch_softmax_scale(n, symmetric);
+  const float* tp = tau.data_ptr<float>();
+  const float* gp = grad.data_ptr<float>();
+  const float* rl = row_lse.data_ptr<float>();
+  const float* cl = symmetric ? col_lse.data_ptr<float>() : nullptr;
+  at::Tensor dtau_part;
+  FLASHDML_DISPATCH_FLOAT16(x.scalar_type(), [&] {
+    run_grad<scalar_t>(x, y, lab, tp, rl, cl, scale, gp, dx, &dtau_part, stream);
+    run_grad<scalar_t>(y, x, lab, tp, cl, rl, scale, gp, dy, nullptr, stream);
+  });
+  scaled_sum_kernel<<<1, kSumThreads, 0, stream>>>(dtau_part.data_ptr<float>(), dtau_part.numel(), -scale, gp, tp,
+                                                   dtemp.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dx, dy, dtemp};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace flashdml
+
+TORCH_LIBRARY_IMPL(flashdml, CUDA, m) {
+  m.impl("batch_softmax_fwd", &flashdml::cuda::batch_softmax_fwd_cuda);
+  m.impl("batch_softmax_bwd", &flashdml::cuda::batch_softmax_bwd_cuda);
+}

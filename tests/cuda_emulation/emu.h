@@ -1,0 +1,112 @@
+// Host emulation of the CUDA features the flashdml kernels use: every CUDA thread is a std::thread,
+// __syncthreads / __syncwarp are std::barrier, __shared__ is a function-static (blocks run one after another),
+// wmma fragments hold the whole 16x16 tile in every lane (the API's semantics, not the hardware layout).
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <vector_types.h>
+#include <vector_functions.h>
+#include <barrier>
+#include <thread>
+#include <vector>
+#include <cstring>
+#include <cmath>
+#include <cstdint>
+#include <cassert>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __shared__
+#undef __align__
+#undef __launch_bounds__
+#undef __restrict__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+#define __restrict__
+
+struct EmuDim { unsigned x = 1, y = 1, z = 1; };
+inline thread_local EmuDim threadIdx, blockIdx;
+inline EmuDim gridDim, blockDim;
+inline std::barrier<>* g_block_bar = nullptr;
+inline std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
+inline float g_shfl[1024];
+inline std::atomic<long> g_shared_writes{0};
+
+inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int off) {
+  const int t = threadIdx.x, lane = t % 32, base = t - lane;
+  __syncwarp();
+  g_shfl[t] = v;
+  __syncwarp();
+  const float r = g_shfl[base + (lane ^ off)];
+  __syncwarp();
+  return r;
+}
+template <class T> inline T __ldg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0 || (sizeof(T) == 16 && reinterpret_cast<uintptr_t>(p) % 16 != 0)) {
+    std::fprintf(stderr, "misaligned __ldg\n"); std::abort(); }
+  return *p; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+namespace nvcuda { namespace wmma {
+struct row_major {}; struct col_major {}; struct matrix_a {}; struct matrix_b {}; struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+template <class Use, int M, int N, int K, class T, class L = void> struct fragment { float v[16][16]; };
+inline float tof(float x) { return x; }
+inline float tof(__half x) { return __half2float(x); }
+inline float tof(__nv_bfloat16 x) { return __bfloat162float(x); }
+inline void check_ptr(const void* p, unsigned ldm, int esize) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) { std::fprintf(stderr, "wmma: pointer not 32-byte aligned\n"); std::abort(); }
+  if ((ldm * esize) % 16 != 0) { std::fprintf(stderr, "wmma: bad ldm\n"); std::abort(); }
+}
+template <class A, class T, class L> void fill_fragment(fragment<A,16,16,16,T,L>& f, float x) {
+  for (auto& r : f.v) for (auto& e : r) e = x; }
+template <class T> void load_matrix_sync(fragment<matrix_a,16,16,16,T,row_major>& f, const T* p, unsigned ld) {
+  check_ptr(p, ld, sizeof(T)); for (int m = 0; m < 16; ++m) for (int k = 0; k < 16; ++k) f.v[m][k] = tof(p[m * ld + k]); }
+template <class T> void load_matrix_sync(fragment<matrix_a,16,16,16,T,col_major>& f, const T* p, unsigned ld) {
+  check_ptr(p, ld, sizeof(T)); for (int m = 0; m < 16; ++m) for (int k = 0; k < 16; ++k) f.v[m][k] = tof(p[m + k * ld]); }
+template <class T> void load_matrix_sync(fragment<matrix_b,16,16,16,T,row_major>& f, const T* p, unsigned ld) {
+  check_ptr(p, ld, sizeof(T)); for (int k = 0; k < 16; ++k) for (int n = 0; n < 16; ++n) f.v[k][n] = tof(p[k * ld + n]); }
+template <class T> void load_matrix_sync(fragment<matrix_b,16,16,16,T,col_major>& f, const T* p, unsigned ld) {
+  check_ptr(p, ld, sizeof(T)); for (int k = 0; k < 16; ++k) for (int n = 0; n < 16; ++n) f.v[k][n] = tof(p[k + n * ld]); }
+template <class TA, class LA, class TB, class LB>
+void mma_sync(fragment<accumulator,16,16,16,float>& d, const fragment<matrix_a,16,16,16,TA,LA>& a,
+              const fragment<matrix_b,16,16,16,TB,LB>& b, const fragment<accumulator,16,16,16,float>& c) {
+  static_assert(std::is_same_v<TA, TB>);
+  float out[16][16];
+  for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) {
+    float s = c.v[m][n]; for (int k = 0; k < 16; ++k) s += a.v[m][k] * b.v[k][n]; out[m][n] = s; }
+  std::memcpy(d.v, out, sizeof out);
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator,16,16,16,float>& f, unsigned ld, layout_t l) {
+  check_ptr(p, ld, 4);
+  // only lane 0 writes (all lanes hold the same tile); the caller's barrier orders it before any read
+  if (threadIdx.x % 32 != 0) return;
+  for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) (l == mem_row_major ? p[m * ld + n] : p[m + n * ld]) = f.v[m][n];
+}
+}}  // namespace nvcuda::wmma
+
+// Runs kernel body for every block of the grid, nthreads std::threads per block.
+template <class F> void emu_launch(EmuDim grid, unsigned nthreads, F body) {
+  gridDim = grid; blockDim = {nthreads, 1, 1};
+  for (unsigned z = 0; z < grid.z; ++z) for (unsigned y = 0; y < grid.y; ++y) for (unsigned x = 0; x < grid.x; ++x) {
+    std::barrier<> bar(nthreads);
+    g_block_bar = &bar;
+    g_warp_bar.clear();
+    for (unsigned w = 0; w < (nthreads + 31) / 32; ++w) g_warp_bar.emplace_back(new std::barrier<>(32));
+    std::vector<std::thread> th;
+    for (unsigned t = 0; t < nthreads; ++t) th.emplace_back([&, t] { threadIdx = {t, 0, 0}; blockIdx = {x, y, z}; body(); });
+    for (auto& h : th) h.join();
+  }
+}

@@ -1,0 +1,259 @@
+"""The CUDA C++ backend (csrc/cuda): what can be checked without a GPU, and what needs one.
+
+Without a GPU: the kernels compiled into ``flashdml/_C*.so`` are inspected with ``cuobjdump``: every kernel
+exists for sm_80 and sm_90, uses no local memory or stack (no register spills), at most 255 registers and only
+static shared memory below 48 KiB, and the fp16 / bf16 tile kernels run on tensor cores (HMMA in the SASS).
+With a GPU (skipped here, "no CUDA device"): the ops against a dense float64 torch computation, on ragged
+shapes, every dtype, with and without labels, symmetric or not; bitwise determinism; no unwritten outputs.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+from functools import lru_cache
+from typing import Dict, Optional
+
+import pytest
+import torch
+
+ARCHS = ("sm_80", "sm_90")
+# Kernels of csrc/cuda/batch_softmax.cu (substrings of the mangled names); templated ones for every dtype.
+DTYPES_MANGLED = ("If", "I6__half", "I13__nv_bfloat16")
+BATCH_SOFTMAX_TEMPLATED = ("bs_lse_kernel", "bs_grad_kernel", "reduce_splits_kernel")
+BATCH_SOFTMAX_PLAIN = ("finalize_lse_kernel", "scaled_sum_kernel")
+TENSOR_CORE_KERNELS = ("bs_lse_kernel", "bs_grad_kernel")  # their fp16 / bf16 versions must use HMMA
+
+
+def _extension_so() -> Optional[str]:
+    try:
+        import flashdml._C as C
+    except Exception:  # noqa: BLE001 - any import failure means "not built"
+        return None
+    return getattr(C, "__file__", None)
+
+
+def _has_cuda_kernels() -> bool:
+    if _extension_so() is None:
+        return False
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("flashdml::batch_softmax_fwd", "CUDA"))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _find_cuobjdump() -> Optional[str]:
+    candidates = [shutil.which("cuobjdump")]
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root:
+            candidates.append(os.path.join(root, "bin", "cuobjdump"))
+    candidates += sorted(glob.glob("/usr/local/cuda-*/bin/cuobjdump"), reverse=True)
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except Exception:  # noqa: BLE001
+        pass
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def _build_skip_reason() -> Optional[str]:
+    if _extension_so() is None:
+        return "flashdml._C is not built"
+    if not _has_cuda_kernels():
+        return "flashdml._C was built without CUDA kernels (CPU-only build: no nvcc / torch without CUDA / FLASHDML_NO_CUDA)"
+    if _find_cuobjdump() is None:
+        return "cuobjdump not found (CUDA toolkit bin/ or triton/backends/nvidia/bin)"
+    return None
+
+
+@lru_cache(maxsize=1)
+def _resource_usage() -> Dict[str, Dict[str, Dict[str, int]]]:
+    """{arch: {mangled kernel name: {"REG": .., "STACK": .., "SHARED": .., "LOCAL": ..}}} for the flashdml kernels."""
+    out = subprocess.run([_find_cuobjdump(), "--dump-resource-usage", _extension_so()], capture_output=True,
+                         text=True, check=True).stdout
+    usage: Dict[str, Dict[str, Dict[str, int]]] = {}
+    arch = None
+    name = None
+    for line in out.splitlines():
+        m = re.match(r"\s*arch = (sm_\d+)", line)
+        if m:
+            arch = m.group(1)
+            usage.setdefault(arch, {})
+            continue
+        m = re.match(r"\s*Function (\S+):\s*$", line)
+        if m:
+            name = m.group(1)
+            continue
+        if name is not None and arch is not None and "REG:" in line:
+            if "flashdml" in name:
+                usage[arch][name] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+            name = None
+    return usage
+
+
+@lru_cache(maxsize=1)
+def _sass_by_function() -> Dict[str, Dict[str, str]]:
+    """{arch: {mangled kernel name: SASS text}} for the flashdml kernels."""
+    out = subprocess.run([_find_cuobjdump(), "--dump-sass", _extension_so()], capture_output=True, text=True,
+                         check=True).stdout
+    sass: Dict[str, Dict[str, str]] = {}
+    arch = None
+    name = None
+    for line in out.splitlines():
+        m = re.match(r"\s*arch = (sm_\d+)", line)
+        if m:
+            arch, name = m.group(1), None
+            sass.setdefault(arch, {})
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m and arch is not None:
+            name = m.group(1)
+            sass[arch][name] = ""
+            continue
+        if name is not None and "flashdml" in name:
+            sass[arch][name] += line + "\n"
+    return {a: {k: v for k, v in fns.items() if "flashdml" in k} for a, fns in sass.items()}
+
+
+needs_cuda_build = pytest.mark.skipif(_build_skip_reason() is not None, reason=str(_build_skip_reason()))
+
+
+@needs_cuda_build
+def test_every_kernel_is_built_for_sm80_and_sm90():
+    usage = _resource_usage()
+    for arch in ARCHS:
+        assert arch in usage, f"no {arch} code in {_extension_so()} (TORCH_CUDA_ARCH_LIST must include 8.0 and 9.0)"
+        names = list(usage[arch])
+        for base in BATCH_SOFTMAX_TEMPLATED:
+            for dt in DTYPES_MANGLED:
+                assert any(base + dt in n for n in names), f"{arch}: kernel {base}<{dt}> missing"
+        for base in BATCH_SOFTMAX_PLAIN:
+            assert any(base in n for n in names), f"{arch}: kernel {base} missing"
+    assert set(usage[ARCHS[0]]) == set(usage[ARCHS[1]]), "the two architectures hold different kernel sets"
+
+
+@needs_cuda_build
+def test_no_spills_no_stack_registers_and_static_smem_in_limits():
+    usage = _resource_usage()
+    problems = []
+    for arch in ARCHS:
+        for name, res in usage.get(arch, {}).items():
+            if res.get("LOCAL", 0) != 0 or res.get("STACK", 0) != 0:
+                problems.append(f"{arch} {name}: local memory {res.get('LOCAL')} B, stack {res.get('STACK')} B (spills)")
+            if res.get("REG", 0) > 255:
+                problems.append(f"{arch} {name}: {res['REG']} registers > 255")
+            if res.get("SHARED", 0) > 48 * 1024:
+                problems.append(f"{arch} {name}: {res['SHARED']} B static shared memory > 48 KiB")
+    assert not problems, "\n".join(problems)
+
+
+@needs_cuda_build
+def test_half_precision_tiles_use_tensor_cores():
+    sass = _sass_by_function()
+    for arch in ARCHS:
+        for base in TENSOR_CORE_KERNELS:
+            for dt in ("I6__half", "I13__nv_bfloat16"):
+                hits = [n for n in sass.get(arch, {}) if base + dt in n]
+                assert hits, f"{arch}: no SASS for {base}<{dt}>"
+                assert all("HMMA" in sass[arch][n] for n in hits), f"{arch}: {base}<{dt}> has no HMMA instruction"
+            fp32 = [n for n in sass.get(arch, {}) if base + "If" in n]
+            assert fp32 and all("HMMA" not in sass[arch][n] for n in fp32), f"{arch}: {base}<float> must stay exact fp32"
+
+
+# ---- numerics on a GPU ----------------------------------------------------------------------------------
+
+def _dense(x, y, labels, tau, symmetric):
+    """loss, row_lse, col_lse and (dx, dy, dtau) by autograd, all float64, B x B materialised."""
+    x = x.detach().double().requires_grad_(True)
+    y = y.detach().double().requires_grad_(True)
+    t = tau.detach().double().requires_grad_(True)
+    z = (x @ y.T) / t
+    B = z.shape[0]
+    eye = torch.eye(B, dtype=torch.bool, device=z.device)
+    allowed = torch.ones_like(eye) if labels is None else eye | (labels[:, None] != labels[None, :])
+    zm = z.masked_fill(~allowed, float("-inf"))
+    diag = z.diagonal()
+    row_lse = torch.logsumexp(zm, dim=1)
+    loss = (row_lse - diag).mean()
+    col_lse = torch.logsumexp(zm, dim=0)
+    if symmetric:
+        loss = 0.5 * (loss + (col_lse - diag).mean())
+    return loss, row_lse.detach(), col_lse.detach(), (x, y, t)
+
+
+GPU_SHAPES = [(1, 1), (2, 3), (5, 1), (37, 129), (64, 64), (65, 128), (70, 3), (130, 16), (257, 33), (600, 129),
+              (1030, 64), (2000, 256)]
+TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def _close(name, got, want, tol, unit=1e-3):
+    """max |got - want| <= tol * max(max |want|, unit). `unit` is the natural size of the quantity, for outputs
+    that are sums of cancelling terms (dx for d = 1 can be ~1e-12 exactly, with terms of size grad / (B tau);
+    dtemperature sums B^2 terms to something much smaller than grad / tau)."""
+    got = got.detach().double().cpu()
+    want = want.detach().double().cpu()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten poisoned output?)"
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    scale = max(want.abs().max().item() if want.numel() else 0.0, unit)
+    assert err <= tol * scale, f"{name}: max abs error {err:.3e} > {tol:.1e} * {scale:.3e}"
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not _has_cuda_kernels(),
+    reason="no CUDA device" if not torch.cuda.is_available() else "flashdml._C has no CUDA kernels",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("label_kind", ["none", "classes", "all_equal"])
+def test_cuda_ops_match_dense_torch(dtype, symmetric, label_kind):
+    ops = torch.ops.flashdml
+    dev = torch.device("cuda")
+    for i, (B, d) in enumerate(GPU_SHAPES):
+        g = torch.Generator().manual_seed(i)
+        labels = torch.randint(0, max(1, B // 4), (B,), generator=g)
+        x = torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=1).to(dev, dtype)
+        y = torch.nn.functional.normalize(x.float().cpu() + 0.5 * torch.randn(B, d, generator=g), dim=1).to(dev, dtype)
+        labels = labels.to(dev)
+        if label_kind == "none":
+            labels = None
+        elif label_kind == "all_equal":
+            labels = torch.zeros(B, dtype=torch.long, device=dev)
+        tau = torch.tensor(0.07, device=dev)
+        grad = torch.tensor(0.7, device=dev)
+        tol = TOL[dtype]
+        tag = f"B={B} d={d} {dtype} sym={symmetric} labels={label_kind}"
+
+        ref_loss, ref_row, ref_col, (xr, yr, tr) = _dense(x, y, labels, tau, symmetric)
+        (ref_loss * 0.7).backward()
+
+        torch.ops.flashdml._set_poison(True)
+        try:
+            loss, row_lse, col_lse = ops.batch_softmax_fwd(x, y, labels, tau, symmetric)
+            dx, dy, dtau = ops.batch_softmax_bwd(grad, x, y, labels, tau, symmetric, row_lse, col_lse)
+            loss2, row2, col2 = ops.batch_softmax_fwd(x, y, labels, tau, symmetric)
+            dx2, dy2, dtau2 = ops.batch_softmax_bwd(grad, x, y, labels, tau, symmetric, row_lse, col_lse)
+        finally:
+            torch.ops.flashdml._set_poison(False)
+        torch.cuda.synchronize()
+
+        assert loss.dtype == torch.float32 and loss.dim() == 0, tag
+        assert dx.dtype == dtype and dy.dtype == dtype and dtau.dtype == torch.float32 and dtau.dim() == 0, tag
+        assert col_lse.shape == ((B,) if symmetric else (0,)), tag
+        _close(f"{tag} loss", loss, ref_loss, tol)
+        _close(f"{tag} row_lse", row_lse, ref_row, tol)
+        if symmetric:
+            _close(f"{tag} col_lse", col_lse, ref_col, tol)
+        g_over_tau = 0.7 / 0.07
+        _close(f"{tag} dx", dx, xr.grad, tol, g_over_tau / B)
+        _close(f"{tag} dy", dy, yr.grad, tol, g_over_tau / B)
+        _close(f"{tag} dtemperature", dtau, tr.grad, tol, g_over_tau)
+        for a, b, what in ((loss, loss2, "loss"), (row_lse, row2, "row_lse"), (col_lse, col2, "col_lse"),
+                           (dx, dx2, "dx"), (dy, dy2, "dy"), (dtau, dtau2, "dtemperature")):
+            assert torch.equal(a, b), f"{tag}: {what} is not bitwise deterministic"
