@@ -52,6 +52,24 @@ TORCH_LIBRARY(flashdml, m) {
       "(Tensor dx, Tensor dy, Tensor dtemperature)");
 
   // ---- hinge-pair losses (TCM SPEC 2.3, margin contrastive SPEC 2.4): schemas below this line ----
+  // One streaming pass shared by both losses: over the positive pairs (labels[i] == ref_labels[j]; with
+  // drop_diagonal the pairs (i, i) are neither positive nor negative) and the negative pairs, the sums of the hinges
+  // m+ - s and s - m- of the "hard" pairs and their exact counts. Hard: s <= m+ / s >= m- (strict = false, TCM) or
+  // s < m+ / s > m- (strict = true, margin contrastive: only non-zero hinges count). Margins are compared in fp32.
+  // loss = pos_weight * sums[0] / counts[0] + neg_weight * sums[1] / counts[1] (a term is 0 when its count is 0),
+  // computed in double from the double sums; sums (fp32 [2]) and counts (int64 [2]) are [positive, negative].
+  // TCM: drop_diagonal = self mode, strict = false. Contrastive: drop_diagonal = false, strict = true, weights 1.
+  // Self mode passes x as both x and y (autograd adds the dx and dy slots).
+  m.def(
+      "hinge_pair_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, float pos_margin, float neg_margin, "
+      "float pos_weight, float neg_weight, bool drop_diagonal, bool strict, bool normalize) -> "
+      "(Tensor loss, Tensor sums, Tensor counts)");
+  // Recomputes S tile by tile (the same tiles as the forward, so the same pairs are hard) and returns dx, dy
+  // (input dtype): dL/ds = -pos_weight/counts[0] on hard positives, +neg_weight/counts[1] on hard negatives.
+  m.def(
+      "hinge_pair_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor labels, Tensor ref_labels, float pos_margin, "
+      "float neg_margin, float pos_weight, float neg_weight, bool drop_diagonal, bool strict, bool normalize, "
+      "Tensor counts) -> (Tensor dx, Tensor dy)");
 }
 
 // Importing flashdml._C loads the schemas above and all kernel registrations; there is no Python API in the

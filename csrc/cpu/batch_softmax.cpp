@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu_tiles.h"
+#include "flashdml/batch_softmax.h"
 #include "flashdml/fast_exp.h"
 #include "flashdml/online_lse.h"
 #include "flashdml/poison.h"
@@ -15,9 +16,20 @@ namespace flashdml {
 namespace cpu {
 namespace {
 
-// Pair (i, j) takes part in row i's (and column j's) softmax: the positive (i == j) or a true negative.
-inline bool softmax_pair_allowed(const int64_t* labels, int64_t i, int64_t j) {
-  return labels == nullptr || i == j || labels[i] != labels[j];
+// Labels as a pointer that is always valid (zeros when the op got none), so the vectorised loops can call the
+// shared batch_softmax_allowed() without a branch on a null pointer.
+struct LabelView {
+  at::Tensor owned;
+  const int64_t* data;
+  bool present;
+};
+
+LabelView label_view(const c10::optional<at::Tensor>& labels, int64_t n, const at::TensorOptions& opts) {
+  LabelView v;
+  v.present = labels.has_value();
+  v.owned = v.present ? labels->contiguous() : at::zeros({n}, opts.dtype(at::kLong));
+  v.data = v.owned.data_ptr<int64_t>();
+  return v;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& labels,
@@ -40,9 +52,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cpu(const at::T
   check_inputs(x_in, y_in, labels_in, temperature);
   at::Tensor x_inv, y_inv;
   const at::Tensor x = normalized_rows(x_in, normalize, &x_inv), y = normalized_rows(y_in, normalize, &y_inv);
-  const at::Tensor labels_t = labels_in.has_value() ? labels_in->contiguous() : at::Tensor();
-  const int64_t* labels = labels_in.has_value() ? labels_t.data_ptr<int64_t>() : nullptr;
   const int64_t B = x.size(0);
+  const LabelView lab = label_view(labels_in, B, x.options());
+  const int64_t* labels = lab.data;
+  const bool has_labels = lab.present;
   const float inv_t = 1.f / temperature.item<float>();
   auto fopts = x.options().dtype(at::kFloat);
 
@@ -69,17 +82,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cpu(const at::T
       for (int64_t r = 0; r < rn; ++r) {
         const int64_t i = r0 + r;
         const float* s = S + r * kTileCols;
-        const int64_t li = labels ? labels[i] : 0;
+        const int64_t li = labels[i];
         float m = kNegInf;
 #pragma omp simd reduction(max : m)
         for (int64_t c = 0; c < cn; ++c) {
-          const bool ok = labels == nullptr || labels[c0 + c] != li || c0 + c == i;
+          const bool ok = batch_softmax_allowed(c0 + c == i, has_labels, li, labels[c0 + c]);
           m = std::max(m, ok ? s[c] : kNegInf);
         }
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t c = 0; c < cn; ++c) {
-          const bool ok = labels == nullptr || labels[c0 + c] != li || c0 + c == i;
+          const bool ok = batch_softmax_allowed(c0 + c == i, has_labels, li, labels[c0 + c]);
           const float e = exp_poly((s[c] - m) * inv_t);
           sum += ok ? e : 0.f;
         }
@@ -92,20 +105,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cpu(const at::T
         for (int64_t r = 0; r < rn; ++r) {
           const int64_t i = r0 + r;
           const float* s = S + r * kTileCols;
-          const int64_t li = labels ? labels[i] : 0;
+          const int64_t li = labels[i];
 #pragma omp simd
           for (int64_t c = 0; c < cn; ++c) {
-            const bool ok = labels == nullptr || labels[c0 + c] != li || c0 + c == i;
+            const bool ok = batch_softmax_allowed(c0 + c == i, has_labels, li, labels[c0 + c]);
             tmax[c] = std::max(tmax[c], ok ? s[c] : kNegInf);
           }
         }
         for (int64_t r = 0; r < rn; ++r) {
           const int64_t i = r0 + r;
           const float* s = S + r * kTileCols;
-          const int64_t li = labels ? labels[i] : 0;
+          const int64_t li = labels[i];
 #pragma omp simd
           for (int64_t c = 0; c < cn; ++c) {
-            const bool ok = labels == nullptr || labels[c0 + c] != li || c0 + c == i;
+            const bool ok = batch_softmax_allowed(c0 + c == i, has_labels, li, labels[c0 + c]);
             const float e = exp_poly((s[c] - tmax[c]) * inv_t);
             tsum[c] += ok ? e : 0.f;
           }
@@ -150,9 +163,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cpu(
   check_inputs(x_in, y_in, labels_in, temperature);
   at::Tensor x_inv, y_inv;
   const at::Tensor x = normalized_rows(x_in, normalize, &x_inv), y = normalized_rows(y_in, normalize, &y_inv);
-  const at::Tensor labels_t = labels_in.has_value() ? labels_in->contiguous() : at::Tensor();
-  const int64_t* labels = labels_in.has_value() ? labels_t.data_ptr<int64_t>() : nullptr;
   const int64_t B = x.size(0), d = x.size(1);
+  const LabelView lab = label_view(labels_in, B, x.options());
+  const int64_t* labels = lab.data;
+  const bool has_labels = lab.present;
   const float tau = temperature.item<float>();
   const float inv_t = 1.f / tau;
   const float gl = grad_loss.item<float>();
@@ -163,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cpu(
   auto fopts = x.options().dtype(at::kFloat);
 
   // dL/dz_ij = a/B (p_ij [allowed] - delta_ij) (+ the column term when symmetric), a = 1 or 1/2.
-  const float a_over_b = (symmetric ? 0.5f : 1.f) / float(B);
+  const float a_over_b = batch_softmax_scale(B, symmetric);
   const float diag_term = symmetric ? 2.f * a_over_b : a_over_b;
   const float g_scale = gl * inv_t;  // G = grad_loss * dL/dz / t
 
@@ -175,13 +189,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cpu(
     for (int64_t r = 0; r < rn; ++r) {
       const int64_t i = r0 + r;
       float* s = S + r * ld;
-      const int64_t li = labels ? labels[i] : 0;
+      const int64_t li = labels[i];
       const float rli = rl[i];
       float gz_row = 0.f;
 #pragma omp simd reduction(+ : gz_row)
       for (int64_t c = 0; c < cn; ++c) {
         const int64_t j = c0 + c;
-        const bool ok = labels == nullptr || labels[j] != li || j == i;
+        const bool ok = batch_softmax_allowed(j == i, has_labels, li, labels[j]);
         const float z = s[c] * inv_t;
         float g = exp_poly(z - rli);
         if (cl != nullptr) g += exp_poly(z - cl[j]);

@@ -21,7 +21,9 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 # Which ops each compiled backend implements. An op missing here runs on the reference under "auto".
 FUSED_OPS: Dict[str, frozenset] = {
-    "cpu": frozenset({"batch_softmax", "cross_example_softmax", "ntxent"}),
+    "cpu": frozenset({
+        "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
+    }),
     "triton": frozenset({"batch_softmax"}),
     "cuda": frozenset({"batch_softmax"}),
 }

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .ops import unfused as _unfused, xent as _xent  # noqa: F401
+from .ops import margin_losses as _margin_losses, unfused as _unfused, xent as _xent  # noqa: F401
 
 
 def _temperature_parameter(temperature, learnable: bool):
@@ -70,7 +70,7 @@ class ThresholdConsistentMarginLoss(nn.Module):
         self.kwargs = dict(pos_margin=pos_margin, neg_margin=neg_margin, pos_weight=pos_weight, neg_weight=neg_weight)
 
     def forward(self, x: Tensor, labels: Tensor, y: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None):
-        return ops.unfused.threshold_consistent_margin(x, labels, y, ref_labels, **self.kwargs)
+        return ops.margin_losses.threshold_consistent_margin(x, labels, y, ref_labels, **self.kwargs)
 
 
 class ContrastiveMarginLoss(nn.Module):
@@ -81,7 +81,7 @@ class ContrastiveMarginLoss(nn.Module):
         self.kwargs = dict(pos_margin=pos_margin, neg_margin=neg_margin)
 
     def forward(self, x: Tensor, labels: Tensor, y: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None):
-        return ops.unfused.contrastive_margin(x, labels, y, ref_labels, **self.kwargs)
+        return ops.margin_losses.contrastive_margin(x, labels, y, ref_labels, **self.kwargs)
 
 
 class ContextualLoss(nn.Module):

@@ -32,6 +32,4 @@ def through_dispatch(op: str):
 similarity = through_dispatch("similarity")
 knn = through_dispatch("knn")
 hardest_negatives = through_dispatch("hardest_negatives")
-threshold_consistent_margin = through_dispatch("threshold_consistent_margin")
-contrastive_margin = through_dispatch("contrastive_margin")
 contextual_loss = through_dispatch("contextual_loss")
