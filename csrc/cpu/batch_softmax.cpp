@@ -11,25 +11,19 @@
 #include "flashdml/fast_exp.h"
 #include "flashdml/online_lse.h"
 #include "flashdml/poison.h"
+#include "label_index.h"
 
 namespace flashdml {
 namespace cpu {
 namespace {
 
-// Labels as a pointer that is always valid (zeros when the op got none), so the vectorised loops can call the
-// shared batch_softmax_allowed() without a branch on a null pointer.
-struct LabelView {
-  at::Tensor owned;
-  const int64_t* data;
-  bool present;
-};
-
-LabelView label_view(const c10::optional<at::Tensor>& labels, int64_t n, const at::TensorOptions& opts) {
-  LabelView v;
-  v.present = labels.has_value();
-  v.owned = v.present ? labels->contiguous() : at::zeros({n}, opts.dtype(at::kLong));
-  v.data = v.owned.data_ptr<int64_t>();
-  return v;
+// Dense int32 class ids of the labels (one label set: rows and columns share it). Without labels every index
+// is its own class, so all pairs are allowed and the loops need no branch: allowed = i == j or ids differ.
+std::vector<int32_t> class_ids(const c10::optional<at::Tensor>& labels, int64_t n) {
+  if (labels.has_value()) return build_label_index(*labels, *labels).col_class;
+  std::vector<int32_t> ids(n);
+  for (int64_t i = 0; i < n; ++i) ids[i] = int32_t(i);
+  return ids;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& labels,
@@ -53,9 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cpu(const at::T
   at::Tensor x_inv, y_inv;
   const at::Tensor x = normalized_rows(x_in, normalize, &x_inv), y = normalized_rows(y_in, normalize, &y_inv);
   const int64_t B = x.size(0);
-  const LabelView lab = label_view(labels_in, B, x.options());
-  const int64_t* labels = lab.data;
-  const bool has_labels = lab.present;
+  const std::vector<int32_t> ids = class_ids(labels_in, B);
+  const int32_t* labels = ids.data();
   const float inv_t = 1.f / temperature.item<float>();
   auto fopts = x.options().dtype(at::kFloat);
 
@@ -82,17 +75,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cpu(const at::T
       for (int64_t r = 0; r < rn; ++r) {
         const int64_t i = r0 + r;
         const float* s = S + r * kTileCols;
-        const int64_t li = labels[i];
+        const int32_t li = labels[i];
         float m = kNegInf;
 #pragma omp simd reduction(max : m)
         for (int64_t c = 0; c < cn; ++c) {
-          const bool ok = batch_softmax_allowed(c0 + c == i, has_labels, li, labels[c0 + c]);
+          const bool ok = batch_softmax_allowed(c0 + c == i, true, li, labels[c0 + c]);
           m = std::max(m, ok ? s[c] : kNegInf);
         }
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t c = 0; c < cn; ++c) {
-          const bool ok = batch_softmax_allowed(c0 + c == i, has_labels, li, labels[c0 + c]);
+          const bool ok = batch_softmax_allowed(c0 + c == i, true, li, labels[c0 + c]);
           const float e = exp_poly((s[c] - m) * inv_t);
           sum += ok ? e : 0.f;
         }
@@ -105,20 +98,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cpu(const at::T
         for (int64_t r = 0; r < rn; ++r) {
           const int64_t i = r0 + r;
           const float* s = S + r * kTileCols;
-          const int64_t li = labels[i];
+          const int32_t li = labels[i];
 #pragma omp simd
           for (int64_t c = 0; c < cn; ++c) {
-            const bool ok = batch_softmax_allowed(c0 + c == i, has_labels, li, labels[c0 + c]);
+            const bool ok = batch_softmax_allowed(c0 + c == i, true, li, labels[c0 + c]);
             tmax[c] = std::max(tmax[c], ok ? s[c] : kNegInf);
           }
         }
         for (int64_t r = 0; r < rn; ++r) {
           const int64_t i = r0 + r;
           const float* s = S + r * kTileCols;
-          const int64_t li = labels[i];
+          const int32_t li = labels[i];
 #pragma omp simd
           for (int64_t c = 0; c < cn; ++c) {
-            const bool ok = batch_softmax_allowed(c0 + c == i, has_labels, li, labels[c0 + c]);
+            const bool ok = batch_softmax_allowed(c0 + c == i, true, li, labels[c0 + c]);
             const float e = exp_poly((s[c] - tmax[c]) * inv_t);
             tsum[c] += ok ? e : 0.f;
           }
@@ -164,9 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cpu(
   at::Tensor x_inv, y_inv;
   const at::Tensor x = normalized_rows(x_in, normalize, &x_inv), y = normalized_rows(y_in, normalize, &y_inv);
   const int64_t B = x.size(0), d = x.size(1);
-  const LabelView lab = label_view(labels_in, B, x.options());
-  const int64_t* labels = lab.data;
-  const bool has_labels = lab.present;
+  const std::vector<int32_t> ids = class_ids(labels_in, B);
+  const int32_t* labels = ids.data();
   const float tau = temperature.item<float>();
   const float inv_t = 1.f / tau;
   const float gl = grad_loss.item<float>();
@@ -189,13 +181,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cpu(
     for (int64_t r = 0; r < rn; ++r) {
       const int64_t i = r0 + r;
       float* s = S + r * ld;
-      const int64_t li = labels[i];
+      const int32_t li = labels[i];
       const float rli = rl[i];
       float gz_row = 0.f;
 #pragma omp simd reduction(+ : gz_row)
       for (int64_t c = 0; c < cn; ++c) {
         const int64_t j = c0 + c;
-        const bool ok = batch_softmax_allowed(j == i, has_labels, li, labels[j]);
+        const bool ok = batch_softmax_allowed(j == i, true, li, labels[j]);
         const float z = s[c] * inv_t;
         float g = exp_poly(z - rli);
         if (cl != nullptr) g += exp_poly(z - cl[j]);

@@ -140,15 +140,17 @@ template <typename ToGrad>
 void weighted_gradient_pass(const at::Tensor& x, const at::Tensor& y, at::Tensor& dx, at::Tensor& dy,
                             const ToGrad& to_grad) {
   const int64_t B = x.size(0), M = y.size(0), d = x.size(1);
-  const TaskPlan plan = plan_row_tasks(B);
+  // Same tiles as the forward passes (so S tiles are recomputed bitwise identically); 256 x 256 measured the same.
+  constexpr int64_t kGradTileRows = kTileRows, kGradTileCols = kTileCols;
+  const TaskPlan plan = plan_row_tasks(B, kGradTileRows);
   auto fopts = x.options().dtype(at::kFloat);
   std::vector<at::Tensor> scratch(plan.num_tasks), dy_part(plan.num_tasks);
   for (int64_t t = 0; t < plan.num_tasks; ++t) {
-    scratch[t] = at::empty({kTileRows, kTileCols}, fopts);
-    dy_part[t] = at::empty({kTileCols, d}, fopts);
+    scratch[t] = at::empty({kGradTileRows, kGradTileCols}, fopts);
+    dy_part[t] = at::empty({kGradTileCols, d}, fopts);
   }
-  for (int64_t c0 = 0; c0 < M; c0 += kTileCols) {
-    const int64_t cn = std::min(kTileCols, M - c0);
+  for (int64_t c0 = 0; c0 < M; c0 += kGradTileCols) {
+    const int64_t cn = std::min(kGradTileCols, M - c0);
     const at::Tensor y_cols = y.narrow(0, c0, cn);
     at::parallel_for(0, plan.num_tasks, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -157,7 +159,7 @@ void weighted_gradient_pass(const at::Tensor& x, const at::Tensor& y, at::Tensor
         for (int64_t b = plan.first_block(t); b < plan.first_block(t + 1); ++b) {
           const int64_t r0 = b * plan.rows_per_block, rn = std::min(B, r0 + plan.rows_per_block) - r0;
           at::Tensor G = gemm_tile(scratch[t], x, r0, rn, y, c0, cn);
-          to_grad(t, r0, rn, c0, cn, scratch[t].data_ptr<float>(), kTileCols);
+          to_grad(t, r0, rn, c0, cn, scratch[t].data_ptr<float>(), kGradTileCols);
           at::Tensor dx_rows = dx.narrow(0, r0, rn);
           at::addmm_out(dx_rows, dx_rows, G, y_cols);
           at::addmm_out(part, part, G.t(), x.narrow(0, r0, rn));

@@ -23,7 +23,9 @@ namespace flashdml {
 
 // Pair (i, j) takes part in row i's softmax (and in column j's, symmetric loss): the positive (i == j) or a
 // negative (labels differ). Same-label off-diagonal pairs (false negatives) are dropped.
-FLASHDML_HD bool batch_softmax_allowed(bool same_index, bool has_labels, int64_t label_i, int64_t label_j) {
+// Label is int64 (CUDA) or a dense int32 class id (CPU, which vectorises next to fp32 lanes).
+template <typename Label>
+FLASHDML_HD bool batch_softmax_allowed(bool same_index, bool has_labels, Label label_i, Label label_j) {
   return same_index || !has_labels || label_i != label_j;
 }
 
