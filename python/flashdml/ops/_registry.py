@@ -43,3 +43,23 @@ def register_loss_autograd(
         return tuple(by_name.get(name) for name in names)
 
     torch.library.register_autograd(fwd_qualname, backward, setup_context=setup_context)
+
+
+def rows_for_backend(backend: str, x, y, normalize: bool, self_mode: bool = False):
+    """``(x, y, normalize_flag)`` as a backend's kernels take them.
+
+    The C++ CPU kernels normalise inside the kernel (nothing B×d is kept between the passes), so they get the
+    raw rows and ``normalize``. GPU kernels take normalised rows: normalised in fp32, cast back to fp16/bf16 for
+    the tensor-core GEMMs, with ``normalize=False`` for the C++ CUDA ops. In self mode the same tensor fills
+    both slots (autograd then adds the two gradients).
+    """
+    from .._math import l2_normalize
+
+    x = x.contiguous()
+    if backend == "cpu":
+        return x, (x if self_mode else y.contiguous()), normalize
+    xh = l2_normalize(x.float()).to(x.dtype) if normalize else x
+    if self_mode:
+        return xh, xh, False
+    yh = l2_normalize(y.float()).to(y.dtype) if normalize else y
+    return xh, yh.contiguous(), False

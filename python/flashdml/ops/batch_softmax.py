@@ -8,9 +8,8 @@ from torch import Tensor
 
 from .. import _dispatch, _ext
 from .. import reference as _reference
-from .._math import l2_normalize
 from .._validation import TemperatureLike, check_labels, check_temperature, prepare_batch
-from ._registry import register_loss_autograd
+from ._registry import register_loss_autograd, rows_for_backend
 
 OP = "batch_softmax"
 # C++ ops (CPU, CUDA) take `normalize` and normalise inside the kernel; the Triton ops take normalised rows.
@@ -98,15 +97,9 @@ def batch_softmax(
     if name == "reference":
         return _reference.batch_softmax(x, y, labels, temperature=temperature, symmetric=symmetric, normalize=normalize)
 
-    if name == "cpu":  # normalises inside the kernel: nothing B x d is kept between the passes
-        loss, _, _ = torch.ops.flashdml.batch_softmax_fwd(batch.x.contiguous(), batch.y.contiguous(), labels, t,
-                                                          symmetric, normalize)
-        return loss
-    xh, yh = batch.x, batch.y
-    if normalize:  # fp32 normalisation, then back to fp16 / bf16 for the tensor-core GEMMs
-        xh, yh = l2_normalize(xh.float()).to(xh.dtype), l2_normalize(yh.float()).to(yh.dtype)
+    xk, yk, norm_flag = rows_for_backend(name, batch.x, batch.y, normalize)
     if name == "triton":
-        loss, _, _ = _triton_ops()(xh.contiguous(), yh.contiguous(), labels, t, symmetric)
-    else:
-        loss, _, _ = torch.ops.flashdml.batch_softmax_fwd(xh.contiguous(), yh.contiguous(), labels, t, symmetric, False)
+        loss, _, _ = _triton_ops()(xk, yk, labels, t, symmetric)
+    else:  # "cpu" and "cuda": the C++ ops
+        loss, _, _ = torch.ops.flashdml.batch_softmax_fwd(xk, yk, labels, t, symmetric, norm_flag)
     return loss
