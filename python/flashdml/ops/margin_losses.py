@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import _dispatch, _ext
 from .. import reference as _reference
 from .._validation import check_real, prepare_batch
-from ._registry import register_loss_autograd
+from ._registry import register_loss_autograd, rows_for_backend
 
 TCM_OP = "threshold_consistent_margin"
 CONTRASTIVE_OP = "contrastive_margin"
@@ -47,15 +47,30 @@ if HAS_KERNEL:
     )
 
 
-def _fused(op: str, batch, pos_margin: float, neg_margin: float, pos_weight: float, neg_weight: float,
-           drop_diagonal: bool, strict: bool) -> Tensor:
-    if not HAS_KERNEL:
+def _triton_op():
+    from ..triton_kernels import hinge_pairs as _tk  # noqa: F401  (defines the flashdml_triton ops)
+
+    if not getattr(_triton_op, "registered", False):
+        register_loss_autograd(
+            "flashdml_triton::hinge_pair_fwd", torch.ops.flashdml_triton.hinge_pair_bwd, input_names=_INPUTS[:-1],
+            grad_inputs=("x", "y"), saved_outputs=(2,), attrs=_INPUTS[4:-1],
+        )
+        _triton_op.registered = True
+    return torch.ops.flashdml_triton.hinge_pair_fwd
+
+
+def _fused(op: str, backend: str, batch, pos_margin: float, neg_margin: float, pos_weight: float,
+           neg_weight: float, drop_diagonal: bool, strict: bool) -> Tensor:
+    if backend != "triton" and not HAS_KERNEL:
         raise RuntimeError(f"flashdml.{op}: flashdml._C was built without the hinge_pair ops; rebuild it with "
                            "`pip install -e . --no-build-isolation`")
-    x = batch.x.contiguous()
-    y = x if batch.self_mode else batch.y.contiguous()  # the same tensor twice: normalised once, grads added
-    loss, _, _ = torch.ops.flashdml.hinge_pair_fwd(x, y, batch.labels, batch.ref_labels, pos_margin, neg_margin,
-                                                   pos_weight, neg_weight, drop_diagonal, strict, True)
+    # Self mode: the same tensor twice (normalised once, autograd adds the two gradients).
+    x, y, norm_flag = rows_for_backend(backend, batch.x, batch.y, True, batch.self_mode)
+    args = (x, y, batch.labels, batch.ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal, strict)
+    if backend == "triton":
+        loss, _, _ = _triton_op()(*args)
+    else:
+        loss, _, _ = torch.ops.flashdml.hinge_pair_fwd(*args, norm_flag)
     return loss
 
 
@@ -110,7 +125,7 @@ def threshold_consistent_margin(
         return _reference.threshold_consistent_margin(x, labels, y, ref_labels, pos_margin=pos_margin,
                                                       neg_margin=neg_margin, pos_weight=pos_weight,
                                                       neg_weight=neg_weight)
-    return _fused(TCM_OP, batch, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal=batch.self_mode,
+    return _fused(TCM_OP, name, batch, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal=batch.self_mode,
                   strict=False)
 
 
@@ -153,4 +168,4 @@ def contrastive_margin(
     name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve(CONTRASTIVE_OP, batch.x.device)
     if name == "reference":
         return _reference.contrastive_margin(x, labels, y, ref_labels, pos_margin=pos_margin, neg_margin=neg_margin)
-    return _fused(CONTRASTIVE_OP, batch, pos_margin, neg_margin, 1.0, 1.0, drop_diagonal=False, strict=True)
+    return _fused(CONTRASTIVE_OP, name, batch, pos_margin, neg_margin, 1.0, 1.0, drop_diagonal=False, strict=True)

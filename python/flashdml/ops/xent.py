@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import _dispatch, _ext
 from .. import reference as _reference
 from .._validation import TemperatureLike, check_positive_int, check_temperature, prepare_batch
-from ._registry import register_loss_autograd
+from ._registry import register_loss_autograd, rows_for_backend
 
 _INPUTS = ("x", "y", "labels", "ref_labels", "temperature", "global_partition", "self_mode", "normalize")
 
@@ -32,17 +32,32 @@ if _ext.C_LOADED:
                            grad_inputs=("x", "y", "temperature"), saved_outputs=(1, 2), attrs=_INPUTS[5:])
 
 
+def _triton_op():
+    from ..triton_kernels import xent as _tk  # noqa: F401  (defines the flashdml_triton ops)
+
+    if not getattr(_triton_op, "registered", False):
+        register_loss_autograd("flashdml_triton::xent_fwd", torch.ops.flashdml_triton.xent_bwd,
+                               input_names=_INPUTS[:-1], grad_inputs=("x", "y", "temperature"), saved_outputs=(1, 2),
+                               attrs=_INPUTS[5:-1])
+        _triton_op.registered = True
+    return torch.ops.flashdml_triton.xent_fwd
+
+
 def _run_fused(op: str, x, y, labels, ref_labels, temperature, normalize, global_partition: bool):
+    """The fused loss, or None when the reference must run (float64 input, or dispatch says so)."""
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     t = check_temperature(temperature, batch.x.device)
-    if batch.x.dtype == torch.float64 or _dispatch.resolve(op, batch.x.device) == "reference":
+    name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve(op, batch.x.device)
+    if name == "reference":
         return None
-    xx = batch.x.contiguous()
-    yy = xx if batch.self_mode else batch.y.contiguous()  # self mode: one tensor in both slots
-    loss, _, _ = torch.ops.flashdml.xent_fwd(xx, yy, batch.labels, batch.ref_labels, t, global_partition,
-                                             batch.self_mode, normalize)
+    xk, yk, norm_flag = rows_for_backend(name, batch.x, batch.y, normalize, batch.self_mode)
+    args = (xk, yk, batch.labels, batch.ref_labels, t, global_partition, batch.self_mode)
+    if name == "triton":
+        loss, _, _ = _triton_op()(*args)
+    else:
+        loss, _, _ = torch.ops.flashdml.xent_fwd(*args, norm_flag)
     return loss
 
 
