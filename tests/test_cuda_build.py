@@ -24,7 +24,19 @@ ARCHS = ("sm_80", "sm_90")
 DTYPES_MANGLED = ("If", "I6__half", "I13__nv_bfloat16")
 BATCH_SOFTMAX_TEMPLATED = ("bs_lse_kernel", "bs_grad_kernel", "reduce_splits_kernel")
 BATCH_SOFTMAX_PLAIN = ("finalize_lse_kernel", "scaled_sum_kernel")
-TENSOR_CORE_KERNELS = ("bs_lse_kernel", "bs_grad_kernel")  # their fp16 / bf16 versions must use HMMA
+# csrc/cuda/xent.cu (cross-example softmax / NT-Xent) and hinge_pair.cu (TCM / margin contrastive); the shared
+# pair_grad_kernel<T, Op, kOutY, kExact> (pair_tiles.cuh) must exist per dtype for each op's weight functor.
+XENT_TEMPLATED = ("xe_lse_kernel", "xe_pos_kernel", "pair_reduce_kernel")
+XENT_PLAIN = ("xe_count_kernel", "xe_row_lse_kernel", "xe_scalars_kernel", "xe_rows_kernel", "xe_final_kernel",
+              "xe_bwd_prep_kernel", "xe_dtau_kernel")
+HINGE_TEMPLATED = ("hp_stats_kernel",)
+HINGE_PLAIN = ("hp_final_kernel", "hp_bwd_prep_kernel")
+PAIR_GRAD_OPS = ("XentOp", "HingeOp")
+TEMPLATED = BATCH_SOFTMAX_TEMPLATED + XENT_TEMPLATED + HINGE_TEMPLATED
+PLAIN = BATCH_SOFTMAX_PLAIN + XENT_PLAIN + HINGE_PLAIN
+# their fp16 / bf16 versions must use HMMA, their fp32 versions must not
+TENSOR_CORE_KERNELS = ("bs_lse_kernel", "bs_grad_kernel", "xe_lse_kernel", "xe_pos_kernel", "hp_stats_kernel",
+                       "pair_grad_kernel")
 
 
 def _extension_so() -> Optional[str]:
@@ -130,11 +142,15 @@ def test_every_kernel_is_built_for_sm80_and_sm90():
     for arch in ARCHS:
         assert arch in usage, f"no {arch} code in {_extension_so()} (TORCH_CUDA_ARCH_LIST must include 8.0 and 9.0)"
         names = list(usage[arch])
-        for base in BATCH_SOFTMAX_TEMPLATED:
+        for base in TEMPLATED:
             for dt in DTYPES_MANGLED:
                 assert any(base + dt in n for n in names), f"{arch}: kernel {base}<{dt}> missing"
-        for base in BATCH_SOFTMAX_PLAIN:
+        for base in PLAIN:
             assert any(base in n for n in names), f"{arch}: kernel {base} missing"
+        for op in PAIR_GRAD_OPS:
+            for dt in DTYPES_MANGLED:
+                hits = [n for n in names if "pair_grad_kernel" + dt in n and op in n]
+                assert len(hits) == 2, f"{arch}: pair_grad_kernel<{dt}, {op}> expected for dx and dy, found {hits}"
     assert set(usage[ARCHS[0]]) == set(usage[ARCHS[1]]), "the two architectures hold different kernel sets"
 
 

@@ -1,12 +1,12 @@
-"""The CUDA batch-softmax kernels, run on the CPU.
+"""The CUDA kernels (batch softmax, cross-example softmax / NT-Xent, hinge-pair losses), run on the CPU.
 
 There is no GPU here, so `tests/cuda_emulation/` compiles the real kernel code of csrc/cuda/ with g++ against a
 small emulation of the CUDA features it uses (every CUDA thread a std::thread, __syncthreads a barrier, wmma
-fragments by their API semantics) and runs the host pipeline of batch_softmax.cu against a dense float64
-reference: ragged shapes, all label kinds, symmetric on and off, 1 and 132 SMs (so the column splits run),
-aligned and misaligned (scalar-load) paths. It checks the kernels' index math, tiling, reductions and formulas;
-it does not check timing, the hardware fragment layout, or the ATen wrapper (tests/test_cuda_build.py and the
-GPU tests cover what they can).
+fragments by their API semantics) and runs the host pipeline of each csrc/cuda/*.cu against a dense float64
+reference: ragged shapes, all label kinds and modes, 1 and 132 SMs (so the column splits run), aligned and
+misaligned (scalar-load, or for the pair losses host-padded) inputs. It checks the kernels' index math, tiling,
+reductions and formulas; it does not check timing, the hardware fragment layout, or the ATen wrappers
+(tests/test_cuda_build.py and the GPU tests cover what they can).
 """
 import os
 import shutil
@@ -27,22 +27,41 @@ def _cuda_include():
     return None if home is None else os.path.join(home, "include")
 
 
+# One driver per CUDA op family: tests/cuda_emulation/<name>_driver.cpp mirrors csrc/cuda/<name>.cu's host pipeline.
+#  batch_softmax: SPEC 2.1 (row / column LSE, symmetric), B == M.
+#  xent: cross-example softmax (global partition) and NT-Xent (per-row partition), self / cross / pair mode,
+#        B != M, one class (no negatives), all labels distinct (no positives), ragged d (host zero-padding).
+#  hinge_pair: TCM (inclusive, diagonal dropped) and margin contrastive (strict, diagonal kept), embeddings on a
+#        1/8 grid so that similarities are exact and many pairs tie with the margins; exact int64 counts.
+DRIVERS = ("batch_softmax", "xent", "hinge_pair")
+
+
 @pytest.fixture(scope="module")
-def driver(tmp_path_factory):
+def build_driver(tmp_path_factory):
     include = _cuda_include()
     if include is None or not os.path.isfile(os.path.join(include, "cuda_fp16.h")):
         pytest.skip("no CUDA toolkit headers (cuda_fp16.h) to emulate the kernels with")
     if shutil.which("g++") is None:
         pytest.skip("g++ not found")
-    exe = str(tmp_path_factory.mktemp("cuda_emulation") / "batch_softmax_driver")
-    cmd = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{include}", f"-I{ROOT}/csrc/cuda", f"-I{ROOT}/csrc/include",
-           f"{ROOT}/tests/cuda_emulation/batch_softmax_driver.cpp", "-o", exe]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return exe
+    out_dir = tmp_path_factory.mktemp("cuda_emulation")
+    built = {}
+
+    def get(name):
+        if name not in built:
+            exe = str(out_dir / f"{name}_driver")
+            cmd = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{include}", f"-I{ROOT}/csrc/cuda",
+                   f"-I{ROOT}/csrc/include", f"{ROOT}/tests/cuda_emulation/{name}_driver.cpp", "-o", exe]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            built[name] = exe
+        return built[name]
+
+    return get
 
 
+@pytest.mark.parametrize("driver_name", DRIVERS)
 @pytest.mark.parametrize("dtype_index,name", [(0, "fp32"), (1, "fp16"), (2, "bf16")])
-def test_cuda_batch_softmax_kernels_match_float64_reference(driver, dtype_index, name):
+def test_cuda_kernels_match_float64_reference(build_driver, driver_name, dtype_index, name):
+    driver = build_driver(driver_name)
     out = subprocess.run([driver, str(dtype_index)], capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"{name}: {out.stdout[-3000:]}{out.stderr[-3000:]}"
+    assert out.returncode == 0, f"{driver_name} {name}: {out.stdout[-3000:]}{out.stderr[-3000:]}"
     assert out.stdout.strip().endswith("0 failures"), out.stdout[-2000:]

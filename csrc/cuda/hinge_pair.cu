@@ -1,0 +1,211 @@
+// CUDA backend of the hinge-pair losses: Threshold-Consistent Margin (SPEC 2.3) and margin contrastive
+// (SPEC 2.4): flashdml::hinge_pair_fwd / hinge_pair_bwd (schemas and output meaning: csrc/ops.cpp).
+//
+// Nothing B x M is stored: S = x y^T is recomputed in 64 x 64 tiles (tile_gemm.cuh, pair_tiles.cuh) and reduced
+// on the spot. Per-element rules: flashdml/hinge_pair.h. Deterministic: no atomics, fixed-order reductions,
+// exact int64 counts. grad_loss and the counts are read on the device.
+//
+// Forward:  hp_stats_kernel -> per-block hinge sums (double) and counts (int64);  hp_final_kernel -> loss,
+//           sums [2], counts [2].
+// Backward: hp_bwd_prep_kernel -> the two G-tile weights and the output scale;  pair_grad_kernel (x, y) +
+//           pair_reduce_kernel -> dx;  pair_grad_kernel on the transposed tiles + reduce -> dy.
+// The membership tests of the backward see bitwise the fp32 values the forward counted: every pass computes
+// the tile of x rows I and y rows J with the same call (s_tile_rect(x, y, I, J)); the dy pass reads that tile
+// transposed (kExact) instead of multiplying y by x.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <tuple>
+
+#include "flashdml/poison.h"
+#include "hinge_pair_kernels.cuh"
+#include "pair_tiles.cuh"
+
+namespace flashdml {
+namespace cuda {
+namespace {
+
+using namespace hp;
+using pair::pair_grad_kernel;
+using pair::pair_reduce_kernel;
+
+constexpr int kMaxSplits = 16;
+
+template <typename T>
+struct DeviceType;
+template <>
+struct DeviceType<float> {
+  using type = float;
+};
+template <>
+struct DeviceType<at::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+const typename DeviceType<T>::type* dptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename DeviceType<T>::type*>(t.data_ptr<T>());
+}
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Column splits: enough blocks for ~2 waves of 1 block / SM, at most kMaxSplits, no empty split.
+std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
+  int64_t want = (2 * int64_t(sm_count()) + other_blocks - 1) / other_blocks;
+  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, kMaxSplits}));
+  const int64_t tps = (ntiles + want - 1) / want;
+  return {(ntiles + tps - 1) / tps, tps};  // (nsplit, tiles per split)
+}
+
+// Rows 16-byte aligned with d % kVW == 0, as the kernels require (pair_tiles.cuh); otherwise a zero-padded copy.
+at::Tensor vec_ready(const at::Tensor& t) {
+  const int64_t vw = t.scalar_type() == at::kFloat ? 4 : 8, d = t.size(1), dp = (d + vw - 1) / vw * vw;
+  if (dp == d && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
+  return dp == d ? t.clone() : at::constant_pad_nd(t, {0, dp - d});
+}
+
+#define FLASHDML_HINGE_DISPATCH(st, ...)                                         \
+  switch (st) {                                                                  \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }           \
+    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }         \
+    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; } \
+    default: TORCH_CHECK(false, "flashdml hinge_pair: unsupported dtype ", st); \
+  }
+
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels,
+                  const at::Tensor& ref_labels, bool drop_diagonal, bool normalize) {
+  TORCH_CHECK(!normalize, op, " (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
+  TORCH_CHECK(x.is_cuda() && y.device() == x.device(), op, ": x and y must be CUDA tensors on one device");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), op, ": x [B, d] and y [M, d] expected");
+  TORCH_CHECK(x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0, op, ": empty input");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": x and y must have the same dtype");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": dtype must be fp32, fp16 or bf16");
+  TORCH_CHECK(x.size(0) <= int64_t(INT_MAX) * kBM && y.size(0) <= int64_t(INT_MAX) * kBM, op, ": batch too large");
+  TORCH_CHECK(!drop_diagonal || x.size(0) == y.size(0), op, ": drop_diagonal needs B == M (self mode)");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == x.size(0) &&
+                  labels.device() == x.device(),
+              op, ": labels must be int64 [B] on the device of x");
+  TORCH_CHECK(ref_labels.scalar_type() == at::kLong && ref_labels.dim() == 1 && ref_labels.size(0) == y.size(0) &&
+                  ref_labels.device() == x.device(),
+              op, ": ref_labels must be int64 [M] on the device of x");
+}
+
+// out = w[2] * G Oth over the rows of Out; kOutY: the dy pass on the forward's (x, y) tiles, read transposed.
+template <typename T, bool kOutY>
+void run_grad(const at::Tensor& x, const at::Tensor& y, const HingeOp& op, const float* w, at::Tensor& out,
+              cudaStream_t stream) {
+  using DT = typename DeviceType<T>::type;
+  const int64_t nx = x.size(0), ny = y.size(0), d = x.size(1), d_out = out.size(1);
+  const int64_t nout = kOutY ? ny : nx, noth = kOutY ? nx : ny;
+  const int64_t nrb = (nout + kBM - 1) / kBM, ntiles = (noth + kBN - 1) / kBN;
+  const int64_t nch = (d + TileCfg<DT>::kDV - 1) / TileCfg<DT>::kDV;
+  TORCH_CHECK(nch <= 65535, "hinge_pair_bwd: embedding dimension too large for the CUDA kernel");
+  const auto [nsplit, tps] = plan_splits(nrb * nch, ntiles);
+  at::Tensor part = at::empty({nsplit * nout * d}, x.options().dtype(at::kFloat));
+  pair_grad_kernel<DT, HingeOp, kOutY, kOutY><<<dim3(unsigned(nrb), unsigned(nch), unsigned(nsplit)), kThreads, 0,
+                                                stream>>>(dptr<T>(x), dptr<T>(y), nx, ny, d, op, tps,
+                                                          part.data_ptr<float>(), nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t total = nout * d_out;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256, 8 * int64_t(sm_count())));
+  pair_reduce_kernel<DT><<<unsigned(blocks), 256, 0, stream>>>(part.data_ptr<float>(), int(nsplit), nout, d, d_out,
+                                                               w + 2, reinterpret_cast<DT*>(out.data_ptr<T>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_pair_fwd_cuda(const at::Tensor& x_in, const at::Tensor& y_in,
+                                                                   const at::Tensor& labels_in,
+                                                                   const at::Tensor& ref_labels_in, double pos_margin,
+                                                                   double neg_margin, double pos_weight,
+                                                                   double neg_weight, bool drop_diagonal, bool strict,
+                                                                   bool normalize) {
+  check_inputs("hinge_pair_fwd", x_in, y_in, labels_in, ref_labels_in, drop_diagonal, normalize);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = vec_ready(x_in.contiguous());
+  const at::Tensor y = y_in.is_same(x_in) ? x : vec_ready(y_in.contiguous());
+  const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
+  const int64_t B = x.size(0), M = y.size(0), d = x.size(1);
+  const auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor loss = new_output(at::IntArrayRef{}, fopts);
+  at::Tensor sums = new_output({2}, fopts);
+  at::Tensor counts = new_output({2}, x.options().dtype(at::kLong));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  const int64_t nrb = (B + kBM - 1) / kBM, ntiles = (M + kBN - 1) / kBN;
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);
+  const int64_t nblk = nrb * nsplit;
+  at::Tensor part_sum = at::empty({2 * nblk}, x.options().dtype(at::kDouble));
+  at::Tensor part_cnt = at::empty({2 * nblk}, x.options().dtype(at::kLong));
+  FLASHDML_HINGE_DISPATCH(x.scalar_type(), [&] {
+    using DT = typename DeviceType<scalar_t>::type;
+    hp_stats_kernel<DT><<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+        dptr<scalar_t>(x), dptr<scalar_t>(y), labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), B, M, d,
+        tps, static_cast<float>(pos_margin), static_cast<float>(neg_margin), strict, drop_diagonal,
+        part_sum.data_ptr<double>(), part_cnt.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  hp_final_kernel<<<1, kOneBlock, 0, stream>>>(part_sum.data_ptr<double>(), part_cnt.data_ptr<int64_t>(), nblk,
+                                               pos_weight, neg_weight, loss.data_ptr<float>(), sums.data_ptr<float>(),
+                                               counts.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, sums, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor> hinge_pair_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& x_in,
+                                                       const at::Tensor& y_in, const at::Tensor& labels_in,
+                                                       const at::Tensor& ref_labels_in, double pos_margin,
+                                                       double neg_margin, double pos_weight, double neg_weight,
+                                                       bool drop_diagonal, bool strict, bool normalize,
+                                                       const at::Tensor& counts_in) {
+  check_inputs("hinge_pair_bwd", x_in, y_in, labels_in, ref_labels_in, drop_diagonal, normalize);
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_in.device(),
+              "hinge_pair_bwd: grad_loss must be a 0-dim tensor on the device of x");
+  TORCH_CHECK(counts_in.numel() == 2 && counts_in.device() == x_in.device(),
+              "hinge_pair_bwd: counts must be the forward's int64 [2] output");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = vec_ready(x_in.contiguous());
+  const at::Tensor y = y_in.is_same(x_in) ? x : vec_ready(y_in.contiguous());
+  const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
+  const at::Tensor grad = grad_loss.to(at::kFloat).contiguous();
+  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
+  at::Tensor dx = new_output(x_in.sizes(), x.options());
+  at::Tensor dy = new_output(y_in.sizes(), y.options());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  at::Tensor w = at::empty({3}, x.options().dtype(at::kFloat));
+  hp_bwd_prep_kernel<<<1, 32, 0, stream>>>(counts.data_ptr<int64_t>(), grad.data_ptr<float>(), pos_weight, neg_weight,
+                                           w.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  HingeOp op{};
+  op.lab_x = labels.data_ptr<int64_t>();
+  op.lab_y = ref_labels.data_ptr<int64_t>();
+  op.w = w.data_ptr<float>();
+  op.mp = static_cast<float>(pos_margin);
+  op.mn = static_cast<float>(neg_margin);
+  op.strict = strict;
+  op.drop_diagonal = drop_diagonal;
+  FLASHDML_HINGE_DISPATCH(x.scalar_type(), [&] {
+    run_grad<scalar_t, false>(x, y, op, w.data_ptr<float>(), dx, stream);
+    run_grad<scalar_t, true>(x, y, op, w.data_ptr<float>(), dy, stream);
+  });
+  return {dx, dy};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace flashdml
+
+TORCH_LIBRARY_IMPL(flashdml, CUDA, m) {
+  m.impl("hinge_pair_fwd", &flashdml::cuda::hinge_pair_fwd_cuda);
+  m.impl("hinge_pair_bwd", &flashdml::cuda::hinge_pair_bwd_cuda);
+}

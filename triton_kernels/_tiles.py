@@ -1,0 +1,140 @@
+"""Building blocks shared by the Triton kernel modules: the S-tile GEMM loop (a ``@triton.jit`` helper that the
+kernels inline) and the launcher utilities (column-split planning, 16-column padding, power-of-two prescales).
+
+This module defines no kernel of its own (names starting with "_" are skipped by the AOT coverage test, which is
+why kernel-specific jit helpers live here and not next to the kernels).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+FP16_TARGET = 2.0**14  # the largest |W| entry is scaled to <= 2^14 before an fp16 tensor-core product
+
+
+@triton.jit
+def s_tile(a_ptr, b_ptr, a_idx, b_idx, a_ok, b_ok, D,
+           PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 tile ``a[a_idx] · b[b_idx]ᵀ`` of shape [BLOCK_A, BLOCK_B]; rows are D long (row indices may be gathered).
+
+    The K loop runs k = 0, BLOCK_K, ... in order with one fp32 accumulator, so the value of one element depends
+    only on its two rows, the dtype, BLOCK_K and PRECISION: kernels that recompute S with the same settings (the
+    forward and backward of a loss, in either tile position) see the same fp32 value on the GPU.
+    """
+    a_rows = a_ptr + a_idx.to(tl.int64)[:, None] * D
+    b_rows = b_ptr + b_idx.to(tl.int64)[:, None] * D
+    offs_k = tl.arange(0, BLOCK_K)
+    s = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < D
+        a = tl.load(a_rows + kk[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_rows + kk[None, :], mask=b_ok[:, None] & k_ok[None, :], other=0.0)
+        s = tl.dot(a, tl.trans(b), s, input_precision=PRECISION)
+    return s
+
+
+@triton.jit
+def sp_sig(t):
+    """(softplus(t), sigmoid(t)) for t in [-inf, inf), without overflow (one exp2 shared by both).
+
+    softplus = max(t, 0) + log1p(e), e = exp(-|t|); log1p by Goldberg's trick (exact to a few ulp, also for
+    e below the fp32 epsilon). t = -inf gives (0, 0).
+    """
+    e = tl.math.exp2(-tl.abs(t) * 1.4426950408889634)
+    u = 1.0 + e
+    log1p = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    sp = tl.maximum(t, 0.0) + log1p
+    sig = tl.where(t >= 0, 1.0, e) / u
+    return sp, sig
+
+
+@triton.jit
+def hard_pairs(s, lab_i, lab_j, i_idx, j_idx, i_ok, j_ok, pos_margin, neg_margin, drop_diagonal, strict):
+    """(hard positive, hard negative) masks of an S tile with rows i (x) and columns j (y) for the hinge-pair
+    losses (hinge_pairs.py): labels equal / different, (i, i) dropped when drop_diagonal, s <= m+ / s >= m−
+    (strict: < / >). NaN fails every comparison."""
+    ok = i_ok[:, None] & j_ok[None, :] & ((i_idx[:, None] != j_idx[None, :]) | (drop_diagonal == 0))
+    same = lab_i[:, None] == lab_j[None, :]
+    hp = ok & same & ((s < pos_margin) | ((s == pos_margin) & (strict == 0)))
+    hn = ok & (~same) & ((s > neg_margin) | ((s == neg_margin) & (strict == 0)))
+    return hp, hn
+
+
+def precision(dtype: torch.dtype) -> str:
+    # fp32: exact fp32 products/sums (FMA dot) so results match the reference; fp16/bf16 ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits(device: torch.device, row_programs: int, col_blocks: int, requested: Optional[int]) -> tuple[int, int]:
+    """(n_splits, column blocks per split): enough programs for ~2 waves on the GPU, never an empty split."""
+    if requested is None:
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else 1
+        requested = triton.cdiv(2 * sms, max(row_programs, 1))
+    col_blocks = max(col_blocks, 1)
+    per = triton.cdiv(col_blocks, max(1, min(requested, col_blocks)))
+    return triton.cdiv(col_blocks, per), per
+
+
+def pad16(t: Tensor) -> Tensor:
+    """Zero columns up to a multiple of 16: the GEMM kernels then always see a 16-divisible row stride, so every
+    load is vectorised (an unaligned d makes them scalar and the kernels spill). O(rows·d) copy, only when needed."""
+    pad = (-t.shape[1]) % 16
+    return t if pad == 0 else torch.nn.functional.pad(t, (0, pad))
+
+
+def launch(cfg: dict) -> dict:
+    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def pow2_prescale(bound: Tensor) -> Tensor:
+    """0-dim fp32 power of two ``p`` with ``p · bound <= 2^14`` (1 when bound is 0), computed on the device.
+
+    Gradient kernels multiply their weight matrix W (|W| <= bound) by p before casting it to fp16/bf16 for the
+    tensor-core product and divide it out (exactly: a power of two) in the finalize. This keeps the largest entry
+    near 2^14 (fp16 max 65504) whatever the batch size, so entries down to ~2^-24 of it stay normal in fp16;
+    a constant prescale would lose every entry of order 1/|P| once |P| > 2^28. Harmless for fp32 / bf16.
+    """
+    bound = bound.to(torch.float64)
+    exp = torch.floor(torch.log2(FP16_TARGET / torch.where(bound > 0, bound, 1.0))).clamp(-100.0, 100.0)
+    return torch.where(bound > 0, torch.exp2(exp), 1.0).to(torch.float32)
+
+
+def label_index(labels: Tensor, ref_labels: Tensor, self_mode: bool, sorted_rows: bool):
+    """Label bookkeeping on the device (sort + searchsorted, O((B + M) log M), no host synchronisation).
+
+    Returns ``(key_x, key_y, npos, plan)``: int32 class keys (equal keys <=> equal int64 labels; a query label that
+    does not occur in ref_labels gets -1, which matches nothing), the number of positive pairs |P| as int64 [1]
+    (self mode: minus the pairs (i, i)), and with ``sorted_rows`` the positive-pass plan ``(px, py, lo, hi)``: the
+    x and y row orders sorted by label (stable) and, for each sorted x row, the range [lo, hi) of sorted y rows
+    carrying its label.
+    """
+    if sorted_rows:
+        py = torch.argsort(ref_labels, stable=True)
+        sorted_ref = ref_labels[py]
+    else:
+        sorted_ref = torch.sort(ref_labels).values
+    lo = torch.searchsorted(sorted_ref, labels, side="left")
+    hi = torch.searchsorted(sorted_ref, labels, side="right")
+    key_x = torch.where(hi > lo, lo, -1).to(torch.int32)
+    key_y = torch.searchsorted(sorted_ref, ref_labels, side="left").to(torch.int32)
+    npos = (hi - lo).sum()
+    if self_mode:
+        npos = npos - (labels == ref_labels).sum()
+    plan = None
+    if sorted_rows:
+        px = torch.argsort(labels, stable=True)
+        plan = (px, py, lo[px], hi[px])
+    return key_x, key_y, npos.reshape(1), plan
