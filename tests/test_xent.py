@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import flashdml as fd
-from helpers import CPU_SHAPES, SMALL_SHAPES, backend_params, check_against_reference, clustered
+from helpers import CPU_SHAPES, backend_params, check_against_reference, clustered
 
 # Same error budget as batch softmax (see test_batch_softmax.py): fp32 tiles vs a float64 oracle, temperature 0.1.
 RTOL, ATOL = 2e-5, 2e-6
@@ -15,15 +15,15 @@ def _call_kwargs(op, x, y, labels, ref_labels, t):
 
 
 def _shapes(backend):
-    return CPU_SHAPES if backend == "cpu" else SMALL_SHAPES
+    # Triton runs under the interpreter here: the glue needs a few ragged shapes; tests/test_triton_xent.py covers
+    # the kernels' tiling on many more.
+    return CPU_SHAPES if backend == "cpu" else [(1, 1), (37, 129), (70, 3)]
 
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("mode", ["self", "cross", "pair_cross", "pair_self"])
 def test_matches_reference(backend, op, mode):
-    if backend == "triton":
-        pytest.skip("triton: XE / NT-Xent kernels not written yet")
     for i, (B, d) in enumerate(_shapes(backend)):
         M = B if mode in ("self", "pair_self", "pair_cross") else max(1, (3 * B) // 2 + 1)
         x, labels = clustered(B, d, n_classes=max(1, B // 4), seed=i)

@@ -24,8 +24,12 @@ FUSED_OPS: Dict[str, frozenset] = {
     "cpu": frozenset({
         "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
     }),
-    "triton": frozenset({"batch_softmax"}),
-    "cuda": frozenset({"batch_softmax"}),
+    "triton": frozenset({
+        "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
+    }),
+    "cuda": frozenset({
+        "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
+    }),
 }
 
 _current = "auto"
