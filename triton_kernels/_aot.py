@@ -51,6 +51,18 @@ class AOTSpec:
         return self.name
 
 
+# Triton pointer / scalar type names of the torch dtypes the kernels take (for AOTSpec signatures).
+TRITON_TYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def with_alignments(spec: AOTSpec, always: tuple, batch: tuple) -> list:
+    """The spec twice: with the 16-divisibility hints of an aligned batch (every pointer, ``always`` and ``batch``
+    arguments) and of a ragged one (``batch`` without the hint, name suffix ``_unaligned``)."""
+    ptrs = tuple(k for k, v in spec.signature.items() if v.startswith("*"))
+    return [dataclasses.replace(spec, aligned=ptrs + always + batch),
+            dataclasses.replace(spec, name=spec.name + "_unaligned", aligned=ptrs + always)]
+
+
 _JIT_CACHE: dict = {}
 
 

@@ -33,7 +33,6 @@ nothing B×M stored; d is zero-padded to a multiple of 16 (O((B + M)·d) copy) s
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -44,7 +43,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _debug
 from . import _tiles
-from ._aot import AOTSpec
+from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
 from ._tiles import s_tile, sp_sig
 from .batch_softmax import _grad_finalize_kernel, FIN_C, FIN_R
 
@@ -437,13 +436,8 @@ def _(grad_loss, x, y, labels, ref_labels, temperature, global_partition, self_m
 # multiple of 16 and the split widths are multiples of BLOCK_N; flags (self_mode, lse_stride) get no hint.
 # (The gradient finalize is batch_softmax._grad_finalize_kernel, compiled by that module's specs.)
 # ---------------------------------------------------------------------------------------------------------------
-_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TL = {getattr(torch, k): v for k, v in TRITON_TYPE_NAMES.items()}
 
-
-def _with_alignments(spec: AOTSpec, always: tuple, batch: tuple) -> list[AOTSpec]:
-    ptrs = tuple(k for k, v in spec.signature.items() if v.startswith("*"))
-    return [dataclasses.replace(spec, aligned=ptrs + always + batch),
-            dataclasses.replace(spec, name=spec.name + "_unaligned", aligned=ptrs + always)]
 
 
 def _specs() -> list[AOTSpec]:
@@ -454,7 +448,7 @@ def _specs() -> list[AOTSpec]:
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "lab_ptr": "*i32", "ref_ptr": "*i32", "tau_ptr": "*fp32",
                "m_ptr": "*fp32", "l_ptr": "*fp32", "B": "i32", "M": "i32", "D": "i32", "cols_per_split": "i32",
                "self_mode": "i32"}
-        specs += _with_alignments(AOTSpec(
+        specs += with_alignments(AOTSpec(
             f"xent_neg_lse_{t}", _neg_lse_kernel, sig,
             dict(PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"]),
             c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B", "M"))
@@ -462,7 +456,7 @@ def _specs() -> list[AOTSpec]:
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "px_ptr": "*i64", "py_ptr": "*i64", "lo_ptr": "*i64",
                "hi_ptr": "*i64", "tau_ptr": "*fp32", "lse_ptr": "*fp32", "sp_ptr": "*fp32", "sg_ptr": "*fp32",
                "B": "i32", "D": "i32", "n_splits": "i32", "self_mode": "i32", "lse_stride": "i32"}
-        specs += _with_alignments(AOTSpec(
+        specs += with_alignments(AOTSpec(
             f"xent_pos_stats_{t}", _pos_stats_kernel, sig,
             dict(PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"]),
             c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D",), ("B",))
@@ -472,7 +466,7 @@ def _specs() -> list[AOTSpec]:
                "self_mode": "i32", "lse_stride": "i32"}
         for dy in (False, True):
             c = BWD_CONFIGS[dtype][dy]
-            specs += _with_alignments(AOTSpec(
+            specs += with_alignments(AOTSpec(
                 f"xent_grad_{t}_{'dy' if dy else 'dx'}", _xent_grad_kernel, sig,
                 dict(DY=dy, PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
                      BLOCK_D=c["BLOCK_D"]),
@@ -480,11 +474,11 @@ def _specs() -> list[AOTSpec]:
     for glob in (False, True):
         tag = "global" if glob else "rows"
         sig = {"m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32", "B": "i32", "n_splits": "i32"}
-        specs += _with_alignments(AOTSpec(f"xent_lse_merge_{tag}", _lse_merge_kernel, sig,
+        specs += with_alignments(AOTSpec(f"xent_lse_merge_{tag}", _lse_merge_kernel, sig,
                                           dict(GLOBAL=glob, BLOCK=MERGE_BLOCK), 4, 1), (), ("B",))
         sig = {"sp_ptr": "*fp32", "sg_ptr": "*fp32", "npos_ptr": "*i64", "loss_ptr": "*fp32", "coef_ptr": "*fp32",
                "B": "i32", "n_splits": "i32"}
-        specs += _with_alignments(AOTSpec(f"xent_finalize_{tag}", _xent_finalize_kernel, sig,
+        specs += with_alignments(AOTSpec(f"xent_finalize_{tag}", _xent_finalize_kernel, sig,
                                           dict(GLOBAL=glob, BLOCK=MERGE_BLOCK), 4, 1), (), ("B",))
     return specs
 

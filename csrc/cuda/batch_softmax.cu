@@ -27,6 +27,7 @@
 #include "flashdml/batch_softmax.h"
 #include "flashdml/online_lse.h"
 #include "flashdml/poison.h"
+#include "launch_utils.cuh"
 #include "batch_softmax_kernels.cuh"
 
 namespace flashdml {
@@ -35,39 +36,7 @@ namespace {
 
 using namespace bs;  // the kernels (batch_softmax_kernels.cuh)
 
-constexpr int kMaxSplits = 16;
-
 // ---- host side -------------------------------------------------------------------------------------------
-
-template <typename T>
-struct DeviceType;
-template <>
-struct DeviceType<float> {
-  using type = float;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename T>
-const typename DeviceType<T>::type* dptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename DeviceType<T>::type*>(t.data_ptr<T>());
-}
-
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-// Column splits: enough blocks for ~2 waves of 1 block / SM, at most kMaxSplits, no empty split.
-std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
-  int64_t want = (2 * int64_t(sm_count()) + other_blocks - 1) / other_blocks;
-  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, kMaxSplits}));
-  const int64_t tps = (ntiles + want - 1) / want;
-  return {(ntiles + tps - 1) / tps, tps};  // (nsplit, tiles per split)
-}
 
 template <typename DT>
 bool use_vec(const at::Tensor& a, const at::Tensor& b, int64_t d) {
@@ -145,14 +114,6 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, cons
               ": temperature must be a 0-dim tensor on the device of x");
 }
 
-#define FLASHDML_DISPATCH_FLOAT16(st, ...)                                               \
-  switch (st) {                                                                          \
-    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }                   \
-    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }                 \
-    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; }         \
-    default: TORCH_CHECK(false, "flashdml: unsupported dtype ", st);                     \
-  }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cuda(const at::Tensor& x_in, const at::Tensor& y_in,
                                                                       const std::optional<at::Tensor>& labels_in,
                                                                       const at::Tensor& temperature, bool symmetric,
@@ -173,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cuda(const at::
   at::Tensor terms = at::empty({symmetric ? 2 * n : n}, fopts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const float* tp = tau.data_ptr<float>();
-  FLASHDML_DISPATCH_FLOAT16(x.scalar_type(), [&] {
+  FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "batch_softmax", [&] {
     run_lse<scalar_t>(x, y, lab, tp, row_lse.data_ptr<float>(), terms.data_ptr<float>(), stream);
     if (symmetric) run_lse<scalar_t>(y, x, lab, tp, col_lse.data_ptr<float>(), terms.data_ptr<float>() + n, stream);
   });
@@ -215,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cuda(
   const float* rl = row_lse.data_ptr<float>();
   const float* cl = symmetric ? col_lse.data_ptr<float>() : nullptr;
   at::Tensor dtau_part;
-  FLASHDML_DISPATCH_FLOAT16(x.scalar_type(), [&] {
+  FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "batch_softmax", [&] {
     run_grad<scalar_t>(x, y, lab, tp, rl, cl, scale, gp, dx, &dtau_part, stream);
     run_grad<scalar_t>(y, x, lab, tp, cl, rl, scale, gp, dy, nullptr, stream);
   });

@@ -23,6 +23,7 @@
 #include <tuple>
 
 #include "flashdml/poison.h"
+#include "launch_utils.cuh"
 #include "hinge_pair_kernels.cuh"
 #include "pair_tiles.cuh"
 
@@ -33,53 +34,6 @@ namespace {
 using namespace hp;
 using pair::pair_grad_kernel;
 using pair::pair_reduce_kernel;
-
-constexpr int kMaxSplits = 16;
-
-template <typename T>
-struct DeviceType;
-template <>
-struct DeviceType<float> {
-  using type = float;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename T>
-const typename DeviceType<T>::type* dptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename DeviceType<T>::type*>(t.data_ptr<T>());
-}
-
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-// Column splits: enough blocks for ~2 waves of 1 block / SM, at most kMaxSplits, no empty split.
-std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
-  int64_t want = (2 * int64_t(sm_count()) + other_blocks - 1) / other_blocks;
-  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, kMaxSplits}));
-  const int64_t tps = (ntiles + want - 1) / want;
-  return {(ntiles + tps - 1) / tps, tps};  // (nsplit, tiles per split)
-}
-
-// Rows 16-byte aligned with d % kVW == 0, as the kernels require (pair_tiles.cuh); otherwise a zero-padded copy.
-at::Tensor vec_ready(const at::Tensor& t) {
-  const int64_t vw = t.scalar_type() == at::kFloat ? 4 : 8, d = t.size(1), dp = (d + vw - 1) / vw * vw;
-  if (dp == d && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
-  return dp == d ? t.clone() : at::constant_pad_nd(t, {0, dp - d});
-}
-
-#define FLASHDML_HINGE_DISPATCH(st, ...)                                         \
-  switch (st) {                                                                  \
-    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }           \
-    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }         \
-    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; } \
-    default: TORCH_CHECK(false, "flashdml hinge_pair: unsupported dtype ", st); \
-  }
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels,
                   const at::Tensor& ref_labels, bool drop_diagonal, bool normalize) {
@@ -146,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_pair_fwd_cuda(const at::Ten
   const int64_t nblk = nrb * nsplit;
   at::Tensor part_sum = at::empty({2 * nblk}, x.options().dtype(at::kDouble));
   at::Tensor part_cnt = at::empty({2 * nblk}, x.options().dtype(at::kLong));
-  FLASHDML_HINGE_DISPATCH(x.scalar_type(), [&] {
+  FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "hinge_pair", [&] {
     using DT = typename DeviceType<scalar_t>::type;
     hp_stats_kernel<DT><<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
         dptr<scalar_t>(x), dptr<scalar_t>(y), labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), B, M, d,
@@ -194,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> hinge_pair_bwd_cuda(const at::Tensor& grad_lo
   op.mn = static_cast<float>(neg_margin);
   op.strict = strict;
   op.drop_diagonal = drop_diagonal;
-  FLASHDML_HINGE_DISPATCH(x.scalar_type(), [&] {
+  FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "hinge_pair", [&] {
     run_grad<scalar_t, false>(x, y, op, w.data_ptr<float>(), dx, stream);
     run_grad<scalar_t, true>(x, y, op, w.data_ptr<float>(), dy, stream);
   });

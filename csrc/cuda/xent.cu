@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "flashdml/poison.h"
+#include "launch_utils.cuh"
 #include "flashdml/xent.h"
 #include "pair_tiles.cuh"
 #include "xent_kernels.cuh"
@@ -38,54 +39,6 @@ namespace {
 using namespace xe;
 using pair::pair_grad_kernel;
 using pair::pair_reduce_kernel;
-
-constexpr int kMaxSplits = 16;
-
-template <typename T>
-struct DeviceType;
-template <>
-struct DeviceType<float> {
-  using type = float;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename T>
-const typename DeviceType<T>::type* dptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename DeviceType<T>::type*>(t.data_ptr<T>());
-}
-
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-// Column splits: enough blocks for ~2 waves of 1 block / SM, at most kMaxSplits, no empty split.
-std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
-  int64_t want = (2 * int64_t(sm_count()) + other_blocks - 1) / other_blocks;
-  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, kMaxSplits}));
-  const int64_t tps = (ntiles + want - 1) / want;
-  return {(ntiles + tps - 1) / tps, tps};  // (nsplit, tiles per split)
-}
-
-// The kernels take only the 16-byte vector-load path (pair_tiles.cuh): rows 16-byte aligned, d % kVW == 0.
-// Anything else is copied into a fresh zero-padded buffer (zero columns leave S unchanged).
-at::Tensor vec_ready(const at::Tensor& t) {
-  const int64_t vw = t.scalar_type() == at::kFloat ? 4 : 8, d = t.size(1), dp = (d + vw - 1) / vw * vw;
-  if (dp == d && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
-  return dp == d ? t.clone() : at::constant_pad_nd(t, {0, dp - d});
-}
-
-#define FLASHDML_XENT_DISPATCH(st, ...)                                          \
-  switch (st) {                                                                  \
-    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }           \
-    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }         \
-    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; } \
-    default: TORCH_CHECK(false, "flashdml xent: unsupported dtype ", st);       \
-  }
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels,
                   const at::Tensor& ref_labels, const at::Tensor& temperature, bool self_mode, bool normalize) {
@@ -183,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& x
   const int64_t* ly = ref_labels.data_ptr<int64_t>();
 
   run_count(labels, ref_labels, self_mode, cnt_part, nrow_blk, stream);
-  FLASHDML_XENT_DISPATCH(x.scalar_type(), [&] {
+  FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "xent", [&] {
     using DT = typename DeviceType<scalar_t>::type;
     xe_lse_kernel<DT><<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
         dptr<scalar_t>(x), dptr<scalar_t>(y), lx, ly, B, M, d, tp, self_mode, tps, part_a, part_b);
@@ -195,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& x
   xe_scalars_kernel<<<1, kOneBlock, 0, stream>>>(cnt_part, nrow_blk, global_partition ? row_max : nullptr, row_sum, B,
                                                  npos, lse.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  FLASHDML_XENT_DISPATCH(x.scalar_type(), [&] {
+  FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "xent", [&] {
     using DT = typename DeviceType<scalar_t>::type;
     xe_pos_kernel<DT><<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
         dptr<scalar_t>(x), dptr<scalar_t>(y), lx, ly, B, M, d, tp, lse.data_ptr<float>(), !global_partition,
@@ -254,7 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_bwd_cuda(
   op.per_row = !global_partition;
   op.self_mode = self_mode;
   at::Tensor gz_part;
-  FLASHDML_XENT_DISPATCH(x.scalar_type(), [&] {
+  FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "xent", [&] {
     run_grad<scalar_t, false>(x, y, op, w.data_ptr<float>(), dx, &gz_part, stream);
     if (global_partition && self_mode) {
       dy.copy_(dx);  // G is symmetric (same sets, same weights for (i, j) and (j, i)) and y = x: G^T x = G y
