@@ -64,20 +64,28 @@ Rows prepare_rows(const at::Tensor& x_in, const at::Tensor& y_in, bool normalize
   return r;
 }
 
-// Offers the entries of one tile row s[0:cn] (NaN = not a candidate) to buf, with indices base + c.
+// Offers the entries of one tile row s[0:cn] (NaN = not a candidate) to buf, with indices base + c. Once the
+// buffer has a threshold, the row is scanned 16 entries at a time with a vectorised "any entry >= threshold"
+// test, so the (usual) blocks without a candidate cost one compare per entry.
 inline void offer_row(TopKBuffer& buf, const float* s, int64_t cn, int64_t base) {
   if (!buf.has_threshold()) {
     for (int64_t c = 0; c < cn; ++c)
       if (s[c] == s[c]) buf.offer(s[c], base + c);
     return;
   }
-  const float thr = buf.threshold();
-  float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < cn; ++c) m = std::max(m, s[c]);  // NaN never wins a max
-  if (m < thr) return;
-  for (int64_t c = 0; c < cn; ++c)
-    if (s[c] >= thr) buf.offer(s[c], base + c);  // offer re-checks against the (rising) threshold and index
+  constexpr int64_t kLanes = 16;
+  int64_t c = 0;
+  for (; c + kLanes <= cn; c += kLanes) {
+    const float thr = buf.threshold();
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t j = 0; j < kLanes; ++j) any |= int(s[c + j] >= thr);  // NaN compares false
+    if (!any) continue;
+    for (int64_t j = 0; j < kLanes; ++j)
+      if (s[c + j] >= buf.threshold()) buf.offer(s[c + j], base + c + j);  // offer re-checks the index on ties
+  }
+  for (; c < cn; ++c)
+    if (s[c] >= buf.threshold()) buf.offer(s[c], base + c);
 }
 
 // ------------------------------------------------------------------------------------------------- knn
