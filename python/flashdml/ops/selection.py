@@ -90,7 +90,7 @@ def pair_grads(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor, grad: Tensor, n
     """``(dx, dy)`` of ``Σ_p grad_p · x̂[rows_p] · ŷ[cols_p]`` (input dtypes), through the normalisation;
     in chunks of pairs, O((B + M)·d + _CHUNK·d) memory."""
     xh, xn = _normalized(x, normalize)
-    yh, yn = _normalized(y, normalize)
+    yh, yn = (xh, xn) if y is x else _normalized(y, normalize)
     dxh, dyh = torch.zeros_like(xh), torch.zeros_like(yh)
     g = grad.reshape(-1).float()
     for c0 in range(0, rows.shape[0], _CHUNK):
@@ -106,7 +106,7 @@ class _PairSimilarity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, rows, cols, normalize: bool):
         xh, _ = _normalized(x, normalize)
-        yh, _ = _normalized(y, normalize)
+        yh = xh if y is x else _normalized(y, normalize)[0]
         ctx.save_for_backward(x, y, rows, cols)
         ctx.normalize = normalize
         return _pair_dots(xh, yh, rows, cols)

@@ -83,10 +83,12 @@ def _run_fused_top_k(x, y, labels, ref_labels, temperature, normalize, top_k: in
     rows_p, cols_p = positive_pairs(batch.labels, batch.ref_labels, batch.self_mode)
     if top_k >= count_negatives(batch.labels, batch.ref_labels) or rows_p.numel() == 0:
         return _run_fused("cross_example_softmax", x, y, labels, ref_labels, temperature, normalize, True)
-    neg_values, _, _ = selected_negatives(name, batch, top_k, normalize)
-    lam = torch.logsumexp(neg_values / t, 0)
+    with torch.no_grad():  # the kernel selects; the logits are recomputed below, with the positives, in one gather
+        _, rows_n, cols_n = selected_negatives(name, batch, top_k, normalize)
     yp = batch.x if batch.self_mode else batch.y
-    z_pos = pair_similarity(batch.x, yp, rows_p, cols_p, normalize) / t
+    z = pair_similarity(batch.x, yp, torch.cat([rows_n, rows_p]), torch.cat([cols_n, cols_p]), normalize) / t
+    lam = torch.logsumexp(z[:top_k], 0)
+    z_pos = z[top_k:]
     return torch.nn.functional.softplus(lam - z_pos).mean()
 
 
