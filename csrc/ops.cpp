@@ -12,7 +12,13 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <atomic>
+
 #include "flashdml/poison.h"
+
+namespace flashdml {
+std::atomic<int64_t>& selection_strategy();  // cpu/selection.cpp
+}  // namespace flashdml
 
 namespace {
 
@@ -20,12 +26,19 @@ void set_poison(bool enabled) { flashdml::poison_flag().store(enabled); }
 
 bool get_poison() { return flashdml::poison_flag().load(); }
 
+void set_selection_strategy(int64_t s) {
+  TORCH_CHECK(s >= 0 && s <= 2, "_set_selection_strategy: 0 (auto), 1 (one pass) or 2 (radix select)");
+  flashdml::selection_strategy().store(s);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flashdml, m) {
   // Test support: fill every op output with NaN / a sentinel before the kernel writes it.
   m.def("_set_poison(bool enabled) -> ()", &set_poison);
   m.def("_get_poison() -> bool", &get_poison);
+  // Test support: how the CPU hardest_negatives_fwd selects (0 automatic, 1 one pass, 2 radix select).
+  m.def("_set_selection_strategy(int strategy) -> ()", &set_selection_strategy);
 
   // SPEC 2.1. Row i's positive is column i; columns j != i with labels[j] == labels[i] are dropped.
   // Returns the loss, the per-row LSE of z = S / temperature over row i's allowed set, and (symmetric) the
@@ -70,6 +83,19 @@ TORCH_LIBRARY(flashdml, m) {
       "hinge_pair_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor labels, Tensor ref_labels, float pos_margin, "
       "float neg_margin, float pos_weight, float neg_weight, bool drop_diagonal, bool strict, bool normalize, "
       "Tensor counts) -> (Tensor dx, Tensor dy)");
+
+  // ---- selection (SPEC 1.2, 1.3) ----
+  // Per row, the k largest S entries: values fp32 [B, k] sorted descending, indices int64 [B, k], ties -> lower
+  // column index. exclude_diagonal: column i is not a candidate for row i (self mode passes x as y).
+  // Memory O((B + M) d + B k). Not differentiable itself: flashdml/ops/selection.py registers the autograd
+  // (the values' gradient reaches x and y through the selected pairs).
+  m.def("knn_fwd(Tensor x, Tensor y, int k, bool exclude_diagonal, bool normalize) -> (Tensor values, Tensor indices)");
+  // The k largest S entries over the negative pairs (labels[i] != ref_labels[j]; self_mode also drops (i, i)) of
+  // the whole batch, sorted descending, ties -> lower flat index i*M + j (int64): values fp32 [k], rows and cols
+  // int64 [k]. 1 <= k <= number of negatives. Memory O((B + M) d + k) plus fixed-size histograms.
+  m.def(
+      "hardest_negatives_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, int k, bool self_mode, "
+      "bool normalize) -> (Tensor values, Tensor rows, Tensor cols)");
 }
 
 // Importing flashdml._C loads the schemas above and all kernel registrations; there is no Python API in the

@@ -48,14 +48,13 @@ def test_backend_context_restores_previous_choice():
 
 
 def test_auto_uses_reference_for_unfused_ops_and_explicit_backend_raises():
-    assert "knn" not in fd._dispatch.FUSED_OPS["cpu"], "knn got a CPU kernel: pick another unfused op here"
+    assert "similarity" not in fd._dispatch.FUSED_OPS["cpu"], "similarity got a CPU kernel: pick another unfused op here"
     x = torch.randn(10, 4)
-    fd._dispatch._warned.discard(("knn", "cpu"))
-    with pytest.warns(RuntimeWarning, match="knn: using the pure-PyTorch reference"):
-        values, indices = fd.knn(x, k=2)
-    want_values, want_indices = fd.reference.knn(x, k=2)
-    assert torch.equal(values, want_values) and torch.equal(indices, want_indices)
-    with fd.backend("cpu"), pytest.raises(RuntimeError, match="backend 'cpu' has no kernel for knn"):
-        fd.knn(x, k=2)
+    fd._dispatch._warned.discard(("similarity", "cpu"))
+    with pytest.warns(RuntimeWarning, match="similarity: using the pure-PyTorch reference"):
+        got = fd.similarity(x)
+    assert torch.equal(got, fd.reference.similarity(x))
+    with fd.backend("cpu"), pytest.raises(RuntimeError, match="backend 'cpu' has no kernel for similarity"):
+        fd.similarity(x)
     with fd.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
-        fd.knn(x, k=2)
+        fd.similarity(x)

@@ -61,6 +61,8 @@ from torch import Tensor
 
 try:
     from pytorch_metric_learning import losses as _pml_losses
+    from pytorch_metric_learning.miners import BaseMiner as _BaseMiner
+    from pytorch_metric_learning.utils.inference import return_results as _pml_return_results
     from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
     from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer, MultipleReducers
     from pytorch_metric_learning.utils import common_functions as _c_f
@@ -72,7 +74,8 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
 
 import flashdml as _fd
 
-__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss"]
+__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss", "FlashdmlKNN",
+           "HardestNegativesMiner"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -263,3 +266,68 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
         loss = _fd.cross_example_softmax(embeddings, ref_emb, labels, ref_labels, temperature=self.temperature,
                                          top_k=self.top_k, normalize=bool(self.distance.normalize_embeddings))
         return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
+
+
+class FlashdmlKNN:
+    """A ``knn_func`` for pml's ``AccuracyCalculator``, computed by ``flashdml.knn`` (SPEC 1.2): exact kNN that
+    never materialises the query × reference matrix (memory O((N + M)·d + N·k); pml's ``CustomKNN`` builds it,
+    ``FaissKNN`` needs faiss)::
+
+        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+        calc = AccuracyCalculator(knn_func=FlashdmlKNN())
+        calc.get_accuracy(query, query_labels)                         # self mode, pml drops the query itself
+
+    ``__call__(query, k, reference, ref_includes_query=False) -> (similarities [N, k], indices [N, k])`` — pml's
+    interface. Like ``CustomKNN(CosineSimilarity())`` it returns similarities, largest first (ties → lower
+    reference index); ``normalize=False`` uses dot products (``DotProductSimilarity``). With
+    ``ref_includes_query`` (the first N references are the queries) it searches k + 1 neighbours and removes
+    each query's own index with pml's ``return_results``, exactly as pml's own knn functions do.
+    """
+
+    def __init__(self, normalize: bool = True):
+        self.normalize = bool(normalize)
+
+    def __call__(self, query, k, reference=None, ref_includes_query=False):
+        query = _c_f.numpy_to_torch(query)
+        reference = query if reference is None else _c_f.numpy_to_torch(reference)
+        if ref_includes_query:
+            k = k + 1
+        k = min(int(k), reference.shape[0])
+        values, indices = _fd.knn(query, reference, k, normalize=self.normalize)
+        return _pml_return_results(values, indices, ref_includes_query)
+
+
+class HardestNegativesMiner(_BaseMiner):
+    """pml miner: all positive pairs plus the k hardest negative pairs of the **whole batch** (flashdml's
+    ``hardest_negatives``, SPEC 1.3 — Cross-Example Negative Mining's selection, without a B×B matrix).
+
+    ``HardestNegativesMiner(k=None, normalize=True, **kwargs)``: ``k=None`` means k = batch size; a k above the
+    batch's number of negative pairs keeps all of them. ``normalize`` chooses cosine (default) or dot-product
+    similarity. Returns pml's pair tuple ``(a1, p, a2, n)`` (int64): ``(a1, p)`` every positive pair (self mode:
+    without ``(i, i)``, as pml's ``get_all_pairs_indices``), ``(a2, n)`` the hardest negatives, most similar
+    first (ties → lower flat index)::
+
+        miner = HardestNegativesMiner(k=1024)
+        loss = pml_losses.ContrastiveLoss()(emb, labels, miner(emb, labels))
+    """
+
+    def __init__(self, k=None, normalize: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.k = k
+        self.normalize = bool(normalize)
+
+    def mine(self, embeddings, labels, ref_emb, ref_labels):
+        from flashdml._validation import prepare_batch
+        from flashdml.ops.selection import count_negatives, positive_pairs
+
+        self_mode = ref_emb is embeddings and ref_labels is labels
+        y, ref = (None, None) if self_mode else (ref_emb, _c_f.to_device(ref_labels, ref_emb))
+        batch = prepare_batch(embeddings, y, labels, ref, pair_mode_default=False)
+        a1, p = positive_pairs(batch.labels, batch.ref_labels, batch.self_mode)
+        n_neg = count_negatives(batch.labels, batch.ref_labels)
+        k = min(batch.B if self.k is None else int(self.k), n_neg)
+        if k == 0:
+            empty = torch.empty(0, dtype=torch.long, device=embeddings.device)
+            return a1, p, empty, empty.clone()
+        _, a2, n = _fd.hardest_negatives(embeddings, y, labels, ref, k, normalize=self.normalize)
+        return a1, p, a2, n

@@ -61,6 +61,37 @@ def _run_fused(op: str, x, y, labels, ref_labels, temperature, normalize, global
     return loss
 
 
+def _run_fused_top_k(x, y, labels, ref_labels, temperature, normalize, top_k: int):
+    """Cross-Example Negative Mining, fused (None: the reference must run).
+
+    Forward: the hardest-negatives kernel selects the k hardest negatives of the batch (one streaming pass over
+    S, memory O((B + M)·d + k)); then ``Λ = LSE`` of their logits and the positives' ``softplus(Λ − z_p)``
+    need only the O(k + |P|) selected / positive pairs, recomputed as gathered dot products. Backward: plain
+    autograd over those pairs — gradient into the k selected negatives, the positives and the temperature only,
+    O((k + |P|)·d), no second pass over S. ``top_k >= |N|`` (and a batch without positives or negatives) runs
+    plain XE, which it then equals."""
+    from .selection import count_negatives, pair_similarity, positive_pairs, selected_negatives
+
+    batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    t = check_temperature(temperature, batch.x.device)
+    name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve("cross_example_softmax_top_k",
+                                                                               batch.x.device)
+    if name == "reference":
+        return None
+    rows_p, cols_p = positive_pairs(batch.labels, batch.ref_labels, batch.self_mode)
+    if top_k >= count_negatives(batch.labels, batch.ref_labels) or rows_p.numel() == 0:
+        return _run_fused("cross_example_softmax", x, y, labels, ref_labels, temperature, normalize, True)
+    with torch.no_grad():  # the kernel selects; the logits are recomputed below, with the positives, in one gather
+        _, rows_n, cols_n = selected_negatives(name, batch, top_k, normalize)
+    yp = batch.x if batch.self_mode else batch.y
+    z = pair_similarity(batch.x, yp, torch.cat([rows_n, rows_p]), torch.cat([cols_n, cols_p]), normalize) / t
+    lam = torch.logsumexp(z[:top_k], 0)
+    z_pos = z[top_k:]
+    return torch.nn.functional.softplus(lam - z_pos).mean()
+
+
 def cross_example_softmax(
     x: Tensor,
     y: Optional[Tensor] = None,
@@ -77,7 +108,8 @@ def cross_example_softmax(
     function: ``L = mean_{p∈P} softplus(Λ − z_p)``, ``Λ = LSE_{n∈N} z_n``, ``z = S / temperature``. Because all
     positives must beat all negatives of every row, similarity scores become comparable across queries
     (globally calibrated). ``top_k=k`` is Cross-Example Negative Mining: N is replaced by the k hardest negatives
-    of the whole batch (runs the reference for now).
+    of the whole batch (Cross-Example Negative Mining; fused: one selection pass over S, then
+    O((k + |P|)·d) work, gradient only into the selected negatives and the positives).
 
     Args:
         x: queries ``[B, d]``; y: references ``[M, d]`` or ``None`` (self mode: pairs (i, i) are dropped).
@@ -92,14 +124,15 @@ def cross_example_softmax(
 
         loss = flashdml.cross_example_softmax(emb, labels=labels, temperature=0.05)   # self mode
         loss = flashdml.cross_example_softmax(img, txt, temperature=0.05)              # image-text pairs
+        loss = flashdml.cross_example_softmax(emb, labels=labels, top_k=emb.shape[0])  # negative mining, k = B
     """
     if top_k is not None:
-        check_positive_int(top_k, "top_k")
-        _dispatch.resolve("cross_example_softmax_top_k", x.device if isinstance(x, Tensor) else torch.device("cpu"))
+        top_k = check_positive_int(top_k, "top_k")
+        loss = _run_fused_top_k(x, y, labels, ref_labels, temperature, normalize, top_k)
     else:
         loss = _run_fused("cross_example_softmax", x, y, labels, ref_labels, temperature, normalize, True)
-        if loss is not None:
-            return loss
+    if loss is not None:
+        return loss
     return _reference.cross_example_softmax(x, y, labels, ref_labels, temperature=temperature, top_k=top_k,
                                             normalize=normalize)
 

@@ -1,0 +1,260 @@
+"""Fused similarity + top-k selection: ``knn`` (SPEC 1.2) and ``hardest_negatives`` (SPEC 1.3).
+
+The kernels (C++ ``flashdml::knn_fwd`` / ``flashdml::hardest_negatives_fwd``, Triton
+``flashdml_triton::knn_fwd`` / ``hardest_negatives_fwd``) stream S tile by tile and return the selected values
+and indices; nothing B×M is stored. The values are differentiable: the autograd registered here sends the
+upstream gradient of each selected value ``s = x̂_r · ŷ_c`` to ``x̂_r`` and ``ŷ_c`` (O(k·d) gathers and
+``index_add_``, then back through the normalisation), which is exactly the gradient of the reference's gather
+from S.
+
+Values: the returned values are the kernel's own fp32 S entries — the ones the selection was made on, so they
+are sorted exactly as the indices are. A dot product recomputed from the selected pairs (``(x̂[r] * ŷ[c]).sum()``)
+differs from the tiled GEMM's value in the last bits (different summation order), which is why it is used only
+for the gradient. Indices equal the reference's (value descending, ties → lower index) whenever the fp32 S
+values order the candidates like the reference's S does.
+
+The pair helpers (``positive_pairs``, ``pair_similarity``, ``count_negatives``) are shared with the
+cross-example negative mining path of ``ops/xent.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch, _ext
+from .. import reference as _reference
+from .._math import NORM_EPS
+from .._validation import check_positive_int, prepare_batch
+from ._registry import rows_for_backend
+
+_CHUNK = 1 << 16  # pairs per gather chunk: O(_CHUNK·d) temporary memory
+
+
+# ------------------------------------------------------------------------------------------- pair helpers
+def count_negatives(labels: Tensor, ref_labels: Tensor) -> int:
+    """Number of pairs (i, j) with ``labels[i] != ref_labels[j]`` (exact, O(B + M))."""
+    B = labels.shape[0]
+    uniq, inv = torch.unique(torch.cat([labels, ref_labels]), return_inverse=True)
+    cb = torch.bincount(inv[:B], minlength=uniq.numel())
+    cm = torch.bincount(inv[B:], minlength=uniq.numel())
+    return B * ref_labels.shape[0] - int((cb * cm).sum())
+
+
+def positive_pairs(labels: Tensor, ref_labels: Tensor, self_mode: bool) -> Tuple[Tensor, Tensor]:
+    """Rows and columns (int64, row-major, columns ascending) of the positive pairs; self mode drops (i, i).
+    O(|P|) memory, no B×M mask."""
+    B = labels.shape[0]
+    order = torch.argsort(ref_labels, stable=True)
+    sorted_ref = ref_labels[order]
+    start = torch.searchsorted(sorted_ref, labels, right=False)
+    cnt = torch.searchsorted(sorted_ref, labels, right=True) - start
+    total = int(cnt.sum())
+    rows = torch.repeat_interleave(torch.arange(B, device=labels.device), cnt, output_size=total)
+    first = torch.repeat_interleave(start - (torch.cumsum(cnt, 0) - cnt), cnt, output_size=total)
+    cols = order[first + torch.arange(total, device=labels.device)]
+    if self_mode:
+        keep = rows != cols
+        rows, cols = rows[keep], cols[keep]
+    return rows, cols
+
+
+def _pair_dots(xh: Tensor, yh: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    out = xh.new_empty(rows.shape[0])
+    for c0 in range(0, rows.shape[0], _CHUNK):
+        r, c = rows[c0:c0 + _CHUNK], cols[c0:c0 + _CHUNK]
+        out[c0:c0 + _CHUNK] = (xh[r] * yh[c]).sum(-1)
+    return out
+
+
+def _normalized(x: Tensor, normalize: bool):
+    """(x̂, ‖x‖) in fp32; x̂ = x / max(‖x‖, 1e-12) (SPEC section 0)."""
+    x = x.detach().float()
+    if not normalize:
+        return x, None
+    n = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / n.clamp_min(NORM_EPS), n
+
+
+def _normalize_backward(g: Tensor, xh: Tensor, n: Optional[Tensor]) -> Tensor:
+    """Gradient through x̂ = x / max(‖x‖, eps): (g − x̂ (x̂·g)) / ‖x‖ where ‖x‖ >= eps, g / eps below (the clamp
+    passes no gradient to the norm) — the same as autograd through ``l2_normalize``."""
+    if n is None:
+        return g
+    active = (n >= NORM_EPS).to(g.dtype)
+    return (g - active * xh * (xh * g).sum(1, keepdim=True)) / n.clamp_min(NORM_EPS)
+
+
+def pair_grads(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor, grad: Tensor, normalize: bool):
+    """``(dx, dy)`` of ``Σ_p grad_p · x̂[rows_p] · ŷ[cols_p]`` (input dtypes), through the normalisation;
+    in chunks of pairs, O((B + M)·d + _CHUNK·d) memory."""
+    xh, xn = _normalized(x, normalize)
+    yh, yn = (xh, xn) if y is x else _normalized(y, normalize)
+    dxh, dyh = torch.zeros_like(xh), torch.zeros_like(yh)
+    g = grad.reshape(-1).float()
+    for c0 in range(0, rows.shape[0], _CHUNK):
+        r, c, gc = rows[c0:c0 + _CHUNK], cols[c0:c0 + _CHUNK], g[c0:c0 + _CHUNK, None]
+        dxh.index_add_(0, r, gc * yh[c])
+        dyh.index_add_(0, c, gc * xh[r])
+    dx = _normalize_backward(dxh, xh, xn)
+    dy = _normalize_backward(dyh, yh, yn)
+    return dx.to(x.dtype), dy.to(y.dtype)
+
+
+class _PairSimilarity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, rows, cols, normalize: bool):
+        xh, _ = _normalized(x, normalize)
+        yh = xh if y is x else _normalized(y, normalize)[0]
+        ctx.save_for_backward(x, y, rows, cols)
+        ctx.normalize = normalize
+        return _pair_dots(xh, yh, rows, cols)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, rows, cols = ctx.saved_tensors
+        dx, dy = pair_grads(x, y, rows, cols, grad, ctx.normalize)
+        return dx, dy, None, None, None
+
+
+def pair_similarity(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor, normalize: bool) -> Tensor:
+    """fp32 ``x̂[rows] · ŷ[cols]`` per pair, differentiable, computed in chunks (no [n_pairs, d] buffer)."""
+    return _PairSimilarity.apply(x, y, rows, cols, normalize)
+
+
+# ----------------------------------------------------------------------------------- op registration
+def _knn_fake(x, y, k, exclude_diagonal, normalize=False):
+    return x.new_empty((x.shape[0], k), dtype=torch.float32), x.new_empty((x.shape[0], k), dtype=torch.int64)
+
+
+def _hn_fake(x, y, labels, ref_labels, k, self_mode, normalize=False):
+    return (x.new_empty((k,), dtype=torch.float32), x.new_empty((k,), dtype=torch.int64),
+            x.new_empty((k,), dtype=torch.int64))
+
+
+def _register_autograd(qualname: str, has_normalize: bool) -> None:
+    knn = "knn" in qualname
+
+    def setup_context(ctx, inputs, output):
+        x, y = inputs[0], inputs[1]
+        ctx.normalize = bool(inputs[-1]) if has_normalize else False
+        ctx.knn = knn
+        ctx.save_for_backward(x, y, *output[1:])
+        ctx.n_inputs = len(inputs)
+
+    def backward(ctx, grad_values, *unused):
+        x, y, *idx = ctx.saved_tensors
+        if ctx.knn:
+            cols = idx[0].reshape(-1)
+            rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx[0].shape[1])
+        else:
+            rows, cols = idx
+        dx, dy = pair_grads(x, y, rows, cols, grad_values, ctx.normalize)
+        return (dx, dy) + (None,) * (ctx.n_inputs - 2)
+
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+
+if _ext.C_LOADED:
+    torch.library.register_fake("flashdml::knn_fwd")(_knn_fake)
+    torch.library.register_fake("flashdml::hardest_negatives_fwd")(_hn_fake)
+    _register_autograd("flashdml::knn_fwd", True)
+    _register_autograd("flashdml::hardest_negatives_fwd", True)
+
+
+def _triton_ops():
+    """The Triton selection ops (inputs already L2-normalised, no normalize flag), autograd registered once."""
+    from ..triton_kernels import selection as _tk  # noqa: F401  (defines the flashdml_triton ops)
+
+    if not getattr(_triton_ops, "registered", False):
+        _register_autograd("flashdml_triton::knn_fwd", False)
+        _register_autograd("flashdml_triton::hardest_negatives_fwd", False)
+        _triton_ops.registered = True
+    return torch.ops.flashdml_triton
+
+
+def selected_negatives(name: str, batch, k: int, normalize: bool):
+    """``(values, rows, cols)`` of the k hardest negatives of a validated batch on fused backend ``name``."""
+    xk, yk, flag = rows_for_backend(name, batch.x, batch.y, normalize, batch.self_mode)
+    if name == "triton":
+        return _triton_ops().hardest_negatives_fwd(xk, yk, batch.labels, batch.ref_labels, k, batch.self_mode)
+    return torch.ops.flashdml.hardest_negatives_fwd(xk, yk, batch.labels, batch.ref_labels, k, batch.self_mode, flag)
+
+
+def _check_normalize(normalize) -> None:
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+
+
+# ------------------------------------------------------------------------------------------- public ops
+def knn(
+    x: Tensor,
+    y: Optional[Tensor] = None,
+    k: int = 10,
+    *,
+    normalize: bool = True,
+    exclude_self: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """SPEC 1.2: per row of ``x``, the k most similar rows of ``y`` — without materialising S.
+
+    Returns ``(values [B, k] fp32, indices [B, k] int64)``, sorted descending, ties → lower column index. Self
+    mode (``y=None``) with ``exclude_self`` drops the query itself. ``k`` larger than the number of candidates
+    per row is a ``ValueError``. Memory O((B + M)·d + B·k); the values carry the gradient of S's entries.
+
+    Example::
+
+        sims, idx = flashdml.knn(queries, gallery, k=10)          # cosine kNN
+        sims, idx = flashdml.knn(emb, k=5)                        # self mode, the query itself excluded
+    """
+    batch = prepare_batch(x, y, pair_mode_default=False)
+    k = check_positive_int(k, "k")
+    _check_normalize(normalize)
+    drop_self = batch.self_mode and bool(exclude_self)
+    n_candidates = batch.M - (1 if drop_self else 0)
+    if k > n_candidates:
+        raise ValueError(
+            f"k = {k} is larger than the number of candidates per row ({n_candidates}"
+            f"{' after excluding the query itself' if drop_self else ''})"
+        )
+    name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve("knn", batch.x.device)
+    if name == "reference":
+        return _reference.knn(x, y, k, normalize=normalize, exclude_self=exclude_self)
+    xk, yk, flag = rows_for_backend(name, batch.x, batch.y, normalize, batch.self_mode)
+    if name == "triton":
+        return _triton_ops().knn_fwd(xk, yk, k, drop_self)
+    return torch.ops.flashdml.knn_fwd(xk, yk, k, drop_self, flag)
+
+
+def hardest_negatives(
+    x: Tensor,
+    y: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    ref_labels: Optional[Tensor] = None,
+    k: Optional[int] = None,
+    *,
+    normalize: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """SPEC 1.3: the k most similar **negative** pairs of the whole batch (Cross-Example Negative Mining).
+
+    Returns ``(values [k] fp32, rows [k] int64, cols [k] int64)``, sorted descending, ties → lower flat index
+    ``i*M + j``. ``labels=None`` is pair mode (negatives = off-diagonal pairs); ``k=None`` means ``k = B``;
+    ``k`` larger than the number of negative pairs is a ``ValueError``. Memory O((B + M)·d + k) plus fixed-size
+    histograms, for any k up to B·M (the CPU kernel radix-selects the k-th value over streamed S tiles; flat
+    indices are int64, so B·M > 2^31 works). The values carry the gradient of S's entries.
+
+    Example::
+
+        vals, rows, cols = flashdml.hardest_negatives(emb, labels=labels, k=4096)
+        vals, rows, cols = flashdml.hardest_negatives(img, txt)          # pair mode, k = B
+    """
+    batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
+    k = batch.B if k is None else check_positive_int(k, "k")
+    _check_normalize(normalize)
+    n_neg = count_negatives(batch.labels, batch.ref_labels)
+    if k > n_neg:
+        raise ValueError(f"k = {k} is larger than the number of negative pairs in the batch ({n_neg})")
+    name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve("hardest_negatives", batch.x.device)
+    if name == "reference":
+        return _reference.hardest_negatives(x, y, labels, ref_labels, k, normalize=normalize)
+    return selected_negatives(name, batch, k, normalize)
