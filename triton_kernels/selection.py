@@ -20,7 +20,7 @@ Example (on a GPU; the tests run the same calls on CPU tensors under TRITON_INTE
 kNN (nothing B×M is stored). Each S entry becomes one int64 key (_topk.pack_key: value bits high, inverted column
 low), so a single integer sort orders by value and breaks ties toward the lower column. ``_knn_partial_kernel``:
 a program owns BLOCK_M query rows and one column split, computes S tiles on tensor cores (``_tiles.s_tile``) and
-keeps a running sorted top-K per row in registers (K = 16 / 32 / 64): a tile is folded in with ``tl.topk`` of the
+keeps a running sorted top-K per row in registers (K = 64): a tile is folded in with a bitonic top-K of the
 tile and a bitonic merge, and skipped when no key in it beats its row's current K-th key. ``_knn_merge_kernel``
 merges the splits' lists in a fixed order and writes values / indices. k > 64 runs ceil(k / 64) rounds of the two
 kernels, round r restricted to keys below the last key of round r - 1 (keys are unique, so the rounds are exact
@@ -59,7 +59,7 @@ from ._topk import NO_KEY, key_col, key_value, merge_sorted, ordered_u32, pack_k
 _KNN_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
 _KNN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
 KNN_CONFIGS = {torch.float16: _KNN_16, torch.bfloat16: _KNN_16, torch.float32: _KNN_32}
-KNN_KS = (16, 32, 64)  # register list lengths; k > 64 runs rounds of K = 64
+KNN_KS = (64,)  # register list length; k > 64 runs rounds of K = 64. (K = 16 / 32 spill on sm_90: ptxas -v)
 MERGE_ROWS = 16
 _HN_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 _HN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
@@ -222,7 +222,7 @@ def _padded(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def knn_list_len(k: int) -> int:
-    """Register list length K for k (k > 64: rounds of 64)."""
+    """Register list length K for k (k > K: rounds of K)."""
     return next((c for c in KNN_KS if c >= k), KNN_KS[-1])
 
 
