@@ -70,6 +70,12 @@ TORCH_LIBRARY(flashdml, m) {
       "hinge_pair_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor labels, Tensor ref_labels, float pos_margin, "
       "float neg_margin, float pos_weight, float neg_weight, bool drop_diagonal, bool strict, bool normalize, "
       "Tensor counts) -> (Tensor dx, Tensor dy)");
+
+  // ---- selection (SPEC 1.2, 1.3) ----
+  m.def("knn_fwd(Tensor x, Tensor y, int k, bool exclude_diagonal, bool normalize) -> (Tensor values, Tensor indices)");
+  m.def(
+      "hardest_negatives_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, int k, bool self_mode, "
+      "bool normalize) -> (Tensor values, Tensor rows, Tensor cols)");
 }
 
 // Importing flashdml._C loads the schemas above and all kernel registrations; there is no Python API in the
