@@ -264,3 +264,48 @@ def test_cuda_ops_match_reference_and_triton(dtype):
             tri = torch.ops.flashdml_triton.hardest_negatives_fwd(x, y, lab.cuda(), rlab.cuda(), k, mode == "self")
             for o, t in zip(out, tri):
                 assert torch.equal(o, t)
+
+
+def _triton_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+                      torch.int32: "i32"}[value.dtype]
+    assert isinstance(value, int) and not isinstance(value, bool), type(value)
+    return "i32"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_specs_cover_every_launch(dtype, monkeypatch):
+    """Every launch the selection launchers make (kNN with and without rounds, all hardest-negatives passes) matches
+    an AOT spec (types, constexprs, warps, stages), so tests/test_triton_aot.py compiles what runs."""
+    from flashdml.triton_kernels import _aot
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel, args, kwargs))
+            return launch
+
+    monkeypatch.setattr(sel, "wrap_triton", Recorder)
+    x = torch.zeros(40, 48, dtype=dtype)
+    y = torch.zeros(150, 48, dtype=dtype)
+    sel.knn_impl(x, y, 5, False)
+    sel.knn_impl(x, y, 130, False)
+    lab = torch.arange(40)
+    sel.hardest_negatives_impl(x, y, lab, torch.arange(150) + 1000, 7, False)
+    kernels = {_aot._jit_function(k).fn for k, _, _ in launches}
+    assert len(kernels) == 3
+    for kernel, args, kwargs in launches:
+        fn = _aot._jit_function(kernel)
+        runtime = dict(zip(fn.arg_names, args))
+        constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+        signature = {k: _triton_type(v) for k, v in runtime.items()}
+        matches = [s for s in sel.AOT_SPECS if _aot._jit_function(s.kernel) is fn and s.constexprs == constexprs
+                   and s.signature == signature and s.num_warps == kwargs["num_warps"]
+                   and s.num_stages == kwargs["num_stages"]]
+        assert matches, f"no AOT spec for {fn.__name__} with {signature} {kwargs}"
