@@ -61,10 +61,11 @@ _KNN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
 KNN_CONFIGS = {torch.float16: _KNN_16, torch.bfloat16: _KNN_16, torch.float32: _KNN_32}
 KNN_KS = (64,)  # register list length; k > 64 runs rounds of K = 64. (K = 16 / 32 spill on sm_90: ptxas -v)
 MERGE_ROWS = 16
-_HN_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+_HN_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)  # 4 warps: collect spills
 _HN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
 HNEG_CONFIGS = {torch.float16: _HN_16, torch.bfloat16: _HN_16, torch.float32: _HN_32}
 NBINS = 2048
+MAX_SPLIT_COLS = 2**24  # columns per program of the hardest-negatives passes (int32 counts: BLOCK_M * 2^24 < 2^31)
 HIST, COUNT, COLLECT = 0, 1, 2
 # (bin_shift, match_shift) of the three histogram passes: bins = key bits [match_shift, bin_shift)
 RADIX_PASSES = ((21, 32), (10, 21), (0, 10))
@@ -175,17 +176,20 @@ def _hneg_pass_kernel(
             n_gt += tl.sum((neg & (key > thr)).to(tl.int32), 1)
             n_eq += tl.sum((neg & (key == thr)).to(tl.int32), 1)
         if PASS == 2:
-            gt = (neg & (key > thr)).to(tl.int32)
-            eq = (neg & (key == thr)).to(tl.int32)
-            rank_gt = at_gt[:, None] + (tl.cumsum(gt, 1) - gt)
-            rank_eq = at_eq[:, None] + (tl.cumsum(eq, 1) - eq)
-            take = (gt > 0) | ((eq > 0) & (rank_eq < r_eq))
-            slot = tl.where(gt > 0, rank_gt, c_gt + rank_eq)
+            gt = neg & (key > thr)
+            eq = neg & (key == thr)
+            # one scan for both ranks: > T counted in the low 16 bits, == T in the high bits (<= BLOCK_N each)
+            both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
+            before = tl.cumsum(both, 1) - both
+            rank_eq = at_eq[:, None] + (before >> 16)
+            take = gt | (eq & (rank_eq < r_eq))
+            slot = tl.where(gt, at_gt[:, None] + (before & 65535), c_gt + rank_eq)
             flat = rows.to(tl.int64)[:, None] * M + cols[None, :]
             tl.store(val_ptr + slot, tl.where(s == 0.0, 0.0, s), mask=take)
             tl.store(flat_ptr + slot, flat, mask=take)
-            at_gt += tl.sum(gt, 1)
-            at_eq += tl.sum(eq, 1)
+            tot = tl.sum(both, 1)
+            at_gt += tot & 65535
+            at_eq += tot >> 16
     if PASS == 0:
         tl.atomic_add(hist_ptr + tl.arange(0, NBINS), hist.to(tl.int64), mask=hist > 0)
     if PASS == 1:
@@ -298,6 +302,8 @@ def hardest_negatives_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Ten
     cfg = HNEG_CONFIGS[x.dtype]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     rp = triton.cdiv(B, bm)
+    if num_splits is None and M > MAX_SPLIT_COLS:  # per-program int32 histogram counts stay below 2^31
+        num_splits = triton.cdiv(M, MAX_SPLIT_COLS)
     ns, per = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
     hist = torch.zeros((NBINS,), dtype=torch.int64, device=dev)
     state = torch.zeros((3,), dtype=torch.int64, device=dev)
