@@ -31,12 +31,15 @@ XENT_PLAIN = ("xe_count_kernel", "xe_row_lse_kernel", "xe_scalars_kernel", "xe_r
               "xe_bwd_prep_kernel", "xe_dtau_kernel")
 HINGE_TEMPLATED = ("hp_stats_kernel",)
 HINGE_PLAIN = ("hp_final_kernel", "hp_bwd_prep_kernel")
+# csrc/cuda/selection.cu (kNN, hardest negatives)
+SELECTION_TEMPLATED = ("knn_partial_kernel", "hn_pass_kernel")
+SELECTION_PLAIN = ("knn_merge_kernel", "hn_select_kernel")
 PAIR_GRAD_OPS = ("XentOp", "HingeOp")
-TEMPLATED = BATCH_SOFTMAX_TEMPLATED + XENT_TEMPLATED + HINGE_TEMPLATED
-PLAIN = BATCH_SOFTMAX_PLAIN + XENT_PLAIN + HINGE_PLAIN
+TEMPLATED = BATCH_SOFTMAX_TEMPLATED + XENT_TEMPLATED + HINGE_TEMPLATED + SELECTION_TEMPLATED
+PLAIN = BATCH_SOFTMAX_PLAIN + XENT_PLAIN + HINGE_PLAIN + SELECTION_PLAIN
 # their fp16 / bf16 versions must use HMMA, their fp32 versions must not
 TENSOR_CORE_KERNELS = ("bs_lse_kernel", "bs_grad_kernel", "xe_lse_kernel", "xe_pos_kernel", "hp_stats_kernel",
-                       "pair_grad_kernel")
+                       "pair_grad_kernel", "knn_partial_kernel", "hn_pass_kernel")
 
 
 def _extension_so() -> Optional[str]:

@@ -1,4 +1,5 @@
-"""The CUDA kernels (batch softmax, cross-example softmax / NT-Xent, hinge-pair losses), run on the CPU.
+"""The CUDA kernels (batch softmax, cross-example softmax / NT-Xent, hinge-pair losses, kNN / hardest negatives),
+run on the CPU.
 
 There is no GPU here, so `tests/cuda_emulation/` compiles the real kernel code of csrc/cuda/ with g++ against a
 small emulation of the CUDA features it uses (every CUDA thread a std::thread, __syncthreads a barrier, wmma
@@ -33,7 +34,9 @@ def _cuda_include():
 #        B != M, one class (no negatives), all labels distinct (no positives), ragged d (host zero-padding).
 #  hinge_pair: TCM (inclusive, diagonal dropped) and margin contrastive (strict, diagonal kept), embeddings on a
 #        1/8 grid so that similarities are exact and many pairs tie with the margins; exact int64 counts.
-DRIVERS = ("batch_softmax", "xent", "hinge_pair")
+#  selection: kNN (rounds of 32, exclude_diagonal) and hardest negatives (radix select), embeddings on a 1/8 grid
+#        with repeated rows: exact ties everywhere, indices compared bit for bit; k = 1 .. all candidates.
+DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,206 @@
+// CUDA backend of the selection primitives: kNN (SPEC 1.2) and batch-wide hardest negatives (SPEC 1.3):
+// flashdml::knn_fwd / hardest_negatives_fwd (schemas: csrc/ops.cpp; normalize = false only: Python normalises).
+//
+// Nothing B x M is stored: S = x y^T is recomputed in 64 x 64 tiles (tile_gemm.cuh, pair_tiles.cuh) and reduced on
+// the spot (kernels: selection_kernels.cuh; keys and list insertion: flashdml/topk_select.h). Deterministic: the
+// only atomics are integer histogram counts; lists are merged in split order.
+//
+// kNN: ceil(k / 32) rounds of knn_partial_kernel (per row and column split the 32 largest keys below the previous
+//      round's last key, in shared memory) + knn_merge_kernel (splits merged in order, values / indices written,
+//      the round's last key kept as the next bound). Memory O((B + M) d + B k).
+// Hardest negatives: radix select on the order-preserving uint32 keys of the negative S values: three histogram
+//      passes (11 + 11 + 10 bits, hn_select_kernel picks the bin on the device) give the exact k-th key T and how
+//      many entries equal to T belong to the top k; a count pass (per row and split: keys > T, == T), exclusive
+//      prefix sums in flat order, and a collect pass put every selected entry into a fixed slot; one stable sort
+//      of the k results (value descending after flat index ascending) finishes. Memory O((B + M) d + k + B splits).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <tuple>
+
+#include "flashdml/poison.h"
+#include "selection_kernels.cuh"
+
+namespace flashdml {
+namespace cuda {
+namespace {
+
+using namespace sel;
+
+constexpr int kMaxSplits = 16;
+
+template <typename T>
+struct DeviceType;
+template <>
+struct DeviceType<float> {
+  using type = float;
+};
+template <>
+struct DeviceType<at::Half> {
+  using type = __half;
+};
+template <>
+struct DeviceType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename T>
+const typename DeviceType<T>::type* dptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename DeviceType<T>::type*>(t.data_ptr<T>());
+}
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Column splits: enough blocks for ~2 waves of 1 block / SM, at most kMaxSplits, no empty split.
+std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
+  int64_t want = (2 * int64_t(sm_count()) + other_blocks - 1) / other_blocks;
+  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, kMaxSplits}));
+  const int64_t tps = (ntiles + want - 1) / want;
+  return {(ntiles + tps - 1) / tps, tps};  // (nsplit, tiles per split)
+}
+
+// Rows 16-byte aligned with d % kVW == 0, as the kernels require (pair_tiles.cuh); otherwise a zero-padded copy.
+at::Tensor vec_ready(const at::Tensor& t) {
+  const int64_t vw = t.scalar_type() == at::kFloat ? 4 : 8, d = t.size(1), dp = (d + vw - 1) / vw * vw;
+  if (dp == d && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
+  return dp == d ? t.clone() : at::constant_pad_nd(t, {0, dp - d});
+}
+
+#define FLASHDML_SEL_DISPATCH(st, ...)                                           \
+  switch (st) {                                                                  \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }           \
+    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }         \
+    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; } \
+    default: TORCH_CHECK(false, "flashdml selection: unsupported dtype ", st);  \
+  }
+
+void check_xy(const char* op, const at::Tensor& x, const at::Tensor& y, bool normalize) {
+  TORCH_CHECK(!normalize, op, " (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
+  TORCH_CHECK(x.is_cuda() && y.device() == x.device(), op, ": x and y must be CUDA tensors on one device");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), op, ": x [B, d] and y [M, d] expected");
+  TORCH_CHECK(x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0, op, ": empty input");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": x and y must have the same dtype");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": dtype must be fp32, fp16 or bf16");
+  TORCH_CHECK(x.size(0) <= int64_t(INT_MAX) * kBM, op, ": batch too large");
+  TORCH_CHECK(y.size(0) < int64_t(UINT32_MAX), op, ": y has too many rows (at most 2^32 - 2)");
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_fwd_cuda(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k,
+                                                bool exclude_diagonal, bool normalize) {
+  check_xy("knn_fwd", x_in, y_in, normalize);
+  const int64_t B = x_in.size(0), M = y_in.size(0);
+  TORCH_CHECK(!exclude_diagonal || B == M, "knn_fwd: exclude_diagonal needs y to be x (B == M)");
+  const int64_t n_cand = M - (exclude_diagonal ? 1 : 0);
+  TORCH_CHECK(k >= 1 && k <= n_cand, "knn_fwd: k must be in [1, ", n_cand, "] (the candidates per row), got ", k);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = vec_ready(x_in.contiguous());
+  const at::Tensor y = y_in.is_same(x_in) ? x : vec_ready(y_in.contiguous());
+  const int64_t d = x.size(1);
+  at::Tensor values = new_output({B, k}, x.options().dtype(at::kFloat));
+  at::Tensor indices = new_output({B, k}, x.options().dtype(at::kLong));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t nrb = (B + kBM - 1) / kBM, ntiles = (M + kBN - 1) / kBN;
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);
+  const auto kopts = x.options().dtype(at::kLong);
+  at::Tensor part = at::empty({nsplit * B * kK}, kopts);
+  const int64_t rounds = (k + kK - 1) / kK;
+  at::Tensor bound = at::empty({rounds > 1 ? B : 1}, kopts);
+  uint64_t* part_p = reinterpret_cast<uint64_t*>(part.data_ptr<int64_t>());
+  uint64_t* bound_p = reinterpret_cast<uint64_t*>(bound.data_ptr<int64_t>());
+  for (int64_t r = 0; r < rounds; ++r) {
+    FLASHDML_SEL_DISPATCH(x.scalar_type(), [&] {
+      knn_partial_kernel<typename DeviceType<scalar_t>::type>
+          <<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+              dptr<scalar_t>(x), dptr<scalar_t>(y), B, M, d, tps, exclude_diagonal, r > 0 ? bound_p : nullptr,
+              part_p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    knn_merge_kernel<<<unsigned((B + kMergeRows - 1) / kMergeRows), kMergeRows, 0, stream>>>(
+        part_p, B, int(nsplit), k, r * kK, int(std::min<int64_t>(kK, k - r * kK)), values.data_ptr<float>(),
+        indices.data_ptr<int64_t>(), r + 1 < rounds ? bound_p : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {values, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hardest_negatives_fwd_cuda(const at::Tensor& x_in,
+                                                                          const at::Tensor& y_in,
+                                                                          const at::Tensor& labels_in,
+                                                                          const at::Tensor& ref_labels_in, int64_t k,
+                                                                          bool self_mode, bool normalize) {
+  check_xy("hardest_negatives_fwd", x_in, y_in, normalize);
+  const int64_t B = x_in.size(0), M = y_in.size(0);
+  TORCH_CHECK(!self_mode || B == M, "hardest_negatives_fwd: self_mode needs y to be x (B == M)");
+  TORCH_CHECK(labels_in.scalar_type() == at::kLong && labels_in.dim() == 1 && labels_in.size(0) == B &&
+                  labels_in.device() == x_in.device(),
+              "hardest_negatives_fwd: labels must be int64 [B] on the device of x");
+  TORCH_CHECK(ref_labels_in.scalar_type() == at::kLong && ref_labels_in.dim() == 1 && ref_labels_in.size(0) == M &&
+                  ref_labels_in.device() == x_in.device(),
+              "hardest_negatives_fwd: ref_labels must be int64 [M] on the device of x");
+  TORCH_CHECK(k >= 1 && k <= B * M, "hardest_negatives_fwd: k must be in [1, B * M], got ", k);
+  // (k <= the number of negative pairs is the caller's check: flashdml.ops counts them without a kernel pass.)
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = vec_ready(x_in.contiguous());
+  const at::Tensor y = y_in.is_same(x_in) ? x : vec_ready(y_in.contiguous());
+  const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
+  const int64_t d = x.size(1);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t nrb = (B + kBM - 1) / kBM, ntiles = (M + kBN - 1) / kBN;
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);
+  const auto lopts = x.options().dtype(at::kLong);
+  at::Tensor state = at::tensor({int64_t(0), k, int64_t(0), int64_t(0)}, lopts.device(at::kCPU)).to(x.device());
+  at::Tensor hist = at::empty({kNBins}, lopts);
+  at::Tensor cnt = at::empty({2, B, nsplit}, lopts);
+  at::Tensor values = new_output({k}, x.options().dtype(at::kFloat));
+  at::Tensor flat = new_output({k}, lopts);
+  auto* hist_p = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
+  const int passes[3][2] = {{21, 32}, {10, 21}, {0, 10}};
+  FLASHDML_SEL_DISPATCH(x.scalar_type(), [&] {
+    using DT = typename DeviceType<scalar_t>::type;
+    const dim3 grid(static_cast<unsigned>(nrb), static_cast<unsigned>(nsplit));
+    for (const auto& p : passes) {
+      hist.zero_();
+      hn_pass_kernel<DT, 0><<<grid, kThreads, 0, stream>>>(
+          dptr<scalar_t>(x), dptr<scalar_t>(y), labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), B, M, d,
+          tps, int(nsplit), self_mode, p[0], p[1], state.data_ptr<int64_t>(), hist_p, nullptr, nullptr, nullptr,
+          nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      hn_select_kernel<<<1, 32, 0, stream>>>(hist_p, p[1] - p[0], k, state.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    hn_pass_kernel<DT, 1><<<grid, kThreads, 0, stream>>>(
+        dptr<scalar_t>(x), dptr<scalar_t>(y), labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), B, M, d,
+        tps, int(nsplit), self_mode, 0, 0, state.data_ptr<int64_t>(), nullptr, cnt.data_ptr<int64_t>(), nullptr,
+        nullptr, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor c2 = cnt.reshape({2, B * nsplit});
+    const at::Tensor base = (c2.cumsum(1) - c2).contiguous();
+    hn_pass_kernel<DT, 2><<<grid, kThreads, 0, stream>>>(
+        dptr<scalar_t>(x), dptr<scalar_t>(y), labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), B, M, d,
+        tps, int(nsplit), self_mode, 0, 0, state.data_ptr<int64_t>(), nullptr, nullptr, base.data_ptr<int64_t>(),
+        values.data_ptr<float>(), flat.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // order: value descending, then flat index ascending (flat indices are unique)
+  const at::Tensor by_flat = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const at::Tensor v1 = values.index_select(0, by_flat), f1 = flat.index_select(0, by_flat);
+  auto [v_sorted, by_value] = at::sort(v1, /*stable=*/true, /*dim=*/0, /*descending=*/true);
+  const at::Tensor f_sorted = f1.index_select(0, by_value);
+  const at::Tensor rows = at::div(f_sorted, M, "floor");
+  return {v_sorted, rows, f_sorted - rows * M};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace flashdml
+
+TORCH_LIBRARY_IMPL(flashdml, CUDA, m) {
+  m.impl("knn_fwd", &flashdml::cuda::knn_fwd_cuda);
+  m.impl("hardest_negatives_fwd", &flashdml::cuda::hardest_negatives_fwd_cuda);
+}
