@@ -70,6 +70,24 @@ TORCH_LIBRARY(flashdml, m) {
       "hinge_pair_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor labels, Tensor ref_labels, float pos_margin, "
       "float neg_margin, float pos_weight, float neg_weight, bool drop_diagonal, bool strict, bool normalize, "
       "Tensor counts) -> (Tensor dx, Tensor dy)");
+
+  // ---- contextual loss (SPEC 2.5): schemas below this line ----
+  // Self mode only (x is the batch, labels int64 [B], 2 <= k <= B, eps >= 0). Computes
+  // loss = context_weight * L_ctx + reg_weight * L_reg (the margin-contrastive term L_con is the hinge_pair op above,
+  // added by the Python glue) in one streaming pass over S = F F^T tiles plus an O(B k^2) sparse stage.
+  // terms (fp32 [2]) = [L_ctx, L_reg] unweighted. The neighbourhoods N(i) = {j : fl(-D_ij + eps) >= t_i} come back
+  // as CSR: nbr_ptr (int64 [B + 1]), nbr (int32 [nnz], ascending columns per row) and nbr_flags (uint8 [nnz]:
+  // bit 0 = j in P(i), bit 1 = C_ij = 0, i.e. S_ij >= 1). A collapsed batch (|N(i)| = B) raises ValueError.
+  // ste_slope is unused by the forward (it is an input so that autograd hands it to the backward).
+  m.def(
+      "contextual_fwd(Tensor x, Tensor labels, int k, float eps, float context_weight, float reg_weight, "
+      "float reg_target, float ste_slope, bool normalize) -> "
+      "(Tensor loss, Tensor terms, Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags)");
+  // SPEC 2.5's closed-form straight-through gradient from the neighbour lists (no S recompute): dx (input dtype).
+  m.def(
+      "contextual_bwd(Tensor grad_loss, Tensor x, Tensor labels, int k, float eps, float context_weight, "
+      "float reg_weight, float reg_target, float ste_slope, bool normalize, Tensor nbr_ptr, Tensor nbr, "
+      "Tensor nbr_flags) -> Tensor dx");
 }
 
 // Importing flashdml._C loads the schemas above and all kernel registrations; there is no Python API in the

@@ -14,7 +14,8 @@ from ._dispatch import available_backends, backend, get_backend, set_backend
 from .ops.batch_softmax import batch_softmax
 from .ops.xent import cross_example_softmax, ntxent
 from .ops.margin_losses import contrastive_margin, threshold_consistent_margin
-from .ops.unfused import contextual_loss, hardest_negatives, knn, similarity
+from .ops.contextual import contextual_loss
+from .ops.unfused import hardest_negatives, knn, similarity
 from . import losses, metrics  # noqa: E402
 
 __version__ = "0.1.0"

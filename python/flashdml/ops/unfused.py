@@ -32,4 +32,3 @@ def through_dispatch(op: str):
 similarity = through_dispatch("similarity")
 knn = through_dispatch("knn")
 hardest_negatives = through_dispatch("hardest_negatives")
-contextual_loss = through_dispatch("contextual_loss")

@@ -1,0 +1,448 @@
+// Contextual loss on the CPU (SPEC 2.5): context_weight·L_ctx + reg_weight·L_reg (the margin-contrastive term L_con
+// is the fused hinge_pair op, added by the Python glue). Nothing B x B is stored.
+//
+// Forward:
+//  1. One streaming pass over S = F Fᵀ tiles (row blocks x column tiles, cpu_tiles.h gemm_tile): per row a
+//     values-only min-heap of the k largest −D (query included) and a candidate list of the entries with
+//     fl(−D + ε) >= the running k-th largest. The running threshold only rises to the final t_i, so every final
+//     neighbour is a candidate; the list is compacted against the current threshold whenever it doubles, so it stays
+//     O(|band|) per row whatever the column order. At the end of a row block, t_i / h_i are read off the heap and the
+//     candidates are filtered with the inclusive fp32 tests of flashdml/contextual.h — the fp32 values of the one
+//     GEMM, so there is no second pass that could round differently.
+//  2. The sparse stage (contextual_sparse.h): |N(i) ∩ N(j)|, W, R, Z, js in O(B·k²); L_ctx = (1/B²) Σ_{i≠j}
+//     (y − js)², split into the js support and the count of same-label pairs (per-class counts).
+//  3. L_reg = (‖Σ F_i‖²/B² − s̃)² in O(B·d).
+// The op returns the neighbour lists (CSR + flag bytes: in P, clamped C = 0), which is all the backward needs.
+//
+// Backward (SPEC's closed form): dL_ctx/dS = 2·ste_slope·C ⊙ (GN + GP) is applied to F without forming it:
+//  * a sparse part (one CSR row per i, built with a per-task sparse accumulator): GW'⊙H on the support of the
+//    js-driven part of GW, the label part of GW times the sparse part of H, the GI/GJ products with N, GP;
+//  * a row-constant part u 1ᵀ (from −GJ M − GJᵀ M with M = 11ᵀ − N);
+//  * a label-block part −(β/2) ρ_i(κ_j)(1 − a_j/c_i) (the label part of GW times the dense part of H), where
+//    ρ_i(κ) = Σ_{m∈R(i), label κ} 1/r_m, applied through per-class sums of F;
+//  * the C = 0 entries (flagged on the neighbour lists) get their sparse value set to minus the dense parts there.
+// dF = (dS + dSᵀ) F with a CSR product and its transpose, then the normalisation backward.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "contextual_sparse.h"
+#include "cpu_tiles.h"
+#include "flashdml/contextual.h"
+#include "flashdml/poison.h"
+#include "label_index.h"
+
+namespace flashdml {
+namespace cpu {
+namespace {
+
+using ctx::Context;
+using ctx::Csr;
+using ctx::Nbr;
+using ctx::SparseAcc;
+
+struct Setup {
+  at::Tensor F, inv;  // fp32 rows (normalised when asked) and 1 / max(|x|, 1e-12)
+  LabelIndex cls;
+  int64_t B, d;
+};
+
+Setup make_setup(const at::Tensor& x, const at::Tensor& labels, bool normalize) {
+  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()), "contextual: x must be a 2-D floating tensor");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == x.size(0),
+              "contextual: labels must be int64 [B]");
+  TORCH_CHECK(x.size(0) < (int64_t(1) << 31), "contextual: B must be < 2^31");
+  Setup s;
+  s.F = normalized_rows(x, normalize, &s.inv);
+  s.cls = build_label_index(labels, labels);
+  s.B = x.size(0);
+  s.d = x.size(1);
+  return s;
+}
+
+// ----------------------------------------------------------------------------------------- streaming pass
+struct Cand {
+  int32_t col;
+  float neg_d;
+};
+
+// Values-only min-heap of the k largest −D of one row.
+struct TopK {
+  float* h;
+  int64_t n = 0, k;
+  float threshold() const { return n < k ? -std::numeric_limits<float>::infinity() : h[0]; }
+  void offer(float v) {
+    if (n < k) {
+      int64_t i = n++;
+      while (i > 0 && h[(i - 1) / 2] > v) {
+        h[i] = h[(i - 1) / 2];
+        i = (i - 1) / 2;
+      }
+      h[i] = v;
+    } else if (v > h[0]) {
+      int64_t i = 0;
+      for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= k) break;
+        if (c + 1 < k && h[c + 1] < h[c]) ++c;
+        if (h[c] >= v) break;
+        h[i] = h[c];
+        i = c;
+      }
+      h[i] = v;
+    }
+  }
+};
+
+void compact(std::vector<Cand>& cv, float theta, float eps) {
+  size_t o = 0;
+  for (const Cand& c : cv)
+    if (ctx_band_value(c.neg_d, eps) >= theta) cv[o++] = c;
+  cv.resize(o);
+}
+
+struct NbrLists {
+  std::vector<int64_t> size;  // [B]
+  std::vector<std::vector<int32_t>> col;  // per task, rows in order
+  std::vector<std::vector<uint8_t>> flag;
+};
+
+NbrLists neighbour_pass(const Setup& p, int64_t k, float eps) {
+  const int64_t B = p.B;
+  const TaskPlan plan = plan_row_tasks(B);
+  NbrLists out;
+  out.size.assign(B, 0);
+  out.col.resize(plan.num_tasks);
+  out.flag.resize(plan.num_tasks);
+  auto fopts = p.F.options().dtype(at::kFloat);
+  for_each_row_block(plan, B, [&](int64_t task, int64_t r0, int64_t r1) {
+    const int64_t rn = r1 - r0;
+    at::Tensor scratch = at::empty({kTileRows, kTileCols}, fopts);
+    const float* S = scratch.data_ptr<float>();
+    std::vector<float> heaps(rn * k), sorted(k);
+    std::vector<TopK> top(rn);
+    std::vector<std::vector<Cand>> cands(rn);
+    const size_t min_compact = size_t(2 * k + 64);
+    std::vector<size_t> compact_at(rn, min_compact);
+    for (int64_t r = 0; r < rn; ++r) top[r] = TopK{heaps.data() + r * k, 0, k};
+    for (int64_t c0 = 0; c0 < B; c0 += kTileCols) {
+      const int64_t cn = std::min(kTileCols, B - c0);
+      gemm_tile(scratch, p.F, r0, rn, p.F, c0, cn);
+      for (int64_t r = 0; r < rn; ++r) {
+        const float* s = S + r * kTileCols;
+        TopK& tk = top[r];
+        std::vector<Cand>& cv = cands[r];
+        float theta = tk.threshold();
+        for (int64_t c = 0; c < cn; ++c) {
+          const float nd = ctx_neg_distance(s[c]);
+          if (ctx_band_value(nd, eps) >= theta) {
+            cv.push_back({int32_t(c0 + c), nd});
+            tk.offer(nd);
+            theta = tk.threshold();
+          }
+        }
+        if (cv.size() >= compact_at[r]) {
+          compact(cv, theta, eps);
+          compact_at[r] = std::max(min_compact, 2 * cv.size());
+        }
+      }
+    }
+    for (int64_t r = 0; r < rn; ++r) {
+      std::copy(top[r].h, top[r].h + k, sorted.begin());
+      std::sort(sorted.begin(), sorted.end(), [](float a, float b) { return a > b; });
+      const float t = sorted[k - 1], h = sorted[k / 2 - 1];
+      int64_t n = 0;
+      for (const Cand& c : cands[r]) {
+        const float u = ctx_band_value(c.neg_d, eps);
+        if (!(u >= t)) continue;
+        out.col[task].push_back(c.col);
+        out.flag[task].push_back(uint8_t((u >= h ? kCtxInP : 0) | (ctx_clamped(c.neg_d) ? kCtxClamped : 0)));
+        ++n;
+      }
+      out.size[r0 + r] = n;
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------ pieces
+// Σ_i F_i in double.
+std::vector<double> column_sums(const Setup& p) {
+  std::vector<double> s(p.d, 0.0);
+  const float* F = p.F.data_ptr<float>();
+  for (int64_t i = 0; i < p.B; ++i)
+    for (int64_t q = 0; q < p.d; ++q) s[q] += F[i * p.d + q];
+  return s;
+}
+
+double l_reg(const std::vector<double>& colsum, int64_t B, double target) {
+  double ss = 0.0;
+  for (double v : colsum) ss += v * v;
+  const double m = ss / (double(B) * double(B)) - target;
+  return m * m;
+}
+
+// L_ctx = (1/B²) [Σ_{i≠j} y_ij + Σ_{(i,j) ∈ supp js, i≠j} (js² − 2 y js)].
+double l_ctx(const Context& cx, const LabelIndex& cls, int64_t B) {
+  const int64_t T = ctx::num_row_tasks(B);
+  std::vector<double> part(T, 0.0);
+  ctx::for_each_row(B, [&](int64_t t, int64_t i) {
+    double s = 0.0;
+    for (int64_t e = cx.js.begin(i); e < cx.js.end(i); ++e) {
+      const int32_t j = cx.js.col[e];
+      if (j == i) continue;
+      const double v = cx.js.val[e];
+      s += v * v - (cls.row_class[i] == cls.row_class[j] ? 2.0 * v : 0.0);
+    }
+    part[t] += s;
+  });
+  double total = 0.0;
+  for (size_t c = 0; c + 1 < cls.class_start.size(); ++c) {
+    const double n = double(cls.class_start[c + 1] - cls.class_start[c]);
+    total += n * n;
+  }
+  total -= double(B);
+  for (double v : part) total += v;
+  return total / (double(B) * double(B));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contextual_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& labels, int64_t k, double eps, double context_weight, double reg_weight,
+    double reg_target, double ste_slope, bool normalize) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  (void)ste_slope;
+  const Setup p = make_setup(x, labels, normalize);
+  const int64_t B = p.B;
+  TORCH_CHECK_VALUE(k >= 2 && k <= B, "contextual_loss: k = ", k, " must satisfy 2 <= k <= B = ", B);
+  TORCH_CHECK_VALUE(eps >= 0, "contextual_loss: eps must be >= 0, got ", eps);
+  NbrLists lists = neighbour_pass(p, k, float(eps));
+  auto lopts = x.options().dtype(at::kLong);
+  at::Tensor ptr = new_output({B + 1}, lopts);
+  int64_t* pp = ptr.data_ptr<int64_t>();
+  pp[0] = 0;
+  for (int64_t i = 0; i < B; ++i) pp[i + 1] = pp[i] + lists.size[i];
+  at::Tensor col = new_output({pp[B]}, x.options().dtype(at::kInt));
+  // uint8 cannot hold new_output's integer sentinel: poisoned flags get the unused high bits instead.
+  at::Tensor flag = at::empty({pp[B]}, x.options().dtype(at::kByte));
+  if (poison_flag().load()) flag.fill_(0xFC);
+  int64_t o = 0;
+  for (size_t t = 0; t < lists.col.size(); ++t) {
+    std::copy(lists.col[t].begin(), lists.col[t].end(), col.data_ptr<int32_t>() + o);
+    std::copy(lists.flag[t].begin(), lists.flag[t].end(), flag.data_ptr<uint8_t>() + o);
+    o += int64_t(lists.col[t].size());
+  }
+  lists = NbrLists();
+  const Nbr nb = ctx::make_nbr(B, pp, col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
+  const Context cx = ctx::build_context(nb);
+  const double lc = l_ctx(cx, p.cls, B), lr = l_reg(column_sums(p), B, reg_target);
+  auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor loss = new_output({}, fopts), terms = new_output({2}, fopts);
+  loss.fill_(context_weight * lc + reg_weight * lr);
+  terms.data_ptr<float>()[0] = float(lc);
+  terms.data_ptr<float>()[1] = float(lr);
+  return {loss, terms, ptr, col, flag};
+}
+
+// --------------------------------------------------------------------------------------------- backward
+struct Backward {
+  const Setup& p;
+  const Nbr& nb;
+  const Context& cx;
+  double beta;
+  std::vector<double> gr, gwn, u;
+
+  bool same(int64_t i, int64_t j) const { return p.cls.row_class[i] == p.cls.row_class[j]; }
+  // G_ij = dL_ctx/dZ_ij = β (js_ij − y_ij) [i ≠ j].
+  double G(int64_t i, int32_t j) const { return i == j ? 0.0 : beta * (cx.js.at(i, j) - (same(i, j) ? 1.0 : 0.0)); }
+  // GR_ab = (1/r_a) Σ_{j∈N(b)} G_aj W_bj + gr_a.
+  double GR(int64_t a, int64_t b) const {
+    double s = 0.0;
+    for (int64_t e = nb.ptr[b]; e < nb.ptr[b + 1]; ++e) s += G(a, nb.col[e]) * cx.w[e];
+    return s / cx.r[a] + gr[a];
+  }
+
+  void prepare() {
+    const int64_t B = p.B;
+    gr.assign(B, 0.0);
+    gwn.assign(nb.ptr[B], 0.0);
+    u.assign(B, 0.0);
+    ctx::for_each_row(B, [&](int64_t, int64_t i) {
+      double s = 0.0;
+      for (int64_t e = cx.Z.begin(i); e < cx.Z.end(i); ++e) s += G(i, cx.Z.col[e]) * cx.Z.val[e];
+      gr[i] = -s / cx.r[i];
+      // GW_il = Σ_{m∈R(i)} G_ml / r_m on l ∈ N(i)
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {
+        const int32_t l = nb.col[e];
+        double g = 0.0;
+        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) g += G(cx.R.col[q], l) / cx.r[cx.R.col[q]];
+        gwn[e] = g;
+      }
+    });
+    ctx::for_each_row(B, [&](int64_t, int64_t i) {  // u_i = −(Σ_l GJ_il + Σ_l GJ_li)
+      double s = 0.0;
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) s += 0.5 * gwn[e] / cx.c[i];
+      for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) s += 0.5 * gwn[nb.tpos[q]] / cx.c[nb.trow[q]];
+      u[i] = -s;
+    });
+  }
+
+  // The sparse part of GN + GP (C = 0 entries set to minus the dense parts), times scale.
+  Csr sparse_part(double scale) {
+    const int64_t B = p.B;
+    const int64_t T = ctx::num_row_tasks(B);
+    const int64_t nc = int64_t(p.cls.class_start.size()) - 1;
+    std::vector<SparseAcc> acc_n(T, SparseAcc(B)), acc_gw(T, SparseAcc(B)), out(T, SparseAcc(B));
+    std::vector<std::vector<double>> rho(T, std::vector<double>(nc, 0.0));
+    const int32_t* cl = p.cls.row_class.data();
+    return ctx::build_rows(B, [&](int64_t t, int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
+      SparseAcc &an = acc_n[t], &ag = acc_gw[t], &o = out[t];
+      std::vector<double>& rh = rho[t];
+      const double ai = cx.a[i], ci = cx.c[i], s_ac = 1.0 / ai + 1.0 / ci;
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // n_ij = |N(i) ∩ N(j)|
+        const int32_t l = nb.col[e];
+        for (int64_t q = nb.tptr[l]; q < nb.tptr[l + 1]; ++q) an.add(nb.trow[q], 1.0);
+      }
+      for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {  // js-driven part of GW, and ρ_i
+        const int32_t m = cx.R.col[q];
+        const double wm = beta / cx.r[m];
+        for (int64_t e = cx.js.begin(m); e < cx.js.end(m); ++e)
+          if (cx.js.col[e] != m) ag.add(cx.js.col[e], wm * cx.js.val[e]);
+        ag.add(m, wm);  // the label part's own diagonal m = j removed from the class sum
+        rh[cl[m]] += 1.0 / cx.r[m];
+      }
+      for (int32_t j : ag.idx) o.add(j, ag.v[j] * ctx_h(an.v[j], ai, cx.a[j], double(B)));
+      for (int32_t j : an.idx) o.add(j, -beta * rh[cl[j]] * 0.5 * an.v[j] * s_ac);
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // (GI − GJ·(−1)) N, sparse parts
+        const int32_t l = nb.col[e];
+        const double coef = 0.5 * gwn[e] * s_ac;
+        for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
+      }
+      for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) {  // (GIᵀ + GJᵀ) N
+        const int32_t l = nb.trow[q];
+        const double coef = 0.5 * gwn[nb.tpos[q]] * (1.0 / cx.a[l] + 1.0 / cx.c[l]);
+        for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
+        if (nb.flag[nb.tpos[q]] & kCtxInP) o.add(l, GR(i, l) + GR(l, i));  // GP_il = P_li (GR_il + GR_li)
+      }
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // C = 0: the total there must vanish
+        if (!(nb.flag[e] & kCtxClamped)) continue;
+        const int32_t j = nb.col[e];
+        o.set(j, -(u[i] - 0.5 * beta * rh[cl[j]] * (1.0 - cx.a[j] / ci)));
+      }
+      o.emit(cols, vals, scale);
+      an.clear();
+      ag.clear();
+      for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) rh[cl[cx.R.col[q]]] = 0.0;
+    });
+  }
+};
+
+// dF[i] += Σ_e val[e] F[col[e]] for the rows of a CSR (double accumulation).
+void csr_times_rows(const Csr& m, const float* F, int64_t d, double* dF, int64_t B) {
+  ctx::for_each_row(B, [&](int64_t, int64_t i) {
+    double* o = dF + i * d;
+    for (int64_t e = m.begin(i); e < m.end(i); ++e) {
+      const double v = m.val[e];
+      const float* f = F + int64_t(m.col[e]) * d;
+      for (int64_t q = 0; q < d; ++q) o[q] += v * f[q];
+    }
+  });
+}
+
+at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& labels, int64_t k,
+                              double eps, double context_weight, double reg_weight, double reg_target,
+                              double ste_slope, bool normalize, const at::Tensor& ptr_in, const at::Tensor& col_in,
+                              const at::Tensor& flag_in) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  (void)k;
+  (void)eps;
+  TORCH_CHECK(grad_loss.numel() == 1, "contextual_bwd: grad_loss must be a scalar");
+  const Setup p = make_setup(x, labels, normalize);
+  const int64_t B = p.B, d = p.d;
+  const at::Tensor ptr = ptr_in.to(at::kLong).contiguous(), col = col_in.to(at::kInt).contiguous(),
+                   flag = flag_in.to(at::kByte).contiguous();
+  TORCH_CHECK(ptr.numel() == B + 1 && col.numel() == ptr.data_ptr<int64_t>()[B] && flag.numel() == col.numel(),
+              "contextual_bwd: neighbour lists do not match the batch (pass the forward's outputs)");
+  const double g = grad_loss.item<double>();
+  const float* F = p.F.data_ptr<float>();
+  std::vector<double> dF(B * d, 0.0);
+  const std::vector<double> colsum = column_sums(p);
+
+  // L_reg: dL/dF_i = 2 (‖ΣF‖²/B² − s̃) · 2 ΣF / B²
+  double ss = 0.0;
+  for (double v : colsum) ss += v * v;
+  const double B2 = double(B) * double(B);
+  const double reg_coef = g * reg_weight * 2.0 * (ss / B2 - reg_target) * 2.0 / B2;
+
+  const double s_ctx = g * context_weight * 2.0 * ste_slope;
+  if (s_ctx != 0.0) {
+    const Nbr nb = ctx::make_nbr(B, ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
+    const Context cx = ctx::build_context(nb);
+    Backward bw{p, nb, cx, 2.0 / B2, {}, {}, {}};
+    bw.prepare();
+    {
+      const Csr sp = bw.sparse_part(s_ctx);
+      csr_times_rows(sp, F, d, dF.data(), B);
+      csr_times_rows(ctx::transpose(sp, B), F, d, dF.data(), B);
+    }
+    // row-constant part s_ctx u_i for every j: (u 1ᵀ) F = u_i ΣF and (1 uᵀ) F = Σ_i u_i F_i
+    std::vector<double> uF(d, 0.0);
+    for (int64_t i = 0; i < B; ++i)
+      for (int64_t q = 0; q < d; ++q) uF[q] += bw.u[i] * F[i * d + q];
+    // label-block part −(β/2) ρ_i(κ_j)(1 − a_j/c_i): per-class sums SF, SaF (rows) and V, V' (columns)
+    const int64_t nc = int64_t(p.cls.class_start.size()) - 1;
+    std::vector<double> SF(nc * d, 0.0), SaF(nc * d, 0.0), V(nc * d, 0.0), Vc(nc * d, 0.0);
+    at::parallel_for(0, nc, 16, [&](int64_t k0, int64_t k1) {
+      for (int64_t kk = k0; kk < k1; ++kk)
+        for (int64_t q0 = p.cls.class_start[kk]; q0 < p.cls.class_start[kk + 1]; ++q0) {
+          const int64_t m = p.cls.cols_by_class[q0];
+          const float* fm = F + m * d;
+          for (int64_t q = 0; q < d; ++q) {
+            SF[kk * d + q] += fm[q];
+            SaF[kk * d + q] += cx.a[m] * fm[q];
+          }
+          for (int64_t e = cx.R.begin(m); e < cx.R.end(m); ++e) {
+            const int64_t i = cx.R.col[e];
+            const float* fi = F + i * d;
+            const double w = 1.0 / cx.r[m], wc = w / cx.c[i];
+            for (int64_t q = 0; q < d; ++q) {
+              V[kk * d + q] += w * fi[q];
+              Vc[kk * d + q] += wc * fi[q];
+            }
+          }
+        }
+    });
+    const double hb = -0.5 * bw.beta * s_ctx;
+    ctx::for_each_row(B, [&](int64_t, int64_t i) {
+      double* o = dF.data() + i * d;
+      const double ui = s_ctx * bw.u[i];
+      for (int64_t q = 0; q < d; ++q) o[q] += ui * colsum[q] + s_ctx * uF[q];
+      for (int64_t e = cx.R.begin(i); e < cx.R.end(i); ++e) {
+        const int64_t m = cx.R.col[e], kk = p.cls.row_class[m];
+        const double w = hb / cx.r[m], wc = w / cx.c[i];
+        for (int64_t q = 0; q < d; ++q) o[q] += w * SF[kk * d + q] - wc * SaF[kk * d + q];
+      }
+      const int64_t ki = p.cls.row_class[i];
+      for (int64_t q = 0; q < d; ++q) o[q] += hb * (V[ki * d + q] - cx.a[i] * Vc[ki * d + q]);
+    });
+  }
+  at::Tensor dx = at::empty({B, d}, p.F.options());
+  float* dp = dx.data_ptr<float>();
+  at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t q = 0; q < d; ++q) dp[i * d + q] = float(dF[i * d + q] + reg_coef * colsum[q]);
+  });
+  if (normalize) normalize_backward_inplace(dx, p.F, p.inv);
+  return grad_output_like(dx, x);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace flashdml
+
+TORCH_LIBRARY_IMPL(flashdml, CPU, m) {
+  m.impl("contextual_fwd", &flashdml::cpu::contextual_fwd_cpu);
+  m.impl("contextual_bwd", &flashdml::cpu::contextual_bwd_cpu);
+}
