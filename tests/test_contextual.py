@@ -57,8 +57,8 @@ def _compare(x, labels, upstream=0.7, rtol_loss=RTOL_LOSS, rtol_grad=RTOL_GRAD, 
 
 def _kernel_lists(x, labels, k, eps, normalize=True):
     """Dense N, P, C (bool [B, B]) from the kernel's neighbour lists."""
-    loss, terms, ptr, nbr, flags = torch.ops.flashdml.contextual_fwd(
-        x.contiguous(), labels.long(), k, eps, 0.4, 0.1, 0.25, 10.0, normalize)
+    loss, terms, ptr, nbr, flags, counts = torch.ops.flashdml.contextual_fwd(
+        x.contiguous(), labels.long(), k, eps, 0.4, 0.5, 0.1, 0.25, 0.75, 0.6, 10.0, normalize)
     B = x.shape[0]
     assert (flags < 4).all() and ptr[0] == 0 and ptr[-1] == nbr.numel()
     rows = torch.repeat_interleave(torch.arange(B), ptr[1:] - ptr[:-1])
@@ -127,6 +127,7 @@ def test_single_terms():
     t = fd.reference.contextual.contextual_loss_terms(x.double(), labels)
     assert terms[0].item() == pytest.approx(t["L_ctx"].item(), rel=1e-6)
     assert terms[1].item() == pytest.approx(t["L_reg"].item(), rel=1e-5, abs=1e-9)
+    assert terms[2].item() == pytest.approx(t["L_con"].item(), rel=1e-6)
 
 
 @needs_kernel

@@ -32,6 +32,7 @@
 #include "contextual_sparse.h"
 #include "cpu_tiles.h"
 #include "flashdml/contextual.h"
+#include "flashdml/hinge_pair.h"
 #include "flashdml/poison.h"
 #include "label_index.h"
 
@@ -104,16 +105,45 @@ void compact(std::vector<Cand>& cv, float theta, float eps) {
   cv.resize(o);
 }
 
+struct HingeStats {
+  double pos_sum = 0.0, neg_sum = 0.0;
+  int64_t pos_count = 0, neg_count = 0;
+};
+
 struct NbrLists {
+  std::vector<HingeStats> con;  // per task: the margin-contrastive sums and counts (SPEC 2.4)
   std::vector<int64_t> size;  // [B]
   std::vector<std::vector<int32_t>> col;  // per task, rows in order
   std::vector<std::vector<uint8_t>> flag;
 };
 
-NbrLists neighbour_pass(const Setup& p, int64_t k, float eps) {
+// SPEC 2.4 on one tile row (strict tests, self mode keeps the diagonal as a positive): the hinge_pair.h rules.
+inline void hinge_row(const float* s, int64_t cn, const int32_t* col_class, int32_t ci, float mp, float mn,
+                      HingeStats& st) {
+  double ps = 0.0, ns = 0.0, pc = 0.0, nc = 0.0;
+  const double mpd = mp, mnd = mn;
+#pragma omp simd reduction(+ : ps, ns, pc, nc)
+  for (int64_t c = 0; c < cn; ++c) {
+    const float v = s[c];
+    const bool same = col_class[c] == ci;
+    const bool hp = same & hinge_hard_positive(v, mp, true);
+    const bool hn = !same & hinge_hard_negative(v, mn, true);
+    ps += hp ? mpd - double(v) : 0.0;
+    ns += hn ? double(v) - mnd : 0.0;
+    pc += hp ? 1.0 : 0.0;
+    nc += hn ? 1.0 : 0.0;
+  }
+  st.pos_sum += ps;
+  st.neg_sum += ns;
+  st.pos_count += int64_t(pc);
+  st.neg_count += int64_t(nc);
+}
+
+NbrLists neighbour_pass(const Setup& p, int64_t k, float eps, float mp, float mn) {
   const int64_t B = p.B;
   const TaskPlan plan = plan_row_tasks(B);
   NbrLists out;
+  out.con.resize(plan.num_tasks);
   out.size.assign(B, 0);
   out.col.resize(plan.num_tasks);
   out.flag.resize(plan.num_tasks);
@@ -133,6 +163,7 @@ NbrLists neighbour_pass(const Setup& p, int64_t k, float eps) {
       gemm_tile(scratch, p.F, r0, rn, p.F, c0, cn);
       for (int64_t r = 0; r < rn; ++r) {
         const float* s = S + r * kTileCols;
+        hinge_row(s, cn, p.cls.col_class.data() + c0, p.cls.row_class[r0 + r], mp, mn, out.con[task]);
         TopK& tk = top[r];
         std::vector<Cand>& cv = cands[r];
         float theta = tk.threshold();
@@ -209,16 +240,25 @@ double l_ctx(const Context& cx, const LabelIndex& cls, int64_t B) {
   return total / (double(B) * double(B));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contextual_fwd_cpu(
-    const at::Tensor& x, const at::Tensor& labels, int64_t k, double eps, double context_weight, double reg_weight,
-    double reg_target, double ste_slope, bool normalize) {
+using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t k, double eps, double context_weight,
+                          double contrastive_weight, double reg_weight, double reg_target, double pos_margin,
+                          double neg_margin, double ste_slope, bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   (void)ste_slope;
   const Setup p = make_setup(x, labels, normalize);
   const int64_t B = p.B;
   TORCH_CHECK_VALUE(k >= 2 && k <= B, "contextual_loss: k = ", k, " must satisfy 2 <= k <= B = ", B);
   TORCH_CHECK_VALUE(eps >= 0, "contextual_loss: eps must be >= 0, got ", eps);
-  NbrLists lists = neighbour_pass(p, k, float(eps));
+  NbrLists lists = neighbour_pass(p, k, float(eps), float(pos_margin), float(neg_margin));
+  HingeStats con;  // combined in task order: deterministic for a given thread count
+  for (const HingeStats& st : lists.con) {
+    con.pos_sum += st.pos_sum;
+    con.neg_sum += st.neg_sum;
+    con.pos_count += st.pos_count;
+    con.neg_count += st.neg_count;
+  }
   auto lopts = x.options().dtype(at::kLong);
   at::Tensor ptr = new_output({B + 1}, lopts);
   int64_t* pp = ptr.data_ptr<int64_t>();
@@ -238,12 +278,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> contextua
   const Nbr nb = ctx::make_nbr(B, pp, col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
   const Context cx = ctx::build_context(nb);
   const double lc = l_ctx(cx, p.cls, B), lr = l_reg(column_sums(p), B, reg_target);
+  const double lcon = hinge_pair_loss(con.pos_sum, con.pos_count, con.neg_sum, con.neg_count, 1.0, 1.0);
   auto fopts = x.options().dtype(at::kFloat);
-  at::Tensor loss = new_output({}, fopts), terms = new_output({2}, fopts);
-  loss.fill_(context_weight * lc + reg_weight * lr);
-  terms.data_ptr<float>()[0] = float(lc);
-  terms.data_ptr<float>()[1] = float(lr);
-  return {loss, terms, ptr, col, flag};
+  at::Tensor loss = new_output({}, fopts), terms = new_output({3}, fopts), counts = new_output({2}, lopts);
+  loss.fill_(context_weight * lc + reg_weight * lr + contrastive_weight * lcon);
+  float* tp = terms.data_ptr<float>();
+  tp[0] = float(lc);
+  tp[1] = float(lr);
+  tp[2] = float(lcon);
+  counts.data_ptr<int64_t>()[0] = con.pos_count;
+  counts.data_ptr<int64_t>()[1] = con.neg_count;
+  return {loss, terms, ptr, col, flag, counts};
 }
 
 // --------------------------------------------------------------------------------------------- backward
@@ -289,8 +334,8 @@ struct Backward {
     });
   }
 
-  // The sparse part of GN + GP (C = 0 entries set to minus the dense parts), times scale.
-  Csr sparse_part(double scale) {
+  // The sparse part SP of GN + GP (GN + GP = SP + u 1ᵀ + LB), rows unsorted, as fp32 values.
+  Csr sparse_part() {
     const int64_t B = p.B;
     const int64_t T = ctx::num_row_tasks(B);
     const int64_t nc = int64_t(p.cls.class_start.size()) - 1;
@@ -313,25 +358,28 @@ struct Backward {
         ag.add(m, wm);  // the label part's own diagonal m = j removed from the class sum
         rh[cl[m]] += 1.0 / cx.r[m];
       }
+      // GW' ⊙ H (H = ½(1 − a_j/c_i) + ½ n_ij (1/a_i + 1/c_i)) and the label part of GW times the n part of H
       for (int32_t j : ag.idx) o.add(j, ag.v[j] * ctx_h(an.v[j], ai, cx.a[j], double(B)));
-      for (int32_t j : an.idx) o.add(j, -beta * rh[cl[j]] * 0.5 * an.v[j] * s_ac);
-      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // (GI − GJ·(−1)) N, sparse parts
+      for (int32_t j : an.idx) {
+        const double rj = rh[cl[j]];
+        if (rj != 0.0) o.add(j, -beta * rj * 0.5 * an.v[j] * s_ac);
+      }
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // GI N − (GJ M − gj 1ᵀ), sparse parts
         const int32_t l = nb.col[e];
         const double coef = 0.5 * gwn[e] * s_ac;
         for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
       }
-      for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) {  // (GIᵀ + GJᵀ) N
+      for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) {  // GIᵀ N − (GJᵀ M − gjt 1ᵀ), and GP
         const int32_t l = nb.trow[q];
         const double coef = 0.5 * gwn[nb.tpos[q]] * (1.0 / cx.a[l] + 1.0 / cx.c[l]);
         for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
         if (nb.flag[nb.tpos[q]] & kCtxInP) o.add(l, GR(i, l) + GR(l, i));  // GP_il = P_li (GR_il + GR_li)
       }
-      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // C = 0: the total there must vanish
-        if (!(nb.flag[e] & kCtxClamped)) continue;
-        const int32_t j = nb.col[e];
-        o.set(j, -(u[i] - 0.5 * beta * rh[cl[j]] * (1.0 - cx.a[j] / ci)));
+      for (int32_t j : o.idx) {
+        cols.push_back(j);
+        vals.push_back(o.v[j]);
       }
-      o.emit(cols, vals, scale);
+      o.clear();
       an.clear();
       ag.clear();
       for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) rh[cl[cx.R.col[q]]] = 0.0;
@@ -339,101 +387,93 @@ struct Backward {
   }
 };
 
-// dF[i] += Σ_e val[e] F[col[e]] for the rows of a CSR (double accumulation).
-void csr_times_rows(const Csr& m, const float* F, int64_t d, double* dF, int64_t B) {
-  ctx::for_each_row(B, [&](int64_t, int64_t i) {
-    double* o = dF + i * d;
-    for (int64_t e = m.begin(i); e < m.end(i); ++e) {
-      const double v = m.val[e];
-      const float* f = F + int64_t(m.col[e]) * d;
-      for (int64_t q = 0; q < d; ++q) o[q] += v * f[q];
-    }
-  });
-}
-
 at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& labels, int64_t k,
-                              double eps, double context_weight, double reg_weight, double reg_target,
-                              double ste_slope, bool normalize, const at::Tensor& ptr_in, const at::Tensor& col_in,
-                              const at::Tensor& flag_in) {
+                              double eps, double context_weight, double contrastive_weight, double reg_weight,
+                              double reg_target, double pos_margin, double neg_margin, double ste_slope,
+                              bool normalize, const at::Tensor& ptr_in, const at::Tensor& col_in,
+                              const at::Tensor& flag_in, const at::Tensor& counts_in) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   (void)k;
   (void)eps;
   TORCH_CHECK(grad_loss.numel() == 1, "contextual_bwd: grad_loss must be a scalar");
   const Setup p = make_setup(x, labels, normalize);
-  const int64_t B = p.B, d = p.d;
+  const int64_t B = p.B;
   const at::Tensor ptr = ptr_in.to(at::kLong).contiguous(), col = col_in.to(at::kInt).contiguous(),
-                   flag = flag_in.to(at::kByte).contiguous();
-  TORCH_CHECK(ptr.numel() == B + 1 && col.numel() == ptr.data_ptr<int64_t>()[B] && flag.numel() == col.numel(),
-              "contextual_bwd: neighbour lists do not match the batch (pass the forward's outputs)");
+                   flag = flag_in.to(at::kByte).contiguous(), counts = counts_in.to(at::kLong).contiguous();
+  TORCH_CHECK(ptr.numel() == B + 1 && col.numel() == ptr.data_ptr<int64_t>()[B] && flag.numel() == col.numel() &&
+                  counts.numel() == 2,
+              "contextual_bwd: neighbour lists / counts do not match the batch (pass the forward's outputs)");
   const double g = grad_loss.item<double>();
-  const float* F = p.F.data_ptr<float>();
-  std::vector<double> dF(B * d, 0.0);
+  const double B2 = double(B) * double(B);
+  // dL/dS_ij of each term: L_reg a constant, L_con −1/#hp on hard positives and +1/#hn on hard negatives,
+  // L_ctx = s_ctx · C ⊙ (SP + u 1ᵀ + LB) with LB_ij = −(β/2) ρ_i(κ_j)(1 − a_j/c_i).
   const std::vector<double> colsum = column_sums(p);
-
-  // L_reg: dL/dF_i = 2 (‖ΣF‖²/B² − s̃) · 2 ΣF / B²
   double ss = 0.0;
   for (double v : colsum) ss += v * v;
-  const double B2 = double(B) * double(B);
-  const double reg_coef = g * reg_weight * 2.0 * (ss / B2 - reg_target) * 2.0 / B2;
-
+  const float g_reg = float(g * reg_weight * 2.0 * (ss / B2 - reg_target) / B2);
+  const int64_t* cp = counts.data_ptr<int64_t>();
+  const float g_hp = float(-g * contrastive_weight * hinge_term_scale(1.0, cp[0]));
+  const float g_hn = float(g * contrastive_weight * hinge_term_scale(1.0, cp[1]));
+  const float mp = float(pos_margin), mn = float(neg_margin);
   const double s_ctx = g * context_weight * 2.0 * ste_slope;
-  if (s_ctx != 0.0) {
-    const Nbr nb = ctx::make_nbr(B, ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
-    const Context cx = ctx::build_context(nb);
-    Backward bw{p, nb, cx, 2.0 / B2, {}, {}, {}};
+  const double beta = 2.0 / B2;
+
+  const Nbr nb = ctx::make_nbr(B, ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
+  Context cx;
+  Backward bw{p, nb, cx, beta, {}, {}, {}};
+  Csr sp;
+  const bool with_ctx = s_ctx != 0.0;
+  if (with_ctx) {
+    cx = ctx::build_context(nb);
     bw.prepare();
-    {
-      const Csr sp = bw.sparse_part(s_ctx);
-      csr_times_rows(sp, F, d, dF.data(), B);
-      csr_times_rows(ctx::transpose(sp, B), F, d, dF.data(), B);
-    }
-    // row-constant part s_ctx u_i for every j: (u 1ᵀ) F = u_i ΣF and (1 uᵀ) F = Σ_i u_i F_i
-    std::vector<double> uF(d, 0.0);
-    for (int64_t i = 0; i < B; ++i)
-      for (int64_t q = 0; q < d; ++q) uF[q] += bw.u[i] * F[i * d + q];
-    // label-block part −(β/2) ρ_i(κ_j)(1 − a_j/c_i): per-class sums SF, SaF (rows) and V, V' (columns)
-    const int64_t nc = int64_t(p.cls.class_start.size()) - 1;
-    std::vector<double> SF(nc * d, 0.0), SaF(nc * d, 0.0), V(nc * d, 0.0), Vc(nc * d, 0.0);
-    at::parallel_for(0, nc, 16, [&](int64_t k0, int64_t k1) {
-      for (int64_t kk = k0; kk < k1; ++kk)
-        for (int64_t q0 = p.cls.class_start[kk]; q0 < p.cls.class_start[kk + 1]; ++q0) {
-          const int64_t m = p.cls.cols_by_class[q0];
-          const float* fm = F + m * d;
-          for (int64_t q = 0; q < d; ++q) {
-            SF[kk * d + q] += fm[q];
-            SaF[kk * d + q] += cx.a[m] * fm[q];
-          }
-          for (int64_t e = cx.R.begin(m); e < cx.R.end(m); ++e) {
-            const int64_t i = cx.R.col[e];
-            const float* fi = F + i * d;
-            const double w = 1.0 / cx.r[m], wc = w / cx.c[i];
-            for (int64_t q = 0; q < d; ++q) {
-              V[kk * d + q] += w * fi[q];
-              Vc[kk * d + q] += wc * fi[q];
-            }
-          }
-        }
-    });
-    const double hb = -0.5 * bw.beta * s_ctx;
-    ctx::for_each_row(B, [&](int64_t, int64_t i) {
-      double* o = dF.data() + i * d;
-      const double ui = s_ctx * bw.u[i];
-      for (int64_t q = 0; q < d; ++q) o[q] += ui * colsum[q] + s_ctx * uF[q];
-      for (int64_t e = cx.R.begin(i); e < cx.R.end(i); ++e) {
-        const int64_t m = cx.R.col[e], kk = p.cls.row_class[m];
-        const double w = hb / cx.r[m], wc = w / cx.c[i];
-        for (int64_t q = 0; q < d; ++q) o[q] += w * SF[kk * d + q] - wc * SaF[kk * d + q];
-      }
-      const int64_t ki = p.cls.row_class[i];
-      for (int64_t q = 0; q < d; ++q) o[q] += hb * (V[ki * d + q] - cx.a[i] * Vc[ki * d + q]);
-    });
+    sp = bw.sparse_part();
   }
-  at::Tensor dx = at::empty({B, d}, p.F.options());
-  float* dp = dx.data_ptr<float>();
-  at::parallel_for(0, B, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i)
-      for (int64_t q = 0; q < d; ++q) dp[i * d + q] = float(dF[i * d + q] + reg_coef * colsum[q]);
+  // One recompute pass over the S tiles (cpu_tiles.h weighted_gradient_pass, the forward's tiles, so C and the
+  // hard pairs are exactly the forward's): each tile becomes dL/dS, then dx += G F, dy += Gᵀ F.
+  const TaskPlan plan = plan_row_tasks(B);
+  std::vector<std::vector<float>> aux(plan.num_tasks, std::vector<float>(kTileRows * kTileCols, 0.f));
+  const int32_t* cl = p.cls.row_class.data();
+  auto fopts = p.F.options().dtype(at::kFloat);
+  at::Tensor dx = at::zeros({B, p.d}, fopts), dy = at::zeros({B, p.d}, fopts);
+  weighted_gradient_pass(p.F, p.F, dx, dy, [&](int64_t t, int64_t r0, int64_t rn, int64_t c0, int64_t cn, float* S,
+                                               int64_t ld) {
+    float* A = aux[t].data();
+    const int32_t c1 = int32_t(c0 + cn);
+    for (int64_t r = 0; r < rn; ++r) {
+      const int64_t i = r0 + r;
+      float* a = A + r * kTileCols;
+      float* s = S + r * ld;
+      if (with_ctx) {  // SP + LB of row i inside the tile, into the auxiliary tile
+        for (int64_t e = sp.begin(i); e < sp.end(i); ++e) {
+          const int32_t j = sp.col[e];
+          if (j >= c0 && j < c1) a[j - c0] += float(sp.val[e]);
+        }
+        const double hb = -0.5 * beta / cx.c[i];
+        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {
+          const int32_t m = cx.R.col[q];
+          const double w = hb / cx.r[m];
+          const int64_t* b = p.cls.cols_by_class.data() + p.cls.class_start[cl[m]];
+          const int64_t* en = p.cls.cols_by_class.data() + p.cls.class_start[cl[m] + 1];
+          for (const int64_t* jp = std::lower_bound(b, en, c0); jp != en && *jp < c1; ++jp)
+            a[*jp - c0] += float(w * (cx.c[i] - cx.a[*jp]));
+        }
+      }
+      const float ui = with_ctx ? float(bw.u[i]) : 0.f, sc = float(s_ctx);
+      const int32_t* colc = cl + c0;
+      const int32_t ci = cl[i];
+#pragma omp simd
+      for (int64_t c = 0; c < cn; ++c) {
+        const float v = s[c];
+        const bool same = colc[c] == ci;
+        const bool hp = same & hinge_hard_positive(v, mp, true);
+        const bool hn = !same & hinge_hard_negative(v, mn, true);
+        const bool keep = !ctx_clamped(ctx_neg_distance(v));  // C_ij
+        s[c] = g_reg + (hp ? g_hp : 0.f) + (hn ? g_hn : 0.f) + (keep ? sc * (ui + a[c]) : 0.f);
+        a[c] = 0.f;
+      }
+    }
   });
+  dx.add_(dy);
   if (normalize) normalize_backward_inplace(dx, p.F, p.inv);
   return grad_output_like(dx, x);
 }

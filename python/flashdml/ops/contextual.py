@@ -2,11 +2,12 @@
 
 The C++ CPU op ``flashdml::contextual_fwd`` makes one streaming pass over tiles of ``S = F Fᵀ`` that keeps, per
 row, only the k largest ``−D`` values and the neighbour list ``N(i)`` (with the flags "in P(i)" and "clamped"),
+and the margin-contrastive hinge sums and counts (SPEC 2.4, the per-element rules of ``fd.contrastive_margin``),
 then computes ``L_ctx`` from the lists in O(B·k²) and ``L_reg`` in O(B·d). Its backward
-(``flashdml::contextual_bwd``) applies SPEC's closed-form straight-through gradient as "sparse + row-constant +
-label-block" matrices to ``F`` without forming anything B×B. The margin-contrastive term ``L_con`` is the fused
-hinge-pair op (``flashdml::hinge_pair_fwd``, the kernel behind ``fd.contrastive_margin``) with the loss's own
-``normalize`` flag. Memory is O((B + k²)·d + B·k²) at most.
+(``flashdml::contextual_bwd``) builds SPEC's closed-form straight-through gradient as "sparse (O(k²) per row) +
+row-constant + label-block" parts from the lists and applies it, with the L_con and L_reg gradients, in one
+recompute pass over the same S tiles (each tile of dL/dS exists only while it is in cache). Memory is
+O((B + k²)·d + B·k²); nothing B×B is stored.
 """
 from __future__ import annotations
 
@@ -17,21 +18,22 @@ from .. import _dispatch, _ext
 from .. import reference as _reference
 from .._validation import check_real
 from ..reference.contextual import _check_contextual_args
-from . import margin_losses as _margin
 from ._registry import register_loss_autograd
 
 OP = "contextual_loss"
 
-_INPUTS = ("x", "labels", "k", "eps", "context_weight", "reg_weight", "reg_target", "ste_slope", "normalize")
+_INPUTS = ("x", "labels", "k", "eps", "context_weight", "contrastive_weight", "reg_weight", "reg_target",
+           "pos_margin", "neg_margin", "ste_slope", "normalize")
 
-HAS_KERNEL = _ext.C_LOADED and hasattr(torch.ops.flashdml, "contextual_fwd") and _margin.HAS_KERNEL
+HAS_KERNEL = _ext.C_LOADED and hasattr(torch.ops.flashdml, "contextual_fwd")
 
 
-def _fake_fwd(x, labels, k, eps, context_weight, reg_weight, reg_target, ste_slope, normalize):
+def _fake_fwd(x, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target, pos_margin, neg_margin,
+              ste_slope, normalize):
     nnz = torch.library.get_ctx().new_dynamic_size()
-    return (x.new_empty((), dtype=torch.float32), x.new_empty((2,), dtype=torch.float32),
+    return (x.new_empty((), dtype=torch.float32), x.new_empty((3,), dtype=torch.float32),
             x.new_empty((x.shape[0] + 1,), dtype=torch.int64), x.new_empty((nnz,), dtype=torch.int32),
-            x.new_empty((nnz,), dtype=torch.uint8))
+            x.new_empty((nnz,), dtype=torch.uint8), x.new_empty((2,), dtype=torch.int64))
 
 
 def _fake_bwd(grad_loss, x, *rest):
@@ -46,7 +48,7 @@ if HAS_KERNEL:
     torch.library.register_fake("flashdml::contextual_fwd")(_fake_fwd)
     torch.library.register_fake("flashdml::contextual_bwd")(_fake_bwd)
     register_loss_autograd(
-        "flashdml::contextual_fwd", _bwd, input_names=_INPUTS, grad_inputs=("x",), saved_outputs=(2, 3, 4),
+        "flashdml::contextual_fwd", _bwd, input_names=_INPUTS, grad_inputs=("x",), saved_outputs=(2, 3, 4, 5),
         attrs=_INPUTS[2:],
     )
 
@@ -124,13 +126,6 @@ def contextual_loss(
     if not HAS_KERNEL:
         raise RuntimeError("flashdml.contextual_loss: flashdml._C was built without the contextual ops; rebuild it "
                            "with `pip install -e . --no-build-isolation`")
-    xc = batch.x.contiguous()
-    lab = batch.labels.contiguous()
-    loss = torch.ops.flashdml.contextual_fwd(xc, lab, k, eps, context_weight, reg_weight, reg_target, ste_slope,
-                                             normalize)[0]
-    if contrastive_weight != 0.0:
-        # SPEC 2.4 on the same batch: self mode keeps the diagonal as a positive (drop_diagonal=False), strict.
-        con = torch.ops.flashdml.hinge_pair_fwd(xc, xc, lab, lab, pos_margin, neg_margin, 1.0, 1.0, False, True,
-                                                normalize)[0]
-        loss = loss + contrastive_weight * con
-    return loss
+    return torch.ops.flashdml.contextual_fwd(
+        batch.x.contiguous(), batch.labels.contiguous(), k, eps, context_weight, contrastive_weight, reg_weight,
+        reg_target, pos_margin, neg_margin, ste_slope, normalize)[0]
