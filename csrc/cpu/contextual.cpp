@@ -297,18 +297,11 @@ struct Backward {
   const Nbr& nb;
   const Context& cx;
   double beta;
-  std::vector<double> gr, gwn, u;
+  std::vector<double> gr, gwn, u, gp1, gp2;
 
   bool same(int64_t i, int64_t j) const { return p.cls.row_class[i] == p.cls.row_class[j]; }
   // G_ij = dL_ctx/dZ_ij = β (js_ij − y_ij) [i ≠ j].
   double G(int64_t i, int32_t j) const { return i == j ? 0.0 : beta * (cx.js.at(i, j) - (same(i, j) ? 1.0 : 0.0)); }
-  // GR_ab = (1/r_a) Σ_{j∈N(b)} G_aj W_bj + gr_a.
-  double GR(int64_t a, int64_t b) const {
-    double s = 0.0;
-    for (int64_t e = nb.ptr[b]; e < nb.ptr[b + 1]; ++e) s += G(a, nb.col[e]) * cx.w[e];
-    return s / cx.r[a] + gr[a];
-  }
-
   void prepare() {
     const int64_t B = p.B;
     gr.assign(B, 0.0);
@@ -326,11 +319,34 @@ struct Backward {
         gwn[e] = g;
       }
     });
-    ctx::for_each_row(B, [&](int64_t, int64_t i) {  // u_i = −(Σ_l GJ_il + Σ_l GJ_li)
+    // u_i = −(Σ_l GJ_il + Σ_l GJ_li); GP on the entries e = (l, i) of N with i ∈ P(l): GR_li (h1, in row l's
+    // turn) + GR_il (h2, in row i's turn), each with that row of js scattered densely.
+    gp1.assign(nb.ptr[B], 0.0);
+    gp2.assign(nb.ptr[B], 0.0);
+    const int64_t T = ctx::num_row_tasks(B);
+    std::vector<SparseAcc> dense(T, SparseAcc(B));
+    ctx::for_each_row(B, [&](int64_t t, int64_t a) {
       double s = 0.0;
-      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) s += 0.5 * gwn[e] / cx.c[i];
-      for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) s += 0.5 * gwn[nb.tpos[q]] / cx.c[nb.trow[q]];
-      u[i] = -s;
+      for (int64_t e = nb.ptr[a]; e < nb.ptr[a + 1]; ++e) s += 0.5 * gwn[e] / cx.c[a];
+      for (int64_t q = nb.tptr[a]; q < nb.tptr[a + 1]; ++q) s += 0.5 * gwn[nb.tpos[q]] / cx.c[nb.trow[q]];
+      u[a] = -s;
+      SparseAcc& js_a = dense[t];
+      for (int64_t e = cx.js.begin(a); e < cx.js.end(a); ++e) js_a.set(cx.js.col[e], cx.js.val[e]);
+      const int32_t ca = p.cls.row_class[a];
+      auto GRa = [&](int64_t b) {  // GR_ab = (1/r_a) Σ_{j∈N(b)} G_aj W_bj + gr_a, G_aj from the dense js row
+        double acc = 0.0;
+        for (int64_t e = nb.ptr[b]; e < nb.ptr[b + 1]; ++e) {
+          const int32_t j = nb.col[e];
+          if (j == a) continue;
+          acc += beta * (js_a.v[j] - (p.cls.row_class[j] == ca ? 1.0 : 0.0)) * cx.w[e];
+        }
+        return acc / cx.r[a] + gr[a];
+      };
+      for (int64_t e = nb.ptr[a]; e < nb.ptr[a + 1]; ++e)
+        if (nb.flag[e] & kCtxInP) gp1[e] = GRa(nb.col[e]);
+      for (int64_t q = nb.tptr[a]; q < nb.tptr[a + 1]; ++q)
+        if (nb.flag[nb.tpos[q]] & kCtxInP) gp2[nb.tpos[q]] = GRa(nb.trow[q]);
+      js_a.clear();
     });
   }
 
@@ -373,7 +389,7 @@ struct Backward {
         const int32_t l = nb.trow[q];
         const double coef = 0.5 * gwn[nb.tpos[q]] * (1.0 / cx.a[l] + 1.0 / cx.c[l]);
         for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
-        if (nb.flag[nb.tpos[q]] & kCtxInP) o.add(l, GR(i, l) + GR(l, i));  // GP_il = P_li (GR_il + GR_li)
+        if (nb.flag[nb.tpos[q]] & kCtxInP) o.add(l, gp1[nb.tpos[q]] + gp2[nb.tpos[q]]);  // GP_il = P_li (GR_il + GR_li)
       }
       for (int32_t j : o.idx) {
         cols.push_back(j);
@@ -420,7 +436,7 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
 
   const Nbr nb = ctx::make_nbr(B, ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
   Context cx;
-  Backward bw{p, nb, cx, beta, {}, {}, {}};
+  Backward bw{p, nb, cx, beta, {}, {}, {}, {}, {}};
   Csr sp;
   const bool with_ctx = s_ctx != 0.0;
   if (with_ctx) {
@@ -431,7 +447,8 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
   // One recompute pass over the S tiles (cpu_tiles.h weighted_gradient_pass, the forward's tiles, so C and the
   // hard pairs are exactly the forward's): each tile becomes dL/dS, then dx += G F, dy += Gᵀ F.
   const TaskPlan plan = plan_row_tasks(B);
-  std::vector<std::vector<float>> aux(plan.num_tasks, std::vector<float>(kTileRows * kTileCols, 0.f));
+  const int64_t ldA = std::min(kTileCols, B);
+  std::vector<std::vector<float>> aux(plan.num_tasks, std::vector<float>(std::min(kTileRows, B) * ldA, 0.f));
   const int32_t* cl = p.cls.row_class.data();
   auto fopts = p.F.options().dtype(at::kFloat);
   at::Tensor dx = at::zeros({B, p.d}, fopts), dy = at::zeros({B, p.d}, fopts);
@@ -441,7 +458,7 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
     const int32_t c1 = int32_t(c0 + cn);
     for (int64_t r = 0; r < rn; ++r) {
       const int64_t i = r0 + r;
-      float* a = A + r * kTileCols;
+      float* a = A + r * ldA;
       float* s = S + r * ld;
       if (with_ctx) {  // SP + LB of row i inside the tile, into the auxiliary tile
         for (int64_t e = sp.begin(i); e < sp.end(i); ++e) {
