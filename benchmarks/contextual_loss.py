@@ -2,13 +2,13 @@
 arange(B) // 4 (4 samples per class).
 
 Providers: the reference (the paper's formulation: every step a B×B matrix, 18·B³ + 6·B²·d FLOPs, ~21·B² fp32
-words), torch.compile(reference), and the fused CPU kernels (flashdml-cpu: one streaming GEMM pass over S tiles
-for the neighbour lists plus the margin-contrastive pass; an O(B·k²) sparse stage; the closed-form backward
-without any B×B matrix). reference-cuda runs the reference on a GPU when there is one (the GPU backends have no
-contextual kernel yet).
+words), torch.compile(reference), and the fused CPU kernels (flashdml-cpu: one streaming GEMM pass over S tiles for
+the neighbour lists and the margin-contrastive sums; an O(B·k²) sparse stage; the closed-form backward applied in
+one recompute pass over the same tiles, without any B×B matrix). reference-cuda runs the reference on a GPU when
+there is one (the GPU backends have no contextual kernel yet).
 
-FLOPs per call (for the GEMM-ceiling column) = 8·B²·d: the contextual S pass, the contrastive S pass, and the
-contrastive backward (S recomputed, G F) — the fused algorithm's GEMM work.
+FLOPs per call (for the GEMM-ceiling column) = 8·B²·d: the fused algorithm's GEMM work — the forward S pass and,
+backward, S recomputed, G F and Gᵀ F.
 """
 from __future__ import annotations
 

@@ -289,3 +289,28 @@ def test_memory_b16384_without_bxb():
     assert out.returncode == 0, out.stderr[-2000:]
     rise = float(out.stdout.split("RISE_MIB")[1].split()[0])
     assert rise < 256, f"peak RSS rose by {rise:.0f} MiB (B×B fp32 = 1024 MiB)"
+
+
+@needs_kernel
+def test_opcheck_registration():
+    """Schema, fake kernel (data-dependent neighbour-list length) and autograd registration of the fused op."""
+    x = torch.randn(16, 5, requires_grad=True)
+    labels = torch.arange(16) // 4
+    args = (x, labels, 4, 0.05, 0.4, 0.5, 0.1, 0.25, 0.75, 0.6, 10.0, True)
+    res = torch.library.opcheck(torch.ops.flashdml.contextual_fwd, args,
+                                test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    assert set(res.values()) == {"SUCCESS"}
+
+
+def test_benchmark_declares_the_issue_shapes():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, root)
+    from benchmarks import OPS, harness
+
+    assert "contextual_loss" in OPS
+    op = harness.load_op("contextual_loss")
+    assert {(s["B"], s["d"]) for s in op.shapes["issue"]} == {(128, 512), (1024, 512), (4096, 512), (16384, 512)}
+    names = {p.name for p in op.providers}
+    assert {"reference", "flashdml-cpu", "torch.compile(reference)"} <= names
+    ref = op.provider("reference")
+    assert ref.mem_bytes({"B": 16384, "d": 512}) > 12 * harness.GiB > ref.mem_bytes({"B": 4096, "d": 512})

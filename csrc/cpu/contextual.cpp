@@ -1,27 +1,30 @@
-// Contextual loss on the CPU (SPEC 2.5): context_weight·L_ctx + reg_weight·L_reg (the margin-contrastive term L_con
-// is the fused hinge_pair op, added by the Python glue). Nothing B x B is stored.
+// Contextual loss on the CPU (SPEC 2.5): context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con, with
+// nothing B x B stored.
 //
 // Forward:
 //  1. One streaming pass over S = F Fᵀ tiles (row blocks x column tiles, cpu_tiles.h gemm_tile): per row a
-//     values-only min-heap of the k largest −D (query included) and a candidate list of the entries with
-//     fl(−D + ε) >= the running k-th largest. The running threshold only rises to the final t_i, so every final
-//     neighbour is a candidate; the list is compacted against the current threshold whenever it doubles, so it stays
-//     O(|band|) per row whatever the column order. At the end of a row block, t_i / h_i are read off the heap and the
-//     candidates are filtered with the inclusive fp32 tests of flashdml/contextual.h — the fp32 values of the one
-//     GEMM, so there is no second pass that could round differently.
+//     values-only min-heap of the k largest −D (query included), a candidate list of the entries with
+//     fl(−D + ε) >= the running k-th largest, and the margin-contrastive hinge sums / counts (SPEC 2.4, the
+//     hinge_pair.h rules). The running threshold only rises to the final t_i, so every final neighbour is a
+//     candidate; the list is compacted against the current threshold whenever it doubles, so it stays O(|band|) per
+//     row whatever the column order (no fixed capacity, no overflow). At the end of a row block t_i / h_i are read
+//     off the heap and the candidates filtered with the inclusive fp32 tests of flashdml/contextual.h — on the fp32
+//     values of the one GEMM, so no second pass can round differently.
 //  2. The sparse stage (contextual_sparse.h): |N(i) ∩ N(j)|, W, R, Z, js in O(B·k²); L_ctx = (1/B²) Σ_{i≠j}
 //     (y − js)², split into the js support and the count of same-label pairs (per-class counts).
 //  3. L_reg = (‖Σ F_i‖²/B² − s̃)² in O(B·d).
-// The op returns the neighbour lists (CSR + flag bytes: in P, clamped C = 0), which is all the backward needs.
+// The op returns the neighbour lists (CSR + flag bytes: in P, clamped C = 0) and the two hinge counts: all the
+// backward needs besides x and labels.
 //
-// Backward (SPEC's closed form): dL_ctx/dS = 2·ste_slope·C ⊙ (GN + GP) is applied to F without forming it:
-//  * a sparse part (one CSR row per i, built with a per-task sparse accumulator): GW'⊙H on the support of the
-//    js-driven part of GW, the label part of GW times the sparse part of H, the GI/GJ products with N, GP;
-//  * a row-constant part u 1ᵀ (from −GJ M − GJᵀ M with M = 11ᵀ − N);
-//  * a label-block part −(β/2) ρ_i(κ_j)(1 − a_j/c_i) (the label part of GW times the dense part of H), where
-//    ρ_i(κ) = Σ_{m∈R(i), label κ} 1/r_m, applied through per-class sums of F;
-//  * the C = 0 entries (flagged on the neighbour lists) get their sparse value set to minus the dense parts there.
-// dF = (dS + dSᵀ) F with a CSR product and its transpose, then the normalisation backward.
+// Backward (SPEC's closed form, G … GN): dL_ctx/dS = 2·ste_slope·C ⊙ (SP + u 1ᵀ + LB) with
+//  * SP sparse, O(k²) per row (built with a per-task sparse accumulator): GW'⊙H on the support of the js-driven
+//    part of GW, the label part of GW times the n part of H, the GI/GJ products with N, GP;
+//  * u 1ᵀ row-constant (from −GJ M − GJᵀ M with M = 11ᵀ − N);
+//  * LB_ij = −(β/2) ρ_i(κ_j)(1 − a_j/c_i) label-block (the label part of GW, ρ_i(κ) = Σ_{m∈R(i), label κ} 1/r_m,
+//    times the dense part of H), evaluated per tile from the class member lists (O(1) memory even for big classes).
+// It is applied in one recompute pass over the forward's S tiles (cpu_tiles.h weighted_gradient_pass): each tile
+// becomes the whole dL/dS (ctx part masked by C from the recomputed S, the hinge gradients −1/#hp, +1/#hn on the hard
+// pairs, the L_reg constant) while it is in cache, then dx += G F, dy += Gᵀ F; then the normalisation backward.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .ops import contextual as _contextual, margin_losses as _margin_losses, unfused as _unfused, xent as _xent  # noqa: F401
+from .ops import contextual as _contextual  # noqa: F401
+from .ops import margin_losses as _margin_losses, unfused as _unfused, xent as _xent  # noqa: F401
 
 
 def _temperature_parameter(temperature, learnable: bool):
