@@ -6,4 +6,4 @@ and plots (png.py) into benchmarks/results/.
 """
 
 OPS = ("batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "knn", "hardest_negatives",
-       "xe_negative_mining")
+       "xe_negative_mining", "contextual_loss")

@@ -96,6 +96,26 @@ TORCH_LIBRARY(flashdml, m) {
   m.def(
       "hardest_negatives_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, int k, bool self_mode, "
       "bool normalize) -> (Tensor values, Tensor rows, Tensor cols)");
+  // ---- contextual loss (SPEC 2.5): schemas below this line ----
+  // Self mode only (x is the batch, labels int64 [B], 2 <= k <= B, eps >= 0). Computes
+  // loss = context_weight * L_ctx + reg_weight * L_reg + contrastive_weight * L_con in one streaming pass over
+  // S = F F^T tiles (per-row top-k of -D, neighbour candidates, the margin-contrastive hinge sums and counts of
+  // SPEC 2.4) plus an O(B k^2) sparse stage. terms (fp32 [3]) = [L_ctx, L_reg, L_con] unweighted. The
+  // neighbourhoods N(i) = {j : fl(-D_ij + eps) >= t_i} come back as CSR: nbr_ptr (int64 [B + 1]), nbr (int32 [nnz],
+  // ascending columns per row) and nbr_flags (uint8 [nnz]: bit 0 = j in P(i), bit 1 = C_ij = 0, i.e. S_ij >= 1);
+  // con_counts (int64 [2]) = the numbers of hard positive / negative pairs. A collapsed batch (|N(i)| = B) raises
+  // ValueError. ste_slope is unused by the forward (an input so that autograd hands it to the backward).
+  m.def(
+      "contextual_fwd(Tensor x, Tensor labels, int k, float eps, float context_weight, float contrastive_weight, "
+      "float reg_weight, float reg_target, float pos_margin, float neg_margin, float ste_slope, bool normalize) -> "
+      "(Tensor loss, Tensor terms, Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags, Tensor con_counts)");
+  // SPEC 2.5's closed-form straight-through gradient (sparse + row-constant + label-block parts, from the
+  // neighbour lists) plus the L_reg and L_con gradients, applied in one recompute pass over the forward's S tiles
+  // (so C and the hard pairs are the forward's): dx (input dtype).
+  m.def(
+      "contextual_bwd(Tensor grad_loss, Tensor x, Tensor labels, int k, float eps, float context_weight, "
+      "float contrastive_weight, float reg_weight, float reg_target, float pos_margin, float neg_margin, "
+      "float ste_slope, bool normalize, Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags, Tensor con_counts) -> Tensor dx");
 }
 
 // Importing flashdml._C loads the schemas above and all kernel registrations; there is no Python API in the

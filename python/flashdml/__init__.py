@@ -15,7 +15,8 @@ from .ops.batch_softmax import batch_softmax
 from .ops.xent import cross_example_softmax, ntxent
 from .ops.margin_losses import contrastive_margin, threshold_consistent_margin
 from .ops.selection import hardest_negatives, knn
-from .ops.unfused import contextual_loss, similarity
+from .ops.contextual import contextual_loss
+from .ops.unfused import similarity
 from . import losses, metrics  # noqa: E402
 
 __version__ = "0.1.0"

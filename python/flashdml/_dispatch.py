@@ -23,7 +23,7 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 FUSED_OPS: Dict[str, frozenset] = {
     "cpu": frozenset({
         "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
-        "knn", "hardest_negatives", "cross_example_softmax_top_k",
+        "knn", "hardest_negatives", "cross_example_softmax_top_k", "contextual_loss",
     }),
     "triton": frozenset({
         "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",

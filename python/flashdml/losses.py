@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .ops import contextual as _contextual  # noqa: F401
 from .ops import margin_losses as _margin_losses, unfused as _unfused, xent as _xent  # noqa: F401
 
 
@@ -96,4 +97,4 @@ class ContextualLoss(nn.Module):
                            neg_margin=neg_margin, ste_slope=ste_slope, normalize=normalize)
 
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
-        return ops.unfused.contextual_loss(x, labels, **self.kwargs)
+        return ops.contextual.contextual_loss(x, labels, **self.kwargs)

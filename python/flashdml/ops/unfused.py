@@ -30,4 +30,4 @@ def through_dispatch(op: str):
 
 
 similarity = through_dispatch("similarity")
-contextual_loss = through_dispatch("contextual_loss")
+

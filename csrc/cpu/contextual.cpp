@@ -1,0 +1,508 @@
+// Contextual loss on the CPU (SPEC 2.5): context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con, with
+// nothing B x B stored.
+//
+// Forward:
+//  1. One streaming pass over S = F Fᵀ tiles (row blocks x column tiles, cpu_tiles.h gemm_tile): per row a
+//     values-only min-heap of the k largest −D (query included), a candidate list of the entries with
+//     fl(−D + ε) >= the running k-th largest, and the margin-contrastive hinge sums / counts (SPEC 2.4, the
+//     hinge_pair.h rules). The running threshold only rises to the final t_i, so every final neighbour is a
+//     candidate; the list is compacted against the current threshold whenever it doubles, so it stays O(|band|) per
+//     row whatever the column order (no fixed capacity, no overflow). At the end of a row block t_i / h_i are read
+//     off the heap and the candidates filtered with the inclusive fp32 tests of flashdml/contextual.h — on the fp32
+//     values of the one GEMM, so no second pass can round differently.
+//  2. The sparse stage (contextual_sparse.h): |N(i) ∩ N(j)|, W, R, Z, js in O(B·k²); L_ctx = (1/B²) Σ_{i≠j}
+//     (y − js)², split into the js support and the count of same-label pairs (per-class counts).
+//  3. L_reg = (‖Σ F_i‖²/B² − s̃)² in O(B·d).
+// The op returns the neighbour lists (CSR + flag bytes: in P, clamped C = 0) and the two hinge counts: all the
+// backward needs besides x and labels.
+//
+// Backward (SPEC's closed form, G … GN): dL_ctx/dS = 2·ste_slope·C ⊙ (SP + u 1ᵀ + LB) with
+//  * SP sparse, O(k²) per row (built with a per-task sparse accumulator): GW'⊙H on the support of the js-driven
+//    part of GW, the label part of GW times the n part of H, the GI/GJ products with N, GP;
+//  * u 1ᵀ row-constant (from −GJ M − GJᵀ M with M = 11ᵀ − N);
+//  * LB_ij = −(β/2) ρ_i(κ_j)(1 − a_j/c_i) label-block (the label part of GW, ρ_i(κ) = Σ_{m∈R(i), label κ} 1/r_m,
+//    times the dense part of H), evaluated per tile from the class member lists (O(1) memory even for big classes).
+// It is applied in one recompute pass over the forward's S tiles (cpu_tiles.h weighted_gradient_pass): each tile
+// becomes the whole dL/dS (ctx part masked by C from the recomputed S, the hinge gradients −1/#hp, +1/#hn on the hard
+// pairs, the L_reg constant) while it is in cache, then dx += G F, dy += Gᵀ F; then the normalisation backward.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "contextual_sparse.h"
+#include "cpu_tiles.h"
+#include "flashdml/contextual.h"
+#include "flashdml/hinge_pair.h"
+#include "flashdml/poison.h"
+#include "label_index.h"
+
+namespace flashdml {
+namespace cpu {
+namespace {
+
+using ctx::Context;
+using ctx::Csr;
+using ctx::Nbr;
+using ctx::SparseAcc;
+
+struct Setup {
+  at::Tensor F, inv;  // fp32 rows (normalised when asked) and 1 / max(|x|, 1e-12)
+  LabelIndex cls;
+  int64_t B, d;
+};
+
+Setup make_setup(const at::Tensor& x, const at::Tensor& labels, bool normalize) {
+  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()), "contextual: x must be a 2-D floating tensor");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == x.size(0),
+              "contextual: labels must be int64 [B]");
+  TORCH_CHECK(x.size(0) < (int64_t(1) << 31), "contextual: B must be < 2^31");
+  Setup s;
+  s.F = normalized_rows(x, normalize, &s.inv);
+  s.cls = build_label_index(labels, labels);
+  s.B = x.size(0);
+  s.d = x.size(1);
+  return s;
+}
+
+// ----------------------------------------------------------------------------------------- streaming pass
+struct Cand {
+  int32_t col;
+  float neg_d;
+};
+
+// Values-only min-heap of the k largest −D of one row.
+struct TopK {
+  float* h;
+  int64_t n = 0, k;
+  float threshold() const { return n < k ? -std::numeric_limits<float>::infinity() : h[0]; }
+  void offer(float v) {
+    if (n < k) {
+      int64_t i = n++;
+      while (i > 0 && h[(i - 1) / 2] > v) {
+        h[i] = h[(i - 1) / 2];
+        i = (i - 1) / 2;
+      }
+      h[i] = v;
+    } else if (v > h[0]) {
+      int64_t i = 0;
+      for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= k) break;
+        if (c + 1 < k && h[c + 1] < h[c]) ++c;
+        if (h[c] >= v) break;
+        h[i] = h[c];
+        i = c;
+      }
+      h[i] = v;
+    }
+  }
+};
+
+void compact(std::vector<Cand>& cv, float theta, float eps) {
+  size_t o = 0;
+  for (const Cand& c : cv)
+    if (ctx_band_value(c.neg_d, eps) >= theta) cv[o++] = c;
+  cv.resize(o);
+}
+
+struct HingeStats {
+  double pos_sum = 0.0, neg_sum = 0.0;
+  int64_t pos_count = 0, neg_count = 0;
+};
+
+struct NbrLists {
+  std::vector<HingeStats> con;  // per task: the margin-contrastive sums and counts (SPEC 2.4)
+  std::vector<int64_t> size;  // [B]
+  std::vector<std::vector<int32_t>> col;  // per task, rows in order
+  std::vector<std::vector<uint8_t>> flag;
+};
+
+// SPEC 2.4 on one tile row (strict tests, self mode keeps the diagonal as a positive): the hinge_pair.h rules.
+inline void hinge_row(const float* s, int64_t cn, const int32_t* col_class, int32_t ci, float mp, float mn,
+                      HingeStats& st) {
+  double ps = 0.0, ns = 0.0, pc = 0.0, nc = 0.0;
+  const double mpd = mp, mnd = mn;
+#pragma omp simd reduction(+ : ps, ns, pc, nc)
+  for (int64_t c = 0; c < cn; ++c) {
+    const float v = s[c];
+    const bool same = col_class[c] == ci;
+    const bool hp = same & hinge_hard_positive(v, mp, true);
+    const bool hn = !same & hinge_hard_negative(v, mn, true);
+    ps += hp ? mpd - double(v) : 0.0;
+    ns += hn ? double(v) - mnd : 0.0;
+    pc += hp ? 1.0 : 0.0;
+    nc += hn ? 1.0 : 0.0;
+  }
+  st.pos_sum += ps;
+  st.neg_sum += ns;
+  st.pos_count += int64_t(pc);
+  st.neg_count += int64_t(nc);
+}
+
+NbrLists neighbour_pass(const Setup& p, int64_t k, float eps, float mp, float mn) {
+  const int64_t B = p.B;
+  const TaskPlan plan = plan_row_tasks(B);
+  NbrLists out;
+  out.con.resize(plan.num_tasks);
+  out.size.assign(B, 0);
+  out.col.resize(plan.num_tasks);
+  out.flag.resize(plan.num_tasks);
+  auto fopts = p.F.options().dtype(at::kFloat);
+  for_each_row_block(plan, B, [&](int64_t task, int64_t r0, int64_t r1) {
+    const int64_t rn = r1 - r0;
+    at::Tensor scratch = at::empty({kTileRows, kTileCols}, fopts);
+    const float* S = scratch.data_ptr<float>();
+    std::vector<float> heaps(rn * k), sorted(k);
+    std::vector<TopK> top(rn);
+    std::vector<std::vector<Cand>> cands(rn);
+    const size_t min_compact = size_t(2 * k + 64);
+    std::vector<size_t> compact_at(rn, min_compact);
+    for (int64_t r = 0; r < rn; ++r) top[r] = TopK{heaps.data() + r * k, 0, k};
+    for (int64_t c0 = 0; c0 < B; c0 += kTileCols) {
+      const int64_t cn = std::min(kTileCols, B - c0);
+      gemm_tile(scratch, p.F, r0, rn, p.F, c0, cn);
+      for (int64_t r = 0; r < rn; ++r) {
+        const float* s = S + r * kTileCols;
+        hinge_row(s, cn, p.cls.col_class.data() + c0, p.cls.row_class[r0 + r], mp, mn, out.con[task]);
+        TopK& tk = top[r];
+        std::vector<Cand>& cv = cands[r];
+        float theta = tk.threshold();
+        for (int64_t c = 0; c < cn; ++c) {
+          const float nd = ctx_neg_distance(s[c]);
+          if (ctx_band_value(nd, eps) >= theta) {
+            cv.push_back({int32_t(c0 + c), nd});
+            tk.offer(nd);
+            theta = tk.threshold();
+          }
+        }
+        if (cv.size() >= compact_at[r]) {
+          compact(cv, theta, eps);
+          compact_at[r] = std::max(min_compact, 2 * cv.size());
+        }
+      }
+    }
+    for (int64_t r = 0; r < rn; ++r) {
+      std::copy(top[r].h, top[r].h + k, sorted.begin());
+      std::sort(sorted.begin(), sorted.end(), [](float a, float b) { return a > b; });
+      const float t = sorted[k - 1], h = sorted[k / 2 - 1];
+      int64_t n = 0;
+      for (const Cand& c : cands[r]) {
+        const float u = ctx_band_value(c.neg_d, eps);
+        if (!(u >= t)) continue;
+        out.col[task].push_back(c.col);
+        out.flag[task].push_back(uint8_t((u >= h ? kCtxInP : 0) | (ctx_clamped(c.neg_d) ? kCtxClamped : 0)));
+        ++n;
+      }
+      out.size[r0 + r] = n;
+    }
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------------ pieces
+// Σ_i F_i in double.
+std::vector<double> column_sums(const Setup& p) {
+  std::vector<double> s(p.d, 0.0);
+  const float* F = p.F.data_ptr<float>();
+  for (int64_t i = 0; i < p.B; ++i)
+    for (int64_t q = 0; q < p.d; ++q) s[q] += F[i * p.d + q];
+  return s;
+}
+
+double l_reg(const std::vector<double>& colsum, int64_t B, double target) {
+  double ss = 0.0;
+  for (double v : colsum) ss += v * v;
+  const double m = ss / (double(B) * double(B)) - target;
+  return m * m;
+}
+
+// L_ctx = (1/B²) [Σ_{i≠j} y_ij + Σ_{(i,j) ∈ supp js, i≠j} (js² − 2 y js)].
+double l_ctx(const Context& cx, const LabelIndex& cls, int64_t B) {
+  const int64_t T = ctx::num_row_tasks(B);
+  std::vector<double> part(T, 0.0);
+  ctx::for_each_row(B, [&](int64_t t, int64_t i) {
+    double s = 0.0;
+    for (int64_t e = cx.js.begin(i); e < cx.js.end(i); ++e) {
+      const int32_t j = cx.js.col[e];
+      if (j == i) continue;
+      const double v = cx.js.val[e];
+      s += v * v - (cls.row_class[i] == cls.row_class[j] ? 2.0 * v : 0.0);
+    }
+    part[t] += s;
+  });
+  double total = 0.0;
+  for (size_t c = 0; c + 1 < cls.class_start.size(); ++c) {
+    const double n = double(cls.class_start[c + 1] - cls.class_start[c]);
+    total += n * n;
+  }
+  total -= double(B);
+  for (double v : part) total += v;
+  return total / (double(B) * double(B));
+}
+
+using FwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t k, double eps, double context_weight,
+                          double contrastive_weight, double reg_weight, double reg_target, double pos_margin,
+                          double neg_margin, double ste_slope, bool normalize) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  (void)ste_slope;
+  const Setup p = make_setup(x, labels, normalize);
+  const int64_t B = p.B;
+  TORCH_CHECK_VALUE(k >= 2 && k <= B, "contextual_loss: k = ", k, " must satisfy 2 <= k <= B = ", B);
+  TORCH_CHECK_VALUE(eps >= 0, "contextual_loss: eps must be >= 0, got ", eps);
+  NbrLists lists = neighbour_pass(p, k, float(eps), float(pos_margin), float(neg_margin));
+  HingeStats con;  // combined in task order: deterministic for a given thread count
+  for (const HingeStats& st : lists.con) {
+    con.pos_sum += st.pos_sum;
+    con.neg_sum += st.neg_sum;
+    con.pos_count += st.pos_count;
+    con.neg_count += st.neg_count;
+  }
+  auto lopts = x.options().dtype(at::kLong);
+  at::Tensor ptr = new_output({B + 1}, lopts);
+  int64_t* pp = ptr.data_ptr<int64_t>();
+  pp[0] = 0;
+  for (int64_t i = 0; i < B; ++i) pp[i + 1] = pp[i] + lists.size[i];
+  at::Tensor col = new_output({pp[B]}, x.options().dtype(at::kInt));
+  // uint8 cannot hold new_output's integer sentinel: poisoned flags get the unused high bits instead.
+  at::Tensor flag = at::empty({pp[B]}, x.options().dtype(at::kByte));
+  if (poison_flag().load()) flag.fill_(0xFC);
+  int64_t o = 0;
+  for (size_t t = 0; t < lists.col.size(); ++t) {
+    std::copy(lists.col[t].begin(), lists.col[t].end(), col.data_ptr<int32_t>() + o);
+    std::copy(lists.flag[t].begin(), lists.flag[t].end(), flag.data_ptr<uint8_t>() + o);
+    o += int64_t(lists.col[t].size());
+  }
+  lists = NbrLists();
+  const Nbr nb = ctx::make_nbr(B, pp, col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
+  const Context cx = ctx::build_context(nb);
+  const double lc = l_ctx(cx, p.cls, B), lr = l_reg(column_sums(p), B, reg_target);
+  const double lcon = hinge_pair_loss(con.pos_sum, con.pos_count, con.neg_sum, con.neg_count, 1.0, 1.0);
+  auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor loss = new_output({}, fopts), terms = new_output({3}, fopts), counts = new_output({2}, lopts);
+  loss.fill_(context_weight * lc + reg_weight * lr + contrastive_weight * lcon);
+  float* tp = terms.data_ptr<float>();
+  tp[0] = float(lc);
+  tp[1] = float(lr);
+  tp[2] = float(lcon);
+  counts.data_ptr<int64_t>()[0] = con.pos_count;
+  counts.data_ptr<int64_t>()[1] = con.neg_count;
+  return {loss, terms, ptr, col, flag, counts};
+}
+
+// --------------------------------------------------------------------------------------------- backward
+struct Backward {
+  const Setup& p;
+  const Nbr& nb;
+  const Context& cx;
+  double beta;
+  std::vector<double> gr, gwn, u, gp1, gp2;
+
+  bool same(int64_t i, int64_t j) const { return p.cls.row_class[i] == p.cls.row_class[j]; }
+  // G_ij = dL_ctx/dZ_ij = β (js_ij − y_ij) [i ≠ j].
+  double G(int64_t i, int32_t j) const { return i == j ? 0.0 : beta * (cx.js.at(i, j) - (same(i, j) ? 1.0 : 0.0)); }
+  void prepare() {
+    const int64_t B = p.B;
+    gr.assign(B, 0.0);
+    gwn.assign(nb.ptr[B], 0.0);
+    u.assign(B, 0.0);
+    ctx::for_each_row(B, [&](int64_t, int64_t i) {
+      double s = 0.0;
+      for (int64_t e = cx.Z.begin(i); e < cx.Z.end(i); ++e) s += G(i, cx.Z.col[e]) * cx.Z.val[e];
+      gr[i] = -s / cx.r[i];
+      // GW_il = Σ_{m∈R(i)} G_ml / r_m on l ∈ N(i)
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {
+        const int32_t l = nb.col[e];
+        double g = 0.0;
+        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) g += G(cx.R.col[q], l) / cx.r[cx.R.col[q]];
+        gwn[e] = g;
+      }
+    });
+    // u_i = −(Σ_l GJ_il + Σ_l GJ_li); GP on the entries e = (l, i) of N with i ∈ P(l): GR_li (h1, in row l's
+    // turn) + GR_il (h2, in row i's turn), each with that row of js scattered densely.
+    gp1.assign(nb.ptr[B], 0.0);
+    gp2.assign(nb.ptr[B], 0.0);
+    const int64_t T = ctx::num_row_tasks(B);
+    std::vector<SparseAcc> dense(T, SparseAcc(B));
+    ctx::for_each_row(B, [&](int64_t t, int64_t a) {
+      double s = 0.0;
+      for (int64_t e = nb.ptr[a]; e < nb.ptr[a + 1]; ++e) s += 0.5 * gwn[e] / cx.c[a];
+      for (int64_t q = nb.tptr[a]; q < nb.tptr[a + 1]; ++q) s += 0.5 * gwn[nb.tpos[q]] / cx.c[nb.trow[q]];
+      u[a] = -s;
+      SparseAcc& js_a = dense[t];
+      for (int64_t e = cx.js.begin(a); e < cx.js.end(a); ++e) js_a.set(cx.js.col[e], cx.js.val[e]);
+      const int32_t ca = p.cls.row_class[a];
+      auto GRa = [&](int64_t b) {  // GR_ab = (1/r_a) Σ_{j∈N(b)} G_aj W_bj + gr_a, G_aj from the dense js row
+        double acc = 0.0;
+        for (int64_t e = nb.ptr[b]; e < nb.ptr[b + 1]; ++e) {
+          const int32_t j = nb.col[e];
+          if (j == a) continue;
+          acc += beta * (js_a.v[j] - (p.cls.row_class[j] == ca ? 1.0 : 0.0)) * cx.w[e];
+        }
+        return acc / cx.r[a] + gr[a];
+      };
+      for (int64_t e = nb.ptr[a]; e < nb.ptr[a + 1]; ++e)
+        if (nb.flag[e] & kCtxInP) gp1[e] = GRa(nb.col[e]);
+      for (int64_t q = nb.tptr[a]; q < nb.tptr[a + 1]; ++q)
+        if (nb.flag[nb.tpos[q]] & kCtxInP) gp2[nb.tpos[q]] = GRa(nb.trow[q]);
+      js_a.clear();
+    });
+  }
+
+  // The sparse part SP of GN + GP (GN + GP = SP + u 1ᵀ + LB), rows unsorted, as fp32 values.
+  Csr sparse_part() {
+    const int64_t B = p.B;
+    const int64_t T = ctx::num_row_tasks(B);
+    const int64_t nc = int64_t(p.cls.class_start.size()) - 1;
+    std::vector<SparseAcc> acc_n(T, SparseAcc(B)), acc_gw(T, SparseAcc(B)), out(T, SparseAcc(B));
+    std::vector<std::vector<double>> rho(T, std::vector<double>(nc, 0.0));
+    const int32_t* cl = p.cls.row_class.data();
+    return ctx::build_rows(B, [&](int64_t t, int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
+      SparseAcc &an = acc_n[t], &ag = acc_gw[t], &o = out[t];
+      std::vector<double>& rh = rho[t];
+      const double ai = cx.a[i], ci = cx.c[i], s_ac = 1.0 / ai + 1.0 / ci;
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // n_ij = |N(i) ∩ N(j)|
+        const int32_t l = nb.col[e];
+        for (int64_t q = nb.tptr[l]; q < nb.tptr[l + 1]; ++q) an.add(nb.trow[q], 1.0);
+      }
+      for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {  // js-driven part of GW, and ρ_i
+        const int32_t m = cx.R.col[q];
+        const double wm = beta / cx.r[m];
+        for (int64_t e = cx.js.begin(m); e < cx.js.end(m); ++e)
+          if (cx.js.col[e] != m) ag.add(cx.js.col[e], wm * cx.js.val[e]);
+        ag.add(m, wm);  // the label part's own diagonal m = j removed from the class sum
+        rh[cl[m]] += 1.0 / cx.r[m];
+      }
+      // GW' ⊙ H (H = ½(1 − a_j/c_i) + ½ n_ij (1/a_i + 1/c_i)) and the label part of GW times the n part of H
+      for (int32_t j : ag.idx) o.add(j, ag.v[j] * ctx_h(an.v[j], ai, cx.a[j], double(B)));
+      for (int32_t j : an.idx) {
+        const double rj = rh[cl[j]];
+        if (rj != 0.0) o.add(j, -beta * rj * 0.5 * an.v[j] * s_ac);
+      }
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // GI N − (GJ M − gj 1ᵀ), sparse parts
+        const int32_t l = nb.col[e];
+        const double coef = 0.5 * gwn[e] * s_ac;
+        for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
+      }
+      for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) {  // GIᵀ N − (GJᵀ M − gjt 1ᵀ), and GP
+        const int32_t l = nb.trow[q];
+        const double coef = 0.5 * gwn[nb.tpos[q]] * (1.0 / cx.a[l] + 1.0 / cx.c[l]);
+        for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
+        if (nb.flag[nb.tpos[q]] & kCtxInP) o.add(l, gp1[nb.tpos[q]] + gp2[nb.tpos[q]]);  // GP_il = P_li (GR_il + GR_li)
+      }
+      for (int32_t j : o.idx) {
+        cols.push_back(j);
+        vals.push_back(o.v[j]);
+      }
+      o.clear();
+      an.clear();
+      ag.clear();
+      for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) rh[cl[cx.R.col[q]]] = 0.0;
+    });
+  }
+};
+
+at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& labels, int64_t k,
+                              double eps, double context_weight, double contrastive_weight, double reg_weight,
+                              double reg_target, double pos_margin, double neg_margin, double ste_slope,
+                              bool normalize, const at::Tensor& ptr_in, const at::Tensor& col_in,
+                              const at::Tensor& flag_in, const at::Tensor& counts_in) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  (void)k;
+  (void)eps;
+  TORCH_CHECK(grad_loss.numel() == 1, "contextual_bwd: grad_loss must be a scalar");
+  const Setup p = make_setup(x, labels, normalize);
+  const int64_t B = p.B;
+  const at::Tensor ptr = ptr_in.to(at::kLong).contiguous(), col = col_in.to(at::kInt).contiguous(),
+                   flag = flag_in.to(at::kByte).contiguous(), counts = counts_in.to(at::kLong).contiguous();
+  TORCH_CHECK(ptr.numel() == B + 1 && col.numel() == ptr.data_ptr<int64_t>()[B] && flag.numel() == col.numel() &&
+                  counts.numel() == 2,
+              "contextual_bwd: neighbour lists / counts do not match the batch (pass the forward's outputs)");
+  const double g = grad_loss.item<double>();
+  const double B2 = double(B) * double(B);
+  // dL/dS_ij of each term: L_reg a constant, L_con −1/#hp on hard positives and +1/#hn on hard negatives,
+  // L_ctx = s_ctx · C ⊙ (SP + u 1ᵀ + LB) with LB_ij = −(β/2) ρ_i(κ_j)(1 − a_j/c_i).
+  const std::vector<double> colsum = column_sums(p);
+  double ss = 0.0;
+  for (double v : colsum) ss += v * v;
+  const float g_reg = float(g * reg_weight * 2.0 * (ss / B2 - reg_target) / B2);
+  const int64_t* cp = counts.data_ptr<int64_t>();
+  const float g_hp = float(-g * contrastive_weight * hinge_term_scale(1.0, cp[0]));
+  const float g_hn = float(g * contrastive_weight * hinge_term_scale(1.0, cp[1]));
+  const float mp = float(pos_margin), mn = float(neg_margin);
+  const double s_ctx = g * context_weight * 2.0 * ste_slope;
+  const double beta = 2.0 / B2;
+
+  const Nbr nb = ctx::make_nbr(B, ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
+  Context cx;
+  Backward bw{p, nb, cx, beta, {}, {}, {}, {}, {}};
+  Csr sp;
+  const bool with_ctx = s_ctx != 0.0;
+  if (with_ctx) {
+    cx = ctx::build_context(nb);
+    bw.prepare();
+    sp = bw.sparse_part();
+  }
+  // One recompute pass over the S tiles (cpu_tiles.h weighted_gradient_pass, the forward's tiles, so C and the
+  // hard pairs are exactly the forward's): each tile becomes dL/dS, then dx += G F, dy += Gᵀ F.
+  const TaskPlan plan = plan_row_tasks(B);
+  const int64_t ldA = std::min(kTileCols, B);
+  std::vector<std::vector<float>> aux(plan.num_tasks, std::vector<float>(std::min(kTileRows, B) * ldA, 0.f));
+  const int32_t* cl = p.cls.row_class.data();
+  auto fopts = p.F.options().dtype(at::kFloat);
+  at::Tensor dx = at::zeros({B, p.d}, fopts), dy = at::zeros({B, p.d}, fopts);
+  weighted_gradient_pass(p.F, p.F, dx, dy, [&](int64_t t, int64_t r0, int64_t rn, int64_t c0, int64_t cn, float* S,
+                                               int64_t ld) {
+    float* A = aux[t].data();
+    const int32_t c1 = int32_t(c0 + cn);
+    for (int64_t r = 0; r < rn; ++r) {
+      const int64_t i = r0 + r;
+      float* a = A + r * ldA;
+      float* s = S + r * ld;
+      if (with_ctx) {  // SP + LB of row i inside the tile, into the auxiliary tile
+        for (int64_t e = sp.begin(i); e < sp.end(i); ++e) {
+          const int32_t j = sp.col[e];
+          if (j >= c0 && j < c1) a[j - c0] += float(sp.val[e]);
+        }
+        const double hb = -0.5 * beta / cx.c[i];
+        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {
+          const int32_t m = cx.R.col[q];
+          const double w = hb / cx.r[m];
+          const int64_t* b = p.cls.cols_by_class.data() + p.cls.class_start[cl[m]];
+          const int64_t* en = p.cls.cols_by_class.data() + p.cls.class_start[cl[m] + 1];
+          for (const int64_t* jp = std::lower_bound(b, en, c0); jp != en && *jp < c1; ++jp)
+            a[*jp - c0] += float(w * (cx.c[i] - cx.a[*jp]));
+        }
+      }
+      const float ui = with_ctx ? float(bw.u[i]) : 0.f, sc = float(s_ctx);
+      const int32_t* colc = cl + c0;
+      const int32_t ci = cl[i];
+#pragma omp simd
+      for (int64_t c = 0; c < cn; ++c) {
+        const float v = s[c];
+        const bool same = colc[c] == ci;
+        const bool hp = same & hinge_hard_positive(v, mp, true);
+        const bool hn = !same & hinge_hard_negative(v, mn, true);
+        const bool keep = !ctx_clamped(ctx_neg_distance(v));  // C_ij
+        s[c] = g_reg + (hp ? g_hp : 0.f) + (hn ? g_hn : 0.f) + (keep ? sc * (ui + a[c]) : 0.f);
+        a[c] = 0.f;
+      }
+    }
+  });
+  dx.add_(dy);
+  if (normalize) normalize_backward_inplace(dx, p.F, p.inv);
+  return grad_output_like(dx, x);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace flashdml
+
+TORCH_LIBRARY_IMPL(flashdml, CPU, m) {
+  m.impl("contextual_fwd", &flashdml::cpu::contextual_fwd_cpu);
+  m.impl("contextual_bwd", &flashdml::cpu::contextual_bwd_cpu);
+}

@@ -1,0 +1,51 @@
+// Per-element pieces of the contextual loss (SPEC 2.5), shared by the CPU (.cpp) kernel and a future CUDA one.
+//
+// Neighbourhood test, exactly SPEC's fp32 arithmetic (the same operations the fp32 reference runs):
+//   Dr = fl(2 - 2 s)        (2 s is exact, so this is one rounding whether or not the compiler fuses it)
+//   C  = [Dr > 0]           (the clamp passes gradient; C = 0 <=> s >= 1: the diagonal and exact duplicates)
+//   -D = C ? -Dr : -0       (the value the per-row top-k ranks; t_i = k-th, h_i = (k/2)-th largest, query included)
+//   u  = fl(-D + eps)       (eps rounded to fp32 once)
+//   N_ij = [u >= t_i],  P_ij = [u >= h_i]   (inclusive: ties and the whole eps band count)
+// Because -D <= 0 and eps >= 0, a clamped entry (-D = 0) always passes both tests: C = 0 entries are a subset of
+// the neighbour lists and are stored as a flag on them.
+#pragma once
+
+#include <cstdint>
+
+#include "flashdml/common.h"
+
+namespace flashdml {
+
+// Flags stored with each neighbour j of row i (one byte per entry of the N(i) list).
+constexpr uint8_t kCtxInP = 1;      // j is in P(i) (the half neighbourhood)
+constexpr uint8_t kCtxClamped = 2;  // C_ij = 0: 2 - 2 S_ij <= 0, no gradient through the distance clamp
+
+FLASHDML_HD float ctx_neg_distance(float s) {
+  const float dr = 2.f - 2.f * s;
+  return dr > 0.f ? -dr : -0.f;
+}
+
+// fl(-D + eps): a single fp32 addition (no contraction possible: there is no product).
+FLASHDML_HD float ctx_band_value(float neg_d, float eps) { return neg_d + eps; }
+
+// C_ij = 0 <=> -D_ij == 0 (Dr > 0 gives -D < 0; Dr <= 0 or NaN-free clamp gives -0).
+FLASHDML_HD bool ctx_clamped(float neg_d) { return neg_d == 0.f; }
+
+// |A ∩ B| of two ascending int32 lists.
+FLASHDML_HD int64_t sorted_intersection_count(const int32_t* a, int64_t na, const int32_t* b, int64_t nb) {
+  int64_t i = 0, j = 0, n = 0;
+  while (i < na && j < nb) {
+    const int32_t x = a[i], y = b[j];
+    n += (x == y);
+    i += (x <= y);
+    j += (y <= x);
+  }
+  return n;
+}
+
+// H_ij = ½(I_ij + J_ij) = ½(n/a_i + (B − a_i − a_j + n)/(B − a_i)), with n = |N(i) ∩ N(j)|; W_ij = H_ij on N(i).
+FLASHDML_HD double ctx_h(double n, double a_i, double a_j, double B) {
+  return 0.5 * (n / a_i + (B - a_i - a_j + n) / (B - a_i));
+}
+
+}  // namespace flashdml
