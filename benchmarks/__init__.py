@@ -5,4 +5,4 @@ family by writing that module and listing it in OPS. harness.py measures, report
 and plots (png.py) into benchmarks/results/.
 """
 
-OPS = ("batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin")
+OPS = ("batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "metrics")

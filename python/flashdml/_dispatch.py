@@ -23,6 +23,7 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 FUSED_OPS: Dict[str, frozenset] = {
     "cpu": frozenset({
         "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
+        "recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate",
     }),
     "triton": frozenset({"batch_softmax"}),
     "cuda": frozenset({"batch_softmax"}),
