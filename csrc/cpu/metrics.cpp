@@ -1,13 +1,16 @@
 // The metrics pass (SPEC 3) on the CPU: one streaming pass over S = x y^T for a subset of query rows, feeding
 //  (a) per-row top-k lists (k = keep[r] per row, sorted by value descending, ties -> lower reference index, the
 //      query itself excluded in self mode): recall@k and MAP@R are computed from them in Python;
-//  (b) fine similarity histograms (histogram.h, 2^16 bins): positive and negative pairs (all ordered pairs; self
-//      mode drops (i, i)) for PR-AUC, and the negative pairs with j > i (unordered) for OPIS's FAR range;
+//  (b) fine similarity histograms (histogram.h, 2^16 bins) of the positive and the negative pairs, for PR-AUC and
+//      OPIS's FAR range: cross mode all pairs, self mode the unordered pairs j > i (the same PR-AUC as all ordered
+//      pairs i != j, whose counts are twice these);
 //  (c) per-class histograms on a coarser grid for OPIS (self mode): class c's positive pairs (both ends in c,
 //      j > i) and its negative pairs (exactly one end in c). A negative pair {i, j} is counted for class(i) from
 //      row i and for class(j) from row j, so one row's "vs other-class columns" histogram goes to its own class.
 // Rows must then come sorted by class: tasks are split at class boundaries, so each class's histogram row is
 // written by one task only (no per-task T x bins copies), and the output covers only the classes of these rows.
+// The dense loop counts every pair as a negative (branch-free, vectorised binning); the positives, a sparse
+// list per class (label_index.h), are moved over afterwards.
 // Nothing B x M is stored: memory is O((B + M) d + sum(keep) + T_rows * bins + tasks * 2^16).
 //
 // Top-k: a candidate buffer per row with a running threshold (the k-th best value after the last compaction);
@@ -91,7 +94,7 @@ std::vector<int64_t> task_bounds(int64_t R, const std::vector<int32_t>* classes)
   return b;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> metrics_pass_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> metrics_pass_cpu(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& labels, const at::Tensor& ref_labels,
     const at::Tensor& rows_in, const at::Tensor& keep_in, bool self_mode, bool pair_hist, int64_t opis_bins) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -147,21 +150,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   const std::vector<int64_t> bounds = task_bounds(R, opis ? &row_cls : nullptr);
   const int64_t n_tasks = int64_t(bounds.size()) - 1;
-  // Per-task fine histograms: [task][pos | neg | neg_upper][bin].
+  // Per-task fine histograms [pos | neg][bin]: self mode counts the pairs j > i (unordered: the same AP, and
+  // the negatives are OPIS's FAR counts), cross mode all pairs.
+  const bool fine = pair_hist || opis;
   std::vector<std::vector<int64_t>> task_hist(n_tasks);
-  const int64_t hist_len = (pair_hist ? 2 * kSimBins : 0) + (opis ? kSimBins : 0);
-  const int32_t* col_class = lab.col_class.data();
   const float* xp = x.data_ptr<float>();
 
   at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       std::vector<int64_t>& hist = task_hist[task];
-      hist.assign(size_t(hist_len), 0);
-      int64_t* h_pos = pair_hist ? hist.data() : nullptr;
-      int64_t* h_neg = pair_hist ? hist.data() + kSimBins : nullptr;
-      int64_t* h_up = opis ? hist.data() + (pair_hist ? 2 * kSimBins : 0) : nullptr;
+      hist.assign(size_t(fine ? 2 * kSimBins : 0), 0);
+      int64_t* h_pos = fine ? hist.data() : nullptr;
+      int64_t* h_neg = fine ? hist.data() + kSimBins : nullptr;
       at::Tensor scratch = at::empty({kTileRows, kTileCols}, x.options());
       at::Tensor xb = at::empty({kTileRows, d}, x.options());
+      std::vector<int32_t> bins(kTileCols);
+      int32_t* bn = bins.data();
       std::vector<RowTopK> topk(kTileRows);
       for (int64_t r0 = bounds[task]; r0 < bounds[task + 1]; r0 += kTileRows) {
         const int64_t rn = std::min(bounds[task + 1], r0 + kTileRows) - r0;
@@ -177,34 +181,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t r = 0; r < rn; ++r) {
             const int64_t i = rows[r0 + r];
             const float* s = S + r * kTileCols;
-            const int32_t rc = lab.row_class[i];
-            const int32_t* cc = col_class + c0;
             const int64_t self_c = self_mode ? i - c0 : -1;  // tile column of (i, i), if inside
-            if (pair_hist || opis) {
-              int64_t* cp = opis ? cpos + int64_t(rc - class_first) * opis_bins : nullptr;
-              int64_t* cg = opis ? cneg + int64_t(rc - class_first) * opis_bins : nullptr;
-              for (int64_t c = 0; c < cn; ++c) {
-                if (c == self_c) continue;
-                const int32_t b = similarity_bin(s[c]);
-                const bool pos = cc[c] == rc;
-                if (pair_hist) ++(pos ? h_pos : h_neg)[b];
+            if (fine) {
+              // Dense part: every pair counted as a negative; the positives (sparse) are moved below.
+#pragma omp simd
+              for (int64_t c = 0; c < cn; ++c) bn[c] = similarity_bin(s[c]);
+              const int64_t cf = self_mode ? std::clamp<int64_t>(i + 1 - c0, 0, cn) : 0;  // first column j > i
+              for (int64_t c = cf; c < cn; ++c) ++h_neg[bn[c]];
+              int64_t* cp = nullptr;
+              int64_t* cg = nullptr;
+              if (opis) {
+                const int64_t rc = lab.row_class[i] - class_first;
+                cp = cpos + rc * opis_bins;
+                cg = cneg + rc * opis_bins;
+                for (int64_t c = 0; c < cn; ++c) ++cg[coarse_bin(bn[c], shift)];
+              }
+              auto [pb, pe] = lab.positives_in(i, c0, c0 + cn);  // includes (i, i) in self mode
+              for (const int64_t* p = pb; p != pe; ++p) {
+                const int32_t b = bn[*p - c0];
                 if (opis) {
-                  if (!pos) {
-                    ++cg[coarse_bin(b, shift)];
-                    if (c0 + c > i) ++h_up[b];
-                  } else if (c0 + c > i) {
-                    ++cp[coarse_bin(b, shift)];
-                  }
+                  --cg[coarse_bin(b, shift)];
+                  if (*p > i) ++cp[coarse_bin(b, shift)];
+                }
+                if (!self_mode || *p > i) {
+                  --h_neg[b];
+                  ++h_pos[b];
                 }
               }
             }
             if (keep[r0 + r] > 0) {
               RowTopK& tk = topk[r];
               float thr = tk.threshold();
-              for (int64_t c = 0; c < cn; ++c) {
-                if (s[c] > thr && c != self_c) {
-                  tk.push(s[c], c0 + c);
-                  thr = tk.threshold();
+              for (int64_t c = 0; c < cn; c += 64) {  // chunks without a candidate cost one vector max
+                const int64_t e = std::min(cn, c + 64);
+                float m = kNegInf;
+#pragma omp simd reduction(max : m)
+                for (int64_t t = c; t < e; ++t) m = std::max(m, s[t]);
+                if (!(m > thr)) continue;
+                for (int64_t t = c; t < e; ++t) {
+                  if (s[t] > thr && t != self_c) {
+                    tk.push(s[t], c0 + t);
+                    thr = tk.threshold();
+                  }
                 }
               }
             }
@@ -221,21 +239,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   });
 
-  at::Tensor pairs = at::zeros({pair_hist ? 2 : 0, pair_hist ? kSimBins : 0}, lopts);
-  at::Tensor neg_upper = at::zeros({opis ? kSimBins : 0}, lopts);
+  at::Tensor pairs = at::zeros({fine ? 2 : 0, fine ? kSimBins : 0}, lopts);
   for (int64_t task = 0; task < n_tasks; ++task) {  // task order: deterministic (integer sums anyway)
     const int64_t* h = task_hist[task].data();
-    if (pair_hist) {
-      int64_t* p = pairs.data_ptr<int64_t>();
-      for (int64_t b = 0; b < 2 * kSimBins; ++b) p[b] += h[b];
-    }
-    if (opis) {
-      int64_t* u = neg_upper.data_ptr<int64_t>();
-      const int64_t* hu = h + (pair_hist ? 2 * kSimBins : 0);
-      for (int64_t b = 0; b < kSimBins; ++b) u[b] += hu[b];
-    }
+    int64_t* p = pairs.data_ptr<int64_t>();
+    for (int64_t b = 0; fine && b < 2 * kSimBins; ++b) p[b] += h[b];
   }
-  return {offsets, out_idx, out_val, pairs, neg_upper, class_pos, class_neg};
+  return {offsets, out_idx, out_val, pairs, class_pos, class_neg};
 }
 
 }  // namespace

@@ -22,7 +22,8 @@ Accuracy:
   values closer than ``2·err``, ``err = (d + 16)·2⁻²⁴`` bounds |fp32 S − S|, holding both relevant and
   irrelevant items, or reaching the end of the list), the row is re-ranked in float64 like the reference
   (ties → lower reference index), and if the kept list cannot prove its boundary, from its full float64 row.
-* **PR-AUC**: all pairs binned on 2¹⁶ bins over [−1, 1] (width h = 2⁻¹⁵); thresholds at bin edges, the pairs of
+* **PR-AUC**: all pairs (self mode: the unordered pairs, which gives the same value as the reference's ordered
+  pairs ``i != j``) binned on 2¹⁶ bins over [−1, 1] (width h = 2⁻¹⁵); thresholds at bin edges, the pairs of
   a bin tie (one step, sklearn's convention). The exact value lies in ``[lower, upper]`` computed from the same
   counts (:func:`pr_auc_bounds`; per bin, positives ranked after / before its negatives), up to the pairs whose
   fp32 similarity falls in a neighbouring bin (within ``err`` of an edge).
@@ -107,10 +108,9 @@ def _stream(batch, keep: Tensor, pair_hist: bool, opis_bins: int, progress) -> d
         classes = torch.unique(labels)
         hist_pos = torch.zeros(classes.numel(), opis_bins, dtype=torch.int64)
         hist_neg = torch.zeros(classes.numel(), opis_bins, dtype=torch.int64)
-        neg_upper = torch.zeros(PAIR_BINS, dtype=torch.int64)
     else:
         order = torch.arange(B)
-    pairs = torch.zeros(2, PAIR_BINS, dtype=torch.int64) if pair_hist else None
+    pairs = torch.zeros(2, PAIR_BINS, dtype=torch.int64) if (pair_hist or opis_bins) else None
     keep_sorted = keep[order]
     idx_parts, val_parts = [], []
     start = 0
@@ -119,24 +119,24 @@ def _stream(batch, keep: Tensor, pair_hist: bool, opis_bins: int, progress) -> d
         if opis_bins and stop < B:  # do not split a class between calls
             stop = int(torch.searchsorted(sorted_labels, sorted_labels[stop - 1], right=True))
         rows = order[start:stop]
-        _, idx, val, ph, nu, cp, cn = torch.ops.flashdml.metrics_pass(
+        _, idx, val, ph, cp, cn = torch.ops.flashdml.metrics_pass(
             xn, yn, labels, ref_labels, rows, keep_sorted[start:stop], batch.self_mode, pair_hist, opis_bins)
         idx_parts.append(idx)
         val_parts.append(val)
-        if pair_hist:
+        if pairs is not None:
             pairs += ph
         if opis_bins:
             first = int(torch.searchsorted(classes, sorted_labels[start]))
             hist_pos[first:first + cp.shape[0]] = cp
             hist_neg[first:first + cn.shape[0]] = cn
-            neg_upper += nu
         start = stop
         if progress is not None:
             progress(start, B)
     out = {"rows": order, "keep": keep_sorted, "idx": torch.cat(idx_parts), "val": torch.cat(val_parts),
            "xn": xn, "yn": yn, "pairs": pairs}
     if opis_bins:
-        out.update(hist_pos=hist_pos, hist_neg=hist_neg, neg_upper=neg_upper, classes=classes)
+        # self mode: pairs counts the unordered pairs j > i, so its negatives are the FAR counts
+        out.update(hist_pos=hist_pos, hist_neg=hist_neg, neg_upper=pairs[1], classes=classes)
     return out
 
 
@@ -297,12 +297,17 @@ def _opis_state(batch, st, far_range, n_thresholds):
     th = torch.sort(th).values
     ob = st["hist_pos"].shape[1]
     edge = torch.round((th + 1.0) * (ob / 2.0)).to(torch.int64).clamp_(0, ob)
-    hp, hn = st["hist_pos"][eligible], st["hist_neg"][eligible]
-    zero = torch.zeros(hp.shape[0], 1, dtype=torch.int64)
-    cum_p = torch.cat([zero, torch.cumsum(hp, 1)], 1)
-    pos_ge = cum_p[:, -1:] - cum_p[:, edge]
-    del cum_p
-    neg_below = torch.cat([zero, torch.cumsum(hn, 1)], 1)[:, edge]
+    # counts below each edge: the bins below the lowest edge summed once, a cumsum over the edges' window only
+    lo, hi = int(edge.min()), int(edge.max())
+
+    def below(hist):
+        base = hist[:, :lo].sum(1, keepdim=True)
+        win = torch.cumsum(hist[:, lo:hi], 1)
+        cum = torch.cat([base, base + win], 1)  # cum[:, e - lo] = #pairs in bins < e, lo <= e <= hi
+        return cum[:, edge - lo][eligible]
+
+    pos_ge = st["hist_pos"].sum(1, keepdim=True)[eligible] - below(st["hist_pos"])
+    neg_below = below(st["hist_neg"])
     nc = counts[eligible].to(torch.float64)
     tpr = pos_ge.to(torch.float64) / (nc * (nc - 1) / 2)[:, None]
     tnr = neg_below.to(torch.float64) / (nc * (batch.B - nc))[:, None]
