@@ -116,6 +116,20 @@ TORCH_LIBRARY(flashdml, m) {
       "contextual_bwd(Tensor grad_loss, Tensor x, Tensor labels, int k, float eps, float context_weight, "
       "float contrastive_weight, float reg_weight, float reg_target, float pos_margin, float neg_margin, "
       "float ste_slope, bool normalize, Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags, Tensor con_counts) -> Tensor dx");
+  // ---- metrics (SPEC 3): schemas below this line ----
+  // One streaming pass over S = x y^T (x, y: rows used as given, normalise them first) for the query rows
+  // `rows` (int64 indices into x, processed in that order). Returns
+  //  * offsets [R + 1], indices [sum keep] int64, values [sum keep] fp32: row r's keep[r] best references,
+  //    value descending, ties -> lower index, (i, i) excluded in self mode (keep[r] <= number of candidates);
+  //  * pair_hist [2, 2^16] int64 (empty unless pair_hist or opis_bins > 0): positive / negative pair counts per
+  //    fine bin (flashdml/histogram.h) of these rows: cross mode all pairs, self mode the pairs j > i;
+  //  * class_pos / class_neg [T_rows, opis_bins] int64 (empty unless opis_bins > 0; self mode, rows sorted by
+  //    class): per class of these rows (dense ids in label order, from the first row's class on) its positive
+  //    pairs with j > i and its negative pairs (one end in the class) per coarse bin.
+  m.def(
+      "metrics_pass(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, Tensor rows, Tensor keep, bool self_mode, "
+      "bool pair_hist, int opis_bins) -> (Tensor offsets, Tensor indices, Tensor values, Tensor pair_hist, "
+      "Tensor class_pos, Tensor class_neg)");
 }
 
 // Importing flashdml._C loads the schemas above and all kernel registrations; there is no Python API in the

@@ -24,6 +24,7 @@ FUSED_OPS: Dict[str, frozenset] = {
     "cpu": frozenset({
         "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
         "knn", "hardest_negatives", "cross_example_softmax_top_k", "contextual_loss",
+        "recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate",
     }),
     "triton": frozenset({
         "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",

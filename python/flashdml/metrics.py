@@ -1,14 +1,491 @@
-"""Retrieval and threshold-consistency metrics (SPEC section 3).
+"""Retrieval and threshold-consistency metrics at gallery scale (SPEC section 3), in one streaming pass.
 
-No streaming kernel yet: these run the reference (exact, materialises N×M) through dispatch.
+Usage::
+
+    import flashdml as fd
+    fd.metrics.recall_at_k(x, labels, ks=(1, 10, 100))     # {1: 0.81, 10: 0.93, 100: 0.98}
+    fd.metrics.map_at_r(x, labels)                          # 0.42
+    fd.metrics.evaluate(x, labels, ks=(1, 10), metrics=("recall_at_k", "map_at_r", "pr_auc", "opis"))
+    # {"recall@1": ..., "recall@10": ..., "map@r": ..., "pr_auc": ..., "opis": ..., "eps_opis": ...}
+    fd.metrics.evaluate(q, q_labels, y=gallery, ref_labels=g_labels, metrics=("recall_at_k", "map_at_r"))
+
+Same signatures, conventions and ``nan`` rules as :mod:`flashdml.reference.metrics` (the oracle). On CPU tensors
+with the compiled backend, every metric comes from the C++ pass ``flashdml::metrics_pass``: S = x̂ ŷᵀ in fp32
+tiles (never N×M in memory; memory O(N·d + N·k + T·bins)), feeding per-row top-k lists and similarity
+histograms. ``evaluate`` makes ONE pass for all requested metrics; every single-metric function is ``evaluate``
+with one metric, so the values are equal by construction. Other devices / backends run the reference.
+
+Accuracy:
+
+* **recall@k, MAP@R: exact** (= the reference). The pass keeps each query's ``max(k, R_i) + 8`` best references in
+  fp32; where fp32 rounding could change the relevance pattern of the first ``max(k, R_i)`` ranks (chains of
+  values closer than ``2·err``, ``err = (d + 16)·2⁻²⁴`` bounds |fp32 S − S|, holding both relevant and
+  irrelevant items, or reaching the end of the list), the row is re-ranked in float64 like the reference
+  (ties → lower reference index), and if the kept list cannot prove its boundary, from its full float64 row.
+* **PR-AUC**: all pairs (self mode: the unordered pairs, which gives the same value as the reference's ordered
+  pairs ``i != j``) binned on 2¹⁶ bins over [−1, 1] (width h = 2⁻¹⁵); thresholds at bin edges, the pairs of
+  a bin tie (one step, sklearn's convention). The exact value lies in ``[lower, upper]`` computed from the same
+  counts (:func:`pr_auc_bounds`; per bin, positives ranked after / before its negatives), up to the pairs whose
+  fp32 similarity falls in a neighbouring bin (within ``err`` of an edge).
+* **OPIS, ε-OPIS**: the FAR range's end points are found on the fine grid (``s(f)`` = the largest bin edge with
+  FAR ≥ f: ≤ h below the reference's, which is the largest negative similarity with FAR ≥ f); the
+  ``n_thresholds`` thresholds ``linspace(s_lo, s_hi)`` are then rounded to the nearest edge of the per-class
+  grid of ``opis_bins`` bins (2¹⁶ while ``T · bins · 16 B`` ≤ :data:`OPIS_HIST_BYTES`, halved until it fits, at
+  least 256; h_c = 2 / opis_bins). The result is the **exact OPIS at thresholds moved by at most h_c/2 + h**
+  (:func:`opis_thresholds` returns them), with similarities in fp32. E.g. T = 12 000 classes: 1024 bins,
+  thresholds within 0.001 of the reference's.
 """
 from __future__ import annotations
 
-from .ops.unfused import through_dispatch
+import math
+import sys
+import time
+from typing import Callable, Dict, Optional, Sequence, Union
 
-recall_at_k = through_dispatch("recall_at_k")
-map_at_r = through_dispatch("map_at_r")
-pr_auc = through_dispatch("pr_auc")
-opis = through_dispatch("opis")
-eps_opis = through_dispatch("eps_opis")
-evaluate = through_dispatch("evaluate")
+import torch
+from torch import Tensor
+
+from . import _dispatch
+from . import reference as _reference
+from ._math import l2_normalize
+from ._validation import check_real, prepare_batch
+from .reference import metrics as _ref
+
+__all__ = ["recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate", "pr_auc_bounds", "opis_thresholds"]
+
+METRIC_NAMES = _ref.METRIC_NAMES
+PAIR_BINS = 1 << 16           # fine grid (csrc/include/flashdml/histogram.h)
+OPIS_HIST_BYTES = 256 << 20   # memory for the per-class OPIS histograms (2 x T x bins int64)
+MIN_OPIS_BINS = 256
+TOPK_MARGIN = 8               # extra references kept per query beyond max(k, R_i)
+ROWS_PER_CALL = 8192          # query rows per C++ call (progress granularity)
+REFINE_ELEMENTS = 1 << 22     # float64 elements gathered at once when re-ranking
+NAN = float("nan")
+
+ProgressArg = Union[None, bool, Callable[[int, int], None]]
+
+
+# ----------------------------------------------------------------------------------------------- progress
+class _StderrProgress:
+    def __init__(self, total: int):
+        self.total, self.t0 = total, time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        dt = time.monotonic() - self.t0
+        eta = dt / done * (total - done) if done else float("nan")
+        sys.stderr.write(f"\rflashdml.metrics: {done}/{total} query rows ({100.0 * done / total:5.1f}%) "
+                         f"{dt:6.1f} s, eta {eta:6.1f} s")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _progress_fn(progress: ProgressArg, B: int, M: int):
+    if callable(progress):
+        return progress
+    if progress is None:
+        progress = B * M >= (1 << 30) and sys.stderr.isatty()
+    return _StderrProgress(B) if progress else None
+
+
+# ----------------------------------------------------------------------------------------------- the pass
+def _opis_bins(n_classes: int) -> int:
+    bins = PAIR_BINS
+    while bins > MIN_OPIS_BINS and 16 * n_classes * bins > OPIS_HIST_BYTES:
+        bins //= 2
+    return bins
+
+
+def _stream(batch, keep: Tensor, pair_hist: bool, opis_bins: int, progress) -> dict:
+    """Runs ``flashdml::metrics_pass`` over all query rows in chunks (class-aligned when OPIS is wanted)."""
+    xn = l2_normalize(batch.x.detach().float()).contiguous()
+    yn = xn if batch.self_mode else l2_normalize(batch.y.detach().float()).contiguous()
+    labels, ref_labels = batch.labels.contiguous(), batch.ref_labels.contiguous()
+    B = batch.B
+    if opis_bins:
+        order = torch.argsort(labels, stable=True)
+        sorted_labels = labels[order]
+        classes = torch.unique(labels)
+        hist_pos = torch.zeros(classes.numel(), opis_bins, dtype=torch.int64)
+        hist_neg = torch.zeros(classes.numel(), opis_bins, dtype=torch.int64)
+    else:
+        order = torch.arange(B)
+    pairs = torch.zeros(2, PAIR_BINS, dtype=torch.int64) if (pair_hist or opis_bins) else None
+    keep_sorted = keep[order]
+    idx_parts, val_parts = [], []
+    start = 0
+    while start < B:
+        stop = min(B, start + ROWS_PER_CALL)
+        if opis_bins and stop < B:  # do not split a class between calls
+            stop = int(torch.searchsorted(sorted_labels, sorted_labels[stop - 1], right=True))
+        rows = order[start:stop]
+        _, idx, val, ph, cp, cn = torch.ops.flashdml.metrics_pass(
+            xn, yn, labels, ref_labels, rows, keep_sorted[start:stop], batch.self_mode, pair_hist, opis_bins)
+        idx_parts.append(idx)
+        val_parts.append(val)
+        if pairs is not None:
+            pairs += ph
+        if opis_bins:
+            first = int(torch.searchsorted(classes, sorted_labels[start]))
+            hist_pos[first:first + cp.shape[0]] = cp
+            hist_neg[first:first + cn.shape[0]] = cn
+        start = stop
+        if progress is not None:
+            progress(start, B)
+    out = {"rows": order, "keep": keep_sorted, "idx": torch.cat(idx_parts), "val": torch.cat(val_parts),
+           "xn": xn, "yn": yn, "pairs": pairs}
+    if opis_bins:
+        # self mode: pairs counts the unordered pairs j > i, so its negatives are the FAR counts
+        out.update(hist_pos=hist_pos, hist_neg=hist_neg, neg_upper=pairs[1], classes=classes)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- exact ranking
+def _float64_rows(t: Tensor) -> Tensor:
+    return l2_normalize(t.detach().to(torch.float64))
+
+
+def _exact_relevance(batch, st: dict, need: Tensor) -> tuple:
+    """Relevance of the first ``need`` ranks of each processed row (exact, float64 ranking of the reference).
+
+    Returns ``(row_of, pos, rel)`` over the flattened kept lists, in exact rank order within each row.
+    """
+    rows, keep, idx, val = st["rows"], st["keep"], st["idx"].clone(), st["val"]
+    R = rows.numel()
+    C = batch.M - 1 if batch.self_mode else batch.M
+    row_of = torch.repeat_interleave(torch.arange(R), keep)
+    offsets = torch.zeros(R + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(keep, 0)
+    E = idx.numel()
+    if E == 0:
+        return row_of, row_of.clone(), torch.zeros(0, dtype=torch.bool)
+    pos = torch.arange(E) - offsets[row_of]
+    query_label = batch.labels[rows]
+    rel = batch.ref_labels[idx] == query_label[row_of]
+    err = (batch.x.shape[1] + 16) * 2.0 ** -24
+    # chains of fp32 values closer than 2 err (their float64 order is unknown)
+    start = torch.ones(E, dtype=torch.bool)
+    start[1:] = ((val[:-1].double() - val[1:].double()) > 2 * err) | (row_of[1:] != row_of[:-1])
+    chain = torch.cumsum(start, 0) - 1
+    n_chain = int(chain[-1]) + 1
+    relf = rel.to(torch.int64)
+    cmax = torch.zeros(n_chain, dtype=torch.int64).scatter_reduce(0, chain, relf, "amax", include_self=False)
+    cmin = torch.ones(n_chain, dtype=torch.int64).scatter_reduce(0, chain, relf, "amin", include_self=False)
+    cpos = torch.full((n_chain,), E, dtype=torch.int64).scatter_reduce(0, chain, pos, "amin", include_self=False)
+    crow = row_of[start]
+    matters = cpos < need[crow]
+    at_end = torch.zeros(n_chain, dtype=torch.bool)
+    last = offsets[1:][keep > 0] - 1
+    at_end[chain[last]] = keep[keep > 0] < C
+    flagged = torch.zeros(R, dtype=torch.bool)
+    flagged[crow[matters & ((cmax != cmin) | at_end)]] = True
+    if not bool(flagged.any()):
+        return row_of, pos, rel
+
+    # re-rank the flagged rows' kept lists in float64
+    ent = torch.nonzero(flagged[row_of]).squeeze(1)
+    d = batch.x.shape[1]
+    chunk = max(1, REFINE_ELEMENTS // d)
+    v64 = torch.empty(ent.numel(), dtype=torch.float64)
+    qrows = rows[row_of[ent]]
+    for a in range(0, ent.numel(), chunk):
+        e = ent[a:a + chunk]
+        q = _float64_rows(batch.x[qrows[a:a + chunk]])
+        r = _float64_rows(batch.y[idx[e]])
+        v64[a:a + chunk] = (q * r).sum(dim=1)
+    # exact order: by row, then value descending, then reference index ascending (three stable sorts)
+    o = torch.sort(idx[ent], stable=True).indices
+    o = o[torch.sort(-v64[o], stable=True).indices]
+    o = o[torch.sort(row_of[ent][o], stable=True).indices]
+    idx[ent] = idx[ent][o]
+    v64 = v64[o]
+    # boundary: the need-th exact value must beat every reference left out (fp32 <= the last kept, + err)
+    fr = torch.nonzero(flagged).squeeze(1)
+    local_off = torch.zeros(fr.numel() + 1, dtype=torch.int64)
+    local_off[1:] = torch.cumsum(keep[fr], 0)
+    v_need = v64[local_off[:-1] + need[fr] - 1]
+    v32_last = val[offsets[fr + 1] - 1].double()
+    unsafe = fr[(keep[fr] < C) & ~(v_need > v32_last + err)]
+    if unsafe.numel():
+        yall = _float64_rows(batch.y)
+        for r in unsafe.tolist():
+            s = _float64_rows(batch.x[rows[r]:rows[r] + 1]) @ yall.T
+            s = s.squeeze(0)
+            if batch.self_mode:
+                s[rows[r]] = -math.inf
+            top = torch.sort(-s, stable=True).indices[:int(keep[r])]
+            idx[offsets[r]:offsets[r + 1]] = top
+    rel = batch.ref_labels[idx] == query_label[row_of]
+    return row_of, pos, rel
+
+
+# ----------------------------------------------------------------------------------------------- from the state
+def _retrieval(batch, st, R: Tensor, need: Tensor, ks) -> tuple:
+    rows = st["rows"]
+    Rr, needr = R[rows], need[rows]
+    row_of, pos, rel = _exact_relevance(batch, st, needr)
+    valid = Rr > 0
+    n_valid = int(valid.sum())
+    recall = {}
+    if ks:
+        big = torch.iinfo(torch.int64).max
+        first = torch.full((rows.numel(),), big, dtype=torch.int64).scatter_reduce(
+            0, row_of[rel], pos[rel], "amin", include_self=True)
+        for k in ks:
+            recall[k] = float((first[valid] < k).double().mean()) if n_valid else NAN
+    mapr = NAN
+    if n_valid:
+        hit = rel & (pos < Rr[row_of])
+        cum = torch.cumsum(hit.to(torch.float64), 0)
+        offsets = torch.zeros(rows.numel() + 1, dtype=torch.float64)
+        offsets[1:] = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, row_of, hit.to(torch.float64))
+        before = torch.cumsum(offsets, 0)[:-1]  # hits of the rows before, at each row start
+        prec = (cum - before[row_of]) / (pos + 1).to(torch.float64)
+        ap = torch.zeros(rows.numel(), dtype=torch.float64).index_add_(0, row_of, prec * hit.to(torch.float64))
+        ap = ap[valid] / Rr[valid].to(torch.float64)
+        mapr = float(ap.mean())
+    return recall, mapr
+
+
+def _pr_steps(pairs: Tensor):
+    pos, neg = pairs[0].flip(0).to(torch.float64), pairs[1].flip(0).to(torch.float64)  # high bins first
+    P = float(pos.sum())
+    tp, fp = torch.cumsum(pos, 0), torch.cumsum(neg, 0)
+    return P, pos, neg, tp, fp
+
+
+def _pr_auc_value(pairs: Tensor) -> float:
+    P, pos, neg, tp, fp = _pr_steps(pairs)
+    if P == 0:
+        return NAN
+    m = pos > 0
+    return float((pos[m] / P * tp[m] / (tp[m] + fp[m])).sum())
+
+
+def _pr_auc_bounds(pairs: Tensor):
+    P, pos, neg, tp, fp = _pr_steps(pairs)
+    if P == 0:
+        return NAN, NAN
+    m = pos > 0
+    p, n, tp1, fp1 = pos[m], neg[m], tp[m], fp[m]
+    tp0, fp0 = tp1 - p, fp1 - n
+    # every positive of a bin has precision <= (TP0 + p) / (TP0 + FP0 + p) (upper) and the k-th one >=
+    # (TP0 + k) / (TP0 + FP0 + n + k) (lower): sum_k (a + k)/(c + k) = p - (c - a)(psi(c + p + 1) - psi(c + 1))
+    upper = float((p / P * tp1 / (tp0 + fp0 + p)).sum())
+    c = tp0 + fp0 + n
+    harm = torch.where(c > 1e6, torch.log1p(p / (c + 0.5)), torch.special.digamma(c + p + 1) - torch.special.digamma(c + 1))
+    lower = float(((p - (fp0 + n) * harm) / P).sum())
+    return lower, upper
+
+
+def _opis_state(batch, st, far_range, n_thresholds):
+    """Snapped thresholds (bin-edge indices of the per-class grid) and per-class (TPR, TNR) ``[T, n]``."""
+    classes, counts = torch.unique(batch.labels, return_counts=True)
+    nu = st["neg_upper"]
+    n_neg = int(nu.sum())
+    eligible = counts >= 2
+    if n_neg == 0 or not bool(eligible.any()):
+        return None
+    ge = torch.flip(torch.cumsum(torch.flip(nu, [0]), 0), [0])  # ge[b] = #negatives in bins >= b
+    h = 2.0 / PAIR_BINS
+
+    def threshold_at(f):
+        k = min(max(_ref._ceil_count(f, n_neg), 1), n_neg)
+        return -1.0 + (int((ge >= k).sum()) - 1) * h
+
+    th = torch.linspace(threshold_at(far_range[1]), threshold_at(far_range[0]), n_thresholds, dtype=torch.float64)
+    th = torch.sort(th).values
+    ob = st["hist_pos"].shape[1]
+    edge = torch.round((th + 1.0) * (ob / 2.0)).to(torch.int64).clamp_(0, ob)
+    # counts below each edge: the bins below the lowest edge summed once, a cumsum over the edges' window only
+    lo, hi = int(edge.min()), int(edge.max())
+
+    def below(hist):
+        base = hist[:, :lo].sum(1, keepdim=True)
+        win = torch.cumsum(hist[:, lo:hi], 1)
+        cum = torch.cat([base, base + win], 1)  # cum[:, e - lo] = #pairs in bins < e, lo <= e <= hi
+        return cum[:, edge - lo][eligible]
+
+    pos_ge = st["hist_pos"].sum(1, keepdim=True)[eligible] - below(st["hist_pos"])
+    neg_below = below(st["hist_neg"])
+    nc = counts[eligible].to(torch.float64)
+    tpr = pos_ge.to(torch.float64) / (nc * (nc - 1) / 2)[:, None]
+    tnr = neg_below.to(torch.float64) / (nc * (batch.B - nc))[:, None]
+    return -1.0 + edge.to(torch.float64) * (2.0 / ob), tpr, tnr
+
+
+def _utilities(tpr, tnr, beta):
+    b2 = beta * beta
+    den = b2 * tpr + tnr
+    return torch.where(den > 0, (1 + b2) * tpr * tnr / den.clamp_min(1e-300), torch.zeros_like(den))
+
+
+def _opis_values(U: Tensor, eps: float) -> tuple:
+    value = float(((U - U.mean(dim=0, keepdim=True)) ** 2).mean(dim=1).mean())
+    T = U.shape[0]
+    m = min(max(_ref._ceil_count(eps, T), 1), T)
+    mean_u = U.mean(dim=1)
+    best = torch.sort(-mean_u, stable=True).indices[:m]
+    worst = torch.sort(mean_u, stable=True).indices[:m]
+    return value, float(((U[best].mean(dim=0) - U[worst].mean(dim=0)) ** 2).mean())
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def _check_inputs(x, labels, y, ref_labels):
+    batch = prepare_batch(x, y, labels, ref_labels, labels_required=True)
+    for name, t in (("x", batch.x), ("y", batch.y)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+    return batch
+
+
+def _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, opts, details=None) -> Dict[str, float]:
+    batch = _check_inputs(x, labels, y, ref_labels)
+    C = batch.M - 1 if batch.self_mode else batch.M
+    want_recall, want_map = "recall_at_k" in metrics, "map_at_r" in metrics
+    want_pr = "pr_auc" in metrics
+    want_opis = "opis" in metrics or "eps_opis" in metrics
+    ks = _ref._check_ks(ks, C) if want_recall else ()
+    if want_opis:
+        far_range, n_thresholds, beta = _ref._check_opis_options(
+            opts.get("far_range", (1e-2, 1e-1)), opts.get("n_thresholds", 101), opts.get("beta", 1.0))
+        eps = check_real(opts.get("eps", 0.05), "eps")
+        if not 0.0 < eps <= 1.0:
+            raise ValueError(f"eps must be in (0, 1], got {eps}")
+    # R_i: references with query i's label (self excluded)
+    uniq, ref_counts = torch.unique(batch.ref_labels, return_counts=True)
+    at = torch.searchsorted(uniq, batch.labels).clamp_max(uniq.numel() - 1)
+    R = torch.where(uniq[at] == batch.labels, ref_counts[at], torch.zeros_like(at))
+    if batch.self_mode:
+        R = R - 1
+    need = torch.zeros_like(R)
+    if want_recall or want_map:
+        need = torch.maximum(torch.full_like(R, max(ks) if ks else 0), R if want_map else torch.zeros_like(R))
+        need = torch.where(R > 0, need, torch.zeros_like(need))
+    keep = torch.where(need > 0, (need + TOPK_MARGIN).clamp_max(C), need)
+    opis_bins = _opis_bins(uniq.numel()) if want_opis else 0
+    st = _stream(batch, keep, want_pr, opis_bins, _progress_fn(progress, batch.B, batch.M))
+
+    out: Dict[str, float] = {}
+    recall, mapr = _retrieval(batch, st, R, need, ks) if (want_recall or want_map) else ({}, NAN)
+    opis_vals = None
+    if want_opis:
+        state = _opis_state(batch, st, far_range, n_thresholds)
+        if state is None:
+            opis_vals = (NAN, NAN)
+        else:
+            if details is not None:
+                details["thresholds"] = state[0]
+            opis_vals = _opis_values(_utilities(state[1], state[2], beta), eps)
+    if want_pr and details is not None:
+        details["pr_auc_bounds"] = _pr_auc_bounds(st["pairs"])
+    for name in metrics:
+        if name == "recall_at_k":
+            out.update({f"recall@{k}": v for k, v in recall.items()})
+        elif name == "map_at_r":
+            out["map@r"] = mapr
+        elif name == "pr_auc":
+            out["pr_auc"] = _pr_auc_value(st["pairs"])
+        elif name == "opis":
+            out["opis"], out["eps_opis"] = opis_vals
+        else:
+            out["eps_opis"] = opis_vals[1]
+    return out
+
+
+def _device(x) -> torch.device:
+    return x.device if isinstance(x, Tensor) else torch.device("cpu")
+
+
+def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k", "map_at_r", "pr_auc", "opis"),
+             ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y: Optional[Tensor] = None,
+             ref_labels: Optional[Tensor] = None, *, progress: ProgressArg = None, **metric_options
+             ) -> Dict[str, float]:
+    """Several metrics from ONE streaming pass over S, as one flat dict (keys as the reference's ``evaluate``).
+
+    ``metrics``: ``"recall_at_k"`` -> ``"recall@K"`` per K in ``ks``; ``"map_at_r"`` -> ``"map@r"``; ``"pr_auc"``;
+    ``"opis"`` -> ``"opis"`` and ``"eps_opis"``; ``"eps_opis"``. ``metric_options``: ``far_range``,
+    ``n_thresholds``, ``beta``, ``eps`` (OPIS is self mode only). ``progress``: ``True`` prints a progress line
+    on stderr, ``False`` none, a callable gets ``(rows_done, rows_total)``; ``None`` (default) prints only for
+    ``N·M >= 2^30`` when stderr is a terminal. Accuracy of each value: see the module docstring.
+
+    >>> fd.metrics.evaluate(x, labels, ks=(1, 10, 100), metrics=("recall_at_k", "map_at_r", "opis", "pr_auc"))
+    """
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {METRIC_NAMES}")
+    valid_opts = _ref._OPIS_OPTIONS + ("eps",)
+    bad = [k for k in metric_options if k not in valid_opts]
+    if bad:
+        raise TypeError(f"unknown metric option(s) {bad}; valid: {valid_opts}")
+    if any(m in ("opis", "eps_opis") for m in metrics) and y is not None:
+        raise ValueError("opis / eps_opis are defined in self mode only (y=None); drop them from metrics "
+                         "to evaluate against a separate gallery")
+    name = _dispatch.resolve("evaluate", _device(x))
+    if name == "reference":
+        return _reference.evaluate(x, labels, metrics=metrics, ks=ks, y=y, ref_labels=ref_labels, **metric_options)
+    return _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, metric_options)
+
+
+def _single(op: str, x, run_fused, run_reference):
+    name = _dispatch.resolve(op, _device(x))
+    return run_reference() if name == "reference" else run_fused()
+
+
+def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y=None, ref_labels=None
+                ) -> Dict[int, float]:
+    """Recall@k (= pml's precision_at_1 for k = 1): ``{k: value}``; exact. See :func:`flashdml.reference.recall_at_k`."""
+    def fused():
+        out = _fused_evaluate(x, labels, ("recall_at_k",), ks, y, ref_labels, False, {})
+        return {int(k.split("@")[1]): v for k, v in out.items()}
+    return _single("recall_at_k", x, fused, lambda: _reference.recall_at_k(x, labels, ks=ks, y=y, ref_labels=ref_labels))
+
+
+def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
+    """MAP@R (= pml's mean_average_precision_at_r); exact. See :func:`flashdml.reference.map_at_r`."""
+    return _single("map_at_r", x,
+                   lambda: _fused_evaluate(x, labels, ("map_at_r",), 1, y, ref_labels, False, {})["map@r"],
+                   lambda: _reference.map_at_r(x, labels, y=y, ref_labels=ref_labels))
+
+
+def pr_auc(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
+    """Global PR-AUC from a 2^16-bin pair histogram (bound: :func:`pr_auc_bounds`). See the reference."""
+    return _single("pr_auc", x,
+                   lambda: _fused_evaluate(x, labels, ("pr_auc",), 1, y, ref_labels, False, {})["pr_auc"],
+                   lambda: _reference.pr_auc(x, labels, y=y, ref_labels=ref_labels))
+
+
+def opis(x: Tensor, labels: Tensor, *, far_range=(1e-2, 1e-1), n_thresholds: int = 101, beta: float = 1.0) -> float:
+    """OPIS (TCM paper's definition, see :func:`flashdml.reference.opis`) from per-class histograms; the exact OPIS at
+    thresholds within h_c/2 + 2^-15 of the reference's (:func:`opis_thresholds`)."""
+    kw = dict(far_range=far_range, n_thresholds=n_thresholds, beta=beta)
+    return _single("opis", x, lambda: _fused_evaluate(x, labels, ("opis",), 1, None, None, False, kw)["opis"],
+                   lambda: _reference.opis(x, labels, **kw))
+
+
+def eps_opis(x: Tensor, labels: Tensor, *, eps: float = 0.05, far_range=(1e-2, 1e-1), n_thresholds: int = 101,
+             beta: float = 1.0) -> float:
+    """ε-OPIS (TCM paper's definition, see :func:`flashdml.reference.eps_opis`); accuracy as :func:`opis`."""
+    kw = dict(far_range=far_range, n_thresholds=n_thresholds, beta=beta)
+    return _single("eps_opis", x,
+                   lambda: _fused_evaluate(x, labels, ("eps_opis",), 1, None, None, False, dict(kw, eps=eps))["eps_opis"],
+                   lambda: _reference.eps_opis(x, labels, eps=eps, **kw))
+
+
+# ----------------------------------------------------------------------------------------------- introspection
+def pr_auc_bounds(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> tuple:
+    """``(lower, upper)``: the range the exact PR-AUC lies in, given the 2^16-bin counts :func:`pr_auc` uses."""
+    details: dict = {}
+    _fused_evaluate(x, labels, ("pr_auc",), 1, y, ref_labels, False, {}, details)
+    return details["pr_auc_bounds"]
+
+
+def opis_thresholds(x: Tensor, labels: Tensor, *, far_range=(1e-2, 1e-1), n_thresholds: int = 101) -> Tensor:
+    """The thresholds (float64, ascending) at which :func:`opis` evaluates the utilities exactly (bin edges)."""
+    details: dict = {}
+    _fused_evaluate(x, labels, ("opis",), 1, None, None, False,
+                    dict(far_range=far_range, n_thresholds=n_thresholds), details)
+    return details.get("thresholds")
