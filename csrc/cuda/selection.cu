@@ -24,6 +24,7 @@
 #include <tuple>
 
 #include "flashdml/poison.h"
+#include "launch_utils.cuh"
 #include "selection_kernels.cuh"
 
 namespace flashdml {
@@ -31,53 +32,6 @@ namespace cuda {
 namespace {
 
 using namespace sel;
-
-constexpr int kMaxSplits = 16;
-
-template <typename T>
-struct DeviceType;
-template <>
-struct DeviceType<float> {
-  using type = float;
-};
-template <>
-struct DeviceType<at::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename T>
-const typename DeviceType<T>::type* dptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename DeviceType<T>::type*>(t.data_ptr<T>());
-}
-
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-// Column splits: enough blocks for ~2 waves of 1 block / SM, at most kMaxSplits, no empty split.
-std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
-  int64_t want = (2 * int64_t(sm_count()) + other_blocks - 1) / other_blocks;
-  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, kMaxSplits}));
-  const int64_t tps = (ntiles + want - 1) / want;
-  return {(ntiles + tps - 1) / tps, tps};  // (nsplit, tiles per split)
-}
-
-// Rows 16-byte aligned with d % kVW == 0, as the kernels require (pair_tiles.cuh); otherwise a zero-padded copy.
-at::Tensor vec_ready(const at::Tensor& t) {
-  const int64_t vw = t.scalar_type() == at::kFloat ? 4 : 8, d = t.size(1), dp = (d + vw - 1) / vw * vw;
-  if (dp == d && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
-  return dp == d ? t.clone() : at::constant_pad_nd(t, {0, dp - d});
-}
-
-#define FLASHDML_SEL_DISPATCH(st, ...)                                           \
-  switch (st) {                                                                  \
-    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }           \
-    case at::kHalf: { using scalar_t = at::Half; __VA_ARGS__(); break; }         \
-    case at::kBFloat16: { using scalar_t = at::BFloat16; __VA_ARGS__(); break; } \
-    default: TORCH_CHECK(false, "flashdml selection: unsupported dtype ", st);  \
-  }
 
 void check_xy(const char* op, const at::Tensor& x, const at::Tensor& y, bool normalize) {
   TORCH_CHECK(!normalize, op, " (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
@@ -114,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> knn_fwd_cuda(const at::Tensor& x_in, const at
   uint64_t* part_p = reinterpret_cast<uint64_t*>(part.data_ptr<int64_t>());
   uint64_t* bound_p = reinterpret_cast<uint64_t*>(bound.data_ptr<int64_t>());
   for (int64_t r = 0; r < rounds; ++r) {
-    FLASHDML_SEL_DISPATCH(x.scalar_type(), [&] {
+    FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "selection", [&] {
       knn_partial_kernel<typename DeviceType<scalar_t>::type>
           <<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
               dptr<scalar_t>(x), dptr<scalar_t>(y), B, M, d, tps, exclude_diagonal, r > 0 ? bound_p : nullptr,
@@ -161,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hardest_negatives_fwd_cuda(const 
   at::Tensor flat = new_output({k}, lopts);
   auto* hist_p = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
   const int passes[3][2] = {{21, 32}, {10, 21}, {0, 10}};
-  FLASHDML_SEL_DISPATCH(x.scalar_type(), [&] {
+  FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "selection", [&] {
     using DT = typename DeviceType<scalar_t>::type;
     const dim3 grid(static_cast<unsigned>(nrb), static_cast<unsigned>(nsplit));
     for (const auto& p : passes) {

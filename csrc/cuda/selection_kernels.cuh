@@ -103,15 +103,15 @@ __global__ void __launch_bounds__(kMergeRows, 1)
     }
   }
   for (int j = 0; j < n_take; ++j) {
-    values[gi * k_total + col_off + j] = key_value(list[j]);
-    indices[gi * k_total + col_off + j] = key_col(list[j]);
+    values[gi * k_total + col_off + j] = packed_value(list[j]);
+    indices[gi * k_total + col_off + j] = packed_col(list[j]);
   }
   if (bound_out != nullptr) bound_out[gi] = list[kK - 1];
 }
 
 // ---- hn_pass_kernel ----------------------------------------------------------------------------------------
 // grid (ceil(B / 64), nsplit), 256 threads; block (rb, s): the negatives (labels differ; self_mode drops (i, i))
-// of x rows 64 rb .. against the y tiles of split s, key = ordered_u32(S).
+// of x rows 64 rb .. against the y tiles of split s, key = order_key(S).
 //  kPass 0 (histogram): hist[(key >> bin_shift) & (2^(match_shift - bin_shift) - 1)] += 1 over the keys with
 //    key >> match_shift == state[0] (shared-memory histogram, flushed with integer atomics: deterministic).
 //  kPass 1 (count): cnt[(c B + row) nsplit + s] = the row's negatives in the split with key > T (c = 0) and
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int cc = 0; cc < kCols; ++cc) {
       const int c = q * kCols + cc;
       if (c < ncols && lab_c[c] != lab_i && !(self_mode && col0 + c == gi)) {
-        const uint64_t key = ordered_u32(St[c * kLdS + r]);
+        const uint64_t key = order_key(St[c * kLdS + r]);
         if constexpr (kPass == 0) {
           if ((key >> match_shift) == thr) atomicAdd(sh_hist + (uint32_t(key >> bin_shift) & bin_mask), 1u);
         } else {
@@ -209,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           const int c = q * kCols + cc;
           if (c < ncols && lab_c[c] != lab_i && !(self_mode && col0 + c == gi)) {
             const float s = St[c * kLdS + r];
-            const uint64_t key = ordered_u32(s);
+            const uint64_t key = order_key(s);
             int64_t slot = -1;
             if (key > thr) {
               slot = at_gt++;

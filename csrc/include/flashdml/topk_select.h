@@ -1,9 +1,9 @@
 // Sortable keys, fixed-size top-k lists and radix-select bin choice for the selection kernels (kNN SPEC 1.2,
 // hardest negatives SPEC 1.3). Header-only, host and device (FLASHDML_HD), free of ATen.
 //
-// * ordered_u32(s): an fp32 value as a uint32 whose unsigned order is the value's order (-0.0 and +0.0 give the
-//   same key, as they compare equal). from_ordered_u32 inverts it.
-// * pack_key(s, col): uint64 (ordered_u32(s) << 32) | (0xFFFFFFFF - col): larger key = larger value, and for
+// * order_key(s) (flashdml/topk.h): an fp32 value as a uint32 whose unsigned order is the value's order (-0.0 and
+//   +0.0 give the same key, as they compare equal); key_value inverts it.
+// * pack_key(s, col): uint64 (order_key(s) << 32) | (0xFFFFFFFF - col): larger key = larger value, and for
 //   equal values the lower column, so one integer comparison does both (SPEC: ties -> lower index). kNoKey (0) is
 //   below the key of every real (non-NaN) value, so an empty list slot is never selected while enough real
 //   candidates exist. The Triton kernels (triton_kernels/_topk.py) use the same order on signed int64.
@@ -15,37 +15,20 @@
 #include <cstring>
 
 #include "flashdml/common.h"
+#include "flashdml/topk.h"  // order_key / key_value: the order-preserving uint32 of an fp32 value
 
 namespace flashdml {
 
 constexpr uint64_t kNoKey = 0;
 
-FLASHDML_HD uint32_t float_bits(float s) {
-  uint32_t b;
-  memcpy(&b, &s, 4);
-  return b;
-}
-
-FLASHDML_HD float bits_float(uint32_t b) {
-  float s;
-  memcpy(&s, &b, 4);
-  return s;
-}
-
-FLASHDML_HD uint32_t ordered_u32(float s) {
-  const uint32_t b = float_bits(s == 0.f ? 0.f : s);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
-FLASHDML_HD float from_ordered_u32(uint32_t k) { return bits_float((k & 0x80000000u) ? (k & 0x7FFFFFFFu) : ~k); }
-
+// (order_key(s) << 32) | (0xFFFFFFFF - col): one integer comparison orders by value, then lower column first.
 FLASHDML_HD uint64_t pack_key(float s, uint32_t col) {
-  return (uint64_t(ordered_u32(s)) << 32) | uint64_t(0xFFFFFFFFu - col);
+  return (uint64_t(order_key(s)) << 32) | uint64_t(0xFFFFFFFFu - col);
 }
 
-FLASHDML_HD float key_value(uint64_t key) { return from_ordered_u32(uint32_t(key >> 32)); }
+FLASHDML_HD float packed_value(uint64_t key) { return key_value(uint32_t(key >> 32)); }
 
-FLASHDML_HD int64_t key_col(uint64_t key) { return int64_t(0xFFFFFFFFu - uint32_t(key & 0xFFFFFFFFu)); }
+FLASHDML_HD int64_t packed_col(uint64_t key) { return int64_t(0xFFFFFFFFu - uint32_t(key & 0xFFFFFFFFu)); }
 
 // list[0..K) sorted descending; inserts key if it beats list[K-1] (keys are unique: no equal case).
 FLASHDML_HD void topk_insert(uint64_t* list, int K, uint64_t key) {
