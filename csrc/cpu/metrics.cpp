@@ -44,7 +44,7 @@ class RowTopK {
  public:
   void reset(int64_t k) {
     k_ = k;
-    slack_ = std::min<int64_t>(std::max<int64_t>(k, 64), int64_t(1) << 15);
+    slack_ = std::min<int64_t>(std::max<int64_t>(2 * k, 256), int64_t(1) << 15);
     buf_.clear();
     buf_.reserve(size_t(k + slack_));
     thr_ = kNegInf;
@@ -214,10 +214,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               float thr = tk.threshold();
               for (int64_t c = 0; c < cn; c += 64) {  // chunks without a candidate cost one vector max
                 const int64_t e = std::min(cn, c + 64);
-                float m = kNegInf;
-#pragma omp simd reduction(max : m)
-                for (int64_t t = c; t < e; ++t) m = std::max(m, s[t]);
-                if (!(m > thr)) continue;
+                int32_t above = 0;
+#pragma omp simd reduction(+ : above)
+                for (int64_t t = c; t < e; ++t) above += s[t] > thr ? 1 : 0;
+                if (above == 0) continue;
                 for (int64_t t = c; t < e; ++t) {
                   if (s[t] > thr && t != self_c) {
                     tk.push(s[t], c0 + t);

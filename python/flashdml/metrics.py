@@ -30,8 +30,8 @@ Accuracy:
 * **OPIS, ε-OPIS**: the FAR range's end points are found on the fine grid (``s(f)`` = the largest bin edge with
   FAR ≥ f: ≤ h below the reference's, which is the largest negative similarity with FAR ≥ f); the
   ``n_thresholds`` thresholds ``linspace(s_lo, s_hi)`` are then rounded to the nearest edge of the per-class
-  grid of ``opis_bins`` bins (2¹⁶ while ``T · bins · 16 B`` ≤ :data:`OPIS_HIST_BYTES`, halved until it fits, at
-  least 256; h_c = 2 / opis_bins). The result is the **exact OPIS at thresholds moved by at most h_c/2 + h**
+  grid of ``opis_bins`` bins (2¹⁶, halved while ``T · bins · 16 B`` > :data:`OPIS_HIST_BYTES` or
+  ``T · bins`` > max(N²/4, 2²⁰); at least 256; h_c = 2 / opis_bins). The result is the **exact OPIS at thresholds moved by at most h_c/2 + h**
   (:func:`opis_thresholds` returns them), with similarities in fp32. E.g. T = 12 000 classes: 1024 bins,
   thresholds within 0.001 of the reference's.
 """
@@ -89,9 +89,12 @@ def _progress_fn(progress: ProgressArg, B: int, M: int):
 
 
 # ----------------------------------------------------------------------------------------------- the pass
-def _opis_bins(n_classes: int) -> int:
+def _opis_bins(n_classes: int, n_pairs: int = 1 << 62) -> int:
+    """Bins of the per-class grid: 2^16, halved while the histograms pass OPIS_HIST_BYTES or T * bins passes
+    max(n_pairs / 4, 2^20) (small inputs: the histograms must not cost more than the pass), at least 256."""
     bins = PAIR_BINS
-    while bins > MIN_OPIS_BINS and 16 * n_classes * bins > OPIS_HIST_BYTES:
+    limit = max(n_pairs // 4, 1 << 20)
+    while bins > MIN_OPIS_BINS and (16 * n_classes * bins > OPIS_HIST_BYTES or n_classes * bins > limit):
         bins //= 2
     return bins
 
@@ -363,7 +366,7 @@ def _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, opts, detai
         need = torch.maximum(torch.full_like(R, max(ks) if ks else 0), R if want_map else torch.zeros_like(R))
         need = torch.where(R > 0, need, torch.zeros_like(need))
     keep = torch.where(need > 0, (need + TOPK_MARGIN).clamp_max(C), need)
-    opis_bins = _opis_bins(uniq.numel()) if want_opis else 0
+    opis_bins = _opis_bins(uniq.numel(), batch.B * batch.M) if want_opis else 0
     st = _stream(batch, keep, want_pr, opis_bins, _progress_fn(progress, batch.B, batch.M))
 
     out: Dict[str, float] = {}
