@@ -13,68 +13,25 @@
 // list per class (label_index.h), are moved over afterwards.
 // Nothing B x M is stored: memory is O((B + M) d + sum(keep) + T_rows * bins + tasks * 2^16).
 //
-// Top-k: a candidate buffer per row with a running threshold (the k-th best value after the last compaction);
-// columns arrive in increasing order, so a candidate equal to the threshold never beats it and `s > thr` is the
-// whole test. When the buffer holds k + slack candidates, nth_element keeps the best k.
-// (Written here; to be unified with csrc/include/flashdml/topk.h once the selection ops have it.)
+// Top-k: one TopKBuffer per row (flashdml/topk.h, shared with knn / hardest negatives) fed by offer_tile_row's
+// vectorised threshold scan; capacity k + slack, so nth_element runs once per >= 256 accepted candidates.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "cpu_tiles.h"
 #include "flashdml/histogram.h"
 #include "flashdml/poison.h"
+#include "flashdml/topk.h"
 #include "label_index.h"
 
 namespace flashdml {
 namespace cpu {
 namespace {
-
-struct Candidate {
-  float v;
-  int64_t j;
-};
-
-inline bool ranks_before(const Candidate& a, const Candidate& b) { return a.v > b.v || (a.v == b.v && a.j < b.j); }
-
-class RowTopK {
- public:
-  void reset(int64_t k) {
-    k_ = k;
-    slack_ = std::min<int64_t>(std::max<int64_t>(2 * k, 256), int64_t(1) << 15);
-    buf_.clear();
-    buf_.reserve(size_t(k + slack_));
-    thr_ = kNegInf;
-  }
-  float threshold() const { return thr_; }
-  void push(float v, int64_t j) {
-    buf_.push_back({v, j});
-    if (int64_t(buf_.size()) >= k_ + slack_) compact();
-  }
-  // The best k (fewer if fewer candidates came), sorted; writes them and returns how many.
-  int64_t finish(int64_t* idx, float* val) {
-    if (int64_t(buf_.size()) > k_) compact();
-    std::sort(buf_.begin(), buf_.end(), ranks_before);
-    for (size_t t = 0; t < buf_.size(); ++t) {
-      idx[t] = buf_[t].j;
-      val[t] = buf_[t].v;
-    }
-    return int64_t(buf_.size());
-  }
-
- private:
-  void compact() {
-    std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.end(), ranks_before);
-    buf_.resize(size_t(k_));
-    thr_ = buf_[k_ - 1].v;  // nth_element put the k-th best here, every kept one ranks before it
-  }
-  int64_t k_ = 0, slack_ = 0;
-  float thr_ = kNegInf;
-  std::vector<Candidate> buf_;
-};
 
 // Task boundaries over rows [0, R): about equal row counts, moved forward to a class change when `classes`
 // (the rows' class ids, non-decreasing) is given.
@@ -166,13 +123,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::Tensor xb = at::empty({kTileRows, d}, x.options());
       std::vector<int32_t> bins(kTileCols);
       int32_t* bn = bins.data();
-      std::vector<RowTopK> topk(kTileRows);
+      std::vector<TopKBuffer> topk(kTileRows);
       for (int64_t r0 = bounds[task]; r0 < bounds[task + 1]; r0 += kTileRows) {
         const int64_t rn = std::min(bounds[task + 1], r0 + kTileRows) - r0;
         float* xbp = xb.data_ptr<float>();
         for (int64_t r = 0; r < rn; ++r) {
           std::memcpy(xbp + r * d, xp + rows[r0 + r] * d, size_t(d) * sizeof(float));
-          if (keep[r0 + r] > 0) topk[r].reset(keep[r0 + r]);
+          if (keep[r0 + r] > 0) {  // capacity k + slack: a compaction (nth_element) every >= 256 accepted entries
+            const int64_t k = keep[r0 + r];
+            topk[r].reset(k, k + std::min<int64_t>(std::max<int64_t>(2 * k, 256), int64_t(1) << 15));
+          }
         }
         for (int64_t c0 = 0; c0 < M; c0 += kTileCols) {
           const int64_t cn = std::min(kTileCols, M - c0);
@@ -210,29 +170,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               }
             }
             if (keep[r0 + r] > 0) {
-              RowTopK& tk = topk[r];
-              float thr = tk.threshold();
-              for (int64_t c = 0; c < cn; c += 64) {  // chunks without a candidate cost one vector max
-                const int64_t e = std::min(cn, c + 64);
-                int32_t above = 0;
-#pragma omp simd reduction(+ : above)
-                for (int64_t t = c; t < e; ++t) above += s[t] > thr ? 1 : 0;
-                if (above == 0) continue;
-                for (int64_t t = c; t < e; ++t) {
-                  if (s[t] > thr && t != self_c) {
-                    tk.push(s[t], c0 + t);
-                    thr = tk.threshold();
-                  }
-                }
-              }
+              if (self_c >= 0 && self_c < cn) scratch.data_ptr<float>()[r * kTileCols + self_c] = std::numeric_limits<float>::quiet_NaN();  // not a candidate
+              offer_tile_row(topk[r], s, cn, c0);
             }
           }
         }
         if (any_topk) {
           for (int64_t r = 0; r < rn; ++r) {
             if (keep[r0 + r] == 0) continue;
-            const int64_t n = topk[r].finish(oidx + off[r0 + r], oval + off[r0 + r]);
-            TORCH_CHECK(n == keep[r0 + r], "metrics_pass: fewer candidates than keep (non-finite similarities?)");
+            const std::vector<TopKEntry>& best = topk[r].finish();
+            TORCH_CHECK(int64_t(best.size()) == keep[r0 + r],
+                        "metrics_pass: fewer candidates than keep (non-finite similarities?)");
+            for (size_t t = 0; t < best.size(); ++t) {
+              oidx[off[r0 + r] + int64_t(t)] = best[t].index;
+              oval[off[r0 + r] + int64_t(t)] = best[t].value;
+            }
           }
         }
       }

@@ -64,30 +64,6 @@ Rows prepare_rows(const at::Tensor& x_in, const at::Tensor& y_in, bool normalize
   return r;
 }
 
-// Offers the entries of one tile row s[0:cn] (NaN = not a candidate) to buf, with indices base + c. Once the
-// buffer has a threshold, the row is scanned 16 entries at a time with a vectorised "any entry >= threshold"
-// test, so the (usual) blocks without a candidate cost one compare per entry.
-inline void offer_row(TopKBuffer& buf, const float* s, int64_t cn, int64_t base) {
-  if (!buf.has_threshold()) {
-    for (int64_t c = 0; c < cn; ++c)
-      if (s[c] == s[c]) buf.offer(s[c], base + c);
-    return;
-  }
-  constexpr int64_t kLanes = 16;
-  int64_t c = 0;
-  for (; c + kLanes <= cn; c += kLanes) {
-    const float thr = buf.threshold();
-    int any = 0;
-#pragma omp simd reduction(| : any)
-    for (int64_t j = 0; j < kLanes; ++j) any |= int(s[c + j] >= thr);  // NaN compares false
-    if (!any) continue;
-    for (int64_t j = 0; j < kLanes; ++j)
-      if (s[c + j] >= buf.threshold()) buf.offer(s[c + j], base + c + j);  // offer re-checks the index on ties
-  }
-  for (; c < cn; ++c)
-    if (s[c] >= buf.threshold()) buf.offer(s[c], base + c);
-}
-
 // ------------------------------------------------------------------------------------------------- knn
 std::tuple<at::Tensor, at::Tensor> knn_fwd_cpu(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k,
                                                bool exclude_diagonal, bool normalize) {
@@ -118,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> knn_fwd_cpu(const at::Tensor& x_in, const at:
         const int64_t i = r0 + r;
         float* s = S + r * kTileCols;
         if (exclude_diagonal && i >= c0 && i < c0 + cn) s[i - c0] = kNaN;
-        offer_row(bufs[r], s, cn, c0);
+        offer_tile_row(bufs[r], s, cn, c0);
       }
     }
     for (int64_t r = 0; r < rn; ++r) {
@@ -197,7 +173,7 @@ std::vector<TopKEntry> select_one_pass(const at::Tensor& x, const at::Tensor& y,
   std::vector<TopKBuffer> bufs(plan.num_tasks);
   for (auto& b : bufs) b.reset(k, 2 * k);
   for_each_negative_row(x, y, lab, self_mode, plan, [&](int64_t task, int64_t i, int64_t c0, int64_t cn, float* s) {
-    offer_row(bufs[task], s, cn, i * M + c0);
+    offer_tile_row(bufs[task], s, cn, i * M + c0);
   });
   std::vector<TopKEntry> all;
   for (auto& b : bufs) {

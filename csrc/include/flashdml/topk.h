@@ -10,7 +10,8 @@
 //    meant for small k (registers / shared memory on the GPU); merge() combines two sorted lists.
 //  * TopKBuffer (host only): a candidate buffer with a threshold for any k — candidates above the current k-th
 //    entry are appended, and when the buffer is full a partial selection keeps the k best; O(1) amortised per
-//    accepted candidate. finish() sorts the k best.
+//    accepted candidate. finish() sorts the k best. offer_tile_row feeds it one row of an S tile with a
+//    vectorised threshold pre-filter (the CPU kernels' scan: knn, hardest negatives, metrics).
 //  * order_key: the order-preserving uint32 bit pattern of an fp32 value (radix-select / histogram binning).
 #pragma once
 
@@ -168,6 +169,30 @@ class TopKBuffer {
   float thr_ = kNegInf;
   int64_t thr_index_ = -1;
 };
+
+// Offers the entries of one tile row s[0:cn] (NaN = not a candidate) to buf, with indices base + c. Once the
+// buffer has a threshold, the row is scanned 16 entries at a time with a vectorised "any entry >= threshold"
+// test, so the (usual) blocks without a candidate cost one compare per entry.
+inline void offer_tile_row(TopKBuffer& buf, const float* s, int64_t cn, int64_t base) {
+  if (!buf.has_threshold()) {
+    for (int64_t c = 0; c < cn; ++c)
+      if (s[c] == s[c]) buf.offer(s[c], base + c);
+    return;
+  }
+  constexpr int64_t kLanes = 16;
+  int64_t c = 0;
+  for (; c + kLanes <= cn; c += kLanes) {
+    const float thr = buf.threshold();
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t j = 0; j < kLanes; ++j) any |= int(s[c + j] >= thr);  // NaN compares false
+    if (!any) continue;
+    for (int64_t j = 0; j < kLanes; ++j)
+      if (s[c + j] >= buf.threshold()) buf.offer(s[c + j], base + c + j);  // offer re-checks the index on ties
+  }
+  for (; c < cn; ++c)
+    if (s[c] >= buf.threshold()) buf.offer(s[c], base + c);
+}
 
 #endif  // !__CUDACC__
 
