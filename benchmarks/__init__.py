@@ -5,3 +5,5 @@ family by writing that module and listing it in OPS. harness.py measures, report
 and plots (png.py) into benchmarks/results/.
 """
 
+OPS = ("batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "knn", "hardest_negatives",
+       "xe_negative_mining", "contextual_loss", "metrics")
