@@ -138,3 +138,22 @@ def label_index(labels: Tensor, ref_labels: Tensor, self_mode: bool, sorted_rows
         px = torch.argsort(labels, stable=True)
         plan = (px, py, lo[px], hi[px])
     return key_x, key_y, npos.reshape(1), plan
+
+
+def check_pair_inputs(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, dtypes) -> None:
+    """The launch-side checks of the labelled pair kernels (XE / NT-Xent, hinge pairs): x [B, d] and y [M, d]
+    contiguous, non-empty, one dtype in ``dtypes``; labels int64 [B], ref_labels int64 [M]."""
+    torch._check(x.dim() == 2 and y.dim() == 2, lambda: "x and y must be 2-D [B, d] / [M, d]")
+    torch._check(x.shape[1] == y.shape[1], lambda: f"x and y need the same d, got {x.shape} vs {y.shape}")
+    torch._check(x.shape[0] >= 1 and y.shape[0] >= 1 and x.shape[1] >= 1, lambda: "empty input")
+    torch._check(x.dtype == y.dtype and x.dtype in dtypes, lambda: f"unsupported dtypes {x.dtype}, {y.dtype}")
+    torch._check(x.is_contiguous() and y.is_contiguous(), lambda: "x and y must be contiguous")
+    torch._check(labels.shape == (x.shape[0],) and labels.dtype == torch.int64, lambda: "labels: int64 [B]")
+    torch._check(ref_labels.shape == (y.shape[0],) and ref_labels.dtype == torch.int64,
+                 lambda: "ref_labels: int64 [M]")
+
+
+def pad16_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """pad16 of x and y, padding once when y is x (self mode)."""
+    xp = pad16(x)
+    return xp, (xp if y is x else pad16(y))

@@ -247,6 +247,18 @@ def _grad_finalize_kernel(
             tl.store(dtemp_ptr, -(g * dt_coef) * tl.sum(t, 0) / tau)
 
 
+def finalize_grad(part: Tensor, out: Tensor, grad: Tensor, tau: Tensor, dt: Tensor, dtemp: Optional[Tensor],
+                  coef: float = 1.0, dt_coef: float = 1.0) -> None:
+    """out = Σ_split part[split, :, :out.shape[1]] · grad·coef/τ (part: fp32 [n_splits, rows, DP >= d]); with
+    ``dtemp``, also dτ = -grad·dt_coef·Σ dt / τ. Every backward pass (batch softmax, XE / NT-Xent, hinge pairs)
+    ends with this launch."""
+    n_splits, rows, dp = part.shape
+    wrap_triton(_grad_finalize_kernel)[(triton.cdiv(rows, FIN_R), triton.cdiv(out.shape[1], FIN_C))](
+        part, out, grad, tau, dt, dtemp if dtemp is not None else dt,
+        rows, out.shape[1], dp, n_splits, dt.numel(), coef, dt_coef,
+        DTEMP=dtemp is not None, BLOCK_R=FIN_R, BLOCK_C=FIN_C, num_warps=4, num_stages=1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
@@ -345,10 +357,7 @@ def _grad(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, grad_loss
         HAS_LABELS=labels is not None, USE_A=lse_a is not None, USE_B=lse_b is not None, DTEMP=dtemp is not None,
         PRECISION=_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd,
         **_launch(cfg))
-    wrap_triton(_grad_finalize_kernel)[(triton.cdiv(B, FIN_R), triton.cdiv(out.shape[1], FIN_C))](
-        part, out, grad_loss, tau, dt, dtemp if dtemp is not None else dt,
-        B, out.shape[1], D, n_splits, dt.numel(), coef_a / (B * prescale), coef_a / B,
-        DTEMP=dtemp is not None, BLOCK_R=FIN_R, BLOCK_C=FIN_C, num_warps=4, num_stages=1)
+    finalize_grad(part, out, grad_loss, tau, dt, dtemp, coef_a / (B * prescale), coef_a / B)
 
 
 def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Optional[Tensor], temperature: Tensor,

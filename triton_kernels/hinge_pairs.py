@@ -41,7 +41,7 @@ from .. import _debug
 from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
 from ._tiles import hard_pairs, s_tile
-from .batch_softmax import _grad_finalize_kernel, FIN_C, FIN_R
+from .batch_softmax import finalize_grad
 from .xent import BWD_CONFIGS, LSE_CONFIGS
 
 # Tile configurations: the forward uses the XE LSE-pass tiles, the backward the XE gradient tiles (same BLOCK_K per
@@ -182,20 +182,8 @@ def _hinge_grad_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
 def _check(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, drop_diagonal: bool) -> None:
-    torch._check(x.dim() == 2 and y.dim() == 2, lambda: "x and y must be 2-D [B, d] / [M, d]")
-    torch._check(x.shape[1] == y.shape[1], lambda: f"x and y need the same d, got {x.shape} vs {y.shape}")
-    torch._check(x.shape[0] >= 1 and y.shape[0] >= 1 and x.shape[1] >= 1, lambda: "empty input")
-    torch._check(x.dtype == y.dtype and x.dtype in FWD_CONFIGS, lambda: f"unsupported dtypes {x.dtype}, {y.dtype}")
-    torch._check(x.is_contiguous() and y.is_contiguous(), lambda: "x and y must be contiguous")
-    torch._check(labels.shape == (x.shape[0],) and labels.dtype == torch.int64, lambda: "labels: int64 [B]")
-    torch._check(ref_labels.shape == (y.shape[0],) and ref_labels.dtype == torch.int64,
-                 lambda: "ref_labels: int64 [M]")
+    _tiles.check_pair_inputs(x, y, labels, ref_labels, FWD_CONFIGS)
     torch._check(not drop_diagonal or x.shape[0] == y.shape[0], lambda: "drop_diagonal needs B == M (self mode)")
-
-
-def _padded(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    xp = _tiles.pad16(x)
-    return xp, (xp if y is x else _tiles.pad16(y))
 
 
 def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, pos_margin: float, neg_margin: float,
@@ -209,7 +197,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, pos_margi
     sums = _debug.new_output((2,), dtype=torch.float32, device=dev)
     counts = _debug.new_output((2,), dtype=torch.int64, device=dev)
     key_x, key_y, _, _ = _tiles.label_index(labels, ref_labels, False, sorted_rows=False)
-    xp, yp = _padded(x, y)
+    xp, yp = _tiles.pad16_pair(x, y)
     cfg = FWD_CONFIGS[x.dtype]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     rp = triton.cdiv(B, bm)
@@ -240,9 +228,7 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, wts: Tensor, gra
         xp, yp, key_x, key_y, wts, part, float(pos_margin), float(neg_margin), B, M, D, per * bn,
         int(drop_diagonal), int(strict), DY=dy, PRECISION=_tiles.precision(xp.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
-    wrap_triton(_grad_finalize_kernel)[(triton.cdiv(n_own, FIN_R), triton.cdiv(out.shape[1], FIN_C))](
-        part, out, grad_eff, one, part, part, n_own, out.shape[1], D, ns, 1, 1.0, 1.0,
-        DTEMP=False, BLOCK_R=FIN_R, BLOCK_C=FIN_C, num_warps=4, num_stages=1)
+    finalize_grad(part, out, grad_eff, one, part, None)
 
 
 def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, pos_margin: float,
@@ -263,7 +249,7 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels
     wts = (per_pair * scale).to(torch.float32)
     grad_eff = grad_loss.to(torch.float32).reshape(()) / scale
     one = torch.ones((), dtype=torch.float32, device=dev)
-    xp, yp = _padded(x, y)
+    xp, yp = _tiles.pad16_pair(x, y)
     for out, is_dy in ((dx, False), (dy, True)):
         _grad(xp, yp, key_x, key_y, wts, grad_eff, one, out, pos_margin, neg_margin, drop_diagonal, strict, is_dy,
               num_splits)

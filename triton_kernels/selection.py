@@ -220,11 +220,6 @@ def _check_xy(x: Tensor, y: Tensor) -> None:
         raise ValueError(f"y has {y.shape[0]} rows; at most 2^32 - 2 are supported")
 
 
-def _padded(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    xp = _tiles.pad16(x)
-    return xp, (xp if y is x else _tiles.pad16(y))
-
-
 def knn_list_len(k: int) -> int:
     """Register list length K for k (k > K: rounds of K)."""
     return next((c for c in KNN_KS if c >= k), KNN_KS[-1])
@@ -243,7 +238,7 @@ def knn_impl(x: Tensor, y: Tensor, k: int, exclude_diagonal: bool,
     dev = x.device
     values = _debug.new_output((B, k), dtype=torch.float32, device=dev)
     indices = _debug.new_output((B, k), dtype=torch.int64, device=dev)
-    xp, yp = _padded(x, y)
+    xp, yp = _tiles.pad16_pair(x, y)
     cfg = KNN_CONFIGS[x.dtype]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     K = knn_list_len(k)
@@ -298,7 +293,7 @@ def hardest_negatives_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Ten
         n_neg = B * M - int(npos) - (B if self_mode else 0)
         if k > n_neg:
             raise ValueError(f"k = {k} is larger than the number of negative pairs ({n_neg})")
-    xp, yp = _padded(x, y)
+    xp, yp = _tiles.pad16_pair(x, y)
     cfg = HNEG_CONFIGS[x.dtype]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     rp = triton.cdiv(B, bm)

@@ -45,7 +45,7 @@ from .. import _debug
 from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
 from ._tiles import s_tile, sp_sig
-from .batch_softmax import _grad_finalize_kernel, FIN_C, FIN_R
+from .batch_softmax import finalize_grad
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tile configurations (AOT_SPECS below is generated from these tables; tests/test_triton_aot.py compiles them for
@@ -300,21 +300,9 @@ def _xent_grad_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
 def _check(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperature: Tensor, self_mode: bool) -> None:
-    torch._check(x.dim() == 2 and y.dim() == 2, lambda: "x and y must be 2-D [B, d] / [M, d]")
-    torch._check(x.shape[1] == y.shape[1], lambda: f"x and y need the same d, got {x.shape} vs {y.shape}")
-    torch._check(x.shape[0] >= 1 and y.shape[0] >= 1 and x.shape[1] >= 1, lambda: "empty input")
-    torch._check(x.dtype == y.dtype and x.dtype in LSE_CONFIGS, lambda: f"unsupported dtypes {x.dtype}, {y.dtype}")
-    torch._check(x.is_contiguous() and y.is_contiguous(), lambda: "x and y must be contiguous")
+    _tiles.check_pair_inputs(x, y, labels, ref_labels, LSE_CONFIGS)
     torch._check(temperature.dim() == 0 and temperature.dtype == torch.float32, lambda: "temperature: 0-dim fp32")
-    torch._check(labels.shape == (x.shape[0],) and labels.dtype == torch.int64, lambda: "labels: int64 [B]")
-    torch._check(ref_labels.shape == (y.shape[0],) and ref_labels.dtype == torch.int64,
-                 lambda: "ref_labels: int64 [M]")
     torch._check(not self_mode or x.shape[0] == y.shape[0], lambda: "self_mode needs B == M")
-
-
-def _padded(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    xp = _tiles.pad16(x)
-    return xp, (xp if y is x else _tiles.pad16(y))
 
 
 def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperature: Tensor, global_partition: bool,
@@ -327,7 +315,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperatu
     loss = _debug.new_output((), dtype=torch.float32, device=dev)
     lse = _debug.new_output((n_out,), dtype=torch.float32, device=dev)
     coef = _debug.new_output((n_out,), dtype=torch.float32, device=dev)
-    xp, yp = _padded(x, y)
+    xp, yp = _tiles.pad16_pair(x, y)
     D = xp.shape[1]
     prec = _tiles.precision(x.dtype)
     key_x, key_y, npos, (px, py, lo, hi) = _tiles.label_index(labels, ref_labels, self_mode, sorted_rows=True)
@@ -374,10 +362,7 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, tau: Tensor, lse
         xp, yp, key_x, key_y, tau, lse, coef, npos, scale, part, dt, B, M, D, per * bn, int(self_mode),
         lse_stride, DY=dy, PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
         BLOCK_D=bd, **_tiles.launch(cfg))
-    wrap_triton(_grad_finalize_kernel)[(triton.cdiv(n_own, FIN_R), triton.cdiv(out.shape[1], FIN_C))](
-        part, out, grad_eff, tau, dt, dtemp if dtemp is not None else dt,
-        n_own, out.shape[1], D, ns, dt.numel(), 1.0, 1.0,
-        DTEMP=dtemp is not None, BLOCK_R=FIN_R, BLOCK_C=FIN_C, num_warps=4, num_stages=1)
+    finalize_grad(part, out, grad_eff, tau, dt, dtemp)
 
 
 def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperature: Tensor,
@@ -397,7 +382,7 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels
                           coef.double().max())
     scale = _tiles.pow2_prescale(bound)
     grad_eff = grad_loss.to(torch.float32).reshape(()) / scale
-    xp, yp = _padded(x, y)
+    xp, yp = _tiles.pad16_pair(x, y)
     stride = 0 if global_partition else 1
     _grad(xp, yp, key_x, key_y, temperature, lse, coef, npos, scale, grad_eff, dx, dtemp, False, self_mode,
           stride, num_splits)

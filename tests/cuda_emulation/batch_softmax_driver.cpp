@@ -1,5 +1,6 @@
 // Emulated run of the batch softmax CUDA kernels against a dense float64 reference.
 #include "emu.h"
+#include "driver_common.h"
 #include "batch_softmax_kernels.cuh"
 #include <random>
 #include <algorithm>
@@ -9,25 +10,6 @@ using namespace flashdml;
 using namespace flashdml::cuda;
 using namespace flashdml::cuda::bs;
 
-static int g_sms = 132;
-template <class T> T to_t(float v);
-template <> float to_t<float>(float v) { return v; }
-template <> __half to_t<__half>(float v) { return __float2half_rn(v); }
-template <> __nv_bfloat16 to_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-static double tod(float v) { return v; }
-static double tod(__half v) { return __half2float(v); }
-static double tod(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
-  int64_t want = (2 * int64_t(g_sms) + other_blocks - 1) / other_blocks;
-  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, 16}));
-  const int64_t tps = (ntiles + want - 1) / want;
-  return {(ntiles + tps - 1) / tps, tps};
-}
-
-template <class T> struct Buf {  // 16-byte aligned storage
-  std::vector<T> v; size_t off = 0;
-};
 
 template <class T>
 void run_lse(const T* A, const T* Bm, int64_t n, int64_t d, const int64_t* labels, const float* tau, float* lse, float* terms, bool vec) {
@@ -52,12 +34,6 @@ void run_grad(const T* A, const T* Bm, int64_t n, int64_t d, const int64_t* labe
   emu_launch({3, 1, 1}, 256, [&] { reduce_splits_kernel<T>(part.data(), int(nsplit), n * d, scale, grad, tau, out); });
 }
 
-static int failures = 0;
-static void check(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, double tol, double unit = 0) {
-  double err = 0, scale = unit; bool finite = true;
-  for (size_t i = 0; i < got.size(); ++i) { if (!std::isfinite(got[i])) finite = false; err = std::max(err, std::abs(got[i] - want[i])); scale = std::max(scale, std::abs(want[i])); }
-  if (!finite || err > tol * std::max(scale, 1e-3)) { ++failures; std::printf("FAIL %s: err %.3e scale %.3e finite %d\n", what.c_str(), err, scale, finite); }
-}
 
 template <class T>
 void one_case(int64_t n, int64_t d, int label_kind, bool sym, double tol, unsigned seed, bool misalign) {

@@ -4,6 +4,7 @@
 // and huge numbers of exact ties occur: values and indices must equal the reference's bit for bit, ties broken
 // toward the lower column / flat index. Usage: selection_driver [dtype 0|1|2].
 #include "emu.h"
+#include "driver_common.h"
 
 #include <algorithm>
 #include <atomic>
@@ -23,31 +24,6 @@ using namespace flashdml;
 using namespace flashdml::cuda;
 using namespace flashdml::cuda::sel;
 
-static int g_sms = 132;
-template <class T> T to_t(float v);
-template <> float to_t<float>(float v) { return v; }
-template <> __half to_t<__half>(float v) { return __float2half_rn(v); }
-template <> __nv_bfloat16 to_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-static double tod(float v) { return v; }
-static double tod(__half v) { return __half2float(v); }
-static double tod(__nv_bfloat16 v) { return __bfloat162float(v); }
-static unsigned U(int64_t v) { return unsigned(v); }
-
-std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
-  int64_t want = (2 * int64_t(g_sms) + other_blocks - 1) / other_blocks;
-  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, 16}));
-  const int64_t tps = (ntiles + want - 1) / want;
-  return {(ntiles + tps - 1) / tps, tps};
-}
-
-// selection.cu's vec_ready: rows zero-padded to a multiple of kVW in a fresh (aligned) buffer.
-template <class T>
-std::vector<T> padded(const T* p, int64_t n, int64_t d, int64_t& dp) {
-  dp = (d + TileCfg<T>::kVW - 1) / TileCfg<T>::kVW * TileCfg<T>::kVW;
-  std::vector<T> o(n * dp, to_t<T>(0.f));
-  for (int64_t i = 0; i < n; ++i) for (int64_t k = 0; k < d; ++k) o[i * dp + k] = p[i * d + k];
-  return o;
-}
 
 // selection.cu's knn pipeline: rounds of kK keys, each below the previous round's last key.
 template <class T>
@@ -106,7 +82,6 @@ void hn_pipeline(const T* x, const T* y, const int64_t* lab, const int64_t* ref,
   vals.swap(v2); flat.swap(f2);
 }
 
-static int failures = 0, checks = 0;
 
 template <class T>
 void one_case(int64_t B, int64_t M, int64_t d, bool self_mode, int64_t k_knn, int64_t k_hn, bool pair_labels,
@@ -134,8 +109,8 @@ void one_case(int64_t B, int64_t M, int64_t d, bool self_mode, int64_t k_knn, in
   std::vector<T> xp, yp;
   const T* xk = x; const T* yk = y;
   if (misalign || d % TileCfg<T>::kVW != 0) {
-    xp = padded(x, B, d, dp); xk = xp.data();
-    if (self_mode) yk = xk; else { yp = padded(y, M, d, dp); yk = yp.data(); }
+    xp = padded(x, B, d, TileCfg<T>::kVW, dp); xk = xp.data();
+    if (self_mode) yk = xk; else { yp = padded(y, M, d, TileCfg<T>::kVW, dp); yk = yp.data(); }
   }
   char tag[200];
   std::snprintf(tag, sizeof tag, "%s B=%ld M=%ld d=%ld self=%d k=%ld/%ld sms=%d padded=%d",

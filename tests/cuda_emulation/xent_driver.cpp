@@ -2,6 +2,7 @@
 // against a dense float64 reference. The host pipeline below mirrors csrc/cuda/xent.cu launch by launch.
 // Usage: xent_driver [dtype 0|1|2] ; prints "N cases, K failures".
 #include "emu.h"
+#include "driver_common.h"
 #include "xent_kernels.cuh"
 
 #include <algorithm>
@@ -12,22 +13,6 @@ using namespace flashdml;
 using namespace flashdml::cuda;
 using namespace flashdml::cuda::xe;
 
-static int g_sms = 132;
-template <class T> T to_t(float v);
-template <> float to_t<float>(float v) { return v; }
-template <> __half to_t<__half>(float v) { return __float2half_rn(v); }
-template <> __nv_bfloat16 to_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-static double tod(float v) { return v; }
-static double tod(__half v) { return __half2float(v); }
-static double tod(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
-  int64_t want = (2 * int64_t(g_sms) + other_blocks - 1) / other_blocks;
-  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, 16}));
-  const int64_t tps = (ntiles + want - 1) / want;
-  return {(ntiles + tps - 1) / tps, tps};
-}
-static unsigned U(int64_t v) { return unsigned(v); }
 
 static void run_count(const std::vector<int64_t>& lab, const std::vector<int64_t>& ref, bool self, std::vector<int64_t>& cnt) {
   std::vector<int64_t> sorted = ref;
@@ -38,15 +23,6 @@ static void run_count(const std::vector<int64_t>& lab, const std::vector<int64_t
 }
 
 struct FwdOut { float loss; std::vector<float> lse, coef; };
-
-// xent.cu's vec_ready: rows padded with zeros to a multiple of kVW, in a fresh (16-byte aligned) buffer.
-template <class T>
-std::vector<T> padded(const T* p, int64_t n, int64_t d, int64_t& dp) {
-  dp = (d + TileCfg<T>::kVW - 1) / TileCfg<T>::kVW * TileCfg<T>::kVW;
-  std::vector<T> o(n * dp, to_t<T>(0.f));
-  for (int64_t i = 0; i < n; ++i) for (int64_t k = 0; k < d; ++k) o[i * dp + k] = p[i * d + k];
-  return o;
-}
 
 template <class T>
 FwdOut run_fwd(const T* x, const T* y, int64_t B, int64_t M, int64_t d, const std::vector<int64_t>& lab,
@@ -86,18 +62,6 @@ void run_grad(const T* x, const T* y, int64_t nx, int64_t ny, int64_t d, int64_t
   emu_launch({3, 1, 1}, 256, [&] { pair::pair_reduce_kernel<T>(part.data(), int(nsplit), nout, d, d_out, w + 2, out); });
 }
 
-static int failures = 0, checks = 0;
-static void check(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, double tol, double unit = 1e-3) {
-  ++checks;
-  double err = 0, scale = unit; bool ok = got.size() == want.size();
-  for (size_t i = 0; ok && i < got.size(); ++i) {
-    if (std::isinf(want[i]) || std::isinf(got[i])) { ok = got[i] == want[i]; continue; }
-    if (!std::isfinite(got[i])) { ok = false; break; }
-    err = std::max(err, std::abs(got[i] - want[i])); scale = std::max(scale, std::abs(want[i]));
-  }
-  if (!ok || err > tol * scale) { ++failures; std::printf("FAIL %s: err %.3e scale %.3e ok %d\n", what.c_str(), err, scale, int(ok)); }
-}
-template <class V> static std::vector<double> vd(const V& v) { std::vector<double> o; for (auto e : v) o.push_back(tod(e)); return o; }
 
 enum Mode { kSelf, kCross, kPair };
 enum Labels { kClasses, kOneClass, kDistinct };
@@ -168,8 +132,8 @@ void one_case(int64_t B, int64_t M, int64_t d, Mode mode, Labels lk, double tol,
     std::vector<T> xp, yp;
     const T* xk = x; const T* yk = y;
     if (misalign || d % TileCfg<T>::kVW != 0) {
-      xp = padded(x, B, d, dp); xk = xp.data();
-      if (self) yk = xk; else { yp = padded(y, M, d, dp); yk = yp.data(); }
+      xp = padded(x, B, d, TileCfg<T>::kVW, dp); xk = xp.data();
+      if (self) yk = xk; else { yp = padded(y, M, d, TileCfg<T>::kVW, dp); yk = yp.data(); }
     }
     const FwdOut f = run_fwd<T>(xk, yk, B, M, dp, lab, ref, &tau, global, self);
     std::vector<int64_t> cnt;

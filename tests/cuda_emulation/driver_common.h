@@ -1,0 +1,65 @@
+// Pieces every emulation driver (tests/cuda_emulation/*_driver.cpp) shares: dtype conversions, the host's
+// column-split plan with a settable SM count, the host zero-padding of rows (the .cu files' vec_ready), and the
+// tolerance check that counts failures. Include after emu.h.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <vector>
+
+// SMs the emulated device has (launch_utils.cuh's plan_splits reads the real count): 132 (H100) or 1.
+static int g_sms = 132;
+
+template <class T> T to_t(float v);
+template <> inline float to_t<float>(float v) { return v; }
+template <> inline __half to_t<__half>(float v) { return __float2half_rn(v); }
+template <> inline __nv_bfloat16 to_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+static inline double tod(float v) { return v; }
+static inline double tod(__half v) { return __half2float(v); }
+static inline double tod(__nv_bfloat16 v) { return __bfloat162float(v); }
+static inline unsigned U(int64_t v) { return unsigned(v); }
+template <class V> static std::vector<double> vd(const V& v) {
+  std::vector<double> o;
+  for (auto e : v) o.push_back(tod(e));
+  return o;
+}
+
+// launch_utils.cuh's plan_splits with g_sms SMs.
+static inline std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
+  int64_t want = (2 * int64_t(g_sms) + other_blocks - 1) / other_blocks;
+  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, 16}));
+  const int64_t tps = (ntiles + want - 1) / want;
+  return {(ntiles + tps - 1) / tps, tps};
+}
+
+// vec_ready's copy: rows zero-padded to a multiple of vw (the kernels' vector width) in a fresh buffer.
+template <class T>
+std::vector<T> padded(const T* p, int64_t n, int64_t d, int64_t vw, int64_t& dp) {
+  dp = (d + vw - 1) / vw * vw;
+  std::vector<T> o(n * dp, to_t<T>(0.f));
+  for (int64_t i = 0; i < n; ++i) for (int64_t k = 0; k < d; ++k) o[i * dp + k] = p[i * d + k];
+  return o;
+}
+
+static int failures = 0, checks = 0;
+// Max abs error <= tol * max(unit, max |want|); infinities must match exactly, NaN always fails.
+static void check(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, double tol,
+                  double unit = 1e-3) {
+  ++checks;
+  double err = 0, scale = unit;
+  bool ok = got.size() == want.size();
+  for (size_t i = 0; ok && i < got.size(); ++i) {
+    if (std::isinf(want[i]) || std::isinf(got[i])) { ok = got[i] == want[i]; continue; }
+    if (!std::isfinite(got[i])) { ok = false; break; }
+    err = std::max(err, std::abs(got[i] - want[i]));
+    scale = std::max(scale, std::abs(want[i]));
+  }
+  if (!ok || err > tol * scale) {
+    ++failures;
+    std::printf("FAIL %s: err %.3e scale %.3e ok %d\n", what.c_str(), err, scale, int(ok));
+  }
+}
