@@ -95,21 +95,10 @@ void run_grad(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, 
 }
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& labels,
-                  const at::Tensor& temperature) {
-  TORCH_CHECK(x.is_cuda() && y.is_cuda(), op, ": x and y must be CUDA tensors");
-  TORCH_CHECK(x.device() == y.device(), op, ": x and y must be on the same device");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2, op, ": x and y must be 2-D");
-  TORCH_CHECK(x.size(0) == y.size(0) && x.size(1) == y.size(1), op, ": x and y must have the same shape (B == M)");
-  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0, op, ": empty input");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": x and y must have the same dtype");
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": dtype must be fp32, fp16 or bf16");
-  TORCH_CHECK(x.size(0) <= int64_t(INT_MAX) * kBM, op, ": batch too large");
-  if (labels.has_value()) {
-    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 && labels->size(0) == x.size(0), op,
-                ": labels must be int64 [B]");
-    TORCH_CHECK(labels->device() == x.device(), op, ": labels must be on the device of x");
-  }
+                  const at::Tensor& temperature, bool normalize) {
+  check_row_tensors(op, x, y, normalize, kBM);
+  TORCH_CHECK(x.size(0) == y.size(0), op, ": x and y must have the same shape (B == M)");
+  if (labels.has_value()) check_label_tensor(op, "labels", "B", *labels, x.size(0), x);
   TORCH_CHECK(temperature.numel() == 1 && temperature.device() == x.device(), op,
               ": temperature must be a 0-dim tensor on the device of x");
 }
@@ -118,8 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cuda(const at::
                                                                       const std::optional<at::Tensor>& labels_in,
                                                                       const at::Tensor& temperature, bool symmetric,
                                                                       bool normalize) {
-  check_inputs("batch_softmax_fwd", x_in, y_in, labels_in, temperature);
-  TORCH_CHECK(!normalize, "batch_softmax_fwd (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
+  check_inputs("batch_softmax_fwd", x_in, y_in, labels_in, temperature, normalize);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
   const at::Tensor tau = temperature.to(at::kFloat).contiguous();
@@ -149,8 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& x_in, const at::Tensor& y_in,
     const std::optional<at::Tensor>& labels_in, const at::Tensor& temperature, bool symmetric, bool normalize,
     const at::Tensor& row_lse_in, const at::Tensor& col_lse_in) {
-  check_inputs("batch_softmax_bwd", x_in, y_in, labels_in, temperature);
-  TORCH_CHECK(!normalize, "batch_softmax_bwd (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
+  check_inputs("batch_softmax_bwd", x_in, y_in, labels_in, temperature, normalize);
   const int64_t n = x_in.size(0);
   TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_in.device(),
               "batch_softmax_bwd: grad_loss must be a 0-dim tensor on the device of x");

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <utility>
 
@@ -55,6 +56,30 @@ inline at::Tensor vec_ready(const at::Tensor& t) {
   const int64_t vw = t.scalar_type() == at::kFloat ? 4 : 8, d = t.size(1), dp = (d + vw - 1) / vw * vw;
   if (dp == d && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
   return dp == d ? t.clone() : at::constant_pad_nd(t, {0, dp - d});
+}
+
+// The checks every pair-tile op makes of its row tensors x [B, d], y [M, d]: L2-normalised rows passed in
+// (normalize = false: flashdml.ops normalises), CUDA tensors on one device, non-empty, one dtype of fp32 / fp16 /
+// bf16, and B, M at most INT_MAX blocks of block_rows rows (the grid's x dimension).
+inline void check_row_tensors(const char* op, const at::Tensor& x, const at::Tensor& y, bool normalize,
+                              int64_t block_rows) {
+  TORCH_CHECK(!normalize, op, " (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
+  TORCH_CHECK(x.is_cuda() && y.device() == x.device(), op, ": x and y must be CUDA tensors on one device");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), op, ": x [B, d] and y [M, d] expected");
+  TORCH_CHECK(x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0, op, ": empty input");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": x and y must have the same dtype");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": dtype must be fp32, fp16 or bf16");
+  const int64_t max_rows = int64_t(INT_MAX) * block_rows;
+  TORCH_CHECK(x.size(0) <= max_rows && y.size(0) <= max_rows, op, ": batch too large");
+}
+
+// labels (name: "labels" [B] or "ref_labels" [M]) must be int64 [n] on the device of x.
+inline void check_label_tensor(const char* op, const char* name, const char* dim, const at::Tensor& labels,
+                               int64_t n, const at::Tensor& x) {
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == n &&
+                  labels.device() == x.device(),
+              op, ": ", name, " must be int64 [", dim, "] on the device of x");
 }
 
 }  // namespace cuda

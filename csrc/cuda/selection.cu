@@ -34,14 +34,7 @@ namespace {
 using namespace sel;
 
 void check_xy(const char* op, const at::Tensor& x, const at::Tensor& y, bool normalize) {
-  TORCH_CHECK(!normalize, op, " (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
-  TORCH_CHECK(x.is_cuda() && y.device() == x.device(), op, ": x and y must be CUDA tensors on one device");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), op, ": x [B, d] and y [M, d] expected");
-  TORCH_CHECK(x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0, op, ": empty input");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": x and y must have the same dtype");
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": dtype must be fp32, fp16 or bf16");
-  TORCH_CHECK(x.size(0) <= int64_t(INT_MAX) * kBM, op, ": batch too large");
+  check_row_tensors(op, x, y, normalize, kBM);
   TORCH_CHECK(y.size(0) < int64_t(UINT32_MAX), op, ": y has too many rows (at most 2^32 - 2)");
 }
 
@@ -91,12 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hardest_negatives_fwd_cuda(const 
   check_xy("hardest_negatives_fwd", x_in, y_in, normalize);
   const int64_t B = x_in.size(0), M = y_in.size(0);
   TORCH_CHECK(!self_mode || B == M, "hardest_negatives_fwd: self_mode needs y to be x (B == M)");
-  TORCH_CHECK(labels_in.scalar_type() == at::kLong && labels_in.dim() == 1 && labels_in.size(0) == B &&
-                  labels_in.device() == x_in.device(),
-              "hardest_negatives_fwd: labels must be int64 [B] on the device of x");
-  TORCH_CHECK(ref_labels_in.scalar_type() == at::kLong && ref_labels_in.dim() == 1 && ref_labels_in.size(0) == M &&
-                  ref_labels_in.device() == x_in.device(),
-              "hardest_negatives_fwd: ref_labels must be int64 [M] on the device of x");
+  check_label_tensor("hardest_negatives_fwd", "labels", "B", labels_in, B, x_in);
+  check_label_tensor("hardest_negatives_fwd", "ref_labels", "M", ref_labels_in, M, x_in);
   TORCH_CHECK(k >= 1 && k <= B * M, "hardest_negatives_fwd: k must be in [1, B * M], got ", k);
   // (k <= the number of negative pairs is the caller's check: flashdml.ops counts them without a kernel pass.)
   const c10::cuda::CUDAGuard guard(x_in.device());

@@ -42,21 +42,10 @@ using pair::pair_reduce_kernel;
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels,
                   const at::Tensor& ref_labels, const at::Tensor& temperature, bool self_mode, bool normalize) {
-  TORCH_CHECK(!normalize, op, " (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
-  TORCH_CHECK(x.is_cuda() && y.device() == x.device(), op, ": x and y must be CUDA tensors on one device");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), op, ": x [B, d] and y [M, d] expected");
-  TORCH_CHECK(x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0, op, ": empty input");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": x and y must have the same dtype");
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": dtype must be fp32, fp16 or bf16");
-  TORCH_CHECK(x.size(0) <= int64_t(INT_MAX) * kBM && y.size(0) <= int64_t(INT_MAX) * kBM, op, ": batch too large");
+  check_row_tensors(op, x, y, normalize, kBM);
   TORCH_CHECK(!self_mode || x.size(0) == y.size(0), op, ": self mode needs B == M");
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == x.size(0) &&
-                  labels.device() == x.device(),
-              op, ": labels must be int64 [B] on the device of x");
-  TORCH_CHECK(ref_labels.scalar_type() == at::kLong && ref_labels.dim() == 1 && ref_labels.size(0) == y.size(0) &&
-                  ref_labels.device() == x.device(),
-              op, ": ref_labels must be int64 [M] on the device of x");
+  check_label_tensor(op, "labels", "B", labels, x.size(0), x);
+  check_label_tensor(op, "ref_labels", "M", ref_labels, y.size(0), x);
   TORCH_CHECK(temperature.numel() == 1 && temperature.device() == x.device(), op,
               ": temperature must be a 0-dim tensor on the device of x");
 }
