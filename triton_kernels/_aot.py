@@ -55,12 +55,29 @@ class AOTSpec:
 TRITON_TYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
+def torch_dtype_names() -> dict:
+    """{torch dtype: Triton type name} for every dtype the kernels are compiled for."""
+    import torch
+
+    return {getattr(torch, k): v for k, v in TRITON_TYPE_NAMES.items()}
+
+
 def with_alignments(spec: AOTSpec, always: tuple, batch: tuple) -> list:
     """The spec twice: with the 16-divisibility hints of an aligned batch (every pointer, ``always`` and ``batch``
     arguments) and of a ragged one (``batch`` without the hint, name suffix ``_unaligned``)."""
     ptrs = tuple(k for k, v in spec.signature.items() if v.startswith("*"))
     return [dataclasses.replace(spec, aligned=ptrs + always + batch),
             dataclasses.replace(spec, name=spec.name + "_unaligned", aligned=ptrs + always)]
+
+
+def gemm_specs(name: str, kernel, signature: dict, cfg: dict, dtype: str, constexprs: dict,
+               always: tuple = ("D", "cols_per_split"), batch: tuple = ("B", "M")) -> list:
+    """with_alignments of a ``tl.dot`` kernel launched with the tile config ``cfg`` (its BLOCK_M / BLOCK_N /
+    BLOCK_K / BLOCK_D, num_warps, num_stages) plus the other ``constexprs``; ``dtype``: the Triton type name."""
+    consts = dict(constexprs)
+    consts.update({k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D") if k in cfg})
+    spec = AOTSpec(name, kernel, signature, consts, cfg["num_warps"], cfg["num_stages"], dtype=dtype, gemm=True)
+    return with_alignments(spec, always, batch)
 
 
 _JIT_CACHE: dict = {}

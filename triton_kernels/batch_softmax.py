@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import _debug
-from ._aot import AOTSpec
+from ._aot import AOTSpec, torch_dtype_names
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tile configurations (what production launches use; AOT_SPECS below is generated from the same tables, and
@@ -407,7 +407,7 @@ def _(grad_loss, x, y, labels, temperature, symmetric, row_lse, col_lse):
 # ---------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs: every constexpr combination the launchers above can produce.
 # ---------------------------------------------------------------------------------------------------------------
-_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TL = torch_dtype_names()
 
 
 def _specs() -> list[AOTSpec]:

@@ -39,7 +39,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _debug
 from . import _tiles
-from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
+from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
 from ._tiles import hard_pairs, s_tile
 from .batch_softmax import finalize_grad
 from .xent import BWD_CONFIGS, LSE_CONFIGS
@@ -287,8 +287,7 @@ def _(grad_loss, x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight, n
 # Ahead-of-time compile specs (aligned and ragged batch; d is padded, split widths are multiples of BLOCK_N, the
 # flags get no hint). The gradient finalize is batch_softmax._grad_finalize_kernel, compiled by that module.
 # ---------------------------------------------------------------------------------------------------------------
-_TL = {getattr(torch, k): v for k, v in TRITON_TYPE_NAMES.items()}
-
+_TL = torch_dtype_names()
 
 
 def _specs() -> list[AOTSpec]:
@@ -299,20 +298,15 @@ def _specs() -> list[AOTSpec]:
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "lab_ptr": "*i32", "ref_ptr": "*i32", "psum_ptr": "*fp64",
                "pcnt_ptr": "*i64", "pos_margin": "fp32", "neg_margin": "fp32", "B": "i32", "M": "i32", "D": "i32",
                "cols_per_split": "i32", "drop_diagonal": "i32", "strict": "i32"}
-        specs += with_alignments(AOTSpec(
-            f"hinge_stats_{t}", _hinge_stats_kernel, sig,
-            dict(PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"]),
-            c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B", "M"))
+        specs += gemm_specs(f"hinge_stats_{t}", _hinge_stats_kernel, sig, c, t,
+                            dict(PRECISION=prec))
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "lab_ptr": "*i32", "ref_ptr": "*i32", "w_ptr": "*fp32",
                "part_ptr": "*fp32", "pos_margin": "fp32", "neg_margin": "fp32", "B": "i32", "M": "i32", "D": "i32",
                "cols_per_split": "i32", "drop_diagonal": "i32", "strict": "i32"}
         for dy in (False, True):
             c = BWD_CONFIGS[dtype][dy]
-            specs += with_alignments(AOTSpec(
-                f"hinge_grad_{t}_{'dy' if dy else 'dx'}", _hinge_grad_kernel, sig,
-                dict(DY=dy, PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                     BLOCK_D=c["BLOCK_D"]),
-                c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B", "M"))
+            specs += gemm_specs(f"hinge_grad_{t}_{'dy' if dy else 'dx'}", _hinge_grad_kernel, sig, c, t,
+                                dict(DY=dy, PRECISION=prec))
     sig = {"psum_ptr": "*fp64", "pcnt_ptr": "*i64", "loss_ptr": "*fp32", "sums_ptr": "*fp32", "counts_ptr": "*i64",
            "n_prog": "i32", "pos_weight": "fp32", "neg_weight": "fp32"}
     specs += with_alignments(AOTSpec("hinge_finalize", _hinge_finalize_kernel, sig, dict(BLOCK=FINAL_BLOCK), 4, 1),

@@ -38,7 +38,6 @@ on floating point anywhere, so the result is bitwise reproducible.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -50,7 +49,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _debug
 from . import _tiles
-from ._aot import AOTSpec
+from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
 from ._tiles import s_tile
 from ._topk import NO_KEY, key_col, key_value, merge_sorted, ordered_u32, pack_key, row_topk
 
@@ -366,13 +365,7 @@ def _(x, y, labels, ref_labels, k, self_mode):
 # Ahead-of-time compile specs: every constexpr / dtype combination the launchers produce, with the 16-divisibility
 # hints of an aligned batch (B, M multiples of 16) and of a ragged one (d is always padded to a multiple of 16).
 # ---------------------------------------------------------------------------------------------------------------
-_TL = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _with_alignments(spec: AOTSpec, always: tuple, batch: tuple) -> list[AOTSpec]:
-    ptrs = tuple(k for k, v in spec.signature.items() if v.startswith("*"))
-    return [dataclasses.replace(spec, aligned=ptrs + always + batch),
-            dataclasses.replace(spec, name=spec.name + "_unaligned", aligned=ptrs + always)]
+_TL = torch_dtype_names()
 
 
 def _specs() -> list[AOTSpec]:
@@ -384,27 +377,22 @@ def _specs() -> list[AOTSpec]:
                "M": "i32", "D": "i32", "cols_per_split": "i32", "exclude_diag": "i32"}
         for K in KNN_KS:
             for use_bound in ((False, True) if K == KNN_KS[-1] else (False,)):
-                specs += _with_alignments(AOTSpec(
-                    f"selection_knn_partial_{t}_k{K}{'_bound' if use_bound else ''}", _knn_partial_kernel, sig,
-                    dict(USE_BOUND=use_bound, PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-                         BLOCK_K=c["BLOCK_K"], K=K),
-                    c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B", "M"))
+                name = f"selection_knn_partial_{t}_k{K}{'_bound' if use_bound else ''}"
+                specs += gemm_specs(name, _knn_partial_kernel, sig, c, t,
+                                    dict(USE_BOUND=use_bound, PRECISION=prec, K=K))
         c = HNEG_CONFIGS[dtype]
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "kx_ptr": "*i32", "ky_ptr": "*i32", "state_ptr": "*i64",
                "hist_ptr": "*i64", "cnt_ptr": "*i32", "base_ptr": "*i64", "val_ptr": "*fp32", "flat_ptr": "*i64",
                "B": "i32", "M": "i32", "D": "i32", "cols_per_split": "i32", "n_splits": "i32", "self_mode": "i32",
                "bin_shift": "i32", "match_shift": "i32"}
         for pass_id, tag in ((HIST, "hist"), (COUNT, "count"), (COLLECT, "collect")):
-            specs += _with_alignments(AOTSpec(
-                f"selection_hneg_{tag}_{t}", _hneg_pass_kernel, sig,
-                dict(PASS=pass_id, PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-                     BLOCK_K=c["BLOCK_K"], NBINS=NBINS),
-                c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B", "M"))
+            specs += gemm_specs(f"selection_hneg_{tag}_{t}", _hneg_pass_kernel, sig, c, t,
+                                dict(PASS=pass_id, PRECISION=prec, NBINS=NBINS))
     sig = {"part_ptr": "*i64", "val_ptr": "*fp32", "idx_ptr": "*i64", "bound_ptr": "*i64", "B": "i32",
            "n_splits": "i32", "k_total": "i32", "col_off": "i32", "n_take": "i32"}
     for K in KNN_KS:
         for wb in ((False, True) if K == KNN_KS[-1] else (False,)):
-            specs += _with_alignments(AOTSpec(
+            specs += with_alignments(AOTSpec(
                 f"selection_knn_merge_k{K}{'_bound' if wb else ''}", _knn_merge_kernel, sig,
                 dict(WRITE_BOUND=wb, K=K, BLOCK_R=MERGE_ROWS), 4, 1), (), ("B",))
     return specs

@@ -43,7 +43,7 @@ from torch.library import triton_op, wrap_triton
 
 from .. import _debug
 from . import _tiles
-from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
+from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
 from ._tiles import s_tile, sp_sig
 from .batch_softmax import finalize_grad
 
@@ -421,8 +421,7 @@ def _(grad_loss, x, y, labels, ref_labels, temperature, global_partition, self_m
 # multiple of 16 and the split widths are multiples of BLOCK_N; flags (self_mode, lse_stride) get no hint.
 # (The gradient finalize is batch_softmax._grad_finalize_kernel, compiled by that module's specs.)
 # ---------------------------------------------------------------------------------------------------------------
-_TL = {getattr(torch, k): v for k, v in TRITON_TYPE_NAMES.items()}
-
+_TL = torch_dtype_names()
 
 
 def _specs() -> list[AOTSpec]:
@@ -433,29 +432,22 @@ def _specs() -> list[AOTSpec]:
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "lab_ptr": "*i32", "ref_ptr": "*i32", "tau_ptr": "*fp32",
                "m_ptr": "*fp32", "l_ptr": "*fp32", "B": "i32", "M": "i32", "D": "i32", "cols_per_split": "i32",
                "self_mode": "i32"}
-        specs += with_alignments(AOTSpec(
-            f"xent_neg_lse_{t}", _neg_lse_kernel, sig,
-            dict(PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"]),
-            c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B", "M"))
+        specs += gemm_specs(f"xent_neg_lse_{t}", _neg_lse_kernel, sig, c, t,
+                            dict(PRECISION=prec))
         c = POS_CONFIGS[dtype]
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "px_ptr": "*i64", "py_ptr": "*i64", "lo_ptr": "*i64",
                "hi_ptr": "*i64", "tau_ptr": "*fp32", "lse_ptr": "*fp32", "sp_ptr": "*fp32", "sg_ptr": "*fp32",
                "B": "i32", "D": "i32", "n_splits": "i32", "self_mode": "i32", "lse_stride": "i32"}
-        specs += with_alignments(AOTSpec(
-            f"xent_pos_stats_{t}", _pos_stats_kernel, sig,
-            dict(PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"]),
-            c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D",), ("B",))
+        specs += gemm_specs(f"xent_pos_stats_{t}", _pos_stats_kernel, sig, c, t,
+                            dict(PRECISION=prec), ("D",), ("B",))
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "lab_ptr": "*i32", "ref_ptr": "*i32", "tau_ptr": "*fp32",
                "lse_ptr": "*fp32", "coef_ptr": "*fp32", "npos_ptr": "*i64", "scale_ptr": "*fp32",
                "part_ptr": "*fp32", "dt_ptr": "*fp32", "B": "i32", "M": "i32", "D": "i32", "cols_per_split": "i32",
                "self_mode": "i32", "lse_stride": "i32"}
         for dy in (False, True):
             c = BWD_CONFIGS[dtype][dy]
-            specs += with_alignments(AOTSpec(
-                f"xent_grad_{t}_{'dy' if dy else 'dx'}", _xent_grad_kernel, sig,
-                dict(DY=dy, PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                     BLOCK_D=c["BLOCK_D"]),
-                c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B", "M"))
+            specs += gemm_specs(f"xent_grad_{t}_{'dy' if dy else 'dx'}", _xent_grad_kernel, sig, c, t,
+                                dict(DY=dy, PRECISION=prec))
     for glob in (False, True):
         tag = "global" if glob else "rows"
         sig = {"m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32", "B": "i32", "n_splits": "i32"}
