@@ -51,29 +51,31 @@ from .selection import KNN_CONFIGS, knn_impl
 
 # Tile configurations. Every S tile of the forward, the list pass and the backward uses the kNN kernel's BLOCK_K
 # per dtype (64 fp16/bf16, 16 fp32), so all passes (and the kNN fallback for k > 64) see the same fp32 S entry.
-STATS_CONFIGS = KNN_CONFIGS
-_LIST_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=2)
-_LIST_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
+STATS_CONFIGS = {t: dict(c, num_warps=4) for t, c in KNN_CONFIGS.items()}  # 8 warps: 8 B of stack on sm_90
+_LIST_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
+_LIST_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
 LIST_CONFIGS = {torch.float16: _LIST_16, torch.bfloat16: _LIST_16, torch.float32: _LIST_32}
-_G16 = (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64, num_warps=4, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=64, num_warps=4, num_stages=2))
+_G16 = (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=1))
 _G32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2)
 GRAD_CONFIGS = {torch.float16: _G16, torch.bfloat16: _G16, torch.float32: (_G32, _G32)}  # [dtype][dy]
 assert all(LIST_CONFIGS[t]["BLOCK_K"] == STATS_CONFIGS[t]["BLOCK_K"] == GRAD_CONFIGS[t][dy]["BLOCK_K"]
            for t in LIST_CONFIGS for dy in (0, 1)), "every pass must compute S with the same BLOCK_K"
-TOPK_KS = (16, 64)  # register list lengths of the stats kernel (<= BLOCK_N); k > 64 uses the kNN op
+TOPK_KS = (16, 64)  # register list lengths of the stats kernel (<= BLOCK_N); k > 64: its K = 64 list is unused
+# (the hinge terms still come from it) and the thresholds come from the kNN op
 DEFAULT_CAP = 64  # neighbour list capacity per row: max(DEFAULT_CAP, 4k) rounded up to 16
 
 
 @triton.jit
 def _ctx_stats_kernel(
     x_ptr, key_ptr, part_ptr, psum_ptr, pcnt_ptr, pos_margin, neg_margin, B, D, cols_per_split,
-    TOPK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, K: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr,
 ):
     """Program (row block, split): part[split, i, :] = the K largest −D_ij over the split's columns, descending
-    (-inf where fewer; TOPK only); psum / pcnt[0 / 1, prog] = hinge sums (fp64) / counts of the hard positives /
-    negatives of L_con (strict, diagonal kept); prog = split · row_blocks + row block."""
+    (-inf where fewer); psum / pcnt[0 / 1, split, i] = row i's hinge sums (fp64) / counts of the hard
+    positives / negatives of L_con over the split (strict, diagonal kept). Per-row partials: no cross-warp fp64
+    reduction (which put 8 bytes of stack on sm_90)."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     mp = tl.full([], pos_margin, tl.float32)
@@ -85,8 +87,7 @@ def _ctx_stats_kernel(
     ns = tl.zeros([BLOCK_M], tl.float64)
     pc = tl.zeros([BLOCK_M], tl.int32)
     nc = tl.zeros([BLOCK_M], tl.int32)
-    if TOPK:
-        run = tl.full([BLOCK_M, K], float("-inf"), tl.float32)
+    run = tl.full([BLOCK_M, K], float("-inf"), tl.float32)
     n_lo = pid_s * cols_per_split
     n_hi = tl.minimum(n_lo + cols_per_split, B)
     for start_n in range(n_lo, n_hi, BLOCK_N):
@@ -99,21 +100,19 @@ def _ctx_stats_kernel(
         ns += tl.sum(tl.where(hn, s - mn, 0.0), 1).to(tl.float64)
         pc += tl.sum(hp.to(tl.int32), 1)
         nc += tl.sum(hn.to(tl.int32), 1)
-        if TOPK:
-            dr = 2.0 - 2.0 * s  # −D = −max(2 − 2s, 0): 2s is exact, so one rounding whether fused or not
-            nd = tl.where(col_ok[None, :], tl.where(dr > 0.0, -dr, 0.0), float("-inf"))
-            kth = tl.min(run, 1)
-            if tl.max(tl.max((nd > kth[:, None]).to(tl.int32), 1), 0) > 0:
-                run = merge_sorted(run, row_topk(nd, K, 0))
-    if TOPK:
-        out = (pid_s.to(tl.int64) * B + rows)[:, None] * K + tl.arange(0, K)[None, :]
-        tl.store(part_ptr + out, run, mask=row_ok[:, None])
-    n_prog = tl.num_programs(0) * tl.num_programs(1)
-    prog = pid_s * tl.num_programs(0) + pid_m
-    tl.store(psum_ptr + prog, tl.sum(ps, 0))
-    tl.store(psum_ptr + n_prog + prog, tl.sum(ns, 0))
-    tl.store(pcnt_ptr + prog, tl.sum(pc.to(tl.int64), 0))
-    tl.store(pcnt_ptr + n_prog + prog, tl.sum(nc.to(tl.int64), 0))
+        dr = 2.0 - 2.0 * s  # −D = −max(2 − 2s, 0): 2s is exact, so one rounding whether fused or not
+        nd = tl.where(col_ok[None, :], tl.where(dr > 0.0, -dr, 0.0), float("-inf"))
+        kth = tl.min(run, 1)
+        if tl.max(tl.max((nd > kth[:, None]).to(tl.int32), 1), 0) > 0:
+            run = merge_sorted(run, row_topk(nd, K, 0))
+    out = (pid_s.to(tl.int64) * B + rows)[:, None] * K + tl.arange(0, K)[None, :]
+    tl.store(part_ptr + out, run, mask=row_ok[:, None])
+    n_part = tl.num_programs(1).to(tl.int64) * B
+    at = pid_s.to(tl.int64) * B + rows
+    tl.store(psum_ptr + at, ps, mask=row_ok)
+    tl.store(psum_ptr + n_part + at, ns, mask=row_ok)
+    tl.store(pcnt_ptr + at, pc.to(tl.int64), mask=row_ok)
+    tl.store(pcnt_ptr + n_part + at, nc.to(tl.int64), mask=row_ok)
 
 
 @triton.jit
@@ -240,18 +239,18 @@ def _stats(xp: Tensor, key: Tensor, k: int, pos_margin: float, neg_margin: float
     K = topk_list_len(k)
     rp = triton.cdiv(B, bm)
     ns, per = _tiles.num_splits(dev, rp, triton.cdiv(B, bn), num_splits)
-    part = _debug.new_output((ns, B, K or 1), dtype=torch.float32, device=dev)
-    psum = _debug.new_output((2, ns * rp), dtype=torch.float64, device=dev)
-    pcnt = _debug.new_output((2, ns * rp), dtype=torch.int64, device=dev)
+    part = _debug.new_output((ns, B, K or TOPK_KS[-1]), dtype=torch.float32, device=dev)
+    psum = _debug.new_output((2, ns * B), dtype=torch.float64, device=dev)
+    pcnt = _debug.new_output((2, ns * B), dtype=torch.int64, device=dev)
     wrap_triton(_ctx_stats_kernel)[(rp, ns)](
         xp, key, part, psum, pcnt, float(pos_margin), float(neg_margin), B, xp.shape[1], per * bn,
-        TOPK=K is not None, PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
-        K=K or 16, **_tiles.launch(cfg))
+        PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        K=K or TOPK_KS[-1], **_tiles.launch(cfg))
     lcon = _debug.new_output((), dtype=torch.float32, device=dev)
     sums = _debug.new_output((2,), dtype=torch.float32, device=dev)
     counts = _debug.new_output((2,), dtype=torch.int64, device=dev)
     wrap_triton(_hinge_finalize_kernel)[(1,)](
-        psum, pcnt, lcon, sums, counts, ns * rp, 1.0, 1.0, BLOCK=FINAL_BLOCK, num_warps=4, num_stages=1)
+        psum, pcnt, lcon, sums, counts, ns * B, 1.0, 1.0, BLOCK=FINAL_BLOCK, num_warps=4, num_stages=1)
     if K is None:  # values of S, descending; −D is monotone in S, so its k-th largest is −D of the k-th S
         vals = knn_impl(xp, xp, k, False)[0]
         top = torch.where(2.0 - 2.0 * vals > 0, -(2.0 - 2.0 * vals), 0.0)
@@ -426,11 +425,10 @@ def _specs() -> list[AOTSpec]:
         c = STATS_CONFIGS[dtype]
         sig = {"x_ptr": f"*{t}", "key_ptr": "*i32", "part_ptr": "*fp32", "psum_ptr": "*fp64", "pcnt_ptr": "*i64",
                "pos_margin": "fp32", "neg_margin": "fp32", "B": "i32", "D": "i32", "cols_per_split": "i32"}
-        for K in TOPK_KS + (None,):
+        for K in TOPK_KS:
             specs += with_alignments(AOTSpec(
-                f"contextual_stats_{t}_{'k%d' % K if K else 'hinge'}", _ctx_stats_kernel, sig,
-                dict(TOPK=K is not None, PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-                     BLOCK_K=c["BLOCK_K"], K=K or 16),
+                f"contextual_stats_{t}_k{K}", _ctx_stats_kernel, sig,
+                dict(PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], K=K),
                 c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B",))
         c = LIST_CONFIGS[dtype]
         sig = {"x_ptr": f"*{t}", "rows_ptr": "*i32", "thr_ptr": "*fp32", "col_ptr": "*i32", "flag_ptr": "*u8",
