@@ -32,7 +32,7 @@ FUSED_OPS: Dict[str, frozenset] = {
     }),
     "cuda": frozenset({
         "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
-        "knn", "hardest_negatives", "cross_example_softmax_top_k",
+        "knn", "hardest_negatives", "cross_example_softmax_top_k", "contextual_loss",
     }),
 }
 

@@ -147,6 +147,8 @@ def contextual_loss(
     if not HAS_KERNEL:
         raise RuntimeError("flashdml.contextual_loss: flashdml._C was built without the contextual ops; rebuild it "
                            "with `pip install -e . --no-build-isolation`")
+    # CPU: raw rows + normalize (the kernel normalises); CUDA: normalised rows, normalize=False
+    xk, _, flag = rows_for_backend(name, batch.x, None, normalize, self_mode=True)
     return torch.ops.flashdml.contextual_fwd(
-        batch.x.contiguous(), batch.labels.contiguous(), k, eps, context_weight, contrastive_weight, reg_weight,
-        reg_target, pos_margin, neg_margin, ste_slope, normalize)[0]
+        xk, batch.labels.contiguous(), k, eps, context_weight, contrastive_weight, reg_weight,
+        reg_target, pos_margin, neg_margin, ste_slope, flag)[0]
