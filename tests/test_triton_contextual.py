@@ -281,3 +281,16 @@ def test_aot_specs_cover_every_launch(monkeypatch):
         ok = [s for s in pool if _aot._jit_function(s.kernel) is fn and s.constexprs == constexprs
               and s.signature == sig and s.num_warps == kwargs["num_warps"] and s.num_stages == kwargs["num_stages"]]
         assert ok, f"no AOT spec for {fn.__name__} with {sig} {kwargs}"
+
+
+def test_opcheck_registration():
+    """Schema, fake kernel (data-dependent list length) and autograd registration of the Triton op."""
+    from flashdml.ops.contextual import _triton_ops
+
+    ops = _triton_ops()
+    x, labels = _batch(16, 5, 4, 70)
+    xh = torch.nn.functional.normalize(x, dim=1).to(DEV).requires_grad_(True)
+    args = (xh, labels.to(DEV), 4, 0.05, 0.4, 0.5, 0.1, 0.25, 0.75, 0.6, 10.0)
+    res = torch.library.opcheck(ops.contextual_fwd, args,
+                                test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    assert set(res.values()) == {"SUCCESS"}

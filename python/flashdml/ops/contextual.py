@@ -11,7 +11,10 @@ O((B + k²)·d + B·k²); nothing B×B is stored.
 
 On CUDA tensors the Triton backend (``triton_kernels/contextual.py``: streamed S tiles for the thresholds, the hinge
 terms and the neighbour lists, one recompute pass for the dense part of the gradient) runs the same computation,
-with the sparse stage as torch ops on the device (``ops/contextual_device.py``).
+with the sparse stage as torch ops on the device (``ops/contextual_device.py``). The CUDA C++ op
+(``csrc/cuda/contextual.cu``, backend "cuda") takes the thresholds from the kNN kernels, L_con from the hinge-pair
+kernels, writes the lists with its own kernel and runs the sparse stage and backward as ATen ops on the device.
+Both GPU backends get L2-normalised rows (normalised here, differentiably).
 """
 from __future__ import annotations
 
