@@ -51,15 +51,17 @@ from .selection import KNN_CONFIGS, knn_impl
 
 # Tile configurations. Every S tile of the forward, the list pass and the backward uses the kNN kernel's BLOCK_K
 # per dtype (64 fp16/bf16, 16 fp32), so all passes (and the kNN fallback for k > 64) see the same fp32 S entry.
-# fp16 / bf16 at 4 warps (8 warps: 8 B of stack on sm_90); fp32 at the kNN's 8 warps (4: spills on sm_90)
-STATS_CONFIGS = {t: dict(c, num_warps=4 if t != torch.float32 else c["num_warps"]) for t, c in KNN_CONFIGS.items()}
+# fp16 / bf16 at 4 warps, 1 stage (8 warps: 8 B of stack on sm_90; 2 stages: K = 64 spills on sm_90 for a ragged
+# B); fp32 at the kNN's 8 warps, 2 stages (4 warps: spills on sm_90). ptxas -v via tests/test_triton_aot.py.
+STATS_CONFIGS = {t: (dict(c, num_warps=4, num_stages=1) if t != torch.float32 else dict(c))
+                 for t, c in KNN_CONFIGS.items()}
 _LIST_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
-_LIST_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
+_LIST_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)  # 8 warps spill (sm_90, ragged B)
 LIST_CONFIGS = {torch.float16: _LIST_16, torch.bfloat16: _LIST_16, torch.float32: _LIST_32}
 _G16 = (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=1))
 _G32 = (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=8, num_stages=2))
+        dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=4, num_stages=2))
 GRAD_CONFIGS = {torch.float16: _G16, torch.bfloat16: _G16, torch.float32: _G32}  # [dtype][dy]
 assert all(LIST_CONFIGS[t]["BLOCK_K"] == STATS_CONFIGS[t]["BLOCK_K"] == GRAD_CONFIGS[t][dy]["BLOCK_K"]
            for t in LIST_CONFIGS for dy in (0, 1)), "every pass must compute S with the same BLOCK_K"
