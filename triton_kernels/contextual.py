@@ -58,9 +58,11 @@ STATS_CONFIGS = {t: (dict(c, num_warps=4, num_stages=1) if t != torch.float32 el
 _LIST_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
 _LIST_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)  # 8 warps spill (sm_90, ragged B)
 LIST_CONFIGS = {torch.float16: _LIST_16, torch.bfloat16: _LIST_16, torch.float32: _LIST_32}
-_G16 = (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=2),
+# dx covers d <= 128 in one chunk (S is recomputed per BLOCK_D chunk of d); dy only 32 (64 spills: its S tile is
+# [other, own] and the transposed weights go through shared memory).
+_G16 = (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=1))
-_G32 = (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2),
+_G32 = (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=128, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=4, num_stages=2))
 GRAD_CONFIGS = {torch.float16: _G16, torch.bfloat16: _G16, torch.float32: _G32}  # [dtype][dy]
 assert all(LIST_CONFIGS[t]["BLOCK_K"] == STATS_CONFIGS[t]["BLOCK_K"] == GRAD_CONFIGS[t][dy]["BLOCK_K"]
