@@ -7,31 +7,15 @@
 // every similarity is exact in fp32 in any summation order and the fp32 tests of SPEC step 3 must give exactly the
 // reference's N(i), P(i) flags and clamp flags, in ascending column order. Usage: contextual_driver [dtype 0|1|2].
 #include "emu.h"
+#include "driver_common.h"
 #include "contextual_kernels.cuh"
 
-#include <algorithm>
 #include <functional>
 #include <random>
-#include <string>
 
 using namespace flashdml;
 using namespace flashdml::cuda;
 using namespace flashdml::cuda::ctxk;
-
-template <class T> T to_t(float v);
-template <> float to_t<float>(float v) { return v; }
-template <> __half to_t<__half>(float v) { return __float2half_rn(v); }
-template <> __nv_bfloat16 to_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-static unsigned U(int64_t v) { return unsigned(v); }
-
-// contextual.cu's vec_ready: rows zero-padded to a multiple of kVW in a fresh (aligned) buffer.
-template <class T>
-std::vector<T> padded(const T* p, int64_t n, int64_t d, int64_t& dp) {
-  dp = (d + TileCfg<T>::kVW - 1) / TileCfg<T>::kVW * TileCfg<T>::kVW;
-  std::vector<T> o(n * dp, to_t<T>(0.f));
-  for (int64_t i = 0; i < n; ++i) for (int64_t k = 0; k < d; ++k) o[i * dp + k] = p[i * d + k];
-  return o;
-}
 
 struct Lists {
   std::vector<int64_t> ptr;
@@ -82,8 +66,6 @@ Lists list_pipeline(const std::vector<T>& x, int64_t B, int64_t dp, const std::v
   return out;
 }
 
-static int failures = 0, checks = 0;
-
 template <class T>
 void one_case(int64_t B, int64_t d, int64_t k, float eps, int64_t cap, unsigned seed) {
   std::mt19937 gen(seed);
@@ -101,7 +83,7 @@ void one_case(int64_t B, int64_t d, int64_t k, float eps, int64_t cap, unsigned 
     }
   }
   int64_t dp;
-  const std::vector<T> x = padded(xr.data(), B, d, dp);
+  const std::vector<T> x = padded(xr.data(), B, d, TileCfg<T>::kVW, dp);
   // reference: S in float64 (exact, and exact in fp32), −D and the thresholds, then SPEC step 3 in fp32
   std::vector<float> nd(B * B), thr(2 * B), row(B);
   for (int64_t i = 0; i < B; ++i) {
