@@ -220,10 +220,7 @@ def _ctx_grad_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
 def _check(x: Tensor, labels: Tensor) -> None:
-    torch._check(x.dim() == 2 and x.shape[0] >= 1 and x.shape[1] >= 1, lambda: "x must be a non-empty [B, d]")
-    torch._check(x.dtype in LIST_CONFIGS, lambda: f"unsupported dtype {x.dtype} (fp32 / fp16 / bf16)")
-    torch._check(x.is_contiguous(), lambda: "x must be contiguous")
-    torch._check(labels.shape == (x.shape[0],) and labels.dtype == torch.int64, lambda: "labels: int64 [B]")
+    _tiles.check_pair_inputs(x, x, labels, labels, LIST_CONFIGS)  # self mode: x is both sides
     torch._check(x.shape[0] < 2**31, lambda: "B must be < 2^31")
 
 
