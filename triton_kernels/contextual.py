@@ -18,7 +18,7 @@ Forward, nothing B×B stored:
     the margin-contrastive hinge sums / counts (``_tiles.hard_pairs``, strict, diagonal kept).
     ``hinge_pairs._hinge_finalize_kernel`` reduces the hinge partials; t_i / h_i = the k-th / (k//2)-th of the
     merged split lists (torch.topk over splits·K values per row). k > 64 takes the thresholds from the kNN op
-    (``selection.knn_impl``, same BLOCK_K, so the same fp32 S) and runs this kernel for the hinge terms only.
+    (``selection.knn_impl``, same BLOCK_K, so the same fp32 S); this kernel then only supplies the hinge terms.
  2. ``_ctx_list_kernel`` recomputes S (same BLOCK_K: on the GPU the same fp32 values) and writes, per row, the
     columns with ``fl(−D + ε) >= t_i`` in ascending order into a fixed-capacity list (and the count); rows whose
     band is larger than the capacity are rerun, gathered, with a capacity of their largest count: exact always.
@@ -27,8 +27,9 @@ Backward (SPEC's closed form, the CPU split of dL_ctx/dS into sparse + row-const
 sparse part (O(k²) entries per row, masked by the forward's clamp flags) is applied with O(nnz·d) gathers; the
 row-constant part u_i, the label block LB_ij = ρ'_i(κ_j)(c_i − a_j), the L_reg constant and the hinge gradients
 are formed tile by tile in one recompute pass (``_ctx_grad_kernel``, dx and dyᵀ variants, fp32 weights, tf32 /
-ieee dot) and reduced over splits in a fixed order. Deterministic apart from the float64 index_add of the sparse
-stage on CUDA (last-bit differences in double).
+ieee dot) and reduced over splits in a fixed order. Deterministic apart from the index_add of the sparse stage
+on CUDA (atomics: last-bit differences). Cost note: each gradient program recomputes its S tiles once per BLOCK_D
+chunk of d (dx: 128 columns, dy: 32), so for d > 128 the backward does several S GEMMs (not tuned on a GPU yet).
 """
 from __future__ import annotations
 
