@@ -28,11 +28,11 @@ FUSED_OPS: Dict[str, frozenset] = {
     }),
     "triton": frozenset({
         "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
-        "knn", "hardest_negatives", "cross_example_softmax_top_k",
+        "knn", "hardest_negatives", "cross_example_softmax_top_k", "contextual_loss",
     }),
     "cuda": frozenset({
         "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
-        "knn", "hardest_negatives", "cross_example_softmax_top_k",
+        "knn", "hardest_negatives", "cross_example_softmax_top_k", "contextual_loss",
     }),
 }
 

@@ -8,6 +8,13 @@ then computes ``L_ctx`` from the lists in O(B·k²) and ``L_reg`` in O(B·d). It
 row-constant + label-block" parts from the lists and applies it, with the L_con and L_reg gradients, in one
 recompute pass over the same S tiles (each tile of dL/dS exists only while it is in cache). Memory is
 O((B + k²)·d + B·k²); nothing B×B is stored.
+
+On CUDA tensors the Triton backend (``triton_kernels/contextual.py``: streamed S tiles for the thresholds, the hinge
+terms and the neighbour lists, one recompute pass for the dense part of the gradient) runs the same computation,
+with the sparse stage as torch ops on the device (``ops/contextual_device.py``). The CUDA C++ op
+(``csrc/cuda/contextual.cu``, backend "cuda") takes the thresholds from the kNN kernels, L_con from the hinge-pair
+kernels, writes the lists with its own kernel and runs the sparse stage and backward as ATen ops on the device.
+Both GPU backends get L2-normalised rows (normalised here, differentiably).
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from .. import _dispatch, _ext
 from .. import reference as _reference
 from .._validation import check_real
 from ..reference.contextual import _check_contextual_args
-from ._registry import register_loss_autograd
+from ._registry import register_loss_autograd, rows_for_backend
 
 OP = "contextual_loss"
 
@@ -51,6 +58,18 @@ if HAS_KERNEL:
         "flashdml::contextual_fwd", _bwd, input_names=_INPUTS, grad_inputs=("x",), saved_outputs=(2, 3, 4, 5),
         attrs=_INPUTS[2:],
     )
+
+
+def _triton_ops():
+    """The Triton contextual ops (normalised rows in, no normalize flag), autograd registered once."""
+    from ..triton_kernels import contextual as _tk  # noqa: F401  (defines the flashdml_triton ops)
+
+    if not getattr(_triton_ops, "registered", False):
+        register_loss_autograd(
+            "flashdml_triton::contextual_fwd", lambda *a: (torch.ops.flashdml_triton.contextual_bwd(*a),),
+            input_names=_INPUTS[:-1], grad_inputs=("x",), saved_outputs=(2, 3, 4, 5), attrs=_INPUTS[2:-1])
+        _triton_ops.registered = True
+    return torch.ops.flashdml_triton
 
 
 def contextual_loss(
@@ -123,9 +142,16 @@ def contextual_loss(
             x, labels, k=k, eps=eps, context_weight=context_weight, contrastive_weight=contrastive_weight,
             reg_weight=reg_weight, reg_target=reg_target, pos_margin=pos_margin, neg_margin=neg_margin,
             ste_slope=ste_slope, normalize=normalize)
+    if name == "triton":  # rows normalised (differentiably) before the kernels, as for the other Triton ops
+        xh = rows_for_backend(name, batch.x, None, normalize, self_mode=True)[0]
+        return _triton_ops().contextual_fwd(
+            xh, batch.labels.contiguous(), k, eps, context_weight, contrastive_weight, reg_weight, reg_target,
+            pos_margin, neg_margin, ste_slope)[0]
     if not HAS_KERNEL:
         raise RuntimeError("flashdml.contextual_loss: flashdml._C was built without the contextual ops; rebuild it "
                            "with `pip install -e . --no-build-isolation`")
+    # CPU: raw rows + normalize (the kernel normalises); CUDA: normalised rows, normalize=False
+    xk, _, flag = rows_for_backend(name, batch.x, None, normalize, self_mode=True)
     return torch.ops.flashdml.contextual_fwd(
-        batch.x.contiguous(), batch.labels.contiguous(), k, eps, context_weight, contrastive_weight, reg_weight,
-        reg_target, pos_margin, neg_margin, ste_slope, normalize)[0]
+        xk, batch.labels.contiguous(), k, eps, context_weight, contrastive_weight, reg_weight,
+        reg_target, pos_margin, neg_margin, ste_slope, flag)[0]

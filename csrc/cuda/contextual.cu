@@ -1,0 +1,186 @@
+// CUDA backend of the contextual loss (SPEC 2.5): flashdml::contextual_fwd / contextual_bwd for CUDA tensors (schemas
+// and output meaning: csrc/ops.cpp). Rows come L2-normalised with normalize = false (flashdml.ops does that).
+//
+// Forward, nothing B x B stored:
+//  1. t_i / h_i: the k-th / (k/2)-th largest −D_i = the −D of the k-th / (k/2)-th largest S_i (−D is monotone in S),
+//     from the kNN op (flashdml::knn_fwd, self included); L_con's hinge sums / counts from flashdml::hinge_pair_fwd
+//     (strict, diagonal kept). Both compute each tile with the same s_tile_rect call as the list pass below, so all
+//     passes see bitwise the same fp32 S.
+//  2. ctx_list_kernel (contextual_kernels.cuh): N(i) in a fixed-capacity list per row with the exact count; rows
+//     over the capacity are gathered and rerun with a capacity of their largest count (exact always).
+//  3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx) as ATen ops on the device, O(B·k²): the same algorithm
+//     as python/flashdml/ops/contextual_device.py (and csrc/cpu/contextual_sparse.h), entries keyed by row·B + col.
+// Backward (SPEC's closed form as in the CPU op: dL_ctx/dS = 2·ste_slope·C ⊙ (SP + u 1ᵀ + LB)): with
+// LB_ij = sv_i(κ_j)(c_i − a_j) (sv_i(κ) = −(β/2) ρ_i(κ)/c_i), G F and Gᵀ F of the unmasked row-constant and label-block
+// parts are per-class sums (Σ_{j∈κ} F_j, Σ_{j∈κ} a_j F_j, …) in O((B·|classes of R(i)|)·d); the mask C (zero only on
+// the clamped entries of N, which the forward flagged) becomes sparse corrections −(u_i + LB_ij) on those entries,
+// added to SP; the sparse part is applied with index_add in O(nnz·d); L_reg's constant is rank one; L_con's
+// gradient is flashdml::hinge_pair_bwd (its recompute pass). Everything in float64 on the device.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "contextual_aten.h"
+#include "contextual_kernels.cuh"
+#include "flashdml/poison.h"
+#include "launch_utils.cuh"
+
+namespace flashdml {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+using ctxk::ctx_list_kernel;
+using namespace ctxa;
+
+void check_inputs(const char* op, const Tensor& x, const Tensor& labels, bool normalize) {
+  TORCH_CHECK(!normalize, op, " (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) > 0 && x.size(1) > 0, op, ": x must be a CUDA [B, d] tensor");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": dtype must be fp32, fp16 or bf16");
+  TORCH_CHECK(x.size(0) < (int64_t(1) << 31), op, ": B must be < 2^31");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == x.size(0) &&
+                  labels.device() == x.device(),
+              op, ": labels must be int64 [B] on the device of x");
+}
+
+// ------------------------------------------------------------------------------------------ the list pass
+template <typename T>
+void launch_lists(const Tensor& xa, const Tensor& rows, const Tensor& x, const Tensor& thr, float eps, int64_t cap,
+                  Tensor& col, Tensor& flag, Tensor& cnt, cudaStream_t stream) {
+  using DT = typename DeviceType<T>::type;
+  const int64_t na = xa.size(0);
+  ctx_list_kernel<DT><<<unsigned((na + kBM - 1) / kBM), kThreads, 0, stream>>>(
+      dptr<T>(xa), na, rows.defined() ? rows.data_ptr<int64_t>() : nullptr, dptr<T>(x), x.size(0), x.size(1),
+      thr.data_ptr<float>(), eps, cap, col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>(), cnt.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<Tensor, Tensor, Tensor> neighbour_lists(const Tensor& x, const Tensor& thr, float eps, int64_t cap) {
+  const int64_t B = x.size(0);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto run = [&](const Tensor& xa, const Tensor& rows, int64_t cp) {
+    const int64_t na = xa.size(0);
+    Tensor col = at::empty({na, cp}, x.options().dtype(at::kInt));
+    Tensor flag = at::empty({na, cp}, x.options().dtype(at::kByte));
+    Tensor cnt = at::empty({na}, x.options().dtype(at::kInt));
+    FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "contextual_fwd",
+                                 [&] { launch_lists<scalar_t>(xa, rows, x, thr, eps, cp, col, flag, cnt, stream); });
+    return std::make_tuple(col, flag, cnt.to(at::kLong));
+  };
+  auto [col, flag, cnt] = run(x, Tensor(), cap);
+  Tensor keep = at::arange(cap, cnt.options()).unsqueeze(0) < cnt.unsqueeze(1);
+  const Tensor over = at::nonzero(cnt > cap).reshape(-1);
+  Tensor c_out, f_out;
+  if (over.numel() > 0) {  // the exact overflow path: these rows again, gathered, with room for all neighbours
+    const int64_t big = (cnt.index_select(0, over).max().item<int64_t>() + 15) / 16 * 16;
+    auto [col2, flag2, cnt2] = run(vec_ready(x.index_select(0, over)), over, big);
+    keep.index_fill_(0, over, false);
+    const Tensor keep2 = at::arange(big, cnt.options()).unsqueeze(0) < cnt2.unsqueeze(1);
+    const Tensor r1 = at::arange(B, cnt.options()).unsqueeze(1).expand({B, cap}).masked_select(keep);
+    const Tensor r2 = over.unsqueeze(1).expand({over.numel(), big}).masked_select(keep2);
+    const Tensor cc = at::cat({col.masked_select(keep), col2.masked_select(keep2)});
+    const Tensor order = at::argsort(at::cat({r1, r2}) * B + cc.to(at::kLong));
+    c_out = cc.index_select(0, order);
+    f_out = at::cat({flag.masked_select(keep), flag2.masked_select(keep2)}).index_select(0, order);
+  } else {
+    c_out = col.masked_select(keep);
+    f_out = flag.masked_select(keep);
+  }
+  Tensor ptr = at::zeros({B + 1}, cnt.options());
+  ptr.narrow(0, 1, B).copy_(at::cumsum(cnt, 0));
+  return {ptr, c_out, f_out};
+}
+
+using FwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+FwdOut contextual_fwd_cuda(const Tensor& x_in, const Tensor& labels_in, int64_t k, double eps, double context_weight,
+                           double contrastive_weight, double reg_weight, double reg_target, double pos_margin,
+                           double neg_margin, double ste_slope, bool normalize) {
+  (void)ste_slope;
+  check_inputs("contextual_fwd", x_in, labels_in, normalize);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t B = x_in.size(0);
+  TORCH_CHECK_VALUE(k >= 2 && k <= B, "contextual_loss: k = ", k, " must satisfy 2 <= k <= B = ", B);
+  TORCH_CHECK_VALUE(eps >= 0, "contextual_loss: eps must be >= 0, got ", eps);
+  const Tensor x = vec_ready(x_in.contiguous());
+  const Tensor labels = labels_in.contiguous();
+  static auto knn = c10::Dispatcher::singleton().findSchemaOrThrow("flashdml::knn_fwd", "")
+                        .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, bool, bool)>();
+  static auto hinge = c10::Dispatcher::singleton().findSchemaOrThrow("flashdml::hinge_pair_fwd", "")
+                          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                    const Tensor&, double, double, double, double,
+                                                                    bool, bool, bool)>();
+  const Tensor top = std::get<0>(knn.call(x, x, k, false, false));  // S values, descending, self included
+  auto neg_d = [](const Tensor& s) {  // ctx_neg_distance: fl(2 − 2s) (2s exact), clamped to −0
+    const Tensor dr = 2.0f - 2.0f * s;
+    return at::where(dr > 0, -dr, at::zeros({}, dr.options()));
+  };
+  const Tensor thr = at::stack({neg_d(top.select(1, k - 1)), neg_d(top.select(1, k / 2 - 1))}, 1).contiguous();
+  auto [lcon, sums, counts] = hinge.call(x, x, labels, labels, pos_margin, neg_margin, 1.0, 1.0, false, true, false);
+  (void)sums;
+  const int64_t cap = std::max<int64_t>(64, 4 * k + 15) / 16 * 16;
+  auto [ptr, col, flag] = neighbour_lists(x, thr, float(eps), cap);
+  const Tensor cls = class_keys(labels);
+  const Context cx = build_context(ptr, col, flag, B);
+  const Tensor lc = l_ctx(cx, cls);
+  const Tensor colsum = x.to(at::kDouble).sum(0);
+  const Tensor lr = (colsum.square().sum() / (double(B) * double(B)) - reg_target).square();
+  const Tensor lcd = lcon.to(at::kDouble);
+  const auto fopts = x.options().dtype(at::kFloat);
+  Tensor loss = new_output(at::IntArrayRef{}, fopts), terms = new_output({3}, fopts);
+  loss.copy_(context_weight * lc + reg_weight * lr + contrastive_weight * lcd);
+  terms.copy_(at::stack({lc, lr, lcd}));
+  return {loss, terms, ptr, col, flag, counts};
+}
+
+Tensor contextual_bwd_cuda(const Tensor& grad_loss, const Tensor& x_in, const Tensor& labels_in, int64_t k, double eps,
+                           double context_weight, double contrastive_weight, double reg_weight, double reg_target,
+                           double pos_margin, double neg_margin, double ste_slope, bool normalize, const Tensor& ptr,
+                           const Tensor& col, const Tensor& flag, const Tensor& counts) {
+  (void)k;
+  (void)eps;
+  check_inputs("contextual_bwd", x_in, labels_in, normalize);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t B = x_in.size(0);
+  TORCH_CHECK(grad_loss.numel() == 1 && ptr.numel() == B + 1 && col.numel() == flag.numel() && counts.numel() == 2,
+              "contextual_bwd: neighbour lists / counts do not match the batch (pass the forward's outputs)");
+  const Tensor x = x_in.contiguous(), labels = labels_in.contiguous();
+  static auto hinge_bwd = c10::Dispatcher::singleton().findSchemaOrThrow("flashdml::hinge_pair_bwd", "")
+                              .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                const Tensor&, const Tensor&, double, double, double,
+                                                                double, bool, bool, bool, const Tensor&)>();
+  const Tensor g = grad_loss.reshape({}).to(at::kDouble);
+  const Tensor F = x.to(at::kDouble);
+  const double B2 = double(B) * double(B);
+  const Tensor colsum = F.sum(0, true);
+  // L_reg: dL/dS_ij = g_reg everywhere, so G F + Gᵀ F = 2 g_reg Σ_j F_j on every row
+  Tensor out = (2.0 * g * reg_weight * 2.0 * (colsum.square().sum() / B2 - reg_target) / B2) * colsum.expand_as(F);
+  if (contrastive_weight != 0.0) {
+    auto [dx, dy] = hinge_bwd.call(grad_loss.reshape({}).to(at::kFloat), x, x, labels, labels, pos_margin, neg_margin,
+                                   contrastive_weight, contrastive_weight, false, true, false, counts.to(at::kLong));
+    out = out + dx.to(at::kDouble) + dy.to(at::kDouble);
+  }
+  if (context_weight * ste_slope != 0.0) {
+    const Context cx = build_context(ptr, col, flag, B);
+    out = out + (g * context_weight * 2.0 * ste_slope) * ctx_grad(cx, class_keys(labels), F);
+  }
+  Tensor dx = new_output(x_in.sizes(), x_in.options());
+  dx.copy_(out);
+  return dx;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace flashdml
+
+TORCH_LIBRARY_IMPL(flashdml, CUDA, m) {
+  m.impl("contextual_fwd", &flashdml::cuda::contextual_fwd_cuda);
+  m.impl("contextual_bwd", &flashdml::cuda::contextual_bwd_cuda);
+}

@@ -1,0 +1,457 @@
+"""Triton kernels for the contextual loss (SPEC 2.5); the sparse stage runs as torch ops on the device
+(``flashdml.ops.contextual_device``, a vectorised mirror of csrc/cpu/contextual_sparse.h).
+
+Raw ops (x already L2-normalised, contiguous, fp32 / fp16 / bf16 [B, d]; labels int64 [B]); the schema of the C++
+``flashdml::contextual_fwd / _bwd`` minus ``normalize``:
+
+* ``torch.ops.flashdml_triton.contextual_fwd(x, labels, k, eps, context_weight, contrastive_weight, reg_weight,
+  reg_target, pos_margin, neg_margin, ste_slope) -> (loss [] fp32, terms [3] fp32 (L_ctx, L_reg, L_con),
+  ptr int64 [B + 1], col int32 [nnz], flag uint8 [nnz], counts int64 [2])`` — N(i) as CSR (columns ascending,
+  flags 1 = in P(i), 2 = clamped C_ij = 0) and the hard positive / negative counts of L_con.
+* ``torch.ops.flashdml_triton.contextual_bwd(grad_loss, x, labels, <the same scalars>, ptr, col, flag, counts)
+  -> dx`` (the gradient with respect to the normalised rows, in x's dtype).
+
+Forward, nothing B×B stored:
+ 1. ``_ctx_stats_kernel`` streams S tiles (row block x column split, tensor-core ``tl.dot`` via ``_tiles.s_tile``):
+    per row the running top-K of ``−D = −max(2 − 2S, 0)`` (values only, the query included; the bitonic
+    ``_topk.row_topk`` / ``merge_sorted`` of the kNN kernel, a tile skipped when nothing in it beats the K-th), and
+    the margin-contrastive hinge sums / counts (``_tiles.hard_pairs``, strict, diagonal kept).
+    ``hinge_pairs._hinge_finalize_kernel`` reduces the hinge partials; t_i / h_i = the k-th / (k//2)-th of the
+    merged split lists (torch.topk over splits·K values per row). k > 64 takes the thresholds from the kNN op
+    (``selection.knn_impl``, same BLOCK_K, so the same fp32 S); this kernel then only supplies the hinge terms.
+ 2. ``_ctx_list_kernel`` recomputes S (same BLOCK_K: on the GPU the same fp32 values) and writes, per row, the
+    columns with ``fl(−D + ε) >= t_i`` in ascending order into a fixed-capacity list (and the count); rows whose
+    band is larger than the capacity are rerun, gathered, with a capacity of their largest count: exact always.
+ 3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx) on the device in O(B·k²), L_reg in O(B·d).
+Backward (SPEC's closed form, the CPU split of dL_ctx/dS into sparse + row-constant + label-block parts): the
+sparse part (O(k²) entries per row, masked by the forward's clamp flags) is applied with O(nnz·d) gathers; the
+row-constant part u_i, the label block LB_ij = ρ'_i(κ_j)(c_i − a_j), the L_reg constant and the hinge gradients
+are formed tile by tile in one recompute pass (``_ctx_grad_kernel``, dx and dyᵀ variants, fp32 weights, tf32 /
+ieee dot) and reduced over splits in a fixed order. Deterministic apart from the index_add of the sparse stage
+on CUDA (atomics: last-bit differences). Cost note: each gradient program recomputes its S tiles once per BLOCK_D
+chunk of d (dx: 128 columns, dy: 32), so for d > 128 the backward does several S GEMMs (not tuned on a GPU yet).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
+
+from .. import _debug
+from ..ops import contextual_device as dev_stage
+from . import _tiles
+from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
+from ._tiles import hard_pairs, s_tile
+from ._topk import merge_sorted, row_topk
+from .hinge_pairs import FINAL_BLOCK, _hinge_finalize_kernel
+from .selection import KNN_CONFIGS, knn_impl
+
+# Tile configurations. Every S tile of the forward, the list pass and the backward uses the kNN kernel's BLOCK_K
+# per dtype (64 fp16/bf16, 16 fp32), so all passes (and the kNN fallback for k > 64) see the same fp32 S entry.
+# fp16 / bf16 at 4 warps, 1 stage (8 warps: 8 B of stack on sm_90; 2 stages: K = 64 spills on sm_90 for a ragged
+# B); fp32 at the kNN's 8 warps, 2 stages (4 warps: spills on sm_90). ptxas -v via tests/test_triton_aot.py.
+STATS_CONFIGS = {t: (dict(c, num_warps=4, num_stages=1) if t != torch.float32 else dict(c))
+                 for t, c in KNN_CONFIGS.items()}
+_LIST_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
+_LIST_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)  # 8 warps spill (sm_90, ragged B)
+LIST_CONFIGS = {torch.float16: _LIST_16, torch.bfloat16: _LIST_16, torch.float32: _LIST_32}
+# dx covers d <= 128 in one chunk (S is recomputed per BLOCK_D chunk of d); dy only 32 (64 spills: its S tile is
+# [other, own] and the transposed weights go through shared memory).
+_G16 = (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=1))
+_G32 = (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=4, num_stages=2))
+GRAD_CONFIGS = {torch.float16: _G16, torch.bfloat16: _G16, torch.float32: _G32}  # [dtype][dy]
+assert all(LIST_CONFIGS[t]["BLOCK_K"] == STATS_CONFIGS[t]["BLOCK_K"] == GRAD_CONFIGS[t][dy]["BLOCK_K"]
+           for t in LIST_CONFIGS for dy in (0, 1)), "every pass must compute S with the same BLOCK_K"
+TOPK_KS = (16, 64)  # register list lengths of the stats kernel (<= BLOCK_N); k > 64: its K = 64 list is unused
+# (the hinge terms still come from it) and the thresholds come from the kNN op
+DEFAULT_CAP = 64  # neighbour list capacity per row: max(DEFAULT_CAP, 4k) rounded up to 16
+
+
+@triton.jit
+def _ctx_stats_kernel(
+    x_ptr, key_ptr, part_ptr, psum_ptr, pcnt_ptr, pos_margin, neg_margin, B, D, cols_per_split,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr,
+):
+    """Program (row block, split): part[split, i, :] = the K largest −D_ij over the split's columns, descending
+    (-inf where fewer); psum / pcnt[0 / 1, split, i] = row i's hinge sums (fp64) / counts of the hard
+    positives / negatives of L_con over the split (strict, diagonal kept). Per-row partials: no cross-warp fp64
+    reduction (which put 8 bytes of stack on sm_90)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    mp = tl.full([], pos_margin, tl.float32)
+    mn = tl.full([], neg_margin, tl.float32)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    lab_r = tl.load(key_ptr + rows, mask=row_ok, other=0)
+    ps = tl.zeros([BLOCK_M], tl.float64)
+    ns = tl.zeros([BLOCK_M], tl.float64)
+    pc = tl.zeros([BLOCK_M], tl.int32)
+    nc = tl.zeros([BLOCK_M], tl.int32)
+    run = tl.full([BLOCK_M, K], float("-inf"), tl.float32)
+    n_lo = pid_s * cols_per_split
+    n_hi = tl.minimum(n_lo + cols_per_split, B)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_hi
+        s = s_tile(x_ptr, x_ptr, rows, cols, row_ok, col_ok, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        lab_c = tl.load(key_ptr + cols, mask=col_ok, other=0)
+        hp, hn = hard_pairs(s, lab_r, lab_c, rows, cols, row_ok, col_ok, mp, mn, 0, 1)
+        ps += tl.sum(tl.where(hp, mp - s, 0.0), 1).to(tl.float64)
+        ns += tl.sum(tl.where(hn, s - mn, 0.0), 1).to(tl.float64)
+        pc += tl.sum(hp.to(tl.int32), 1)
+        nc += tl.sum(hn.to(tl.int32), 1)
+        dr = 2.0 - 2.0 * s  # −D = −max(2 − 2s, 0): 2s is exact, so one rounding whether fused or not
+        nd = tl.where(col_ok[None, :], tl.where(dr > 0.0, -dr, 0.0), float("-inf"))
+        kth = tl.min(run, 1)
+        if tl.max(tl.max((nd > kth[:, None]).to(tl.int32), 1), 0) > 0:
+            run = merge_sorted(run, row_topk(nd, K, 0))
+    out = (pid_s.to(tl.int64) * B + rows)[:, None] * K + tl.arange(0, K)[None, :]
+    tl.store(part_ptr + out, run, mask=row_ok[:, None])
+    n_part = tl.num_programs(1).to(tl.int64) * B
+    at = pid_s.to(tl.int64) * B + rows
+    tl.store(psum_ptr + at, ps, mask=row_ok)
+    tl.store(psum_ptr + n_part + at, ns, mask=row_ok)
+    tl.store(pcnt_ptr + at, pc.to(tl.int64), mask=row_ok)
+    tl.store(pcnt_ptr + n_part + at, nc.to(tl.int64), mask=row_ok)
+
+
+@triton.jit
+def _ctx_list_kernel(
+    x_ptr, rows_ptr, thr_ptr, col_ptr, flag_ptr, cnt_ptr, eps, n_rows, B, D, cap,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """For the rows rows[r] (r < n_rows): cnt[r] = |N(i)| and the first min(cnt, cap) columns of N(i), ascending,
+    in col[r, :], with flag 1 = u >= h_i (in P(i)), 2 = −D == 0 (clamped); u = fl(−D + ε), N: u >= t_i
+    (thr[i] = (t_i, h_i)), SPEC step 3's inclusive fp32 tests."""
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = r < n_rows
+    rows = tl.load(rows_ptr + r, mask=r_ok, other=0)
+    t = tl.load(thr_ptr + rows.to(tl.int64) * 2, mask=r_ok, other=0.0)
+    h = tl.load(thr_ptr + rows.to(tl.int64) * 2 + 1, mask=r_ok, other=0.0)
+    e = tl.full([], eps, tl.float32)
+    cnt = tl.zeros([BLOCK_M], tl.int32)
+    base = r.to(tl.int64)[:, None] * cap
+    for start_n in range(0, B, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < B
+        s = s_tile(x_ptr, x_ptr, rows, cols, r_ok, col_ok, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        dr = 2.0 - 2.0 * s  # −D, as in the stats kernel; clamped entries give 0
+        nd = tl.where(dr > 0.0, -dr, 0.0)
+        u = nd + e
+        in_n = r_ok[:, None] & col_ok[None, :] & (u >= t[:, None])
+        flag = tl.where(u >= h[:, None], 1, 0) + tl.where(nd == 0.0, 2, 0)
+        n32 = in_n.to(tl.int32)
+        slot = cnt[:, None] + tl.cumsum(n32, 1) - n32
+        ok = in_n & (slot < cap)
+        tl.store(col_ptr + base + slot, tl.broadcast_to(cols[None, :], [BLOCK_M, BLOCK_N]), mask=ok)
+        tl.store(flag_ptr + base + slot, flag.to(tl.uint8), mask=ok)
+        cnt += tl.sum(n32, 1)
+    tl.store(cnt_ptr + r, cnt, mask=r_ok)
+
+
+@triton.jit
+def _ctx_grad_kernel(
+    x_ptr, key_ptr, rowv_ptr, a_ptr, scls_ptr, sval_ptr, w_ptr, part_ptr, pos_margin, neg_margin,
+    B, D, cols_per_split, n_slots,
+    DY: tl.constexpr, PRECISION: tl.constexpr, GPREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The dense part of dL/dS, applied: G_ij = g_reg + [hp] g_hp + [hn] g_hn + C_ij s_ctx (u_i + LB_ij),
+    LB_ij = Σ_q [key_j == scls[i, q]] sval[i, q] · (c_i − a_j) (w = (g_reg, g_hp, g_hn, s_ctx), rowv[i] = (u_i, c_i)).
+    DY=False: part[split, i, :] = Σ_j G_ij x_j over a block of rows i; DY=True: part[split, j, :] = Σ_i G_ij x_i over
+    a block of columns j. The S tile is x_i · x_jᵀ in both (the forward's orientation)."""
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    mp = tl.full([], pos_margin, tl.float32)
+    mn = tl.full([], neg_margin, tl.float32)
+    g_reg = tl.load(w_ptr)
+    g_hp = tl.load(w_ptr + 1)
+    g_hn = tl.load(w_ptr + 2)
+    s_ctx = tl.load(w_ptr + 3)
+    own = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    own_ok = own < B
+    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dcols < D
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_lo = pid_s * cols_per_split
+    n_hi = tl.minimum(n_lo + cols_per_split, B)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        oth = start_n + tl.arange(0, BLOCK_N)
+        oth_ok = oth < n_hi
+        if DY:
+            ii, i_ok, jj, j_ok = oth, oth_ok, own, own_ok
+            s = s_tile(x_ptr, x_ptr, ii, jj, i_ok, j_ok, D, PRECISION, BLOCK_N, BLOCK_M, BLOCK_K)
+        else:
+            ii, i_ok, jj, j_ok = own, own_ok, oth, oth_ok
+            s = s_tile(x_ptr, x_ptr, ii, jj, i_ok, j_ok, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        lab_i = tl.load(key_ptr + ii, mask=i_ok, other=0)
+        lab_j = tl.load(key_ptr + jj, mask=j_ok, other=0)
+        u_i = tl.load(rowv_ptr + ii.to(tl.int64) * 2, mask=i_ok, other=0.0)
+        c_i = tl.load(rowv_ptr + ii.to(tl.int64) * 2 + 1, mask=i_ok, other=0.0)
+        a_j = tl.load(a_ptr + jj, mask=j_ok, other=0.0)
+        hp, hn = hard_pairs(s, lab_i, lab_j, ii, jj, i_ok, j_ok, mp, mn, 0, 1)
+        rho = tl.zeros(s.shape, tl.float32)
+        for q in range(0, n_slots):
+            sc = tl.load(scls_ptr + ii.to(tl.int64) * n_slots + q, mask=i_ok, other=-2)
+            sv = tl.load(sval_ptr + ii.to(tl.int64) * n_slots + q, mask=i_ok, other=0.0)
+            rho += tl.where(lab_j[None, :] == sc[:, None], sv[:, None], 0.0)
+        valid = i_ok[:, None] & j_ok[None, :]
+        keep = valid & ((2.0 - 2.0 * s) > 0.0)
+        g = tl.where(valid, g_reg, 0.0) + tl.where(hp, g_hp, 0.0) + tl.where(hn, g_hn, 0.0)
+        g += tl.where(keep, s_ctx * (u_i[:, None] + rho * (c_i[:, None] - a_j[None, :])), 0.0)
+        b = tl.load(x_ptr + oth.to(tl.int64)[:, None] * D + dcols[None, :],
+                    mask=oth_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if DY:
+            acc = tl.dot(tl.trans(g), b, acc, input_precision=GPREC)
+        else:
+            acc = tl.dot(g, b, acc, input_precision=GPREC)
+    out = (pid_s.to(tl.int64) * B + own)[:, None] * D + dcols[None, :]
+    tl.store(part_ptr + out, acc, mask=own_ok[:, None] & d_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------
+def _check(x: Tensor, labels: Tensor) -> None:
+    _tiles.check_pair_inputs(x, x, labels, labels, LIST_CONFIGS)  # self mode: x is both sides
+    torch._check(x.shape[0] < 2**31, lambda: "B must be < 2^31")
+
+
+def topk_list_len(k: int) -> Optional[int]:
+    """Register list length of the stats kernel for k, None for k > 64 (thresholds from the kNN op)."""
+    return next((c for c in TOPK_KS if c >= k), None)
+
+
+def list_capacity(k: int) -> int:
+    return triton.cdiv(max(DEFAULT_CAP, 4 * k), 16) * 16
+
+
+def _stats(xp: Tensor, key: Tensor, k: int, pos_margin: float, neg_margin: float,
+           num_splits: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(t [B], h [B], L_con fp32 [], hinge counts int64 [2])."""
+    B, dev = xp.shape[0], xp.device
+    cfg = STATS_CONFIGS[xp.dtype]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    K = topk_list_len(k)
+    rp = triton.cdiv(B, bm)
+    ns, per = _tiles.num_splits(dev, rp, triton.cdiv(B, bn), num_splits)
+    part = _debug.new_output((ns, B, K or TOPK_KS[-1]), dtype=torch.float32, device=dev)
+    psum = _debug.new_output((2, ns * B), dtype=torch.float64, device=dev)
+    pcnt = _debug.new_output((2, ns * B), dtype=torch.int64, device=dev)
+    wrap_triton(_ctx_stats_kernel)[(rp, ns)](
+        xp, key, part, psum, pcnt, float(pos_margin), float(neg_margin), B, xp.shape[1], per * bn,
+        PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        K=K or TOPK_KS[-1], **_tiles.launch(cfg))
+    lcon = _debug.new_output((), dtype=torch.float32, device=dev)
+    sums = _debug.new_output((2,), dtype=torch.float32, device=dev)
+    counts = _debug.new_output((2,), dtype=torch.int64, device=dev)
+    wrap_triton(_hinge_finalize_kernel)[(1,)](
+        psum, pcnt, lcon, sums, counts, ns * B, 1.0, 1.0, BLOCK=FINAL_BLOCK, num_warps=4, num_stages=1)
+    if K is None:  # values of S, descending; −D is monotone in S, so its k-th largest is −D of the k-th S
+        vals = knn_impl(xp, xp, k, False)[0]
+        top = torch.where(2.0 - 2.0 * vals > 0, -(2.0 - 2.0 * vals), 0.0)
+    elif ns == 1:
+        top = part[0]
+    else:
+        top = torch.topk(part.permute(1, 0, 2).reshape(B, ns * K), k, dim=1).values
+    return top[:, k - 1].contiguous(), top[:, k // 2 - 1].contiguous(), lcon, counts
+
+
+def _lists(xp: Tensor, rows: Tensor, thr: Tensor, eps: float, cap: int):
+    n = rows.shape[0]
+    cfg = LIST_CONFIGS[xp.dtype]
+    col = _debug.new_output((n, cap), dtype=torch.int32, device=xp.device)
+    flag = torch.empty((n, cap), dtype=torch.uint8, device=xp.device)
+    if _debug.poison_enabled():  # uint8 cannot hold the integer sentinel: the unused high bits instead (as the C++)
+        flag.fill_(0xFC)
+    cnt = _debug.new_output((n,), dtype=torch.int32, device=xp.device)
+    wrap_triton(_ctx_list_kernel)[(triton.cdiv(n, cfg["BLOCK_M"]),)](
+        xp, rows, thr, col, flag, cnt, float(eps), n, xp.shape[0], xp.shape[1], cap,
+        PRECISION=_tiles.precision(xp.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
+    return col, flag, cnt
+
+
+def neighbour_lists(xp: Tensor, t: Tensor, h: Tensor, eps: float, cap: int) -> tuple[Tensor, Tensor, Tensor]:
+    """N(i) as CSR (ptr int64 [B + 1], col int32, flag uint8), exact: rows over capacity are rerun with the
+    capacity of the largest count (one host synchronisation)."""
+    B, dev = xp.shape[0], xp.device
+    thr = torch.stack([t, h], 1).contiguous()
+    rows = torch.arange(B, dtype=torch.int32, device=dev)
+    col, flag, cnt = _lists(xp, rows, thr, eps, cap)
+    cnt64 = cnt.to(torch.int64)
+    keep = torch.arange(cap, device=dev)[None, :] < cnt64[:, None]
+    over = torch.nonzero(cnt64 > cap).reshape(-1)
+    if over.numel():  # the exact overflow path: only these rows, with room for all of their neighbours
+        big = triton.cdiv(int(cnt64[over].max()), 16) * 16
+        col2, flag2, cnt2 = _lists(xp, over.to(torch.int32), thr, eps, big)
+        torch._check(bool((cnt2.to(torch.int64) == cnt64[over]).all()), lambda: "contextual: list recount differs")
+        keep[over] = False
+        keep2 = torch.arange(big, device=dev)[None, :] < cnt2.to(torch.int64)[:, None]
+        r1 = torch.arange(B, device=dev)[:, None].expand(B, cap)[keep]
+        r2 = over[:, None].expand(-1, big)[keep2]
+        allr = torch.cat([r1, r2])
+        order = torch.argsort(allr * B + torch.cat([col[keep], col2[keep2]]).to(torch.int64))
+        c_out = torch.cat([col[keep], col2[keep2]])[order]
+        f_out = torch.cat([flag[keep], flag2[keep2]])[order]
+    else:
+        c_out, f_out = col[keep], flag[keep]
+    ptr = torch.zeros(B + 1, dtype=torch.int64, device=dev)
+    ptr[1:] = torch.cumsum(cnt64, 0)
+    return ptr, c_out.contiguous(), f_out.contiguous()
+
+
+def fwd_impl(x: Tensor, labels: Tensor, k: int, eps: float, context_weight: float, contrastive_weight: float,
+             reg_weight: float, reg_target: float, pos_margin: float, neg_margin: float, ste_slope: float,
+             cap: Optional[int] = None, num_splits: Optional[int] = None):
+    """The forward; ``cap`` (list capacity) and ``num_splits`` override the defaults (tests use them)."""
+    _check(x, labels)
+    B = x.shape[0]
+    if not (2 <= k <= B):
+        raise ValueError(f"contextual_loss: k = {k} must satisfy 2 <= k <= B = {B}")
+    if not eps >= 0:
+        raise ValueError(f"contextual_loss: eps must be >= 0, got {eps}")
+    dev = x.device
+    key = _tiles.label_index(labels, labels, False, sorted_rows=False)[0]
+    xp = _tiles.pad16(x)
+    t, h, lcon, counts = _stats(xp, key, k, pos_margin, neg_margin, num_splits)
+    ptr, col, flag = neighbour_lists(xp, t, h, eps, cap or list_capacity(k))
+    cx = dev_stage.build_context(ptr, col, flag, B)
+    lc = dev_stage.l_ctx(cx, key.to(torch.int64))
+    colsum = x.double().sum(0)
+    lr = (colsum.square().sum() / (float(B) * float(B)) - reg_target) ** 2
+    total = context_weight * lc + reg_weight * lr + contrastive_weight * lcon.double()
+    loss = _debug.new_output((), dtype=torch.float32, device=dev)
+    terms = _debug.new_output((3,), dtype=torch.float32, device=dev)
+    loss.copy_(total)
+    terms.copy_(torch.stack([lc, lr, lcon.double()]))
+    return loss, terms, ptr, col, flag, counts
+
+
+def bwd_impl(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, context_weight: float,
+             contrastive_weight: float, reg_weight: float, reg_target: float, pos_margin: float, neg_margin: float,
+             ste_slope: float, ptr: Tensor, col: Tensor, flag: Tensor, counts: Tensor,
+             num_splits: Optional[int] = None) -> Tensor:
+    _check(x, labels)
+    B, d, dev = x.shape[0], x.shape[1], x.device
+    torch._check(ptr.shape == (B + 1,) and col.shape == flag.shape and counts.shape == (2,),
+                 lambda: "contextual_bwd: neighbour lists / counts do not match the batch")
+    key = _tiles.label_index(labels, labels, False, sorted_rows=False)[0]
+    g = grad_loss.reshape(()).to(torch.float64)
+    B2 = float(B) * float(B)
+    colsum = x.double().sum(0)
+    g_reg = g * reg_weight * 2.0 * (colsum.square().sum() / B2 - reg_target) / B2
+    inv = torch.where(counts > 0, 1.0 / counts.clamp_min(1).to(torch.float64), 0.0)
+    g_hp, g_hn = -g * contrastive_weight * inv[0], g * contrastive_weight * inv[1]
+    s_ctx = g * context_weight * 2.0 * ste_slope
+    F = x.float()
+    out = torch.zeros(B, d, dtype=torch.float32, device=dev)
+    if context_weight * ste_slope != 0.0:
+        cx = dev_stage.build_context(ptr, col, flag, B)
+        parts = dev_stage.backward_parts(cx, key.to(torch.int64))
+        dev_stage.apply_sparse(out, F, parts.sp_row, parts.sp_col, (parts.sp_val * s_ctx).float())
+        rowv = torch.stack([parts.u, cx.c], 1).float().contiguous()
+        a_col, scls, sval = cx.a.float().contiguous(), parts.slot_cls, parts.slot_val
+    else:
+        rowv = torch.zeros(B, 2, dtype=torch.float32, device=dev)
+        rowv[:, 1] = 1.0
+        a_col = torch.zeros(B, dtype=torch.float32, device=dev)
+        scls = torch.full((B, 1), -2, dtype=torch.int32, device=dev)
+        sval = torch.zeros(B, 1, dtype=torch.float32, device=dev)
+    w = torch.stack([g_reg, g_hp, g_hn, s_ctx]).float()
+    xp = _tiles.pad16(x)
+    for dy in (False, True):
+        cfg = GRAD_CONFIGS[x.dtype][dy]
+        bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+        rp, dc = triton.cdiv(B, bm), triton.cdiv(xp.shape[1], bd)
+        ns, per = _tiles.num_splits(dev, rp * dc, triton.cdiv(B, bn), num_splits)
+        part = _debug.new_output((ns, B, xp.shape[1]), dtype=torch.float32, device=dev)
+        wrap_triton(_ctx_grad_kernel)[(rp, dc, ns)](
+            xp, key, rowv, a_col, scls, sval, w, part, float(pos_margin), float(neg_margin), B, xp.shape[1],
+            per * bn, scls.shape[1], DY=dy, PRECISION=_tiles.precision(x.dtype),
+            GPREC="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
+        out += part.sum(0)[:, :d]
+    dx = _debug.new_output((B, d), dtype=x.dtype, device=dev)
+    dx.copy_(out)
+    return dx
+
+
+@torch.library.custom_op("flashdml_triton::contextual_fwd", mutates_args=())
+def contextual_fwd(x: Tensor, labels: Tensor, k: int, eps: float, context_weight: float, contrastive_weight: float,
+                   reg_weight: float, reg_target: float, pos_margin: float, neg_margin: float,
+                   ste_slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return fwd_impl(x, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target, pos_margin,
+                    neg_margin, ste_slope)
+
+
+@torch.library.custom_op("flashdml_triton::contextual_bwd", mutates_args=())
+def contextual_bwd(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, context_weight: float,
+                   contrastive_weight: float, reg_weight: float, reg_target: float, pos_margin: float,
+                   neg_margin: float, ste_slope: float, ptr: Tensor, col: Tensor, flag: Tensor,
+                   counts: Tensor) -> Tensor:
+    return bwd_impl(grad_loss, x, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target,
+                    pos_margin, neg_margin, ste_slope, ptr, col, flag, counts)
+
+
+@contextual_fwd.register_fake
+def _(x, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target, pos_margin, neg_margin,
+      ste_slope):
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty((), dtype=torch.float32), x.new_empty((3,), dtype=torch.float32),
+            x.new_empty((x.shape[0] + 1,), dtype=torch.int64), x.new_empty((nnz,), dtype=torch.int32),
+            x.new_empty((nnz,), dtype=torch.uint8), x.new_empty((2,), dtype=torch.int64))
+
+
+@contextual_bwd.register_fake
+def _(grad_loss, x, *rest):
+    return torch.empty_like(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (aligned and ragged batch; d is padded to 16, split widths are multiples of BLOCK_N).
+# ---------------------------------------------------------------------------------------------------------------
+_TL = {getattr(torch, k): v for k, v in TRITON_TYPE_NAMES.items()}
+
+
+def _specs() -> list[AOTSpec]:
+    specs = []
+    for dtype, t in _TL.items():
+        prec = _tiles.precision(dtype)
+        c = STATS_CONFIGS[dtype]
+        sig = {"x_ptr": f"*{t}", "key_ptr": "*i32", "part_ptr": "*fp32", "psum_ptr": "*fp64", "pcnt_ptr": "*i64",
+               "pos_margin": "fp32", "neg_margin": "fp32", "B": "i32", "D": "i32", "cols_per_split": "i32"}
+        for K in TOPK_KS:
+            specs += with_alignments(AOTSpec(
+                f"contextual_stats_{t}_k{K}", _ctx_stats_kernel, sig,
+                dict(PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], K=K),
+                c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B",))
+        c = LIST_CONFIGS[dtype]
+        sig = {"x_ptr": f"*{t}", "rows_ptr": "*i32", "thr_ptr": "*fp32", "col_ptr": "*i32", "flag_ptr": "*u8",
+               "cnt_ptr": "*i32", "eps": "fp32", "n_rows": "i32", "B": "i32", "D": "i32", "cap": "i32"}
+        specs += with_alignments(AOTSpec(
+            f"contextual_list_{t}", _ctx_list_kernel, sig,
+            dict(PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"]),
+            c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cap"), ("B", "n_rows"))
+        sig = {"x_ptr": f"*{t}", "key_ptr": "*i32", "rowv_ptr": "*fp32", "a_ptr": "*fp32", "scls_ptr": "*i32",
+               "sval_ptr": "*fp32", "w_ptr": "*fp32", "part_ptr": "*fp32", "pos_margin": "fp32",
+               "neg_margin": "fp32", "B": "i32", "D": "i32", "cols_per_split": "i32", "n_slots": "i32"}
+        for dy in (False, True):
+            c = GRAD_CONFIGS[dtype][dy]
+            specs += with_alignments(AOTSpec(
+                f"contextual_grad_{t}_{'dy' if dy else 'dx'}", _ctx_grad_kernel, sig,
+                dict(DY=dy, PRECISION=prec, GPREC="ieee" if dtype == torch.float32 else "tf32",
+                     BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_D=c["BLOCK_D"]),
+                c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B", "n_slots"))
+    return specs
+
+
+AOT_SPECS = _specs()
