@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Op, Provider, loss_providers, loss_runner
+from .harness import FUSED, GPU, QUICK, Op, Provider, block_buffers, loss_providers, loss_runner, pair_buffers, sweep
 
 TEMPERATURE = 0.05
 BLOCK = 1024
@@ -95,16 +95,9 @@ def _inputs(s):
     return 6 * s["B"] * s["d"] * F32
 
 
-def _mem_reference(s):
-    return 6 * s["B"] * s["B"] * F32 + _inputs(s)
-
-
-def _mem_compiled(s):
-    return 3 * s["B"] * s["B"] * F32 + _inputs(s)
-
-
-def _mem_chunked(s):
-    return 3 * min(BLOCK, s["B"]) * s["B"] * F32 + _inputs(s)
+_mem_reference = pair_buffers(6, _inputs)
+_mem_compiled = pair_buffers(3, _inputs)
+_mem_chunked = block_buffers(3, BLOCK, _inputs)
 
 
 def _label(s):
@@ -116,13 +109,10 @@ PROVIDERS = loss_providers(
     mem_fused=_inputs,
     cpu_extra=(Provider("chunked-pytorch", _chunked_setup, device="cpu", mem_bytes=_mem_chunked),),
 )
-FUSED = ["flashdml-cpu", "flashdml-triton", "flashdml-cuda"]
-GPU = ["reference-cuda", "flashdml-triton", "flashdml-cuda"]
-QUICK = ["reference", "flashdml-cpu", "chunked-pytorch"] + GPU
 
 
 def _sweep(bs, d=256, only=None):
-    return [{"B": b, "d": d, "labels": "4/class", **({"only": only} if only else {})} for b in bs]
+    return sweep(bs, d, only, labels="4/class")
 
 
 SHAPES = {

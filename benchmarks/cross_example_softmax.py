@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Op, Provider, loss_providers, loss_runner
+from .harness import FUSED, QUICK, Op, Provider, block_buffers, loss_providers, loss_runner, pair_buffers, sweep
 
 TEMPERATURE = 0.05
 BLOCK = 1024
@@ -142,16 +142,9 @@ def _inputs(s):
     return 4 * s["B"] * s["d"] * F32
 
 
-def _mem_reference(s):
-    return 6 * s["B"] * s["B"] * F32 + _inputs(s)
-
-
-def _mem_compiled(s):
-    return 3 * s["B"] * s["B"] * F32 + _inputs(s)
-
-
-def _mem_chunked(s):
-    return 7 * min(BLOCK, s["B"]) * s["B"] * F32 + _inputs(s)
+_mem_reference = pair_buffers(6, _inputs)
+_mem_compiled = pair_buffers(3, _inputs)
+_mem_chunked = block_buffers(7, BLOCK, _inputs)
 
 
 def _label(s):
@@ -163,13 +156,10 @@ PROVIDERS = loss_providers(
     mem_fused=_inputs,
     cpu_extra=(Provider("chunked-pytorch", _chunked_setup, device="cpu", mem_bytes=_mem_chunked),),
 )
-FUSED = ["flashdml-cpu", "flashdml-triton", "flashdml-cuda"]
-GPU = ["reference-cuda", "flashdml-triton", "flashdml-cuda"]
-QUICK = ["reference", "flashdml-cpu", "chunked-pytorch"] + GPU
 
 
 def _sweep(bs, d=256, only=None):
-    return [{"B": b, "d": d, **({"only": only} if only else {})} for b in bs]
+    return sweep(bs, d, only)
 
 
 SHAPES = {

@@ -457,6 +457,35 @@ def flashdml_check(fn_name: str, backend: str | None = None) -> Callable[[], tup
     return check
 
 
+# Provider-name groups the loss benchmarks select shapes with.
+FUSED = ["flashdml-cpu", "flashdml-triton", "flashdml-cuda"]
+GPU = ["reference-cuda", "flashdml-triton", "flashdml-cuda"]
+QUICK = ["reference", "flashdml-cpu", "chunked-pytorch"] + GPU
+
+
+def sweep(bs, d: int, only=None, **fields) -> list:
+    """Shapes {"B": b, "d": d, **fields} for b in bs, each run by the providers ``only`` (None: all)."""
+    return [{"B": b, "d": d, **fields, **({"only": only} if only else {})} for b in bs]
+
+
+def pair_buffers(n: float, inputs: Callable[[dict], float]) -> Callable[[dict], float]:
+    """Predicted peak (bytes) of an implementation holding ``n`` fp32 B×B buffers, plus ``inputs(shape)``."""
+    return lambda s: n * s["B"] * s["B"] * 4 + inputs(s)
+
+
+def block_buffers(n: float, block: int, inputs: Callable[[dict], float]) -> Callable[[dict], float]:
+    """Predicted peak (bytes) of a chunked implementation holding ``n`` fp32 [min(block, B), B] row blocks."""
+    return lambda s: n * min(block, s["B"]) * s["B"] * 4 + inputs(s)
+
+
+def module_available(module: str, package: str) -> Callable[[], tuple[bool, str]]:
+    """A provider ``available`` check: is ``module`` importable (``package``: the name to install)?"""
+    def check():
+        found = importlib.util.find_spec(module) is not None
+        return (True, "") if found else (False, f"{package} not installed")
+    return check
+
+
 def loss_providers(fn_name: str, make_inputs: Callable[[dict, str], tuple[tuple, dict]], *,
                    mem_reference: Callable[[dict], float] | None = None,
                    mem_compiled: Callable[[dict], float] | None = None,

@@ -11,12 +11,12 @@ FLOPs per call = 8·B·M·d (S forward, S recomputed, dx, dy), the fused algorit
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from .cross_example_softmax import block_masks, prepare, zero_grads
-from .harness import Op, Provider, loss_providers, loss_runner
+from .harness import (
+    FUSED, QUICK, Op, Provider, block_buffers, loss_providers, loss_runner, module_available, pair_buffers, sweep,
+)
 
 TEMPERATURE = 0.07
 BLOCK = 1024
@@ -95,10 +95,7 @@ def _chunked_setup(shape: dict, device: str):
     return loss_runner(chunked_ntxent, *make_inputs(shape, device))
 
 
-def _pml_ok():
-    if importlib.util.find_spec("pytorch_metric_learning") is None:
-        return False, "pytorch-metric-learning not installed"
-    return True, ""
+_pml_ok = module_available("pytorch_metric_learning", "pytorch-metric-learning")
 
 
 def _pml_setup(shape: dict, device: str):
@@ -114,16 +111,9 @@ def _inputs(s):
     return 4 * s["B"] * s["d"] * F32
 
 
-def _mem_reference(s):
-    return 10 * s["B"] * s["B"] * F32 + _inputs(s)
-
-
-def _mem_compiled(s):
-    return 3 * s["B"] * s["B"] * F32 + _inputs(s)
-
-
-def _mem_chunked(s):
-    return 8 * min(BLOCK, s["B"]) * s["B"] * F32 + _inputs(s)
+_mem_reference = pair_buffers(10, _inputs)
+_mem_compiled = pair_buffers(3, _inputs)
+_mem_chunked = block_buffers(8, BLOCK, _inputs)
 
 
 def pml_pairs(s) -> tuple[int, int]:
@@ -149,13 +139,10 @@ PROVIDERS = loss_providers(
     "ntxent", make_inputs, mem_reference=_mem_reference, mem_compiled=_mem_compiled, mem_fused=_inputs,
     cpu_extra=(Provider("chunked-pytorch", _chunked_setup, device="cpu", mem_bytes=_mem_chunked), PML),
 )
-FUSED = ["flashdml-cpu", "flashdml-triton", "flashdml-cuda"]
-GPU = ["reference-cuda", "flashdml-triton", "flashdml-cuda"]
-QUICK = ["reference", "flashdml-cpu", "chunked-pytorch"] + GPU
 
 
 def _sweep(bs, d=512, only=None):
-    return [{"B": b, "d": d, **({"only": only} if only else {})} for b in bs]
+    return sweep(bs, d, only)
 
 
 SHAPES = {

@@ -11,12 +11,12 @@ FLOPs per call = 8·B·M·d (S forward, S recomputed, dx, dy).
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from .cross_example_softmax import block_masks, prepare, zero_grads
-from .harness import Op, Provider, loss_providers, loss_runner
+from .harness import (
+    FUSED, QUICK, Op, Provider, block_buffers, loss_providers, loss_runner, module_available, pair_buffers, sweep,
+)
 
 POS_MARGIN, NEG_MARGIN = 0.9, 0.5
 BLOCK = 1024
@@ -94,10 +94,7 @@ def _chunked_setup(shape: dict, device: str):
     return loss_runner(chunked_threshold_consistent_margin, *make_inputs(shape, device))
 
 
-def _pml_ok():
-    if importlib.util.find_spec("pytorch_metric_learning") is None:
-        return False, "pytorch-metric-learning not installed"
-    return True, ""
+_pml_ok = module_available("pytorch_metric_learning", "pytorch-metric-learning")
 
 
 def _pml_setup(shape: dict, device: str):
@@ -114,16 +111,9 @@ def _inputs(s):
     return 4 * s["B"] * s["d"] * F32
 
 
-def _mem_reference(s):
-    return 6 * s["B"] * s["B"] * F32 + _inputs(s)
-
-
-def _mem_compiled(s):
-    return 3 * s["B"] * s["B"] * F32 + _inputs(s)
-
-
-def _mem_chunked(s):
-    return 5 * min(BLOCK, s["B"]) * s["B"] * F32 + _inputs(s)
+_mem_reference = pair_buffers(6, _inputs)
+_mem_compiled = pair_buffers(3, _inputs)
+_mem_chunked = block_buffers(5, BLOCK, _inputs)
 
 
 def _mem_pml(s):
@@ -143,13 +133,10 @@ PROVIDERS = loss_providers(
     mem_fused=_inputs,
     cpu_extra=(Provider("chunked-pytorch", _chunked_setup, device="cpu", mem_bytes=_mem_chunked), PML),
 )
-FUSED = ["flashdml-cpu", "flashdml-triton", "flashdml-cuda"]
-GPU = ["reference-cuda", "flashdml-triton", "flashdml-cuda"]
-QUICK = ["reference", "flashdml-cpu", "chunked-pytorch"] + GPU
 
 
 def _sweep(bs, d=512, only=None):
-    return [{"B": b, "d": d, **({"only": only} if only else {})} for b in bs]
+    return sweep(bs, d, only)
 
 
 SHAPES = {
