@@ -2,10 +2,10 @@
 arange(B) // 4 (4 samples per class).
 
 Providers: the reference (the paper's formulation: every step a B×B matrix, 18·B³ + 6·B²·d FLOPs, ~21·B² fp32
-words), torch.compile(reference), and the fused CPU kernels (flashdml-cpu: one streaming GEMM pass over S tiles for
-the neighbour lists and the margin-contrastive sums; an O(B·k²) sparse stage; the closed-form backward applied in
-one recompute pass over the same tiles, without any B×B matrix). reference-cuda runs the reference on a GPU when
-there is one (the GPU backends have no contextual kernel yet).
+words), torch.compile(reference), and the fused kernels (flashdml-cpu: one streaming GEMM pass over S tiles for the
+neighbour lists and the margin-contrastive sums, an O(B·k²) sparse stage, the closed-form backward without any B×B
+matrix; flashdml-triton and flashdml-cuda, the same algorithm on CUDA tensors, with the sparse stage as device
+tensor ops). reference-cuda runs the reference on a GPU when there is one.
 
 FLOPs per call (for the GEMM-ceiling column) = 8·B²·d: the fused algorithm's GEMM work — the forward S pass and,
 backward, S recomputed, G F and Gᵀ F.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Op, loss_providers
+from .harness import Op, loss_providers, sweep
 
 K, EPS = 4, 0.05
 PER_CLASS = 4
@@ -45,19 +45,17 @@ def _label(s):
     return f"B={s['B']} d={s['d']} k={K} 4/class"
 
 
-_ALL = loss_providers("contextual_loss", make_inputs, mem_reference=_mem_reference, mem_compiled=_mem_reference,
-                      mem_fused=_mem_fused)
-# The Triton and CUDA backends have no contextual kernel yet: their rows would only repeat the reference.
-PROVIDERS = [p for p in _ALL if p.name not in ("flashdml-triton", "flashdml-cuda")]
-FUSED = ["flashdml-cpu"]
+PROVIDERS = loss_providers("contextual_loss", make_inputs, mem_reference=_mem_reference,
+                           mem_compiled=_mem_reference, mem_fused=_mem_fused)
 
 
 def _sweep(bs, d=512, only=None):
-    return [{"B": b, "d": d, **({"only": only} if only else {})} for b in bs]
+    return sweep(bs, d, only)
 
 
 SHAPES = {
-    "quick": _sweep([128, 1024], only=["reference", "flashdml-cpu", "reference-cuda"]),
+    "quick": _sweep([128, 1024], only=["reference", "flashdml-cpu", "reference-cuda", "flashdml-triton",
+                                       "flashdml-cuda"]),
     # `--op contextual_loss`: the issue's shapes; at B = 16384 the reference's ~32 GiB prediction skips it.
     "issue": _sweep([128, 1024, 4096, 16384]),
 }
