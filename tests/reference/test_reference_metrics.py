@@ -34,8 +34,24 @@ def clustered(n_classes, seed, d=32, max_per_class=30, spread=1.2):
 
 
 def cosine(x, y=None):
-    x = l2_normalize(x.double())
-    return x @ (x if y is None else l2_normalize(y.double())).T
+    """The reference's float64 cosines (tie-exact: equal rows score exactly equal, S symmetric): the tests below
+    check what the metrics compute from S; test_similarity_keeps_exact_ties checks S itself."""
+    return M._similarity(x, x if y is None else y)
+
+
+def test_similarity_keeps_exact_ties():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    pick = torch.randint(0, 30, (400,), generator=g)  # 400 x 8: MKL's plain GEMM breaks both properties here
+    x = base[pick] * (1 + (torch.rand(400, 1, generator=g) < 0.3).double())  # duplicates, some scaled x2
+    S = cosine(x)
+    assert torch.equal(S, S.T)
+    same_row = pick[:, None] == pick[None, :]
+    for j in range(1, 400):  # every column equals the column of its row's first occurrence, bit for bit
+        first = int(torch.nonzero(same_row[j])[0])
+        assert torch.equal(S[:, j], S[:, first])
+    naive = l2_normalize(x) @ l2_normalize(x).T
+    assert torch.allclose(S, naive, rtol=0, atol=1e-15)
 
 
 # ------------------------------------------------------------------------------------------ hand cases

@@ -43,8 +43,16 @@ def _work_dtype(device: torch.device) -> torch.dtype:
 
 
 def _similarity(x: Tensor, y: Tensor) -> Tensor:
+    """Cosine similarities ``[B, M]`` in float64, with exact ties kept exact: one GEMM over the distinct rows of x
+    and y, made exactly symmetric, then gathered. So S_ij depends only on the two rows' values (equal rows give
+    bitwise equal scores, and s(a, b) == s(b, a)), whereas a BLAS may round one dot product differently at
+    different positions of the output (MKL's float64 GEMM does), which would turn exact ties into ranking noise."""
     dt = _work_dtype(x.device)
-    return l2_normalize(x.detach().to(dt)) @ l2_normalize(y.detach().to(dt)).T
+    xn, yn = l2_normalize(x.detach().to(dt)), l2_normalize(y.detach().to(dt))
+    rows, index = torch.unique(torch.cat([xn, yn]), dim=0, return_inverse=True)
+    G = rows @ rows.T
+    G = torch.triu(G) + torch.triu(G, 1).T
+    return G[index[:xn.shape[0]]][:, index[xn.shape[0]:]]
 
 
 def _ceil_count(fraction: float, n: int) -> int:
