@@ -20,7 +20,11 @@ owns BLOCK_M query rows and one column split; per tile it
   ``merge_sorted``, the kNN kernel's scheme; a tile is skipped when no key beats its row's current 64-th key);
 * adds each pair to the fine histograms (self mode: only j > i; positive = same label) and, with OPIS, to its
   row's class histograms (positives j > i of the same class, negatives any j of another class) with integer
-  ``tl.atomic_add`` (order-free: the counts are deterministic).
+  ``tl.atomic_add`` (order-free: the counts are deterministic); class histograms live in one [T, 2, bins] buffer
+  so a pair costs one atomic per grid.
+
+fp32 does both in the same kernel (one pass). fp16 / bf16 (64-row tiles for wgmma) would spill with both in one
+kernel, so there the histograms get their own pass over S first (two cheap tensor-core GEMMs).
 
 Rows keeping more than 64 run extra rounds over only those rows (histograms off), each restricted to keys below the
 previous round's last key (keys are unique, so the rounds are exact and disjoint). The splits' lists are merged by
@@ -48,6 +52,7 @@ PAIR_BINS = 1 << 16  # fine grid (csrc/include/flashdml/histogram.h)
 _PAIR_BINS = tl.constexpr(PAIR_BINS)
 K = 64               # register list length (selection.KNN_KS); keep > 64 runs rounds
 CONFIGS = KNN_CONFIGS  # the kNN tiles: the same register budget (list + one S tile), known not to spill
+FUSED = {torch.float32: True, torch.float16: False, torch.bfloat16: False}  # top-k + histograms in one kernel
 
 
 @triton.jit
@@ -60,16 +65,16 @@ def similarity_bin(s):
 
 @triton.jit
 def _metrics_pass_kernel(
-    x_ptr, y_ptr, rows_ptr, keep_ptr, kx_ptr, ky_ptr, rcls_ptr, bound_ptr, part_ptr, hist_ptr, cpos_ptr, cneg_ptr,
-    R, M, D, cols_per_split, self_mode, fine, opis, opis_shift, opis_bins,
-    TOPK: tl.constexpr, USE_BOUND: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    x_ptr, y_ptr, rows_ptr, keep_ptr, kx_ptr, ky_ptr, rcls_ptr, bound_ptr, part_ptr, hist_ptr, cls_ptr,
+    R, M, D, cols_per_split, self_mode, opis, opis_shift, opis_bins,
+    TOPK: tl.constexpr, FINE: tl.constexpr, USE_BOUND: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K: tl.constexpr,
 ):
     """Query rows r (x row rows[r]) of this program against the columns of split pid(1).
 
     TOPK: part[split, r, :] = the K largest keys of row r in the split (NO_KEY where fewer; rows with keep 0 get
-    none), with USE_BOUND only keys < bound[r]. fine: hist[0 / 1, bin] += positive / negative pairs (self mode
-    j > i). opis: cpos / cneg[rcls[r], bin >> opis_shift] += positives j > i / negatives of the row."""
+    none), with USE_BOUND only keys < bound[r]. FINE: hist[0 / 1, bin] += positive / negative pairs (self mode
+    j > i). opis: cls[rcls[r], 0 / 1, bin >> opis_shift] += positives j > i / negatives of the row."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -88,20 +93,18 @@ def _metrics_pass_kernel(
         s = s_tile(x_ptr, y_ptr, gi, cols, r_ok, c_ok, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         valid = r_ok[:, None] & c_ok[None, :]
         above = cols[None, :] > gi[:, None]  # j > i
-        if fine != 0:
+        if FINE:
             lab_i = tl.load(kx_ptr + gi, mask=r_ok, other=-1)
             lab_j = tl.load(ky_ptr + cols, mask=c_ok, other=-2)
             same = lab_i[:, None] == lab_j[None, :]
             b = similarity_bin(s)
             hit = valid & (above | (self_mode == 0))
-            tl.atomic_add(hist_ptr + tl.where(same, 0, _PAIR_BINS) + b, hit.to(tl.int64), mask=hit, sem="relaxed")
-            if opis != 0:
+            tl.atomic_add(hist_ptr + (tl.where(same, 0, _PAIR_BINS) + b), 1, mask=hit, sem="relaxed")
+            if opis != 0:  # class histograms [T, pos | neg, bins]: positives j > i, negatives any j
                 rc = tl.load(rcls_ptr + r, mask=r_ok, other=0)
-                at = rc.to(tl.int64)[:, None] * opis_bins + (b >> opis_shift)
-                p = valid & same & above
-                n = valid & (~same)
-                tl.atomic_add(cpos_ptr + at, p.to(tl.int64), mask=p, sem="relaxed")
-                tl.atomic_add(cneg_ptr + at, n.to(tl.int64), mask=n, sem="relaxed")
+                row_hist = cls_ptr + rc.to(tl.int64) * (2 * opis_bins)
+                at = tl.where(same, 0, opis_bins) + (b >> opis_shift)
+                tl.atomic_add(row_hist[:, None] + at, 1, mask=valid & (above | ~same), sem="relaxed")
         if TOPK:
             key = pack_key(s, cols[None, :])
             ok = valid & want[:, None] & (s == s) & ((cols[None, :] != gi[:, None]) | (self_mode == 0))
@@ -189,12 +192,12 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
     indices = _debug.new_output((total + 1,), dtype=torch.int64, device=dev)  # + a trash slot for the copies
     values = _debug.new_output((total + 1,), dtype=torch.float32, device=dev)
     hist = torch.zeros((2, PAIR_BINS) if fine else (0, 0), **lopts)
-    cpos = torch.zeros((n_cls, opis_bins) if opis else (0, 0), **lopts)
-    cneg = torch.zeros((n_cls, opis_bins) if opis else (0, 0), **lopts)
+    cls_hist = torch.zeros((n_cls, 2, opis_bins) if opis else (0, 2, 0), **lopts)
+    cpos, cneg = cls_hist[:, 0], cls_hist[:, 1]
     max_keep = int(keep.max()) if R else 0
     rounds = triton.cdiv(max_keep, K)
     if R == 0 or M == 0 or (rounds == 0 and not fine):
-        return offsets, indices[:total], values[:total], hist, cpos, cneg
+        return offsets, indices[:total], values[:total], hist, cpos.clone(), cneg.clone()
 
     xp = _tiles.pad16(x)
     yp = xp if self_mode else _tiles.pad16(y)
@@ -215,13 +218,16 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
         ns, per = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
         topk = rounds > 0
         part = _debug.new_output((ns, rn, K), dtype=torch.int64, device=dev) if topk else dummy
-        first = rd == 0
-        wrap_triton(_metrics_pass_kernel)[(rp, ns)](
-            xp, yp, sub, sub_keep, key_x, key_y, rcls, bound, part, hist if fine else dummy, cpos if opis else dummy,
-            cneg if opis else dummy, rn, M, xp.shape[1], per * bn, int(self_mode), int(fine and first),
-            int(opis and first), shift, opis_bins, TOPK=topk, USE_BOUND=rd > 0,
-            PRECISION=_tiles.precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], K=K,
-            **_tiles.launch(cfg))
+        hist_now = fine and rd == 0
+        # fp32 fuses the histograms into the first top-k pass; fp16 / bf16 (64-row wgmma tiles) would spill, so
+        # they make a histogram-only pass first (S twice: tensor-core GEMMs are cheap next to the selection)
+        launches = [(topk, hist_now)] if FUSED[x.dtype] or not (topk and hist_now) else [(False, True), (True, False)]
+        for tk, fn in launches:
+            wrap_triton(_metrics_pass_kernel)[(rp, ns)](
+                xp, yp, sub, sub_keep, key_x, key_y, rcls, bound, part, hist if fn else dummy,
+                cls_hist if opis and fn else dummy, rn, M, xp.shape[1], per * bn, int(self_mode), int(opis), shift,
+                opis_bins, TOPK=tk, FINE=fn, USE_BOUND=rd > 0, PRECISION=_tiles.precision(x.dtype), BLOCK_M=bm,
+                BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], K=K, **_tiles.launch(cfg))
         if not topk:
             break
         vals = _debug.new_output((rn, K), dtype=torch.float32, device=dev)
@@ -240,7 +246,7 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
     indices, values = indices[:total], values[:total]
     if total and bool((indices >= M).any()):  # a NO_KEY slot was taken: a row ran out of (finite) candidates
         raise RuntimeError("metrics_pass: fewer candidates than keep (non-finite similarities?)")
-    return offsets, indices, values, hist, cpos, cneg
+    return offsets, indices, values, hist, cpos.clone(), cneg.clone()
 
 
 @triton_op("flashdml_triton::metrics_pass", mutates_args=())
@@ -263,9 +269,9 @@ def _(x, y, labels, ref_labels, rows, keep, self_mode, pair_hist, opis_bins):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (tests/test_triton_aot.py): per dtype the histogram-only pass, the first top-k pass
-# (with or without histograms: a runtime flag) and the bounded later rounds, aligned and ragged. The merge kernel
-# is selection.py's (its specs cover the launch made here).
+# Ahead-of-time compile specs (tests/test_triton_aot.py): per dtype the histogram-only pass, the first top-k pass,
+# the bounded later rounds and (fp32) the fused top-k + histogram pass, aligned and ragged. The merge kernel is
+# selection.py's (its specs cover the launch made here).
 # ---------------------------------------------------------------------------------------------------------------
 def _specs() -> list[AOTSpec]:
     specs = []
@@ -273,12 +279,15 @@ def _specs() -> list[AOTSpec]:
         t = TRITON_TYPE_NAMES[str(dtype).split(".")[1]]
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "rows_ptr": "*i64", "keep_ptr": "*i64", "kx_ptr": "*i32",
                "ky_ptr": "*i32", "rcls_ptr": "*i32", "bound_ptr": "*i64", "part_ptr": "*i64", "hist_ptr": "*i64",
-               "cpos_ptr": "*i64", "cneg_ptr": "*i64", "R": "i32", "M": "i32", "D": "i32", "cols_per_split": "i32",
-               "self_mode": "i32", "fine": "i32", "opis": "i32", "opis_shift": "i32", "opis_bins": "i32"}
-        for topk, use_bound, tag in ((False, False, "hist"), (True, False, "topk"), (True, True, "topk_bound")):
+               "cls_ptr": "*i64", "R": "i32", "M": "i32", "D": "i32", "cols_per_split": "i32",
+               "self_mode": "i32", "opis": "i32", "opis_shift": "i32", "opis_bins": "i32"}
+        variants = [(False, True, False, "hist"), (True, False, False, "topk"), (True, False, True, "topk_bound")]
+        if FUSED[dtype]:
+            variants.append((True, True, False, "topk_hist"))
+        for topk, fine, use_bound, tag in variants:
             specs += with_alignments(AOTSpec(
                 f"metrics_pass_{tag}_{t}", _metrics_pass_kernel, sig,
-                dict(TOPK=topk, USE_BOUND=use_bound, PRECISION=_tiles.precision(dtype), BLOCK_M=c["BLOCK_M"],
+                dict(TOPK=topk, FINE=fine, USE_BOUND=use_bound, PRECISION=_tiles.precision(dtype), BLOCK_M=c["BLOCK_M"],
                      BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], K=K),
                 c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("R", "M"))
     return specs
