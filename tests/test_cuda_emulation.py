@@ -1,5 +1,5 @@
-"""The CUDA kernels (batch softmax, cross-example softmax / NT-Xent, hinge-pair losses, kNN / hardest negatives),
-run on the CPU.
+"""The CUDA kernels (batch softmax, cross-example softmax / NT-Xent, hinge-pair losses, kNN / hardest negatives,
+metrics pass), run on the CPU.
 
 There is no GPU here, so `tests/cuda_emulation/` compiles the real kernel code of csrc/cuda/ with g++ against a
 small emulation of the CUDA features it uses (every CUDA thread a std::thread, __syncthreads a barrier, wmma
@@ -36,7 +36,10 @@ def _cuda_include():
 #        1/8 grid so that similarities are exact and many pairs tie with the margins; exact int64 counts.
 #  selection: kNN (rounds of 32, exclude_diagonal) and hardest negatives (radix select), embeddings on a 1/8 grid
 #        with repeated rows: exact ties everywhere, indices compared bit for bit; k = 1 .. all candidates.
-DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection")
+#  metrics: the metrics pass (per-row top-k in rounds of 32, fine pair and per-class OPIS histograms), self / cross
+#        mode, row subsets, classes with one sample, keep 0 .. all candidates, embeddings on a scaled 1/8 grid (exact
+#        S, values on bin edges): lists and integer histograms compared exactly.
+DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection", "metrics")
 
 
 @pytest.fixture(scope="module")
