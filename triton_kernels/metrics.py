@@ -56,14 +56,6 @@ FUSED = {torch.float32: True, torch.float16: False, torch.bfloat16: False}  # to
 
 
 @triton.jit
-def similarity_bin(s):
-    """flashdml::similarity_bin: floor(fl(s + 1) * 2^15) clamped to [0, 2^16 - 1]; NaN -> 0 (int32)."""
-    v = (s + 1.0) * 32768.0  # times a power of two: exact
-    v = tl.where(v > 0.0, tl.minimum(v, 65535.0), 0.0)  # NaN fails v > 0
-    return v.to(tl.int32)  # truncation = floor for v >= 0
-
-
-@triton.jit
 def _metrics_pass_kernel(
     x_ptr, y_ptr, rows_ptr, keep_ptr, kx_ptr, ky_ptr, rcls_ptr, bound_ptr, part_ptr, hist_ptr, cls_ptr,
     R, M, D, cols_per_split, self_mode, opis, opis_shift, opis_bins,
@@ -97,7 +89,9 @@ def _metrics_pass_kernel(
             lab_i = tl.load(kx_ptr + gi, mask=r_ok, other=-1)
             lab_j = tl.load(ky_ptr + cols, mask=c_ok, other=-2)
             same = lab_i[:, None] == lab_j[None, :]
-            b = similarity_bin(s)
+            # fine bin (flashdml::similarity_bin): floor(fl(s + 1) 2^15) clamped to [0, 2^16 - 1], NaN -> 0
+            v = (s + 1.0) * 32768.0  # times a power of two: exact
+            b = tl.where(v > 0.0, tl.minimum(v, 65535.0), 0.0).to(tl.int32)  # truncation = floor for v >= 0
             hit = valid & (above | (self_mode == 0))
             tl.atomic_add(hist_ptr + (tl.where(same, 0, _PAIR_BINS) + b), 1, mask=hit, sem="relaxed")
             if opis != 0:  # class histograms [T, pos | neg, bins]: positives j > i, negatives any j
