@@ -197,6 +197,31 @@ def test_raw_pass_matches_dense_model_and_cpu_kernel(case):
         assert_same(got, cpu, "triton vs CPU kernel")
 
 
+def _cuda_kernel_available():
+    try:
+        return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "flashdml::metrics_pass", "CUDA")
+    except Exception:  # noqa: BLE001  (no flashdml._C)
+        return False
+
+
+@pytest.mark.skipif(not _cuda_kernel_available(), reason="needs a GPU and flashdml._C built with the CUDA kernels")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}M{c[1]}d{c[2]}_{c[3]}_{c[4]}_o{c[6]}_{str(c[7])[6:]}")
+def test_cuda_kernel_matches_dense_model(case):
+    """The C++ CUDA metrics_pass (csrc/cuda/metrics.cu; emulated on the CPU by tests/test_cuda_emulation.py) on the
+    same cases, on the GPU."""
+    B, M, d, mode, keep_kind, pair_hist, opis_bins, dtype, _, rows_kind = case
+    x, y, labels, ref_labels, rows, keep, self_mode = _case_inputs(B, M, d, mode, keep_kind, opis_bins, rows_kind,
+                                                                   seed=B + M + d)
+    want = model_pass(x, y, labels, ref_labels, rows, keep, self_mode, pair_hist, opis_bins)
+    for dt in (dtype, torch.bfloat16):
+        xt, yt = x.to(dt).cuda(), y.to(dt).cuda()
+        with poison_outputs():
+            got = torch.ops.flashdml.metrics_pass(xt, xt if self_mode else yt, labels.cuda(), ref_labels.cuda(),
+                                                  rows.cuda(), keep.cuda(), self_mode, pair_hist, opis_bins)
+        assert_same(got, want, f"CUDA kernel {dt}")
+
+
 def test_registered_op_and_input_errors():
     x = grid_data(9, 4, 0).to(DEVICE)
     lab = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4], device=DEVICE)

@@ -40,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "metrics_pass: x [B, d] and y [M, d] expected");
   TORCH_CHECK(x_in.size(1) > 0, "metrics_pass: d must be >= 1");
   TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == x_in.size(0), "metrics_pass: labels must be [B]");
-  TORCH_CHECK(ref_labels_in.dim() == 1 && ref_labels_in.size(0) == y_in.size(0), "metrics_pass: ref_labels must be [M]");
+  TORCH_CHECK(ref_labels_in.dim() == 1 && ref_labels_in.size(0) == y_in.size(0),
+              "metrics_pass: ref_labels must be [M]");
   TORCH_CHECK(!self_mode || x_in.size(0) == y_in.size(0), "metrics_pass: self mode needs y = x");
   TORCH_CHECK(rows_in.dim() == 1 && keep_in.dim() == 1 && keep_in.numel() == rows_in.numel(),
               "metrics_pass: keep must have one entry per row");

@@ -74,7 +74,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const int64_t ntiles = (M + kBN - 1) / kBN;
   const int64_t tile_begin = int64_t(blockIdx.y) * tiles_per_split;
-  const int64_t tile_end = !run ? tile_begin : (tile_begin + tiles_per_split < ntiles ? tile_begin + tiles_per_split : ntiles);
+  const int64_t tile_stop = tile_begin + tiles_per_split < ntiles ? tile_begin + tiles_per_split : ntiles;
+  const int64_t tile_end = run ? tile_stop : tile_begin;
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t col0 = tile * kBN;
     __syncthreads();  // the previous tile's St and cls_c are consumed
@@ -90,7 +91,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int32_t b = similarity_bin(St[c * kLdS + r]);
         const bool same = cls_c[c] == ci;
         if (!self_mode || j > gi) atomicAdd(hist + (same ? 0 : kSimBins) + b, 1ull);
-        if (cls != nullptr && (!same || j > gi)) atomicAdd(cls + cls_row + (same ? 0 : bins) + coarse_bin(b, shift), 1ull);
+        if (cls != nullptr && (!same || j > gi))
+          atomicAdd(cls + cls_row + (same ? 0 : bins) + coarse_bin(b, shift), 1ull);
       }
     }
     if (part != nullptr) {
