@@ -46,13 +46,24 @@ from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
 from ._tiles import s_tile
 from ._topk import NO_KEY, merge_sorted, pack_key, row_topk
-from .selection import KNN_CONFIGS, MERGE_ROWS, _knn_merge_kernel
+from .selection import MERGE_ROWS, _knn_merge_kernel
 
 PAIR_BINS = 1 << 16  # fine grid (csrc/include/flashdml/histogram.h)
 _PAIR_BINS = tl.constexpr(PAIR_BINS)
 K = 64               # register list length (selection.KNN_KS); keep > 64 runs rounds
-CONFIGS = KNN_CONFIGS  # the kNN tiles: the same register budget (list + one S tile), known not to spill
-FUSED = {torch.float32: True, torch.float16: False, torch.bfloat16: False}  # top-k + histograms in one kernel
+# Tile configurations (AOT_SPECS below is generated from them; tests/test_triton_aot.py compiles every one for
+# sm_80 / sm_90 and rejects spills): per dtype (kernels with histograms, top-k only kernels). Every kernel of a dtype
+# has the same BLOCK_K and precision, so all of them see bitwise the same S (_tiles.s_tile). fp32 top-k only runs
+# 64-row tiles: with the kNN kernel's 32 rows ptxas (13.x) settles some variants at 80 registers with a few spilled
+# bytes on sm_90. FUSED: top-k and histograms in one kernel (fp16 / bf16 with 64-row wgmma tiles would spill).
+_T16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
+CONFIGS = {
+    torch.float16: (_T16, _T16),
+    torch.bfloat16: (_T16, _T16),
+    torch.float32: (dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+                    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)),
+}
+FUSED = {torch.float32: True, torch.float16: False, torch.bfloat16: False}
 
 
 @triton.jit
@@ -195,8 +206,6 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
 
     xp = _tiles.pad16(x)
     yp = xp if self_mode else _tiles.pad16(y)
-    cfg = CONFIGS[x.dtype]
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     dummy = offsets
     sub, sub_keep, bound = rows, keep, dummy
     j = torch.arange(K, device=dev)
@@ -208,17 +217,21 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
         else:
             prev = torch.arange(R, device=dev)
         rn = sub.shape[0]
-        rp = triton.cdiv(rn, bm)
-        ns, per = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
         topk = rounds > 0
-        part = _debug.new_output((ns, rn, K), dtype=torch.int64, device=dev) if topk else dummy
         hist_now = fine and rd == 0
         # fp32 fuses the histograms into the first top-k pass; fp16 / bf16 (64-row wgmma tiles) would spill, so
         # they make a histogram-only pass first (S twice: tensor-core GEMMs are cheap next to the selection)
         launches = [(topk, hist_now)] if FUSED[x.dtype] or not (topk and hist_now) else [(False, True), (True, False)]
         for tk, fn in launches:
+            cfg = CONFIGS[x.dtype][0 if fn else 1]
+            bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+            rp = triton.cdiv(rn, bm)
+            ns, per = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
+            if tk:
+                part = _debug.new_output((ns, rn, K), dtype=torch.int64, device=dev)
+                n_parts = ns
             wrap_triton(_metrics_pass_kernel)[(rp, ns)](
-                xp, yp, sub, sub_keep, key_x, key_y, rcls, bound, part, hist if fn else dummy,
+                xp, yp, sub, sub_keep, key_x, key_y, rcls, bound, part if tk else dummy, hist if fn else dummy,
                 cls_hist if opis and fn else dummy, rn, M, xp.shape[1], per * bn, int(self_mode), int(opis), shift,
                 opis_bins, TOPK=tk, FINE=fn, USE_BOUND=rd > 0, PRECISION=_tiles.precision(x.dtype), BLOCK_M=bm,
                 BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], K=K, **_tiles.launch(cfg))
@@ -229,7 +242,7 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
         more = rd + 1 < rounds
         new_bound = _debug.new_output((rn,), dtype=torch.int64, device=dev) if more else dummy
         wrap_triton(_knn_merge_kernel)[(triton.cdiv(rn, MERGE_ROWS),)](
-            part, vals, idx, new_bound, rn, ns, K, 0, K, WRITE_BOUND=more, K=K, BLOCK_R=MERGE_ROWS,
+            part, vals, idx, new_bound, rn, n_parts, K, 0, K, WRITE_BOUND=more, K=K, BLOCK_R=MERGE_ROWS,
             num_warps=4, num_stages=1)
         bound = new_bound
         # ragged copy: entry j of the round goes to offsets[r] + rd K + j while rd K + j < keep[r]
@@ -269,7 +282,7 @@ def _(x, y, labels, ref_labels, rows, keep, self_mode, pair_hist, opis_bins):
 # ---------------------------------------------------------------------------------------------------------------
 def _specs() -> list[AOTSpec]:
     specs = []
-    for dtype, c in CONFIGS.items():
+    for dtype, (c_fine, c_topk) in CONFIGS.items():
         t = TRITON_TYPE_NAMES[str(dtype).split(".")[1]]
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "rows_ptr": "*i64", "keep_ptr": "*i64", "kx_ptr": "*i32",
                "ky_ptr": "*i32", "rcls_ptr": "*i32", "bound_ptr": "*i64", "part_ptr": "*i64", "hist_ptr": "*i64",
@@ -279,10 +292,11 @@ def _specs() -> list[AOTSpec]:
         if FUSED[dtype]:
             variants.append((True, True, False, "topk_hist"))
         for topk, fine, use_bound, tag in variants:
+            c = c_fine if fine else c_topk
             specs += with_alignments(AOTSpec(
                 f"metrics_pass_{tag}_{t}", _metrics_pass_kernel, sig,
-                dict(TOPK=topk, FINE=fine, USE_BOUND=use_bound, PRECISION=_tiles.precision(dtype), BLOCK_M=c["BLOCK_M"],
-                     BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], K=K),
+                dict(TOPK=topk, FINE=fine, USE_BOUND=use_bound, PRECISION=_tiles.precision(dtype),
+                     BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], K=K),
                 c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("R", "M"))
     return specs
 
