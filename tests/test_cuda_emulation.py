@@ -1,5 +1,5 @@
 """The CUDA kernels (batch softmax, cross-example softmax / NT-Xent, hinge-pair losses, kNN / hardest negatives,
-the contextual loss's neighbour lists), run on the CPU.
+the contextual loss's neighbour lists, metrics pass), run on the CPU.
 
 There is no GPU here, so `tests/cuda_emulation/` compiles the real kernel code of csrc/cuda/ with g++ against a
 small emulation of the CUDA features it uses (every CUDA thread a std::thread, __syncthreads a barrier, wmma
@@ -38,7 +38,10 @@ def _cuda_include():
 #        with repeated rows: exact ties everywhere, indices compared bit for bit; k = 1 .. all candidates.
 #  contextual: the neighbour-list pass (fixed capacity, gathered overflow rerun) on a 1/8 grid with repeated rows:
 #        N(i), the P / clamp flags and the column order equal SPEC step 3's fp32 tests bit for bit.
-DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection", "contextual")
+#  metrics: the metrics pass (per-row top-k in rounds of 32, fine pair and per-class OPIS histograms), self / cross
+#        mode, row subsets, classes with one sample, keep 0 .. all candidates, embeddings on a scaled 1/8 grid (exact
+#        S, values on bin edges): lists and integer histograms compared exactly.
+DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection", "contextual", "metrics")
 
 
 @pytest.fixture(scope="module")

@@ -29,10 +29,12 @@ FUSED_OPS: Dict[str, frozenset] = {
     "triton": frozenset({
         "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
         "knn", "hardest_negatives", "cross_example_softmax_top_k", "contextual_loss",
+        "recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate",
     }),
     "cuda": frozenset({
         "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
         "knn", "hardest_negatives", "cross_example_softmax_top_k", "contextual_loss",
+        "recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate",
     }),
 }
 

@@ -9,11 +9,12 @@ Usage::
     # {"recall@1": ..., "recall@10": ..., "map@r": ..., "pr_auc": ..., "opis": ..., "eps_opis": ...}
     fd.metrics.evaluate(q, q_labels, y=gallery, ref_labels=g_labels, metrics=("recall_at_k", "map_at_r"))
 
-Same signatures, conventions and ``nan`` rules as :mod:`flashdml.reference.metrics` (the oracle). On CPU tensors
-with the compiled backend, every metric comes from the C++ pass ``flashdml::metrics_pass``: S = x̂ ŷᵀ in fp32
-tiles (never N×M in memory; memory O(N·d + N·k + T·bins)), feeding per-row top-k lists and similarity
-histograms. ``evaluate`` makes ONE pass for all requested metrics; every single-metric function is ``evaluate``
-with one metric, so the values are equal by construction. Other devices / backends run the reference.
+Same signatures, conventions and ``nan`` rules as :mod:`flashdml.reference.metrics` (the oracle). Every metric
+comes from one pass ``metrics_pass`` (C++ on CPU tensors, csrc/cuda/metrics.cu or triton_kernels/metrics.py on CUDA
+tensors; the same outputs): S = x̂ ŷᵀ in fp32 tiles (never N×M in memory; memory O(N·d + N·k + T·bins)), feeding
+per-row top-k lists and similarity histograms; the bookkeeping around it runs on the host. ``evaluate`` makes ONE
+pass for all requested metrics; every single-metric function is ``evaluate`` with one metric, so the values are
+equal by construction. The "reference" backend runs the reference.
 
 Accuracy:
 
@@ -37,6 +38,7 @@ Accuracy:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -99,11 +101,30 @@ def _opis_bins(n_classes: int, n_pairs: int = 1 << 62) -> int:
     return bins
 
 
-def _stream(batch, keep: Tensor, pair_hist: bool, opis_bins: int, progress) -> dict:
-    """Runs ``flashdml::metrics_pass`` over all query rows in chunks (class-aligned when OPIS is wanted)."""
-    xn = l2_normalize(batch.x.detach().float()).contiguous()
-    yn = xn if batch.self_mode else l2_normalize(batch.y.detach().float()).contiguous()
+def _pass_op(backend: str):
+    """``metrics_pass`` of a fused backend (one schema): the C++ op (CPU or CUDA kernel by device) or Triton's."""
+    if backend == "triton":
+        from .triton_kernels import metrics as _tk  # noqa: F401  (registers flashdml_triton::metrics_pass)
+        return torch.ops.flashdml_triton.metrics_pass
+    return torch.ops.flashdml.metrics_pass
+
+
+def _on_host(batch):
+    """The batch on the CPU (a no-op there): the bookkeeping around the pass runs on the host."""
+    x = batch.x.cpu()
+    return dataclasses.replace(batch, x=x, y=x if batch.self_mode else batch.y.cpu(), labels=batch.labels.cpu(),
+                               ref_labels=batch.ref_labels.cpu())
+
+
+def _stream(batch, keep: Tensor, pair_hist: bool, opis_bins: int, progress, backend: str, xd, yd) -> dict:
+    """Runs ``metrics_pass`` over all query rows in chunks (class-aligned when OPIS is wanted) on the rows
+    ``xd`` / ``yd`` (on their device); ``batch`` (host) holds the labels, the results come back to the host."""
+    op, dev = _pass_op(backend), xd.device
+    xn = l2_normalize(xd.detach().float()).contiguous()
+    yn = xn if batch.self_mode else l2_normalize(yd.detach().float()).contiguous()
     labels, ref_labels = batch.labels.contiguous(), batch.ref_labels.contiguous()
+    labels_d = labels.to(dev)
+    ref_d = labels_d if batch.self_mode else ref_labels.to(dev)
     B = batch.B
     if opis_bins:
         order = torch.argsort(labels, stable=True)
@@ -122,8 +143,9 @@ def _stream(batch, keep: Tensor, pair_hist: bool, opis_bins: int, progress) -> d
         if opis_bins and stop < B:  # do not split a class between calls
             stop = int(torch.searchsorted(sorted_labels, sorted_labels[stop - 1], right=True))
         rows = order[start:stop]
-        _, idx, val, ph, cp, cn = torch.ops.flashdml.metrics_pass(
-            xn, yn, labels, ref_labels, rows, keep_sorted[start:stop], batch.self_mode, pair_hist, opis_bins)
+        _, idx, val, ph, cp, cn = (t.cpu() for t in op(
+            xn, yn, labels_d, ref_d, rows.to(dev), keep_sorted[start:stop].to(dev), batch.self_mode, pair_hist,
+            opis_bins))
         idx_parts.append(idx)
         val_parts.append(val)
         if pairs is not None:
@@ -136,7 +158,7 @@ def _stream(batch, keep: Tensor, pair_hist: bool, opis_bins: int, progress) -> d
         if progress is not None:
             progress(start, B)
     out = {"rows": order, "keep": keep_sorted, "idx": torch.cat(idx_parts), "val": torch.cat(val_parts),
-           "xn": xn, "yn": yn, "pairs": pairs}
+           "pairs": pairs}
     if opis_bins:
         # self mode: pairs counts the unordered pairs j > i, so its negatives are the FAR counts
         out.update(hist_pos=hist_pos, hist_neg=hist_neg, neg_upper=pairs[1], classes=classes)
@@ -342,8 +364,11 @@ def _check_inputs(x, labels, y, ref_labels):
     return batch
 
 
-def _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, opts, details=None) -> Dict[str, float]:
+def _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, opts, details=None, backend: str = "cpu"
+                    ) -> Dict[str, float]:
     batch = _check_inputs(x, labels, y, ref_labels)
+    xd, yd = batch.x, batch.y  # the pass runs where the rows are (backend "cpu", "cuda" or "triton")
+    batch = _on_host(batch)
     C = batch.M - 1 if batch.self_mode else batch.M
     want_recall, want_map = "recall_at_k" in metrics, "map_at_r" in metrics
     want_pr = "pr_auc" in metrics
@@ -367,7 +392,7 @@ def _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, opts, detai
         need = torch.where(R > 0, need, torch.zeros_like(need))
     keep = torch.where(need > 0, (need + TOPK_MARGIN).clamp_max(C), need)
     opis_bins = _opis_bins(uniq.numel(), batch.B * batch.M) if want_opis else 0
-    st = _stream(batch, keep, want_pr, opis_bins, _progress_fn(progress, batch.B, batch.M))
+    st = _stream(batch, keep, want_pr, opis_bins, _progress_fn(progress, batch.B, batch.M), backend, xd, yd)
 
     out: Dict[str, float] = {}
     recall, mapr = _retrieval(batch, st, R, need, ks) if (want_recall or want_map) else ({}, NAN)
@@ -430,19 +455,25 @@ def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k",
     name = _dispatch.resolve("evaluate", _device(x))
     if name == "reference":
         return _reference.evaluate(x, labels, metrics=metrics, ks=ks, y=y, ref_labels=ref_labels, **metric_options)
-    return _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, metric_options)
+    return _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, metric_options, backend=name)
 
 
 def _single(op: str, x, run_fused, run_reference):
     name = _dispatch.resolve(op, _device(x))
-    return run_reference() if name == "reference" else run_fused()
+    return run_reference() if name == "reference" else run_fused(name)
+
+
+def _fused_backend(x) -> str:
+    """Backend of the introspection helpers (they need the histograms: never the reference)."""
+    name = _dispatch.resolve("evaluate", _device(x))
+    return "cpu" if name == "reference" else name
 
 
 def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y=None, ref_labels=None
                 ) -> Dict[int, float]:
     """Recall@k (= pml's precision_at_1 for k = 1): ``{k: value}``; exact. See :func:`flashdml.reference.recall_at_k`."""
-    def fused():
-        out = _fused_evaluate(x, labels, ("recall_at_k",), ks, y, ref_labels, False, {})
+    def fused(name):
+        out = _fused_evaluate(x, labels, ("recall_at_k",), ks, y, ref_labels, False, {}, backend=name)
         return {int(k.split("@")[1]): v for k, v in out.items()}
     return _single("recall_at_k", x, fused, lambda: _reference.recall_at_k(x, labels, ks=ks, y=y, ref_labels=ref_labels))
 
@@ -450,14 +481,16 @@ def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2
 def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
     """MAP@R (= pml's mean_average_precision_at_r); exact. See :func:`flashdml.reference.map_at_r`."""
     return _single("map_at_r", x,
-                   lambda: _fused_evaluate(x, labels, ("map_at_r",), 1, y, ref_labels, False, {})["map@r"],
+                   lambda b: _fused_evaluate(x, labels, ("map_at_r",), 1, y, ref_labels, False, {},
+                                             backend=b)["map@r"],
                    lambda: _reference.map_at_r(x, labels, y=y, ref_labels=ref_labels))
 
 
 def pr_auc(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
     """Global PR-AUC from a 2^16-bin pair histogram (bound: :func:`pr_auc_bounds`). See the reference."""
     return _single("pr_auc", x,
-                   lambda: _fused_evaluate(x, labels, ("pr_auc",), 1, y, ref_labels, False, {})["pr_auc"],
+                   lambda b: _fused_evaluate(x, labels, ("pr_auc",), 1, y, ref_labels, False, {},
+                                             backend=b)["pr_auc"],
                    lambda: _reference.pr_auc(x, labels, y=y, ref_labels=ref_labels))
 
 
@@ -465,7 +498,8 @@ def opis(x: Tensor, labels: Tensor, *, far_range=(1e-2, 1e-1), n_thresholds: int
     """OPIS (TCM paper's definition, see :func:`flashdml.reference.opis`) from per-class histograms; the exact OPIS at
     thresholds within h_c/2 + 2^-15 of the reference's (:func:`opis_thresholds`)."""
     kw = dict(far_range=far_range, n_thresholds=n_thresholds, beta=beta)
-    return _single("opis", x, lambda: _fused_evaluate(x, labels, ("opis",), 1, None, None, False, kw)["opis"],
+    return _single("opis", x,
+                   lambda b: _fused_evaluate(x, labels, ("opis",), 1, None, None, False, kw, backend=b)["opis"],
                    lambda: _reference.opis(x, labels, **kw))
 
 
@@ -474,7 +508,8 @@ def eps_opis(x: Tensor, labels: Tensor, *, eps: float = 0.05, far_range=(1e-2, 1
     """ε-OPIS (TCM paper's definition, see :func:`flashdml.reference.eps_opis`); accuracy as :func:`opis`."""
     kw = dict(far_range=far_range, n_thresholds=n_thresholds, beta=beta)
     return _single("eps_opis", x,
-                   lambda: _fused_evaluate(x, labels, ("eps_opis",), 1, None, None, False, dict(kw, eps=eps))["eps_opis"],
+                   lambda b: _fused_evaluate(x, labels, ("eps_opis",), 1, None, None, False, dict(kw, eps=eps),
+                                             backend=b)["eps_opis"],
                    lambda: _reference.eps_opis(x, labels, eps=eps, **kw))
 
 
@@ -482,7 +517,7 @@ def eps_opis(x: Tensor, labels: Tensor, *, eps: float = 0.05, far_range=(1e-2, 1
 def pr_auc_bounds(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> tuple:
     """``(lower, upper)``: the range the exact PR-AUC lies in, given the 2^16-bin counts :func:`pr_auc` uses."""
     details: dict = {}
-    _fused_evaluate(x, labels, ("pr_auc",), 1, y, ref_labels, False, {}, details)
+    _fused_evaluate(x, labels, ("pr_auc",), 1, y, ref_labels, False, {}, details, _fused_backend(x))
     return details["pr_auc_bounds"]
 
 
@@ -490,5 +525,5 @@ def opis_thresholds(x: Tensor, labels: Tensor, *, far_range=(1e-2, 1e-1), n_thre
     """The thresholds (float64, ascending) at which :func:`opis` evaluates the utilities exactly (bin edges)."""
     details: dict = {}
     _fused_evaluate(x, labels, ("opis",), 1, None, None, False,
-                    dict(far_range=far_range, n_thresholds=n_thresholds), details)
+                    dict(far_range=far_range, n_thresholds=n_thresholds), details, _fused_backend(x))
     return details.get("thresholds")

@@ -1,0 +1,155 @@
+// CUDA backend of the metrics pass (SPEC 3): flashdml::metrics_pass for CUDA tensors (schema and output contract:
+// csrc/ops.cpp; the same outputs as the CPU kernel, csrc/cpu/metrics.cpp, and the Triton one).
+//
+// One streaming pass over S = x[rows] y^T in 64 x 64 tiles (metrics_kernels.cuh), nothing R x M stored:
+//  * round 0 adds every pair to the fine histograms (flashdml/histogram.h bins; self mode the pairs j > i) and, for
+//    OPIS, to its row's class histograms (positives j > i, negatives any j), integer atomics into [2, 2^16] and
+//    [T_rows, 2, bins] (deterministic counts);
+//  * per-row top-k: ceil(max keep / 32) rounds of metrics_pass_kernel, each keeping per row and column split the 32
+//    largest packed keys below the previous round's last key (shared-memory lists), merged in split order by the kNN
+//    merge kernel (selection_kernels.cuh) and copied into the ragged outputs (metrics_scatter_kernel). Blocks whose
+//    rows keep no more than 32 round are skipped; every round runs the same tiles, so S is bitwise the same.
+// x[rows] is gathered once into a contiguous copy (O(R d)); the label classes are dense ids over the distinct
+// ref_labels (ATen sort / searchsorted on the device). Host syncs: the output sizes (sum keep, class range) and the
+// input checks, as the op's data-dependent shapes require.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <tuple>
+
+#include "flashdml/poison.h"
+#include "launch_utils.cuh"
+#include "metrics_kernels.cuh"
+
+namespace flashdml {
+namespace cuda {
+namespace {
+
+using namespace met;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> metrics_pass_cuda(
+    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& labels_in, const at::Tensor& ref_labels_in,
+    const at::Tensor& rows_in, const at::Tensor& keep_in, bool self_mode, bool pair_hist, int64_t opis_bins) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(x_in.dim() == 2 && y_in.dim() == 2 && x_in.size(1) == y_in.size(1),
+              "metrics_pass: x [B, d] and y [M, d] expected");
+  TORCH_CHECK(x_in.size(1) > 0, "metrics_pass: d must be >= 1");
+  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == x_in.size(0), "metrics_pass: labels must be [B]");
+  TORCH_CHECK(ref_labels_in.dim() == 1 && ref_labels_in.size(0) == y_in.size(0),
+              "metrics_pass: ref_labels must be [M]");
+  TORCH_CHECK(!self_mode || x_in.size(0) == y_in.size(0), "metrics_pass: self mode needs y = x");
+  TORCH_CHECK(rows_in.dim() == 1 && keep_in.dim() == 1 && keep_in.numel() == rows_in.numel(),
+              "metrics_pass: keep must have one entry per row");
+  for (const at::Tensor* t : {&y_in, &labels_in, &ref_labels_in, &rows_in, &keep_in})
+    TORCH_CHECK(t->device() == x_in.device(), "metrics_pass: every input must be on the device of x");
+  TORCH_CHECK(y_in.size(0) < int64_t(UINT32_MAX), "metrics_pass: y has too many rows (at most 2^32 - 2)");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto st = x_in.scalar_type();
+  const bool native = st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
+  const at::Tensor x = native ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
+  const at::Tensor y = self_mode ? x : y_in.to(x.scalar_type()).contiguous();
+  const at::Tensor rows = rows_in.to(at::kLong).contiguous(), keep = keep_in.to(at::kLong).contiguous();
+  const at::Tensor labels = labels_in.to(at::kLong).contiguous(), ref_labels = ref_labels_in.to(at::kLong).contiguous();
+  const int64_t B = x.size(0), M = y.size(0), R = rows.numel();
+  TORCH_CHECK(R <= int64_t(INT_MAX) * kBM, "metrics_pass: too many rows");
+  const bool opis = opis_bins > 0;
+  int shift = 0;
+  if (opis) {
+    TORCH_CHECK(self_mode, "metrics_pass: per-class histograms need self mode");
+    while ((kSimBins >> shift) > opis_bins) ++shift;
+    TORCH_CHECK((kSimBins >> shift) == opis_bins, "metrics_pass: opis_bins must be a power of two <= 2^16");
+  }
+  const int64_t C = self_mode ? M - 1 : M;
+  if (R > 0) {
+    TORCH_CHECK(!((rows < 0) | (rows >= B)).any().item<bool>(), "metrics_pass: row index out of range");
+    TORCH_CHECK(!((keep < 0) | (keep > C)).any().item<bool>(),
+                "metrics_pass: keep must be in [0, number of candidates]");
+  }
+  // dense class ids over the distinct ref_labels; a row label absent from them gets -1 (matches nothing)
+  const at::Tensor classes = std::get<0>(at::sort(ref_labels));
+  const at::Tensor uniq = M > 0 ? std::get<0>(at::unique_consecutive(classes)) : classes;
+  const at::Tensor col_cls = at::searchsorted(uniq, ref_labels).to(at::kInt).contiguous();
+  const at::Tensor row_lab = labels.index_select(0, rows);
+  at::Tensor row_cls = at::searchsorted(uniq, row_lab);
+  if (uniq.numel() > 0 && R > 0) {
+    const at::Tensor found = uniq.index_select(0, row_cls.clamp_max(uniq.numel() - 1)) == row_lab;
+    row_cls = at::where(found, row_cls, at::full_like(row_cls, -1));
+  } else {
+    row_cls = at::full_like(row_cls, -1);
+  }
+  row_cls = row_cls.to(at::kInt).contiguous();
+  int32_t cls_first = 0;
+  int64_t n_cls = 0;
+  if (opis && R > 0) {
+    TORCH_CHECK(!(row_cls.slice(0, 1) < row_cls.slice(0, 0, R - 1)).any().item<bool>(),
+                "metrics_pass: rows must be sorted by class");
+    cls_first = row_cls[0].item<int32_t>();
+    n_cls = int64_t(row_cls[R - 1].item<int32_t>()) - cls_first + 1;
+  }
+
+  const auto lopts = x.options().dtype(at::kLong);
+  at::Tensor offsets = at::zeros({R + 1}, lopts);
+  if (R > 0) offsets.slice(0, 1).copy_(keep.cumsum(0));
+  const int64_t total = offsets[R].item<int64_t>();
+  at::Tensor out_idx = new_output({total}, lopts);
+  at::Tensor out_val = new_output({total}, x.options().dtype(at::kFloat));
+  const bool fine = pair_hist || opis;
+  at::Tensor hist = at::zeros({fine ? 2 : 0, fine ? kSimBins : 0}, lopts);
+  at::Tensor cls_hist = at::zeros({opis ? n_cls : 0, 2, opis ? opis_bins : 0}, lopts);
+  const int64_t max_keep = R > 0 ? keep.max().item<int64_t>() : 0;
+  const int64_t rounds = (max_keep + kK - 1) / kK;
+  if (R > 0 && M > 0 && (rounds > 0 || fine)) {
+    const at::Tensor xq = vec_ready(x.index_select(0, rows));
+    const at::Tensor yv = vec_ready(y);
+    const int64_t d = xq.size(1);
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const int64_t nrb = (R + kBM - 1) / kBM, ntiles = (M + kBN - 1) / kBN;
+    const auto [nsplit, tps] = plan_splits(nrb, ntiles);
+    at::Tensor part = at::empty({rounds > 0 ? nsplit * R * kK : 1}, lopts);
+    at::Tensor bound = at::empty({R}, lopts);
+    at::Tensor vals = at::empty({R * kK}, x.options().dtype(at::kFloat));
+    at::Tensor idx = at::empty({R * kK}, lopts);
+    auto* part_p = reinterpret_cast<uint64_t*>(part.data_ptr<int64_t>());
+    auto* bound_p = reinterpret_cast<uint64_t*>(bound.data_ptr<int64_t>());
+    auto* hist_p = fine ? reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()) : nullptr;
+    auto* cls_p = opis && n_cls > 0 ? reinterpret_cast<unsigned long long*>(cls_hist.data_ptr<int64_t>()) : nullptr;
+    for (int64_t rd = 0; rd < std::max<int64_t>(rounds, 1); ++rd) {
+      FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "metrics_pass", [&] {
+        metrics_pass_kernel<typename DeviceType<scalar_t>::type>
+            <<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+                dptr<scalar_t>(xq), R, dptr<scalar_t>(yv), M, d, tps, rows.data_ptr<int64_t>(),
+                keep.data_ptr<int64_t>(), row_cls.data_ptr<int32_t>(), col_cls.data_ptr<int32_t>(), cls_first,
+                self_mode, shift, opis_bins, int(rd), rd > 0 ? bound_p : nullptr, rounds > 0 ? part_p : nullptr,
+                rd == 0 ? hist_p : nullptr, rd == 0 ? cls_p : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      if (rounds == 0) break;
+      sel::knn_merge_kernel<<<unsigned((R + sel::kMergeRows - 1) / sel::kMergeRows), sel::kMergeRows, 0, stream>>>(
+          part_p, R, int(nsplit), kK, 0, kK, vals.data_ptr<float>(), idx.data_ptr<int64_t>(),
+          rd + 1 < rounds ? bound_p : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t n = R * kK;
+      metrics_scatter_kernel<<<unsigned(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, stream>>>(
+          vals.data_ptr<float>(), idx.data_ptr<int64_t>(), R, offsets.data_ptr<int64_t>(), keep.data_ptr<int64_t>(),
+          int(rd), out_val.data_ptr<float>(), out_idx.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    // an empty list slot (packed_col(kNoKey) = 2^32 - 1) taken: a row ran out of (finite) candidates
+    TORCH_CHECK(total == 0 || !(out_idx >= M).any().item<bool>(),
+                "metrics_pass: fewer candidates than keep (non-finite similarities?)");
+  }
+  at::Tensor class_pos = cls_hist.select(1, 0).clone(at::MemoryFormat::Contiguous);
+  at::Tensor class_neg = cls_hist.select(1, 1).clone(at::MemoryFormat::Contiguous);
+  return {offsets, out_idx, out_val, hist, class_pos, class_neg};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace flashdml
+
+TORCH_LIBRARY_IMPL(flashdml, CUDA, m) { m.impl("metrics_pass", &flashdml::cuda::metrics_pass_cuda); }

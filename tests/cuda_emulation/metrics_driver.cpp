@@ -1,0 +1,239 @@
+// Emulated run of the CUDA metrics pass (csrc/cuda/metrics_kernels.cuh + the kNN merge of selection_kernels.cuh)
+// against a dense float64 model. The host pipeline below mirrors csrc/cuda/metrics.cu. Embeddings are multiples of
+// 1/8 scaled by 2^-p (4^p >= d, so |S| <= 1; rows drawn from a small pool, so many repeat): every similarity is
+// exact in fp32 in any summation order, values sit on bin edges and huge numbers of exact ties occur. Top-k lists
+// (values and indices), the fine pair histograms and the per-class OPIS histograms must equal the model's exactly.
+// Labels: classes of 1..6 samples (singletons), non-dense label values, in cross mode query labels missing from the
+// references. Usage: metrics_driver [dtype 0|1|2].
+#include "emu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <map>
+#include <numeric>
+#include <random>
+#include <string>
+
+// The integer atomics the histogram code uses.
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
+
+#include "metrics_kernels.cuh"
+
+using namespace flashdml;
+using namespace flashdml::cuda;
+using namespace flashdml::cuda::met;
+
+static int g_sms = 132;
+template <class T> T to_t(float v);
+template <> float to_t<float>(float v) { return v; }
+template <> __half to_t<__half>(float v) { return __float2half_rn(v); }
+template <> __nv_bfloat16 to_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+static double tod(float v) { return v; }
+static double tod(__half v) { return __half2float(v); }
+static double tod(__nv_bfloat16 v) { return __bfloat162float(v); }
+static unsigned U(int64_t v) { return unsigned(v); }
+
+std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
+  int64_t want = (2 * int64_t(g_sms) + other_blocks - 1) / other_blocks;
+  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, 16}));
+  const int64_t tps = (ntiles + want - 1) / want;
+  return {(ntiles + tps - 1) / tps, tps};
+}
+
+struct PassOut {
+  std::vector<int64_t> offsets, idx;
+  std::vector<double> val;
+  std::vector<int64_t> hist, cpos, cneg;
+  int64_t n_cls = 0;
+};
+
+// metrics.cu's pipeline: classes, gather x[rows] (zero-padded to kVW, aligned), rounds of partial + merge + scatter.
+template <class T>
+PassOut pipeline(const T* x, const T* y, int64_t B, int64_t M, int64_t d, const std::vector<int64_t>& lab,
+                 const std::vector<int64_t>& ref, const std::vector<int64_t>& rows, const std::vector<int64_t>& keep,
+                 bool self_mode, bool pair_hist, int64_t opis_bins) {
+  const int64_t R = int64_t(rows.size());
+  int shift = 0;
+  while ((kSimBins >> shift) > opis_bins) ++shift;
+  std::vector<int64_t> uniq(ref);
+  std::sort(uniq.begin(), uniq.end());
+  uniq.erase(std::unique(uniq.begin(), uniq.end()), uniq.end());
+  auto cls_of = [&](int64_t l) {
+    auto it = std::lower_bound(uniq.begin(), uniq.end(), l);
+    return it != uniq.end() && *it == l ? int32_t(it - uniq.begin()) : int32_t(-1);
+  };
+  std::vector<int32_t> col_cls(M), row_cls(R);
+  for (int64_t j = 0; j < M; ++j) col_cls[j] = cls_of(ref[j]);
+  for (int64_t r = 0; r < R; ++r) row_cls[r] = cls_of(lab[rows[r]]);
+  const bool opis = opis_bins > 0, fine = pair_hist || opis;
+  PassOut o;
+  const int32_t cls_first = opis ? row_cls[0] : 0;
+  o.n_cls = opis ? row_cls[R - 1] - cls_first + 1 : 0;
+  o.offsets.assign(R + 1, 0);
+  for (int64_t r = 0; r < R; ++r) o.offsets[r + 1] = o.offsets[r] + keep[r];
+  const int64_t total = o.offsets[R];
+  std::vector<float> out_val(total, std::nanf(""));
+  o.idx.assign(total, -7777777);
+  std::vector<unsigned long long> hist(fine ? 2 * kSimBins : 0, 0ull), cls(o.n_cls * 2 * opis_bins, 0ull);
+  const int64_t dp = (d + TileCfg<T>::kVW - 1) / TileCfg<T>::kVW * TileCfg<T>::kVW;
+  std::vector<T> xq(R * dp + 8, to_t<T>(0.f)), yv(M * dp + 8, to_t<T>(0.f));
+  for (int64_t r = 0; r < R; ++r) for (int64_t k = 0; k < d; ++k) xq[r * dp + k] = x[rows[r] * d + k];
+  for (int64_t j = 0; j < M; ++j) for (int64_t k = 0; k < d; ++k) yv[j * dp + k] = y[j * d + k];
+  const int64_t max_keep = *std::max_element(keep.begin(), keep.end());
+  const int64_t rounds = (max_keep + kK - 1) / kK;
+  const int64_t nrb = (R + kBM - 1) / kBM, ntiles = (M + kBN - 1) / kBN;
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);
+  std::vector<uint64_t> part(nsplit * R * kK, 12345u), bound(R, 777u);
+  std::vector<float> vals(R * kK, std::nanf(""));
+  std::vector<int64_t> idx(R * kK, -777);
+  for (int64_t rd = 0; rd < std::max<int64_t>(rounds, 1); ++rd) {
+    emu_launch({U(nrb), U(nsplit), 1}, kThreads, [&] {
+      metrics_pass_kernel<T>(xq.data(), R, yv.data(), M, dp, tps, rows.data(), keep.data(), row_cls.data(),
+                             col_cls.data(), cls_first, self_mode, shift, opis_bins, int(rd),
+                             rd > 0 ? bound.data() : nullptr, rounds > 0 ? part.data() : nullptr,
+                             rd == 0 && fine ? hist.data() : nullptr, rd == 0 && opis ? cls.data() : nullptr); });
+    if (rounds == 0) break;
+    emu_launch({U((R + sel::kMergeRows - 1) / sel::kMergeRows), 1, 1}, sel::kMergeRows, [&] {
+      sel::knn_merge_kernel(part.data(), R, int(nsplit), kK, 0, kK, vals.data(), idx.data(),
+                            rd + 1 < rounds ? bound.data() : nullptr); });
+    emu_launch({2, 1, 1}, 64, [&] {
+      metrics_scatter_kernel(vals.data(), idx.data(), R, o.offsets.data(), keep.data(), int(rd), out_val.data(),
+                             o.idx.data()); });
+  }
+  o.val.assign(out_val.begin(), out_val.end());
+  o.hist.assign(hist.begin(), hist.end());
+  for (int64_t c = 0; c < o.n_cls; ++c)
+    for (int64_t b = 0; b < opis_bins; ++b) {
+      o.cpos.push_back(int64_t(cls[(c * 2 + 0) * opis_bins + b]));
+      o.cneg.push_back(int64_t(cls[(c * 2 + 1) * opis_bins + b]));
+    }
+  return o;
+}
+
+// The dense float64 model of the op (csrc/ops.cpp's contract).
+PassOut model(const std::vector<double>& S, int64_t M, const std::vector<int64_t>& lab, const std::vector<int64_t>& ref,
+              const std::vector<int64_t>& rows, const std::vector<int64_t>& keep, bool self_mode, bool pair_hist,
+              int64_t opis_bins) {
+  const int64_t R = int64_t(rows.size());
+  PassOut o;
+  o.offsets.assign(R + 1, 0);
+  const bool opis = opis_bins > 0, fine = pair_hist || opis;
+  int shift = 0;
+  while ((kSimBins >> shift) > opis_bins) ++shift;
+  std::map<int64_t, int64_t> cls;
+  for (int64_t l : ref) cls.emplace(l, 0);
+  int64_t n = 0;
+  for (auto& kv : cls) kv.second = n++;
+  const int64_t first = opis ? cls[lab[rows[0]]] : 0;
+  o.n_cls = opis ? cls[lab[rows[R - 1]]] - first + 1 : 0;
+  o.hist.assign(fine ? 2 * kSimBins : 0, 0);
+  o.cpos.assign(o.n_cls * opis_bins, 0);
+  o.cneg.assign(o.n_cls * opis_bins, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t i = rows[r];
+    const double* s = S.data() + i * M;
+    std::vector<int64_t> c;
+    for (int64_t j = 0; j < M; ++j) if (!(self_mode && j == i)) c.push_back(j);
+    std::stable_sort(c.begin(), c.end(), [&](int64_t a, int64_t b) { return s[a] > s[b]; });
+    for (int64_t t = 0; t < keep[r]; ++t) { o.idx.push_back(c[t]); o.val.push_back(s[c[t]]); }
+    o.offsets[r + 1] = o.offsets[r] + keep[r];
+    for (int64_t j = 0; j < M; ++j) {
+      const int64_t b = std::clamp<int64_t>(int64_t(std::floor((s[j] + 1.0) * (kSimBins / 2))), 0, kSimBins - 1);
+      const bool same = lab[i] == ref[j];
+      if (fine && (!self_mode || j > i)) ++o.hist[(same ? 0 : kSimBins) + b];
+      if (opis) {
+        const int64_t rc = cls[lab[i]] - first;
+        if (same && j > i) ++o.cpos[rc * opis_bins + (b >> shift)];
+        if (!same) ++o.cneg[rc * opis_bins + (b >> shift)];
+      }
+    }
+  }
+  return o;
+}
+
+static int failures = 0, checks = 0;
+
+std::vector<int64_t> labels_with_singletons(int64_t n, std::mt19937& rng, int64_t offset) {
+  std::vector<int64_t> l;
+  for (int64_t c = 0; int64_t(l.size()) < n; ++c) {
+    const int64_t s = 1 + rng() % 6;
+    for (int64_t e = 0; e < s && int64_t(l.size()) < n; ++e) l.push_back(3 * c + offset);
+  }
+  std::shuffle(l.begin(), l.end(), rng);
+  return l;
+}
+
+template <class T>
+void one_case(int64_t B, int64_t M, int64_t d, bool self_mode, int rows_kind, int keep_kind, bool pair_hist,
+              int64_t opis_bins, unsigned seed) {
+  if (self_mode) M = B;
+  std::mt19937 rng(seed);
+  int p = 0;
+  while ((int64_t(1) << (2 * p)) < d) ++p;
+  const float scale = 1.f / float(1 << p);
+  const int64_t pool = std::max<int64_t>(1, B / 3);
+  std::vector<float> rows_pool(pool * d);
+  for (auto& e : rows_pool) e = float(int(rng() % 17) - 8) / 8.f * scale;
+  std::vector<T> xb(B * d), yb(M * d);
+  for (int64_t i = 0; i < B; ++i) { const int64_t q = rng() % pool; for (int64_t e = 0; e < d; ++e) xb[i * d + e] = to_t<T>(rows_pool[q * d + e]); }
+  for (int64_t j = 0; j < M; ++j) { const int64_t q = rng() % pool; for (int64_t e = 0; e < d; ++e) yb[j * d + e] = to_t<T>(rows_pool[q * d + e]); }
+  const T* x = xb.data();
+  const T* y = self_mode ? x : yb.data();
+  std::vector<int64_t> lab = labels_with_singletons(B, rng, 1);
+  std::vector<int64_t> ref = self_mode ? lab : labels_with_singletons(M, rng, 4);  // 3c+1 vs 3c+4: overlaps + gaps
+  std::vector<double> S(B * M);
+  for (int64_t i = 0; i < B; ++i) for (int64_t j = 0; j < M; ++j) {
+    double s = 0; for (int64_t e = 0; e < d; ++e) s += tod(x[i * d + e]) * tod(y[j * d + e]); S[i * M + j] = s; }
+  // rows: all, or a shuffled two-thirds subset; sorted by class (stable) when OPIS is on
+  std::vector<int64_t> rows(B);
+  std::iota(rows.begin(), rows.end(), 0);
+  if (rows_kind == 1) { std::shuffle(rows.begin(), rows.end(), rng); rows.resize(std::max<int64_t>(1, 2 * B / 3)); }
+  if (opis_bins > 0) std::stable_sort(rows.begin(), rows.end(), [&](int64_t a, int64_t b) { return lab[a] < lab[b]; });
+  const int64_t R = int64_t(rows.size()), C = self_mode ? M - 1 : M;
+  std::vector<int64_t> keep(R);
+  for (int64_t r = 0; r < R; ++r) {
+    keep[r] = keep_kind == 0 ? C : keep_kind == 1 ? 0 : keep_kind == 2 ? int64_t(rng() % (std::min<int64_t>(C, 40) + 1))
+                                                                       : int64_t(rng() % (C + 1));
+  }
+  if (keep_kind >= 2) keep[0] = C;
+  char tag[200];
+  std::snprintf(tag, sizeof tag, "%s B=%ld M=%ld d=%ld self=%d R=%ld keep=%d hist=%d opis=%ld sms=%d",
+                sizeof(T) == 4 ? "fp32" : (std::is_same_v<T, __half> ? "fp16" : "bf16"), long(B), long(M), long(d),
+                int(self_mode), long(R), keep_kind, int(pair_hist), long(opis_bins), g_sms);
+  if (std::getenv("VERBOSE")) std::printf("%s\n", tag);
+  const PassOut got = pipeline<T>(x, y, B, M, d, lab, ref, rows, keep, self_mode, pair_hist, opis_bins);
+  const PassOut want = model(S, M, lab, ref, rows, keep, self_mode, pair_hist, opis_bins);
+  auto check = [&](bool ok, const char* what) {
+    ++checks;
+    if (!ok) { ++failures; std::printf("FAIL %s: %s\n", tag, what); }
+  };
+  check(got.offsets == want.offsets, "offsets");
+  check(got.idx == want.idx, "top-k indices");
+  check(got.val == want.val, "top-k values");
+  check(got.hist == want.hist, "pair histogram");
+  check(got.n_cls == want.n_cls && got.cpos == want.cpos && got.cneg == want.cneg, "class histograms");
+}
+
+int main(int argc, char** argv) {
+  const int which = argc > 1 ? std::atoi(argv[1]) : -1;
+  // rows_kind: 0 all, 1 shuffled subset; keep_kind: 0 all candidates, 1 none, 2 mixed <= 40, 3 mixed <= all
+  struct Case { int64_t B, M, d; bool self; int rows, keep; bool hist; int64_t opis; int sms; };
+  const std::vector<Case> cases = {
+      {5, 5, 1, true, 0, 0, true, 256, 132},       {37, 37, 3, true, 0, 2, true, 1024, 1},
+      {37, 70, 129, false, 1, 2, true, 0, 132},    {130, 130, 16, true, 0, 3, true, 4096, 132},
+      {70, 37, 3, false, 0, 1, true, 0, 1},        {66, 66, 4, true, 1, 2, false, 0, 132},
+      {3, 140, 2, false, 0, 0, false, 0, 132},     {70, 70, 129, true, 1, 3, true, 65536, 1},
+  };
+  for (const Case& c : cases) {
+    g_sms = c.sms;
+    const unsigned seed = unsigned(c.B * 1000 + c.M * 10 + c.d + int(c.self) * 7);
+    if (which < 0 || which == 0) one_case<float>(c.B, c.M, c.d, c.self, c.rows, c.keep, c.hist, c.opis, seed);
+    if (which < 0 || which == 1) one_case<__half>(c.B, c.M, c.d, c.self, c.rows, c.keep, c.hist, c.opis, seed);
+    if (which < 0 || which == 2) one_case<__nv_bfloat16>(c.B, c.M, c.d, c.self, c.rows, c.keep, c.hist, c.opis, seed);
+  }
+  std::printf("%zu cases, %d checks, %d failures\n", cases.size(), checks, failures);
+  return failures != 0;
+}
