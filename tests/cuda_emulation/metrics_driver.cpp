@@ -6,6 +6,7 @@
 // Labels: classes of 1..6 samples (singletons), non-dense label values, in cross mode query labels missing from the
 // references. Usage: metrics_driver [dtype 0|1|2].
 #include "emu.h"
+#include "driver_common.h"
 
 #include <algorithm>
 #include <atomic>
@@ -25,23 +26,6 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
 using namespace flashdml;
 using namespace flashdml::cuda;
 using namespace flashdml::cuda::met;
-
-static int g_sms = 132;
-template <class T> T to_t(float v);
-template <> float to_t<float>(float v) { return v; }
-template <> __half to_t<__half>(float v) { return __float2half_rn(v); }
-template <> __nv_bfloat16 to_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-static double tod(float v) { return v; }
-static double tod(__half v) { return __half2float(v); }
-static double tod(__nv_bfloat16 v) { return __bfloat162float(v); }
-static unsigned U(int64_t v) { return unsigned(v); }
-
-std::pair<int64_t, int64_t> plan_splits(int64_t other_blocks, int64_t ntiles) {
-  int64_t want = (2 * int64_t(g_sms) + other_blocks - 1) / other_blocks;
-  want = std::max<int64_t>(1, std::min<int64_t>({want, ntiles, 16}));
-  const int64_t tps = (ntiles + want - 1) / want;
-  return {(ntiles + tps - 1) / tps, tps};
-}
 
 struct PassOut {
   std::vector<int64_t> offsets, idx;
@@ -154,7 +138,6 @@ PassOut model(const std::vector<double>& S, int64_t M, const std::vector<int64_t
   return o;
 }
 
-static int failures = 0, checks = 0;
 
 std::vector<int64_t> labels_with_singletons(int64_t n, std::mt19937& rng, int64_t offset) {
   std::vector<int64_t> l;
