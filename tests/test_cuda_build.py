@@ -36,12 +36,17 @@ SELECTION_TEMPLATED = ("knn_partial_kernel", "hn_pass_kernel")
 SELECTION_PLAIN = ("knn_merge_kernel", "hn_select_kernel")
 # csrc/cuda/contextual.cu (the neighbour-list pass; the rest of the op reuses the kernels above and ATen)
 CONTEXTUAL_TEMPLATED = ("ctx_list_kernel",)
+# csrc/cuda/metrics.cu (the metrics pass: top-k rounds and histograms; the merge is selection's knn_merge_kernel)
+METRICS_TEMPLATED = ("metrics_pass_kernel",)
+METRICS_PLAIN = ("metrics_scatter_kernel",)
 PAIR_GRAD_OPS = ("XentOp", "HingeOp")
-TEMPLATED = BATCH_SOFTMAX_TEMPLATED + XENT_TEMPLATED + HINGE_TEMPLATED + SELECTION_TEMPLATED + CONTEXTUAL_TEMPLATED
-PLAIN = BATCH_SOFTMAX_PLAIN + XENT_PLAIN + HINGE_PLAIN + SELECTION_PLAIN
+TEMPLATED = (BATCH_SOFTMAX_TEMPLATED + XENT_TEMPLATED + HINGE_TEMPLATED + SELECTION_TEMPLATED + CONTEXTUAL_TEMPLATED
+             + METRICS_TEMPLATED)
+PLAIN = BATCH_SOFTMAX_PLAIN + XENT_PLAIN + HINGE_PLAIN + SELECTION_PLAIN + METRICS_PLAIN
 # their fp16 / bf16 versions must use HMMA, their fp32 versions must not
 TENSOR_CORE_KERNELS = ("bs_lse_kernel", "bs_grad_kernel", "xe_lse_kernel", "xe_pos_kernel", "hp_stats_kernel",
-                       "pair_grad_kernel", "knn_partial_kernel", "hn_pass_kernel", "ctx_list_kernel")
+                       "pair_grad_kernel", "knn_partial_kernel", "hn_pass_kernel", "ctx_list_kernel",
+                       "metrics_pass_kernel")
 
 
 def _extension_so() -> Optional[str]:

@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 // grid ceil(B / 64), 64 threads, one row each: merges the nsplit lists in split order into one list of kK keys
 // (each split's list is sorted, so its insertion stops at the first key that does not make it), writes the first
 // n_take at columns col_off .. of values / indices [B, k_total]; bound_out (nullable) = the row's kK-th key.
-__global__ void __launch_bounds__(kMergeRows, 1)
+static __global__ void __launch_bounds__(kMergeRows, 1)
     knn_merge_kernel(const uint64_t* __restrict__ part, int64_t B, int nsplit, int64_t k_total, int64_t col_off,
                      int n_take, float* __restrict__ values, int64_t* __restrict__ indices,
                      uint64_t* __restrict__ bound_out) {
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 // state[1] = keys of bin b still needed, b = the bin of the state[1]-th largest key; then state[2] = k - state[1]
 // (keys above the bin) and state[3] = state[1]. After the last pass state[0] is the exact k-th key T, state[2]
 // the number of keys > T and state[3] the number of keys == T that belong to the top k.
-__global__ void __launch_bounds__(32, 1)
+static __global__ void __launch_bounds__(32, 1)
     hn_select_kernel(const unsigned long long* __restrict__ hist, int width, int64_t k, int64_t* __restrict__ state) {
   if (threadIdx.x != 0) return;
   int64_t need_in_bin = 0;
