@@ -75,9 +75,16 @@ struct SparseAcc {
   }
 };
 
-inline int64_t num_row_tasks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+// Below this many rows every stage runs on the calling thread: a parallel region costs more than the work there,
+// and far more on a loaded machine (each region waits until every thread has been scheduled).
+constexpr int64_t kSerialBelowRows = 768;
+
+inline int64_t stage_tasks(int64_t rows, int64_t units) {
+  if (rows < kSerialBelowRows) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
 }
+
+inline int64_t num_row_tasks(int64_t rows) { return stage_tasks(rows, rows); }
 
 // Runs fn(task, i) for every row, tasks over contiguous row chunks in parallel.
 template <typename Fn>
