@@ -29,6 +29,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -390,16 +392,20 @@ struct Backward {
 
   // X = the sparse part SP of GN + GP (GN + GP = SP + u 1ᵀ + LB) plus the label block of the small classes, with
   // the clamped entries set so that X + u 1ᵀ + LB_big vanishes there (C ⊙ is applied); rows unsorted.
-  Csr sparse_part() {
+  struct RowScratch {
+    SparseAcc an, ag, o;
+    std::vector<double> rh;
+    RowScratch(int64_t B, int64_t nc) : an(B), ag(B), o(B), rh(nc, 0.0) {}
+  };
+
+  // Row i of X, emit(j, X_ij) for each non-zero (columns unsorted).
+  template <typename Emit>
+  void sparse_row(RowScratch& sc, int64_t i, const Emit& emit) const {
     const int64_t B = p.B;
-    const int64_t T = ctx::num_row_tasks(B);
-    const int64_t nc = int64_t(p.cls.class_start.size()) - 1;
-    std::vector<SparseAcc> acc_n(T, SparseAcc(B)), acc_gw(T, SparseAcc(B)), out(T, SparseAcc(B));
-    std::vector<std::vector<double>> rho(T, std::vector<double>(nc, 0.0));
     const int32_t* cl = p.cls.row_class.data();
-    return ctx::build_rows(B, [&](int64_t t, int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
-      SparseAcc &an = acc_n[t], &ag = acc_gw[t], &o = out[t];
-      std::vector<double>& rh = rho[t];
+    {
+      SparseAcc &an = sc.an, &ag = sc.ag, &o = sc.o;
+      std::vector<double>& rh = sc.rh;
       const double ai = cx.a[i], ci = cx.c[i], s_ac = 1.0 / ai + 1.0 / ci;
       for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // n_ij = |N(i) ∩ N(j)|
         const int32_t l = nb.col[e];
@@ -448,14 +454,40 @@ struct Backward {
         const double lb_big = big[cl[j]] ? -0.5 * beta * rh[cl[j]] * (1.0 - cx.a[j] / ci) : 0.0;
         o.set(j, -u[i] - lb_big);
       }
-      for (int32_t j : o.idx) {
-        cols.push_back(j);
-        vals.push_back(o.v[j]);
-      }
+      for (int32_t j : o.idx) emit(j, o.v[j]);
       o.clear();
       an.clear();
       ag.clear();
       for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) rh[cl[cx.R.col[q]]] = 0.0;
+    }
+  }
+
+  // dF += s_ctx (X + Xᵀ) F without storing X: every task builds all rows of X (cheap next to applying them) and
+  // applies them to its own slice of the d columns, so the scattered Xᵀ updates never race.
+  void apply_sparse(const ctx::Rows& rows, float* D, double s_ctx) const {
+    const int64_t B = p.B, d = p.d, nc = ctx::num_classes(p.cls);
+    const int64_t T = std::min<int64_t>(ctx::stage_tasks(B, B), std::max<int64_t>(1, d / 16));
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t q0 = t == 0 ? 0 : (t * d / T) / 16 * 16, q1 = t + 1 == T ? d : ((t + 1) * d / T) / 16 * 16;
+        RowScratch sc(B, nc);
+        for (int64_t i = 0; i < B; ++i) {
+          const float* fi = rows.row(i);
+          float* di = D + i * d;
+          const float si = rows.s(i);
+          sparse_row(sc, i, [&](int32_t j, double v) {
+            const float w = float(s_ctx * v);
+            if (w == 0.f) return;
+            const float wj = w * rows.s(j), wi = w * si;
+            const float* fj = rows.row(j);
+            float* dj = D + int64_t(j) * d;
+#pragma omp simd
+            for (int64_t q = q0; q < q1; ++q) di[q] += wj * fj[q];
+#pragma omp simd
+            for (int64_t q = q0; q < q1; ++q) dj[q] += wi * fi[q];
+          });
+        }
+      }
     });
   }
 };
@@ -585,13 +617,10 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
   const Nbr nb = ctx::make_nbr(B, ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
   Context cx;
   Backward bw{p, big, nb, cx, beta, {}, {}, {}, {}, {}};
-  Csr X, XT;
   BigClassSums bs;
   if (with_ctx) {
     cx = ctx::build_context(nb);
     bw.prepare();
-    X = bw.sparse_part();
-    XT = ctx::transpose(X, B);
     bs = big_class_sums(p, cx, big);
   }
   std::vector<double> colsum, uF;
@@ -601,10 +630,12 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
   const double g_reg = g * reg_weight * 2.0 * (ss / B2 - reg_target) / B2;
 
   auto fopts = p.x32.options();
-  at::Tensor dx = with_neg ? at::zeros({B, d}, fopts) : new_output({B, d}, fopts);
+  const bool accumulate = with_neg || with_ctx;
+  at::Tensor dx = accumulate ? at::zeros({B, d}, fopts) : new_output({B, d}, fopts);
   if (with_neg) hard_negative_pass(p, dx, 2.f * g_hn, float(neg_margin));
   p.F = at::Tensor();
   float* D = dx.data_ptr<float>();
+  if (with_ctx) bw.apply_sparse(p.rows, D, s_ctx);
   const int32_t* cl = p.cls.row_class.data();
   const int64_t T = ctx::stage_tasks(B, nc);
   std::vector<std::vector<double>> accs(T, std::vector<double>(d));
@@ -616,10 +647,8 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
       const int64_t i = mem[a];
       float* out = D + i * d;
       const double cc = 2.0 * g_reg + (with_ctx ? s_ctx * bw.u[i] : 0.0), cu = with_ctx ? s_ctx : 0.0;
-      for (int64_t q = 0; q < d; ++q) acc[q] = (with_neg ? double(out[q]) : 0.0) + cc * colsum[q] + cu * uF[q];
+      for (int64_t q = 0; q < d; ++q) acc[q] = (accumulate ? double(out[q]) : 0.0) + cc * colsum[q] + cu * uF[q];
       if (with_ctx) {
-        for (int64_t e = X.begin(i); e < X.end(i); ++e) ctx::axpy_row(acc, p.rows, X.col[e], s_ctx * X.val[e]);
-        for (int64_t e = XT.begin(i); e < XT.end(i); ++e) ctx::axpy_row(acc, p.rows, XT.col[e], s_ctx * XT.val[e]);
         for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {  // (LB F)_i, big classes
           const int64_t sl = bs.slot[cl[cx.R.col[q]]];
           if (sl < 0) continue;
