@@ -29,8 +29,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -338,6 +336,19 @@ struct Backward {
   const Context& cx;
   double beta;
   std::vector<double> gr, gwn, u, gp1, gp2;
+  bool kn_apart = false;  // K N (the GI N, GIᵀ N, GJ N, GJᵀ N products) applied as K (N F) + Nᵀ (K F), not in X
+
+  // K = Kr + Krᵀ, Kr_il = ½ GW_il (1/a_i + 1/c_i) on the entries e = (i, l) of N.
+  double kr(int64_t e, int64_t i) const { return 0.5 * gwn[e] * (1.0 / cx.a[i] + 1.0 / cx.c[i]); }
+  // (K N)_ij, for the clamped entries (binary searches: there are few of them).
+  double kn_at(int64_t i, int32_t j) const {
+    double v = 0.0;
+    for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e)
+      if (nb.find(nb.col[e], j) >= 0) v += kr(e, i);
+    for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q)
+      if (nb.find(nb.trow[q], j) >= 0) v += kr(nb.tpos[q], nb.trow[q]);
+    return v;
+  }
 
   bool same(int64_t i, int64_t j) const { return p.cls.row_class[i] == p.cls.row_class[j]; }
   // G_ij = dL_ctx/dZ_ij = β (js_ij − y_ij) [i ≠ j].
@@ -420,20 +431,24 @@ struct Backward {
         rh[cl[m]] += 1.0 / cx.r[m];
       }
       // GW' ⊙ H (H = ½(1 − a_j/c_i) + ½ n_ij (1/a_i + 1/c_i)) and the label part of GW times the n part of H
-      for (int32_t j : ag.idx) o.add(j, ag.v[j] * ctx_h(an.v[j], ai, cx.a[j], double(B)));
+      // GW'⊙H, H_ij = ½ s_ac n_ij + ½(1 − a_j/c_i): with kn_apart the second part (T2) goes through apply_factored
+      for (int32_t j : ag.idx)
+        if (!kn_apart) o.add(j, ag.v[j] * ctx_h(an.v[j], ai, cx.a[j], double(B)));
+        else if (an.v[j] != 0.0) o.add(j, ag.v[j] * 0.5 * an.v[j] * s_ac);
       for (int32_t j : an.idx) {
         const double rj = rh[cl[j]];
         if (rj != 0.0) o.add(j, -beta * rj * 0.5 * an.v[j] * s_ac);
       }
-      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // GI N − (GJ M − gj 1ᵀ), sparse parts
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1] && !kn_apart; ++e) {  // GI N − (GJ M − gj 1ᵀ), sparse parts
         const int32_t l = nb.col[e];
-        const double coef = 0.5 * gwn[e] * s_ac;
+        const double coef = kr(e, i);
         for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
       }
       for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) {  // GIᵀ N − (GJᵀ M − gjt 1ᵀ), and GP
         const int32_t l = nb.trow[q];
-        const double coef = 0.5 * gwn[nb.tpos[q]] * (1.0 / cx.a[l] + 1.0 / cx.c[l]);
-        for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
+        const double coef = kr(nb.tpos[q], l);
+        if (!kn_apart)
+          for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
         if (nb.flag[nb.tpos[q]] & kCtxInP) o.add(l, gp1[nb.tpos[q]] + gp2[nb.tpos[q]]);  // GP_il = P_li (GR_il + GR_li)
       }
       // LB_ij = −(β/2) ρ_i(κ_j)(1 − a_j/c_i) of the small classes, as sparse entries (each class once)
@@ -452,7 +467,8 @@ struct Backward {
         if (!(nb.flag[e] & kCtxClamped)) continue;
         const int32_t j = nb.col[e];
         const double lb_big = big[cl[j]] ? -0.5 * beta * rh[cl[j]] * (1.0 - cx.a[j] / ci) : 0.0;
-        o.set(j, -u[i] - lb_big);
+        const double t2 = kn_apart && ag.on[j] ? 0.5 * ag.v[j] * (1.0 - cx.a[j] / ci) : 0.0;
+        o.set(j, -u[i] - lb_big - (kn_apart ? kn_at(i, j) + t2 : 0.0));
       }
       for (int32_t j : o.idx) emit(j, o.v[j]);
       o.clear();
@@ -460,6 +476,76 @@ struct Backward {
       ag.clear();
       for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) rh[cl[cx.R.col[q]]] = 0.0;
     }
+  }
+
+  // dF += s_ctx ((K N) + (K N)ᵀ + T2 + T2ᵀ) F through [B, d] intermediates, every update row-owned:
+  //   K N:  K (N F) + Nᵀ (K F)  (K symmetric);
+  //   T2 = ½ GW' ⊙ (1 − a_j/c_i) with GW' = β R D_r E (E = js off the diagonal, 1 on it; E, R symmetric):
+  //   T2 F = ½β [R D_r (E F) − D_1/c R D_r E (D_a F)],  T2ᵀ F = ½β [E (D_r R F) − D_a E (D_r R D_1/c F)].
+  void apply_factored(const ctx::Rows& rows, float* D, double s_ctx) const {
+    const int64_t B = p.B, d = p.d;
+    std::vector<float> NF(B * d, 0.f), KF(B * d, 0.f), A(B * d, 0.f), Ab(B * d, 0.f), C(B * d, 0.f), Cc(B * d, 0.f);
+    auto axpy = [d](float* out, const float* in, float w) {
+#pragma omp simd
+      for (int64_t q = 0; q < d; ++q) out[q] += w * in[q];
+    };
+    // E row i: js row i with the diagonal entry replaced by 1 (added when absent)
+    auto for_e = [&](int64_t i, auto&& fn) {
+      bool diag = false;
+      for (int64_t e = cx.js.begin(i); e < cx.js.end(i); ++e) {
+        const int32_t j = cx.js.col[e];
+        if (j == i) diag = true;
+        fn(j, j == i ? 1.0 : cx.js.val[e]);
+      }
+      if (!diag) fn(int32_t(i), 1.0);
+    };
+    const int64_t T = ctx::stage_tasks(B, B);
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t i = t0 * B / T; i < t1 * B / T; ++i) {
+        float *nf = NF.data() + i * d, *kf = KF.data() + i * d, *a = A.data() + i * d, *ab = Ab.data() + i * d;
+        float *c = C.data() + i * d, *cc = Cc.data() + i * d;
+        for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {
+          const int32_t l = nb.col[e];
+          axpy(nf, rows.row(l), rows.s(l));
+          axpy(kf, rows.row(l), float(kr(e, i)) * rows.s(l));
+        }
+        for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) {
+          const int32_t l = nb.trow[q];
+          axpy(kf, rows.row(l), float(kr(nb.tpos[q], l)) * rows.s(l));
+        }
+        for_e(i, [&](int32_t j, double v) {
+          axpy(a, rows.row(j), float(v) * rows.s(j));
+          axpy(ab, rows.row(j), float(v * cx.a[j]) * rows.s(j));
+        });
+        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {
+          const int32_t m = cx.R.col[q];
+          axpy(c, rows.row(m), float(1.0 / cx.r[i]) * rows.s(m));
+          axpy(cc, rows.row(m), float(1.0 / (cx.r[i] * cx.c[m])) * rows.s(m));
+        }
+      }
+    });
+    const double h = 0.5 * beta * s_ctx;
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t i = t0 * B / T; i < t1 * B / T; ++i) {
+        float* out = D + i * d;
+        for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e)
+          axpy(out, NF.data() + int64_t(nb.col[e]) * d, float(s_ctx * kr(e, i)));
+        for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) {
+          const int64_t l = nb.trow[q];
+          axpy(out, NF.data() + l * d, float(s_ctx * kr(nb.tpos[q], l)));
+          axpy(out, KF.data() + l * d, float(s_ctx));
+        }
+        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {
+          const int64_t m = cx.R.col[q];
+          axpy(out, A.data() + m * d, float(h / cx.r[m]));
+          axpy(out, Ab.data() + m * d, float(-h / (cx.r[m] * cx.c[i])));
+        }
+        for_e(i, [&](int32_t j, double v) {
+          axpy(out, C.data() + int64_t(j) * d, float(h * v));
+          axpy(out, Cc.data() + int64_t(j) * d, float(-h * v * cx.a[i]));
+        });
+      }
+    });
   }
 
   // dF += s_ctx (X + Xᵀ) F without storing X: every task builds all rows of X (cheap next to applying them) and
@@ -577,7 +663,10 @@ void hard_negative_pass(const Setup& p, at::Tensor& dx, float g2, float mn) {
   });
 }
 
-constexpr int64_t kBigClass = 32;  // classes above this size take the label block through class sums
+constexpr int64_t kBigClass = 32;
+// From this batch size on, K N goes through two [B, d] intermediates (fewer, row-owned updates); below it is part
+// of X (no B x d buffer besides dx: the B = 1024 memory budget).
+constexpr int64_t kKnApartRows = 2048;  // classes above this size take the label block through class sums
 
 at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& labels, int64_t k,
                               double eps, double context_weight, double contrastive_weight, double reg_weight,
@@ -635,7 +724,11 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
   if (with_neg) hard_negative_pass(p, dx, 2.f * g_hn, float(neg_margin));
   p.F = at::Tensor();
   float* D = dx.data_ptr<float>();
-  if (with_ctx) bw.apply_sparse(p.rows, D, s_ctx);
+  if (with_ctx) {
+    bw.kn_apart = B >= kKnApartRows;
+    if (bw.kn_apart) bw.apply_factored(p.rows, D, s_ctx);
+    bw.apply_sparse(p.rows, D, s_ctx);
+  }
   const int32_t* cl = p.cls.row_class.data();
   const int64_t T = ctx::stage_tasks(B, nc);
   std::vector<std::vector<double>> accs(T, std::vector<double>(d));
