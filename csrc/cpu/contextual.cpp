@@ -172,6 +172,7 @@ inline void class_hinge(const ctx::Rows& rows, const LabelIndex& cls, int64_t c,
 }
 
 NbrLists neighbour_pass(const Setup& p, int64_t k, float eps, float mn) {
+  constexpr int64_t kChunk = 32;
   const int64_t B = p.B;
   const TaskPlan plan = tile_plan(B);
   NbrLists out;
@@ -199,12 +200,21 @@ NbrLists neighbour_pass(const Setup& p, int64_t k, float eps, float mn) {
         TopK& tk = top[r];
         std::vector<Cand>& cv = cands[r];
         float theta = tk.threshold();
-        for (int64_t c = 0; c < cn; ++c) {
-          const float nd = ctx_neg_distance(s[c]);
-          if (ctx_band_value(nd, eps) >= theta) {
-            cv.push_back({int32_t(c0 + c), nd});
-            tk.offer(nd);
-            theta = tk.threshold();
+        // fl(−D + ε) is non-decreasing in s, so a chunk whose largest s fails the test has no candidate (NaN counts
+        // as +inf here: its −D is −0, which the exact test below admits, as the reference does).
+        for (int64_t b0 = 0; b0 < cn; b0 += kChunk) {
+          const int64_t b1 = std::min(cn, b0 + kChunk);
+          float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+          for (int64_t c = b0; c < b1; ++c) mx = std::max(mx, s[c] == s[c] ? s[c] : std::numeric_limits<float>::infinity());
+          if (!(ctx_band_value(ctx_neg_distance(mx), eps) >= theta)) continue;
+          for (int64_t c = b0; c < b1; ++c) {
+            const float nd = ctx_neg_distance(s[c]);
+            if (ctx_band_value(nd, eps) >= theta) {
+              cv.push_back({int32_t(c0 + c), nd});
+              tk.offer(nd);
+              theta = tk.threshold();
+            }
           }
         }
         if (cv.size() >= compact_at[r]) {
