@@ -43,6 +43,13 @@ __attribute__((noinline)) inline float row_dot(const Rows& r, int64_t i, int64_t
   return acc;
 }
 
+// What the backward pieces need of a batch.
+struct BatchView {
+  const LabelIndex& cls;
+  Rows rows;
+  int64_t B, d;
+};
+
 inline float pair_sim(const Rows& r, int64_t i, int64_t j) { return i <= j ? row_dot(r, i, j) : row_dot(r, j, i); }
 
 inline int64_t num_classes(const LabelIndex& cls) { return int64_t(cls.class_start.size()) - 1; }
