@@ -298,7 +298,7 @@ FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t
   NbrLists lists = neighbour_pass(p, k, float(eps), float(neg_margin));
   p.F = at::Tensor();  // the tiles are done: F is not needed any more
   {  // hard positives, per class
-    const int64_t T = ctx::stage_tasks(B, ctx::num_classes(p.cls));
+    const int64_t T = ctx::stage_tasks(B, ctx::num_classes(p.cls), ctx::kSerialSparseRows);
     std::vector<HingeStats> part(T);
     ctx::for_each_class_task(p.cls, T, [&](int64_t t, int64_t c) { class_hinge(p.rows, p.cls, c, float(pos_margin), part[t]); });
     lists.con.insert(lists.con.end(), part.begin(), part.end());
@@ -459,7 +459,7 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
     bw.apply_sparse(p.rows, D, s_ctx);
   }
   const int32_t* cl = p.cls.row_class.data();
-  const int64_t T = ctx::stage_tasks(B, nc);
+  const int64_t T = ctx::stage_tasks(B, nc, ctx::kSerialSparseRows);
   std::vector<std::vector<double>> accs(T, std::vector<double>(d));
   ctx::for_each_class_task(p.cls, T, [&](int64_t t, int64_t c) {
     double* acc = accs[t].data();
