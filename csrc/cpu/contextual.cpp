@@ -391,10 +391,11 @@ void hard_negative_pass(const Setup& p, at::Tensor& dx, float g2, float mn) {
   });
 }
 
-constexpr int64_t kBigClass = 32;
-// From this batch size on, K N goes through two [B, d] intermediates (fewer, row-owned updates); below it is part
-// of X (no B x d buffer besides dx: the B = 1024 memory budget).
-constexpr int64_t kKnApartRows = 2048;  // classes above this size take the label block through class sums
+constexpr int64_t kBigClass = 32;  // classes above this size take the label block through class sums
+// From this batch size on, K N and the dense part of GW'⊙H go through six [B, d] intermediates and the rest of X is
+// stored with its transpose (fewer, row-owned updates); below it all of X is applied unstored (no B x d buffer
+// besides dx: the B = 1024 memory budget).
+constexpr int64_t kKnApartRows = 2048;
 
 at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& labels, int64_t k,
                               double eps, double context_weight, double contrastive_weight, double reg_weight,
@@ -455,8 +456,12 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
   float* D = dx.data_ptr<float>();
   if (with_ctx) {
     bw.kn_apart = B >= kKnApartRows;
-    if (bw.kn_apart) bw.apply_factored(p.rows, D, s_ctx);
-    bw.apply_sparse(p.rows, D, s_ctx);
+    if (bw.kn_apart) {
+      bw.apply_factored(p.rows, D, s_ctx);
+      bw.apply_sparse_stored(p.rows, D, s_ctx);
+    } else {
+      bw.apply_sparse(p.rows, D, s_ctx);
+    }
   }
   const int32_t* cl = p.cls.row_class.data();
   const int64_t T = ctx::stage_tasks(B, nc, ctx::kSerialSparseRows);

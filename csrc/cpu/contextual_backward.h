@@ -242,6 +242,35 @@ struct Backward {
     });
   }
 
+  // dF += s_ctx (X + Xᵀ) F with X and Xᵀ stored (B >= kKnApartRows, where X is short): row-owned gathers only.
+  void apply_sparse_stored(const Rows& rows, float* D, double s_ctx) const {
+    const int64_t B = p.B, d = p.d, nc = num_classes(p.cls);
+    std::vector<RowScratch> sc;
+    for (int64_t t = 0; t < num_row_tasks(B); ++t) sc.emplace_back(B, nc);  // the tasks build_rows runs
+    const Csr X = build_rows(B, [&](int64_t t, int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
+      sparse_row(sc[t], i, [&](int32_t j, double v) {
+        cols.push_back(j);
+        vals.push_back(v);
+      });
+    });
+    sc.clear();
+    const Csr XT = transpose(X, B);
+    const int64_t T = stage_tasks(B, B);
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t i = t0 * B / T; i < t1 * B / T; ++i) {
+        float* out = D + i * d;
+        for (const Csr* m : {&X, &XT})
+          for (int64_t e = m->begin(i); e < m->end(i); ++e) {
+            const int32_t j = m->col[e];
+            const float w = float(s_ctx * m->val[e]) * rows.s(j);
+            const float* f = rows.row(j);
+#pragma omp simd
+            for (int64_t q = 0; q < d; ++q) out[q] += w * f[q];
+          }
+      }
+    });
+  }
+
   // dF += s_ctx (X + Xᵀ) F without storing X: every task builds all rows of X (cheap next to applying them) and
   // applies them to its own slice of the d columns, so the scattered Xᵀ updates never race.
   void apply_sparse(const Rows& rows, float* D, double s_ctx) const {
