@@ -4,27 +4,27 @@
 // Forward:
 //  1. One streaming pass over S = F Fᵀ tiles (row blocks x column tiles, cpu_tiles.h gemm_tile): per row a
 //     values-only min-heap of the k largest −D (query included), a candidate list of the entries with
-//     fl(−D + ε) >= the running k-th largest, and the margin-contrastive hinge sums / counts (SPEC 2.4, the
-//     hinge_pair.h rules). The running threshold only rises to the final t_i, so every final neighbour is a
-//     candidate; the list is compacted against the current threshold whenever it doubles, so it stays O(|band|) per
-//     row whatever the column order (no fixed capacity, no overflow). At the end of a row block t_i / h_i are read
-//     off the heap and the candidates filtered with the inclusive fp32 tests of flashdml/contextual.h — on the fp32
-//     values of the one GEMM, so no second pass can round differently.
-//  2. The sparse stage (contextual_sparse.h): |N(i) ∩ N(j)|, W, R, Z, js in O(B·k²); L_ctx = (1/B²) Σ_{i≠j}
+//     fl(−D + ε) >= the running k-th largest (32-column chunks whose largest S cannot pass are skipped), and the
+//     SPEC 2.4 hard-negative sum / count (hinge_pair.h rules). The running threshold only rises to the final t_i, so
+//     every final neighbour is a candidate; the list is compacted against the current threshold whenever it
+//     doubles, so it stays O(|band|) per row whatever the column order (no fixed capacity, no overflow). At the end
+//     of a row block t_i / h_i are read off the heap and the candidates filtered with the inclusive fp32 tests of
+//     flashdml/contextual.h — on the fp32 values of the one GEMM, so no second pass can round differently.
+//  2. SPEC 2.4 hard positives per class (same-class pairs only, contextual_grad.h pair_sim: O(Σ n_c² d)).
+//  3. The sparse stage (contextual_sparse.h): |N(i) ∩ N(j)|, W, R, Z, js in O(B·k²); L_ctx = (1/B²) Σ_{i≠j}
 //     (y − js)², split into the js support and the count of same-label pairs (per-class counts).
-//  3. L_reg = (‖Σ F_i‖²/B² − s̃)² in O(B·d).
+//  4. L_reg = (‖Σ F_i‖²/B² − s̃)² in O(B·d).
 // The op returns the neighbour lists (CSR + flag bytes: in P, clamped C = 0) and the two hinge counts: all the
 // backward needs besides x and labels.
 //
-// Backward (SPEC's closed form, G … GN): dL_ctx/dS = 2·ste_slope·C ⊙ (SP + u 1ᵀ + LB) with
-//  * SP sparse, O(k²) per row (built with a per-task sparse accumulator): GW'⊙H on the support of the js-driven
-//    part of GW, the label part of GW times the n part of H, the GI/GJ products with N, GP;
-//  * u 1ᵀ row-constant (from −GJ M − GJᵀ M with M = 11ᵀ − N);
-//  * LB_ij = −(β/2) ρ_i(κ_j)(1 − a_j/c_i) label-block (the label part of GW, ρ_i(κ) = Σ_{m∈R(i), label κ} 1/r_m,
-//    times the dense part of H), evaluated per tile from the class member lists (O(1) memory even for big classes).
-// It is applied in one recompute pass over the forward's S tiles (cpu_tiles.h weighted_gradient_pass): each tile
-// becomes the whole dL/dS (ctx part masked by C from the recomputed S, the hinge gradients −1/#hp, +1/#hn on the hard
-// pairs, the L_reg constant) while it is in cache, then dx += G F, dy += Gᵀ F; then the normalisation backward.
+// Backward (SPEC's closed form, G … GN): dL/dF = (G + Gᵀ) F with G = dL/dS, and G never formed:
+//  * L_ctx: s_ctx · C ⊙ (SP + u 1ᵀ + LB) (contextual_backward.h): SP sparse (plus, for B >= kKnApartRows, two
+//    factored products), u 1ᵀ row-constant (from −GJ M − GJᵀ M, M = 11ᵀ − N), LB_ij = −(β/2) ρ_i(κ_j)(1 − a_j/c_i)
+//    the label block (ρ_i(κ) = Σ_{m∈R(i), label κ} 1/r_m): sparse entries for small classes, class sums for big
+//    ones; C = 0 only on flagged neighbour-list entries, so the mask is a sparse correction;
+//  * L_reg: a constant, through Σ F; L_con: hard positives per class (the forward's pair_sim values), hard negatives
+//    (rare once training works) from one recompute of the forward's S tiles only when the forward counted any;
+// then the normalisation backward, row by row. No S tile is touched when there are no hard negatives.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -32,6 +32,8 @@
 #include <limits>
 #include <vector>
 
+#include "contextual_backward.h"
+#include "contextual_grad.h"
 #include "contextual_sparse.h"
 #include "cpu_tiles.h"
 #include "flashdml/contextual.h"
@@ -43,28 +45,54 @@ namespace flashdml {
 namespace cpu {
 namespace {
 
+using ctx::Backward;
+using ctx::BatchView;
+using ctx::BigClassSums;
 using ctx::Context;
 using ctx::Csr;
 using ctx::Nbr;
 using ctx::SparseAcc;
 
 struct Setup {
-  at::Tensor F, inv;  // fp32 rows (normalised when asked) and 1 / max(|x|, 1e-12)
+  at::Tensor x32, F, inv;  // fp32 rows as given, the GEMM operand F (normalised when asked), 1 / max(|x|, 1e-12)
+  ctx::Rows rows;          // F_i formed on the fly from x32 and inv (bitwise the rows of F)
   LabelIndex cls;
   int64_t B, d;
 };
 
-Setup make_setup(const at::Tensor& x, const at::Tensor& labels, bool normalize) {
+// with_f: materialise F (the forward's tiles, and the backward only when hard negatives need its tiles again).
+Setup make_setup(const at::Tensor& x, const at::Tensor& labels, bool normalize, bool with_f) {
   TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()), "contextual: x must be a 2-D floating tensor");
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == x.size(0),
               "contextual: labels must be int64 [B]");
   TORCH_CHECK(x.size(0) < (int64_t(1) << 31), "contextual: B must be < 2^31");
   Setup s;
-  s.F = normalized_rows(x, normalize, &s.inv);
-  s.cls = build_label_index(labels, labels);
+  s.x32 = as_float_contiguous(x);
   s.B = x.size(0);
   s.d = x.size(1);
+  if (with_f) {
+    s.F = normalized_rows(s.x32, normalize, &s.inv);
+  } else if (normalize) {  // the same 1 / max(|x|, 1e-12) normalized_rows computes
+    s.inv = at::empty({s.B}, s.x32.options());
+    const float* src = s.x32.data_ptr<float>();
+    float* inv = s.inv.data_ptr<float>();
+    for (int64_t r = 0; r < s.B; ++r) {
+      const float* a = src + r * s.d;
+      double ss = 0.0;
+      for (int64_t k = 0; k < s.d; ++k) ss += double(a[k]) * double(a[k]);
+      inv[r] = 1.f / std::max(float(std::sqrt(ss)), 1e-12f);
+    }
+  }
+  s.rows = ctx::Rows{s.x32.data_ptr<float>(), normalize ? s.inv.data_ptr<float>() : nullptr, s.B, s.d};
+  s.cls = build_label_index(labels, labels);
   return s;
+}
+
+// Row tasks of the S tile passes: one on the calling thread for small batches (see ctx::stage_tasks).
+TaskPlan tile_plan(int64_t B) {
+  TaskPlan plan = plan_row_tasks(B);
+  if (B < ctx::kSerialBelowRows) plan.num_tasks = 1;
+  return plan;
 }
 
 // ----------------------------------------------------------------------------------------- streaming pass
@@ -120,31 +148,37 @@ struct NbrLists {
   std::vector<std::vector<uint8_t>> flag;
 };
 
-// SPEC 2.4 on one tile row (strict tests, self mode keeps the diagonal as a positive): the hinge_pair.h rules.
-inline void hinge_row(const float* s, int64_t cn, const int32_t* col_class, int32_t ci, float mp, float mn,
-                      HingeStats& st) {
-  double ps = 0.0, ns = 0.0, pc = 0.0, nc = 0.0;
-  const double mpd = mp, mnd = mn;
-#pragma omp simd reduction(+ : ps, ns, pc, nc)
-  for (int64_t c = 0; c < cn; ++c) {
-    const float v = s[c];
-    const bool same = col_class[c] == ci;
-    const bool hp = same & hinge_hard_positive(v, mp, true);
-    const bool hn = !same & hinge_hard_negative(v, mn, true);
-    ps += hp ? mpd - double(v) : 0.0;
-    ns += hn ? double(v) - mnd : 0.0;
-    pc += hp ? 1.0 : 0.0;
-    nc += hn ? 1.0 : 0.0;
-  }
-  st.pos_sum += ps;
-  st.neg_sum += ns;
-  st.pos_count += int64_t(pc);
-  st.neg_count += int64_t(nc);
+// SPEC 2.4 hard negatives on one tile row (strict test): labels differ and s > m-. Hard positives are same-class
+// pairs and come from the per-class pass (class_hinge), not from the tiles.
+inline void hinge_negatives_row(const float* s, int64_t cn, const int32_t* col_class, int32_t ci, float mn,
+                                HingeStats& st) {
+  int64_t hits = 0;
+#pragma omp simd reduction(+ : hits)
+  for (int64_t c = 0; c < cn; ++c) hits += (col_class[c] != ci) & hinge_hard_negative(s[c], mn, true);
+  if (hits == 0) return;
+  for (int64_t c = 0; c < cn; ++c)
+    if ((col_class[c] != ci) & hinge_hard_negative(s[c], mn, true)) st.neg_sum += double(s[c]) - double(mn);
+  st.neg_count += hits;
 }
 
-NbrLists neighbour_pass(const Setup& p, int64_t k, float eps, float mp, float mn) {
+// SPEC 2.4 hard positives of one class (the diagonal kept as a positive): s_ij = pair_sim, symmetric.
+inline void class_hinge(const ctx::Rows& rows, const LabelIndex& cls, int64_t c, float mp, HingeStats& st) {
+  const int64_t* mem = cls.cols_by_class.data() + cls.class_start[c];
+  const int64_t n = cls.class_start[c + 1] - cls.class_start[c];
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t b = a; b < n; ++b) {
+      const float v = ctx::pair_sim(rows, mem[a], mem[b]);
+      if (!hinge_hard_positive(v, mp, true)) continue;
+      const int64_t mult = a == b ? 1 : 2;
+      st.pos_sum += double(mult) * (double(mp) - double(v));
+      st.pos_count += mult;
+    }
+}
+
+NbrLists neighbour_pass(const Setup& p, int64_t k, float eps, float mn) {
+  constexpr int64_t kChunk = 32;
   const int64_t B = p.B;
-  const TaskPlan plan = plan_row_tasks(B);
+  const TaskPlan plan = tile_plan(B);
   NbrLists out;
   out.con.resize(plan.num_tasks);
   out.size.assign(B, 0);
@@ -166,16 +200,25 @@ NbrLists neighbour_pass(const Setup& p, int64_t k, float eps, float mp, float mn
       gemm_tile(scratch, p.F, r0, rn, p.F, c0, cn);
       for (int64_t r = 0; r < rn; ++r) {
         const float* s = S + r * kTileCols;
-        hinge_row(s, cn, p.cls.col_class.data() + c0, p.cls.row_class[r0 + r], mp, mn, out.con[task]);
+        hinge_negatives_row(s, cn, p.cls.col_class.data() + c0, p.cls.row_class[r0 + r], mn, out.con[task]);
         TopK& tk = top[r];
         std::vector<Cand>& cv = cands[r];
         float theta = tk.threshold();
-        for (int64_t c = 0; c < cn; ++c) {
-          const float nd = ctx_neg_distance(s[c]);
-          if (ctx_band_value(nd, eps) >= theta) {
-            cv.push_back({int32_t(c0 + c), nd});
-            tk.offer(nd);
-            theta = tk.threshold();
+        // fl(−D + ε) is non-decreasing in s, so a chunk whose largest s fails the test has no candidate (NaN counts
+        // as +inf here: its −D is −0, which the exact test below admits, as the reference does).
+        for (int64_t b0 = 0; b0 < cn; b0 += kChunk) {
+          const int64_t b1 = std::min(cn, b0 + kChunk);
+          float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
+          for (int64_t c = b0; c < b1; ++c) mx = std::max(mx, s[c] == s[c] ? s[c] : std::numeric_limits<float>::infinity());
+          if (!(ctx_band_value(ctx_neg_distance(mx), eps) >= theta)) continue;
+          for (int64_t c = b0; c < b1; ++c) {
+            const float nd = ctx_neg_distance(s[c]);
+            if (ctx_band_value(nd, eps) >= theta) {
+              cv.push_back({int32_t(c0 + c), nd});
+              tk.offer(nd);
+              theta = tk.threshold();
+            }
           }
         }
         if (cv.size() >= compact_at[r]) {
@@ -205,10 +248,8 @@ NbrLists neighbour_pass(const Setup& p, int64_t k, float eps, float mp, float mn
 // ------------------------------------------------------------------------------------------------ pieces
 // Σ_i F_i in double.
 std::vector<double> column_sums(const Setup& p) {
-  std::vector<double> s(p.d, 0.0);
-  const float* F = p.F.data_ptr<float>();
-  for (int64_t i = 0; i < p.B; ++i)
-    for (int64_t q = 0; q < p.d; ++q) s[q] += F[i * p.d + q];
+  std::vector<double> s, unused;
+  ctx::weighted_column_sums(p.rows, nullptr, s, unused);
   return s;
 }
 
@@ -250,11 +291,18 @@ FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t
                           double neg_margin, double ste_slope, bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   (void)ste_slope;
-  const Setup p = make_setup(x, labels, normalize);
+  Setup p = make_setup(x, labels, normalize, true);
   const int64_t B = p.B;
   TORCH_CHECK_VALUE(k >= 2 && k <= B, "contextual_loss: k = ", k, " must satisfy 2 <= k <= B = ", B);
   TORCH_CHECK_VALUE(eps >= 0, "contextual_loss: eps must be >= 0, got ", eps);
-  NbrLists lists = neighbour_pass(p, k, float(eps), float(pos_margin), float(neg_margin));
+  NbrLists lists = neighbour_pass(p, k, float(eps), float(neg_margin));
+  p.F = at::Tensor();  // the tiles are done: F is not needed any more
+  {  // hard positives, per class
+    const int64_t T = ctx::stage_tasks(B, ctx::num_classes(p.cls), ctx::kSerialSparseRows);
+    std::vector<HingeStats> part(T);
+    ctx::for_each_class_task(p.cls, T, [&](int64_t t, int64_t c) { class_hinge(p.rows, p.cls, c, float(pos_margin), part[t]); });
+    lists.con.insert(lists.con.end(), part.begin(), part.end());
+  }
   HingeStats con;  // combined in task order: deterministic for a given thread count
   for (const HingeStats& st : lists.con) {
     con.pos_sum += st.pos_sum;
@@ -294,117 +342,60 @@ FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t
   return {loss, terms, ptr, col, flag, counts};
 }
 
-// --------------------------------------------------------------------------------------------- backward
-struct Backward {
-  const Setup& p;
-  const Nbr& nb;
-  const Context& cx;
-  double beta;
-  std::vector<double> gr, gwn, u, gp1, gp2;
-
-  bool same(int64_t i, int64_t j) const { return p.cls.row_class[i] == p.cls.row_class[j]; }
-  // G_ij = dL_ctx/dZ_ij = β (js_ij − y_ij) [i ≠ j].
-  double G(int64_t i, int32_t j) const { return i == j ? 0.0 : beta * (cx.js.at(i, j) - (same(i, j) ? 1.0 : 0.0)); }
-  void prepare() {
-    const int64_t B = p.B;
-    gr.assign(B, 0.0);
-    gwn.assign(nb.ptr[B], 0.0);
-    u.assign(B, 0.0);
-    ctx::for_each_row(B, [&](int64_t, int64_t i) {
-      double s = 0.0;
-      for (int64_t e = cx.Z.begin(i); e < cx.Z.end(i); ++e) s += G(i, cx.Z.col[e]) * cx.Z.val[e];
-      gr[i] = -s / cx.r[i];
-      // GW_il = Σ_{m∈R(i)} G_ml / r_m on l ∈ N(i)
-      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {
-        const int32_t l = nb.col[e];
-        double g = 0.0;
-        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) g += G(cx.R.col[q], l) / cx.r[cx.R.col[q]];
-        gwn[e] = g;
+// The SPEC 2.4 hard negatives need the S tiles again (the forward's tiles, so the same pairs): dx_i += 2 g F_j for
+// each (G is symmetric up to the fp32 GEMM's rounding); a tile with many of them goes through one GEMM instead.
+void hard_negative_pass(const Setup& p, at::Tensor& dx, float g2, float mn) {
+  const int64_t B = p.B, d = p.d;
+  const TaskPlan plan = tile_plan(B);
+  auto fopts = p.F.options();
+  const int32_t* cl = p.cls.row_class.data();
+  const float* F = p.F.data_ptr<float>();
+  float* D = dx.data_ptr<float>();
+  for_each_row_block(plan, B, [&](int64_t, int64_t r0, int64_t r1) {
+    const int64_t rn = r1 - r0;
+    at::Tensor scratch = at::empty({kTileRows, kTileCols}, fopts);
+    float* S = scratch.data_ptr<float>();
+    for (int64_t c0 = 0; c0 < B; c0 += kTileCols) {
+      const int64_t cn = std::min(kTileCols, B - c0);
+      at::Tensor G = gemm_tile(scratch, p.F, r0, rn, p.F, c0, cn);
+      int64_t hits = 0;
+      for (int64_t r = 0; r < rn; ++r) {
+        const float* s = S + r * kTileCols;
+        const int32_t ci = cl[r0 + r];
+#pragma omp simd reduction(+ : hits)
+        for (int64_t c = 0; c < cn; ++c) hits += (cl[c0 + c] != ci) & hinge_hard_negative(s[c], mn, true);
       }
-    });
-    // u_i = −(Σ_l GJ_il + Σ_l GJ_li); GP on the entries e = (l, i) of N with i ∈ P(l): GR_li (h1, in row l's
-    // turn) + GR_il (h2, in row i's turn), each with that row of js scattered densely.
-    gp1.assign(nb.ptr[B], 0.0);
-    gp2.assign(nb.ptr[B], 0.0);
-    const int64_t T = ctx::num_row_tasks(B);
-    std::vector<SparseAcc> dense(T, SparseAcc(B));
-    ctx::for_each_row(B, [&](int64_t t, int64_t a) {
-      double s = 0.0;
-      for (int64_t e = nb.ptr[a]; e < nb.ptr[a + 1]; ++e) s += 0.5 * gwn[e] / cx.c[a];
-      for (int64_t q = nb.tptr[a]; q < nb.tptr[a + 1]; ++q) s += 0.5 * gwn[nb.tpos[q]] / cx.c[nb.trow[q]];
-      u[a] = -s;
-      SparseAcc& js_a = dense[t];
-      for (int64_t e = cx.js.begin(a); e < cx.js.end(a); ++e) js_a.set(cx.js.col[e], cx.js.val[e]);
-      const int32_t ca = p.cls.row_class[a];
-      auto GRa = [&](int64_t b) {  // GR_ab = (1/r_a) Σ_{j∈N(b)} G_aj W_bj + gr_a, G_aj from the dense js row
-        double acc = 0.0;
-        for (int64_t e = nb.ptr[b]; e < nb.ptr[b + 1]; ++e) {
-          const int32_t j = nb.col[e];
-          if (j == a) continue;
-          acc += beta * (js_a.v[j] - (p.cls.row_class[j] == ca ? 1.0 : 0.0)) * cx.w[e];
+      if (hits == 0) continue;
+      if (hits * 16 > rn * cn) {  // dense: the tile becomes G, then dx[rows] += G F[cols]
+        for (int64_t r = 0; r < rn; ++r) {
+          float* s = S + r * kTileCols;
+          const int32_t ci = cl[r0 + r];
+          for (int64_t c = 0; c < cn; ++c) s[c] = ((cl[c0 + c] != ci) & hinge_hard_negative(s[c], mn, true)) ? g2 : 0.f;
         }
-        return acc / cx.r[a] + gr[a];
-      };
-      for (int64_t e = nb.ptr[a]; e < nb.ptr[a + 1]; ++e)
-        if (nb.flag[e] & kCtxInP) gp1[e] = GRa(nb.col[e]);
-      for (int64_t q = nb.tptr[a]; q < nb.tptr[a + 1]; ++q)
-        if (nb.flag[nb.tpos[q]] & kCtxInP) gp2[nb.tpos[q]] = GRa(nb.trow[q]);
-      js_a.clear();
-    });
-  }
+        at::Tensor dx_rows = dx.narrow(0, r0, rn);
+        at::addmm_out(dx_rows, dx_rows, G, p.F.narrow(0, c0, cn));
+        continue;
+      }
+      for (int64_t r = 0; r < rn; ++r) {
+        const float* s = S + r * kTileCols;
+        const int32_t ci = cl[r0 + r];
+        float* out = D + (r0 + r) * d;
+        for (int64_t c = 0; c < cn; ++c) {
+          if (!((cl[c0 + c] != ci) & hinge_hard_negative(s[c], mn, true))) continue;
+          const float* f = F + (c0 + c) * d;
+#pragma omp simd
+          for (int64_t q = 0; q < d; ++q) out[q] += g2 * f[q];
+        }
+      }
+    }
+  });
+}
 
-  // The sparse part SP of GN + GP (GN + GP = SP + u 1ᵀ + LB), rows unsorted, as fp32 values.
-  Csr sparse_part() {
-    const int64_t B = p.B;
-    const int64_t T = ctx::num_row_tasks(B);
-    const int64_t nc = int64_t(p.cls.class_start.size()) - 1;
-    std::vector<SparseAcc> acc_n(T, SparseAcc(B)), acc_gw(T, SparseAcc(B)), out(T, SparseAcc(B));
-    std::vector<std::vector<double>> rho(T, std::vector<double>(nc, 0.0));
-    const int32_t* cl = p.cls.row_class.data();
-    return ctx::build_rows(B, [&](int64_t t, int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
-      SparseAcc &an = acc_n[t], &ag = acc_gw[t], &o = out[t];
-      std::vector<double>& rh = rho[t];
-      const double ai = cx.a[i], ci = cx.c[i], s_ac = 1.0 / ai + 1.0 / ci;
-      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // n_ij = |N(i) ∩ N(j)|
-        const int32_t l = nb.col[e];
-        for (int64_t q = nb.tptr[l]; q < nb.tptr[l + 1]; ++q) an.add(nb.trow[q], 1.0);
-      }
-      for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {  // js-driven part of GW, and ρ_i
-        const int32_t m = cx.R.col[q];
-        const double wm = beta / cx.r[m];
-        for (int64_t e = cx.js.begin(m); e < cx.js.end(m); ++e)
-          if (cx.js.col[e] != m) ag.add(cx.js.col[e], wm * cx.js.val[e]);
-        ag.add(m, wm);  // the label part's own diagonal m = j removed from the class sum
-        rh[cl[m]] += 1.0 / cx.r[m];
-      }
-      // GW' ⊙ H (H = ½(1 − a_j/c_i) + ½ n_ij (1/a_i + 1/c_i)) and the label part of GW times the n part of H
-      for (int32_t j : ag.idx) o.add(j, ag.v[j] * ctx_h(an.v[j], ai, cx.a[j], double(B)));
-      for (int32_t j : an.idx) {
-        const double rj = rh[cl[j]];
-        if (rj != 0.0) o.add(j, -beta * rj * 0.5 * an.v[j] * s_ac);
-      }
-      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // GI N − (GJ M − gj 1ᵀ), sparse parts
-        const int32_t l = nb.col[e];
-        const double coef = 0.5 * gwn[e] * s_ac;
-        for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
-      }
-      for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) {  // GIᵀ N − (GJᵀ M − gjt 1ᵀ), and GP
-        const int32_t l = nb.trow[q];
-        const double coef = 0.5 * gwn[nb.tpos[q]] * (1.0 / cx.a[l] + 1.0 / cx.c[l]);
-        for (int64_t e2 = nb.ptr[l]; e2 < nb.ptr[l + 1]; ++e2) o.add(nb.col[e2], coef);
-        if (nb.flag[nb.tpos[q]] & kCtxInP) o.add(l, gp1[nb.tpos[q]] + gp2[nb.tpos[q]]);  // GP_il = P_li (GR_il + GR_li)
-      }
-      for (int32_t j : o.idx) {
-        cols.push_back(j);
-        vals.push_back(o.v[j]);
-      }
-      o.clear();
-      an.clear();
-      ag.clear();
-      for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) rh[cl[cx.R.col[q]]] = 0.0;
-    });
-  }
-};
+constexpr int64_t kBigClass = 32;  // classes above this size take the label block through class sums
+// From this batch size on, K N and the dense part of GW'⊙H go through six [B, d] intermediates and the rest of X is
+// stored with its transpose (fewer, row-owned updates); below it all of X is applied unstored (no B x d buffer
+// besides dx: the B = 1024 memory budget).
+constexpr int64_t kKnApartRows = 2048;
 
 at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& labels, int64_t k,
                               double eps, double context_weight, double contrastive_weight, double reg_weight,
@@ -415,86 +406,95 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
   (void)k;
   (void)eps;
   TORCH_CHECK(grad_loss.numel() == 1, "contextual_bwd: grad_loss must be a scalar");
-  const Setup p = make_setup(x, labels, normalize);
-  const int64_t B = p.B;
-  const at::Tensor ptr = ptr_in.to(at::kLong).contiguous(), col = col_in.to(at::kInt).contiguous(),
-                   flag = flag_in.to(at::kByte).contiguous(), counts = counts_in.to(at::kLong).contiguous();
-  TORCH_CHECK(ptr.numel() == B + 1 && col.numel() == ptr.data_ptr<int64_t>()[B] && flag.numel() == col.numel() &&
-                  counts.numel() == 2,
-              "contextual_bwd: neighbour lists / counts do not match the batch (pass the forward's outputs)");
+  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
+  TORCH_CHECK(counts.numel() == 2, "contextual_bwd: counts must have 2 entries (pass the forward's outputs)");
   const double g = grad_loss.item<double>();
-  const double B2 = double(B) * double(B);
-  // dL/dS_ij of each term: L_reg a constant, L_con −1/#hp on hard positives and +1/#hn on hard negatives,
-  // L_ctx = s_ctx · C ⊙ (SP + u 1ᵀ + LB) with LB_ij = −(β/2) ρ_i(κ_j)(1 − a_j/c_i).
-  const std::vector<double> colsum = column_sums(p);
-  double ss = 0.0;
-  for (double v : colsum) ss += v * v;
-  const float g_reg = float(g * reg_weight * 2.0 * (ss / B2 - reg_target) / B2);
   const int64_t* cp = counts.data_ptr<int64_t>();
-  const float g_hp = float(-g * contrastive_weight * hinge_term_scale(1.0, cp[0]));
   const float g_hn = float(g * contrastive_weight * hinge_term_scale(1.0, cp[1]));
-  const float mp = float(pos_margin), mn = float(neg_margin);
+  const bool with_neg = g_hn != 0.f;
+  Setup p = make_setup(x, labels, normalize, with_neg);
+  const int64_t B = p.B, d = p.d;
+  const at::Tensor ptr = ptr_in.to(at::kLong).contiguous(), col = col_in.to(at::kInt).contiguous(),
+                   flag = flag_in.to(at::kByte).contiguous();
+  TORCH_CHECK(ptr.numel() == B + 1 && col.numel() == ptr.data_ptr<int64_t>()[B] && flag.numel() == col.numel(),
+              "contextual_bwd: neighbour lists / counts do not match the batch (pass the forward's outputs)");
+  const double B2 = double(B) * double(B);
+  // dL/dS of each term: L_reg a constant, L_con −1/#hp on hard positives and +1/#hn on hard negatives,
+  // L_ctx = s_ctx · C ⊙ (SP + u 1ᵀ + LB) with LB_ij = −(β/2) ρ_i(κ_j)(1 − a_j/c_i). dL/dF = (G + Gᵀ) F, all
+  // but the hard negatives without any S tile: constants through Σ F, u 1ᵀ through Σ F and Σ u F, the label block
+  // as sparse entries (small classes) or class sums (big ones), X and Xᵀ as sparse rows.
+  const double g_hp = -g * contrastive_weight * hinge_term_scale(1.0, cp[0]);
+  const float mp = float(pos_margin);
   const double s_ctx = g * context_weight * 2.0 * ste_slope;
   const double beta = 2.0 / B2;
+  const bool with_ctx = s_ctx != 0.0;
+  const int64_t nc = ctx::num_classes(p.cls);
+  std::vector<uint8_t> big(nc, 0);
+  for (int64_t c = 0; c < nc; ++c) big[c] = p.cls.class_start[c + 1] - p.cls.class_start[c] > kBigClass;
 
   const Nbr nb = ctx::make_nbr(B, ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
   Context cx;
-  Backward bw{p, nb, cx, beta, {}, {}, {}, {}, {}};
-  Csr sp;
-  const bool with_ctx = s_ctx != 0.0;
+  Backward bw{BatchView{p.cls, p.rows, p.B, p.d}, big, nb, cx, beta, {}, {}, {}, {}, {}};
+  BigClassSums bs;
   if (with_ctx) {
     cx = ctx::build_context(nb);
     bw.prepare();
-    sp = bw.sparse_part();
+    bs = ctx::big_class_sums(BatchView{p.cls, p.rows, p.B, p.d}, cx, big);
   }
-  // One recompute pass over the S tiles (cpu_tiles.h weighted_gradient_pass, the forward's tiles, so C and the
-  // hard pairs are exactly the forward's): each tile becomes dL/dS, then dx += G F, dy += Gᵀ F.
-  const TaskPlan plan = plan_row_tasks(B);
-  const int64_t ldA = std::min(kTileCols, B);
-  std::vector<std::vector<float>> aux(plan.num_tasks, std::vector<float>(std::min(kTileRows, B) * ldA, 0.f));
+  std::vector<double> colsum, uF;
+  ctx::weighted_column_sums(p.rows, with_ctx ? bw.u.data() : nullptr, colsum, uF);
+  double ss = 0.0;
+  for (double v : colsum) ss += v * v;
+  const double g_reg = g * reg_weight * 2.0 * (ss / B2 - reg_target) / B2;
+
+  auto fopts = p.x32.options();
+  const bool accumulate = with_neg || with_ctx;
+  at::Tensor dx = new_output({B, d}, fopts);
+  if (accumulate) std::fill_n(dx.data_ptr<float>(), B * d, 0.f);  // serial: at::zeros would open a parallel region
+  if (with_neg) hard_negative_pass(p, dx, 2.f * g_hn, float(neg_margin));
+  p.F = at::Tensor();
+  float* D = dx.data_ptr<float>();
+  if (with_ctx) {
+    bw.kn_apart = B >= kKnApartRows;
+    if (bw.kn_apart) {
+      bw.apply_factored(p.rows, D, s_ctx);
+      bw.apply_sparse_stored(p.rows, D, s_ctx);
+    } else {
+      bw.apply_sparse(p.rows, D, s_ctx);
+    }
+  }
   const int32_t* cl = p.cls.row_class.data();
-  auto fopts = p.F.options().dtype(at::kFloat);
-  at::Tensor dx = at::zeros({B, p.d}, fopts), dy = at::zeros({B, p.d}, fopts);
-  weighted_gradient_pass(p.F, p.F, dx, dy, [&](int64_t t, int64_t r0, int64_t rn, int64_t c0, int64_t cn, float* S,
-                                               int64_t ld) {
-    float* A = aux[t].data();
-    const int32_t c1 = int32_t(c0 + cn);
-    for (int64_t r = 0; r < rn; ++r) {
-      const int64_t i = r0 + r;
-      float* a = A + r * ldA;
-      float* s = S + r * ld;
-      if (with_ctx) {  // SP + LB of row i inside the tile, into the auxiliary tile
-        for (int64_t e = sp.begin(i); e < sp.end(i); ++e) {
-          const int32_t j = sp.col[e];
-          if (j >= c0 && j < c1) a[j - c0] += float(sp.val[e]);
+  const int64_t T = ctx::stage_tasks(B, nc, ctx::kSerialSparseRows);
+  std::vector<std::vector<double>> accs(T, std::vector<double>(d));
+  ctx::for_each_class_task(p.cls, T, [&](int64_t t, int64_t c) {
+    double* acc = accs[t].data();
+    const int64_t* mem = p.cls.cols_by_class.data() + p.cls.class_start[c];
+    const int64_t n = p.cls.class_start[c + 1] - p.cls.class_start[c];
+    for (int64_t a = 0; a < n; ++a) {
+      const int64_t i = mem[a];
+      float* out = D + i * d;
+      const double cc = 2.0 * g_reg + (with_ctx ? s_ctx * bw.u[i] : 0.0), cu = with_ctx ? s_ctx : 0.0;
+      for (int64_t q = 0; q < d; ++q) acc[q] = (accumulate ? double(out[q]) : 0.0) + cc * colsum[q] + cu * uF[q];
+      if (with_ctx) {
+        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {  // (LB F)_i, big classes
+          const int64_t sl = bs.slot[cl[cx.R.col[q]]];
+          if (sl < 0) continue;
+          const double w = -0.5 * beta * s_ctx / cx.r[cx.R.col[q]], wc = w / cx.c[i];
+          const double *sf = bs.SF.data() + sl * d, *saf = bs.SaF.data() + sl * d;
+          for (int64_t z = 0; z < d; ++z) acc[z] += w * sf[z] - wc * saf[z];
         }
-        const double hb = -0.5 * beta / cx.c[i];
-        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {
-          const int32_t m = cx.R.col[q];
-          const double w = hb / cx.r[m];
-          const int64_t* b = p.cls.cols_by_class.data() + p.cls.class_start[cl[m]];
-          const int64_t* en = p.cls.cols_by_class.data() + p.cls.class_start[cl[m] + 1];
-          for (const int64_t* jp = std::lower_bound(b, en, c0); jp != en && *jp < c1; ++jp)
-            a[*jp - c0] += float(w * (cx.c[i] - cx.a[*jp]));
+        if (bs.slot[c] >= 0) {  // (LBᵀ F)_i
+          const double w = -0.5 * beta * s_ctx, wa = w * cx.a[i];
+          const double *v = bs.V.data() + bs.slot[c] * d, *u = bs.U.data() + bs.slot[c] * d;
+          for (int64_t z = 0; z < d; ++z) acc[z] += w * v[z] - wa * u[z];
         }
       }
-      const float ui = with_ctx ? float(bw.u[i]) : 0.f, sc = float(s_ctx);
-      const int32_t* colc = cl + c0;
-      const int32_t ci = cl[i];
-#pragma omp simd
-      for (int64_t c = 0; c < cn; ++c) {
-        const float v = s[c];
-        const bool same = colc[c] == ci;
-        const bool hp = same & hinge_hard_positive(v, mp, true);
-        const bool hn = !same & hinge_hard_negative(v, mn, true);
-        const bool keep = !ctx_clamped(ctx_neg_distance(v));  // C_ij
-        s[c] = g_reg + (hp ? g_hp : 0.f) + (hn ? g_hn : 0.f) + (keep ? sc * (ui + a[c]) : 0.f);
-        a[c] = 0.f;
-      }
+      if (g_hp != 0.0)  // hard positives of the class, G symmetric: 2 g_hp F_j
+        for (int64_t b = 0; b < n; ++b)
+          if (hinge_hard_positive(ctx::pair_sim(p.rows, i, mem[b]), mp, true)) ctx::axpy_row(acc, p.rows, mem[b], 2.0 * g_hp);
+      ctx::finish_row(out, acc, p.rows, i);
     }
   });
-  dx.add_(dy);
-  if (normalize) normalize_backward_inplace(dx, p.F, p.inv);
   return grad_output_like(dx, x);
 }
 

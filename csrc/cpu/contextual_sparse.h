@@ -75,9 +75,19 @@ struct SparseAcc {
   }
 };
 
-inline int64_t num_row_tasks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+// Below this many rows every stage runs on the calling thread: a parallel region costs more than the work there,
+// and far more on a loaded machine (each region waits until every thread has been scheduled).
+// The heavy O(B²·d) / O(B·nnz·d) stages go parallel from kSerialBelowRows, the light O(B·k²) ones from
+// kSerialSparseRows.
+constexpr int64_t kSerialBelowRows = 768;
+constexpr int64_t kSerialSparseRows = 2048;
+
+inline int64_t stage_tasks(int64_t rows, int64_t units, int64_t serial_below = kSerialBelowRows) {
+  if (rows < serial_below) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
 }
+
+inline int64_t num_row_tasks(int64_t rows) { return stage_tasks(rows, rows, kSerialSparseRows); }
 
 // Runs fn(task, i) for every row, tasks over contiguous row chunks in parallel.
 template <typename Fn>
