@@ -1,6 +1,6 @@
 // The sparse stage of the contextual loss for the CUDA backend (SPEC 2.5 steps 4-8 and the closed-form backward) as
 // ATen ops on the device tensors of the neighbour lists: the algorithm of python/flashdml/ops/contextual_device.py
-// (itself a vectorised mirror of csrc/cpu/contextual_sparse.h and the CPU Backward), O(B·k²), nothing B x B.
+// (itself a vectorised mirror of csrc/cpu/contextual_sparse.h and the CPU Backward in csrc/cpu/contextual_backward.h), O(B·k²), nothing B x B.
 // Entries are int64 keys row·B + col (the lists are row-major with ascending columns, so their keys are sorted and
 // a lookup is one searchsorted); sparse products expand each row's list over the lists it touches and sum equal keys
 // in float64. Plain ATen (no CUDA API), so it also runs on CPU tensors (tests/test_cuda_contextual_aten.py).

@@ -5,9 +5,10 @@ row, only the k largest ``−D`` values and the neighbour list ``N(i)`` (with th
 and the margin-contrastive hinge sums and counts (SPEC 2.4, the per-element rules of ``fd.contrastive_margin``),
 then computes ``L_ctx`` from the lists in O(B·k²) and ``L_reg`` in O(B·d). Its backward
 (``flashdml::contextual_bwd``) builds SPEC's closed-form straight-through gradient as "sparse (O(k²) per row) +
-row-constant + label-block" parts from the lists and applies it, with the L_con and L_reg gradients, in one
-recompute pass over the same S tiles (each tile of dL/dS exists only while it is in cache). Memory is
-O((B + k²)·d + B·k²); nothing B×B is stored.
+row-constant + label-block" parts from the lists and applies it without recomputing S: the row-constant and L_reg
+terms through column sums (O(B·d)), the label block through per-class sums, the sparse part and the clamp
+corrections from the lists, the L_con hard positives per class and the hard negatives (only when the forward
+counted any) from the forward's tiles. Memory is O((B + k²)·d + B·k²); nothing B×B is stored.
 
 On CUDA tensors the Triton backend (``triton_kernels/contextual.py``: streamed S tiles for the thresholds, the hinge
 terms and the neighbour lists, one recompute pass for the dense part of the gradient) runs the same computation,

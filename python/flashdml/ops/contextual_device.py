@@ -1,6 +1,6 @@
 """The sparse stage of the contextual loss (SPEC 2.5 steps 4-8 and the closed-form backward) as vectorised torch ops
 on the device tensors of the neighbour lists: a mirror of csrc/cpu/contextual_sparse.h and the CPU ``Backward``
-(csrc/cpu/contextual.cpp), used by the Triton backend (triton_kernels/contextual.py).
+(csrc/cpu/contextual_backward.h), used by the Triton backend (triton_kernels/contextual.py).
 
 Everything is O(B·k²) time and memory (k² meaning products of neighbourhood sizes): entries are addressed by int64
 keys ``row·B + col``; the N(i) lists come row-major with ascending columns, so their keys are sorted and a lookup
