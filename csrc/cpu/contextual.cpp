@@ -396,6 +396,8 @@ constexpr int64_t kBigClass = 32;  // classes above this size take the label blo
 // stored with its transpose (fewer, row-owned updates); below it all of X is applied unstored (no B x d buffer
 // besides dx: the B = 1024 memory budget).
 constexpr int64_t kKnApartRows = 2048;
+// Below this B the sparse part goes through dense row blocks and GEMMs (Backward::apply_sparse_dense).
+constexpr int64_t kDenseBelowRows = 2048;
 
 at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& labels, int64_t k,
                               double eps, double context_weight, double contrastive_weight, double reg_weight,
@@ -459,6 +461,8 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
     if (bw.kn_apart) {
       bw.apply_factored(p.rows, D, s_ctx);
       bw.apply_sparse_stored(p.rows, D, s_ctx);
+    } else if (B < kDenseBelowRows) {
+      bw.apply_sparse_dense(p.rows, dx, s_ctx);
     } else {
       bw.apply_sparse(p.rows, D, s_ctx);
     }

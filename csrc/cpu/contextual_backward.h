@@ -1,12 +1,14 @@
 // The backward of the CPU contextual loss (SPEC 2.5) without any S tile: the closed-form straight-through gradient
 // dL_ctx/dS = s_ctx · C ⊙ (SP + u 1ᵀ + LB) is split into
 //  * X: the sparse part (O(|N|²) per row, from the neighbour lists), with the small classes' label block and the
-//    C = 0 corrections folded in, applied as (X + Xᵀ) F without storing X (apply_sparse);
+//    C = 0 corrections folded in, applied as (X + Xᵀ) F: for B < kDenseBelowRows (where a row of X has about B
+//    non-zeros anyway) through dense row blocks and GEMMs (apply_sparse_dense), else without storing X (apply_sparse);
 //  * for B >= kKnApartRows, the two widest pieces of X taken out and applied through [B, d] intermediates
 //    (apply_factored): K N (the GI / GJ products with N) and the dense part ½ GW' ⊙ (1 − a_j/c_i) of GW' ⊙ H;
 //  * u 1ᵀ and the big classes' label block through column and class sums (O(B·d), in contextual.cpp).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -269,6 +271,35 @@ struct Backward {
           }
       }
     });
+  }
+
+  // dF += s_ctx (X + Xᵀ) F for small batches, where a row of X has about as many non-zeros as B: blocks of
+  // kDenseBlockRows rows of X are written densely (scaled by the row norms, F = diag(s) x) and applied with two GEMMs,
+  // D[block] += (X_b diag(s)) x and D += (diag(s_b) X_b)ᵀ x[block]. Memory 2·kDenseBlockRows·B floats.
+  static constexpr int64_t kDenseBlockRows = 64;
+  void apply_sparse_dense(const Rows& rows, at::Tensor& dx, double s_ctx) const {
+    const int64_t B = p.B, d = p.d, nc = num_classes(p.cls);
+    const at::Tensor x = at::from_blob(const_cast<float*>(rows.x), {B, d}, dx.options());
+    at::Tensor xs = at::empty({kDenseBlockRows, B}, dx.options()), xt = at::empty({kDenseBlockRows, B}, dx.options());
+    RowScratch sc(B, nc);
+    for (int64_t r0 = 0; r0 < B; r0 += kDenseBlockRows) {
+      const int64_t rn = std::min(kDenseBlockRows, B - r0);
+      float* a = xs.data_ptr<float>();
+      float* b = xt.data_ptr<float>();
+      std::fill_n(a, rn * B, 0.f);
+      std::fill_n(b, rn * B, 0.f);
+      for (int64_t r = 0; r < rn; ++r) {
+        const float si = rows.s(r0 + r);
+        sparse_row(sc, r0 + r, [&](int32_t j, double v) {
+          const float w = float(s_ctx * v);
+          a[r * B + j] = w * rows.s(j);
+          b[r * B + j] = w * si;
+        });
+      }
+      at::Tensor rows_out = dx.narrow(0, r0, rn);
+      at::addmm_out(rows_out, rows_out, xs.narrow(0, 0, rn), x);
+      at::addmm_out(dx, dx, xt.narrow(0, 0, rn).t(), x.narrow(0, r0, rn));
+    }
   }
 
   // dF += s_ctx (X + Xᵀ) F without storing X: every task builds all rows of X (cheap next to applying them) and
