@@ -281,21 +281,26 @@ struct Backward {
     const int64_t B = p.B, d = p.d, nc = num_classes(p.cls);
     const at::Tensor x = at::from_blob(const_cast<float*>(rows.x), {B, d}, dx.options());
     at::Tensor xs = at::empty({kDenseBlockRows, B}, dx.options()), xt = at::empty({kDenseBlockRows, B}, dx.options());
-    RowScratch sc(B, nc);
+    const int64_t T = std::min<int64_t>(at::get_num_threads(), kDenseBlockRows);
+    std::vector<RowScratch> sc;
+    for (int64_t t = 0; t < T; ++t) sc.emplace_back(B, nc);
     for (int64_t r0 = 0; r0 < B; r0 += kDenseBlockRows) {
       const int64_t rn = std::min(kDenseBlockRows, B - r0);
       float* a = xs.data_ptr<float>();
       float* b = xt.data_ptr<float>();
-      std::fill_n(a, rn * B, 0.f);
-      std::fill_n(b, rn * B, 0.f);
-      for (int64_t r = 0; r < rn; ++r) {
-        const float si = rows.s(r0 + r);
-        sparse_row(sc, r0 + r, [&](int32_t j, double v) {
-          const float w = float(s_ctx * v);
-          a[r * B + j] = w * rows.s(j);
-          b[r * B + j] = w * si;
-        });
-      }
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {  // task t writes rows [t·rn/T, (t+1)·rn/T) of the block
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t r = t * rn / T; r < (t + 1) * rn / T; ++r) {
+            std::fill_n(a + r * B, B, 0.f);
+            std::fill_n(b + r * B, B, 0.f);
+            const float si = rows.s(r0 + r);
+            sparse_row(sc[t], r0 + r, [&](int32_t j, double v) {
+              const float w = float(s_ctx * v);
+              a[r * B + j] = w * rows.s(j);
+              b[r * B + j] = w * si;
+            });
+          }
+      });
       at::Tensor rows_out = dx.narrow(0, r0, rn);
       at::addmm_out(rows_out, rows_out, xs.narrow(0, 0, rn), x);
       at::addmm_out(dx, dx, xt.narrow(0, 0, rn).t(), x.narrow(0, r0, rn));
