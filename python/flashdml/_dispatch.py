@@ -79,26 +79,33 @@ def _triton_status() -> Tuple[bool, str]:
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels under the interpreter)"
 
 
+def _cpu_status() -> Tuple[bool, str]:
+    return (True, "C++ CPU kernels (flashdml._C)") if _ext.C_LOADED else (False, _ext.C_ERROR)
+
+
+def _cuda_status() -> Tuple[bool, str]:
+    if not _ext.C_LOADED:
+        return False, _ext.C_ERROR
+    if not _ext.C_HAS_CUDA:
+        return False, "flashdml._C was built without CUDA kernels (FLASHDML_NO_CUDA, no nvcc or CPU-only torch)"
+    if not torch.cuda.is_available():
+        return False, "CUDA kernels are built but no CUDA device is visible"
+    return True, "CUDA C++ kernels (flashdml._C)"
+
+
+_STATUS = {"reference": lambda: (True, "pure PyTorch, always available"), "cpu": _cpu_status,
+           "triton": _triton_status, "cuda": _cuda_status}
+
+
 def available_backends() -> Dict[str, Tuple[bool, str]]:
     """``{name: (available, reason)}`` for every backend: what this install can run, and why not the rest."""
-    out = {"reference": (True, "pure PyTorch, always available")}
-    out["cpu"] = (True, "C++ CPU kernels (flashdml._C)") if _ext.C_LOADED else (False, _ext.C_ERROR)
-    out["triton"] = _triton_status()
-    if not _ext.C_LOADED:
-        out["cuda"] = (False, _ext.C_ERROR)
-    elif not _ext.C_HAS_CUDA:
-        out["cuda"] = (False, "flashdml._C was built without CUDA kernels (FLASHDML_NO_CUDA, no nvcc or CPU-only torch)")
-    elif not torch.cuda.is_available():
-        out["cuda"] = (False, "CUDA kernels are built but no CUDA device is visible")
-    else:
-        out["cuda"] = (True, "CUDA C++ kernels (flashdml._C)")
-    return out
+    return {name: status() for name, status in _STATUS.items()}
 
 
 def _can_run(name: str, op: str, device: torch.device) -> Tuple[bool, str]:
     if name == "reference":
         return True, ""
-    ok, why = available_backends()[name]
+    ok, why = _STATUS[name]()  # only this backend's status: resolve runs on every call
     if not ok:
         return False, why
     if op not in FUSED_OPS[name]:
