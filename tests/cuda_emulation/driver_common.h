@@ -4,12 +4,19 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <string>
 #include <utility>
 #include <vector>
+
+// The integer atomics the histogram kernels use (selection's radix select, the metrics pass), on host threads.
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
 
 // SMs the emulated device has (launch_utils.cuh's plan_splits reads the real count): 132 (H100) or 1.
 static int g_sms = 132;

@@ -12,11 +12,6 @@
 #include <random>
 #include <string>
 
-// The integer atomics the histogram pass uses.
-inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
-inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-  return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
-}
 
 #include "selection_kernels.cuh"
 
