@@ -18,3 +18,20 @@ def _restore_backend():
     flashdml.set_backend("auto")
     yield
     flashdml.set_backend("auto")
+
+
+@pytest.fixture
+def poison_triton_outputs(monkeypatch):
+    """Every tensor a Triton launcher allocates through flashdml._debug.new_output starts as NaN (integers: a
+    sentinel), so an element a kernel fails to write shows up. Returns the list of allocated shapes."""
+    from flashdml import _debug
+
+    calls = []
+
+    def new_output(shape, *, dtype, device):
+        calls.append(tuple(shape))
+        fill = float("nan") if dtype.is_floating_point else _debug.POISON_INT
+        return torch.full(tuple(shape), fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(_debug, "new_output", new_output)
+    return calls

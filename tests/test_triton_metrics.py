@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import flashdml as fd
-from flashdml import _debug
 from flashdml._debug import poison_outputs
 
 pytestmark = pytest.mark.skipif(not fd.available_backends()["triton"][0], reason="triton backend unavailable here")
@@ -127,13 +126,8 @@ def assert_same(got, want, what):
 
 
 @pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    """Every tensor the Triton launcher allocates with new_output starts as NaN / a sentinel."""
-    def new_output(shape, *, dtype, device):
-        fill = float("nan") if dtype.is_floating_point else _debug.POISON_INT
-        return torch.full(tuple(shape), fill, dtype=dtype, device=device)
-
-    monkeypatch.setattr(_debug, "new_output", new_output)
+def poisoned(poison_triton_outputs):
+    return poison_triton_outputs  # conftest.py
 
 
 # (B, M, d, mode, keep kind, pair_hist, opis_bins, dtype, num_splits, rows kind)
