@@ -87,7 +87,7 @@ def test_public_api_routes_to_the_fused_op():
 
 
 # ------------------------------------------------------------------------------------------ vs the reference
-CASES = [  # (B, d, per_class, k, eps, seed)
+CASES = [  # (B, d, per_class, k, eps, seed); B <= 256 runs the CPU op's one-tile (dense) path, larger B the sparse one
     (8, 5, 4, 2, 0.05, 0), (8, 3, 4, 4, 0.0, 1), (37, 16, 4, 4, 0.05, 2), (37, 129, 5, 2, 0.0, 3),
     (70, 3, 6, 8, 0.05, 4), (130, 33, 8, 16, 0.0, 5), (130, 64, 4, 4, 0.05, 6), (257, 20, 8, 8, 0.05, 7),
     (600, 64, 4, 16, 0.05, 8), (600, 129, 8, 2, 0.05, 9), (1030, 32, 4, 4, 0.0, 10),
@@ -164,9 +164,10 @@ def test_exact_ties_neighbour_lists_and_loss(k, eps):
 
 
 @needs_kernel
+@pytest.mark.parametrize("B", [200, 300])  # the one-tile path (B <= 256) and the streaming pass
 @pytest.mark.parametrize("k,eps,seed", [(4, 0.05, 0), (2, 0.0, 1), (8, 0.1, 2), (16, 0.05, 3)])
-def test_neighbour_lists_equal_fp32_reference(k, eps, seed):
-    x, labels = _batch(300, 24, 4, 20 + seed)
+def test_neighbour_lists_equal_fp32_reference(B, k, eps, seed):
+    x, labels = _batch(B, 24, 4, 20 + seed)
     x[7] = x[3]  # exact duplicates
     x[150] = x[3]
     N, P, C0, _ = _kernel_lists(x, labels, k, eps)
@@ -174,8 +175,8 @@ def test_neighbour_lists_equal_fp32_reference(k, eps, seed):
     assert torch.equal(N, Nr) and torch.equal(P, Pr)
     assert (N.sum(1) >= k).all()
     # C = 0 off the diagonal only between the duplicates (where the fp32 similarity may reach 1)
-    off = C0 & ~torch.eye(300, dtype=torch.bool)
-    dup = torch.zeros(300, 300, dtype=torch.bool)
+    off = C0 & ~torch.eye(B, dtype=torch.bool)
+    dup = torch.zeros(B, B, dtype=torch.bool)
     dup[[3, 7, 150], :] = True
     assert not (off & ~(dup & dup.T)).any()
 

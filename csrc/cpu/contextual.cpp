@@ -2,17 +2,12 @@
 // nothing B x B stored.
 //
 // Forward:
-//  1. One streaming pass over S = F Fᵀ tiles (row blocks x column tiles, cpu_tiles.h gemm_tile): per row a
-//     values-only min-heap of the k largest −D (query included), a candidate list of the entries with
-//     fl(−D + ε) >= the running k-th largest (32-column chunks whose largest S cannot pass are skipped), and the
-//     SPEC 2.4 hard-negative sum / count (hinge_pair.h rules). The running threshold only rises to the final t_i, so
-//     every final neighbour is a candidate; the list is compacted against the current threshold whenever it
-//     doubles, so it stays O(|band|) per row whatever the column order (no fixed capacity, no overflow). At the end
-//     of a row block t_i / h_i are read off the heap and the candidates filtered with the inclusive fp32 tests of
-//     flashdml/contextual.h — on the fp32 values of the one GEMM, so no second pass can round differently.
+//  1. The neighbour lists and the SPEC 2.4 hard negatives from the fp32 values of one GEMM of S (contextual_lists.h):
+//     a streaming pass over S tiles, or, for B <= kOneTileRows, one tile scanned row by row.
 //  2. SPEC 2.4 hard positives per class (same-class pairs only, contextual_grad.h pair_sim: O(Σ n_c² d)).
 //  3. The sparse stage (contextual_sparse.h): |N(i) ∩ N(j)|, W, R, Z, js in O(B·k²); L_ctx = (1/B²) Σ_{i≠j}
-//     (y − js)², split into the js support and the count of same-label pairs (per-class counts).
+//     (y − js)², split into the js support and the count of same-label pairs (per-class counts). For
+//     B <= kOneTileRows, Z dense and neighbourhoods as bit rows instead (contextual_one_tile.h).
 //  4. L_reg = (‖Σ F_i‖²/B² − s̃)² in O(B·d).
 // The op returns the neighbour lists (CSR + flag bytes: in P, clamped C = 0) and the two hinge counts: all the
 // backward needs besides x and labels.
@@ -25,6 +20,7 @@
 //  * L_reg: a constant, through Σ F; L_con: hard positives per class (the forward's pair_sim values), hard negatives
 //    (rare once training works) from one recompute of the forward's S tiles only when the forward counted any;
 // then the normalisation backward, row by row. No S tile is touched when there are no hard negatives.
+// For B <= kOneTileRows the whole L_ctx term is one dense B x B matrix applied with one GEMM (contextual_one_tile.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -34,6 +30,8 @@
 
 #include "contextual_backward.h"
 #include "contextual_grad.h"
+#include "contextual_lists.h"
+#include "contextual_one_tile.h"
 #include "contextual_sparse.h"
 #include "cpu_tiles.h"
 #include "flashdml/contextual.h"
@@ -49,9 +47,9 @@ using ctx::Backward;
 using ctx::BatchView;
 using ctx::BigClassSums;
 using ctx::Context;
-using ctx::Csr;
+using ctx::HingeStats;
 using ctx::Nbr;
-using ctx::SparseAcc;
+using ctx::NbrLists;
 
 struct Setup {
   at::Tensor x32, F, inv;  // fp32 rows as given, the GEMM operand F (normalised when asked), 1 / max(|x|, 1e-12)
@@ -76,173 +74,11 @@ Setup make_setup(const at::Tensor& x, const at::Tensor& labels, bool normalize, 
     s.inv = at::empty({s.B}, s.x32.options());
     const float* src = s.x32.data_ptr<float>();
     float* inv = s.inv.data_ptr<float>();
-    for (int64_t r = 0; r < s.B; ++r) {
-      const float* a = src + r * s.d;
-      double ss = 0.0;
-      for (int64_t k = 0; k < s.d; ++k) ss += double(a[k]) * double(a[k]);
-      inv[r] = 1.f / std::max(float(std::sqrt(ss)), 1e-12f);
-    }
+    for (int64_t r = 0; r < s.B; ++r) inv[r] = inv_row_norm(src + r * s.d, s.d);
   }
   s.rows = ctx::Rows{s.x32.data_ptr<float>(), normalize ? s.inv.data_ptr<float>() : nullptr, s.B, s.d};
   s.cls = build_label_index(labels, labels);
   return s;
-}
-
-// Row tasks of the S tile passes: one on the calling thread for small batches (see ctx::stage_tasks).
-TaskPlan tile_plan(int64_t B) {
-  TaskPlan plan = plan_row_tasks(B);
-  if (B < ctx::kSerialBelowRows) plan.num_tasks = 1;
-  return plan;
-}
-
-// ----------------------------------------------------------------------------------------- streaming pass
-struct Cand {
-  int32_t col;
-  float neg_d;
-};
-
-// Values-only min-heap of the k largest −D of one row.
-struct TopK {
-  float* h;
-  int64_t n = 0, k;
-  float threshold() const { return n < k ? -std::numeric_limits<float>::infinity() : h[0]; }
-  void offer(float v) {
-    if (n < k) {
-      int64_t i = n++;
-      while (i > 0 && h[(i - 1) / 2] > v) {
-        h[i] = h[(i - 1) / 2];
-        i = (i - 1) / 2;
-      }
-      h[i] = v;
-    } else if (v > h[0]) {
-      int64_t i = 0;
-      for (;;) {
-        int64_t c = 2 * i + 1;
-        if (c >= k) break;
-        if (c + 1 < k && h[c + 1] < h[c]) ++c;
-        if (h[c] >= v) break;
-        h[i] = h[c];
-        i = c;
-      }
-      h[i] = v;
-    }
-  }
-};
-
-void compact(std::vector<Cand>& cv, float theta, float eps) {
-  size_t o = 0;
-  for (const Cand& c : cv)
-    if (ctx_band_value(c.neg_d, eps) >= theta) cv[o++] = c;
-  cv.resize(o);
-}
-
-struct HingeStats {
-  double pos_sum = 0.0, neg_sum = 0.0;
-  int64_t pos_count = 0, neg_count = 0;
-};
-
-struct NbrLists {
-  std::vector<HingeStats> con;  // per task: the margin-contrastive sums and counts (SPEC 2.4)
-  std::vector<int64_t> size;  // [B]
-  std::vector<std::vector<int32_t>> col;  // per task, rows in order
-  std::vector<std::vector<uint8_t>> flag;
-};
-
-// SPEC 2.4 hard negatives on one tile row (strict test): labels differ and s > m-. Hard positives are same-class
-// pairs and come from the per-class pass (class_hinge), not from the tiles.
-inline void hinge_negatives_row(const float* s, int64_t cn, const int32_t* col_class, int32_t ci, float mn,
-                                HingeStats& st) {
-  int64_t hits = 0;
-#pragma omp simd reduction(+ : hits)
-  for (int64_t c = 0; c < cn; ++c) hits += (col_class[c] != ci) & hinge_hard_negative(s[c], mn, true);
-  if (hits == 0) return;
-  for (int64_t c = 0; c < cn; ++c)
-    if ((col_class[c] != ci) & hinge_hard_negative(s[c], mn, true)) st.neg_sum += double(s[c]) - double(mn);
-  st.neg_count += hits;
-}
-
-// SPEC 2.4 hard positives of one class (the diagonal kept as a positive): s_ij = pair_sim, symmetric.
-inline void class_hinge(const ctx::Rows& rows, const LabelIndex& cls, int64_t c, float mp, HingeStats& st) {
-  const int64_t* mem = cls.cols_by_class.data() + cls.class_start[c];
-  const int64_t n = cls.class_start[c + 1] - cls.class_start[c];
-  for (int64_t a = 0; a < n; ++a)
-    for (int64_t b = a; b < n; ++b) {
-      const float v = ctx::pair_sim(rows, mem[a], mem[b]);
-      if (!hinge_hard_positive(v, mp, true)) continue;
-      const int64_t mult = a == b ? 1 : 2;
-      st.pos_sum += double(mult) * (double(mp) - double(v));
-      st.pos_count += mult;
-    }
-}
-
-NbrLists neighbour_pass(const Setup& p, int64_t k, float eps, float mn) {
-  constexpr int64_t kChunk = 32;
-  const int64_t B = p.B;
-  const TaskPlan plan = tile_plan(B);
-  NbrLists out;
-  out.con.resize(plan.num_tasks);
-  out.size.assign(B, 0);
-  out.col.resize(plan.num_tasks);
-  out.flag.resize(plan.num_tasks);
-  auto fopts = p.F.options().dtype(at::kFloat);
-  for_each_row_block(plan, B, [&](int64_t task, int64_t r0, int64_t r1) {
-    const int64_t rn = r1 - r0;
-    at::Tensor scratch = at::empty({kTileRows, kTileCols}, fopts);
-    const float* S = scratch.data_ptr<float>();
-    std::vector<float> heaps(rn * k), sorted(k);
-    std::vector<TopK> top(rn);
-    std::vector<std::vector<Cand>> cands(rn);
-    const size_t min_compact = size_t(2 * k + 64);
-    std::vector<size_t> compact_at(rn, min_compact);
-    for (int64_t r = 0; r < rn; ++r) top[r] = TopK{heaps.data() + r * k, 0, k};
-    for (int64_t c0 = 0; c0 < B; c0 += kTileCols) {
-      const int64_t cn = std::min(kTileCols, B - c0);
-      gemm_tile(scratch, p.F, r0, rn, p.F, c0, cn);
-      for (int64_t r = 0; r < rn; ++r) {
-        const float* s = S + r * kTileCols;
-        hinge_negatives_row(s, cn, p.cls.col_class.data() + c0, p.cls.row_class[r0 + r], mn, out.con[task]);
-        TopK& tk = top[r];
-        std::vector<Cand>& cv = cands[r];
-        float theta = tk.threshold();
-        // fl(−D + ε) is non-decreasing in s, so a chunk whose largest s fails the test has no candidate (NaN counts
-        // as +inf here: its −D is −0, which the exact test below admits, as the reference does).
-        for (int64_t b0 = 0; b0 < cn; b0 += kChunk) {
-          const int64_t b1 = std::min(cn, b0 + kChunk);
-          float mx = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : mx)
-          for (int64_t c = b0; c < b1; ++c) mx = std::max(mx, s[c] == s[c] ? s[c] : std::numeric_limits<float>::infinity());
-          if (!(ctx_band_value(ctx_neg_distance(mx), eps) >= theta)) continue;
-          for (int64_t c = b0; c < b1; ++c) {
-            const float nd = ctx_neg_distance(s[c]);
-            if (ctx_band_value(nd, eps) >= theta) {
-              cv.push_back({int32_t(c0 + c), nd});
-              tk.offer(nd);
-              theta = tk.threshold();
-            }
-          }
-        }
-        if (cv.size() >= compact_at[r]) {
-          compact(cv, theta, eps);
-          compact_at[r] = std::max(min_compact, 2 * cv.size());
-        }
-      }
-    }
-    for (int64_t r = 0; r < rn; ++r) {
-      std::copy(top[r].h, top[r].h + k, sorted.begin());
-      std::sort(sorted.begin(), sorted.end(), [](float a, float b) { return a > b; });
-      const float t = sorted[k - 1], h = sorted[k / 2 - 1];
-      int64_t n = 0;
-      for (const Cand& c : cands[r]) {
-        const float u = ctx_band_value(c.neg_d, eps);
-        if (!(u >= t)) continue;
-        out.col[task].push_back(c.col);
-        out.flag[task].push_back(uint8_t((u >= h ? kCtxInP : 0) | (ctx_clamped(c.neg_d) ? kCtxClamped : 0)));
-        ++n;
-      }
-      out.size[r0 + r] = n;
-    }
-  });
-  return out;
 }
 
 // ------------------------------------------------------------------------------------------------ pieces
@@ -295,12 +131,14 @@ FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t
   const int64_t B = p.B;
   TORCH_CHECK_VALUE(k >= 2 && k <= B, "contextual_loss: k = ", k, " must satisfy 2 <= k <= B = ", B);
   TORCH_CHECK_VALUE(eps >= 0, "contextual_loss: eps must be >= 0, got ", eps);
-  NbrLists lists = neighbour_pass(p, k, float(eps), float(neg_margin));
+  const bool one_tile = ctx::one_tile(B);
+  NbrLists lists = one_tile ? ctx::one_tile_lists(p.F, p.cls, k, float(eps), float(neg_margin))
+                            : ctx::neighbour_pass(p.F, p.cls, k, float(eps), float(neg_margin));
   p.F = at::Tensor();  // the tiles are done: F is not needed any more
   {  // hard positives, per class
     const int64_t T = ctx::stage_tasks(B, ctx::num_classes(p.cls), ctx::kSerialSparseRows);
     std::vector<HingeStats> part(T);
-    ctx::for_each_class_task(p.cls, T, [&](int64_t t, int64_t c) { class_hinge(p.rows, p.cls, c, float(pos_margin), part[t]); });
+    ctx::for_each_class_task(p.cls, T, [&](int64_t t, int64_t c) { ctx::class_hinge(p.rows, p.cls, c, float(pos_margin), part[t]); });
     lists.con.insert(lists.con.end(), part.begin(), part.end());
   }
   HingeStats con;  // combined in task order: deterministic for a given thread count
@@ -326,9 +164,10 @@ FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t
     o += int64_t(lists.col[t].size());
   }
   lists = NbrLists();
-  const Nbr nb = ctx::make_nbr(B, pp, col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
-  const Context cx = ctx::build_context(nb);
-  const double lc = l_ctx(cx, p.cls, B), lr = l_reg(column_sums(p), B, reg_target);
+  const Nbr nb = ctx::make_nbr(B, pp, col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>(), !one_tile);
+  const double lc = one_tile ? ctx::dense_l_ctx(ctx::dense_context(nb), p.cls.row_class.data())
+                             : l_ctx(ctx::build_context(nb), p.cls, B);
+  const double lr = l_reg(column_sums(p), B, reg_target);
   const double lcon = hinge_pair_loss(con.pos_sum, con.pos_count, con.neg_sum, con.neg_count, 1.0, 1.0);
   auto fopts = x.options().dtype(at::kFloat);
   at::Tensor loss = new_output({}, fopts), terms = new_output({3}, fopts), counts = new_output({2}, lopts);
@@ -346,7 +185,7 @@ FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t
 // each (G is symmetric up to the fp32 GEMM's rounding); a tile with many of them goes through one GEMM instead.
 void hard_negative_pass(const Setup& p, at::Tensor& dx, float g2, float mn) {
   const int64_t B = p.B, d = p.d;
-  const TaskPlan plan = tile_plan(B);
+  const TaskPlan plan = ctx::tile_plan(B);
   auto fopts = p.F.options();
   const int32_t* cl = p.cls.row_class.data();
   const float* F = p.F.data_ptr<float>();
@@ -429,22 +268,23 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
   const float mp = float(pos_margin);
   const double s_ctx = g * context_weight * 2.0 * ste_slope;
   const double beta = 2.0 / B2;
-  const bool with_ctx = s_ctx != 0.0;
+  const bool with_ctx = s_ctx != 0.0, one_tile = ctx::one_tile(B);
+  const bool sparse_ctx = with_ctx && !one_tile;  // the L_ctx terms of the sparse path (one_tile: all in one GEMM)
   const int64_t nc = ctx::num_classes(p.cls);
   std::vector<uint8_t> big(nc, 0);
   for (int64_t c = 0; c < nc; ++c) big[c] = p.cls.class_start[c + 1] - p.cls.class_start[c] > kBigClass;
 
-  const Nbr nb = ctx::make_nbr(B, ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>());
+  const Nbr nb = ctx::make_nbr(B, ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>(), !one_tile);
   Context cx;
   Backward bw{BatchView{p.cls, p.rows, p.B, p.d}, big, nb, cx, beta, {}, {}, {}, {}, {}};
   BigClassSums bs;
-  if (with_ctx) {
+  if (sparse_ctx) {
     cx = ctx::build_context(nb);
     bw.prepare();
     bs = ctx::big_class_sums(BatchView{p.cls, p.rows, p.B, p.d}, cx, big);
   }
   std::vector<double> colsum, uF;
-  ctx::weighted_column_sums(p.rows, with_ctx ? bw.u.data() : nullptr, colsum, uF);
+  ctx::weighted_column_sums(p.rows, sparse_ctx ? bw.u.data() : nullptr, colsum, uF);
   double ss = 0.0;
   for (double v : colsum) ss += v * v;
   const double g_reg = g * reg_weight * 2.0 * (ss / B2 - reg_target) / B2;
@@ -456,7 +296,9 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
   if (with_neg) hard_negative_pass(p, dx, 2.f * g_hn, float(neg_margin));
   p.F = at::Tensor();
   float* D = dx.data_ptr<float>();
-  if (with_ctx) {
+  if (with_ctx && one_tile) {
+    ctx::dense_ctx_grad(ctx::dense_context(nb), nb, p.cls.row_class.data(), p.rows, beta, s_ctx, dx);
+  } else if (with_ctx) {
     bw.kn_apart = B >= kKnApartRows;
     if (bw.kn_apart) {
       bw.apply_factored(p.rows, D, s_ctx);
@@ -477,9 +319,9 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
     for (int64_t a = 0; a < n; ++a) {
       const int64_t i = mem[a];
       float* out = D + i * d;
-      const double cc = 2.0 * g_reg + (with_ctx ? s_ctx * bw.u[i] : 0.0), cu = with_ctx ? s_ctx : 0.0;
+      const double cc = 2.0 * g_reg + (sparse_ctx ? s_ctx * bw.u[i] : 0.0), cu = sparse_ctx ? s_ctx : 0.0;
       for (int64_t q = 0; q < d; ++q) acc[q] = (accumulate ? double(out[q]) : 0.0) + cc * colsum[q] + cu * uF[q];
-      if (with_ctx) {
+      if (sparse_ctx) {
         for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {  // (LB F)_i, big classes
           const int64_t sl = bs.slot[cl[cx.R.col[q]]];
           if (sl < 0) continue;

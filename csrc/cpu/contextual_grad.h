@@ -106,6 +106,7 @@ inline void finish_row(float* out, const double* acc, const Rows& r, int64_t i) 
   const float* a = r.row(i);
   const float s = r.inv[i];
   double dot = 0.0;
+#pragma omp simd reduction(+ : dot)
   for (int64_t q = 0; q < r.d; ++q) dot += double(a[q] * s) * acc[q];
   for (int64_t q = 0; q < r.d; ++q) out[q] = float((acc[q] - double(a[q] * s) * dot) * double(s));
 }

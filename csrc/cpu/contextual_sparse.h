@@ -162,12 +162,14 @@ struct Nbr {
   }
 };
 
-inline Nbr make_nbr(int64_t B, const int64_t* ptr, const int32_t* col, const uint8_t* flag) {
+// with_transpose = false: the CSR view only (tptr / trow / tpos left empty).
+inline Nbr make_nbr(int64_t B, const int64_t* ptr, const int32_t* col, const uint8_t* flag, bool with_transpose = true) {
   Nbr n;
   n.B = B;
   n.ptr = ptr;
   n.col = col;
   n.flag = flag;
+  if (!with_transpose) return n;
   const int64_t nnz = ptr[B];
   n.tptr.assign(B + 1, 0);
   for (int64_t e = 0; e < nnz; ++e) ++n.tptr[col[e] + 1];
@@ -182,6 +184,17 @@ inline Nbr make_nbr(int64_t B, const int64_t* ptr, const int32_t* col, const uin
       n.tpos[p] = e;
     }
   return n;
+}
+
+// |N(i)| = B makes J 0/0 (SPEC 2.5 step 4): a clear error instead of NaN.
+inline void check_not_collapsed(int64_t i, int64_t a, int64_t B) {
+  TORCH_CHECK_VALUE(a < B, "contextual_loss: collapsed batch — every sample is in the k-neighbourhood of row ", i,
+                    " (|N(i)| = B = ", B, "), so the complement intersection J is 0/0. The embeddings are "
+                    "(nearly) identical within eps; use a smaller eps or k, or a batch with more spread.");
+}
+
+inline void check_reciprocal_set(int64_t i, double r) {
+  TORCH_CHECK_VALUE(r > 0, "contextual_loss: row ", i, " has an empty reciprocal half-neighbourhood R(i) (|R(i)| = 0)");
 }
 
 struct Context {
@@ -200,9 +213,7 @@ inline Context build_context(const Nbr& nb) {
   cx.c.resize(B);
   for (int64_t i = 0; i < B; ++i) {
     const int64_t a = nb.size(i);
-    TORCH_CHECK_VALUE(a < B, "contextual_loss: collapsed batch — every sample is in the k-neighbourhood of row ", i,
-                      " (|N(i)| = B = ", B, "), so the complement intersection J is 0/0. The embeddings are "
-                      "(nearly) identical within eps; use a smaller eps or k, or a batch with more spread.");
+    check_not_collapsed(i, a, B);
     cx.a[i] = double(a);
     cx.c[i] = Bd - double(a);
   }
@@ -220,8 +231,7 @@ inline Context build_context(const Nbr& nb) {
   cx.r.resize(B);
   for (int64_t i = 0; i < B; ++i) {
     cx.r[i] = double(cx.R.end(i) - cx.R.begin(i));
-    TORCH_CHECK_VALUE(cx.r[i] > 0, "contextual_loss: row ", i,
-                      " has an empty reciprocal half-neighbourhood R(i) (|R(i)| = 0)");
+    check_reciprocal_set(i, cx.r[i]);
   }
   cx.w.resize(nb.ptr[B]);
   for_each_row(B, [&](int64_t, int64_t i) {
