@@ -178,17 +178,30 @@ struct Backward {
   //   K N:  K (N F) + Nᵀ (K F)  (K symmetric);
   //   T2 = ½ GW' ⊙ (1 − a_j/c_i) with GW' = β R D_r E (E = js off the diagonal, 1 on it; E, R symmetric):
   //   T2 F = ½β [R D_r (E F) − D_1/c R D_r E (D_a F)],  T2ᵀ F = ½β [E (D_r R F) − D_a E (D_r R D_1/c F)].
+  // The six intermediates are stored as three interleaved pairs (row j: [NF_j | KF_j], [A_j | Ab_j], [C_j | Cc_j]),
+  // so each gather of the second pass reads one contiguous 2d block; the rows of the long E lists are prefetched
+  // kAhead entries ahead (the gathers are random rows of arrays larger than the caches).
   void apply_factored(const Rows& rows, float* D, double s_ctx) const {
-    const int64_t B = p.B, d = p.d;
-    std::vector<float> NF(B * d, 0.f), KF(B * d, 0.f), A(B * d, 0.f), Ab(B * d, 0.f), C(B * d, 0.f), Cc(B * d, 0.f);
+    const int64_t B = p.B, d = p.d, d2 = 2 * d;
+    constexpr int64_t kAhead = 4;
+    std::vector<float> NK(B * d2, 0.f), AA(B * d2, 0.f), CC(B * d2, 0.f);
     auto axpy = [d](float* out, const float* in, float w) {
 #pragma omp simd
       for (int64_t q = 0; q < d; ++q) out[q] += w * in[q];
     };
-    // E row i: js row i with the diagonal entry replaced by 1 (added when absent)
-    auto for_e = [&](int64_t i, auto&& fn) {
+    auto axpy2 = [d](float* out, const float* in, float w1, float w2) {  // out += w1 in[0:d] + w2 in[d:2d]
+#pragma omp simd
+      for (int64_t q = 0; q < d; ++q) out[q] += w1 * in[q] + w2 * in[d + q];
+    };
+    auto prefetch = [](const float* row, int64_t n) {
+      for (int64_t q = 0; q < n; q += 16) __builtin_prefetch(row + q);
+    };
+    // E row i: js row i with the diagonal entry replaced by 1 (added when absent); ahead(j) for the entry kAhead on
+    auto for_e = [&](int64_t i, auto&& ahead, auto&& fn) {
       bool diag = false;
-      for (int64_t e = cx.js.begin(i); e < cx.js.end(i); ++e) {
+      const int64_t e0 = cx.js.begin(i), e1 = cx.js.end(i);
+      for (int64_t e = e0; e < e1; ++e) {
+        if (e + kAhead < e1) ahead(cx.js.col[e + kAhead]);
         const int32_t j = cx.js.col[e];
         if (j == i) diag = true;
         fn(j, j == i ? 1.0 : cx.js.val[e]);
@@ -198,8 +211,8 @@ struct Backward {
     const int64_t T = stage_tasks(B, B);
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t i = t0 * B / T; i < t1 * B / T; ++i) {
-        float *nf = NF.data() + i * d, *kf = KF.data() + i * d, *a = A.data() + i * d, *ab = Ab.data() + i * d;
-        float *c = C.data() + i * d, *cc = Cc.data() + i * d;
+        float *nf = NK.data() + i * d2, *kf = nf + d, *a = AA.data() + i * d2, *ab = a + d;
+        float *c = CC.data() + i * d2, *cc = c + d;
         for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {
           const int32_t l = nb.col[e];
           axpy(nf, rows.row(l), rows.s(l));
@@ -209,9 +222,14 @@ struct Backward {
           const int32_t l = nb.trow[q];
           axpy(kf, rows.row(l), float(kr(nb.tpos[q], l)) * rows.s(l));
         }
-        for_e(i, [&](int32_t j, double v) {
-          axpy(a, rows.row(j), float(v) * rows.s(j));
-          axpy(ab, rows.row(j), float(v * cx.a[j]) * rows.s(j));
+        for_e(i, [&](int32_t j) { prefetch(rows.row(j), d); }, [&](int32_t j, double v) {
+          const float* f = rows.row(j);
+          const float w = float(v) * rows.s(j), wa = float(v * cx.a[j]) * rows.s(j);
+#pragma omp simd
+          for (int64_t q = 0; q < d; ++q) {
+            a[q] += w * f[q];
+            ab[q] += wa * f[q];
+          }
         });
         for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {
           const int32_t m = cx.R.col[q];
@@ -225,20 +243,17 @@ struct Backward {
       for (int64_t i = t0 * B / T; i < t1 * B / T; ++i) {
         float* out = D + i * d;
         for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e)
-          axpy(out, NF.data() + int64_t(nb.col[e]) * d, float(s_ctx * kr(e, i)));
+          axpy(out, NK.data() + int64_t(nb.col[e]) * d2, float(s_ctx * kr(e, i)));
         for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) {
           const int64_t l = nb.trow[q];
-          axpy(out, NF.data() + l * d, float(s_ctx * kr(nb.tpos[q], l)));
-          axpy(out, KF.data() + l * d, float(s_ctx));
+          axpy2(out, NK.data() + l * d2, float(s_ctx * kr(nb.tpos[q], l)), float(s_ctx));
         }
         for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {
           const int64_t m = cx.R.col[q];
-          axpy(out, A.data() + m * d, float(h / cx.r[m]));
-          axpy(out, Ab.data() + m * d, float(-h / (cx.r[m] * cx.c[i])));
+          axpy2(out, AA.data() + m * d2, float(h / cx.r[m]), float(-h / (cx.r[m] * cx.c[i])));
         }
-        for_e(i, [&](int32_t j, double v) {
-          axpy(out, C.data() + int64_t(j) * d, float(h * v));
-          axpy(out, Cc.data() + int64_t(j) * d, float(-h * v * cx.a[i]));
+        for_e(i, [&](int32_t j) { prefetch(CC.data() + int64_t(j) * d2, d2); }, [&](int32_t j, double v) {
+          axpy2(out, CC.data() + int64_t(j) * d2, float(h * v), float(-h * v * cx.a[i]));
         });
       }
     });
