@@ -8,7 +8,10 @@ then computes ``L_ctx`` from the lists in O(B·k²) and ``L_reg`` in O(B·d). It
 row-constant + label-block" parts from the lists and applies it without recomputing S: the row-constant and L_reg
 terms through column sums (O(B·d)), the label block through per-class sums, the sparse part and the clamp
 corrections from the lists, the L_con hard positives per class and the hard negatives (only when the forward
-counted any) from the forward's tiles. Memory is O((B + k²)·d + B·k²); nothing B×B is stored.
+counted any) from the forward's tiles. Memory is O((B + k²)·d + B·k²); nothing B×B is stored. A batch of
+B <= 256 is one S tile (at most kTileRows·kTileCols entries): there the op holds S, Z and the closed-form gradient
+of L_ctx densely (``csrc/cpu/contextual_one_tile.h``, < 2 MiB) and applies the gradient with one GEMM, which is
+several times faster than the sparse bookkeeping at that size.
 
 On CUDA tensors the Triton backend (``triton_kernels/contextual.py``: streamed S tiles for the thresholds, the hinge
 terms and the neighbour lists, one recompute pass for the dense part of the gradient) runs the same computation,
