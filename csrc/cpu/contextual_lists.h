@@ -118,6 +118,26 @@ inline void class_hinge(const ctx::Rows& rows, const LabelIndex& cls, int64_t c,
     }
 }
 
+// The end of one row: t_i / h_i read off its (full) top-k heap, then every candidate (column, −D) given by
+// for_each_cand kept when fl(−D + ε) >= t_i, with its flags (in P: >= h_i; clamped: −D = 0). Returns |N(i)|.
+template <typename ForEachCand>
+inline int64_t emit_neighbours(const TopK& tk, std::vector<float>& sorted, float eps, const ForEachCand& for_each_cand,
+                               std::vector<int32_t>& cols, std::vector<uint8_t>& flags) {
+  const int64_t k = tk.k;
+  std::copy(tk.h, tk.h + k, sorted.begin());
+  std::sort(sorted.begin(), sorted.end(), [](float a, float b) { return a > b; });
+  const float t = sorted[k - 1], h = sorted[k / 2 - 1];
+  int64_t n = 0;
+  for_each_cand([&](int32_t col, float neg_d) {
+    const float u = ctx_band_value(neg_d, eps);
+    if (!(u >= t)) return;
+    cols.push_back(col);
+    flags.push_back(uint8_t((u >= h ? kCtxInP : 0) | (ctx_clamped(neg_d) ? kCtxClamped : 0)));
+    ++n;
+  });
+  return n;
+}
+
 inline NbrLists neighbour_pass(const at::Tensor& F, const LabelIndex& cls, int64_t k, float eps, float mn) {
   constexpr int64_t kChunk = 32;
   const int64_t B = F.size(0);
@@ -170,20 +190,10 @@ inline NbrLists neighbour_pass(const at::Tensor& F, const LabelIndex& cls, int64
         }
       }
     }
-    for (int64_t r = 0; r < rn; ++r) {
-      std::copy(top[r].h, top[r].h + k, sorted.begin());
-      std::sort(sorted.begin(), sorted.end(), [](float a, float b) { return a > b; });
-      const float t = sorted[k - 1], h = sorted[k / 2 - 1];
-      int64_t n = 0;
-      for (const Cand& c : cands[r]) {
-        const float u = ctx_band_value(c.neg_d, eps);
-        if (!(u >= t)) continue;
-        out.col[task].push_back(c.col);
-        out.flag[task].push_back(uint8_t((u >= h ? kCtxInP : 0) | (ctx_clamped(c.neg_d) ? kCtxClamped : 0)));
-        ++n;
-      }
-      out.size[r0 + r] = n;
-    }
+    for (int64_t r = 0; r < rn; ++r)
+      out.size[r0 + r] = emit_neighbours(top[r], sorted, eps, [&](auto&& fn) {
+        for (const Cand& c : cands[r]) fn(c.col, c.neg_d);
+      }, out.col[task], out.flag[task]);
   });
   return out;
 }
@@ -206,18 +216,9 @@ inline NbrLists one_tile_lists(const at::Tensor& F, const LabelIndex& cls, int64
     for (int64_t c = 0; c < B; ++c) nd[c] = ctx_neg_distance(s[c]);
     TopK tk{heap.data(), 0, k};
     for (int64_t c = 0; c < B; ++c) tk.offer(nd[c]);
-    std::copy(heap.begin(), heap.end(), sorted.begin());
-    std::sort(sorted.begin(), sorted.end(), [](float a, float b) { return a > b; });
-    const float t = sorted[k - 1], h = sorted[k / 2 - 1];
-    int64_t n = 0;
-    for (int64_t c = 0; c < B; ++c) {
-      const float u = ctx_band_value(nd[c], eps);
-      if (!(u >= t)) continue;
-      out.col[0].push_back(int32_t(c));
-      out.flag[0].push_back(uint8_t((u >= h ? kCtxInP : 0) | (ctx_clamped(nd[c]) ? kCtxClamped : 0)));
-      ++n;
-    }
-    out.size[r] = n;
+    out.size[r] = emit_neighbours(tk, sorted, eps, [&](auto&& fn) {
+      for (int64_t c = 0; c < B; ++c) fn(int32_t(c), nd[c]);
+    }, out.col[0], out.flag[0]);
   }
   return out;
 }
