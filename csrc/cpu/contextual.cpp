@@ -231,12 +231,10 @@ void hard_negative_pass(const Setup& p, at::Tensor& dx, float g2, float mn) {
 }
 
 constexpr int64_t kBigClass = 32;  // classes above this size take the label block through class sums
-// From this batch size on, K N and the dense part of GW'⊙H go through six [B, d] intermediates and the rest of X is
-// stored with its transpose (fewer, row-owned updates); below it all of X is applied unstored (no B x d buffer
-// besides dx: the B = 1024 memory budget).
+// From this batch size on, K N and the dense part of GW'⊙H go through column-chunked [B, ·] intermediates and the
+// rest of X is stored with its transpose; below it a row of X has about B non-zeros anyway and X goes through dense
+// row blocks and GEMMs (Backward::apply_sparse_dense, 2·64·B floats: the B = 1024 memory budget).
 constexpr int64_t kKnApartRows = 2048;
-// Below this B the sparse part goes through dense row blocks and GEMMs (Backward::apply_sparse_dense).
-constexpr int64_t kDenseBelowRows = 2048;
 
 at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& labels, int64_t k,
                               double eps, double context_weight, double contrastive_weight, double reg_weight,
@@ -303,10 +301,8 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
     if (bw.kn_apart) {
       bw.apply_factored(p.rows, D, s_ctx);
       bw.apply_sparse_stored(p.rows, D, s_ctx);
-    } else if (B < kDenseBelowRows) {
-      bw.apply_sparse_dense(p.rows, dx, s_ctx);
     } else {
-      bw.apply_sparse(p.rows, D, s_ctx);
+      bw.apply_sparse_dense(p.rows, dx, s_ctx);
     }
   }
   const int32_t* cl = p.cls.row_class.data();

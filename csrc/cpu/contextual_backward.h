@@ -1,10 +1,12 @@
 // The backward of the CPU contextual loss (SPEC 2.5) without any S tile: the closed-form straight-through gradient
 // dL_ctx/dS = s_ctx · C ⊙ (SP + u 1ᵀ + LB) is split into
 //  * X: the sparse part (O(|N|²) per row, from the neighbour lists), with the small classes' label block and the
-//    C = 0 corrections folded in, applied as (X + Xᵀ) F: for B < kDenseBelowRows (where a row of X has about B
-//    non-zeros anyway) through dense row blocks and GEMMs (apply_sparse_dense), else without storing X (apply_sparse);
-//  * for B >= kKnApartRows, the two widest pieces of X taken out and applied through [B, d] intermediates
-//    (apply_factored): K N (the GI / GJ products with N) and the dense part ½ GW' ⊙ (1 − a_j/c_i) of GW' ⊙ H;
+//    C = 0 corrections folded in, applied as (X + Xᵀ) F: for B < kKnApartRows (where a row of X has about B
+//    non-zeros anyway) through dense row blocks and GEMMs (apply_sparse_dense), else stored with its transpose
+//    (apply_sparse_stored);
+//  * for B >= kKnApartRows, the two widest pieces of X taken out of it and applied through column-chunked [B, ·]
+//    intermediates (apply_factored): K N (the GI / GJ products with N) and the dense part ½ GW' ⊙ (1 − a_j/c_i)
+//    of GW' ⊙ H;
 //  * u 1ᵀ and the big classes' label block through column and class sums (O(B·d), in contextual.cpp).
 #pragma once
 
@@ -56,7 +58,10 @@ struct Backward {
     u.assign(B, 0.0);
     for_each_row(B, [&](int64_t, int64_t i) {
       double s = 0.0;
-      for (int64_t e = cx.Z.begin(i); e < cx.Z.end(i); ++e) s += G(i, cx.Z.col[e]) * cx.Z.val[e];
+      for (int64_t e = cx.js.begin(i); e < cx.js.end(i); ++e) {  // Σ_j G_ij Z_ij
+        const int32_t j = cx.js.col[e];
+        if (j != i) s += beta * (cx.js.val[e] - (same(i, j) ? 1.0 : 0.0)) * cx.zj[e];
+      }
       gr[i] = -s / cx.r[i];
       // GW_il = Σ_{m∈R(i)} G_ml / r_m on l ∈ N(i)
       for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {
@@ -108,22 +113,41 @@ struct Backward {
   // Row i of X, emit(j, X_ij) for each non-zero (columns unsorted).
   template <typename Emit>
   void sparse_row(RowScratch& sc, int64_t i, const Emit& emit) const {
+    sparse_row_into(sc, i, sc.o);
+    for (int32_t j : sc.o.idx) emit(j, sc.o.v[j]);
+    sc.o.clear();
+  }
+  // A dense row as the target of sparse_row_into (for rows with about B non-zeros): no column bookkeeping.
+  struct DenseRow {
+    double* v;
+    void add(int32_t j, double x) { v[j] += x; }
+    void set(int32_t j, double x) { v[j] = x; }
+  };
+  // Row i of X accumulated into o (o.add / o.set per entry).
+  template <typename Out>
+  void sparse_row_into(RowScratch& sc, int64_t i, Out& o) const {
     const int64_t B = p.B;
     const int32_t* cl = p.cls.row_class.data();
     {
-      SparseAcc &an = sc.an, &ag = sc.ag, &o = sc.o;
+      SparseAcc &an = sc.an, &ag = sc.ag;
       std::vector<double>& rh = sc.rh;
       const double ai = cx.a[i], ci = cx.c[i], s_ac = 1.0 / ai + 1.0 / ci;
       for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {  // n_ij = |N(i) ∩ N(j)|
         const int32_t l = nb.col[e];
         for (int64_t q = nb.tptr[l]; q < nb.tptr[l + 1]; ++q) an.add(nb.trow[q], 1.0);
       }
+      // With kn_apart, GW' is needed only where n_ij != 0 and on the clamped entries (touched in an, value 0).
+      if (kn_apart)
+        for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e)
+          if (nb.flag[e] & kCtxClamped) an.touch(nb.col[e]);
       for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {  // js-driven part of GW, and ρ_i
         const int32_t m = cx.R.col[q];
         const double wm = beta / cx.r[m];
-        for (int64_t e = cx.js.begin(m); e < cx.js.end(m); ++e)
-          if (cx.js.col[e] != m) ag.add(cx.js.col[e], wm * cx.js.val[e]);
-        ag.add(m, wm);  // the label part's own diagonal m = j removed from the class sum
+        for (int64_t e = cx.js.begin(m); e < cx.js.end(m); ++e) {
+          const int32_t j = cx.js.col[e];
+          if (j != m && (!kn_apart || an.on[j])) ag.add(j, wm * cx.js.val[e]);
+        }
+        if (!kn_apart || an.on[m]) ag.add(m, wm);  // the label part's own diagonal m = j removed from the class sum
         rh[cl[m]] += 1.0 / cx.r[m];
       }
       // GW' ⊙ H (H = ½(1 − a_j/c_i) + ½ n_ij (1/a_i + 1/c_i)) and the label part of GW times the n part of H
@@ -166,100 +190,104 @@ struct Backward {
         const double t2 = kn_apart && ag.on[j] ? 0.5 * ag.v[j] * (1.0 - cx.a[j] / ci) : 0.0;
         o.set(j, -u[i] - lb_big - (kn_apart ? kn_at(i, j) + t2 : 0.0));
       }
-      for (int32_t j : o.idx) emit(j, o.v[j]);
-      o.clear();
       an.clear();
       ag.clear();
       for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) rh[cl[cx.R.col[q]]] = 0.0;
     }
   }
 
-  // dF += s_ctx ((K N) + (K N)ᵀ + T2 + T2ᵀ) F through [B, d] intermediates, every update row-owned:
-  //   K N:  K (N F) + Nᵀ (K F)  (K symmetric);
+  // dF += s_ctx ((K N) + (K N)ᵀ + T2 + T2ᵀ) F through [B, ·] intermediates, every update row-owned:
+  //   K N:  K (N F) + Nᵀ (K F)  (K symmetric), NF and KF interleaved per row;
   //   T2 = ½ GW' ⊙ (1 − a_j/c_i) with GW' = β R D_r E (E = js off the diagonal, 1 on it; E, R symmetric):
-  //   T2 F = ½β [R D_r (E F) − D_1/c R D_r E (D_a F)],  T2ᵀ F = ½β [E (D_r R F) − D_a E (D_r R D_1/c F)].
-  // The six intermediates are stored as three interleaved pairs (row j: [NF_j | KF_j], [A_j | Ab_j], [C_j | Cc_j]),
-  // so each gather of the second pass reads one contiguous 2d block; the rows of the long E lists are prefetched
-  // kAhead entries ahead (the gathers are random rows of arrays larger than the caches).
+  //   T2 F = ½β [R D_r (E F) − D_1/c R D_r E (D_a F)],  T2ᵀ F = ½β [E C − D_a E Cc],  C = D_r R F, Cc = D_r R D_1/c F
+  //   (D_r = diag(1/r)). E is never formed: js = ½(D_r R W + Wᵀ R D_r) (SPEC 2.5 steps 6-7), so
+  //   E Y = ½[D_r R (W Y) + Wᵀ (R (D_r Y))] + (1 − js_ii) Y_i: short-list gathers (|N| and |R| per row, each way)
+  //   instead of one per entry of js (|js(i)| ≈ 2|R||N|); Y = [F | D_a F | C | Cc] becomes E Y in place.
+  // Everything is linear in F's columns, so it runs over chunks of kFeatureChunk columns: the five intermediates
+  // are then B x (14·kFeatureChunk) floats in all (29 MiB at B = 4096: about the L3; allocated once), not B x 6d.
+  static constexpr int64_t kFeatureChunk = 128;
   void apply_factored(const Rows& rows, float* D, double s_ctx) const {
-    const int64_t B = p.B, d = p.d, d2 = 2 * d;
-    constexpr int64_t kAhead = 4;
-    std::vector<float> NK(B * d2, 0.f), AA(B * d2, 0.f), CC(B * d2, 0.f);
-    auto axpy = [d](float* out, const float* in, float w) {
-#pragma omp simd
-      for (int64_t q = 0; q < d; ++q) out[q] += w * in[q];
-    };
-    auto axpy2 = [d](float* out, const float* in, float w1, float w2) {  // out += w1 in[0:d] + w2 in[d:2d]
-#pragma omp simd
-      for (int64_t q = 0; q < d; ++q) out[q] += w1 * in[q] + w2 * in[d + q];
-    };
-    auto prefetch = [](const float* row, int64_t n) {
-      for (int64_t q = 0; q < n; q += 16) __builtin_prefetch(row + q);
-    };
-    // E row i: js row i with the diagonal entry replaced by 1 (added when absent); ahead(j) for the entry kAhead on
-    auto for_e = [&](int64_t i, auto&& ahead, auto&& fn) {
-      bool diag = false;
-      const int64_t e0 = cx.js.begin(i), e1 = cx.js.end(i);
-      for (int64_t e = e0; e < e1; ++e) {
-        if (e + kAhead < e1) ahead(cx.js.col[e + kAhead]);
-        const int32_t j = cx.js.col[e];
-        if (j == i) diag = true;
-        fn(j, j == i ? 1.0 : cx.js.val[e]);
-      }
-      if (!diag) fn(int32_t(i), 1.0);
-    };
+    const int64_t B = p.B, d = p.d, w = std::min(kFeatureChunk, d);
     const int64_t T = stage_tasks(B, B);
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t i = t0 * B / T; i < t1 * B / T; ++i) {
-        float *nf = NK.data() + i * d2, *kf = nf + d, *a = AA.data() + i * d2, *ab = a + d;
-        float *c = CC.data() + i * d2, *cc = c + d;
+    auto rows_parallel = [&](auto&& fn) {
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t i = t0 * B / T; i < t1 * B / T; ++i) fn(i);
+      });
+    };
+    std::vector<float> krv(nb.ptr[B]);  // K's entries kr(e, i) on N
+    rows_parallel([&](int64_t i) {
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) krv[e] = float(kr(e, i));
+    });
+    std::vector<float> NK(B * 2 * w), Y(B * 4 * w), WY(B * 4 * w), RY(B * 4 * w);
+    const double h = 0.5 * beta * s_ctx;
+    for (int64_t q0 = 0; q0 < d; q0 += w) {
+      const int64_t n = std::min(w, d - q0), n2 = 2 * n, n4 = 4 * n;  // rows of NK: 2n, of Y, WY, RY: 4n
+      auto axpy = [](float* out, const float* in, float c, int64_t m) {
+#pragma omp simd
+        for (int64_t q = 0; q < m; ++q) out[q] += c * in[q];
+      };
+      auto f = [&](int64_t l) { return rows.row(l) + q0; };
+      rows_parallel([&](int64_t i) {  // NK = [N F | K F], Y = [F | D_a F | C | Cc]
+        float *nf = NK.data() + i * n2, *kf = nf + n, *y = Y.data() + i * n4;
+        std::fill_n(nf, n2, 0.f);
+        std::fill_n(y, n4, 0.f);
         for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {
           const int32_t l = nb.col[e];
-          axpy(nf, rows.row(l), rows.s(l));
-          axpy(kf, rows.row(l), float(kr(e, i)) * rows.s(l));
+          axpy(nf, f(l), rows.s(l), n);
+          axpy(kf, f(l), krv[e] * rows.s(l), n);
         }
         for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) {
           const int32_t l = nb.trow[q];
-          axpy(kf, rows.row(l), float(kr(nb.tpos[q], l)) * rows.s(l));
+          axpy(kf, f(l), krv[nb.tpos[q]] * rows.s(l), n);
         }
-        for_e(i, [&](int32_t j) { prefetch(rows.row(j), d); }, [&](int32_t j, double v) {
-          const float* f = rows.row(j);
-          const float w = float(v) * rows.s(j), wa = float(v * cx.a[j]) * rows.s(j);
-#pragma omp simd
-          for (int64_t q = 0; q < d; ++q) {
-            a[q] += w * f[q];
-            ab[q] += wa * f[q];
-          }
-        });
+        axpy(y, f(i), rows.s(i), n);
+        axpy(y + n, f(i), float(cx.a[i]) * rows.s(i), n);
         for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {
           const int32_t m = cx.R.col[q];
-          axpy(c, rows.row(m), float(1.0 / cx.r[i]) * rows.s(m));
-          axpy(cc, rows.row(m), float(1.0 / (cx.r[i] * cx.c[m])) * rows.s(m));
+          axpy(y + n2, f(m), float(1.0 / cx.r[i]) * rows.s(m), n);
+          axpy(y + 3 * n, f(m), float(1.0 / (cx.r[i] * cx.c[m])) * rows.s(m), n);
         }
-      }
-    });
-    const double h = 0.5 * beta * s_ctx;
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t i = t0 * B / T; i < t1 * B / T; ++i) {
-        float* out = D + i * d;
-        for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e)
-          axpy(out, NK.data() + int64_t(nb.col[e]) * d2, float(s_ctx * kr(e, i)));
-        for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q) {
-          const int64_t l = nb.trow[q];
-          axpy2(out, NK.data() + l * d2, float(s_ctx * kr(nb.tpos[q], l)), float(s_ctx));
+      });
+      rows_parallel([&](int64_t l) {  // W Y and R D_r Y
+        float *wy = WY.data() + l * n4, *ry = RY.data() + l * n4;
+        std::fill_n(wy, n4, 0.f);
+        std::fill_n(ry, n4, 0.f);
+        for (int64_t e = nb.ptr[l]; e < nb.ptr[l + 1]; ++e) axpy(wy, Y.data() + nb.col[e] * n4, float(cx.w[e]), n4);
+        for (int64_t q = cx.R.begin(l); q < cx.R.end(l); ++q) {
+          const int32_t m = cx.R.col[q];
+          axpy(ry, Y.data() + m * n4, float(1.0 / cx.r[m]), n4);
         }
-        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {
+      });
+      rows_parallel([&](int64_t i) {  // Y_i <- (E Y)_i (reads row i of Y only)
+        float* y = Y.data() + i * n4;
+        const float keep = float(1.0 - cx.js.at(i, int32_t(i)));
+#pragma omp simd
+        for (int64_t q = 0; q < n4; ++q) y[q] *= keep;
+        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) axpy(y, WY.data() + cx.R.col[q] * n4, float(0.5 / cx.r[i]), n4);
+        for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q)
+          axpy(y, RY.data() + nb.trow[q] * n4, float(0.5 * cx.w[nb.tpos[q]]), n4);
+      });
+      rows_parallel([&](int64_t i) {
+        float* out = D + i * d + q0;
+        auto axpy2 = [&](const float* in, float c1, float c2) {  // out += c1 in[0:n] + c2 in[n:2n]
+#pragma omp simd
+          for (int64_t q = 0; q < n; ++q) out[q] += c1 * in[q] + c2 * in[n + q];
+        };
+        const float sc = float(s_ctx);
+        for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) axpy(out, NK.data() + nb.col[e] * n2, sc * krv[e], n);
+        for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q)
+          axpy2(NK.data() + nb.trow[q] * n2, sc * krv[nb.tpos[q]], sc);
+        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {  // R D_r (E F) and R D_r E (D_a F)
           const int64_t m = cx.R.col[q];
-          axpy2(out, AA.data() + m * d2, float(h / cx.r[m]), float(-h / (cx.r[m] * cx.c[i])));
+          axpy2(Y.data() + m * n4, float(h / cx.r[m]), float(-h / (cx.r[m] * cx.c[i])));
         }
-        for_e(i, [&](int32_t j) { prefetch(CC.data() + int64_t(j) * d2, d2); }, [&](int32_t j, double v) {
-          axpy2(out, CC.data() + int64_t(j) * d2, float(h * v), float(-h * v * cx.a[i]));
-        });
-      }
-    });
+        axpy2(Y.data() + i * n4 + n2, float(h), float(-h * cx.a[i]));  // E C − D_a E Cc, row i
+      });
+    }
   }
 
-  // dF += s_ctx (X + Xᵀ) F with X and Xᵀ stored (B >= kKnApartRows, where X is short): row-owned gathers only.
+  // dF += s_ctx (X + Xᵀ) F with X and Xᵀ stored (B >= kKnApartRows, where X is short): row-owned gathers only
+  // (measured faster than scattering the Xᵀ updates per column slice, which saves the transpose).
   void apply_sparse_stored(const Rows& rows, float* D, double s_ctx) const {
     const int64_t B = p.B, d = p.d, nc = num_classes(p.cls);
     std::vector<RowScratch> sc;
@@ -299,6 +327,7 @@ struct Backward {
     const int64_t T = std::min<int64_t>(at::get_num_threads(), kDenseBlockRows);
     std::vector<RowScratch> sc;
     for (int64_t t = 0; t < T; ++t) sc.emplace_back(B, nc);
+    std::vector<std::vector<double>> dense(T, std::vector<double>(B));
     for (int64_t r0 = 0; r0 < B; r0 += kDenseBlockRows) {
       const int64_t rn = std::min(kDenseBlockRows, B - r0);
       float* a = xs.data_ptr<float>();
@@ -306,49 +335,23 @@ struct Backward {
       at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {  // task t writes rows [t·rn/T, (t+1)·rn/T) of the block
         for (int64_t t = t0; t < t1; ++t)
           for (int64_t r = t * rn / T; r < (t + 1) * rn / T; ++r) {
-            std::fill_n(a + r * B, B, 0.f);
-            std::fill_n(b + r * B, B, 0.f);
+            double* v = dense[t].data();
+            std::fill_n(v, B, 0.0);
+            DenseRow row{v};
+            sparse_row_into(sc[t], r0 + r, row);
             const float si = rows.s(r0 + r);
-            sparse_row(sc[t], r0 + r, [&](int32_t j, double v) {
-              const float w = float(s_ctx * v);
-              a[r * B + j] = w * rows.s(j);
-              b[r * B + j] = w * si;
-            });
+            float *ar = a + r * B, *br = b + r * B;
+            for (int64_t j = 0; j < B; ++j) {
+              const float w = float(s_ctx * v[j]);
+              ar[j] = w * rows.s(j);
+              br[j] = w * si;
+            }
           }
       });
       at::Tensor rows_out = dx.narrow(0, r0, rn);
       at::addmm_out(rows_out, rows_out, xs.narrow(0, 0, rn), x);
       at::addmm_out(dx, dx, xt.narrow(0, 0, rn).t(), x.narrow(0, r0, rn));
     }
-  }
-
-  // dF += s_ctx (X + Xᵀ) F without storing X: every task builds all rows of X (cheap next to applying them) and
-  // applies them to its own slice of the d columns, so the scattered Xᵀ updates never race.
-  void apply_sparse(const Rows& rows, float* D, double s_ctx) const {
-    const int64_t B = p.B, d = p.d, nc = num_classes(p.cls);
-    const int64_t T = std::min<int64_t>(stage_tasks(B, B), std::max<int64_t>(1, d / 16));
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t q0 = t == 0 ? 0 : (t * d / T) / 16 * 16, q1 = t + 1 == T ? d : ((t + 1) * d / T) / 16 * 16;
-        RowScratch sc(B, nc);
-        for (int64_t i = 0; i < B; ++i) {
-          const float* fi = rows.row(i);
-          float* di = D + i * d;
-          const float si = rows.s(i);
-          sparse_row(sc, i, [&](int32_t j, double v) {
-            const float w = float(s_ctx * v);
-            if (w == 0.f) return;
-            const float wj = w * rows.s(j), wi = w * si;
-            const float* fj = rows.row(j);
-            float* dj = D + int64_t(j) * d;
-#pragma omp simd
-            for (int64_t q = q0; q < q1; ++q) di[q] += wj * fj[q];
-#pragma omp simd
-            for (int64_t q = q0; q < q1; ++q) dj[q] += wi * fi[q];
-          });
-        }
-      }
-    });
   }
 };
 
