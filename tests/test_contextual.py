@@ -108,6 +108,15 @@ def test_matches_reference_b2048():
 
 
 @needs_kernel
+def test_matches_reference_b2048_ragged_feature_chunks():
+    """From B = 2048 the CPU backward applies part of the gradient in chunks of 128 feature columns: d = 129 leaves
+    a last chunk of one column; exact duplicates put clamped entries off the diagonal."""
+    x, labels = _batch(2048, 129, 6, 21)
+    x[5::9] = x[4::9][: x[5::9].shape[0]]
+    _compare(x, labels, k=8, eps=0.05)
+
+
+@needs_kernel
 @pytest.mark.parametrize("k,eps", [(4, 0.04), (8, 0.05)])
 def test_224px_setting_and_other_weights(k, eps):
     x, labels = _batch(96, 24, k, 12)
