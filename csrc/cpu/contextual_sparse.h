@@ -85,7 +85,7 @@ struct SparseAcc {
 // Below this many rows every stage runs on the calling thread: a parallel region costs more than the work there,
 // and far more on a loaded machine (each region waits until every thread has been scheduled).
 // The heavy O(B²·d) / O(B·nnz·d) stages go parallel from kSerialBelowRows, the light O(B·k²) ones from
-// kSerialSparseRows.
+// kSerialSparseRows (at B = 1024 on 2 threads, running them in parallel took the whole op from 43.9 to 39.7 ms).
 constexpr int64_t kSerialBelowRows = 768;
 constexpr int64_t kSerialSparseRows = 512;
 
