@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "contextual_grad.h"
@@ -218,7 +219,9 @@ struct Backward {
     rows_parallel([&](int64_t i) {
       for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) krv[e] = float(kr(e, i));
     });
-    std::vector<float> NK(B * 2 * w), Y(B * 4 * w), WY(B * 4 * w), RY(B * 4 * w);
+    // Uninitialised: every row of NK and Y is written in the first pass of a chunk, of WY and RY in the second.
+    const std::unique_ptr<float[]> NK(new float[B * 2 * w]), Y(new float[B * 4 * w]), WY(new float[B * 4 * w]),
+        RY(new float[B * 4 * w]);
     const double h = 0.5 * beta * s_ctx;
     for (int64_t q0 = 0; q0 < d; q0 += w) {
       const int64_t n = std::min(w, d - q0), n2 = 2 * n, n4 = 4 * n;  // rows of NK: 2n, of Y, WY, RY: 4n
@@ -228,7 +231,7 @@ struct Backward {
       };
       auto f = [&](int64_t l) { return rows.row(l) + q0; };
       rows_parallel([&](int64_t i) {  // NK = [N F | K F], Y = [F | D_a F | C | Cc]
-        float *nf = NK.data() + i * n2, *kf = nf + n, *y = Y.data() + i * n4;
+        float *nf = NK.get() + i * n2, *kf = nf + n, *y = Y.get() + i * n4;
         std::fill_n(nf, n2, 0.f);
         std::fill_n(y, n4, 0.f);
         for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) {
@@ -249,23 +252,23 @@ struct Backward {
         }
       });
       rows_parallel([&](int64_t l) {  // W Y and R D_r Y
-        float *wy = WY.data() + l * n4, *ry = RY.data() + l * n4;
+        float *wy = WY.get() + l * n4, *ry = RY.get() + l * n4;
         std::fill_n(wy, n4, 0.f);
         std::fill_n(ry, n4, 0.f);
-        for (int64_t e = nb.ptr[l]; e < nb.ptr[l + 1]; ++e) axpy(wy, Y.data() + nb.col[e] * n4, float(cx.w[e]), n4);
+        for (int64_t e = nb.ptr[l]; e < nb.ptr[l + 1]; ++e) axpy(wy, Y.get() + nb.col[e] * n4, float(cx.w[e]), n4);
         for (int64_t q = cx.R.begin(l); q < cx.R.end(l); ++q) {
           const int32_t m = cx.R.col[q];
-          axpy(ry, Y.data() + m * n4, float(1.0 / cx.r[m]), n4);
+          axpy(ry, Y.get() + m * n4, float(1.0 / cx.r[m]), n4);
         }
       });
       rows_parallel([&](int64_t i) {  // Y_i <- (E Y)_i (reads row i of Y only)
-        float* y = Y.data() + i * n4;
+        float* y = Y.get() + i * n4;
         const float keep = float(1.0 - cx.js.at(i, int32_t(i)));
 #pragma omp simd
         for (int64_t q = 0; q < n4; ++q) y[q] *= keep;
-        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) axpy(y, WY.data() + cx.R.col[q] * n4, float(0.5 / cx.r[i]), n4);
+        for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) axpy(y, WY.get() + cx.R.col[q] * n4, float(0.5 / cx.r[i]), n4);
         for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q)
-          axpy(y, RY.data() + nb.trow[q] * n4, float(0.5 * cx.w[nb.tpos[q]]), n4);
+          axpy(y, RY.get() + nb.trow[q] * n4, float(0.5 * cx.w[nb.tpos[q]]), n4);
       });
       rows_parallel([&](int64_t i) {
         float* out = D + i * d + q0;
@@ -274,14 +277,14 @@ struct Backward {
           for (int64_t q = 0; q < n; ++q) out[q] += c1 * in[q] + c2 * in[n + q];
         };
         const float sc = float(s_ctx);
-        for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) axpy(out, NK.data() + nb.col[e] * n2, sc * krv[e], n);
+        for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) axpy(out, NK.get() + nb.col[e] * n2, sc * krv[e], n);
         for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q)
-          axpy2(NK.data() + nb.trow[q] * n2, sc * krv[nb.tpos[q]], sc);
+          axpy2(NK.get() + nb.trow[q] * n2, sc * krv[nb.tpos[q]], sc);
         for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) {  // R D_r (E F) and R D_r E (D_a F)
           const int64_t m = cx.R.col[q];
-          axpy2(Y.data() + m * n4, float(h / cx.r[m]), float(-h / (cx.r[m] * cx.c[i])));
+          axpy2(Y.get() + m * n4, float(h / cx.r[m]), float(-h / (cx.r[m] * cx.c[i])));
         }
-        axpy2(Y.data() + i * n4 + n2, float(h), float(-h * cx.a[i]));  // E C − D_a E Cc, row i
+        axpy2(Y.get() + i * n4 + n2, float(h), float(-h * cx.a[i]));  // E C − D_a E Cc, row i
       });
     }
   }

@@ -31,18 +31,6 @@ FLASHDML_HD float ctx_band_value(float neg_d, float eps) { return neg_d + eps; }
 // C_ij = 0 <=> -D_ij == 0 (Dr > 0 gives -D < 0; Dr <= 0 or NaN-free clamp gives -0).
 FLASHDML_HD bool ctx_clamped(float neg_d) { return neg_d == 0.f; }
 
-// |A ∩ B| of two ascending int32 lists.
-FLASHDML_HD int64_t sorted_intersection_count(const int32_t* a, int64_t na, const int32_t* b, int64_t nb) {
-  int64_t i = 0, j = 0, n = 0;
-  while (i < na && j < nb) {
-    const int32_t x = a[i], y = b[j];
-    n += (x == y);
-    i += (x <= y);
-    j += (y <= x);
-  }
-  return n;
-}
-
 // H_ij = ½(I_ij + J_ij) = ½(n/a_i + (B − a_i − a_j + n)/(B − a_i)), with n = |N(i) ∩ N(j)|; W_ij = H_ij on N(i).
 FLASHDML_HD double ctx_h(double n, double a_i, double a_j, double B) {
   return 0.5 * (n / a_i + (B - a_i - a_j + n) / (B - a_i));
