@@ -209,15 +209,11 @@ struct Backward {
   static constexpr int64_t kFeatureChunk = 128;
   void apply_factored(const Rows& rows, float* D, double s_ctx) const {
     const int64_t B = p.B, d = p.d, w = std::min(kFeatureChunk, d);
-    const int64_t T = stage_tasks(B, B);
-    auto rows_parallel = [&](auto&& fn) {
-      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t i = t0 * B / T; i < t1 * B / T; ++i) fn(i);
-      });
-    };
-    std::vector<float> krv(nb.ptr[B]);  // K's entries kr(e, i) on N
+    auto rows_parallel = [&](auto&& fn) { for_each_row(B, [&](int64_t, int64_t i) { fn(i); }); };
+    std::vector<float> krv(nb.ptr[B]), keep(B);  // K's entries kr(e, i) on N; 1 − js_ii (E's diagonal minus js's)
     rows_parallel([&](int64_t i) {
       for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e) krv[e] = float(kr(e, i));
+      keep[i] = float(1.0 - cx.js.at(i, int32_t(i)));
     });
     // Uninitialised: every row of NK and Y is written in the first pass of a chunk, of WY and RY in the second.
     const std::unique_ptr<float[]> NK(new float[B * 2 * w]), Y(new float[B * 4 * w]), WY(new float[B * 4 * w]),
@@ -263,9 +259,8 @@ struct Backward {
       });
       rows_parallel([&](int64_t i) {  // Y_i <- (E Y)_i (reads row i of Y only)
         float* y = Y.get() + i * n4;
-        const float keep = float(1.0 - cx.js.at(i, int32_t(i)));
 #pragma omp simd
-        for (int64_t q = 0; q < n4; ++q) y[q] *= keep;
+        for (int64_t q = 0; q < n4; ++q) y[q] *= keep[i];
         for (int64_t q = cx.R.begin(i); q < cx.R.end(i); ++q) axpy(y, WY.get() + cx.R.col[q] * n4, float(0.5 / cx.r[i]), n4);
         for (int64_t q = nb.tptr[i]; q < nb.tptr[i + 1]; ++q)
           axpy(y, RY.get() + nb.trow[q] * n4, float(0.5 * cx.w[nb.tpos[q]]), n4);
