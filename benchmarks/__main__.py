@@ -19,7 +19,7 @@ def parse(argv):
                       help="small shapes of every op, a few minutes in all (`make bench`; the default)")
     mode.add_argument("--full", action="store_const", dest="mode", const="full", help="every shape of every op")
     ap.add_argument("--op", action="append", choices=OPS, metavar="NAME",
-                    help=f"only this op ({', '.join(OPS)}); alone it runs the shapes its issue asks for")
+                    help=f"only this op ({', '.join(OPS)}); alone it runs the shapes its targets are stated at")
     ap.add_argument("--providers", help="comma-separated provider names to run (default: all)")
     ap.add_argument("--budget", type=float, help="timing seconds per cell (default 2 quick, 5 otherwise)")
     ap.add_argument("--timeout", type=float, help="seconds per cell before it is recorded as a timeout "
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     if args._worker:
         return harness.worker_main(args._worker)
     harness.ensure_flashdml_importable()
-    mode = args.mode or ("issue" if args.op else "quick")
+    mode = args.mode or ("targets" if args.op else "quick")
     ops = [harness.load_op(n) for n in (args.op or OPS)]
     only = args.providers.split(",") if args.providers else None
     if args.list:

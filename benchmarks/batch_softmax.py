@@ -6,7 +6,7 @@ as the fused kernels written in plain PyTorch (row blocks of 1024 through torch.
 that recomputes the blocks) — the "what you get without a kernel" baseline.
 
 FLOPs per call = 8·B·M·d: four GEMMs of 2·B·M·d — S in the forward, S recomputed in the backward, dx = G y
-and dy = Gᵀ x — the recompute algorithm's GEMM work, which is how the issue states the ceiling fraction.
+and dy = Gᵀ x — the recompute algorithm's GEMM work, which is how the ceiling fraction is defined.
 """
 from __future__ import annotations
 
@@ -118,13 +118,13 @@ def _sweep(bs, d=256, only=None):
 SHAPES = {
     # `make bench`: small enough for a few seconds per cell on 2 cores, still shows the fused speedup.
     "quick": _sweep([1024, 2048], only=QUICK),
-    # `--op batch_softmax`: the issue's shapes, plus the sweep for the plots and a labels=None case.
-    "issue": _sweep([8192])
+    # `--op batch_softmax`: the target shapes, plus the sweep for the plots and a labels=None case.
+    "targets": _sweep([8192])
     + [{"B": 32768, "d": 128, "labels": "4/class", "only": ["reference"] + FUSED}]
     + _sweep([1024, 2048, 4096])
     + [{"B": 4096, "d": 256, "labels": "none", "only": ["reference", "flashdml-cpu", "chunked-pytorch"] + GPU}],
 }
-SHAPES["full"] = SHAPES["issue"] + _sweep([16384])
+SHAPES["full"] = SHAPES["targets"] + _sweep([16384])
 
 OP = Op(
     name="batch_softmax",

@@ -56,10 +56,10 @@ def _sweep(bs, d=512, only=None):
 SHAPES = {
     "quick": _sweep([128, 1024], only=["reference", "flashdml-cpu", "reference-cuda", "flashdml-triton",
                                        "flashdml-cuda"]),
-    # `--op contextual_loss`: the issue's shapes; at B = 16384 the reference's ~32 GiB prediction skips it.
-    "issue": _sweep([128, 1024, 4096, 16384]),
+    # `--op contextual_loss`: the target shapes; at B = 16384 the reference's ~32 GiB prediction skips it.
+    "targets": _sweep([128, 1024, 4096, 16384]),
 }
-SHAPES["full"] = SHAPES["issue"] + _sweep([2048, 8192])
+SHAPES["full"] = SHAPES["targets"] + _sweep([2048, 8192])
 
 OP = Op(
     name="contextual_loss",

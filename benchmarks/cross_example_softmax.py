@@ -165,14 +165,14 @@ def _sweep(bs, d=256, only=None):
 SHAPES = {
     # `make bench`: a few seconds per cell on 2 cores.
     "quick": _sweep([1024, 2048], only=QUICK),
-    # `--op cross_example_softmax`: the issue's shapes (B = M = 8192 with every provider; B = M = 32768 fused,
+    # `--op cross_example_softmax`: the target shapes (B = M = 8192 with every provider; B = M = 32768 fused,
     # where the reference row records its skip), then the sweep for the plots.
-    # (The issue's B = M = 50000, d = 16 pair-mode cell is a correctness check, covered by tests/test_xent.py.)
-    "issue": _sweep([8192])
+    # (The B = M = 50000, d = 16 pair-mode cell is a correctness check, covered by tests/test_xent.py.)
+    "targets": _sweep([8192])
     + [{"B": 32768, "d": 128, "only": ["reference"] + FUSED}]
     + _sweep([1024, 2048, 4096]),
 }
-SHAPES["full"] = SHAPES["issue"] + _sweep([16384])
+SHAPES["full"] = SHAPES["targets"] + _sweep([16384])
 
 OP = Op(
     name="cross_example_softmax",

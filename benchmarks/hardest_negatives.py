@@ -5,7 +5,7 @@ Providers: the reference (materialises S and sorts every negative), the fused ke
 flashdml-triton and flashdml-cuda on CUDA tensors), and `chunked-mm-topk`: row blocks of 1024 through torch.mm, the
 non-negatives masked to -inf, torch.topk of the block merged with the running top k (O(1024·M + k) memory).
 
-The issue's shape: B = M = 16384, d = 128, k = 16384; target peak < 256 MiB above the inputs.
+The target shape: B = M = 16384, d = 128, k = 16384; target peak < 256 MiB above the inputs.
 FLOPs per call = 2·B·M·d (one S GEMM; the CPU kernel's one-pass strategy does exactly that).
 """
 from __future__ import annotations
@@ -101,9 +101,9 @@ def _shape(B, d=128, k=None, only=None):
 
 SHAPES = {
     "quick": [_shape(2048), _shape(2048, k=65536)],
-    "issue": [_shape(16384), _shape(16384, k=1 << 20)] + [_shape(b) for b in (2048, 4096, 8192)],
+    "targets": [_shape(16384), _shape(16384, k=1 << 20)] + [_shape(b) for b in (2048, 4096, 8192)],
 }
-SHAPES["full"] = SHAPES["issue"] + [_shape(32768)]
+SHAPES["full"] = SHAPES["targets"] + [_shape(32768)]
 
 OP = Op(
     name="hardest_negatives",

@@ -57,7 +57,7 @@ class Provider:
 
 @dataclasses.dataclass
 class Op:
-    """An op family. shapes: mode ("quick" | "full" | "issue") -> list of shape dicts. A shape may carry
+    """An op family. shapes: mode ("quick" | "full" | "targets") -> list of shape dicts. A shape may carry
     "only": [provider names] to restrict the providers run on it. flops(shape) = FLOPs the algorithm must
     do per timed call. sweep = the shape key on the plots' x axis; plot_where = the other keys' values that
     select the plotted sweep (None: every shape)."""

@@ -5,7 +5,7 @@ and flashdml-cuda on CUDA tensors), `faiss-IndexFlatIP` (faiss-cpu's exact inner
 threads, rows normalised beforehand and the index built outside the timed call — both in faiss's favour), and
 `chunked-mm-topk`: row blocks of 1024 queries through torch.mm + torch.topk (O(1024·M) memory).
 
-The issue's shape: 10 000 queries × 100 000 references, d = 128, k = 10 (also k = 100, 1000). Targets: no slower
+The target shape: 10 000 queries × 100 000 references, d = 128, k = 10 (also k = 100, 1000). Targets: no slower
 than faiss, >= 1.5x faster than chunked mm + topk. FLOPs per call = 2·B·M·d (the S GEMM).
 """
 from __future__ import annotations
@@ -110,11 +110,11 @@ def _shape(B, M, d=128, k=10, only=None):
 
 SHAPES = {
     "quick": [_shape(1000, 10_000, k=10), _shape(1000, 10_000, k=100)],
-    # the issue's shape with every provider (the reference records its memory skip), then a sweep over M
-    "issue": [_shape(10_000, 100_000, k=k) for k in (10, 100, 1000)]
+    # the target shape with every provider (the reference records its memory skip), then a sweep over M
+    "targets": [_shape(10_000, 100_000, k=k) for k in (10, 100, 1000)]
     + [_shape(10_000, m, k=10) for m in (10_000, 30_000)],
 }
-SHAPES["full"] = SHAPES["issue"] + [_shape(10_000, 300_000, k=10)]
+SHAPES["full"] = SHAPES["targets"] + [_shape(10_000, 300_000, k=10)]
 
 OP = Op(
     name="knn",

@@ -101,10 +101,10 @@ def _label(s):
 
 SHAPES = {
     "quick": [{"N": 2048, "d": 128, "T": 410}, {"N": 4096, "d": 128, "T": 820}],
-    # the issue's shape: N = 60 000, d = 512, 12 000 classes (the reference does not fit); N = 8192 with all
-    "issue": [{"N": 8192, "d": 512, "T": 1638}, {"N": 60000, "d": 512, "T": 12000}],
+    # the target shape: N = 60 000, d = 512, 12 000 classes (the reference does not fit); N = 8192 with all
+    "targets": [{"N": 8192, "d": 512, "T": 1638}, {"N": 60000, "d": 512, "T": 12000}],
 }
-SHAPES["full"] = SHAPES["quick"] + SHAPES["issue"]
+SHAPES["full"] = SHAPES["quick"] + SHAPES["targets"]
 
 OP = Op(
     name="metrics",

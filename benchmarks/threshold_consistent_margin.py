@@ -142,11 +142,11 @@ def _sweep(bs, d=512, only=None):
 SHAPES = {
     # `make bench`: pml only at B = 256.
     "quick": _sweep([256], only=QUICK + [PML.name]) + _sweep([512], only=QUICK),
-    # `--op threshold_consistent_margin`: the issue's shapes (B = 1024 with every provider incl. pml;
+    # `--op threshold_consistent_margin`: the target shapes (B = 1024 with every provider incl. pml;
     # B = 16384 fused only), then the sweep for the plots (pml is skipped by its memory prediction above 1024).
-    "issue": _sweep([1024]) + _sweep([16384], only=FUSED) + _sweep([256, 512, 2048, 4096]),
+    "targets": _sweep([1024]) + _sweep([16384], only=FUSED) + _sweep([256, 512, 2048, 4096]),
 }
-SHAPES["full"] = SHAPES["issue"] + _sweep([8192])
+SHAPES["full"] = SHAPES["targets"] + _sweep([8192])
 
 OP = Op(
     name="threshold_consistent_margin",

@@ -51,9 +51,9 @@ def _sweep(bs, d=128, only=None):
 
 SHAPES = {
     "quick": _sweep([1024, 2048], only=QUICK),
-    "issue": _sweep([4096]) + _sweep([16384], only=["reference", "flashdml-cpu", "flashdml-cpu-plain-xe"]),
+    "targets": _sweep([4096]) + _sweep([16384], only=["reference", "flashdml-cpu", "flashdml-cpu-plain-xe"]),
 }
-SHAPES["full"] = SHAPES["issue"] + _sweep([32768], only=["flashdml-cpu", "flashdml-cpu-plain-xe"])
+SHAPES["full"] = SHAPES["targets"] + _sweep([32768], only=["flashdml-cpu", "flashdml-cpu-plain-xe"])
 
 OP = Op(
     name="xe_negative_mining",

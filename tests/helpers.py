@@ -7,8 +7,7 @@ so a backward that ignores it fails). Tolerances are ``atol + rtol * max|referen
 """
 from __future__ import annotations
 
-import os
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -21,25 +20,23 @@ SMALL_SHAPES = [(1, 1), (2, 3), (5, 1), (37, 129), (70, 3), (130, 16)]
 CPU_SHAPES = SMALL_SHAPES + [(257, 33), (600, 129), (1030, 64)]
 
 
-def fused_backends(device: str = "cpu") -> list:
-    """The fused backends that can run on ``device`` here (Triton on CPU only under the interpreter)."""
-    status = fd.available_backends()
-    names = []
-    if device == "cpu":
-        if status["cpu"][0]:
-            names.append("cpu")
-        if status["triton"][0] and os.environ.get("TRITON_INTERPRET") == "1":
-            names.append("triton")
-    else:
-        names += [b for b in ("triton", "cuda") if status[b][0]]
-    return names
+FUSED_BACKENDS = ("cpu", "triton", "cuda")
 
 
-def backend_params(device: str = "cpu"):
-    """pytest params for every fused backend, skipped with the reason when it cannot run here."""
+def device_of(backend: str) -> torch.device:
+    """Where a backend runs here: "cpu" on the CPU, "cuda" on the GPU, "triton" on the GPU when there is one,
+    else on CPU tensors under the interpreter."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def backend_params():
+    """pytest params for every fused backend (cpu, triton, cuda), each skipped with its reason when it cannot run
+    on this machine; a test gets the backend's name and runs its tensors on ``device_of(name)``."""
     status = fd.available_backends()
     out = []
-    for name in ("cpu", "triton"):
+    for name in FUSED_BACKENDS:
         ok, why = status[name]
         marks = [] if ok else [pytest.mark.skip(reason=f"{name}: {why}")]
         out.append(pytest.param(name, marks=marks, id=name))
@@ -96,16 +93,18 @@ def check_against_reference(
     ref_loss = getattr(fd.reference, op)(**ref_in, **kwargs)
     (ref_loss * upstream).backward()
 
-    fused_in = leaves(False)
+    device = device_of(backend)
+    fused_in = {k: (v.to(device).detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+                for k, v in leaves(False).items()}
     with fd.backend(backend), poison_outputs():
         loss = getattr(fd, op)(**fused_in, **kwargs)
         assert loss.dtype == torch.float32 and loss.dim() == 0, f"loss must be a 0-dim fp32 tensor, got {loss.dtype} {tuple(loss.shape)}"
         (loss * upstream).backward()
 
-    _close(f"{op}[{backend}] loss", loss, ref_loss, rtol, atol)
+    _close(f"{op}[{backend}] loss", loss.cpu(), ref_loss, rtol, atol)
     for k in grad_names:
         if k not in ref_in or ref_in[k] is None:
             continue
         assert fused_in[k].grad is not None, f"{op}[{backend}]: no gradient for {k}"
         assert fused_in[k].grad.dtype == fused_in[k].dtype, f"{k}.grad dtype {fused_in[k].grad.dtype} != input dtype"
-        _close(f"{op}[{backend}] d{k}", fused_in[k].grad, ref_in[k].grad, rtol, (atol_by_name or {}).get(k, atol))
+        _close(f"{op}[{backend}] d{k}", fused_in[k].grad.cpu(), ref_in[k].grad, rtol, (atol_by_name or {}).get(k, atol))

@@ -199,10 +199,10 @@ def test_chunked_matches_reference(with_labels, block):
         torch.testing.assert_close(gy, wy, rtol=1e-9, atol=1e-12)
 
 
-def test_batch_softmax_module_declares_the_issue_shapes():
-    labels = [BS_OP.shape_label(s) for s in BS_OP.shapes["issue"]]
+def test_batch_softmax_module_declares_the_target_shapes():
+    labels = [BS_OP.shape_label(s) for s in BS_OP.shapes["targets"]]
     assert "B=M=8192 d=256 labels=4/class" in labels and "B=M=32768 d=128 labels=4/class" in labels
-    names = [p.name for s, p in harness.cells(BS_OP, "issue") if s["B"] == 32768]
+    names = [p.name for s, p in harness.cells(BS_OP, "targets") if s["B"] == 32768]
     assert "reference" in names and "chunked-pytorch" not in names
     ref = BS_OP.provider("reference")
     assert ref.mem_bytes({"B": 32768, "d": 128}) > 12 * GiB > ref.mem_bytes({"B": 8192, "d": 256})

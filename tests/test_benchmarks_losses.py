@@ -1,5 +1,5 @@
 """Benchmark modules of the streaming losses (XE, NT-Xent, TCM): the chunked-PyTorch providers against the
-reference, the declared issue shapes and providers, and the memory predictions that skip the peers."""
+reference, the declared target shapes and providers, and the memory predictions that skip the peers."""
 from __future__ import annotations
 
 import os
@@ -128,43 +128,43 @@ def test_ops_are_listed_and_load():
     for name in ("cross_example_softmax", "ntxent", "threshold_consistent_margin"):
         assert name in OPS
         op = harness.load_op(name)
-        assert op.name == name and {"quick", "issue", "full"} <= set(op.shapes)
+        assert op.name == name and {"quick", "targets", "full"} <= set(op.shapes)
         assert op.flops({"B": 1024, "d": 512}) == 8 * 1024 * 1024 * 512
         names = {p.name for p in op.providers}
         assert {"reference", "flashdml-cpu", "torch.compile(reference)", "chunked-pytorch"} <= names
         assert "torch.compile(reference)" not in {p.name for _, p in harness.cells(op, "quick")}
 
 
-def test_xe_declares_the_issue_shapes():
+def test_xe_declares_the_target_shapes():
     op = XE.OP
-    assert {"B=M=8192 d=256 self 4/class", "B=M=32768 d=128 self 4/class"} <= set(_labels(op, "issue"))
+    assert {"B=M=8192 d=256 self 4/class", "B=M=32768 d=128 self 4/class"} <= set(_labels(op, "targets"))
     assert {"B=M=1024 d=256 self 4/class", "B=M=2048 d=256 self 4/class"} == set(_labels(op, "quick"))
-    at_8192 = _providers_at(op, "issue", 8192)
+    at_8192 = _providers_at(op, "targets", 8192)
     assert {"reference", "flashdml-cpu", "torch.compile(reference)", "chunked-pytorch"} <= at_8192
-    assert _providers_at(op, "issue", 32768) == {"reference"} | FUSED  # the reference only to record its skip
+    assert _providers_at(op, "targets", 32768) == {"reference"} | FUSED  # the reference only to record its skip
     ref = op.provider("reference")
     assert ref.mem_bytes({"B": 32768, "d": 128}) > CAP > ref.mem_bytes({"B": 8192, "d": 256})
-    assert {1024, 2048, 4096} <= {s["B"] for s in op.shapes["issue"] if s["d"] == 256}
+    assert {1024, 2048, 4096} <= {s["B"] for s in op.shapes["targets"] if s["d"] == 256}
     assert 50000 not in {s["B"] for m in op.shapes for s in op.shapes[m]}  # a test, not a benchmark
 
 
-def test_ntxent_declares_the_issue_shapes():
+def test_ntxent_declares_the_target_shapes():
     op = NT.OP
-    assert {"B=M=512 d=512 self 4/class", "B=M=16384 d=512 self 4/class"} <= set(_labels(op, "issue"))
-    assert _providers_at(op, "issue", 512) >= {"reference", "flashdml-cpu", "torch.compile(reference)",
+    assert {"B=M=512 d=512 self 4/class", "B=M=16384 d=512 self 4/class"} <= set(_labels(op, "targets"))
+    assert _providers_at(op, "targets", 512) >= {"reference", "flashdml-cpu", "torch.compile(reference)",
                                                "chunked-pytorch", "pml-NTXentLoss"}
-    assert _providers_at(op, "issue", 16384) == FUSED
+    assert _providers_at(op, "targets", 16384) == FUSED
     assert _providers_at(op, "quick", 256) >= {"reference", "flashdml-cpu", "chunked-pytorch", "pml-NTXentLoss"}
     assert "pml-NTXentLoss" not in _providers_at(op, "quick", 512)
 
 
-def test_tcm_declares_the_issue_shapes():
+def test_tcm_declares_the_target_shapes():
     op = TCM.OP
     pml = "pml-ThresholdConsistentMarginLoss"
-    assert {"B=M=1024 d=512 self 4/class", "B=M=16384 d=512 self 4/class"} <= set(_labels(op, "issue"))
-    assert _providers_at(op, "issue", 1024) >= {"reference", "flashdml-cpu", "torch.compile(reference)",
+    assert {"B=M=1024 d=512 self 4/class", "B=M=16384 d=512 self 4/class"} <= set(_labels(op, "targets"))
+    assert _providers_at(op, "targets", 1024) >= {"reference", "flashdml-cpu", "torch.compile(reference)",
                                                 "chunked-pytorch", pml}
-    assert _providers_at(op, "issue", 16384) == FUSED
+    assert _providers_at(op, "targets", 16384) == FUSED
     assert pml in _providers_at(op, "quick", 256) and pml not in _providers_at(op, "quick", 512)
 
 
@@ -188,14 +188,14 @@ def test_pml_ntxent_memory_prediction():
 def test_pml_tcm_memory_prediction():
     name = "pml-ThresholdConsistentMarginLoss"
     mem = TCM.OP.provider(name).mem_bytes
-    assert 8 * GiB < mem({"B": 1024, "d": 512}) < CAP  # measured ~10 GiB elsewhere: runs in the issue shape
+    assert 8 * GiB < mem({"B": 1024, "d": 512}) < CAP  # measured ~10 GiB elsewhere: runs in the target shape
     assert _skipped(TCM.OP, name, 2048, 512)
 
 
-def test_predictions_keep_the_issue_cells_under_the_cap():
-    """Every issue-mode CPU cell except the recorded XE reference skip is predicted under 12 GiB."""
+def test_predictions_keep_the_target_cells_under_the_cap():
+    """Every targets-mode CPU cell except the recorded XE reference skip is predicted under 12 GiB."""
     for op in (XE.OP, NT.OP, TCM.OP):
-        for shape, prov in harness.cells(op, "issue"):
+        for shape, prov in harness.cells(op, "targets"):
             if prov.device != "cpu" or prov.mem_bytes is None:
                 continue
             s = {k: v for k, v in shape.items() if k != "only"}

@@ -13,7 +13,7 @@ from . import reference
 from ._dispatch import available_backends, backend, get_backend, set_backend
 from .ops.batch_softmax import batch_softmax
 from .ops.xent import cross_example_softmax, ntxent
-from .ops.margin_losses import contrastive_margin, threshold_consistent_margin
+from .ops.hinge_pair import contrastive_margin, threshold_consistent_margin
 from .ops.selection import hardest_negatives, knn
 from .ops.contextual import contextual_loss
 from .ops.unfused import similarity

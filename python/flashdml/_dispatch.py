@@ -8,61 +8,52 @@ one-time warning that says why). An explicitly chosen backend that cannot run th
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import os
 import warnings
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
 from . import _ext
+from .ops import registry
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
-# Which ops each compiled backend implements. An op missing here runs on the reference under "auto".
-FUSED_OPS: Dict[str, frozenset] = {
-    "cpu": frozenset({
-        "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
-        "knn", "hardest_negatives", "cross_example_softmax_top_k", "contextual_loss",
-        "recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate",
-    }),
-    "triton": frozenset({
-        "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
-        "knn", "hardest_negatives", "cross_example_softmax_top_k", "contextual_loss",
-        "recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate",
-    }),
-    "cuda": frozenset({
-        "batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "contrastive_margin",
-        "knn", "hardest_negatives", "cross_example_softmax_top_k", "contextual_loss",
-        "recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate",
-    }),
-}
-
-_current = "auto"
+# The process default (set_backend) and the choice of the current thread / task (with backend(...)).
+_default = "auto"
+_scoped: contextvars.ContextVar = contextvars.ContextVar("flashdml_backend", default=None)
 _warned: set = set()
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every following call (process-wide)."""
-    global _current
+    """Select the backend for every following call in the process (blocks of ``with backend(...)`` override it
+    in their own thread or task)."""
+    global _default
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
-    _current = name
+    _default = name
 
 
 def get_backend() -> str:
-    return _current
+    """The backend the next call of this thread / task resolves from: "auto", "reference", "cpu", "triton" or
+    "cuda"."""
+    scoped = _scoped.get()
+    return _default if scoped is None else scoped
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """``with flashdml.backend("cpu"): ...`` runs the block on that backend, then restores the previous one."""
-    previous = _current
-    set_backend(name)
+    """``with flashdml.backend("cpu"): ...`` runs the block on that backend, then restores the previous choice.
+    The choice is local to the calling thread (or asyncio task): other threads keep theirs."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    token = _scoped.set(name)
     try:
         yield
     finally:
-        set_backend(previous)
+        _scoped.reset(token)
 
 
 def triton_interpreter_enabled() -> bool:
@@ -108,20 +99,26 @@ def _can_run(name: str, op: str, device: torch.device) -> Tuple[bool, str]:
     ok, why = _STATUS[name]()  # only this backend's status: resolve runs on every call
     if not ok:
         return False, why
-    if op not in FUSED_OPS[name]:
-        return False, f"backend {name!r} has no kernel for {op} yet"
-    if name == "cpu" and device.type != "cpu":
-        return False, f"backend 'cpu' runs CPU tensors, got tensors on {device}"
-    if name == "cuda" and device.type != "cuda":
-        return False, f"backend 'cuda' runs CUDA tensors, got tensors on {device}"
-    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreter_enabled()):
-        return False, f"backend 'triton' runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device}"
+    family = registry.family_of(op)
+    if name not in family.backends:
+        return False, f"backend {name!r} has no kernel for {op}"
+    if registry.BACKENDS[name].namespace == registry.CPP_NAMESPACE and registry.missing_cpp_ops(family):
+        return False, (f"flashdml._C lacks {', '.join(registry.missing_cpp_ops(family))} (built from an older "
+                       "tree): rebuild it with `pip install -e . --no-build-isolation`")
+    devices = registry.BACKENDS[name].device_types
+    if name == "triton" and triton_interpreter_enabled():
+        devices = devices + ("cpu",)
+    if device.type not in devices:
+        return False, f"backend {name!r} runs tensors on {' or '.join(devices)}, got tensors on {device}"
     return True, ""
 
 
-def resolve(op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on tensors on ``device`` now."""
-    name = _current
+def resolve(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs ``op`` on tensors of ``dtype`` on ``device`` now. Dtypes no fused backend takes
+    (float64) run the reference, whatever the backend."""
+    if dtype is not None and dtype not in registry.family_of(op).dtypes:
+        return "reference"
+    name = get_backend()
     if name != "auto":
         ok, why = _can_run(name, op, device)
         if not ok:
@@ -138,5 +135,14 @@ def resolve(op: str, device: torch.device) -> str:
     if key not in _warned:
         _warned.add(key)
         detail = "; ".join(reasons) if reasons else f"no compiled backend for {device.type} tensors"
-        warnings.warn(f"flashdml.{op}: using the pure-PyTorch reference ({detail})", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"flashdml.{op}: using the pure-PyTorch reference ({detail})", RuntimeWarning, stacklevel=4)
     return "reference"
+
+
+def select(op: str, x: torch.Tensor):
+    """The compiled ops that run ``op`` on ``x`` (``torch.ops.flashdml`` or ``torch.ops.flashdml_triton``, the
+    same schemas on both), or ``None`` when the reference runs it."""
+    name = resolve(op, x.device, x.dtype)
+    if name == "reference":
+        return None
+    return registry.compiled_ops(name, registry.family_of(op))

@@ -6,9 +6,15 @@ schema=SCHEMAS[name])``). ``tests/test_schemas.py`` checks that the C++ registra
 the two namespaces cannot drift apart. The meaning of every argument and output is documented next to the
 C++ definitions and in ``docs/design.md``.
 
-This module imports nothing from flashdml: kernels and glue both read it.
+The fake (meta) kernel of every op is here too, next to its schema: ``register_fakes`` installs them for the
+C++ namespace, ``triton_op`` defines a Triton op with its schema and fake in one step. This module imports
+nothing from flashdml: kernels and glue both read it.
 """
 from __future__ import annotations
+
+from typing import Callable
+
+import torch
 
 SCHEMAS = {
     # ---- batch softmax / InfoNCE
@@ -61,3 +67,68 @@ SCHEMAS = {
 # run on CUDA tensors too, so they live in their own namespace with the same schemas.
 CPP_NAMESPACE = "flashdml"
 TRITON_NAMESPACE = "flashdml_triton"
+
+PAIR_BINS = 1 << 16  # the fine similarity grid of metrics_pass (csrc/include/flashdml/histogram.h)
+
+
+# ------------------------------------------------------------------------------------------------ fake kernels
+def _f32(like, shape):
+    return like.new_empty(shape, dtype=torch.float32)
+
+
+def _i64(like, shape):
+    return like.new_empty(shape, dtype=torch.int64)
+
+
+def _dynamic():
+    return torch.library.get_ctx().new_dynamic_size()
+
+
+def _pair_grads(grad_loss, x, y, *rest):
+    return torch.empty_like(x), torch.empty_like(y)
+
+
+def _pair_grads_and_temperature(grad_loss, x, y, *rest):
+    return torch.empty_like(x), torch.empty_like(y), _f32(x, ())
+
+
+FAKES: dict[str, Callable] = {
+    "batch_softmax_fwd": lambda x, y, labels, temperature, symmetric, normalize: (
+        _f32(x, ()), _f32(x, (x.shape[0],)), _f32(x, (x.shape[0] if symmetric else 0,))),
+    "batch_softmax_bwd": _pair_grads_and_temperature,
+    "xent_fwd": lambda x, y, labels, ref_labels, temperature, global_partition, self_mode, normalize: (
+        _f32(x, ()), _f32(x, (1 if global_partition else x.shape[0],)),
+        _f32(x, (1 if global_partition else x.shape[0],))),
+    "xent_bwd": _pair_grads_and_temperature,
+    "hinge_pair_fwd": lambda x, y, *rest: (_f32(x, ()), _f32(x, (2,)), _i64(x, (2,))),
+    "hinge_pair_bwd": _pair_grads,
+    "knn_fwd": lambda x, y, k, exclude_diagonal, normalize: (_f32(x, (x.shape[0], k)), _i64(x, (x.shape[0], k))),
+    "hardest_negatives_fwd": lambda x, y, labels, ref_labels, k, self_mode, normalize: (
+        _f32(x, (k,)), _i64(x, (k,)), _i64(x, (k,))),
+    "contextual_fwd": lambda x, labels, *rest: (
+        _f32(x, ()), _f32(x, (3,)), _i64(x, (x.shape[0] + 1,)), x.new_empty((_dynamic(),), dtype=torch.int32),
+        x.new_empty((_dynamic(),), dtype=torch.uint8), _i64(x, (2,))),
+    "contextual_bwd": lambda grad_loss, x, *rest: torch.empty_like(x),
+    "metrics_pass": lambda x, y, labels, ref_labels, rows, keep, self_mode, pair_hist, opis_bins: (
+        _i64(x, (rows.shape[0] + 1,)), _i64(x, (_dynamic(),)), _f32(x, (_dynamic(),)),
+        _i64(x, (2, PAIR_BINS) if (pair_hist or opis_bins > 0) else (0, 0)),
+        _i64(x, (_dynamic(), opis_bins) if opis_bins > 0 else (0, 0)),
+        _i64(x, (_dynamic(), opis_bins) if opis_bins > 0 else (0, 0))),
+}
+
+
+def register_fakes(namespace: str) -> None:
+    """Install the fake kernel of every op of ``namespace`` that exists (the C++ ops, once ``flashdml._C`` loaded)."""
+    for name, fake in FAKES.items():
+        if hasattr(getattr(torch.ops, namespace), name):
+            torch.library.register_fake(f"{namespace}::{name}")(fake)
+
+
+def triton_op(name: str):
+    """Decorator: define ``flashdml_triton::<name>`` with ``SCHEMAS[name]`` and the shared fake kernel.
+    The decorated function's parameters must carry the schema's names."""
+    def define(fn):
+        op = torch.library.triton_op(f"{TRITON_NAMESPACE}::{name}", fn, mutates_args=(), schema=SCHEMAS[name])
+        op.register_fake(FAKES[name])
+        return op
+    return define

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -171,6 +171,52 @@ def check_real(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_ks(ks, n_candidates: int) -> Tuple[int, ...]:
+    if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
+        ks = (ks,)
+    if not isinstance(ks, Iterable):
+        raise TypeError(f"ks must be an integer or a sequence of integers, got {type(ks).__name__}")
+    ks = tuple(dict.fromkeys(check_positive_int(k, "ks") for k in ks))  # de-duplicated, order kept
+    if not ks:
+        raise ValueError("ks is empty: give at least one k")
+    if max(ks) > n_candidates:
+        raise ValueError(
+            f"ks contains k = {max(ks)} but each query has only {n_candidates} references to retrieve from"
+        )
+    return ks
+
+
+def check_opis_options(far_range, n_thresholds, beta):
+    if not isinstance(far_range, Sequence) or len(far_range) != 2:
+        raise TypeError("far_range must be a pair (far_min, far_max)")
+    lo, hi = check_real(far_range[0], "far_range[0]"), check_real(far_range[1], "far_range[1]")
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"far_range must satisfy 0 < far_min <= far_max <= 1, got {tuple(far_range)}")
+    n_thresholds = check_positive_int(n_thresholds, "n_thresholds")
+    beta = check_real(beta, "beta")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return (lo, hi), n_thresholds, beta
+
+
+def check_contextual_args(x, labels, k, eps, ste_slope):
+    batch = prepare_batch(x, None, labels, labels_required=True)
+    k = check_positive_int(k, "k", minimum=2)
+    if k > batch.B:
+        raise ValueError(f"k = {k} is larger than the batch size B = {batch.B} (the contextual loss needs 2 <= k <= B)")
+    eps = check_real(eps, "eps")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    ste_slope = check_real(ste_slope, "ste_slope")
+    return batch, k, eps, ste_slope
 
 
 def _is_compiling() -> bool:

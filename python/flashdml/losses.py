@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .ops import contextual as _contextual  # noqa: F401
-from .ops import margin_losses as _margin_losses, unfused as _unfused, xent as _xent  # noqa: F401
+from .ops import hinge_pair as _hinge_pair, unfused as _unfused, xent as _xent  # noqa: F401
 
 
 def _temperature_parameter(temperature, learnable: bool):
@@ -71,7 +71,7 @@ class ThresholdConsistentMarginLoss(nn.Module):
         self.kwargs = dict(pos_margin=pos_margin, neg_margin=neg_margin, pos_weight=pos_weight, neg_weight=neg_weight)
 
     def forward(self, x: Tensor, labels: Tensor, y: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None):
-        return ops.margin_losses.threshold_consistent_margin(x, labels, y, ref_labels, **self.kwargs)
+        return ops.hinge_pair.threshold_consistent_margin(x, labels, y, ref_labels, **self.kwargs)
 
 
 class ContrastiveMarginLoss(nn.Module):
@@ -82,7 +82,7 @@ class ContrastiveMarginLoss(nn.Module):
         self.kwargs = dict(pos_margin=pos_margin, neg_margin=neg_margin)
 
     def forward(self, x: Tensor, labels: Tensor, y: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None):
-        return ops.margin_losses.contrastive_margin(x, labels, y, ref_labels, **self.kwargs)
+        return ops.hinge_pair.contrastive_margin(x, labels, y, ref_labels, **self.kwargs)
 
 
 class ContextualLoss(nn.Module):

@@ -50,7 +50,8 @@ from . import _dispatch
 from . import reference as _reference
 from . import _metrics_state as _state
 from ._math import l2_normalize
-from ._validation import check_real, prepare_batch
+from ._validation import check_ks, check_opis_options, check_real, prepare_batch
+from .ops import registry
 from .reference import metrics as _ref
 
 __all__ = ["recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate", "pr_auc_bounds", "opis_thresholds"]
@@ -100,12 +101,18 @@ def _opis_bins(n_classes: int, n_pairs: int = 1 << 62) -> int:
     return bins
 
 
+FAMILY = registry.register(registry.Family(
+    name="metrics",
+    reference={name: getattr(_reference, name) for name in ("recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis",
+                                                            "evaluate")},
+    compiled={"metrics_pass": None},  # rows are normalised here in fp32, whatever their dtype
+    dtypes=registry.FUSED_DTYPES + (torch.float64,),
+))
+
+
 def _pass_op(backend: str):
-    """``metrics_pass`` of a fused backend (one schema): the C++ op (CPU or CUDA kernel by device) or Triton's."""
-    if backend == "triton":
-        from .triton_kernels import metrics as _tk  # noqa: F401  (registers flashdml_triton::metrics_pass)
-        return torch.ops.flashdml_triton.metrics_pass
-    return torch.ops.flashdml.metrics_pass
+    """``metrics_pass`` of a fused backend (one schema on every backend)."""
+    return registry.compiled_ops(backend, FAMILY).metrics_pass
 
 
 def _on_host(batch):
@@ -182,9 +189,9 @@ def _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, opts, detai
     want_recall, want_map = "recall_at_k" in metrics, "map_at_r" in metrics
     want_pr = "pr_auc" in metrics
     want_opis = "opis" in metrics or "eps_opis" in metrics
-    ks = _ref._check_ks(ks, C) if want_recall else ()
+    ks = check_ks(ks, C) if want_recall else ()
     if want_opis:
-        far_range, n_thresholds, beta = _ref._check_opis_options(
+        far_range, n_thresholds, beta = check_opis_options(
             opts.get("far_range", (1e-2, 1e-1)), opts.get("n_thresholds", 101), opts.get("beta", 1.0))
         eps = check_real(opts.get("eps", 0.05), "eps")
         if not 0.0 < eps <= 1.0:

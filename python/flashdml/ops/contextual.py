@@ -14,66 +14,27 @@ of L_ctx densely (``csrc/cpu/contextual_one_tile.h``, < 2 MiB) and applies the g
 several times faster than the sparse bookkeeping at that size.
 
 On CUDA tensors the Triton backend (``triton_kernels/contextual.py``: streamed S tiles for the thresholds, the hinge
-terms and the neighbour lists, one recompute pass for the dense part of the gradient) runs the same computation,
-with the sparse stage as torch ops on the device (``ops/contextual_device.py``). The CUDA C++ op
-(``csrc/cuda/contextual.cu``, backend "cuda") takes the thresholds from the kNN kernels, L_con from the hinge-pair
-kernels, writes the lists with its own kernel and runs the sparse stage and backward as ATen ops on the device.
-Both GPU backends get L2-normalised rows (normalised here, differentiably).
+terms and the neighbour lists, one recompute pass for the dense part of the gradient) and the CUDA C++ op
+(``csrc/cuda/contextual.cu``: thresholds from the kNN kernels, L_con from the hinge-pair kernels, its own list
+kernel) run the same computation; both run the sparse stage on the device through the one ATen implementation in
+``csrc/aten``. Every backend takes the raw rows and ``normalize`` (the GPU ops normalise inside the op).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from .. import _dispatch, _ext
+from .. import _dispatch
 from .. import reference as _reference
-from .._validation import check_real
-from ..reference.contextual import _check_contextual_args
-from ._registry import register_loss_autograd, rows_for_backend
+from .._validation import check_bool, check_contextual_args, check_real
+from . import registry
 
 OP = "contextual_loss"
-
-_INPUTS = ("x", "labels", "k", "eps", "context_weight", "contrastive_weight", "reg_weight", "reg_target",
-           "pos_margin", "neg_margin", "ste_slope", "normalize")
-
-HAS_KERNEL = _ext.C_LOADED and hasattr(torch.ops.flashdml, "contextual_fwd")
-
-
-def _fake_fwd(x, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target, pos_margin, neg_margin,
-              ste_slope, normalize):
-    nnz = torch.library.get_ctx().new_dynamic_size()
-    return (x.new_empty((), dtype=torch.float32), x.new_empty((3,), dtype=torch.float32),
-            x.new_empty((x.shape[0] + 1,), dtype=torch.int64), x.new_empty((nnz,), dtype=torch.int32),
-            x.new_empty((nnz,), dtype=torch.uint8), x.new_empty((2,), dtype=torch.int64))
-
-
-def _fake_bwd(grad_loss, x, *rest):
-    return torch.empty_like(x)
-
-
-def _bwd(*args):
-    return (torch.ops.flashdml.contextual_bwd(*args),)
-
-
-if HAS_KERNEL:
-    torch.library.register_fake("flashdml::contextual_fwd")(_fake_fwd)
-    torch.library.register_fake("flashdml::contextual_bwd")(_fake_bwd)
-    register_loss_autograd(
-        "flashdml::contextual_fwd", _bwd, input_names=_INPUTS, grad_inputs=("x",), saved_outputs=(2, 3, 4, 5),
-        attrs=_INPUTS[2:],
-    )
-
-
-def _triton_ops():
-    """The Triton contextual ops (normalised rows in, no normalize flag), autograd registered once."""
-    from ..triton_kernels import contextual as _tk  # noqa: F401  (defines the flashdml_triton ops)
-
-    if not getattr(_triton_ops, "registered", False):
-        register_loss_autograd(
-            "flashdml_triton::contextual_fwd", lambda *a: (torch.ops.flashdml_triton.contextual_bwd(*a),),
-            input_names=_INPUTS[:-1], grad_inputs=("x",), saved_outputs=(2, 3, 4, 5), attrs=_INPUTS[2:-1])
-        _triton_ops.registered = True
-    return torch.ops.flashdml_triton
+FAMILY = registry.register(registry.Family(
+    name="contextual",
+    reference={OP: _reference.contextual_loss},
+    compiled={"contextual_fwd": registry.LossAutograd("contextual_bwd", grad_inputs=("x",),
+                                                      saved_outputs=(2, 3, 4, 5))},
+))
 
 
 def contextual_loss(
@@ -132,30 +93,20 @@ def contextual_loss(
                                         context_weight=0.95, contrastive_weight=0.05, reg_target=0.3)
         loss.backward()
     """
-    batch, k, eps, ste_slope = _check_contextual_args(x, labels, k, eps, ste_slope)
+    batch, k, eps, ste_slope = check_contextual_args(x, labels, k, eps, ste_slope)
     context_weight = check_real(context_weight, "context_weight")
     contrastive_weight = check_real(contrastive_weight, "contrastive_weight")
     reg_weight = check_real(reg_weight, "reg_weight")
     reg_target = check_real(reg_target, "reg_target")
     pos_margin = check_real(pos_margin, "pos_margin")
     neg_margin = check_real(neg_margin, "neg_margin")
-    normalize = bool(normalize)
-    name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve(OP, batch.x.device)
-    if name == "reference":
+    check_bool(normalize, "normalize")
+    ops = _dispatch.select(OP, batch.x)
+    if ops is None:
         return _reference.contextual_loss(
             x, labels, k=k, eps=eps, context_weight=context_weight, contrastive_weight=contrastive_weight,
             reg_weight=reg_weight, reg_target=reg_target, pos_margin=pos_margin, neg_margin=neg_margin,
             ste_slope=ste_slope, normalize=normalize)
-    if name == "triton":  # rows normalised (differentiably) before the kernels, as for the other Triton ops
-        xh = rows_for_backend(name, batch.x, None, normalize, self_mode=True)[0]
-        return _triton_ops().contextual_fwd(
-            xh, batch.labels.contiguous(), k, eps, context_weight, contrastive_weight, reg_weight, reg_target,
-            pos_margin, neg_margin, ste_slope)[0]
-    if not HAS_KERNEL:
-        raise RuntimeError("flashdml.contextual_loss: flashdml._C was built without the contextual ops; rebuild it "
-                           "with `pip install -e . --no-build-isolation`")
-    # CPU: raw rows + normalize (the kernel normalises); CUDA: normalised rows, normalize=False
-    xk, _, flag = rows_for_backend(name, batch.x, None, normalize, self_mode=True)
-    return torch.ops.flashdml.contextual_fwd(
-        xk, batch.labels.contiguous(), k, eps, context_weight, contrastive_weight, reg_weight,
-        reg_target, pos_margin, neg_margin, ste_slope, flag)[0]
+    return ops.contextual_fwd(batch.x.contiguous(), batch.labels.contiguous(), k, eps, context_weight,
+                              contrastive_weight, reg_weight, reg_target, pos_margin, neg_margin, ste_slope,
+                              normalize)[0]

@@ -23,11 +23,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _ext
+from .. import _dispatch
 from .. import reference as _reference
-from .._math import NORM_EPS
-from .._validation import check_positive_int, prepare_batch
-from ._registry import rows_for_backend
+from .._math import NORM_EPS, normalized_rows_backward
+from .._validation import check_bool, check_positive_int, prepare_batch
+from . import registry
 
 _CHUNK = 1 << 16  # pairs per gather chunk: O(_CHUNK·d) temporary memory
 
@@ -77,29 +77,20 @@ def _normalized(x: Tensor, normalize: bool):
     return x / n.clamp_min(NORM_EPS), n
 
 
-def _normalize_backward(g: Tensor, xh: Tensor, n: Optional[Tensor]) -> Tensor:
-    """Gradient through x̂ = x / max(‖x‖, eps): (g − x̂ (x̂·g)) / ‖x‖ where ‖x‖ >= eps, g / eps below (the clamp
-    passes no gradient to the norm) — the same as autograd through ``l2_normalize``."""
-    if n is None:
-        return g
-    active = (n >= NORM_EPS).to(g.dtype)
-    return (g - active * xh * (xh * g).sum(1, keepdim=True)) / n.clamp_min(NORM_EPS)
-
-
 def pair_grads(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor, grad: Tensor, normalize: bool):
     """``(dx, dy)`` of ``Σ_p grad_p · x̂[rows_p] · ŷ[cols_p]`` (input dtypes), through the normalisation;
     in chunks of pairs, O((B + M)·d + _CHUNK·d) memory."""
-    xh, xn = _normalized(x, normalize)
-    yh, yn = (xh, xn) if y is x else _normalized(y, normalize)
+    xh, _ = _normalized(x, normalize)
+    yh = xh if y is x else _normalized(y, normalize)[0]
     dxh, dyh = torch.zeros_like(xh), torch.zeros_like(yh)
     g = grad.reshape(-1).float()
     for c0 in range(0, rows.shape[0], _CHUNK):
         r, c, gc = rows[c0:c0 + _CHUNK], cols[c0:c0 + _CHUNK], g[c0:c0 + _CHUNK, None]
         dxh.index_add_(0, r, gc * yh[c])
         dyh.index_add_(0, c, gc * xh[r])
-    dx = _normalize_backward(dxh, xh, xn)
-    dy = _normalize_backward(dyh, yh, yn)
-    return dx.to(x.dtype), dy.to(y.dtype)
+    if normalize:
+        return normalized_rows_backward(dxh, x), normalized_rows_backward(dyh, y)
+    return dxh.to(x.dtype), dyh.to(y.dtype)
 
 
 class _PairSimilarity(torch.autograd.Function):
@@ -124,67 +115,40 @@ def pair_similarity(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor, normalize:
 
 
 # ----------------------------------------------------------------------------------- op registration
-def _knn_fake(x, y, k, exclude_diagonal, normalize=False):
-    return x.new_empty((x.shape[0], k), dtype=torch.float32), x.new_empty((x.shape[0], k), dtype=torch.int64)
+def _setup_selection(ctx, inputs, output):
+    ctx.normalize = bool(inputs[-1])
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(inputs[0], inputs[1], *output[1:])
 
 
-def _hn_fake(x, y, labels, ref_labels, k, self_mode, normalize=False):
-    return (x.new_empty((k,), dtype=torch.float32), x.new_empty((k,), dtype=torch.int64),
-            x.new_empty((k,), dtype=torch.int64))
+def _knn_backward(ctx, grad_values, *unused):
+    x, y, idx = ctx.saved_tensors
+    rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
+    dx, dy = pair_grads(x, y, rows, idx.reshape(-1), grad_values, ctx.normalize)
+    return (dx, dy) + (None,) * (ctx.n_inputs - 2)
 
 
-def _register_autograd(qualname: str, has_normalize: bool) -> None:
-    knn = "knn" in qualname
-
-    def setup_context(ctx, inputs, output):
-        x, y = inputs[0], inputs[1]
-        ctx.normalize = bool(inputs[-1]) if has_normalize else False
-        ctx.knn = knn
-        ctx.save_for_backward(x, y, *output[1:])
-        ctx.n_inputs = len(inputs)
-
-    def backward(ctx, grad_values, *unused):
-        x, y, *idx = ctx.saved_tensors
-        if ctx.knn:
-            cols = idx[0].reshape(-1)
-            rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx[0].shape[1])
-        else:
-            rows, cols = idx
-        dx, dy = pair_grads(x, y, rows, cols, grad_values, ctx.normalize)
-        return (dx, dy) + (None,) * (ctx.n_inputs - 2)
-
-    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+def _hardest_negatives_backward(ctx, grad_values, *unused):
+    x, y, rows, cols = ctx.saved_tensors
+    dx, dy = pair_grads(x, y, rows, cols, grad_values, ctx.normalize)
+    return (dx, dy) + (None,) * (ctx.n_inputs - 2)
 
 
-if _ext.C_LOADED:
-    torch.library.register_fake("flashdml::knn_fwd")(_knn_fake)
-    torch.library.register_fake("flashdml::hardest_negatives_fwd")(_hn_fake)
-    _register_autograd("flashdml::knn_fwd", True)
-    _register_autograd("flashdml::hardest_negatives_fwd", True)
+FAMILY = registry.register(registry.Family(
+    name="selection",
+    reference={"knn": _reference.knn, "hardest_negatives": _reference.hardest_negatives,
+               # Cross-Example Negative Mining (ops/xent.py): this family's selection, then O(k + |P|) gathers
+               "cross_example_softmax_top_k": _reference.cross_example_softmax},
+    compiled={"knn_fwd": registry.CustomAutograd(_setup_selection, _knn_backward),
+              "hardest_negatives_fwd": registry.CustomAutograd(_setup_selection, _hardest_negatives_backward)},
+))
 
 
-def _triton_ops():
-    """The Triton selection ops (inputs already L2-normalised, no normalize flag), autograd registered once."""
-    from ..triton_kernels import selection as _tk  # noqa: F401  (defines the flashdml_triton ops)
-
-    if not getattr(_triton_ops, "registered", False):
-        _register_autograd("flashdml_triton::knn_fwd", False)
-        _register_autograd("flashdml_triton::hardest_negatives_fwd", False)
-        _triton_ops.registered = True
-    return torch.ops.flashdml_triton
-
-
-def selected_negatives(name: str, batch, k: int, normalize: bool):
-    """``(values, rows, cols)`` of the k hardest negatives of a validated batch on fused backend ``name``."""
-    xk, yk, flag = rows_for_backend(name, batch.x, batch.y, normalize, batch.self_mode)
-    if name == "triton":
-        return _triton_ops().hardest_negatives_fwd(xk, yk, batch.labels, batch.ref_labels, k, batch.self_mode)
-    return torch.ops.flashdml.hardest_negatives_fwd(xk, yk, batch.labels, batch.ref_labels, k, batch.self_mode, flag)
-
-
-def _check_normalize(normalize) -> None:
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+def selected_negatives(ops, batch, k: int, normalize: bool):
+    """``(values, rows, cols)`` of the k hardest negatives of a validated batch, by the selection ops ``ops``."""
+    xc = batch.x.contiguous()
+    yc = xc if batch.self_mode else batch.y.contiguous()
+    return ops.hardest_negatives_fwd(xc, yc, batch.labels, batch.ref_labels, k, batch.self_mode, normalize)
 
 
 # ------------------------------------------------------------------------------------------- public ops
@@ -209,7 +173,7 @@ def knn(
     """
     batch = prepare_batch(x, y, pair_mode_default=False)
     k = check_positive_int(k, "k")
-    _check_normalize(normalize)
+    check_bool(normalize, "normalize")
     drop_self = batch.self_mode and bool(exclude_self)
     n_candidates = batch.M - (1 if drop_self else 0)
     if k > n_candidates:
@@ -217,13 +181,11 @@ def knn(
             f"k = {k} is larger than the number of candidates per row ({n_candidates}"
             f"{' after excluding the query itself' if drop_self else ''})"
         )
-    name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve("knn", batch.x.device)
-    if name == "reference":
+    ops = _dispatch.select("knn", batch.x)
+    if ops is None:
         return _reference.knn(x, y, k, normalize=normalize, exclude_self=exclude_self)
-    xk, yk, flag = rows_for_backend(name, batch.x, batch.y, normalize, batch.self_mode)
-    if name == "triton":
-        return _triton_ops().knn_fwd(xk, yk, k, drop_self)
-    return torch.ops.flashdml.knn_fwd(xk, yk, k, drop_self, flag)
+    xc = batch.x.contiguous()
+    return ops.knn_fwd(xc, xc if batch.self_mode else batch.y.contiguous(), k, drop_self, normalize)
 
 
 def hardest_negatives(
@@ -250,11 +212,11 @@ def hardest_negatives(
     """
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
     k = batch.B if k is None else check_positive_int(k, "k")
-    _check_normalize(normalize)
+    check_bool(normalize, "normalize")
     n_neg = count_negatives(batch.labels, batch.ref_labels)
     if k > n_neg:
         raise ValueError(f"k = {k} is larger than the number of negative pairs in the batch ({n_neg})")
-    name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve("hardest_negatives", batch.x.device)
-    if name == "reference":
+    ops = _dispatch.select("hardest_negatives", batch.x)
+    if ops is None:
         return _reference.hardest_negatives(x, y, labels, ref_labels, k, normalize=normalize)
-    return selected_negatives(name, batch, k, normalize)
+    return selected_negatives(ops, batch, k, normalize)

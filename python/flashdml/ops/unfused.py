@@ -9,6 +9,11 @@ import torch
 
 from .. import _dispatch
 from .. import reference as _reference
+from . import registry
+
+# The ops without a compiled kernel: a family with no backends, so dispatch knows them.
+FAMILY = registry.register(registry.Family(name="similarity", reference={"similarity": _reference.similarity},
+                                           compiled={}, backends=()))
 
 
 def _first_tensor_device(args, kwargs) -> torch.device:

@@ -7,58 +7,34 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch, _ext
+from .. import _dispatch
 from .. import reference as _reference
-from .._validation import TemperatureLike, check_positive_int, check_temperature, prepare_batch
-from ._registry import register_loss_autograd, rows_for_backend
+from .._validation import TemperatureLike, check_bool, check_positive_int, check_temperature, prepare_batch
+from . import registry
 
-_INPUTS = ("x", "y", "labels", "ref_labels", "temperature", "global_partition", "self_mode", "normalize")
-
-
-def _fake_fwd(x, y, labels, ref_labels, temperature, global_partition, self_mode, normalize):
-    n = 1 if global_partition else x.shape[0]
-    f32 = dict(dtype=torch.float32, device=x.device)
-    return x.new_empty((), **f32), x.new_empty((n,), **f32), x.new_empty((n,), **f32)
-
-
-def _fake_bwd(grad_loss, x, y, labels, ref_labels, temperature, global_partition, self_mode, normalize, lse, coef):
-    return torch.empty_like(x), torch.empty_like(y), temperature.new_empty(())
+FAMILY = registry.register(registry.Family(
+    name="xent",
+    reference={"cross_example_softmax": _reference.cross_example_softmax, "ntxent": _reference.ntxent},
+    compiled={"xent_fwd": registry.LossAutograd("xent_bwd", grad_inputs=("x", "y", "temperature"),
+                                                saved_outputs=(1, 2))},
+))
 
 
-if _ext.C_LOADED:
-    torch.library.register_fake("flashdml::xent_fwd")(_fake_fwd)
-    torch.library.register_fake("flashdml::xent_bwd")(_fake_bwd)
-    register_loss_autograd("flashdml::xent_fwd", torch.ops.flashdml.xent_bwd, input_names=_INPUTS,
-                           grad_inputs=("x", "y", "temperature"), saved_outputs=(1, 2), attrs=_INPUTS[5:])
-
-
-def _triton_op():
-    from ..triton_kernels import xent as _tk  # noqa: F401  (defines the flashdml_triton ops)
-
-    if not getattr(_triton_op, "registered", False):
-        register_loss_autograd("flashdml_triton::xent_fwd", torch.ops.flashdml_triton.xent_bwd,
-                               input_names=_INPUTS[:-1], grad_inputs=("x", "y", "temperature"), saved_outputs=(1, 2),
-                               attrs=_INPUTS[5:-1])
-        _triton_op.registered = True
-    return torch.ops.flashdml_triton.xent_fwd
+def _validated(x, y, labels, ref_labels, temperature, normalize):
+    batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
+    check_bool(normalize, "normalize")
+    return batch, check_temperature(temperature, batch.x.device)
 
 
 def _run_fused(op: str, x, y, labels, ref_labels, temperature, normalize, global_partition: bool):
-    """The fused loss, or None when the reference must run (float64 input, or dispatch says so)."""
-    batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    t = check_temperature(temperature, batch.x.device)
-    name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve(op, batch.x.device)
-    if name == "reference":
+    """The fused loss, or None when the reference must run."""
+    batch, t = _validated(x, y, labels, ref_labels, temperature, normalize)
+    ops = _dispatch.select(op, batch.x)
+    if ops is None:
         return None
-    xk, yk, norm_flag = rows_for_backend(name, batch.x, batch.y, normalize, batch.self_mode)
-    args = (xk, yk, batch.labels, batch.ref_labels, t, global_partition, batch.self_mode)
-    if name == "triton":
-        loss, _, _ = _triton_op()(*args)
-    else:
-        loss, _, _ = torch.ops.flashdml.xent_fwd(*args, norm_flag)
-    return loss
+    xc = batch.x.contiguous()
+    yc = xc if batch.self_mode else batch.y.contiguous()
+    return ops.xent_fwd(xc, yc, batch.labels, batch.ref_labels, t, global_partition, batch.self_mode, normalize)[0]
 
 
 def _run_fused_top_k(x, y, labels, ref_labels, temperature, normalize, top_k: int):
@@ -72,19 +48,15 @@ def _run_fused_top_k(x, y, labels, ref_labels, temperature, normalize, top_k: in
     plain XE, which it then equals."""
     from .selection import count_negatives, pair_similarity, positive_pairs, selected_negatives
 
-    batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    t = check_temperature(temperature, batch.x.device)
-    name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve("cross_example_softmax_top_k",
-                                                                               batch.x.device)
-    if name == "reference":
+    batch, t = _validated(x, y, labels, ref_labels, temperature, normalize)
+    ops = _dispatch.select("cross_example_softmax_top_k", batch.x)  # the selection family's ops
+    if ops is None:
         return None
     rows_p, cols_p = positive_pairs(batch.labels, batch.ref_labels, batch.self_mode)
     if top_k >= count_negatives(batch.labels, batch.ref_labels) or rows_p.numel() == 0:
         return _run_fused("cross_example_softmax", x, y, labels, ref_labels, temperature, normalize, True)
     with torch.no_grad():  # the kernel selects; the logits are recomputed below, with the positives, in one gather
-        _, rows_n, cols_n = selected_negatives(name, batch, top_k, normalize)
+        _, rows_n, cols_n = selected_negatives(ops, batch, top_k, normalize)
     yp = batch.x if batch.self_mode else batch.y
     z = pair_similarity(batch.x, yp, torch.cat([rows_n, rows_p]), torch.cat([cols_n, cols_p]), normalize) / t
     lam = torch.logsumexp(z[:top_k], 0)

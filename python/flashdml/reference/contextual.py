@@ -11,23 +11,11 @@ from typing import Dict
 import torch
 from torch import Tensor
 
-from .._validation import check_positive_int, check_real, prepare_batch
+from .._validation import check_contextual_args, check_real
 from .losses import _contrastive_margin_from_S
 from .similarity import _similarity_matrix
 
 __all__ = ["contextual_loss", "contextual_loss_terms", "contextual_context_grad_closed_form"]
-
-
-def _check_contextual_args(x, labels, k, eps, ste_slope):
-    batch = prepare_batch(x, None, labels, labels_required=True)
-    k = check_positive_int(k, "k", minimum=2)
-    if k > batch.B:
-        raise ValueError(f"k = {k} is larger than the batch size B = {batch.B} (the contextual loss needs 2 <= k <= B)")
-    eps = check_real(eps, "eps")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    ste_slope = check_real(ste_slope, "ste_slope")
-    return batch, k, eps, ste_slope
 
 
 def _context_forward(S: Tensor, same: Tensor, k: int, eps: float, ste_slope: float) -> Dict[str, Tensor]:
@@ -99,7 +87,7 @@ def contextual_loss_terms(
     normalize: bool = True,
 ) -> Dict[str, Tensor]:
     """The three unweighted terms ``{"L_ctx", "L_reg", "L_con"}`` of ``contextual_loss`` (same arguments)."""
-    batch, k, eps, ste_slope = _check_contextual_args(x, labels, k, eps, ste_slope)
+    batch, k, eps, ste_slope = check_contextual_args(x, labels, k, eps, ste_slope)
     reg_target = check_real(reg_target, "reg_target")
     pos_margin = check_real(pos_margin, "pos_margin")
     neg_margin = check_real(neg_margin, "neg_margin")
@@ -191,7 +179,7 @@ def contextual_context_grad_closed_form(
 
     Used by the tests to check the autograd straight-through gradient of the reference.
     """
-    batch, k, eps, ste_slope = _check_contextual_args(x, labels, k, eps, ste_slope)
+    batch, k, eps, ste_slope = check_contextual_args(x, labels, k, eps, ste_slope)
     S = _similarity_matrix(batch, normalize)
     B = S.shape[0]
     same = batch.labels[:, None] == batch.labels[None, :]

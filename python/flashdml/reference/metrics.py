@@ -21,14 +21,13 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Dict, Iterable, Sequence, Tuple, Union
+from typing import Dict, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .._math import l2_normalize
-from .._validation import check_positive_int, check_real, prepare_batch
+from .._validation import check_ks, check_opis_options, check_real, prepare_batch
 
 __all__ = ["recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate"]
 
@@ -58,21 +57,6 @@ def _similarity(x: Tensor, y: Tensor) -> Tensor:
 def _ceil_count(fraction: float, n: int) -> int:
     """``ceil(fraction * n)`` with the product rounded to 9 decimals first (so 0.07 * 100 gives 7, not 8)."""
     return math.ceil(round(fraction * n, 9))
-
-
-def _check_ks(ks, n_candidates: int) -> Tuple[int, ...]:
-    if isinstance(ks, numbers.Integral) and not isinstance(ks, bool):
-        ks = (ks,)
-    if not isinstance(ks, Iterable):
-        raise TypeError(f"ks must be an integer or a sequence of integers, got {type(ks).__name__}")
-    ks = tuple(dict.fromkeys(check_positive_int(k, "ks") for k in ks))  # de-duplicated, order kept
-    if not ks:
-        raise ValueError("ks is empty: give at least one k")
-    if max(ks) > n_candidates:
-        raise ValueError(
-            f"ks contains k = {max(ks)} but each query has only {n_candidates} references to retrieve from"
-        )
-    return ks
 
 
 def _ranked(x, labels, y, ref_labels):
@@ -121,7 +105,7 @@ def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2
     given (duplicates dropped).
     """
     rel, R, batch = _ranked(x, labels, y, ref_labels)
-    ks = _check_ks(ks, rel.shape[1])
+    ks = check_ks(ks, rel.shape[1])
     valid = R > 0
     out = {}
     for k in ks:
@@ -179,25 +163,12 @@ def pr_auc(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- threshold consistency
-def _check_opis_options(far_range, n_thresholds, beta):
-    if not isinstance(far_range, Sequence) or len(far_range) != 2:
-        raise TypeError("far_range must be a pair (far_min, far_max)")
-    lo, hi = check_real(far_range[0], "far_range[0]"), check_real(far_range[1], "far_range[1]")
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ValueError(f"far_range must satisfy 0 < far_min <= far_max <= 1, got {tuple(far_range)}")
-    n_thresholds = check_positive_int(n_thresholds, "n_thresholds")
-    beta = check_real(beta, "beta")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    return (lo, hi), n_thresholds, beta
-
-
 def _class_utilities(x, labels, far_range, n_thresholds, beta):
     """``U [T, n_thresholds]`` (float64) for the T classes with >= 2 samples, rows in ascending label order.
 
     ``None`` when there is no such class or no negative pair.
     """
-    far_range, n_thresholds, beta = _check_opis_options(far_range, n_thresholds, beta)
+    far_range, n_thresholds, beta = check_opis_options(far_range, n_thresholds, beta)
     batch = prepare_batch(x, None, labels, None, labels_required=True)
     labels = batch.labels
     S = _similarity(batch.x, batch.x)

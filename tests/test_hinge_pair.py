@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 import flashdml as fd
 from flashdml import _dispatch
+from flashdml.ops import registry
 from flashdml._debug import poison_outputs
-from flashdml.ops import margin_losses as ml
+from flashdml.ops import hinge_pair as ml
 from helpers import CPU_SHAPES, check_against_reference, clustered
 
-needs_kernel = pytest.mark.skipif(not ml.HAS_KERNEL, reason="flashdml._C lacks the hinge_pair ops (rebuild)")
 
 # Tolerances (fp32 kernel vs float64 reference on the same fp32 inputs): every S entry carries a dot-product
 # rounding error of at most ~d * 2^-24 (typically sqrt(d) * 2^-24 ~ 1e-7); the loss is a mean of such hinges
@@ -32,8 +32,9 @@ CROSS_SHAPES = [(1, 1, 1), (2, 5, 3), (37, 70, 129), (130, 1030, 16), (600, 513,
 def test_public_api_routes_to_the_fused_ops():
     assert fd.threshold_consistent_margin is ml.threshold_consistent_margin
     assert fd.contrastive_margin is ml.contrastive_margin
-    if ml.HAS_KERNEL:
-        assert set(ml.OPS) <= _dispatch.FUSED_OPS["cpu"]
+    for op in (ml.TCM_OP, ml.CONTRASTIVE_OP):
+        assert registry.family_of(op) is ml.FAMILY
+        assert _dispatch.resolve(op, torch.device("cpu"), torch.float32) == "cpu"
 
 
 def _similarities64(x, y=None):
@@ -81,7 +82,6 @@ def _mask_counts(S, labels, ref_labels, loss, kwargs, self_mode):
     return (int(pos.sum()), int(neg.sum())), ((mp - S)[pos].sum().item(), (S - mn)[neg].sum().item())
 
 
-@needs_kernel
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("label_kind", ["classes", "pair"])
 def test_self_mode_matches_reference(loss, label_kind):
@@ -93,7 +93,6 @@ def test_self_mode_matches_reference(loss, label_kind):
                                 atol=ATOL)
 
 
-@needs_kernel
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("label_kind", ["classes", "pair", "absent_labels"])
 def test_cross_mode_matches_reference(loss, label_kind):
@@ -111,7 +110,6 @@ def test_cross_mode_matches_reference(loss, label_kind):
                                 rtol=RTOL, atol=ATOL)
 
 
-@needs_kernel
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_stats_outputs_are_exact_counts_and_sums(loss):
     x, labels = clustered(600, 24, 60, seed=3)
@@ -147,7 +145,6 @@ TIE_MARGINS = {
 }
 
 
-@needs_kernel
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("mode", ["self", "cross"])
 def test_exact_ties_at_the_margins(loss, mode):
@@ -171,7 +168,6 @@ def test_exact_ties_at_the_margins(loss, mode):
         assert tuple(counts.tolist()) == want
 
 
-@needs_kernel
 @pytest.mark.parametrize("strict", [False, True])
 def test_backward_selects_exactly_the_forward_pairs(strict):
     """With normalize=False and y = I, S = x and dx = G: the gradient is -w+/#hp on exactly the hard positives,
@@ -193,7 +189,6 @@ def test_backward_selects_exactly_the_forward_pairs(strict):
     assert torch.allclose(dx, want, rtol=1e-6, atol=0) and torch.equal(dx == 0, want == 0)
 
 
-@needs_kernel
 def test_known_value_from_pml_unit_test():
     from reference.test_reference_losses import _pml_tcm_batch
 
@@ -209,7 +204,6 @@ def test_known_value_from_pml_unit_test():
                             dict(pos_margin=0.9, neg_margin=0.5), grad_names=("x",), rtol=RTOL, atol=ATOL)
 
 
-@needs_kernel
 @pytest.mark.parametrize("B,d,n_classes,seed", [(20, 6, 4, 0), (20, 6, 4, 1), (128, 32, 16, 2), (300, 64, 30, 3)])
 def test_tcm_equals_pml_self_mode(B, d, n_classes, seed):
     from pytorch_metric_learning.losses import ThresholdConsistentMarginLoss
@@ -224,7 +218,6 @@ def test_tcm_equals_pml_self_mode(B, d, n_classes, seed):
         assert abs(ours.item() - pml.item()) <= 1e-6
 
 
-@needs_kernel
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_empty_sets_give_zero_and_zero_gradient(loss):
     x, labels = clustered(150, 8, 10, seed=7)
@@ -240,7 +233,6 @@ def test_empty_sets_give_zero_and_zero_gradient(loss):
     assert counts[0].item() == 0 and counts[1].item() > 0
 
 
-@needs_kernel
 def test_contrastive_diagonal_is_a_positive_pair_in_self_mode():
     x, labels = clustered(40, 8, 40, seed=8)  # most labels unique: the diagonal dominates the positives
     for mp in (1.25, 1.5):  # hinge m+ - 1 > 0 on the diagonal: counted, as the reference does
@@ -250,7 +242,6 @@ def test_contrastive_diagonal_is_a_positive_pair_in_self_mode():
         assert counts[0].item() >= 40
 
 
-@needs_kernel
 def test_deterministic_bitwise():
     x, labels = clustered(700, 40, 100, seed=9)
     runs = []
@@ -264,7 +255,6 @@ def test_deterministic_bitwise():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_give_fp32_loss_and_input_dtype_grads(dtype):
     x, labels = clustered(60, 32, 10, seed=10)
@@ -280,7 +270,6 @@ def test_half_inputs_give_fp32_loss_and_input_dtype_grads(dtype):
         assert abs(got.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
 
 
-@needs_kernel
 def test_nonfinite_rows_behave_like_the_reference():
     x, labels = torch.randn(20, 4), torch.arange(20) % 4
     x[3, 1] = float("nan")  # NaN similarities fail every margin test: the loss skips them, as the reference does
@@ -294,7 +283,7 @@ def test_nonfinite_rows_behave_like_the_reference():
 def test_float64_runs_the_reference_exactly():
     x, labels = torch.randn(12, 3, dtype=torch.float64), torch.arange(12) % 3
     for loss in LOSSES:
-        with fd.backend("cpu" if ml.HAS_KERNEL else "reference"):
+        with fd.backend("cpu"):
             got = getattr(fd, loss)(x, labels)
         assert got.dtype == torch.float64 and torch.equal(got, getattr(fd.reference, loss)(x, labels))
 
@@ -320,8 +309,6 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("call,exc,message", BAD_INPUTS)
 def test_bad_input_raises_like_the_reference(backend, loss, call, exc, message):
-    if backend == "cpu" and not ml.HAS_KERNEL:
-        pytest.skip("flashdml._C lacks the hinge_pair ops")
     x, labels = torch.randn(8, 4), torch.arange(8) % 3
     with fd.backend(backend), pytest.raises(exc, match=message):
         call(getattr(fd, loss), x, labels)
@@ -332,7 +319,6 @@ def test_bad_input_raises_like_the_reference(backend, loss, call, exc, message):
             fd.threshold_consistent_margin(x, labels, pos_weight="1")
 
 
-@needs_kernel
 def test_ops_pass_opcheck():
     x = torch.randn(40, 7, requires_grad=True)
     y = torch.randn(33, 7, requires_grad=True)
@@ -349,7 +335,6 @@ def test_ops_pass_opcheck():
                            False, True, counts))
 
 
-@needs_kernel
 def test_torch_compile_fullgraph_matches_eager():
     x, labels = clustered(64, 16, 16, seed=11)
     y, ref_labels = clustered(80, 16, 16, seed=12)
@@ -377,7 +362,6 @@ def _vm_kib(field):
     raise RuntimeError(field)
 
 
-@needs_kernel
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_memory_stays_linear_at_large_batch():
     """B = 16384, d = 64: a B x B fp32 matrix would be 1 GiB; forward + backward must stay far below."""

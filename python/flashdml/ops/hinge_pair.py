@@ -9,69 +9,32 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from .. import _dispatch, _ext
+from .. import _dispatch
 from .. import reference as _reference
 from .._validation import check_real, prepare_batch
-from ._registry import register_loss_autograd, rows_for_backend
+from . import registry
 
 TCM_OP = "threshold_consistent_margin"
 CONTRASTIVE_OP = "contrastive_margin"
-OPS = (TCM_OP, CONTRASTIVE_OP)
 
-_INPUTS = ("x", "y", "labels", "ref_labels", "pos_margin", "neg_margin", "pos_weight", "neg_weight",
-           "drop_diagonal", "strict", "normalize")
-
-# The compiled ops exist (an extension built before this file was added lacks them).
-HAS_KERNEL = _ext.C_LOADED and hasattr(torch.ops.flashdml, "hinge_pair_fwd")
-
-
-def _fake_fwd(x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal, strict,
-              normalize):
-    return (x.new_empty((), dtype=torch.float32), x.new_empty((2,), dtype=torch.float32),
-            x.new_empty((2,), dtype=torch.int64))
+FAMILY = registry.register(registry.Family(
+    name="hinge_pair",
+    reference={TCM_OP: _reference.threshold_consistent_margin, CONTRASTIVE_OP: _reference.contrastive_margin},
+    compiled={"hinge_pair_fwd": registry.LossAutograd("hinge_pair_bwd", grad_inputs=("x", "y"),
+                                                      saved_outputs=(2,))},
+    triton_module="hinge_pairs",
+))
 
 
-def _fake_bwd(grad_loss, x, y, *rest):
-    return torch.empty_like(x), torch.empty_like(y)
-
-
-if HAS_KERNEL:
-    torch.library.register_fake("flashdml::hinge_pair_fwd")(_fake_fwd)
-    torch.library.register_fake("flashdml::hinge_pair_bwd")(_fake_bwd)
-    register_loss_autograd(
-        "flashdml::hinge_pair_fwd", torch.ops.flashdml.hinge_pair_bwd, input_names=_INPUTS,
-        grad_inputs=("x", "y"), saved_outputs=(2,), attrs=_INPUTS[4:],
-    )
-
-
-def _triton_op():
-    from ..triton_kernels import hinge_pairs as _tk  # noqa: F401  (defines the flashdml_triton ops)
-
-    if not getattr(_triton_op, "registered", False):
-        register_loss_autograd(
-            "flashdml_triton::hinge_pair_fwd", torch.ops.flashdml_triton.hinge_pair_bwd, input_names=_INPUTS[:-1],
-            grad_inputs=("x", "y"), saved_outputs=(2,), attrs=_INPUTS[4:-1],
-        )
-        _triton_op.registered = True
-    return torch.ops.flashdml_triton.hinge_pair_fwd
-
-
-def _fused(op: str, backend: str, batch, pos_margin: float, neg_margin: float, pos_weight: float,
-           neg_weight: float, drop_diagonal: bool, strict: bool) -> Tensor:
-    if backend != "triton" and not HAS_KERNEL:
-        raise RuntimeError(f"flashdml.{op}: flashdml._C was built without the hinge_pair ops; rebuild it with "
-                           "`pip install -e . --no-build-isolation`")
-    # Self mode: the same tensor twice (normalised once, autograd adds the two gradients).
-    x, y, norm_flag = rows_for_backend(backend, batch.x, batch.y, True, batch.self_mode)
-    args = (x, y, batch.labels, batch.ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal, strict)
-    if backend == "triton":
-        loss, _, _ = _triton_op()(*args)
-    else:
-        loss, _, _ = torch.ops.flashdml.hinge_pair_fwd(*args, norm_flag)
-    return loss
+def _fused(ops, batch, pos_margin: float, neg_margin: float, pos_weight: float, neg_weight: float,
+           drop_diagonal: bool, strict: bool) -> Tensor:
+    # cosine always; self mode passes the same tensor twice (autograd adds the two gradients)
+    x = batch.x.contiguous()
+    y = x if batch.self_mode else batch.y.contiguous()
+    return ops.hinge_pair_fwd(x, y, batch.labels, batch.ref_labels, pos_margin, neg_margin, pos_weight, neg_weight,
+                              drop_diagonal, strict, True)[0]
 
 
 def threshold_consistent_margin(
@@ -120,12 +83,12 @@ def threshold_consistent_margin(
     pos_weight = check_real(pos_weight, "pos_weight")
     neg_weight = check_real(neg_weight, "neg_weight")
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
-    name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve(TCM_OP, batch.x.device)
-    if name == "reference":
+    ops = _dispatch.select(TCM_OP, batch.x)
+    if ops is None:
         return _reference.threshold_consistent_margin(x, labels, y, ref_labels, pos_margin=pos_margin,
                                                       neg_margin=neg_margin, pos_weight=pos_weight,
                                                       neg_weight=neg_weight)
-    return _fused(TCM_OP, name, batch, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal=batch.self_mode,
+    return _fused(ops, batch, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal=batch.self_mode,
                   strict=False)
 
 
@@ -165,7 +128,7 @@ def contrastive_margin(
     pos_margin = check_real(pos_margin, "pos_margin")
     neg_margin = check_real(neg_margin, "neg_margin")
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
-    name = "reference" if batch.x.dtype == torch.float64 else _dispatch.resolve(CONTRASTIVE_OP, batch.x.device)
-    if name == "reference":
+    ops = _dispatch.select(CONTRASTIVE_OP, batch.x)
+    if ops is None:
         return _reference.contrastive_margin(x, labels, y, ref_labels, pos_margin=pos_margin, neg_margin=neg_margin)
-    return _fused(CONTRASTIVE_OP, name, batch, pos_margin, neg_margin, 1.0, 1.0, drop_diagonal=False, strict=True)
+    return _fused(ops, batch, pos_margin, neg_margin, 1.0, 1.0, drop_diagonal=False, strict=True)
