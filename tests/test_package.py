@@ -58,3 +58,38 @@ def test_auto_uses_reference_for_unfused_ops_and_explicit_backend_raises():
         fd.similarity(x)
     with fd.backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
         fd.similarity(x)
+
+
+def test_backend_blocks_are_local_to_their_thread():
+    """Two threads inside ``with backend(...)`` blocks at the same time each see their own choice, and their
+    exits (in any order) leave the process on its default."""
+    import threading
+
+    both_inside = threading.Barrier(2)
+    seen = {}
+
+    def worker(name):
+        with fd.backend(name):
+            both_inside.wait(timeout=10)
+            seen[name] = fd.get_backend()
+            both_inside.wait(timeout=10)
+        seen[name + " after"] = fd.get_backend()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("reference", "cpu")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert seen == {"reference": "reference", "cpu": "cpu", "reference after": "auto", "cpu after": "auto"}
+    assert fd.get_backend() == "auto"
+
+
+def test_set_backend_is_the_default_of_every_thread():
+    import threading
+
+    fd.set_backend("reference")
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(fd.get_backend()))
+    t.start()
+    t.join(timeout=10)
+    assert seen == ["reference"]
