@@ -135,6 +135,16 @@ def _register_autograd(family: Family, ns_name: str) -> None:
     _loaded.add((family.name, ns_name))
 
 
+def refuse_double_backward(op: str) -> None:
+    """The backward ops are not differentiable: under ``create_graph=True`` (grad mode on inside backward) their
+    gradients would silently be taken as constants, so the second derivative would come out zero. Raise instead."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"flashdml: {op} does not support create_graph=True (double backward): its backward is a fused kernel "
+            "without a derivative, so a second derivative would silently be zero. Compute this loss with "
+            "`with flashdml.backend('reference'):` where second derivatives are needed (e.g. gradient penalties).")
+
+
 def _input_names(op: str) -> Tuple[str, ...]:
     args = SCHEMAS[op].split(") ->")[0].lstrip("(")
     return tuple(a.split()[-1] for a in args.split(","))
@@ -152,6 +162,7 @@ def _register_loss_autograd(qualname: str, bwd_op, fwd: str, spec: LossAutograd)
         ctx.save_for_backward(*[inputs[i] for i in tensors], *[output[i] for i in spec.saved_outputs])
 
     def backward(ctx, grad_loss, *unused):
+        refuse_double_backward(fwd)
         saved = ctx.saved_tensors
         inputs = list(ctx.inputs)
         for slot, t in zip(ctx.tensor_slots, saved):

@@ -104,6 +104,7 @@ class _PairSimilarity(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        registry.refuse_double_backward("the pair similarities of cross_example_softmax(top_k=...)")
         x, y, rows, cols = ctx.saved_tensors
         dx, dy = pair_grads(x, y, rows, cols, grad, ctx.normalize)
         return dx, dy, None, None, None
@@ -122,6 +123,7 @@ def _setup_selection(ctx, inputs, output):
 
 
 def _knn_backward(ctx, grad_values, *unused):
+    registry.refuse_double_backward("knn_fwd")
     x, y, idx = ctx.saved_tensors
     rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(idx.shape[1])
     dx, dy = pair_grads(x, y, rows, idx.reshape(-1), grad_values, ctx.normalize)
@@ -129,6 +131,7 @@ def _knn_backward(ctx, grad_values, *unused):
 
 
 def _hardest_negatives_backward(ctx, grad_values, *unused):
+    registry.refuse_double_backward("hardest_negatives_fwd")
     x, y, rows, cols = ctx.saved_tensors
     dx, dy = pair_grads(x, y, rows, cols, grad_values, ctx.normalize)
     return (dx, dy) + (None,) * (ctx.n_inputs - 2)

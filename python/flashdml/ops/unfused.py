@@ -1,4 +1,4 @@
-"""Public ops that have no fused kernel yet: they validate through the reference and run it, but still go
+"""Public ops that have no fused kernel: they validate through the reference and run it, but still go
 through dispatch, so "auto" warns once that it is using the reference and an explicit backend that lacks the
 op raises instead of silently running something else."""
 from __future__ import annotations

@@ -1,0 +1,42 @@
+"""No silent wrong answers: what the fused ops do with inputs a training loop meets (double backward, ...)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flashdml as fd
+
+from helpers import backend_params, device_of
+
+LOSSES = {
+    "cross_example_softmax": lambda x, l: fd.cross_example_softmax(x, labels=l),
+    "cross_example_softmax_top_k": lambda x, l: fd.cross_example_softmax(x, labels=l, top_k=7),
+    "ntxent": lambda x, l: fd.ntxent(x, l),
+    "batch_softmax": lambda x, l: fd.batch_softmax(x, x.flip(0), l),
+    "threshold_consistent_margin": lambda x, l: fd.threshold_consistent_margin(x, l),
+    "contrastive_margin": lambda x, l: fd.contrastive_margin(x, l),
+    "contextual_loss": lambda x, l: fd.contextual_loss(x, l),
+    "knn": lambda x, l: fd.knn(x, k=3)[0].sum(),
+    "hardest_negatives": lambda x, l: fd.hardest_negatives(x, labels=l, k=5)[0].sum(),
+}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("op", list(LOSSES))
+def test_double_backward_raises_instead_of_a_silent_zero(backend, op):
+    x = torch.randn(16, 8, device=device_of(backend), requires_grad=True)
+    labels = (torch.arange(16) // 4).to(x.device)
+    with fd.backend(backend):
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            torch.autograd.grad(LOSSES[op](x, labels), x, create_graph=True)
+        (g,) = torch.autograd.grad(LOSSES[op](x, labels), x)  # a plain backward is unaffected
+    assert torch.isfinite(g).all()
+
+
+def test_double_backward_works_on_the_reference():
+    x = torch.randn(16, 8, requires_grad=True)
+    labels = torch.arange(16) // 4
+    with fd.backend("reference"):
+        (g,) = torch.autograd.grad(fd.cross_example_softmax(x, labels=labels), x, create_graph=True)
+        g.pow(2).sum().backward()
+    assert x.grad.abs().sum() > 0
