@@ -40,3 +40,31 @@ def test_double_backward_works_on_the_reference():
         (g,) = torch.autograd.grad(fd.cross_example_softmax(x, labels=labels), x, create_graph=True)
         g.pow(2).sum().backward()
     assert x.grad.abs().sum() > 0
+
+
+HUGE = 1e20  # rows of norm ~1e21: their squares overflow fp32, so a plain ‖x‖ would be inf and x̂ zero
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+@pytest.mark.parametrize("op", ["cross_example_softmax", "ntxent", "threshold_consistent_margin", "contextual_loss",
+                                "knn"])
+def test_huge_rows_normalise_like_ordinary_ones(backend, op):
+    device = torch.device("cpu") if backend == "reference" else device_of(backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 8, generator=g).to(device)
+    labels = (torch.arange(16) // 4).to(device)
+    with fd.backend(backend):
+        want = LOSSES[op](x, labels)
+        got = LOSSES[op](x * HUGE, labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_of_huge_rows_equal_the_float64_reference():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 8, generator=g)
+    labels = torch.arange(64) // 4
+    want = fd.reference.evaluate(x.double() * HUGE, labels)
+    got = fd.metrics.evaluate(x * HUGE, labels)
+    assert got.keys() == want.keys()
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r"):
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key

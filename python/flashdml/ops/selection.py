@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
-from .._math import NORM_EPS, normalized_rows_backward
+from .._math import l2_normalize, normalized_rows_backward, row_norms
 from .._validation import check_bool, check_positive_int, prepare_batch
 from . import registry
 
@@ -73,8 +73,7 @@ def _normalized(x: Tensor, normalize: bool):
     x = x.detach().float()
     if not normalize:
         return x, None
-    n = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return x / n.clamp_min(NORM_EPS), n
+    return l2_normalize(x), row_norms(x)
 
 
 def pair_grads(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor, grad: Tensor, normalize: bool):
