@@ -68,3 +68,30 @@ def test_metrics_of_huge_rows_equal_the_float64_reference():
     assert got.keys() == want.keys()
     for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r"):
         assert got[key] == pytest.approx(want[key], abs=1e-12), key
+
+
+BAD_ARGUMENTS = [  # (call, exception, message): each was silently accepted before
+    (lambda x, l: fd.similarity(x, normalize="no"), TypeError, "normalize must be a bool"),
+    (lambda x, l: fd.contextual_loss(x, l, normalize="no"), TypeError, "normalize must be a bool"),
+    (lambda x, l: fd.knn(x, k=2, exclude_self="yes"), TypeError, "exclude_self must be a bool"),
+    (lambda x, l: fd.contextual_loss(x, l, ste_slope=float("nan")), ValueError, "ste_slope must be finite"),
+    (lambda x, l: fd.threshold_consistent_margin(x, l, pos_margin=float("inf")), ValueError,
+     "pos_margin must be finite"),
+    (lambda x, l: fd.contrastive_margin(x, l, neg_margin=float("nan")), ValueError, "neg_margin must be finite"),
+    (lambda x, l: fd.threshold_consistent_margin(x, l, neg_weight=float("inf")), ValueError,
+     "neg_weight must be finite"),
+    (lambda x, l: fd.cross_example_softmax(x, labels=l, temperature=1e-30), ValueError, "temperature = 1e-30"),
+    (lambda x, l: fd.ntxent(x, l, temperature=torch.tensor(float("inf"))), ValueError, "temperature must be finite"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+@pytest.mark.parametrize("case", range(len(BAD_ARGUMENTS)))
+def test_bad_arguments_raise_naming_the_argument(backend, case):
+    call, exc, message = BAD_ARGUMENTS[case]
+    device = torch.device("cpu") if backend == "reference" else device_of(backend)
+    x, labels = torch.randn(12, 4, device=device), (torch.arange(12) // 3).to(device)
+    if case == 0 and backend != "reference":
+        backend = "auto"  # similarity has no fused kernel: an explicit fused backend refuses it before validating
+    with fd.backend(backend), pytest.raises(exc, match=message):
+        call(x, labels)

@@ -6,6 +6,7 @@ message always names the offending argument.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple, Union
@@ -147,15 +148,25 @@ def check_temperature(temperature: TemperatureLike, device: torch.device, name: 
         if temperature.device != device and temperature.device.type != "cpu":
             raise ValueError(f"{name} is on {temperature.device} but the embeddings are on {device} (mixed devices)")
         if not _is_compiling():
-            value = float(temperature.detach())
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+            _check_temperature_value(float(temperature.detach()), name)
         return temperature.to(device=device, dtype=torch.float32)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"{name} must be a Python number or a 0-dim tensor, got {type(temperature).__name__}")
-    if not float(temperature) > 0:
-        raise ValueError(f"{name} must be > 0, got {temperature}")
+    _check_temperature_value(float(temperature), name)
     return torch.tensor(float(temperature), dtype=torch.float32, device=device)
+
+
+MIN_TEMPERATURE = 1e-12  # 1/τ² (the scale of the temperature's gradient) stays finite in fp32 above it
+
+
+def _check_temperature_value(value: float, name: str) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"{name} = {value:g} is below {MIN_TEMPERATURE:g}: the logits S / {name} and their "
+                         "gradients would overflow fp32")
 
 
 def check_positive_int(value, name: str, minimum: int = 1) -> int:
@@ -168,9 +179,13 @@ def check_positive_int(value, name: str, minimum: int = 1) -> int:
 
 
 def check_real(value, name: str) -> float:
+    """A finite real number (margins, weights, slopes, eps...: NaN or inf would silently poison the loss)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
 
 
 def check_bool(value, name: str) -> bool:

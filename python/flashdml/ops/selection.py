@@ -176,7 +176,7 @@ def knn(
     batch = prepare_batch(x, y, pair_mode_default=False)
     k = check_positive_int(k, "k")
     check_bool(normalize, "normalize")
-    drop_self = batch.self_mode and bool(exclude_self)
+    drop_self = batch.self_mode and check_bool(exclude_self, "exclude_self")
     n_candidates = batch.M - (1 if drop_self else 0)
     if k > n_candidates:
         raise ValueError(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._math import compute_dtype, l2_normalize
-from .._validation import Batch, check_positive_int, prepare_batch
+from .._validation import Batch, check_bool, check_positive_int, prepare_batch
 
 __all__ = ["similarity", "knn", "hardest_negatives"]
 
@@ -25,6 +25,7 @@ __all__ = ["similarity", "knn", "hardest_negatives"]
 # shared helpers
 # --------------------------------------------------------------------------------------------------------------
 def _similarity_matrix(batch: Batch, normalize: bool) -> Tensor:
+    check_bool(normalize, "normalize")
     """``S = x̂ ŷᵀ`` in the compute dtype; in self mode both factors are the same tensor (gradient from both)."""
     dtype = compute_dtype(batch.x.dtype)
     xc = batch.x.to(dtype)
@@ -115,7 +116,7 @@ def knn(
     """
     batch = prepare_batch(x, y, pair_mode_default=False)
     k = check_positive_int(k, "k")
-    drop_self = batch.self_mode and bool(exclude_self)
+    drop_self = batch.self_mode and check_bool(exclude_self, "exclude_self")
     n_candidates = batch.M - (1 if drop_self else 0)
     if k > n_candidates:
         raise ValueError(
