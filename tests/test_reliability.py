@@ -95,3 +95,45 @@ def test_bad_arguments_raise_naming_the_argument(backend, case):
         backend = "auto"  # similarity has no fused kernel: an explicit fused backend refuses it before validating
     with fd.backend(backend), pytest.raises(exc, match=message):
         call(x, labels)
+
+
+# ---------------------------------------------------------------------------------------- non-finite inputs
+LOSS_OPS = [op for op in LOSSES if op not in ("knn", "hardest_negatives")]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+@pytest.mark.parametrize("op", LOSS_OPS)
+@pytest.mark.parametrize("where", ["all", "one_row", "one_inf"])
+def test_a_nonfinite_embedding_makes_the_loss_and_its_gradient_nan(backend, op, where):
+    """The rule on every backend: a NaN or infinity anywhere in the batch gives a NaN loss and NaN gradients
+    (before: the CPU XE / NT-Xent of an all-NaN batch were 0.0, TCM / contrastive with one NaN row finite)."""
+    device = torch.device("cpu") if backend == "reference" else device_of(backend)
+    x = torch.randn(16, 8)
+    if where == "all":
+        x[:] = float("nan")
+    elif where == "one_row":
+        x[5] = float("nan")
+    else:
+        x[9, 3] = float("inf")
+    x = x.to(device).requires_grad_()
+    labels = (torch.arange(16) // 4).to(device)
+    with fd.backend(backend):
+        loss = LOSSES[op](x, labels)
+        (g,) = torch.autograd.grad(loss, x)
+    assert torch.isnan(loss), float(loss)
+    assert torch.isnan(g).any()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+@pytest.mark.parametrize("op", ["knn", "hardest_negatives", "knn_gallery"])
+def test_selection_of_a_nonfinite_row_raises_naming_it(backend, op):
+    device = torch.device("cpu") if backend == "reference" else device_of(backend)
+    x = torch.randn(16, 8)
+    x[6, 1] = float("nan")
+    x = x.to(device)
+    labels = (torch.arange(16) // 4).to(device)
+    calls = {"knn": lambda: fd.knn(x, k=3), "hardest_negatives": lambda: fd.hardest_negatives(x, labels=labels, k=4),
+             "knn_gallery": lambda: fd.knn(torch.randn(3, 8, device=device), x, k=3)}
+    name = "y" if op == "knn_gallery" else "x"
+    with fd.backend(backend), pytest.raises(ValueError, match=rf"{name}\[6\] has a NaN or infinite entry"):
+        calls[op]()

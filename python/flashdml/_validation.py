@@ -188,6 +188,19 @@ def check_real(value, name: str) -> float:
     return value
 
 
+def check_finite_rows(batch: "Batch", op: str) -> None:
+    """Selections cannot rank NaN or infinite similarities: a ``ValueError`` naming the first bad row
+    (synchronises; the selections return indices, so their callers synchronise anyway)."""
+    for name, t in (("x", batch.x), ("y", batch.y)):
+        bad = ~torch.isfinite(t).all(dim=1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{op}: {name}[{row}] has a NaN or infinite entry; a selection cannot rank it "
+                             "(remove or fix the non-finite rows)")
+        if batch.self_mode:
+            break
+
+
 def check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
+from .._math import nan_if_nonfinite
 from .._validation import TemperatureLike, check_bool, check_labels, check_temperature, prepare_batch
 from . import registry
 
@@ -60,4 +61,5 @@ def batch_softmax(
     ops = _dispatch.select(OP, batch.x)
     if ops is None:
         return _reference.batch_softmax(x, y, labels, temperature=temperature, symmetric=symmetric, normalize=normalize)
-    return ops.batch_softmax_fwd(batch.x.contiguous(), batch.y.contiguous(), labels, t, symmetric, normalize)[0]
+    loss = ops.batch_softmax_fwd(batch.x.contiguous(), batch.y.contiguous(), labels, t, symmetric, normalize)[0]
+    return nan_if_nonfinite(loss, batch.x, batch.y)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
+from .._math import all_finite, nan_loss
 from .._validation import check_bool, check_contextual_args, check_real
 from . import registry
 
@@ -102,6 +103,8 @@ def contextual_loss(
     neg_margin = check_real(neg_margin, "neg_margin")
     check_bool(normalize, "normalize")
     ops = _dispatch.select(OP, batch.x)
+    if ops is not None and not all_finite(batch.x):  # the non-finite rule: NaN, not a collapsed-batch error
+        return nan_loss(batch.x)
     if ops is None:
         return _reference.contextual_loss(
             x, labels, k=k, eps=eps, context_weight=context_weight, contrastive_weight=contrastive_weight,

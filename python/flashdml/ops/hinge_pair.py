@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
+from .._math import nan_if_nonfinite
 from .._validation import check_real, prepare_batch
 from . import registry
 
@@ -33,8 +34,9 @@ def _fused(ops, batch, pos_margin: float, neg_margin: float, pos_weight: float, 
     # cosine always; self mode passes the same tensor twice (autograd adds the two gradients)
     x = batch.x.contiguous()
     y = x if batch.self_mode else batch.y.contiguous()
-    return ops.hinge_pair_fwd(x, y, batch.labels, batch.ref_labels, pos_margin, neg_margin, pos_weight, neg_weight,
+    loss = ops.hinge_pair_fwd(x, y, batch.labels, batch.ref_labels, pos_margin, neg_margin, pos_weight, neg_weight,
                               drop_diagonal, strict, True)[0]
+    return nan_if_nonfinite(loss, x, y)
 
 
 def threshold_consistent_margin(

@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import _dispatch
 from .. import reference as _reference
 from .._math import l2_normalize, normalized_rows_backward, row_norms
-from .._validation import check_bool, check_positive_int, prepare_batch
+from .._validation import check_bool, check_finite_rows, check_positive_int, prepare_batch
 from . import registry
 
 _CHUNK = 1 << 16  # pairs per gather chunk: O(_CHUNK·d) temporary memory
@@ -174,6 +174,7 @@ def knn(
         sims, idx = flashdml.knn(emb, k=5)                        # self mode, the query itself excluded
     """
     batch = prepare_batch(x, y, pair_mode_default=False)
+    check_finite_rows(batch, "knn")
     k = check_positive_int(k, "k")
     check_bool(normalize, "normalize")
     drop_self = batch.self_mode and check_bool(exclude_self, "exclude_self")
@@ -213,6 +214,7 @@ def hardest_negatives(
         vals, rows, cols = flashdml.hardest_negatives(img, txt)          # pair mode, k = B
     """
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
+    check_finite_rows(batch, "hardest_negatives")
     k = batch.B if k is None else check_positive_int(k, "k")
     check_bool(normalize, "normalize")
     n_neg = count_negatives(batch.labels, batch.ref_labels)

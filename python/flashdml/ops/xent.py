@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
+from .._math import all_finite, nan_if_nonfinite, nan_loss
 from .._validation import TemperatureLike, check_bool, check_positive_int, check_temperature, prepare_batch
 from . import registry
 
@@ -34,7 +35,8 @@ def _run_fused(op: str, x, y, labels, ref_labels, temperature, normalize, global
         return None
     xc = batch.x.contiguous()
     yc = xc if batch.self_mode else batch.y.contiguous()
-    return ops.xent_fwd(xc, yc, batch.labels, batch.ref_labels, t, global_partition, batch.self_mode, normalize)[0]
+    loss = ops.xent_fwd(xc, yc, batch.labels, batch.ref_labels, t, global_partition, batch.self_mode, normalize)[0]
+    return nan_if_nonfinite(loss, batch.x, batch.y)
 
 
 def _run_fused_top_k(x, y, labels, ref_labels, temperature, normalize, top_k: int):
@@ -52,6 +54,8 @@ def _run_fused_top_k(x, y, labels, ref_labels, temperature, normalize, top_k: in
     ops = _dispatch.select("cross_example_softmax_top_k", batch.x)  # the selection family's ops
     if ops is None:
         return None
+    if not all_finite(batch.x, batch.y):  # the non-finite rule: NaN, not a selection error
+        return nan_loss(batch.x, batch.y)
     rows_p, cols_p = positive_pairs(batch.labels, batch.ref_labels, batch.self_mode)
     if top_k >= count_negatives(batch.labels, batch.ref_labels) or rows_p.numel() == 0:
         return _run_fused("cross_example_softmax", x, y, labels, ref_labels, temperature, normalize, True)

@@ -11,6 +11,7 @@ from typing import Dict
 import torch
 from torch import Tensor
 
+from .._math import all_finite, nan_loss
 from .._validation import check_contextual_args, check_real
 from .losses import _contrastive_margin_from_S
 from .similarity import _similarity_matrix
@@ -91,6 +92,8 @@ def contextual_loss_terms(
     reg_target = check_real(reg_target, "reg_target")
     pos_margin = check_real(pos_margin, "pos_margin")
     neg_margin = check_real(neg_margin, "neg_margin")
+    if not all_finite(batch.x):  # the non-finite rule: NaN, not a collapsed-batch error from the NaN rows
+        return {"L_ctx": nan_loss(batch.x), "L_reg": nan_loss(batch.x), "L_con": nan_loss(batch.x)}
     S = _similarity_matrix(batch, normalize)
     same = batch.labels[:, None] == batch.labels[None, :]  # diagonal included
     L_ctx = _context_forward(S, same, k, eps, ste_slope)["L_ctx"]

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._math import nonfinite_gives_nan
 from .._validation import check_positive_int, check_real, check_temperature, prepare_batch
 from .similarity import _global_topk_flat, _pair_masks, _similarity_matrix
 
@@ -91,6 +92,7 @@ def _batch_softmax_one_direction(z: Tensor, keep: Tensor) -> Tensor:
     return (lse - torch.diagonal(z)).mean()
 
 
+@nonfinite_gives_nan
 def batch_softmax(
     x: Tensor,
     y: Tensor,
@@ -122,6 +124,7 @@ def batch_softmax(
 # --------------------------------------------------------------------------------------------------------------
 # 2.1b NT-Xent with labels
 # --------------------------------------------------------------------------------------------------------------
+@nonfinite_gives_nan
 def ntxent(
     x: Tensor,
     labels: Optional[Tensor],
@@ -150,6 +153,7 @@ def ntxent(
 # --------------------------------------------------------------------------------------------------------------
 # 2.2 Cross-Example Softmax (+ Cross-Example Negative Mining)
 # --------------------------------------------------------------------------------------------------------------
+@nonfinite_gives_nan
 def cross_example_softmax(
     x: Tensor,
     y: Optional[Tensor] = None,
@@ -186,6 +190,7 @@ def cross_example_softmax(
 # --------------------------------------------------------------------------------------------------------------
 # 2.3 Threshold-Consistent Margin
 # --------------------------------------------------------------------------------------------------------------
+@nonfinite_gives_nan
 def threshold_consistent_margin(
     x: Tensor,
     labels: Optional[Tensor],
@@ -230,6 +235,7 @@ def _contrastive_margin_from_S(S: Tensor, pos: Tensor, neg: Tensor, pos_margin: 
     return pos_term + neg_term
 
 
+@nonfinite_gives_nan
 def contrastive_margin(
     x: Tensor,
     labels: Optional[Tensor],

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._math import compute_dtype, l2_normalize
-from .._validation import Batch, check_bool, check_positive_int, prepare_batch
+from .._validation import Batch, check_bool, check_finite_rows, check_positive_int, prepare_batch
 
 __all__ = ["similarity", "knn", "hardest_negatives"]
 
@@ -115,6 +115,7 @@ def knn(
     The values are gathered from ``S``, so they carry its gradient.
     """
     batch = prepare_batch(x, y, pair_mode_default=False)
+    check_finite_rows(batch, "knn")
     k = check_positive_int(k, "k")
     drop_self = batch.self_mode and check_bool(exclude_self, "exclude_self")
     n_candidates = batch.M - (1 if drop_self else 0)
@@ -146,6 +147,7 @@ def hardest_negatives(
     are gathered from ``S`` and carry its gradient.
     """
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
+    check_finite_rows(batch, "hardest_negatives")
     k = batch.B if k is None else check_positive_int(k, "k")
     _, neg = _pair_masks(batch)
     n_neg = int(neg.sum())
