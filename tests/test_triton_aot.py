@@ -62,12 +62,14 @@ def test_every_kernel_has_a_spec():
     covered = {_aot._jit_function(s.kernel).fn for s in SPECS}
     missing = []
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name.startswith("_"):
-            continue
         module = importlib.import_module(f"{pkg.__name__}.{info.name}")
         for name, obj in vars(module).items():
             fn = getattr(obj, "fn", None)
             if callable(fn) and getattr(fn, "__module__", None) == module.__name__ and hasattr(obj, "arg_names"):
+                # shared modules ("_tiles", "_topk") mostly hold inlined jit helpers; the kernels they hold for
+                # several modules (named *_kernel) are compiled through the specs of a module that launches them
+                if info.name.startswith("_") and not name.endswith("_kernel"):
+                    continue
                 if fn not in covered:
                     missing.append(f"{module.__name__}.{name}")
     assert not missing, f"kernels without AOT specs: {missing}"

@@ -1,8 +1,11 @@
 """Building blocks shared by the Triton kernel modules: the S-tile GEMM loop (a ``@triton.jit`` helper that the
-kernels inline) and the launcher utilities (column-split planning, 16-column padding, power-of-two prescales).
+kernels inline), the launcher utilities (column-split planning, 16-column padding, power-of-two prescales) and
+the kernels that several modules launch.
 
-This module defines no kernel of its own (names starting with "_" are skipped by the AOT coverage test, which is
-why kernel-specific jit helpers live here and not next to the kernels).
+Modules whose name starts with "_" are skipped by the AOT coverage scan, which is why kernel-specific jit helpers
+live here and not next to the kernels. A kernel defined here (``hinge_finalize_kernel``) is compiled through the
+AOT_SPECS of the module that owns its launches (hinge_pairs.py); tests/test_triton_aot.py checks that every
+``*_kernel`` of this module is covered by some spec.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from torch import Tensor
 
 LOG2E = 1.4426950408889634
 FP16_TARGET = 2.0**14  # the largest |W| entry is scaled to <= 2^14 before an fp16 tensor-core product
+HINGE_FINAL_BLOCK = 1024  # the single-program reduction of the hinge partials (hinge_finalize_kernel)
 
 
 @triton.jit
@@ -65,6 +69,37 @@ def hard_pairs(s, lab_i, lab_j, i_idx, j_idx, i_ok, j_ok, pos_margin, neg_margin
     hp = ok & same & ((s < pos_margin) | ((s == pos_margin) & (strict == 0)))
     hn = ok & (~same) & ((s > neg_margin) | ((s == neg_margin) & (strict == 0)))
     return hp, hn
+
+
+@triton.jit
+def hinge_finalize_kernel(psum_ptr, pcnt_ptr, loss_ptr, sums_ptr, counts_ptr, n_prog, pos_weight, neg_weight,
+                          BLOCK: tl.constexpr):
+    """One program: fixed-order reduction of the hinge partials (psum fp64 [2, n_prog]: positive / negative hinge
+    sums, pcnt int64 [2, n_prog]: their counts) into sums [2] fp32, counts [2] int64 and
+    loss = w+·sums[0]/counts[0] + w−·sums[1]/counts[1] (a term is 0 when its count is 0), formed in fp64 and
+    rounded once. Launched by hinge_pairs.py and contextual.py (one program, ``BLOCK=HINGE_FINAL_BLOCK``)."""
+    aps = tl.zeros([BLOCK], tl.float64)
+    ans = tl.zeros([BLOCK], tl.float64)
+    apc = tl.zeros([BLOCK], tl.int64)
+    anc = tl.zeros([BLOCK], tl.int64)
+    for start in range(0, n_prog, BLOCK):
+        r = start + tl.arange(0, BLOCK)
+        ok = r < n_prog
+        aps += tl.load(psum_ptr + r, mask=ok, other=0.0)
+        ans += tl.load(psum_ptr + n_prog + r, mask=ok, other=0.0)
+        apc += tl.load(pcnt_ptr + r, mask=ok, other=0)
+        anc += tl.load(pcnt_ptr + n_prog + r, mask=ok, other=0)
+    ps = tl.sum(aps, 0)
+    ns = tl.sum(ans, 0)
+    pc = tl.sum(apc, 0)
+    nc = tl.sum(anc, 0)
+    pos = tl.where(pc > 0, tl.full([], pos_weight, tl.float64) * (ps / tl.maximum(pc, 1).to(tl.float64)), 0.0)
+    neg = tl.where(nc > 0, tl.full([], neg_weight, tl.float64) * (ns / tl.maximum(nc, 1).to(tl.float64)), 0.0)
+    tl.store(loss_ptr, (pos + neg).to(tl.float32))
+    tl.store(sums_ptr, ps.to(tl.float32))
+    tl.store(sums_ptr + 1, ns.to(tl.float32))
+    tl.store(counts_ptr, pc)
+    tl.store(counts_ptr + 1, nc)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -157,3 +192,4 @@ def pad16_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """pad16 of x and y, padding once when y is x (self mode)."""
     xp = pad16(x)
     return xp, (xp if y is x else pad16(y))
+

@@ -1,7 +1,9 @@
-"""Sortable keys and register top-k merging for the selection kernels (selection.py).
+"""Sortable keys and register top-k merging for the selection kernels (selection.py, metrics.py, contextual.py).
 
-This module defines no kernel of its own: it holds the ``@triton.jit`` helpers that selection.py's kernels inline
-(modules whose name starts with "_" are skipped by the AOT coverage test).
+It holds the ``@triton.jit`` helpers those kernels inline and one kernel that several modules launch,
+``knn_merge_kernel`` (the fixed-order merge of the column splits' top-K lists, ``MERGE_ROWS`` rows per program).
+Modules whose name starts with "_" are skipped by the AOT coverage scan: the merge kernel is compiled through
+selection.py's AOT_SPECS (tests/test_triton_aot.py checks that every ``*_kernel`` here is covered by some spec).
 
 Keys (every comparison below is a plain integer comparison, so one ``tl.sort`` / ``tl.topk`` orders by value and
 breaks ties by index at the same time):
@@ -19,6 +21,7 @@ import triton.language as tl
 from triton.language.standard import _indicator, _log2  # triton 3.8 (pinned)
 
 NO_KEY = tl.constexpr(-(2**63))
+MERGE_ROWS = 16  # rows per program of knn_merge_kernel
 
 
 @triton.jit
@@ -104,3 +107,24 @@ def merge_sorted(run, other_asc):
     h = tl.reshape(tl.maximum(run, other_asc), [2] * _log2(R * K))
     h = _merge_stages(h, _log2(K), 1, _log2(R * K))
     return tl.reshape(h, [R, K])
+
+
+@triton.jit
+def knn_merge_kernel(part_ptr, val_ptr, idx_ptr, bound_ptr, B, n_splits, k_total, col_off, n_take,
+                      WRITE_BOUND: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Merge the splits' lists of each row (fixed order); write the first n_take entries at columns col_off.. of
+    values / indices [B, k_total]; WRITE_BOUND: bound[i] = the K-th key (the next round's exclusive upper bound)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
+    j = tl.arange(0, K)
+    run = tl.full([BLOCK_R, K], NO_KEY, tl.int64)
+    at = part_ptr + rows.to(tl.int64)[:, None] * K + (K - 1 - j)[None, :]  # each list read ascending
+    for s in range(0, n_splits):
+        run = merge_sorted(run, tl.load(at, mask=row_ok[:, None], other=NO_KEY))
+        at += B.to(tl.int64) * K
+    out = rows.to(tl.int64)[:, None] * k_total + col_off + j[None, :]
+    ok = row_ok[:, None] & (j[None, :] < n_take)
+    tl.store(val_ptr + out, key_value(run), mask=ok)
+    tl.store(idx_ptr + out, key_col(run), mask=ok)
+    if WRITE_BOUND:
+        tl.store(bound_ptr + rows, tl.min(run, 1), mask=row_ok)

@@ -24,7 +24,6 @@ copy) so the GEMM kernels always get 16-divisible rows and vectorised loads.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional
 
 import torch
@@ -34,6 +33,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import _debug
+from . import _tiles
 from ._aot import AOTSpec, torch_dtype_names
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ from ._aot import AOTSpec, torch_dtype_names
 #   covers d <= 128 in one chunk; a larger d is split over the grid and the S tile is recomputed per chunk.
 # fp32: exact IEEE dot, which Triton lowers to FMAs (no tensor cores: tf32 would use them but does not match
 #   the fp32 reference); small K steps keep the unrolled FMA operands in registers.
-# Column splits (`_num_splits`) give ~2 waves of programs when B alone gives too few row blocks (B <= ~16k).
+# Column splits (`_tiles.num_splits`) give ~2 waves of programs when B alone gives too few row blocks (B <= ~16k).
 # ---------------------------------------------------------------------------------------------------------------
 _FWD_16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 _FWD_32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
@@ -59,12 +59,6 @@ BWD_CONFIGS = {torch.float16: _BWD_16, torch.bfloat16: _BWD_16, torch.float32: _
 FINALIZE_BLOCK = 1024  # the single-program LSE merge
 FIN_R, FIN_C = 16, 64  # gradient finalize tiles (1024 elements, 2D grid: no integer division)
 FP16_PRESCALE = 2.0**14
-_LAUNCH_KEYS = ("num_warps", "num_stages")
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32: exact fp32 products/sums so results match the reference; fp16/bf16 ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -262,45 +256,19 @@ def finalize_grad(part: Tensor, out: Tensor, grad: Tensor, tau: Tensor, dt: Tens
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_splits(device: torch.device, row_programs: int, col_blocks: int, requested: Optional[int]) -> tuple[int, int]:
-    """(n_splits, column blocks per split): enough programs for ~2 waves on the GPU, never an empty split."""
-    if requested is None:
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 1
-        requested = triton.cdiv(2 * sms, max(row_programs, 1))
-    per = triton.cdiv(col_blocks, max(1, min(requested, col_blocks)))
-    return triton.cdiv(col_blocks, per), per
-
-
-def _pad16(t: Tensor) -> Tensor:
-    """Zero columns up to a multiple of 16: the GEMM kernels then always see a 16-divisible row stride, so every
-    load is vectorised (an unaligned d makes them scalar and the kernels spill). O(B·d) copy, only when needed."""
-    pad = (-t.shape[1]) % 16
-    return t if pad == 0 else torch.nn.functional.pad(t, (0, pad))
-
-
-def _launch(cfg: dict) -> dict:
-    return {k: cfg[k] for k in _LAUNCH_KEYS}
-
-
 def _row_lse(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, lse: Tensor, loss: Tensor,
              scale: float, accumulate: bool, num_splits: Optional[int]) -> None:
     B, D = a.shape
     cfg = FWD_CONFIGS[a.dtype]
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     row_programs = triton.cdiv(B, bm)
-    n_splits, per = _num_splits(a.device, row_programs, triton.cdiv(B, bn), num_splits)
+    n_splits, per = _tiles.num_splits(a.device, row_programs, triton.cdiv(B, bn), num_splits)
     m, l, dg = (_debug.new_output((n_splits, B), dtype=torch.float32, device=a.device) for _ in range(3))
     lab = labels if labels is not None else a
     wrap_triton(_lse_partial_kernel)[(row_programs, n_splits)](
         a, b, lab, tau, m, l, dg, B, D, per * bn,
-        HAS_LABELS=labels is not None, PRECISION=_precision(a.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_launch(cfg))
+        HAS_LABELS=labels is not None, PRECISION=_tiles.precision(a.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
     wrap_triton(_lse_finalize_kernel)[(1,)](
         m, l, dg, lse, loss, B, n_splits, scale,
         ACCUMULATE=accumulate, BLOCK=FINALIZE_BLOCK, num_warps=4, num_stages=1)
@@ -326,7 +294,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Optional[Tensor], temperature: Tensor
     row_lse = _debug.new_output((B,), dtype=torch.float32, device=x.device)
     col_lse = _debug.new_output((B if symmetric else 0,), dtype=torch.float32, device=x.device)
     a = 0.5 if symmetric else 1.0
-    x, y = _pad16(x), _pad16(y)
+    x, y = _tiles.pad16(x), _tiles.pad16(y)
     _row_lse(x, y, labels, temperature, row_lse, loss, a / B, False, num_splits)
     if symmetric:
         _row_lse(y, x, labels, temperature, col_lse, loss, a / B, True, num_splits)
@@ -341,7 +309,7 @@ def _grad(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, grad_loss
     cfg = BWD_CONFIGS[a.dtype]
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     row_programs, d_chunks = triton.cdiv(B, bm), triton.cdiv(D, bd)
-    n_splits, per = _num_splits(a.device, row_programs * d_chunks, triton.cdiv(B, bn), num_splits)
+    n_splits, per = _tiles.num_splits(a.device, row_programs * d_chunks, triton.cdiv(B, bn), num_splits)
     # fp16 has a narrow exponent range (normal numbers from 6e-5): W (|W| <= 2, typical entries ~1/B) is scaled by
     # 2^14 before the fp16 cast (|W|·2^14 <= 32768 < 65504), so probabilities down to ~4e-9 stay normal; the power
     # of two is removed exactly in the finalize. bf16 has fp32's range and needs no scaling.
@@ -355,8 +323,8 @@ def _grad(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, grad_loss
         a, b, lab, tau, ref if lse_a is None else lse_a, ref if lse_b is None else lse_b, part, dt,
         B, D, per * bn, prescale,
         HAS_LABELS=labels is not None, USE_A=lse_a is not None, USE_B=lse_b is not None, DTEMP=dtemp is not None,
-        PRECISION=_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd,
-        **_launch(cfg))
+        PRECISION=_tiles.precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd,
+        **_tiles.launch(cfg))
     finalize_grad(part, out, grad_loss, tau, dt, dtemp, coef_a / (B * prescale), coef_a / B)
 
 
@@ -373,7 +341,7 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Optional[Tensor], 
     dtemp = _debug.new_output((), dtype=torch.float32, device=x.device)
     a = 0.5 if symmetric else 1.0
     col = col_lse if symmetric else None
-    x, y = _pad16(x), _pad16(y)
+    x, y = _tiles.pad16(x), _tiles.pad16(y)
     # dx: rows of S; row term always, column term when symmetric. dy: rows of Sᵀ, roles swapped.
     _grad(x, y, labels, temperature, grad_loss, row_lse, col, dx, dtemp, a, num_splits)
     _grad(y, x, labels, temperature, grad_loss, col, row_lse, dy, None, a, num_splits)
@@ -421,7 +389,7 @@ def _specs() -> list[AOTSpec]:
                    "l_ptr": "*fp32", "dg_ptr": "*fp32", "B": "i32", "D": "i32", "cols_per_split": "i32"}
             specs.append(AOTSpec(
                 f"batch_softmax_lse_{tag}", _lse_partial_kernel, sig,
-                dict(HAS_LABELS=has_labels, PRECISION=_precision(dtype), BLOCK_M=fc["BLOCK_M"],
+                dict(HAS_LABELS=has_labels, PRECISION=_tiles.precision(dtype), BLOCK_M=fc["BLOCK_M"],
                      BLOCK_N=fc["BLOCK_N"], BLOCK_K=fc["BLOCK_K"]),
                 fc["num_warps"], fc["num_stages"], dtype=t, gemm=True))
             # (USE_A, USE_B, DTEMP): dx plain, dx symmetric, dy plain, dy symmetric.
@@ -434,7 +402,7 @@ def _specs() -> list[AOTSpec]:
                     f"batch_softmax_grad_{tag}_{'dx' if dtemp else 'dy'}{'_sym' if use_a and use_b else ''}",
                     _grad_partial_kernel, sig,
                     dict(HAS_LABELS=has_labels, USE_A=use_a, USE_B=use_b, DTEMP=dtemp,
-                         PRECISION=_precision(dtype), BLOCK_M=bc["BLOCK_M"], BLOCK_N=bc["BLOCK_N"],
+                         PRECISION=_tiles.precision(dtype), BLOCK_M=bc["BLOCK_M"], BLOCK_N=bc["BLOCK_N"],
                          BLOCK_K=bc["BLOCK_K"], BLOCK_D=bc["BLOCK_D"]),
                     bc["num_warps"], bc["num_stages"], dtype=t, gemm=True))
         # B not a multiple of 16 (d always is: the launchers pad it), for the heaviest GEMM variants.

@@ -47,7 +47,7 @@ from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
 from ._tiles import hard_pairs, s_tile
 from ._topk import merge_sorted, row_topk
-from .hinge_pairs import FINAL_BLOCK, _hinge_finalize_kernel
+from ._tiles import HINGE_FINAL_BLOCK as FINAL_BLOCK, hinge_finalize_kernel as _hinge_finalize_kernel
 from .selection import KNN_CONFIGS, knn_impl
 
 # Tile configurations. Every S tile of the forward, the list pass and the backward uses the kNN kernel's BLOCK_K

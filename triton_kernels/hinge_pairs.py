@@ -18,13 +18,13 @@ gradient).
 
 Forward: ``_hinge_stats_kernel`` streams S tiles (column splits for occupancy) and keeps, per row, fp64 hinge sums
 (each tile's row sums are formed in fp32 from fp32 hinges, then added in fp64) and int32 counts (<= M per row); each
-program writes its four partials (fp64 sums, int64 counts), and ``_hinge_finalize_kernel`` (one program) reduces them
-in a fixed order. Backward: ``_hinge_grad_kernel`` recomputes S tiles with the forward's orientation (x_blk · y_blkᵀ)
-and BLOCK_K (the same products summed in the same K order: on the GPU the same fp32 similarity per pair, so it
-selects the pairs the forward counted; this cannot be checked without a GPU, the interpreter's numpy dot may round
-differently per tile shape, which is why the margin-tie tests use exactly representable similarities).
-W = dL/ds is −w+/#hp, +w−/#hn or 0, prescaled by a power of two for the tensor-core product W·y (dx) or
-Wᵀ·x (dy). The batch-softmax ``_grad_finalize_kernel`` sums the split partials in a fixed order and rescales.
+program writes its four partials (fp64 sums, int64 counts), and ``_tiles.hinge_finalize_kernel`` (one program)
+reduces them in a fixed order. Backward: ``_hinge_grad_kernel`` recomputes S tiles with the forward's orientation
+(x_blk · y_blkᵀ) and BLOCK_K (the same products summed in the same K order: on the GPU the same fp32 similarity per
+pair, so it selects the pairs the forward counted; this cannot be checked without a GPU, the interpreter's numpy dot
+may round differently per tile shape, which is why the margin-tie tests use exactly representable similarities).
+W = dL/ds is −w+/#hp, +w−/#hn or 0, prescaled by a power of two for the tensor-core product W·y (dx) or Wᵀ·x (dy).
+The batch-softmax ``_grad_finalize_kernel`` sums the split partials in a fixed order and rescales.
 Deterministic, no atomics, nothing B×M stored; d is zero-padded to a multiple of 16.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from torch.library import triton_op, wrap_triton
 from .. import _debug
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
-from ._tiles import hard_pairs, s_tile
+from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile
 from .batch_softmax import finalize_grad
 from .xent import BWD_CONFIGS, LSE_CONFIGS
 
@@ -49,7 +49,6 @@ from .xent import BWD_CONFIGS, LSE_CONFIGS
 FWD_CONFIGS = LSE_CONFIGS
 assert all(FWD_CONFIGS[t]["BLOCK_K"] == BWD_CONFIGS[t][dy]["BLOCK_K"] for t in FWD_CONFIGS for dy in (0, 1)), \
     "forward and backward must compute S with the same BLOCK_K"
-FINAL_BLOCK = 1024
 
 
 @triton.jit
@@ -89,34 +88,6 @@ def _hinge_stats_kernel(
     tl.store(psum_ptr + n_prog + prog, tl.sum(ns, 0))
     tl.store(pcnt_ptr + prog, tl.sum(pc.to(tl.int64), 0))
     tl.store(pcnt_ptr + n_prog + prog, tl.sum(nc.to(tl.int64), 0))
-
-
-@triton.jit
-def _hinge_finalize_kernel(psum_ptr, pcnt_ptr, loss_ptr, sums_ptr, counts_ptr, n_prog, pos_weight, neg_weight,
-                           BLOCK: tl.constexpr):
-    """One program: fixed-order reduction of the partials; loss in fp64, rounded once."""
-    aps = tl.zeros([BLOCK], tl.float64)
-    ans = tl.zeros([BLOCK], tl.float64)
-    apc = tl.zeros([BLOCK], tl.int64)
-    anc = tl.zeros([BLOCK], tl.int64)
-    for start in range(0, n_prog, BLOCK):
-        r = start + tl.arange(0, BLOCK)
-        ok = r < n_prog
-        aps += tl.load(psum_ptr + r, mask=ok, other=0.0)
-        ans += tl.load(psum_ptr + n_prog + r, mask=ok, other=0.0)
-        apc += tl.load(pcnt_ptr + r, mask=ok, other=0)
-        anc += tl.load(pcnt_ptr + n_prog + r, mask=ok, other=0)
-    ps = tl.sum(aps, 0)
-    ns = tl.sum(ans, 0)
-    pc = tl.sum(apc, 0)
-    nc = tl.sum(anc, 0)
-    pos = tl.where(pc > 0, tl.full([], pos_weight, tl.float64) * (ps / tl.maximum(pc, 1).to(tl.float64)), 0.0)
-    neg = tl.where(nc > 0, tl.full([], neg_weight, tl.float64) * (ns / tl.maximum(nc, 1).to(tl.float64)), 0.0)
-    tl.store(loss_ptr, (pos + neg).to(tl.float32))
-    tl.store(sums_ptr, ps.to(tl.float32))
-    tl.store(sums_ptr + 1, ns.to(tl.float32))
-    tl.store(counts_ptr, pc)
-    tl.store(counts_ptr + 1, nc)
 
 
 @triton.jit
@@ -208,9 +179,9 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, pos_margi
         xp, yp, key_x, key_y, psum, pcnt, float(pos_margin), float(neg_margin), B, M, xp.shape[1], per * bn,
         int(drop_diagonal), int(strict),
         PRECISION=_tiles.precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
-    wrap_triton(_hinge_finalize_kernel)[(1,)](
+    wrap_triton(hinge_finalize_kernel)[(1,)](
         psum, pcnt, loss, sums, counts, ns * rp, float(pos_weight), float(neg_weight),
-        BLOCK=FINAL_BLOCK, num_warps=4, num_stages=1)
+        BLOCK=HINGE_FINAL_BLOCK, num_warps=4, num_stages=1)
     return loss, sums, counts
 
 
@@ -309,8 +280,8 @@ def _specs() -> list[AOTSpec]:
                                 dict(DY=dy, PRECISION=prec))
     sig = {"psum_ptr": "*fp64", "pcnt_ptr": "*i64", "loss_ptr": "*fp32", "sums_ptr": "*fp32", "counts_ptr": "*i64",
            "n_prog": "i32", "pos_weight": "fp32", "neg_weight": "fp32"}
-    specs += with_alignments(AOTSpec("hinge_finalize", _hinge_finalize_kernel, sig, dict(BLOCK=FINAL_BLOCK), 4, 1),
-                              (), ("n_prog",))
+    specs += with_alignments(AOTSpec("hinge_finalize", hinge_finalize_kernel, sig, dict(BLOCK=HINGE_FINAL_BLOCK),
+                                     4, 1), (), ("n_prog",))
     return specs
 
 

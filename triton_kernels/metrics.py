@@ -28,7 +28,7 @@ kernel, so there the histograms get their own pass over S first (two cheap tenso
 
 Rows keeping more than 64 run extra rounds over only those rows (histograms off), each restricted to keys below the
 previous round's last key (keys are unique, so the rounds are exact and disjoint). The splits' lists are merged by
-selection.py's ``_knn_merge_kernel`` into [rows, 64] and copied into the ragged outputs. Memory
+``_topk.knn_merge_kernel`` into [rows, 64] and copied into the ragged outputs. Memory
 O((B + M) d + sum(keep) + R 64 splits + T_rows opis_bins).
 """
 from __future__ import annotations
@@ -45,8 +45,7 @@ from .. import _debug
 from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
 from ._tiles import s_tile
-from ._topk import NO_KEY, merge_sorted, pack_key, row_topk
-from .selection import MERGE_ROWS, _knn_merge_kernel
+from ._topk import MERGE_ROWS, NO_KEY, knn_merge_kernel, merge_sorted, pack_key, row_topk
 
 PAIR_BINS = 1 << 16  # fine grid (csrc/include/flashdml/histogram.h)
 _PAIR_BINS = tl.constexpr(PAIR_BINS)
@@ -241,7 +240,7 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
         idx = _debug.new_output((rn, K), dtype=torch.int64, device=dev)
         more = rd + 1 < rounds
         new_bound = _debug.new_output((rn,), dtype=torch.int64, device=dev) if more else dummy
-        wrap_triton(_knn_merge_kernel)[(triton.cdiv(rn, MERGE_ROWS),)](
+        wrap_triton(knn_merge_kernel)[(triton.cdiv(rn, MERGE_ROWS),)](
             part, vals, idx, new_bound, rn, n_parts, K, 0, K, WRITE_BOUND=more, K=K, BLOCK_R=MERGE_ROWS,
             num_warps=4, num_stages=1)
         bound = new_bound
@@ -278,7 +277,7 @@ def _(x, y, labels, ref_labels, rows, keep, self_mode, pair_hist, opis_bins):
 # ---------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (tests/test_triton_aot.py): per dtype the histogram-only pass, the first top-k pass,
 # the bounded later rounds and (fp32) the fused top-k + histogram pass, aligned and ragged. The merge kernel is
-# selection.py's (its specs cover the launch made here).
+# _topk.knn_merge_kernel, compiled through selection.py's specs (which cover the launch made here).
 # ---------------------------------------------------------------------------------------------------------------
 def _specs() -> list[AOTSpec]:
     specs = []

@@ -18,13 +18,13 @@ Example (on a GPU; the tests run the same calls on CPU tensors under TRITON_INTE
     v, r, c = torch.ops.flashdml_triton.hardest_negatives_fwd(x, x, lab, lab, 4096, True)
 
 kNN (nothing B×M is stored). Each S entry becomes one int64 key (_topk.pack_key: value bits high, inverted column
-low), so a single integer sort orders by value and breaks ties toward the lower column. ``_knn_partial_kernel``:
-a program owns BLOCK_M query rows and one column split, computes S tiles on tensor cores (``_tiles.s_tile``) and
-keeps a running sorted top-K per row in registers (K = 64): a tile is folded in with a bitonic top-K of the
-tile and a bitonic merge, and skipped when no key in it beats its row's current K-th key. ``_knn_merge_kernel``
-merges the splits' lists in a fixed order and writes values / indices. k > 64 runs ceil(k / 64) rounds of the two
-kernels, round r restricted to keys below the last key of round r - 1 (keys are unique, so the rounds are exact
-and disjoint): memory O((B + M)·d + B·k), no list longer than 64 in registers.
+low), so a single integer sort orders by value and breaks ties toward the lower column. ``_knn_partial_kernel``: a
+program owns BLOCK_M query rows and one column split, computes S tiles on tensor cores (``_tiles.s_tile``) and keeps
+a running sorted top-K per row in registers (K = 64): a tile is folded in with a bitonic top-K of the tile and a
+bitonic merge, and skipped when no key in it beats its row's current K-th key. ``_topk.knn_merge_kernel`` merges the
+splits' lists in a fixed order and writes values / indices. k > 64 runs ceil(k / 64) rounds of the two kernels,
+round r restricted to keys below the last key of round r - 1 (keys are unique, so the rounds are exact and
+disjoint): memory O((B + M)·d + B·k), no list longer than 64 in registers.
 
 Hardest negatives (radix select over the order-preserving uint32 keys of the negative S values, _topk.ordered_u32):
 three histogram passes of ``_hneg_pass_kernel`` (bits 31..21, 20..10, 9..0; 2048 bins; per-program ``tl.histogram``
@@ -51,7 +51,7 @@ from .. import _debug
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
 from ._tiles import s_tile
-from ._topk import NO_KEY, key_col, key_value, merge_sorted, ordered_u32, pack_key, row_topk
+from ._topk import MERGE_ROWS, NO_KEY, knn_merge_kernel, merge_sorted, ordered_u32, pack_key, row_topk
 
 # Tile configurations (AOT_SPECS below is generated from them; tests/test_triton_aot.py compiles every one for
 # sm_80 / sm_90 and rejects spills). BLOCK_N >= the largest K, so ``tl.topk`` of a tile always yields K keys.
@@ -59,7 +59,6 @@ _KNN_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
 _KNN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
 KNN_CONFIGS = {torch.float16: _KNN_16, torch.bfloat16: _KNN_16, torch.float32: _KNN_32}
 KNN_KS = (64,)  # register list length; k > 64 runs rounds of K = 64. (K = 16 / 32 spill on sm_90: ptxas -v)
-MERGE_ROWS = 16
 _HN_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)  # 4 warps: collect spills
 _HN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
 HNEG_CONFIGS = {torch.float16: _HN_16, torch.bfloat16: _HN_16, torch.float32: _HN_32}
@@ -101,27 +100,6 @@ def _knn_partial_kernel(
             run = merge_sorted(run, row_topk(key, K, 0))
     out = (pid_s.to(tl.int64) * B + rows)[:, None] * K + tl.arange(0, K)[None, :]
     tl.store(part_ptr + out, run, mask=row_ok[:, None])
-
-
-@triton.jit
-def _knn_merge_kernel(part_ptr, val_ptr, idx_ptr, bound_ptr, B, n_splits, k_total, col_off, n_take,
-                      WRITE_BOUND: tl.constexpr, K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Merge the splits' lists of each row (fixed order); write the first n_take entries at columns col_off.. of
-    values / indices [B, k_total]; WRITE_BOUND: bound[i] = the K-th key (the next round's exclusive upper bound)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < B
-    j = tl.arange(0, K)
-    run = tl.full([BLOCK_R, K], NO_KEY, tl.int64)
-    at = part_ptr + rows.to(tl.int64)[:, None] * K + (K - 1 - j)[None, :]  # each list read ascending
-    for s in range(0, n_splits):
-        run = merge_sorted(run, tl.load(at, mask=row_ok[:, None], other=NO_KEY))
-        at += B.to(tl.int64) * K
-    out = rows.to(tl.int64)[:, None] * k_total + col_off + j[None, :]
-    ok = row_ok[:, None] & (j[None, :] < n_take)
-    tl.store(val_ptr + out, key_value(run), mask=ok)
-    tl.store(idx_ptr + out, key_col(run), mask=ok)
-    if WRITE_BOUND:
-        tl.store(bound_ptr + rows, tl.min(run, 1), mask=row_ok)
 
 
 @triton.jit
@@ -251,7 +229,7 @@ def knn_impl(x: Tensor, y: Tensor, k: int, exclude_diagonal: bool,
             xp, yp, bound, part, B, M, xp.shape[1], per * bn, int(exclude_diagonal),
             USE_BOUND=r > 0, PRECISION=_tiles.precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_K=cfg["BLOCK_K"], K=K, **_tiles.launch(cfg))
-        wrap_triton(_knn_merge_kernel)[(triton.cdiv(B, MERGE_ROWS),)](
+        wrap_triton(knn_merge_kernel)[(triton.cdiv(B, MERGE_ROWS),)](
             part, values, indices, bound, B, ns, k, r * K, min(K, k - r * K),
             WRITE_BOUND=r + 1 < n_rounds, K=K, BLOCK_R=MERGE_ROWS, num_warps=4, num_stages=1)
     return values, indices
@@ -393,7 +371,7 @@ def _specs() -> list[AOTSpec]:
     for K in KNN_KS:
         for wb in ((False, True) if K == KNN_KS[-1] else (False,)):
             specs += with_alignments(AOTSpec(
-                f"selection_knn_merge_k{K}{'_bound' if wb else ''}", _knn_merge_kernel, sig,
+                f"selection_knn_merge_k{K}{'_bound' if wb else ''}", knn_merge_kernel, sig,
                 dict(WRITE_BOUND=wb, K=K, BLOCK_R=MERGE_ROWS), 4, 1), (), ("B",))
     return specs
 
