@@ -7,7 +7,7 @@ so a backward that ignores it fails). Tolerances are ``atol + rtol * max|referen
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -108,3 +108,74 @@ def check_against_reference(
         assert fused_in[k].grad is not None, f"{op}[{backend}]: no gradient for {k}"
         assert fused_in[k].grad.dtype == fused_in[k].dtype, f"{k}.grad dtype {fused_in[k].grad.dtype} != input dtype"
         _close(f"{op}[{backend}] d{k}", fused_in[k].grad.cpu(), ref_in[k].grad, rtol, (atol_by_name or {}).get(k, atol))
+
+
+def ensure_fake(qualname: str, fake: Callable) -> None:
+    """Temporary until the registry (flashdml.ops._registry) registers one fake per op name for both namespaces.
+
+    Registers ``fake`` for the Triton op ``qualname`` unless a fake other than ``triton_op``'s default is already
+    there. The default traces the op's own Python implementation on fake tensors, which works on a GPU but not
+    under the Triton interpreter (it runs the kernels on the fake tensors' storage)."""
+    from torch._library.custom_ops import OPDEFS
+
+    current = getattr(OPDEFS.get(qualname), "_abstract_fn", None)
+    if current is None or getattr(current, "__module__", "").startswith("flashdml.triton_kernels"):
+        torch.library.register_fake(qualname)(fake)
+
+
+# ------------------------------------------------------------------ normalize=True on raw rows (the fused ops' flag)
+U32 = 2.0**-24  # fp32 unit roundoff
+TINY_NORM = 1e-13  # below l2_normalize's clamp (1e-12): the row is divided by 1e-12, its gradient is g / 1e-12
+
+
+def varied_norm_rows(unit: torch.Tensor, seed: int, tiny_row: bool = False) -> torch.Tensor:
+    """fp32 raw rows: the (unit) rows of ``unit`` times norms spread log-uniformly over [1e-3, 1e3]; with
+    ``tiny_row`` the last row gets the norm ``TINY_NORM``, where the normalisation clamps."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** (6 * torch.rand(unit.shape[0], 1, generator=g, dtype=torch.float64) - 3)
+    if tiny_row and unit.shape[0] > 1:
+        scale[-1] = TINY_NORM
+    return (unit.double().cpu() * scale).float().to(unit.device)
+
+
+def normalization_d(d: int) -> int:
+    """The ``d`` at which to evaluate a kernel test's error bound (derived for inputs given exactly in fp32, a
+    similarity off by about d·u) when the op normalises raw rows itself and is compared with float64 on the exact
+    x / ‖x‖: the fp32 x̂ differs from it by <= (d/2 + 2)·u in 2-norm (d-term fp32 sum of squares, sqrt, divide),
+    so every similarity moves by up to (d + 4)·u more: d·u + (d + 4)·u = (2d + 4)·u."""
+    return 2 * d + 4
+
+
+def raw_row_grad_tolerance(tol_hat, g_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-row bound [n, 1] on |fused dx_raw − exact dx_raw| for dx_raw = (g − x̂(x̂·g)) / max(‖x‖, 1e-12).
+
+    ``tol_hat``: the elementwise bound of the kernel's gradient with respect to x̂ (scalar, [n, 1] or [n, d]; taken
+    per row), ``g_hat``: that gradient (the kernel's, normalize=False on the op's x̂), ``x``: the raw rows.
+    * the kernel's error δg maps through (I − x̂x̂ᵀ) / ‖x‖, whose 2-norm is <= 1/‖x‖: |·|∞ <= √d·|δg|∞ / ‖x‖;
+    * the map itself in fp32 (normalized_rows_backward): the d-term dot x̂·g, x̂ (<= (d/2 + 2)·u), the norm, the
+      subtraction, the division and the output rounding stay below (2d + 8)·u·‖g‖₂ / ‖x‖, with
+      ‖g‖₂ <= ‖g̃‖₂ + √d·|δg|∞."""
+    n, d = x.shape
+    t = torch.as_tensor(tol_hat, dtype=torch.float64).cpu()
+    t = t.expand(n, d).amax(1, keepdim=True) if t.dim() else t.expand(n, 1)
+    g_norm = torch.linalg.vector_norm(g_hat.double().cpu(), dim=1, keepdim=True) + d**0.5 * t
+    norm = torch.linalg.vector_norm(x.double().cpu(), dim=1, keepdim=True).clamp_min(1e-12)
+    return (d**0.5 * t + (2 * d + 8) * U32 * g_norm) / norm
+
+
+def assert_rows_close(name: str, actual: torch.Tensor, expected: torch.Tensor, row_tol: torch.Tensor) -> None:
+    """|actual − expected| <= row_tol (per row, [n, 1]) elementwise; no NaN."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    assert not torch.isnan(a).any(), f"{name}: NaN (unwritten poisoned output or NaN result)"
+    err = (a - expected.detach().double().cpu()).abs()
+    bound = row_tol.expand_as(err)
+    worst = (err - bound).argmax()
+    assert bool((err <= bound).all()), (f"{name}: error {err.reshape(-1)[worst]:.3e} > tolerance "
+                                        f"{bound.reshape(-1)[worst]:.3e} at flat index {int(worst)}")
+
+
+def exact_unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """float64 (CPU) x / max(‖x‖, 1e-12) of the raw rows: what the float64 reference multiplies."""
+    x = x.detach().double().cpu()
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)

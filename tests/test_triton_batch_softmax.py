@@ -22,6 +22,24 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 from flashdml.triton_kernels import batch_softmax as bs  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_rows_close, ensure_fake, normalization_d, raw_row_grad_tolerance, varied_norm_rows)
+
+
+# temporary until the registry registers fakes (one per op name, both namespaces): the Triton ops' default fake
+# (their own implementation) cannot run under the interpreter.
+def _fake_fwd(x, y, labels, temperature, symmetric, normalize):
+    B = x.shape[0]
+    return (x.new_empty((), dtype=torch.float32), x.new_empty((B,), dtype=torch.float32),
+            x.new_empty((B if symmetric else 0,), dtype=torch.float32))
+
+
+def _fake_bwd(grad_loss, x, y, labels, temperature, symmetric, normalize, row_lse, col_lse):
+    return torch.empty_like(x), torch.empty_like(y), x.new_empty((), dtype=torch.float32)
+
+
+ensure_fake("flashdml_triton::batch_softmax_fwd", _fake_fwd)
+ensure_fake("flashdml_triton::batch_softmax_bwd", _fake_bwd)
 
 U32 = 2.0**-24  # fp32 unit roundoff
 U16 = 2.0**-11  # fp16 unit roundoff
@@ -174,8 +192,8 @@ def test_registered_ops_deterministic_and_fully_written(poisoned):
     g = torch.tensor(1.0, device=DEVICE)
     outs = []
     for _ in range(2):
-        fwd = torch.ops.flashdml_triton.batch_softmax_fwd(x, y, labels, t, True)
-        bwd = torch.ops.flashdml_triton.batch_softmax_bwd(g, x, y, labels, t, True, fwd[1], fwd[2])
+        fwd = torch.ops.flashdml_triton.batch_softmax_fwd(x, y, labels, t, True, False)
+        bwd = torch.ops.flashdml_triton.batch_softmax_bwd(g, x, y, labels, t, True, False, fwd[1], fwd[2])
         outs.append(fwd + bwd)
     for a, b in zip(*outs):
         assert not torch.isnan(a).any()
@@ -189,17 +207,19 @@ def test_registered_ops_deterministic_and_fully_written(poisoned):
 def test_fake_impls_match_real_shapes():
     x, y, labels = make_inputs(5, 3, None, torch.float16)
     t = torch.tensor(0.1, device=DEVICE)
-    real = torch.ops.flashdml_triton.batch_softmax_fwd(x, y, labels, t, False)
+    real = torch.ops.flashdml_triton.batch_softmax_fwd(x, y, labels, t, False, False)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fx, fy, ft = (mode.from_tensor(v) for v in (x, y, t))
         for sym in (False, True):
-            f = torch.ops.flashdml_triton.batch_softmax_fwd(fx, fy, None, ft, sym)
-            assert [tuple(v.shape) for v in f] == [(), (5,), (5 if sym else 0,)]
-            assert all(v.dtype == torch.float32 for v in f)
-            b = torch.ops.flashdml_triton.batch_softmax_bwd(ft, fx, fy, None, ft, sym, f[1], f[2])
-            assert [(tuple(v.shape), v.dtype) for v in b] == [((5, 3), x.dtype), ((5, 3), y.dtype), ((), torch.float32)]
+            for norm in (False, True):
+                f = torch.ops.flashdml_triton.batch_softmax_fwd(fx, fy, None, ft, sym, norm)
+                assert [tuple(v.shape) for v in f] == [(), (5,), (5 if sym else 0,)]
+                assert all(v.dtype == torch.float32 for v in f)
+                b = torch.ops.flashdml_triton.batch_softmax_bwd(ft, fx, fy, None, ft, sym, norm, f[1], f[2])
+                assert [(tuple(v.shape), v.dtype) for v in b] == [((5, 3), x.dtype), ((5, 3), y.dtype),
+                                                                  ((), torch.float32)]
     assert [tuple(v.shape) for v in real] == [(), (5,), (0,)]
 
 
@@ -221,9 +241,47 @@ def test_opcheck(labels_mode):
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     if not INTERPRET:
         utils += ("test_aot_dispatch_dynamic",)
-    for sym in (False, True):
+    for sym, norm in ((False, False), (True, False), (True, True)):
         fwd = torch.ops.flashdml_triton.batch_softmax_fwd.default
-        torch.library.opcheck(fwd, (x, y, labels, t, sym), test_utils=utils)
-        _, rl, cl = fwd(x, y, labels, t, sym)
+        torch.library.opcheck(fwd, (x, y, labels, t, sym, norm), test_utils=utils)
+        _, rl, cl = fwd(x, y, labels, t, sym, norm)
         torch.library.opcheck(torch.ops.flashdml_triton.batch_softmax_bwd.default,
-                              (torch.tensor(1.0, device=DEVICE), x, y, labels, t, sym, rl, cl), test_utils=utils)
+                              (torch.tensor(1.0, device=DEVICE), x, y, labels, t, sym, norm, rl, cl), test_utils=utils)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_normalize_flag_on_raw_rows(symmetric):
+    """normalize=True on raw rows (norms 1e-3 .. 1e3, one row below the 1e-12 clamp): the forward outputs and dτ
+    are bitwise those of normalize=False on the op's own normalised rows (flashdml._math.normalized_rows), and the
+    gradients with respect to the raw rows match autograd through flashdml.reference in float64 (bounds:
+    tests/helpers.py normalization_d / raw_row_grad_tolerance on top of this module's ``tolerances``)."""
+    from flashdml._math import normalized_rows
+
+    B, d, tau = 37, 16, 0.1
+    xu, yu, labels = make_inputs(B, d, "dup", torch.float64, seed=7)
+    x, y = varied_norm_rows(xu, 1, tiny_row=True), varied_norm_rows(yu, 2)
+    xh, yh = normalized_rows(x)[0], normalized_rows(y)[0]
+    t = torch.tensor(tau, device=DEVICE)
+    g = torch.tensor(0.75, device=DEVICE)
+    ops = torch.ops.flashdml_triton
+    fwd = ops.batch_softmax_fwd(x, y, labels, t, symmetric, True)
+    fwd_hat = ops.batch_softmax_fwd(xh, yh, labels, t, symmetric, False)
+    for a, b in zip(fwd, fwd_hat):
+        assert torch.equal(a, b)
+    dx, dy, dt = ops.batch_softmax_bwd(g, x, y, labels, t, symmetric, True, fwd[1], fwd[2])
+    gx, gy, dt_hat = ops.batch_softmax_bwd(g, xh, yh, labels, t, symmetric, False, fwd[1], fwd[2])
+    assert torch.equal(dt, dt_hat)
+    assert dx.dtype == dy.dtype == torch.float32 and dx.shape == x.shape and dy.shape == y.shape
+
+    import flashdml
+
+    xd, yd = x.double().cpu().requires_grad_(), y.double().cpu().requires_grad_()
+    td = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+    loss = flashdml.reference.batch_softmax(xd, yd, labels.cpu(), temperature=td, symmetric=symmetric, normalize=True)
+    DX, DY, DT = torch.autograd.grad(loss * 0.75, (xd, yd, td))
+    tol = tolerances(B, normalization_d(d), tau, torch.float32)
+    assert_close("loss", fwd[0], loss.detach(), tol["loss"])
+    assert_close("dtemperature", dt, DT, tol["dtemp"])
+    assert_rows_close("dx", dx, DX, raw_row_grad_tolerance(tol["grad"], gx, x))
+    assert_rows_close("dy", dy, DY, raw_row_grad_tolerance(tol["grad"], gy, y))
+    assert DX[-1].abs().max() > 1e6  # the clamped row: gradient g / 1e-12, checked like the others

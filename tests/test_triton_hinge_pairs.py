@@ -26,6 +26,25 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 
 import flashdml  # noqa: E402
 from flashdml.triton_kernels import hinge_pairs as hpk  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_rows_close, ensure_fake, exact_unit_rows, normalization_d, raw_row_grad_tolerance, varied_norm_rows)
+
+
+# temporary until the registry registers fakes (one per op name, both namespaces): the Triton ops' default fake
+# (their own implementation) cannot run under the interpreter.
+def _fake_fwd(x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal, strict,
+              normalize):
+    return (x.new_empty((), dtype=torch.float32), x.new_empty((2,), dtype=torch.float32),
+            x.new_empty((2,), dtype=torch.int64))
+
+
+def _fake_bwd(grad_loss, x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal,
+              strict, normalize, counts):
+    return torch.empty_like(x), torch.empty_like(y)
+
+
+ensure_fake("flashdml_triton::hinge_pair_fwd", _fake_fwd)
+ensure_fake("flashdml_triton::hinge_pair_bwd", _fake_bwd)
 
 U32 = 2.0**-24
 U16 = 2.0**-11
@@ -249,9 +268,10 @@ def test_registered_ops_deterministic_and_fully_written():
     g = torch.tensor(1.0, device=DEVICE)
     outs = []
     for _ in range(2):
-        fwd = torch.ops.flashdml_triton.hinge_pair_fwd(x, y, labels, ref_labels, 0.3, 0.1, 0.8, 1.3, False, False)
+        fwd = torch.ops.flashdml_triton.hinge_pair_fwd(x, y, labels, ref_labels, 0.3, 0.1, 0.8, 1.3, False, False,
+                                                       False)
         bwd = torch.ops.flashdml_triton.hinge_pair_bwd(g, x, y, labels, ref_labels, 0.3, 0.1, 0.8, 1.3, False,
-                                                       False, fwd[2])
+                                                       False, False, fwd[2])
         outs.append(fwd + bwd)
     for a, b in zip(*outs):
         assert torch.equal(a, b) and not (a.is_floating_point() and torch.isnan(a).any())
@@ -264,17 +284,18 @@ def test_registered_ops_deterministic_and_fully_written():
 
 def test_fake_impls_match_real_shapes():
     x, y, labels, ref_labels = make_inputs(5, 7, 3, "cross", "dup", False, torch.float16)
-    args = (0.3, 0.1, 1.0, 1.0, False, True)
-    real = torch.ops.flashdml_triton.hinge_pair_fwd(x, y, labels, ref_labels, *args)
-    rb = torch.ops.flashdml_triton.hinge_pair_bwd(real[0], x, y, labels, ref_labels, *args, real[2])
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fx, fy, fl, fr = (mode.from_tensor(v) for v in (x, y, labels, ref_labels))
-        f = torch.ops.flashdml_triton.hinge_pair_fwd(fx, fy, fl, fr, *args)
-        b = torch.ops.flashdml_triton.hinge_pair_bwd(f[0], fx, fy, fl, fr, *args, f[2])
-    assert [(v.shape, v.dtype) for v in f] == [(v.shape, v.dtype) for v in real]
-    assert [(v.shape, v.dtype) for v in b] == [(v.shape, v.dtype) for v in rb]
+    for norm in (False, True):
+        args = (0.3, 0.1, 1.0, 1.0, False, True, norm)
+        real = torch.ops.flashdml_triton.hinge_pair_fwd(x, y, labels, ref_labels, *args)
+        rb = torch.ops.flashdml_triton.hinge_pair_bwd(real[0], x, y, labels, ref_labels, *args, real[2])
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fx, fy, fl, fr = (mode.from_tensor(v) for v in (x, y, labels, ref_labels))
+            f = torch.ops.flashdml_triton.hinge_pair_fwd(fx, fy, fl, fr, *args)
+            b = torch.ops.flashdml_triton.hinge_pair_bwd(f[0], fx, fy, fl, fr, *args, f[2])
+        assert [(v.shape, v.dtype) for v in f] == [(v.shape, v.dtype) for v in real]
+        assert [(v.shape, v.dtype) for v in b] == [(v.shape, v.dtype) for v in rb]
 
 
 def test_rejects_bad_inputs():
@@ -294,8 +315,8 @@ def test_opcheck():
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     if not INTERPRET:
         utils += ("test_aot_dispatch_dynamic",)
-    for strict in (False, True):
-        args = (0.3, 0.1, 0.8, 1.3, False, strict)
+    for strict, norm in ((False, False), (True, False), (True, True)):
+        args = (0.3, 0.1, 0.8, 1.3, False, strict, norm)
         torch.library.opcheck(torch.ops.flashdml_triton.hinge_pair_fwd.default, (x, y, labels, ref_labels, *args),
                               test_utils=utils)
         counts = torch.ops.flashdml_triton.hinge_pair_fwd(x, y, labels, ref_labels, *args)[2]
@@ -320,3 +341,73 @@ def test_specs_cover_launches(dtype, monkeypatch):
                          torch.ones(2, dtype=torch.int64))
 
     assert_launches_have_specs(recorded_launches(hpk, monkeypatch, run))
+
+
+def _clear_raw_inputs(B, M, d, mode, mp, mn):
+    """Raw fp32 rows (norms 1e-3 .. 1e3, one x row below the 1e-12 clamp; self mode: y is x) whose similarities on
+    the exact x / ‖x‖ keep 2·normalization_d(d)·u away from the margin their pair is tested against: the op's fp32
+    similarity (the dot error plus the normalisation's rounding, <= normalization_d(d)·u) then selects the same
+    hard pairs as the float64 reference. Next seed (deterministically) otherwise."""
+    eps = 2 * normalization_d(d) * U32
+    for seed in range(20):
+        xu, yu, labels, ref_labels = make_inputs(B, M, d, mode, "dup", False, torch.float64, seed=seed)
+        x = varied_norm_rows(xu, 10 + seed, tiny_row=True)
+        y = x if mode == "self" else varied_norm_rows(yu, 50 + seed)
+        S = exact_unit_rows(x) @ exact_unit_rows(y).T
+        same = labels.cpu()[:, None] == ref_labels.cpu()[None, :]
+        near = ((((S - _f32(mp)).abs() <= eps) | ((S - mp).abs() <= eps)) & same) | \
+            ((((S - _f32(mn)).abs() <= eps) | ((S - mn).abs() <= eps)) & ~same)
+        if not near.any():
+            return x, y, labels, ref_labels
+    raise Ambiguous(f"no clear seed for B={B} M={M} d={d}")
+
+
+@pytest.mark.parametrize("which,mode", [("tcm", "self"), ("con", "self"), ("tcm", "cross"), ("con", "cross")])
+def test_normalize_flag_on_raw_rows(which, mode):
+    """normalize=True on raw rows: the forward outputs are bitwise those of normalize=False on the op's own
+    normalised rows (flashdml._math.normalized_rows), and the gradients with respect to the raw rows (self mode: the
+    sum of the two slots, as autograd adds them) match autograd through flashdml.reference (TCM / margin
+    contrastive, which always normalise) in float64. Bounds: this module's ``tolerances`` at tests/helpers.py
+    ``normalization_d``, mapped by ``raw_row_grad_tolerance``."""
+    from flashdml._math import normalized_rows
+
+    B, M, d, mp, mn = 37, 50, 16, 0.3, 0.1
+    x, y, labels, ref_labels = _clear_raw_inputs(B, M, d, mode, mp, mn)
+    self_mode = mode == "self"
+    xh = normalized_rows(x)[0]
+    yh = xh if self_mode else normalized_rows(y)[0]
+    f = _flags(which, mode)
+    args = (mp, mn, f["pos_weight"], f["neg_weight"], f["drop_diagonal"], f["strict"])
+    g = torch.tensor(0.75, device=DEVICE)
+    ops = torch.ops.flashdml_triton
+    fwd = ops.hinge_pair_fwd(x, y, labels, ref_labels, *args, True)
+    fwd_hat = ops.hinge_pair_fwd(xh, yh, labels, ref_labels, *args, False)
+    for a, b in zip(fwd, fwd_hat):
+        assert torch.equal(a, b)
+    dx, dy = ops.hinge_pair_bwd(g, x, y, labels, ref_labels, *args, True, fwd[2])
+    gx, gy = ops.hinge_pair_bwd(g, xh, yh, labels, ref_labels, *args, False, fwd[2])
+    assert dx.dtype == dy.dtype == torch.float32 and dx.shape == x.shape and dy.shape == y.shape
+
+    xd = x.double().cpu().requires_grad_()
+    yd = None if self_mode else y.double().cpu().requires_grad_()
+    lab, rlab = labels.cpu(), None if self_mode else ref_labels.cpu()
+    if which == "tcm":
+        loss = flashdml.reference.threshold_consistent_margin(xd, lab, yd, rlab, pos_margin=mp, neg_margin=mn,
+                                                              pos_weight=f["pos_weight"], neg_weight=f["neg_weight"])
+    else:
+        loss = flashdml.reference.contrastive_margin(xd, lab, yd, rlab, pos_margin=mp, neg_margin=mn)
+    grads = torch.autograd.grad(loss * 0.75, [v for v in (xd, yd) if v is not None])
+    # error bounds of the kernels on x̂: this module's contract model on the exact x / ‖x‖ (fp32 margins; the
+    # reference's float64 margins move the loss by <= |w|·2^-25 (m <= 1), far inside the loss bound)
+    ref = reference(exact_unit_rows(x), exact_unit_rows(y), labels, ref_labels, *args, 0.75)
+    tol = tolerances(ref, normalization_d(d), f["pos_weight"], f["neg_weight"], torch.float32)
+    assert torch.equal(fwd[2].cpu(), ref["counts"]), f"counts {fwd[2].tolist()} != {ref['counts'].tolist()}"
+    assert int(ref["counts"].min()) > 0  # both terms (and their gradients) are exercised
+    assert_close("loss", fwd[0], loss.detach().reshape(()), tol["loss"])
+    tol_x = raw_row_grad_tolerance(tol["dx"], gx, x)
+    tol_y = raw_row_grad_tolerance(tol["dy"], gy, y)
+    if self_mode:
+        assert_rows_close("dx + dy", dx + dy, grads[0], tol_x + tol_y)
+    else:
+        assert_rows_close("dx", dx, grads[0], tol_x)
+        assert_rows_close("dy", dy, grads[1], tol_y)

@@ -31,6 +31,23 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 
 import flashdml.reference as ref  # noqa: E402
 from flashdml.triton_kernels import selection as sel  # noqa: E402
+from helpers import ensure_fake, varied_norm_rows  # noqa: E402
+
+
+# temporary until the registry registers fakes (one per op name, both namespaces): the Triton ops' default fake
+# (their own implementation) cannot run under the interpreter.
+def _fake_knn(x, y, k, exclude_diagonal, normalize):
+    B = x.shape[0]
+    return x.new_empty((B, k), dtype=torch.float32), x.new_empty((B, k), dtype=torch.int64)
+
+
+def _fake_hardest_negatives(x, y, labels, ref_labels, k, self_mode, normalize):
+    return (x.new_empty((k,), dtype=torch.float32), x.new_empty((k,), dtype=torch.int64),
+            x.new_empty((k,), dtype=torch.int64))
+
+
+ensure_fake("flashdml_triton::knn_fwd", _fake_knn)
+ensure_fake("flashdml_triton::hardest_negatives_fwd", _fake_hardest_negatives)
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +128,7 @@ def test_knn_signed_zero_ties():
 
 def test_knn_through_the_registered_op():
     x, y, x64, y64 = make(20, 30, 7, "cross", "grid", torch.float32)
-    vals, idx = torch.ops.flashdml_triton.knn_fwd(x, y, 6, False)
+    vals, idx = torch.ops.flashdml_triton.knn_fwd(x, y, 6, False, False)
     rv, ri = ref.knn(x64, y64, 6, normalize=False)
     assert torch.equal(idx.cpu(), ri) and torch.equal(vals.cpu().double(), rv)
 
@@ -219,11 +236,12 @@ def test_opcheck():
     if not INTERPRET:
         utils += ("test_aot_dispatch_dynamic",)
     x, y, _, _ = make(6, 9, 5, "cross", "rand", torch.float32)
-    torch.library.opcheck(torch.ops.flashdml_triton.knn_fwd.default, (x, y, 3, False), test_utils=utils)
-    torch.library.opcheck(torch.ops.flashdml_triton.knn_fwd.default, (x, x, 5, True), test_utils=utils)
-    lab, rlab = torch.arange(6, device=DEVICE) % 3, torch.arange(9, device=DEVICE) % 4
-    torch.library.opcheck(torch.ops.flashdml_triton.hardest_negatives_fwd.default, (x, y, lab, rlab, 7, False),
-                          test_utils=utils)
+    for norm in (False, True):
+        torch.library.opcheck(torch.ops.flashdml_triton.knn_fwd.default, (x, y, 3, False, norm), test_utils=utils)
+        torch.library.opcheck(torch.ops.flashdml_triton.knn_fwd.default, (x, x, 5, True, norm), test_utils=utils)
+        lab, rlab = torch.arange(6, device=DEVICE) % 3, torch.arange(9, device=DEVICE) % 4
+        torch.library.opcheck(torch.ops.flashdml_triton.hardest_negatives_fwd.default,
+                              (x, y, lab, rlab, 7, False, norm), test_utils=utils)
 
 
 def _cuda_selection_kernels() -> bool:
@@ -246,7 +264,7 @@ def test_cuda_ops_match_reference_and_triton(dtype):
             v, i = torch.ops.flashdml.knn_fwd(x, y, k, mode == "self", False)
             rv, ri = ref.knn(x64, y64, k, normalize=False)
             assert torch.equal(i.cpu(), ri) and torch.equal(v.cpu().double(), rv)
-            tv, ti = torch.ops.flashdml_triton.knn_fwd(x, y, k, mode == "self")
+            tv, ti = torch.ops.flashdml_triton.knn_fwd(x, y, k, mode == "self", False)
             assert torch.equal(ti, i) and torch.equal(tv, v)
         g = torch.Generator().manual_seed(B)
         lab, rlab = make_labels(B, M, mode, "dup", g)
@@ -255,7 +273,8 @@ def test_cuda_ops_match_reference_and_triton(dtype):
             want = ref.hardest_negatives(x64, y64, lab, None if y64 is None else rlab, k, normalize=False)
             for o, w in zip(out, want):
                 assert torch.equal(o.cpu().to(w.dtype), w)
-            tri = torch.ops.flashdml_triton.hardest_negatives_fwd(x, y, lab.cuda(), rlab.cuda(), k, mode == "self")
+            tri = torch.ops.flashdml_triton.hardest_negatives_fwd(x, y, lab.cuda(), rlab.cuda(), k, mode == "self",
+                                                                  False)
             for o, t in zip(out, tri):
                 assert torch.equal(o, t)
 
@@ -303,3 +322,46 @@ def test_specs_cover_every_launch(dtype, monkeypatch):
                    and s.signature == signature and s.num_warps == kwargs["num_warps"]
                    and s.num_stages == kwargs["num_stages"]]
         assert matches, f"no AOT spec for {fn.__name__} with {signature} {kwargs}"
+
+
+@pytest.mark.parametrize("mode", ["self", "cross"])
+def test_normalize_flag_on_raw_rows(mode):
+    """normalize=True on raw rows (norms 1e-3 .. 1e3, one x row below the 1e-12 clamp; self mode: y is x): kNN and
+    hardest negatives return bitwise what normalize=False returns on the op's own normalised rows
+    (flashdml._math.normalized_rows), and values matching flashdml.reference(normalize=True) in float64 with
+    indices that point at entries of those values. Bound: this module's fp32 ``tol`` (1e-5) covers the fp32 dot
+    (d·u) plus the normalisation's rounding ((d + 4)·u), 36·2^-24 ~ 2e-6 at d = 16."""
+    from flashdml._math import normalized_rows
+
+    B, M, d, k = 37, 50, 16, 7
+    xu, yu, _, _ = make(B, M, d, mode, "rand", torch.float64, seed=4)
+    self_mode = mode == "self"
+    x = varied_norm_rows(xu, 3, tiny_row=True)
+    y = x if self_mode else varied_norm_rows(yu, 5)
+    xh = normalized_rows(x)[0]
+    yh = xh if self_mode else normalized_rows(y)[0]
+    x64, y64 = x.double().cpu(), None if self_mode else y.double().cpu()
+    S = ref.similarity(x64, y64, normalize=True)
+    ops = torch.ops.flashdml_triton
+
+    got = ops.knn_fwd(x, y, k, self_mode, True)
+    for a, b in zip(got, ops.knn_fwd(xh, yh, k, self_mode, False)):
+        assert torch.equal(a, b)
+    rv, _ = ref.knn(x64, y64, k, normalize=True, exclude_self=True)
+    vals, idx = got[0].cpu(), got[1].cpu()
+    torch.testing.assert_close(vals.double(), rv, atol=tol(torch.float32), rtol=0)
+    torch.testing.assert_close(S.gather(1, idx), rv, atol=2 * tol(torch.float32), rtol=0)
+    if self_mode:
+        assert not (idx == torch.arange(B)[:, None]).any()
+
+    g = torch.Generator().manual_seed(6)
+    lab, rlab = make_labels(B, M, mode, "dup", g)
+    kn = 60
+    got = ops.hardest_negatives_fwd(x, y, lab.to(DEVICE), rlab.to(DEVICE), kn, self_mode, True)
+    for a, b in zip(got, ops.hardest_negatives_fwd(xh, yh, lab.to(DEVICE), rlab.to(DEVICE), kn, self_mode, False)):
+        assert torch.equal(a, b)
+    rv, _, _ = ref.hardest_negatives(x64, y64, lab, None if self_mode else rlab, kn, normalize=True)
+    vals, r, c = (v.cpu() for v in got)
+    torch.testing.assert_close(vals.double(), rv, atol=tol(torch.float32), rtol=0)
+    assert (lab[r] != rlab[c]).all() and (r * S.shape[1] + c).unique().numel() == kn
+    torch.testing.assert_close(S[r, c], rv, atol=2 * tol(torch.float32), rtol=0)

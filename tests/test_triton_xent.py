@@ -23,6 +23,24 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 from flashdml.triton_kernels import xent  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_rows_close, ensure_fake, exact_unit_rows, normalization_d, raw_row_grad_tolerance, varied_norm_rows)
+
+
+# temporary until the registry registers fakes (one per op name, both namespaces): the Triton ops' default fake
+# (their own implementation) cannot run under the interpreter.
+def _fake_fwd(x, y, labels, ref_labels, temperature, global_partition, self_mode, normalize):
+    n = 1 if global_partition else x.shape[0]
+    return (x.new_empty((), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32),
+            x.new_empty((n,), dtype=torch.float32))
+
+
+def _fake_bwd(grad_loss, x, y, labels, ref_labels, temperature, global_partition, self_mode, normalize, lse, coef):
+    return torch.empty_like(x), torch.empty_like(y), x.new_empty((), dtype=torch.float32)
+
+
+ensure_fake("flashdml_triton::xent_fwd", _fake_fwd)
+ensure_fake("flashdml_triton::xent_bwd", _fake_bwd)
 
 U32 = 2.0**-24  # fp32 unit roundoff
 U16 = 2.0**-11  # fp16 unit roundoff
@@ -228,8 +246,9 @@ def test_registered_ops_deterministic_and_fully_written():
         g = torch.tensor(1.0, device=DEVICE)
         outs = []
         for _ in range(2):
-            fwd = torch.ops.flashdml_triton.xent_fwd(x, y, labels, ref_labels, t, glob, False)
-            bwd = torch.ops.flashdml_triton.xent_bwd(g, x, y, labels, ref_labels, t, glob, False, fwd[1], fwd[2])
+            fwd = torch.ops.flashdml_triton.xent_fwd(x, y, labels, ref_labels, t, glob, False, False)
+            bwd = torch.ops.flashdml_triton.xent_bwd(g, x, y, labels, ref_labels, t, glob, False, False, fwd[1],
+                                                     fwd[2])
             outs.append(fwd + bwd)
         for a, b in zip(*outs):
             assert not torch.isnan(a).any()
@@ -245,13 +264,13 @@ def test_fake_impls_match_real_shapes():
     t = torch.tensor(0.1, device=DEVICE)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    for glob in (False, True):
-        real = torch.ops.flashdml_triton.xent_fwd(x, y, labels, ref_labels, t, glob, False)
-        rb = torch.ops.flashdml_triton.xent_bwd(t, x, y, labels, ref_labels, t, glob, False, real[1], real[2])
+    for glob, norm in ((False, False), (True, False), (True, True)):
+        real = torch.ops.flashdml_triton.xent_fwd(x, y, labels, ref_labels, t, glob, False, norm)
+        rb = torch.ops.flashdml_triton.xent_bwd(t, x, y, labels, ref_labels, t, glob, False, norm, real[1], real[2])
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fx, fy, fl, fr, ft = (mode.from_tensor(v) for v in (x, y, labels, ref_labels, t))
-            f = torch.ops.flashdml_triton.xent_fwd(fx, fy, fl, fr, ft, glob, False)
-            b = torch.ops.flashdml_triton.xent_bwd(ft, fx, fy, fl, fr, ft, glob, False, f[1], f[2])
+            f = torch.ops.flashdml_triton.xent_fwd(fx, fy, fl, fr, ft, glob, False, norm)
+            b = torch.ops.flashdml_triton.xent_bwd(ft, fx, fy, fl, fr, ft, glob, False, norm, f[1], f[2])
         assert [(v.shape, v.dtype) for v in f] == [(v.shape, v.dtype) for v in real]
         assert [(v.shape, v.dtype) for v in b] == [(v.shape, v.dtype) for v in rb]
 
@@ -277,13 +296,13 @@ def test_opcheck():
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     if not INTERPRET:
         utils += ("test_aot_dispatch_dynamic",)
-    for glob in (False, True):
+    for glob, norm in ((False, False), (True, False), (True, True)):
         fwd = torch.ops.flashdml_triton.xent_fwd.default
-        torch.library.opcheck(fwd, (x, y, labels, ref_labels, t, glob, False), test_utils=utils)
-        _, lse, coef = fwd(x, y, labels, ref_labels, t, glob, False)
+        torch.library.opcheck(fwd, (x, y, labels, ref_labels, t, glob, False, norm), test_utils=utils)
+        _, lse, coef = fwd(x, y, labels, ref_labels, t, glob, False, norm)
         torch.library.opcheck(torch.ops.flashdml_triton.xent_bwd.default,
-                              (torch.tensor(1.0, device=DEVICE), x, y, labels, ref_labels, t, glob, False, lse, coef),
-                              test_utils=utils)
+                              (torch.tensor(1.0, device=DEVICE), x, y, labels, ref_labels, t, glob, False, norm, lse,
+                               coef), test_utils=utils)
 
 
 def recorded_launches(module, monkeypatch, run):
@@ -353,3 +372,56 @@ def test_pow2_prescale():
         p = _tiles.pow2_prescale(torch.tensor(bound, dtype=torch.float64)).item()
         assert p == 2.0 ** round(math.log2(p)) and 2.0**13 < p * bound <= 2.0**14, (bound, p)
     assert _tiles.pow2_prescale(torch.tensor(0.0)).item() == 1.0
+
+
+@pytest.mark.parametrize("mode", ["self", "cross"])
+@pytest.mark.parametrize("glob", [False, True])
+def test_normalize_flag_on_raw_rows(mode, glob):
+    """normalize=True on raw rows (norms 1e-3 .. 1e3, one x row below the 1e-12 clamp; self mode: y is x, one
+    tensor in both slots): every forward output and dτ are bitwise those of normalize=False on the op's own
+    normalised rows (flashdml._math.normalized_rows), and the gradients with respect to the raw rows (self mode:
+    the sum of the two slots, as autograd adds them) match autograd through flashdml.reference in float64. Bounds:
+    this module's ``tolerances`` at tests/helpers.py ``normalization_d``, mapped by ``raw_row_grad_tolerance``."""
+    import flashdml
+    from flashdml._math import normalized_rows
+
+    B, M, d, tau = 37, 50, 16, 0.1
+    self_mode = mode == "self"
+    xu, yu, labels, ref_labels = make_inputs(B, M, d, mode, "dup", torch.float64, seed=11)
+    x = varied_norm_rows(xu, 1, tiny_row=True)
+    y = x if self_mode else varied_norm_rows(yu, 2)
+    xh = normalized_rows(x)[0]
+    yh = xh if self_mode else normalized_rows(y)[0]
+    t = torch.tensor(tau, device=DEVICE)
+    g = torch.tensor(0.75, device=DEVICE)
+    ops = torch.ops.flashdml_triton
+    fwd = ops.xent_fwd(x, y, labels, ref_labels, t, glob, self_mode, True)
+    fwd_hat = ops.xent_fwd(xh, yh, labels, ref_labels, t, glob, self_mode, False)
+    for a, b in zip(fwd, fwd_hat):
+        assert torch.equal(a, b)
+    dx, dy, dt = ops.xent_bwd(g, x, y, labels, ref_labels, t, glob, self_mode, True, fwd[1], fwd[2])
+    gx, gy, dt_hat = ops.xent_bwd(g, xh, yh, labels, ref_labels, t, glob, self_mode, False, fwd[1], fwd[2])
+    assert torch.equal(dt, dt_hat)
+    assert dx.dtype == dy.dtype == torch.float32 and dx.shape == x.shape and dy.shape == y.shape
+
+    xd = x.double().cpu().requires_grad_()
+    yd = None if self_mode else y.double().cpu().requires_grad_()
+    td = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+    lab, rlab = labels.cpu(), None if self_mode else ref_labels.cpu()
+    if glob:
+        loss = flashdml.reference.cross_example_softmax(xd, yd, lab, rlab, temperature=td, normalize=True)
+    else:
+        loss = flashdml.reference.ntxent(xd, lab, yd, rlab, temperature=td, normalize=True)
+    grads = torch.autograd.grad(loss * 0.75, [v for v in (xd, yd, td) if v is not None])
+    # error bounds of the kernels on x̂: this module's contract model on the exact x / ‖x‖
+    ref = reference(exact_unit_rows(x), exact_unit_rows(y), labels, ref_labels, tau, glob, self_mode, 0.75)
+    tol = tolerances(ref, normalization_d(d), tau, torch.float32)
+    assert_close("loss", fwd[0], loss.detach().reshape(()), tol["loss"])
+    assert_close("dtemperature", dt, grads[-1], tol["dtemperature"])
+    tol_x = raw_row_grad_tolerance(tol["dx"], gx, x)
+    tol_y = raw_row_grad_tolerance(tol["dy"], gy, y)
+    if self_mode:
+        assert_rows_close("dx + dy", dx + dy, grads[0], tol_x + tol_y)
+    else:
+        assert_rows_close("dx", dx, grads[0], tol_x)
+        assert_rows_close("dy", dy, grads[1], tol_y)

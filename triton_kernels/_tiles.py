@@ -1,6 +1,6 @@
 """Building blocks shared by the Triton kernel modules: the S-tile GEMM loop (a ``@triton.jit`` helper that the
-kernels inline), the launcher utilities (column-split planning, 16-column padding, power-of-two prescales) and
-the kernels that several modules launch.
+kernels inline), the launcher utilities (column-split planning, 16-column padding, power-of-two prescales, the
+in-op row normalisation of ``normalize=True``) and the kernels that several modules launch.
 
 Modules whose name starts with "_" are skipped by the AOT coverage scan, which is why kernel-specific jit helpers
 live here and not next to the kernels. A kernel defined here (``hinge_finalize_kernel``) is compiled through the
@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .._math import normalized_rows, normalized_rows_backward
 
 LOG2E = 1.4426950408889634
 FP16_TARGET = 2.0**14  # the largest |W| entry is scaled to <= 2^14 before an fp16 tensor-core product
@@ -193,3 +195,17 @@ def pad16_pair(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     xp = pad16(x)
     return xp, (xp if y is x else pad16(y))
 
+
+def normalized_inputs(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x̂, ŷ)`` for an op called with ``normalize=True``: rows divided by ``max(‖row‖, 1e-12)`` in fp32 and cast
+    back to the input dtype (``flashdml._math.normalized_rows``, the same as the C++ ops). Self mode (``y is x``)
+    normalises once and returns the same tensor twice, so ``pad16_pair`` still pads once."""
+    xh = normalized_rows(x)[0]
+    return xh, (xh if y is x else normalized_rows(y)[0])
+
+
+def raw_row_grads(dx: Tensor, dy: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients ``dx, dy`` the kernels produced with respect to ``x̂, ŷ`` mapped back to the raw rows ``x, y``
+    (``flashdml._math.normalized_rows_backward``). In self mode (y is x) each slot is mapped on its own: the map
+    is linear in the gradient, so autograd's sum of the two slots is the gradient of the raw rows."""
+    return normalized_rows_backward(dx, x), normalized_rows_backward(dy, y)

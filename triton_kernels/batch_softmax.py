@@ -1,11 +1,17 @@
 """Triton kernels for the batch softmax / InfoNCE loss (SPEC 2.1).
 
-Raw ops (inputs already L2-normalised, contiguous, same dtype, B == M):
+Raw ops, the schema of the C++ ``flashdml::batch_softmax_fwd / _bwd`` (``flashdml._schemas.SCHEMAS``; inputs
+contiguous, same dtype, B == M):
 
-* ``torch.ops.flashdml_triton.batch_softmax_fwd(x, y, labels, temperature, symmetric)
+* ``torch.ops.flashdml_triton.batch_softmax_fwd(x, y, labels, temperature, symmetric, normalize)
   -> (loss [], row_lse [B], col_lse [B] or [0])``
-* ``torch.ops.flashdml_triton.batch_softmax_bwd(grad_loss, x, y, labels, temperature, symmetric, row_lse, col_lse)
-  -> (dx, dy, dtemperature)``
+* ``torch.ops.flashdml_triton.batch_softmax_bwd(grad_loss, x, y, labels, temperature, symmetric, normalize, row_lse,
+  col_lse) -> (dx, dy, dtemperature)``
+
+``normalize=True``: the op L2-normalises the rows itself (``_tiles.normalized_inputs``, in fp32, cast back to the
+input dtype) before the kernels, and the backward returns the gradients with respect to the raw rows
+(``_tiles.raw_row_grads``), as the C++ ops do. ``normalize=False``: the rows are used as given. The kernels below
+always see the rows they multiply.
 
 Forward: ``_lse_partial_kernel`` streams tiles of ``Z = x yᵀ / τ`` (K loop over d, fp32 accumulation) and keeps an
 online (max, sum-exp) per row plus the diagonal ``z_ii`` taken from the same tile. The column range can be split
@@ -33,6 +39,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import _debug
+from .._schemas import SCHEMAS
 from . import _tiles
 from ._aot import AOTSpec, torch_dtype_names
 
@@ -348,28 +355,23 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Optional[Tensor], 
     return dx, dy, dtemp
 
 
-@triton_op("flashdml_triton::batch_softmax_fwd", mutates_args=())
-def batch_softmax_fwd(x: Tensor, y: Tensor, labels: Optional[Tensor], temperature: Tensor,
-                      symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
+@triton_op("flashdml_triton::batch_softmax_fwd", mutates_args=(), schema=SCHEMAS["batch_softmax_fwd"])
+def batch_softmax_fwd(x: Tensor, y: Tensor, labels: Optional[Tensor], temperature: Tensor, symmetric: bool,
+                      normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if normalize:
+        x, y = _tiles.normalized_inputs(x, y)
     return fwd_impl(x, y, labels, temperature, symmetric)
 
 
-@triton_op("flashdml_triton::batch_softmax_bwd", mutates_args=())
+@triton_op("flashdml_triton::batch_softmax_bwd", mutates_args=(), schema=SCHEMAS["batch_softmax_bwd"])
 def batch_softmax_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Optional[Tensor], temperature: Tensor,
-                      symmetric: bool, row_lse: Tensor, col_lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return bwd_impl(grad_loss, x, y, labels, temperature, symmetric, row_lse, col_lse)
-
-
-@batch_softmax_fwd.register_fake
-def _(x, y, labels, temperature, symmetric):
-    B = x.shape[0]
-    return (x.new_empty((), dtype=torch.float32), x.new_empty((B,), dtype=torch.float32),
-            x.new_empty((B if symmetric else 0,), dtype=torch.float32))
-
-
-@batch_softmax_bwd.register_fake
-def _(grad_loss, x, y, labels, temperature, symmetric, row_lse, col_lse):
-    return torch.empty_like(x), torch.empty_like(y), x.new_empty((), dtype=torch.float32)
+                      symmetric: bool, normalize: bool, row_lse: Tensor,
+                      col_lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if not normalize:
+        return bwd_impl(grad_loss, x, y, labels, temperature, symmetric, row_lse, col_lse)
+    xh, yh = _tiles.normalized_inputs(x, y)
+    dx, dy, dtemp = bwd_impl(grad_loss, xh, yh, labels, temperature, symmetric, row_lse, col_lse)
+    return *_tiles.raw_row_grads(dx, dy, x, y), dtemp
 
 
 # ---------------------------------------------------------------------------------------------------------------

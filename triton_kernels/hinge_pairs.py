@@ -1,12 +1,16 @@
 """Triton kernels for the hinge-pair losses: Threshold-Consistent Margin (SPEC 2.3) and margin contrastive (SPEC 2.4).
 
-Raw ops, the schema of the C++ ``flashdml::hinge_pair_fwd / _bwd`` minus ``normalize`` (inputs are already
-L2-normalised, contiguous, same dtype; x [B, d], y [M, d]; labels / ref_labels int64, ``arange`` in pair mode):
+Raw ops, the schema of the C++ ``flashdml::hinge_pair_fwd / _bwd`` (``flashdml._schemas.SCHEMAS``; inputs
+contiguous, same dtype; x [B, d], y [M, d]; labels / ref_labels int64, ``arange`` in pair mode):
 
 * ``torch.ops.flashdml_triton.hinge_pair_fwd(x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight,
-  neg_weight, drop_diagonal, strict) -> (loss [] fp32, sums [2] fp32, counts [2] int64)``
+  neg_weight, drop_diagonal, strict, normalize) -> (loss [] fp32, sums [2] fp32, counts [2] int64)``
 * ``torch.ops.flashdml_triton.hinge_pair_bwd(grad_loss, x, y, labels, ref_labels, pos_margin, neg_margin,
-  pos_weight, neg_weight, drop_diagonal, strict, counts) -> (dx, dy)``
+  pos_weight, neg_weight, drop_diagonal, strict, normalize, counts) -> (dx, dy)``
+
+``normalize=True``: the op L2-normalises the rows itself (``_tiles.normalized_inputs``; y is x normalised once)
+and the backward returns the gradients with respect to the raw rows (``_tiles.raw_row_grads``), as the C++ ops do.
+``normalize=False``: the rows are used as given (the similarities below are those of the rows the kernels see).
 
 Pair (i, j), s = S_ij in fp32, margins rounded to fp32: positive if labels are equal (with ``drop_diagonal`` the
 pairs (i, i) are neither positive nor negative), else negative. Hard positive: s <= m+ (``strict``: s < m+), hard
@@ -38,6 +42,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import _debug
+from .._schemas import SCHEMAS
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
 from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile
@@ -227,31 +232,23 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels
     return dx, dy
 
 
-@triton_op("flashdml_triton::hinge_pair_fwd", mutates_args=())
+@triton_op("flashdml_triton::hinge_pair_fwd", mutates_args=(), schema=SCHEMAS["hinge_pair_fwd"])
 def hinge_pair_fwd(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, pos_margin: float, neg_margin: float,
-                   pos_weight: float, neg_weight: float, drop_diagonal: bool,
-                   strict: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   pos_weight: float, neg_weight: float, drop_diagonal: bool, strict: bool,
+                   normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if normalize:
+        x, y = _tiles.normalized_inputs(x, y)
     return fwd_impl(x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal, strict)
 
 
-@triton_op("flashdml_triton::hinge_pair_bwd", mutates_args=())
+@triton_op("flashdml_triton::hinge_pair_bwd", mutates_args=(), schema=SCHEMAS["hinge_pair_bwd"])
 def hinge_pair_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, pos_margin: float,
                    neg_margin: float, pos_weight: float, neg_weight: float, drop_diagonal: bool, strict: bool,
-                   counts: Tensor) -> tuple[Tensor, Tensor]:
-    return bwd_impl(grad_loss, x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight,
-                    drop_diagonal, strict, counts)
-
-
-@hinge_pair_fwd.register_fake
-def _(x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal, strict):
-    return (x.new_empty((), dtype=torch.float32), x.new_empty((2,), dtype=torch.float32),
-            x.new_empty((2,), dtype=torch.int64))
-
-
-@hinge_pair_bwd.register_fake
-def _(grad_loss, x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal, strict,
-      counts):
-    return torch.empty_like(x), torch.empty_like(y)
+                   normalize: bool, counts: Tensor) -> tuple[Tensor, Tensor]:
+    xh, yh = _tiles.normalized_inputs(x, y) if normalize else (x, y)
+    dx, dy = bwd_impl(grad_loss, xh, yh, labels, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight,
+                      drop_diagonal, strict, counts)
+    return _tiles.raw_row_grads(dx, dy, x, y) if normalize else (dx, dy)
 
 
 # ---------------------------------------------------------------------------------------------------------------

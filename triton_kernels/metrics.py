@@ -1,6 +1,7 @@
 """Triton kernel of the metrics pass (SPEC section 3): the GPU twin of the C++ ``flashdml::metrics_pass``.
 
-Raw op (same arguments, outputs and conventions as the CPU op, csrc/cpu/metrics.cpp and csrc/ops.cpp)::
+Raw op (same schema, ``flashdml._schemas.SCHEMAS["metrics_pass"]``, outputs and conventions as the CPU op,
+csrc/cpu/metrics.cpp and csrc/ops.cpp)::
 
     torch.ops.flashdml_triton.metrics_pass(x, y, labels, ref_labels, rows, keep, self_mode, pair_hist, opis_bins)
     -> (offsets [R + 1], indices [sum keep] int64, values [sum keep] fp32,
@@ -42,6 +43,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import _debug
+from .._schemas import SCHEMAS
 from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
 from ._tiles import s_tile
@@ -255,23 +257,11 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
     return offsets, indices, values, hist, cpos.clone(), cneg.clone()
 
 
-@triton_op("flashdml_triton::metrics_pass", mutates_args=())
+@triton_op("flashdml_triton::metrics_pass", mutates_args=(), schema=SCHEMAS["metrics_pass"])
 def metrics_pass(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, rows: Tensor, keep: Tensor,
                  self_mode: bool, pair_hist: bool, opis_bins: int
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return metrics_pass_impl(x, y, labels, ref_labels, rows, keep, self_mode, pair_hist, opis_bins)
-
-
-@metrics_pass.register_fake
-def _(x, y, labels, ref_labels, rows, keep, self_mode, pair_hist, opis_bins):
-    ctx = torch.library.get_ctx()
-    total, n_cls = ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    fine = pair_hist or opis_bins > 0
-    lopts = dict(dtype=torch.int64, device=x.device)
-    return (x.new_empty((rows.shape[0] + 1,), **lopts), x.new_empty((total,), **lopts),
-            x.new_empty((total,), dtype=torch.float32), x.new_empty((2, PAIR_BINS) if fine else (0, 0), **lopts),
-            x.new_empty((n_cls, opis_bins) if opis_bins > 0 else (0, 0), **lopts),
-            x.new_empty((n_cls, opis_bins) if opis_bins > 0 else (0, 0), **lopts))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,21 +1,26 @@
 """Triton kernels for fused similarity + top-k selection: kNN (SPEC 1.2) and batch-wide hardest negatives (1.3).
 
-Raw ops (inputs already L2-normalised, contiguous, same dtype fp32 / fp16 / bf16; x [B, d], y [M, d]):
+Raw ops, the schemas of the C++ ``flashdml::knn_fwd / hardest_negatives_fwd`` (``flashdml._schemas.SCHEMAS``;
+inputs contiguous, same dtype fp32 / fp16 / bf16; x [B, d], y [M, d]):
 
-* ``torch.ops.flashdml_triton.knn_fwd(x, y, k, exclude_diagonal) -> (values fp32 [B, k], indices int64 [B, k])``
+* ``torch.ops.flashdml_triton.knn_fwd(x, y, k, exclude_diagonal, normalize)
+  -> (values fp32 [B, k], indices int64 [B, k])``
   per row the k largest S = x yᵀ entries, sorted descending, ties -> lower column; ``exclude_diagonal`` (self mode,
   y is x) drops column i of row i. Needs k <= M (- 1 with exclude_diagonal).
-* ``torch.ops.flashdml_triton.hardest_negatives_fwd(x, y, labels, ref_labels, k, self_mode)
+* ``torch.ops.flashdml_triton.hardest_negatives_fwd(x, y, labels, ref_labels, k, self_mode, normalize)
   -> (values fp32 [k], rows int64 [k], cols int64 [k])`` the k largest S entries over the negative pairs
   (labels[i] != ref_labels[j]; self_mode also drops (i, i)), sorted descending, ties -> lower flat index i*M + j.
+
+``normalize=True``: S is computed on the rows L2-normalised by the op (``_tiles.normalized_inputs``, fp32 norms,
+cast back to the input dtype; y is x normalised once), as the C++ ops do; ``normalize=False``: on the rows as given.
 
 Example (on a GPU; the tests run the same calls on CPU tensors under TRITON_INTERPRET=1)::
 
     import torch, flashdml.triton_kernels.selection  # registers the ops
-    x = torch.nn.functional.normalize(torch.randn(4096, 128, device="cuda", dtype=torch.float16), dim=1)
-    vals, idx = torch.ops.flashdml_triton.knn_fwd(x, x, 10, True)
+    x = torch.randn(4096, 128, device="cuda", dtype=torch.float16)
+    vals, idx = torch.ops.flashdml_triton.knn_fwd(x, x, 10, True, True)
     lab = torch.randint(0, 100, (4096,), device="cuda")
-    v, r, c = torch.ops.flashdml_triton.hardest_negatives_fwd(x, x, lab, lab, 4096, True)
+    v, r, c = torch.ops.flashdml_triton.hardest_negatives_fwd(x, x, lab, lab, 4096, True, True)
 
 kNN (nothing B×M is stored). Each S entry becomes one int64 key (_topk.pack_key: value bits high, inverted column
 low), so a single integer sort orders by value and breaks ties toward the lower column. ``_knn_partial_kernel``: a
@@ -48,6 +53,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from .. import _debug
+from .._schemas import SCHEMAS
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
 from ._tiles import s_tile
@@ -316,27 +322,19 @@ def hardest_negatives_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Ten
     return values, rows, flat - rows * M
 
 
-@triton_op("flashdml_triton::knn_fwd", mutates_args=())
-def knn_fwd(x: Tensor, y: Tensor, k: int, exclude_diagonal: bool) -> tuple[Tensor, Tensor]:
+@triton_op("flashdml_triton::knn_fwd", mutates_args=(), schema=SCHEMAS["knn_fwd"])
+def knn_fwd(x: Tensor, y: Tensor, k: int, exclude_diagonal: bool, normalize: bool) -> tuple[Tensor, Tensor]:
+    if normalize:
+        x, y = _tiles.normalized_inputs(x, y)
     return knn_impl(x, y, k, exclude_diagonal)
 
 
-@triton_op("flashdml_triton::hardest_negatives_fwd", mutates_args=())
-def hardest_negatives_fwd(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, k: int,
-                          self_mode: bool) -> tuple[Tensor, Tensor, Tensor]:
+@triton_op("flashdml_triton::hardest_negatives_fwd", mutates_args=(), schema=SCHEMAS["hardest_negatives_fwd"])
+def hardest_negatives_fwd(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, k: int, self_mode: bool,
+                          normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if normalize:
+        x, y = _tiles.normalized_inputs(x, y)
     return hardest_negatives_impl(x, y, labels, ref_labels, k, self_mode)
-
-
-@knn_fwd.register_fake
-def _(x, y, k, exclude_diagonal):
-    B = x.shape[0]
-    return x.new_empty((B, k), dtype=torch.float32), x.new_empty((B, k), dtype=torch.int64)
-
-
-@hardest_negatives_fwd.register_fake
-def _(x, y, labels, ref_labels, k, self_mode):
-    return (x.new_empty((k,), dtype=torch.float32), x.new_empty((k,), dtype=torch.int64),
-            x.new_empty((k,), dtype=torch.int64))
 
 
 # ---------------------------------------------------------------------------------------------------------------

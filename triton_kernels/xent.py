@@ -1,11 +1,16 @@
 """Triton kernels for Cross-Example Softmax (SPEC 2.2, ``global_partition=True``) and NT-Xent (SPEC 2.1b, False).
 
-Raw ops (inputs already L2-normalised, contiguous, same dtype; x [B, d], y [M, d]; labels / ref_labels int64):
+Raw ops, the schema of the C++ ``flashdml::xent_fwd / _bwd`` (``flashdml._schemas.SCHEMAS``; inputs contiguous,
+same dtype; x [B, d], y [M, d]; labels / ref_labels int64):
 
-* ``torch.ops.flashdml_triton.xent_fwd(x, y, labels, ref_labels, temperature, global_partition, self_mode)
+* ``torch.ops.flashdml_triton.xent_fwd(x, y, labels, ref_labels, temperature, global_partition, self_mode, normalize)
   -> (loss [], lse [1] or [B], coef [1] or [B])``
 * ``torch.ops.flashdml_triton.xent_bwd(grad_loss, x, y, labels, ref_labels, temperature, global_partition,
-  self_mode, lse, coef) -> (dx, dy, dtemperature)``
+  self_mode, normalize, lse, coef) -> (dx, dy, dtemperature)``
+
+``normalize=True``: the op L2-normalises the rows itself (``_tiles.normalized_inputs``; in self mode y is x and is
+normalised once) and the backward returns the gradients with respect to the raw rows (``_tiles.raw_row_grads``), as
+the C++ ops do; lse / coef are those of the normalised rows. ``normalize=False``: the rows are used as given.
 
 z = x yᵀ / τ; negatives: labels[i] != ref_labels[j]; positives: equal labels; self mode drops every (i, i).
 
@@ -42,6 +47,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from .. import _debug
+from .._schemas import SCHEMAS
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
 from ._tiles import s_tile, sp_sig
@@ -391,28 +397,24 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels
     return dx, dy, dtemp
 
 
-@triton_op("flashdml_triton::xent_fwd", mutates_args=())
+@triton_op("flashdml_triton::xent_fwd", mutates_args=(), schema=SCHEMAS["xent_fwd"])
 def xent_fwd(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperature: Tensor, global_partition: bool,
-             self_mode: bool) -> tuple[Tensor, Tensor, Tensor]:
+             self_mode: bool, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if normalize:
+        x, y = _tiles.normalized_inputs(x, y)
     return fwd_impl(x, y, labels, ref_labels, temperature, global_partition, self_mode)
 
 
-@triton_op("flashdml_triton::xent_bwd", mutates_args=())
+@triton_op("flashdml_triton::xent_bwd", mutates_args=(), schema=SCHEMAS["xent_bwd"])
 def xent_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperature: Tensor,
-             global_partition: bool, self_mode: bool, lse: Tensor, coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return bwd_impl(grad_loss, x, y, labels, ref_labels, temperature, global_partition, self_mode, lse, coef)
-
-
-@xent_fwd.register_fake
-def _(x, y, labels, ref_labels, temperature, global_partition, self_mode):
-    n = 1 if global_partition else x.shape[0]
-    return (x.new_empty((), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32),
-            x.new_empty((n,), dtype=torch.float32))
-
-
-@xent_bwd.register_fake
-def _(grad_loss, x, y, labels, ref_labels, temperature, global_partition, self_mode, lse, coef):
-    return torch.empty_like(x), torch.empty_like(y), x.new_empty((), dtype=torch.float32)
+             global_partition: bool, self_mode: bool, normalize: bool, lse: Tensor,
+             coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if not normalize:
+        return bwd_impl(grad_loss, x, y, labels, ref_labels, temperature, global_partition, self_mode, lse, coef)
+    xh, yh = _tiles.normalized_inputs(x, y)
+    dx, dy, dtemp = bwd_impl(grad_loss, xh, yh, labels, ref_labels, temperature, global_partition, self_mode, lse,
+                             coef)
+    return *_tiles.raw_row_grads(dx, dy, x, y), dtemp
 
 
 # ---------------------------------------------------------------------------------------------------------------
