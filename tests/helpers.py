@@ -7,7 +7,7 @@ so a backward that ignores it fails). Tolerances are ``atol + rtol * max|referen
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import pytest
 import torch
@@ -109,18 +109,6 @@ def check_against_reference(
         assert fused_in[k].grad.dtype == fused_in[k].dtype, f"{k}.grad dtype {fused_in[k].grad.dtype} != input dtype"
         _close(f"{op}[{backend}] d{k}", fused_in[k].grad.cpu(), ref_in[k].grad, rtol, (atol_by_name or {}).get(k, atol))
 
-
-def ensure_fake(qualname: str, fake: Callable) -> None:
-    """Temporary until the registry (flashdml.ops._registry) registers one fake per op name for both namespaces.
-
-    Registers ``fake`` for the Triton op ``qualname`` unless a fake other than ``triton_op``'s default is already
-    there. The default traces the op's own Python implementation on fake tensors, which works on a GPU but not
-    under the Triton interpreter (it runs the kernels on the fake tensors' storage)."""
-    from torch._library.custom_ops import OPDEFS
-
-    current = getattr(OPDEFS.get(qualname), "_abstract_fn", None)
-    if current is None or getattr(current, "__module__", "").startswith("flashdml.triton_kernels"):
-        torch.library.register_fake(qualname)(fake)
 
 
 # ------------------------------------------------------------------ normalize=True on raw rows (the fused ops' flag)

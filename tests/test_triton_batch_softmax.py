@@ -23,23 +23,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 
 from flashdml.triton_kernels import batch_softmax as bs  # noqa: E402
 from helpers import (  # noqa: E402
-    assert_rows_close, ensure_fake, normalization_d, raw_row_grad_tolerance, varied_norm_rows)
-
-
-# temporary until the registry registers fakes (one per op name, both namespaces): the Triton ops' default fake
-# (their own implementation) cannot run under the interpreter.
-def _fake_fwd(x, y, labels, temperature, symmetric, normalize):
-    B = x.shape[0]
-    return (x.new_empty((), dtype=torch.float32), x.new_empty((B,), dtype=torch.float32),
-            x.new_empty((B if symmetric else 0,), dtype=torch.float32))
-
-
-def _fake_bwd(grad_loss, x, y, labels, temperature, symmetric, normalize, row_lse, col_lse):
-    return torch.empty_like(x), torch.empty_like(y), x.new_empty((), dtype=torch.float32)
-
-
-ensure_fake("flashdml_triton::batch_softmax_fwd", _fake_fwd)
-ensure_fake("flashdml_triton::batch_softmax_bwd", _fake_bwd)
+    assert_rows_close, normalization_d, raw_row_grad_tolerance, varied_norm_rows)
 
 U32 = 2.0**-24  # fp32 unit roundoff
 U16 = 2.0**-11  # fp16 unit roundoff

@@ -27,24 +27,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 import flashdml  # noqa: E402
 from flashdml.triton_kernels import hinge_pairs as hpk  # noqa: E402
 from helpers import (  # noqa: E402
-    assert_rows_close, ensure_fake, exact_unit_rows, normalization_d, raw_row_grad_tolerance, varied_norm_rows)
-
-
-# temporary until the registry registers fakes (one per op name, both namespaces): the Triton ops' default fake
-# (their own implementation) cannot run under the interpreter.
-def _fake_fwd(x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal, strict,
-              normalize):
-    return (x.new_empty((), dtype=torch.float32), x.new_empty((2,), dtype=torch.float32),
-            x.new_empty((2,), dtype=torch.int64))
-
-
-def _fake_bwd(grad_loss, x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal,
-              strict, normalize, counts):
-    return torch.empty_like(x), torch.empty_like(y)
-
-
-ensure_fake("flashdml_triton::hinge_pair_fwd", _fake_fwd)
-ensure_fake("flashdml_triton::hinge_pair_bwd", _fake_bwd)
+    assert_rows_close, exact_unit_rows, normalization_d, raw_row_grad_tolerance, varied_norm_rows)
 
 U32 = 2.0**-24
 U16 = 2.0**-11

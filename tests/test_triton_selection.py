@@ -31,24 +31,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 
 import flashdml.reference as ref  # noqa: E402
 from flashdml.triton_kernels import selection as sel  # noqa: E402
-from helpers import ensure_fake, varied_norm_rows  # noqa: E402
-
-
-# temporary until the registry registers fakes (one per op name, both namespaces): the Triton ops' default fake
-# (their own implementation) cannot run under the interpreter.
-def _fake_knn(x, y, k, exclude_diagonal, normalize):
-    B = x.shape[0]
-    return x.new_empty((B, k), dtype=torch.float32), x.new_empty((B, k), dtype=torch.int64)
-
-
-def _fake_hardest_negatives(x, y, labels, ref_labels, k, self_mode, normalize):
-    return (x.new_empty((k,), dtype=torch.float32), x.new_empty((k,), dtype=torch.int64),
-            x.new_empty((k,), dtype=torch.int64))
-
-
-ensure_fake("flashdml_triton::knn_fwd", _fake_knn)
-ensure_fake("flashdml_triton::hardest_negatives_fwd", _fake_hardest_negatives)
-
+from helpers import varied_norm_rows  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def poisoned(poison_triton_outputs):

@@ -24,23 +24,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 
 from flashdml.triton_kernels import xent  # noqa: E402
 from helpers import (  # noqa: E402
-    assert_rows_close, ensure_fake, exact_unit_rows, normalization_d, raw_row_grad_tolerance, varied_norm_rows)
-
-
-# temporary until the registry registers fakes (one per op name, both namespaces): the Triton ops' default fake
-# (their own implementation) cannot run under the interpreter.
-def _fake_fwd(x, y, labels, ref_labels, temperature, global_partition, self_mode, normalize):
-    n = 1 if global_partition else x.shape[0]
-    return (x.new_empty((), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32),
-            x.new_empty((n,), dtype=torch.float32))
-
-
-def _fake_bwd(grad_loss, x, y, labels, ref_labels, temperature, global_partition, self_mode, normalize, lse, coef):
-    return torch.empty_like(x), torch.empty_like(y), x.new_empty((), dtype=torch.float32)
-
-
-ensure_fake("flashdml_triton::xent_fwd", _fake_fwd)
-ensure_fake("flashdml_triton::xent_bwd", _fake_bwd)
+    assert_rows_close, exact_unit_rows, normalization_d, raw_row_grad_tolerance, varied_norm_rows)
 
 U32 = 2.0**-24  # fp32 unit roundoff
 U16 = 2.0**-11  # fp16 unit roundoff

@@ -36,10 +36,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import _debug
-from .._schemas import SCHEMAS
+from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, torch_dtype_names
 
@@ -355,7 +355,7 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Optional[Tensor], 
     return dx, dy, dtemp
 
 
-@triton_op("flashdml_triton::batch_softmax_fwd", mutates_args=(), schema=SCHEMAS["batch_softmax_fwd"])
+@triton_op("batch_softmax_fwd")
 def batch_softmax_fwd(x: Tensor, y: Tensor, labels: Optional[Tensor], temperature: Tensor, symmetric: bool,
                       normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
     if normalize:
@@ -363,7 +363,7 @@ def batch_softmax_fwd(x: Tensor, y: Tensor, labels: Optional[Tensor], temperatur
     return fwd_impl(x, y, labels, temperature, symmetric)
 
 
-@triton_op("flashdml_triton::batch_softmax_bwd", mutates_args=(), schema=SCHEMAS["batch_softmax_bwd"])
+@triton_op("batch_softmax_bwd")
 def batch_softmax_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Optional[Tensor], temperature: Tensor,
                       symmetric: bool, normalize: bool, row_lse: Tensor,
                       col_lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -39,10 +39,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import _debug
-from .._schemas import SCHEMAS
+from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
 from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile
@@ -232,7 +232,7 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels
     return dx, dy
 
 
-@triton_op("flashdml_triton::hinge_pair_fwd", mutates_args=(), schema=SCHEMAS["hinge_pair_fwd"])
+@triton_op("hinge_pair_fwd")
 def hinge_pair_fwd(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, pos_margin: float, neg_margin: float,
                    pos_weight: float, neg_weight: float, drop_diagonal: bool, strict: bool,
                    normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -241,7 +241,7 @@ def hinge_pair_fwd(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, pos
     return fwd_impl(x, y, labels, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal, strict)
 
 
-@triton_op("flashdml_triton::hinge_pair_bwd", mutates_args=(), schema=SCHEMAS["hinge_pair_bwd"])
+@triton_op("hinge_pair_bwd")
 def hinge_pair_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, pos_margin: float,
                    neg_margin: float, pos_weight: float, neg_weight: float, drop_diagonal: bool, strict: bool,
                    normalize: bool, counts: Tensor) -> tuple[Tensor, Tensor]:

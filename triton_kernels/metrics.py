@@ -40,10 +40,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import _debug
-from .._schemas import SCHEMAS
+from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
 from ._tiles import s_tile
@@ -257,7 +257,7 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
     return offsets, indices, values, hist, cpos.clone(), cneg.clone()
 
 
-@triton_op("flashdml_triton::metrics_pass", mutates_args=(), schema=SCHEMAS["metrics_pass"])
+@triton_op("metrics_pass")
 def metrics_pass(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, rows: Tensor, keep: Tensor,
                  self_mode: bool, pair_hist: bool, opis_bins: int
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

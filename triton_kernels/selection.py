@@ -50,10 +50,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import _debug
-from .._schemas import SCHEMAS
+from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
 from ._tiles import s_tile
@@ -322,14 +322,14 @@ def hardest_negatives_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Ten
     return values, rows, flat - rows * M
 
 
-@triton_op("flashdml_triton::knn_fwd", mutates_args=(), schema=SCHEMAS["knn_fwd"])
+@triton_op("knn_fwd")
 def knn_fwd(x: Tensor, y: Tensor, k: int, exclude_diagonal: bool, normalize: bool) -> tuple[Tensor, Tensor]:
     if normalize:
         x, y = _tiles.normalized_inputs(x, y)
     return knn_impl(x, y, k, exclude_diagonal)
 
 
-@triton_op("flashdml_triton::hardest_negatives_fwd", mutates_args=(), schema=SCHEMAS["hardest_negatives_fwd"])
+@triton_op("hardest_negatives_fwd")
 def hardest_negatives_fwd(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, k: int, self_mode: bool,
                           normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
     if normalize:

@@ -44,10 +44,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import _debug
-from .._schemas import SCHEMAS
+from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
 from ._tiles import s_tile, sp_sig
@@ -397,7 +397,7 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels
     return dx, dy, dtemp
 
 
-@triton_op("flashdml_triton::xent_fwd", mutates_args=(), schema=SCHEMAS["xent_fwd"])
+@triton_op("xent_fwd")
 def xent_fwd(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperature: Tensor, global_partition: bool,
              self_mode: bool, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
     if normalize:
@@ -405,7 +405,7 @@ def xent_fwd(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperatu
     return fwd_impl(x, y, labels, ref_labels, temperature, global_partition, self_mode)
 
 
-@triton_op("flashdml_triton::xent_bwd", mutates_args=(), schema=SCHEMAS["xent_bwd"])
+@triton_op("xent_bwd")
 def xent_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperature: Tensor,
              global_partition: bool, self_mode: bool, normalize: bool, lse: Tensor,
              coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
