@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not flashdml.available_backends()["triton"][0], 
 TRITON_MODULES = {
     "batch_softmax": ("batch_softmax_fwd", "batch_softmax_bwd"),
     "xent": ("xent_fwd", "xent_bwd"),
-    "hinge_pairs": ("hinge_pair_fwd", "hinge_pair_bwd"),
+    "hinge_pair": ("hinge_pair_fwd", "hinge_pair_bwd"),
     "selection": ("knn_fwd", "hardest_negatives_fwd"),
     "metrics": ("metrics_pass",),
 }

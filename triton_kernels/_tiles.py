@@ -4,7 +4,7 @@ in-op row normalisation of ``normalize=True``) and the kernels that several modu
 
 Modules whose name starts with "_" are skipped by the AOT coverage scan, which is why kernel-specific jit helpers
 live here and not next to the kernels. A kernel defined here (``hinge_finalize_kernel``) is compiled through the
-AOT_SPECS of the module that owns its launches (hinge_pairs.py); tests/test_triton_aot.py checks that every
+AOT_SPECS of the module that owns its launches (hinge_pair.py); tests/test_triton_aot.py checks that every
 ``*_kernel`` of this module is covered by some spec.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def sp_sig(t):
 @triton.jit
 def hard_pairs(s, lab_i, lab_j, i_idx, j_idx, i_ok, j_ok, pos_margin, neg_margin, drop_diagonal, strict):
     """(hard positive, hard negative) masks of an S tile with rows i (x) and columns j (y) for the hinge-pair
-    losses (hinge_pairs.py): labels equal / different, (i, i) dropped when drop_diagonal, s <= m+ / s >= m−
+    losses (hinge_pair.py): labels equal / different, (i, i) dropped when drop_diagonal, s <= m+ / s >= m−
     (strict: < / >). NaN fails every comparison."""
     ok = i_ok[:, None] & j_ok[None, :] & ((i_idx[:, None] != j_idx[None, :]) | (drop_diagonal == 0))
     same = lab_i[:, None] == lab_j[None, :]
@@ -79,7 +79,7 @@ def hinge_finalize_kernel(psum_ptr, pcnt_ptr, loss_ptr, sums_ptr, counts_ptr, n_
     """One program: fixed-order reduction of the hinge partials (psum fp64 [2, n_prog]: positive / negative hinge
     sums, pcnt int64 [2, n_prog]: their counts) into sums [2] fp32, counts [2] int64 and
     loss = w+·sums[0]/counts[0] + w−·sums[1]/counts[1] (a term is 0 when its count is 0), formed in fp64 and
-    rounded once. Launched by hinge_pairs.py and contextual.py (one program, ``BLOCK=HINGE_FINAL_BLOCK``)."""
+    rounded once. Launched by hinge_pair.py and contextual.py (one program, ``BLOCK=HINGE_FINAL_BLOCK``)."""
     aps = tl.zeros([BLOCK], tl.float64)
     ans = tl.zeros([BLOCK], tl.float64)
     apc = tl.zeros([BLOCK], tl.int64)

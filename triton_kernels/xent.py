@@ -57,7 +57,7 @@ from .batch_softmax import finalize_grad
 # Tile configurations (AOT_SPECS below is generated from these tables; tests/test_triton_aot.py compiles them for
 # sm_80 / sm_90 and rejects spills). Every kernel that computes S for a dtype uses the same BLOCK_K and the same
 # orientation, so the forward and the backward recompute sum the same products in the same K order (bitwise the
-# same fp32 value per pair on one GPU, which matters for hinge_pairs.py's margin tests; XE only needs it loosely).
+# same fp32 value per pair on one GPU, which matters for hinge_pair.py's margin tests; XE only needs it loosely).
 #   LSE pass: the batch-softmax forward tiles (128x128x64, 8 warps, 3 stages for fp16/bf16; 64x64x16 for fp32).
 #   positive pass: 64x64 tiles (the positive blocks are narrow: less waste at class boundaries, more programs).
 #   backward: 128 owned rows x 128 output columns (64 fp32 accumulator registers per thread at 8 warps) per

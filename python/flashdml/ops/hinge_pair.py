@@ -25,7 +25,6 @@ FAMILY = registry.register(registry.Family(
     reference={TCM_OP: _reference.threshold_consistent_margin, CONTRASTIVE_OP: _reference.contrastive_margin},
     compiled={"hinge_pair_fwd": registry.LossAutograd("hinge_pair_bwd", grad_inputs=("x", "y"),
                                                       saved_outputs=(2,))},
-    triton_module="hinge_pairs",
 ))
 
 

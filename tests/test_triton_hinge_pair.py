@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 import flashdml  # noqa: E402
-from flashdml.triton_kernels import hinge_pairs as hpk  # noqa: E402
+from flashdml.triton_kernels import hinge_pair as hpk  # noqa: E402
 from helpers import (  # noqa: E402
     assert_rows_close, exact_unit_rows, normalization_d, raw_row_grad_tolerance, varied_norm_rows)
 
