@@ -18,11 +18,17 @@ equal by construction. The "reference" backend runs the reference.
 
 Accuracy:
 
-* **recall@k, MAP@R: exact** (= the reference). The pass keeps each query's ``max(k, R_i) + 8`` best references in
-  fp32; where fp32 rounding could change the relevance pattern of the first ``max(k, R_i)`` ranks (chains of
-  values closer than ``2·err``, ``err = (d + 16)·2⁻²⁴`` bounds |fp32 S − S|, holding both relevant and
-  irrelevant items, or reaching the end of the list), the row is re-ranked in float64 like the reference
-  (ties → lower reference index), and if the kept list cannot prove its boundary, from its full float64 row.
+* **recall@k, MAP@R: exact** (= the reference) up to float64 near-ties. The pass keeps each query's
+  ``max(k, R_i) + 8`` best references in fp32; where fp32 rounding could change the relevance pattern of the
+  first ``max(k, R_i)`` ranks (chains of values closer than ``2·err``, ``err = (d + 16)·2⁻²⁴`` bounds
+  |fp32 S − S|, holding both relevant and irrelevant items, or reaching the end of the list), the row is
+  re-ranked in float64 like the reference (ties → lower reference index), and if the kept list cannot prove its
+  boundary, from its full float64 row. Guarantee: a query's ranking equals the reference's unless two of its
+  references that are not identical rows have cosines within float64 rounding of each other (``≲ (d + 8)·2⁻⁵²``;
+  e.g. distinct integer vectors with equal cosines — both float64 computations break such ties by their own
+  rounding). Identical rows tie exactly in both (→ lower index). Each query whose relevance boundary holds such a
+  near-tie can change recall@k or its AP by at most 1/N (tests/test_metrics.py checks the bound on tie-heavy
+  integer embeddings).
 * **PR-AUC**: all pairs (self mode: the unordered pairs, which gives the same value as the reference's ordered
   pairs ``i != j``) binned on 2¹⁶ bins over [−1, 1] (width h = 2⁻¹⁵); thresholds at bin edges, the pairs of
   a bin tie (one step, sklearn's convention). The exact value lies in ``[lower, upper]`` computed from the same
