@@ -285,7 +285,7 @@ struct Backward {
   }
 
   // dF += s_ctx (X + Xᵀ) F with X and Xᵀ stored (B >= kKnApartRows, where X is short): row-owned gathers only
-  // (measured faster than scattering the Xᵀ updates per column slice, which saves the transpose).
+  // (the transpose XT is built so that every output row is written by the one task that owns it).
   void apply_sparse_stored(const Rows& rows, float* D, double s_ctx) const {
     const int64_t B = p.B, d = p.d, nc = num_classes(p.cls);
     std::vector<RowScratch> sc;

@@ -82,10 +82,10 @@ struct SparseAcc {
   }
 };
 
-// Below this many rows every stage runs on the calling thread: a parallel region costs more than the work there,
-// and far more on a loaded machine (each region waits until every thread has been scheduled).
-// The heavy O(B²·d) / O(B·nnz·d) stages go parallel from kSerialBelowRows, the light O(B·k²) ones from
-// kSerialSparseRows (at B = 1024 on 2 threads, running them in parallel took the whole op from 43.9 to 39.7 ms).
+// Below this many rows every stage runs on the calling thread: there a parallel region costs more than the work
+// it splits (each region waits until every thread has been scheduled, longer on a loaded machine).
+// The heavy O(B²·d) / O(B·nnz·d) stages go parallel from kSerialBelowRows rows, the light O(B·k²) ones from
+// kSerialSparseRows rows.
 constexpr int64_t kSerialBelowRows = 768;
 constexpr int64_t kSerialSparseRows = 512;
 
@@ -206,16 +206,12 @@ inline Nbr make_nbr(int64_t B, const int64_t* ptr, const int32_t* col, const uin
   return n;
 }
 
-// |N(i)| = B makes J 0/0 (SPEC 2.5 step 4): a clear error instead of NaN.
+// |N(i)| = B makes J 0/0 (SPEC 2.5 step 4): a clear error instead of NaN (messages: flashdml/contextual.h).
 inline void check_not_collapsed(int64_t i, int64_t a, int64_t B) {
-  TORCH_CHECK_VALUE(a < B, "contextual_loss: collapsed batch — every sample is in the k-neighbourhood of row ", i,
-                    " (|N(i)| = B = ", B, "), so the complement intersection J is 0/0. The embeddings are "
-                    "(nearly) identical within eps; use a smaller eps or k, or a batch with more spread.");
+  TORCH_CHECK_VALUE(a < B, ctx_collapsed_batch_message(i, B));
 }
 
-inline void check_reciprocal_set(int64_t i, double r) {
-  TORCH_CHECK_VALUE(r > 0, "contextual_loss: row ", i, " has an empty reciprocal half-neighbourhood R(i) (|R(i)| = 0)");
-}
+inline void check_reciprocal_set(int64_t i, double r) { TORCH_CHECK_VALUE(r > 0, ctx_empty_reciprocal_message(i)); }
 
 struct Context {
   std::vector<double> a, c, r;  // |N(i)|, B − |N(i)|, |R(i)|

@@ -1,4 +1,7 @@
-// Per-element pieces of the contextual loss (SPEC 2.5), shared by the CPU (.cpp) kernel and a future CUDA one.
+// Per-element pieces of the contextual loss (SPEC 2.5), shared by the CPU kernels (csrc/cpu/contextual*.h), the CUDA
+// list kernel (csrc/cuda/contextual_kernels.cuh) and the device-generic ATen sparse stage
+// (csrc/aten/contextual_stage.cpp, used by the CUDA and Triton backends): the neighbour-list flag bits, the fp32
+// neighbourhood test, the W formula and the sparse stage's error messages.
 //
 // Neighbourhood test, exactly SPEC's fp32 arithmetic (the same operations the fp32 reference runs):
 //   Dr = fl(2 - 2 s)        (2 s is exact, so this is one rounding whether or not the compiler fuses it)
@@ -11,12 +14,13 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "flashdml/common.h"
 
 namespace flashdml {
 
-// Flags stored with each neighbour j of row i (one byte per entry of the N(i) list).
+// Flags stored with each neighbour j of row i (one byte per entry of the N(i) list; the other bits are 0).
 constexpr uint8_t kCtxInP = 1;      // j is in P(i) (the half neighbourhood)
 constexpr uint8_t kCtxClamped = 2;  // C_ij = 0: 2 - 2 S_ij <= 0, no gradient through the distance clamp
 
@@ -32,8 +36,24 @@ FLASHDML_HD float ctx_band_value(float neg_d, float eps) { return neg_d + eps; }
 FLASHDML_HD bool ctx_clamped(float neg_d) { return neg_d == 0.f; }
 
 // H_ij = ½(I_ij + J_ij) = ½(n/a_i + (B − a_i − a_j + n)/(B − a_i)), with n = |N(i) ∩ N(j)|; W_ij = H_ij on N(i).
-FLASHDML_HD double ctx_h(double n, double a_i, double a_j, double B) {
+// T is double in the CPU stage and a float64 at::Tensor of entries in the ATen stage (the same expression).
+template <typename T>
+FLASHDML_HD T ctx_h(const T& n, const T& a_i, const T& a_j, double B) {
   return 0.5 * (n / a_i + (B - a_i - a_j + n) / (B - a_i));
+}
+
+// The sparse stage's errors (ValueError in Python), raised by the CPU and the ATen stage with these texts.
+// |N(i)| = B makes J 0/0 (SPEC 2.5 step 4).
+inline std::string ctx_collapsed_batch_message(int64_t i, int64_t B) {
+  return "contextual_loss: collapsed batch — every sample is in the k-neighbourhood of row " + std::to_string(i) +
+         " (|N(i)| = B = " + std::to_string(B) +
+         "), so the complement intersection J is 0/0. The embeddings are (nearly) identical within eps; use a "
+         "smaller eps or k, or a batch with more spread.";
+}
+
+inline std::string ctx_empty_reciprocal_message(int64_t i) {
+  return "contextual_loss: row " + std::to_string(i) +
+         " has an empty reciprocal half-neighbourhood R(i) (|R(i)| = 0)";
 }
 
 }  // namespace flashdml
