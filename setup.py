@@ -5,6 +5,9 @@ Environment:
   CUDA_HOME               CUDA toolkit root (bin/nvcc, include/cuda_runtime.h); detected when unset
   TORCH_CUDA_ARCH_LIST    defaults to "8.0;9.0" when unset and no GPU is visible
   MAX_JOBS                parallel compile jobs for ninja (default: number of CPUs)
+
+Importing this file builds nothing (the build runs under ``__main__``, as setuptools' build backend runs it): the
+toolkit discovery (``find_cuda_home``) is importable, e.g. by tests/test_cuda_emulation.py.
 """
 from __future__ import annotations
 
@@ -13,8 +16,6 @@ import os
 import re
 import shutil
 import sys
-
-from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,54 +62,64 @@ def pip_cuda_include_dirs() -> list[str]:
     return dirs
 
 
-want_cuda = os.environ.get("FLASHDML_NO_CUDA", "0") not in ("1", "true", "yes")
-cuda_home = find_cuda_home() if want_cuda else None
-if cuda_home:
-    os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
+def main() -> None:
+    from setuptools import setup
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+    want_cuda = os.environ.get("FLASHDML_NO_CUDA", "0") not in ("1", "true", "yes")
+    cuda_home = find_cuda_home() if want_cuda else None
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
 
-build_cuda = bool(cuda_home) and torch.version.cuda is not None
-if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-include_dirs = [os.path.join(ROOT, "csrc", "include")]
-cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-march=native" if os.environ.get("FLASHDML_NATIVE", "1") == "1" else "-mavx2"]
+    build_cuda = bool(cuda_home) and torch.version.cuda is not None
+    if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
-if build_cuda:
-    ext = CUDAExtension(
-        "flashdml._C",
-        cpu_sources + cuda_sources,
-        include_dirs=include_dirs + pip_cuda_include_dirs(),
-        define_macros=[("FLASHDML_WITH_CUDA", "1")],
-        extra_compile_args={
-            "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Xptxas=-v", "--expt-relaxed-constexpr"],
-        },
-        extra_link_args=["-fopenmp"],
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    native = os.environ.get("FLASHDML_NATIVE", "1") == "1"
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-march=native" if native else "-mavx2"]
+
+    if build_cuda:
+        ext = CUDAExtension(
+            "flashdml._C",
+            cpu_sources + cuda_sources,
+            include_dirs=include_dirs + pip_cuda_include_dirs(),
+            define_macros=[("FLASHDML_WITH_CUDA", "1")],
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
+                         "--expt-relaxed-constexpr"],
+            },
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        if want_cuda:
+            reason = "torch has no CUDA" if torch.version.cuda is None else "nvcc / CUDA toolkit not found"
+            print(f"flashdml: building the CPU kernels only ({reason})", file=sys.stderr)
+        ext = CppExtension(
+            "flashdml._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+
+    setup(
+        name="flashdml",
+        version="0.1.0",
+        description="Fused kernels for deep metric learning (cross-example softmax, TCM, contextual loss, metrics)",
+        package_dir={"flashdml": "python/flashdml", "flashdml.triton_kernels": "triton_kernels"},
+        packages=["flashdml", "flashdml.reference", "flashdml.ops", "flashdml.integrations",
+                  "flashdml.triton_kernels"],
+        ext_modules=[ext],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        python_requires=">=3.10",
     )
-else:
-    if want_cuda:
-        reason = "torch has no CUDA" if torch.version.cuda is None else "nvcc / CUDA toolkit not found"
-        print(f"flashdml: building the CPU kernels only ({reason})", file=sys.stderr)
-    ext = CppExtension(
-        "flashdml._C",
-        cpu_sources,
-        include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
-    )
 
-setup(
-    name="flashdml",
-    version="0.1.0",
-    description="Fused kernels for deep metric learning (cross-example softmax, TCM, contextual loss, metrics)",
-    package_dir={"flashdml": "python/flashdml", "flashdml.triton_kernels": "triton_kernels"},
-    packages=["flashdml", "flashdml.reference", "flashdml.ops", "flashdml.integrations", "flashdml.triton_kernels"],
-    ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
-)
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ misaligned (scalar-load, or for the pair losses host-padded) inputs. It checks t
 reductions and formulas; it does not check timing, the hardware fragment layout, or the ATen wrappers
 (tests/test_cuda_build.py and the GPU tests cover what they can).
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,12 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cuda_include():
-    # setup.py runs setup() when imported: take only its toolkit finder.
-    src = open(os.path.join(ROOT, "setup.py")).read()
-    namespace: dict = {}
-    start, end = src.index("def _is_toolkit_root"), src.index("def pip_cuda_include_dirs")
-    exec("import glob, os, re, shutil\n" + src[start:end], namespace)
-    home = namespace["find_cuda_home"]()
+    # setup.py builds only when run as __main__: importing it gives its toolkit finder.
+    spec = importlib.util.spec_from_file_location("flashdml_setup", os.path.join(ROOT, "setup.py"))
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)
+    home = setup_module.find_cuda_home()
     return None if home is None else os.path.join(home, "include")
 
 
