@@ -77,7 +77,8 @@ def main() -> None:
     if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
 
-    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # csrc/aten: device-generic ATen code (the contextual sparse stage), in every build
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/aten/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     native = os.environ.get("FLASHDML_NATIVE", "1") == "1"

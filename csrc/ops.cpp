@@ -1,6 +1,7 @@
 // The one place that lists every compiled op (TORCH_LIBRARY schemas). Per-device kernels register their
-// implementations with TORCH_LIBRARY_IMPL in cpu/*.cpp and cuda/*.cu; fake (meta) kernels and autograd are
-// registered from Python (flashdml/ops/*.py) with torch.library.register_fake / register_autograd.
+// implementations with TORCH_LIBRARY_IMPL in cpu/*.cpp and cuda/*.cu, device-generic ATen code in aten/*.cpp;
+// fake (meta) kernels and autograd are registered from Python (flashdml/ops/*.py) with torch.library.register_fake /
+// register_autograd.
 //
 // Conventions shared by all ops (see SPEC.md section 0):
 // * x, y: fp32, fp16 or bf16 rows; all accumulation is fp32. Losses and statistics are fp32; gradients come
@@ -116,6 +117,25 @@ TORCH_LIBRARY(flashdml, m) {
       "contextual_bwd(Tensor grad_loss, Tensor x, Tensor labels, int k, float eps, float context_weight, "
       "float contrastive_weight, float reg_weight, float reg_target, float pos_margin, float neg_margin, "
       "float ste_slope, bool normalize, Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags, Tensor con_counts) -> Tensor dx");
+  // The contextual loss's sparse stage for device tensors (csrc/aten/contextual_stage.cpp, plain ATen registered for
+  // every device; the CUDA op calls it directly, the Triton backend through these ops). Inputs: N(i) as the CSR
+  // lists contextual_fwd returns (nbr_ptr int64 [B + 1], nbr int32 [nnz] ascending per row, nbr_flags uint8 [nnz])
+  // and labels int64 [B], all on one device. A collapsed batch or an empty R(i) raises ValueError.
+  // L_ctx (float64 0-dim).
+  m.def("contextual_stage_loss(Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags, Tensor labels) -> Tensor");
+  // The L_ctx part of dL/dF for the rows F [B, d] without the factor 2*ste_slope*grad: (G + G^T) F with
+  // G = C o (SP + u 1^T + LB) (o: elementwise; SPEC 2.5's closed form), float64 [B, d].
+  m.def(
+      "contextual_stage_grad(Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags, Tensor labels, Tensor rows) -> Tensor");
+  // The same gradient in parts, for a kernel that recomputes the S tiles (and so C) itself:
+  //  * sparse_grad (rows' dtype [B, d]) = (SP + SP^T) F, the clamped entries of SP removed;
+  //  * row_const (float64 [B]) = u;  nbr_count (float64 [B]) = a_i = |N(i)|  (c_i = B - a_i);
+  //  * slot_label (int64 [B, n_slots]), slot_coef (float64 [B, n_slots]): per row the labels kappa of the classes of
+  //    R(i) and -(beta/2) rho_i(kappa) / c_i (unused slots: label -2, coefficient 0), so that
+  //    LB_ij = (sum over the slots of row i with kappa == labels_j of slot_coef) * (c_i - a_j).
+  m.def(
+      "contextual_stage_grad_parts(Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags, Tensor labels, Tensor rows) -> "
+      "(Tensor sparse_grad, Tensor row_const, Tensor nbr_count, Tensor slot_label, Tensor slot_coef)");
   // ---- metrics (SPEC 3): schemas below this line ----
   // One streaming pass over S = x y^T (x, y: rows used as given, normalise them first) for the query rows
   // `rows` (int64 indices into x, processed in that order). Returns
