@@ -3,14 +3,16 @@ tests run on CUDA tensors): loss (1e-6 relative) and straight-through gradient (
 vs float64 autograd through the reference, on poisoned outputs; the neighbour lists against SPEC step 3's fp32
 arithmetic (exact duplicates, ties at the threshold, the inclusive ε band); k = 2, 4, 8 (and k > 64: thresholds
 from the kNN op), ε = 0 and 0.05, ragged B and d; rows whose ε band overflows the list capacity (the exact rerun);
-column splits; the collapsed-batch error; the AOT specs covering every launch."""
+column splits; the collapsed-batch error; normalize=True on raw rows against the pre-normalised rows; the ops'
+schemas (flashdml._schemas); the AOT specs covering every launch. The sparse stage itself (the C++ ops
+flashdml::contextual_stage_*): tests/test_contextual_stage.py."""
 import pytest
 import torch
 
 import flashdml as fd
 from flashdml import _dispatch
 from flashdml._debug import poison_outputs
-from flashdml.ops import contextual_device as cd
+from flashdml._math import l2_normalize
 
 pytestmark = pytest.mark.skipif(not fd.available_backends()["triton"][0], reason="triton backend unavailable here")
 
@@ -218,29 +220,29 @@ def test_low_precision_inputs(dtype):
     assert got.item() == pytest.approx(ref.item(), rel=1e-2)
 
 
-def test_device_stage_matches_the_closed_form():
-    """The torch sparse stage alone (lists from the fp64 reference): L_ctx and SP + u 1ᵀ + LB = the closed form."""
-    from flashdml.reference.contextual import _context_forward, contextual_context_grad_closed_form
-
-    x, labels = _batch(45, 6, 5, 50)
-    xd = torch.nn.functional.normalize(x.double(), dim=1)
-    f = _context_forward(xd @ xd.T, labels[:, None] == labels[None, :], 4, 0.05, 10.0)
-    N, P, C = f["N"].bool(), f["P"].bool(), f["C"]
-    rows, cols = torch.nonzero(N, as_tuple=True)
-    ptr = torch.zeros(46, dtype=torch.long)
-    ptr[1:] = torch.cumsum(N.sum(1), 0)
-    flag = (P[rows, cols].long() | ((~C[rows, cols]).long() << 1)).to(torch.uint8)
-    cx = cd.build_context(ptr, cols.int(), flag, 45)
-    key = torch.unique(labels, return_inverse=True)[1]
-    assert cd.l_ctx(cx, key).item() == pytest.approx(f["L_ctx"].item(), rel=1e-12)
-    parts = cd.backward_parts(cx, key)
-    G = torch.zeros(45, 45, dtype=torch.float64)
-    G.index_put_((parts.sp_row, parts.sp_col), parts.sp_val, accumulate=True)
-    lb = sum(torch.where(key[None, :] == parts.slot_cls[:, q:q + 1].long(), parts.slot_val[:, q:q + 1].double(), 0.)
-             for q in range(parts.slot_cls.shape[1]))
-    G = 20.0 * C.double() * (G + parts.u[:, None] + lb * (cx.c[:, None] - cx.a[None, :]))
-    ref = contextual_context_grad_closed_form(x.double(), labels, k=4, eps=0.05, ste_slope=10.0)
-    assert (G - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
+def test_normalize_inside_matches_prenormalised():
+    """normalize=True on raw rows: the forward of the pre-normalised rows (same lists, same loss) and the gradient of
+    the pre-normalised rows mapped back through the normalisation by autograd."""
+    _tk()
+    ops = torch.ops.flashdml_triton
+    x, labels = _batch(40, 12, 4, 71)
+    x = (x * torch.linspace(0.2, 5.0, 40)[:, None]).to(DEV)
+    lab = labels.to(DEV)
+    args = (4, 0.05, 0.4, 0.5, 0.1, 0.25, 0.75, 0.6, 10.0)
+    xr = x.clone().requires_grad_(True)
+    xh = l2_normalize(xr)  # the arithmetic of flashdml._math.normalized_rows, differentiable
+    with poison_outputs():
+        raw = ops.contextual_fwd(x, lab, *args, True)
+        pre = ops.contextual_fwd(xh.detach().contiguous(), lab, *args, False)
+    for a, b in zip(raw, pre):
+        assert torch.equal(a, b)
+    g = torch.tensor(0.7, device=DEV)
+    with poison_outputs():
+        d_raw = ops.contextual_bwd(g, x, lab, *args, True, *raw[2:])
+        d_pre = ops.contextual_bwd(g, xh.detach().contiguous(), lab, *args, False, *pre[2:])
+    (want,) = torch.autograd.grad(xh, xr, d_pre)
+    assert d_raw.dtype == x.dtype and torch.isfinite(d_raw).all()
+    torch.testing.assert_close(d_raw, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
 def test_aot_specs_cover_every_launch(monkeypatch):
@@ -289,8 +291,18 @@ def test_opcheck_registration():
 
     ops = _triton_ops()
     x, labels = _batch(16, 5, 4, 70)
-    xh = torch.nn.functional.normalize(x, dim=1).to(DEV).requires_grad_(True)
-    args = (xh, labels.to(DEV), 4, 0.05, 0.4, 0.5, 0.1, 0.25, 0.75, 0.6, 10.0)
-    res = torch.library.opcheck(ops.contextual_fwd, args,
-                                test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    assert set(res.values()) == {"SUCCESS"}
+    for normalize in (False, True):
+        xh = torch.nn.functional.normalize(x, dim=1).to(DEV).requires_grad_(True)
+        args = (xh, labels.to(DEV), 4, 0.05, 0.4, 0.5, 0.1, 0.25, 0.75, 0.6, 10.0, normalize)
+        res = torch.library.opcheck(ops.contextual_fwd, args,
+                                    test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        assert set(res.values()) == {"SUCCESS"}
+
+
+def test_schemas_are_the_cpp_ones():
+    from flashdml._schemas import SCHEMAS
+
+    _tk()
+    for name in ("contextual_fwd", "contextual_bwd"):
+        schema = str(getattr(torch.ops.flashdml_triton, name).default._schema)
+        assert schema == f"flashdml_triton::{name}{SCHEMAS[name]}"

@@ -1,15 +1,19 @@
-"""Triton kernels for the contextual loss (SPEC 2.5); the sparse stage runs as torch ops on the device
-(``flashdml.ops.contextual_device``, a vectorised mirror of csrc/cpu/contextual_sparse.h).
+"""Triton kernels for the contextual loss (SPEC 2.5); the sparse stage runs as the C++ ATen ops
+``torch.ops.flashdml.contextual_stage_loss / contextual_stage_grad_parts`` (csrc/aten/contextual_stage.cpp, the same
+stage the CUDA C++ op calls; they need flashdml._C) on the device tensors of the neighbour lists.
 
-Raw ops (x already L2-normalised, contiguous, fp32 / fp16 / bf16 [B, d]; labels int64 [B]); the schema of the C++
-``flashdml::contextual_fwd / _bwd`` minus ``normalize``:
+The ops have the schemas of the C++ ``flashdml::contextual_fwd / _bwd`` (``flashdml._schemas.SCHEMAS``): x contiguous
+fp32 / fp16 / bf16 [B, d], labels int64 [B]; with ``normalize`` the op L2-normalises the rows itself
+(``flashdml._math.normalized_rows``) and returns the gradient with respect to the raw rows.
 
 * ``torch.ops.flashdml_triton.contextual_fwd(x, labels, k, eps, context_weight, contrastive_weight, reg_weight,
-  reg_target, pos_margin, neg_margin, ste_slope) -> (loss [] fp32, terms [3] fp32 (L_ctx, L_reg, L_con),
+  reg_target, pos_margin, neg_margin, ste_slope, normalize) -> (loss [] fp32, terms [3] fp32 (L_ctx, L_reg, L_con),
   ptr int64 [B + 1], col int32 [nnz], flag uint8 [nnz], counts int64 [2])`` — N(i) as CSR (columns ascending,
-  flags 1 = in P(i), 2 = clamped C_ij = 0) and the hard positive / negative counts of L_con.
-* ``torch.ops.flashdml_triton.contextual_bwd(grad_loss, x, labels, <the same scalars>, ptr, col, flag, counts)
-  -> dx`` (the gradient with respect to the normalised rows, in x's dtype).
+  flags FLAG_IN_P = in P(i), FLAG_CLAMPED = clamped C_ij = 0) and the hard positive / negative counts of L_con.
+* ``torch.ops.flashdml_triton.contextual_bwd(grad_loss, x, labels, <the same scalars>, normalize, ptr, col, flag,
+  counts) -> dx`` (in x's dtype).
+
+``fwd_impl`` / ``bwd_impl`` below take rows that are already normalised (tests call them directly).
 
 Forward, nothing B×B stored:
  1. ``_ctx_stats_kernel`` streams S tiles (row block x column split, tensor-core ``tl.dot`` via ``_tiles.s_tile``):
@@ -22,10 +26,12 @@ Forward, nothing B×B stored:
  2. ``_ctx_list_kernel`` recomputes S (same BLOCK_K: on the GPU the same fp32 values) and writes, per row, the
     columns with ``fl(−D + ε) >= t_i`` in ascending order into a fixed-capacity list (and the count); rows whose
     band is larger than the capacity are rerun, gathered, with a capacity of their largest count: exact always.
- 3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx) on the device in O(B·k²), L_reg in O(B·d).
-Backward (SPEC's closed form, the CPU split of dL_ctx/dS into sparse + row-constant + label-block parts): the
-sparse part (O(k²) entries per row, masked by the forward's clamp flags) is applied with O(nnz·d) gathers; the
-row-constant part u_i, the label block LB_ij = ρ'_i(κ_j)(c_i − a_j), the L_reg constant and the hinge gradients
+ 3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx: ``contextual_stage_loss``) on the device in O(B·k²),
+    L_reg in O(B·d).
+Backward (SPEC's closed form, the CPU split of dL_ctx/dS into sparse + row-constant + label-block parts, from
+``contextual_stage_grad_parts``): the sparse part (O(k²) entries per row, masked by the forward's clamp flags) comes
+applied (O(nnz·d) gathers); the row-constant part u_i, the label block LB_ij = ρ'_i(κ_j)(c_i − a_j), the L_reg
+constant and the hinge gradients
 are formed tile by tile in one recompute pass (``_ctx_grad_kernel``, dx and dyᵀ variants, fp32 weights, tf32 /
 ieee dot) and reduced over splits in a fixed order. Deterministic apart from the index_add of the sparse stage
 on CUDA (atomics: last-bit differences). Cost note: each gradient program recomputes its S tiles once per BLOCK_D
@@ -39,10 +45,10 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+from torch.library import triton_op, wrap_triton
 
-from .. import _debug
-from ..ops import contextual_device as dev_stage
+from .. import _debug, _math
+from .._schemas import SCHEMAS
 from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
 from ._tiles import hard_pairs, s_tile
@@ -71,6 +77,10 @@ assert all(LIST_CONFIGS[t]["BLOCK_K"] == STATS_CONFIGS[t]["BLOCK_K"] == GRAD_CON
 TOPK_KS = (16, 64)  # register list lengths of the stats kernel (<= BLOCK_N); k > 64: its K = 64 list is unused
 # (the hinge terms still come from it) and the thresholds come from the kNN op
 DEFAULT_CAP = 64  # neighbour list capacity per row: max(DEFAULT_CAP, 4k) rounded up to 16
+# The flag bits of the neighbour lists: kCtxInP / kCtxClamped of csrc/include/flashdml/contextual.h, the list format
+# the C++ sparse stage reads.
+FLAG_IN_P = tl.constexpr(1)
+FLAG_CLAMPED = tl.constexpr(2)
 
 
 @triton.jit
@@ -128,7 +138,7 @@ def _ctx_list_kernel(
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """For the rows rows[r] (r < n_rows): cnt[r] = |N(i)| and the first min(cnt, cap) columns of N(i), ascending,
-    in col[r, :], with flag 1 = u >= h_i (in P(i)), 2 = −D == 0 (clamped); u = fl(−D + ε), N: u >= t_i
+    in col[r, :], with flags FLAG_IN_P: u >= h_i (in P(i)), FLAG_CLAMPED: −D == 0; u = fl(−D + ε), N: u >= t_i
     (thr[i] = (t_i, h_i)), SPEC step 3's inclusive fp32 tests."""
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = r < n_rows
@@ -146,7 +156,7 @@ def _ctx_list_kernel(
         nd = tl.where(dr > 0.0, -dr, 0.0)
         u = nd + e
         in_n = r_ok[:, None] & col_ok[None, :] & (u >= t[:, None])
-        flag = tl.where(u >= h[:, None], 1, 0) + tl.where(nd == 0.0, 2, 0)
+        flag = tl.where(u >= h[:, None], FLAG_IN_P, 0) + tl.where(nd == 0.0, FLAG_CLAMPED, 0)
         n32 = in_n.to(tl.int32)
         slot = cnt[:, None] + tl.cumsum(n32, 1) - n32
         ok = in_n & (slot < cap)
@@ -220,6 +230,16 @@ def _ctx_grad_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
+def _stage_ops():
+    """The flashdml:: namespace holding the contextual_stage_* ops (registered by flashdml._C)."""
+    ops = torch.ops.flashdml
+    if not hasattr(ops, "contextual_stage_loss"):
+        raise RuntimeError("flashdml: the Triton contextual loss runs its sparse stage as the C++ ops "
+                           "flashdml::contextual_stage_*, and flashdml._C is not loaded; build it with "
+                           "`pip install -e . --no-build-isolation`")
+    return ops
+
+
 def _check(x: Tensor, labels: Tensor) -> None:
     _tiles.check_pair_inputs(x, x, labels, labels, LIST_CONFIGS)  # self mode: x is both sides
     torch._check(x.shape[0] < 2**31, lambda: "B must be < 2^31")
@@ -324,8 +344,7 @@ def fwd_impl(x: Tensor, labels: Tensor, k: int, eps: float, context_weight: floa
     xp = _tiles.pad16(x)
     t, h, lcon, counts = _stats(xp, key, k, pos_margin, neg_margin, num_splits)
     ptr, col, flag = neighbour_lists(xp, t, h, eps, cap or list_capacity(k))
-    cx = dev_stage.build_context(ptr, col, flag, B)
-    lc = dev_stage.l_ctx(cx, key.to(torch.int64))
+    lc = _stage_ops().contextual_stage_loss(ptr, col, flag, labels)
     colsum = x.double().sum(0)
     lr = (colsum.square().sum() / (float(B) * float(B)) - reg_target) ** 2
     total = context_weight * lc + reg_weight * lr + contrastive_weight * lcon.double()
@@ -355,11 +374,13 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, c
     F = x.float()
     out = torch.zeros(B, d, dtype=torch.float32, device=dev)
     if context_weight * ste_slope != 0.0:
-        cx = dev_stage.build_context(ptr, col, flag, B)
-        parts = dev_stage.backward_parts(cx, key.to(torch.int64))
-        dev_stage.apply_sparse(out, F, parts.sp_row, parts.sp_col, (parts.sp_val * s_ctx).float())
-        rowv = torch.stack([parts.u, cx.c], 1).float().contiguous()
-        a_col, scls, sval = cx.a.float().contiguous(), parts.slot_cls, parts.slot_val
+        # the class keys as labels, so that the slots' labels are the keys the gradient kernel compares
+        sparse, u, a, slot_label, slot_coef = _stage_ops().contextual_stage_grad_parts(
+            ptr, col, flag, key.to(torch.int64), F)
+        out.add_(sparse * s_ctx)
+        rowv = torch.stack([u, float(B) - a], 1).float().contiguous()
+        a_col = a.float().contiguous()
+        scls, sval = slot_label.to(torch.int32).contiguous(), slot_coef.float().contiguous()
     else:
         rowv = torch.zeros(B, 2, dtype=torch.float32, device=dev)
         rowv[:, 1] = 1.0
@@ -385,26 +406,29 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, c
     return dx
 
 
-@torch.library.custom_op("flashdml_triton::contextual_fwd", mutates_args=())
+@triton_op("flashdml_triton::contextual_fwd", mutates_args=(), schema=SCHEMAS["contextual_fwd"])
 def contextual_fwd(x: Tensor, labels: Tensor, k: int, eps: float, context_weight: float, contrastive_weight: float,
-                   reg_weight: float, reg_target: float, pos_margin: float, neg_margin: float,
-                   ste_slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return fwd_impl(x, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target, pos_margin,
+                   reg_weight: float, reg_target: float, pos_margin: float, neg_margin: float, ste_slope: float,
+                   normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    xk = _math.normalized_rows(x)[0] if normalize else x
+    return fwd_impl(xk, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target, pos_margin,
                     neg_margin, ste_slope)
 
 
-@torch.library.custom_op("flashdml_triton::contextual_bwd", mutates_args=())
+@triton_op("flashdml_triton::contextual_bwd", mutates_args=(), schema=SCHEMAS["contextual_bwd"])
 def contextual_bwd(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, context_weight: float,
                    contrastive_weight: float, reg_weight: float, reg_target: float, pos_margin: float,
-                   neg_margin: float, ste_slope: float, ptr: Tensor, col: Tensor, flag: Tensor,
+                   neg_margin: float, ste_slope: float, normalize: bool, ptr: Tensor, col: Tensor, flag: Tensor,
                    counts: Tensor) -> Tensor:
-    return bwd_impl(grad_loss, x, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target,
-                    pos_margin, neg_margin, ste_slope, ptr, col, flag, counts)
+    xk = _math.normalized_rows(x)[0] if normalize else x
+    dx = bwd_impl(grad_loss, xk, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target,
+                  pos_margin, neg_margin, ste_slope, ptr, col, flag, counts)
+    return _math.normalized_rows_backward(dx, x) if normalize else dx
 
 
 @contextual_fwd.register_fake
 def _(x, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target, pos_margin, neg_margin,
-      ste_slope):
+      ste_slope, normalize):
     nnz = torch.library.get_ctx().new_dynamic_size()
     return (x.new_empty((), dtype=torch.float32), x.new_empty((3,), dtype=torch.float32),
             x.new_empty((x.shape[0] + 1,), dtype=torch.int64), x.new_empty((nnz,), dtype=torch.int32),
