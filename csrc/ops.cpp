@@ -6,8 +6,9 @@
 // Conventions shared by all ops (see SPEC.md section 0):
 // * x, y: fp32, fp16 or bf16 rows; all accumulation is fp32. Losses and statistics are fp32; gradients come
 //   back in the input dtype. With normalize=true the kernel L2-normalises the rows itself (x / max(|x|, 1e-12))
-//   and returns gradients with respect to the raw rows, so no normalised copy is kept between the passes.
-//   (The CUDA kernels take normalize=false only: Python normalises for them; see flashdml/ops/.)
+//   and returns gradients with respect to the raw rows: the CPU kernels per row inside their passes (no normalised
+//   copy kept between them), the CUDA ops on entry (fp32 norms, normalised rows cast back to the input dtype for
+//   the kernels; csrc/cuda/normalize_rows.h) and on the way out (dx = (g - x^ (x^ . g)) / |x|).
 // * temperature is a 0-dim fp32 tensor on the same device (read on device, so no host sync on CUDA).
 // * labels are int64 or None (None: no label masking).
 #include <Python.h>

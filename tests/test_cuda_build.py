@@ -3,8 +3,12 @@
 Without a GPU: the kernels compiled into ``flashdml/_C*.so`` are inspected with ``cuobjdump``: every kernel
 exists for sm_80 and sm_90, uses no local memory or stack (no register spills), at most 255 registers and only
 static shared memory below 48 KiB, and the fp16 / bf16 tile kernels run on tensor cores (HMMA in the SASS).
-With a GPU (skipped here, "no CUDA device"): the ops against a dense float64 torch computation, on ragged
-shapes, every dtype, with and without labels, symmetric or not; bitwise determinism; no unwritten outputs.
+With a GPU (skipped here, "no CUDA device"): the batch softmax ops against a dense float64 torch computation, on
+ragged shapes, every dtype, with and without labels, symmetric or not, on normalised rows and on raw rows with
+normalize=True; bitwise determinism; no unwritten outputs. Every CUDA op with a normalize argument: normalize=True on
+raw rows against normalize=False on the rows flashdml._math.normalized_rows gives (the same in-op normalisation), the
+gradients mapped back with normalized_rows_backward; the same check runs on the CPU ops here (their own in-kernel
+normalisation), so the test's expectations are exercised without a GPU.
 """
 from __future__ import annotations
 
@@ -194,12 +198,16 @@ def test_half_precision_tiles_use_tensor_cores():
 
 # ---- numerics on a GPU ----------------------------------------------------------------------------------
 
-def _dense(x, y, labels, tau, symmetric):
-    """loss, row_lse, col_lse and (dx, dy, dtau) by autograd, all float64, B x B materialised."""
+def _dense(x, y, labels, tau, symmetric, normalize=False):
+    """loss, row_lse, col_lse and (dx, dy, dtau) by autograd, all float64, B x B materialised; normalize: the rows
+    L2-normalised first (the gradients are with respect to the raw rows)."""
+    from flashdml._math import l2_normalize
+
     x = x.detach().double().requires_grad_(True)
     y = y.detach().double().requires_grad_(True)
     t = tau.detach().double().requires_grad_(True)
-    z = (x @ y.T) / t
+    xn, yn = (l2_normalize(x), l2_normalize(y)) if normalize else (x, y)
+    z = (xn @ yn.T) / t
     B = z.shape[0]
     eye = torch.eye(B, dtype=torch.bool, device=z.device)
     allowed = torch.ones_like(eye) if labels is None else eye | (labels[:, None] != labels[None, :])
@@ -238,7 +246,8 @@ def _close(name, got, want, tol, unit=1e-3):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("label_kind", ["none", "classes", "all_equal"])
-def test_cuda_ops_match_dense_torch(dtype, symmetric, label_kind):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cuda_ops_match_dense_torch(dtype, symmetric, label_kind, normalize):
     ops = torch.ops.flashdml
     dev = torch.device("cuda")
     for i, (B, d) in enumerate(GPU_SHAPES):
@@ -246,6 +255,9 @@ def test_cuda_ops_match_dense_torch(dtype, symmetric, label_kind):
         labels = torch.randint(0, max(1, B // 4), (B,), generator=g)
         x = torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=1).to(dev, dtype)
         y = torch.nn.functional.normalize(x.float().cpu() + 0.5 * torch.randn(B, d, generator=g), dim=1).to(dev, dtype)
+        if normalize:  # raw rows of norms 0.5 .. 2 (the op normalises them)
+            x = (x.float() * (0.5 + 1.5 * torch.rand(B, 1, generator=g)).to(dev)).to(dtype)
+            y = (y.float() * (0.5 + 1.5 * torch.rand(B, 1, generator=g)).to(dev)).to(dtype)
         labels = labels.to(dev)
         if label_kind == "none":
             labels = None
@@ -254,17 +266,17 @@ def test_cuda_ops_match_dense_torch(dtype, symmetric, label_kind):
         tau = torch.tensor(0.07, device=dev)
         grad = torch.tensor(0.7, device=dev)
         tol = TOL[dtype]
-        tag = f"B={B} d={d} {dtype} sym={symmetric} labels={label_kind}"
+        tag = f"B={B} d={d} {dtype} sym={symmetric} labels={label_kind} normalize={normalize}"
 
-        ref_loss, ref_row, ref_col, (xr, yr, tr) = _dense(x, y, labels, tau, symmetric)
+        ref_loss, ref_row, ref_col, (xr, yr, tr) = _dense(x, y, labels, tau, symmetric, normalize)
         (ref_loss * 0.7).backward()
 
         torch.ops.flashdml._set_poison(True)
         try:
-            loss, row_lse, col_lse = ops.batch_softmax_fwd(x, y, labels, tau, symmetric)
-            dx, dy, dtau = ops.batch_softmax_bwd(grad, x, y, labels, tau, symmetric, row_lse, col_lse)
-            loss2, row2, col2 = ops.batch_softmax_fwd(x, y, labels, tau, symmetric)
-            dx2, dy2, dtau2 = ops.batch_softmax_bwd(grad, x, y, labels, tau, symmetric, row_lse, col_lse)
+            loss, row_lse, col_lse = ops.batch_softmax_fwd(x, y, labels, tau, symmetric, normalize)
+            dx, dy, dtau = ops.batch_softmax_bwd(grad, x, y, labels, tau, symmetric, normalize, row_lse, col_lse)
+            loss2, row2, col2 = ops.batch_softmax_fwd(x, y, labels, tau, symmetric, normalize)
+            dx2, dy2, dtau2 = ops.batch_softmax_bwd(grad, x, y, labels, tau, symmetric, normalize, row_lse, col_lse)
         finally:
             torch.ops.flashdml._set_poison(False)
         torch.cuda.synchronize()
@@ -283,3 +295,91 @@ def test_cuda_ops_match_dense_torch(dtype, symmetric, label_kind):
         for a, b, what in ((loss, loss2, "loss"), (row_lse, row2, "row_lse"), (col_lse, col2, "col_lse"),
                            (dx, dx2, "dx"), (dy, dy2, "dy"), (dtau, dtau2, "dtemperature")):
             assert torch.equal(a, b), f"{tag}: {what} is not bitwise deterministic"
+
+
+# ---- normalize=True on every op (CUDA with a GPU; the CPU ops here) ---------------------------------------------
+
+def _close_rel(name, got, want, rtol):
+    """max |got - want| <= rtol * max |want| (integers and bools: equal)."""
+    got, want = got.detach().cpu(), want.detach().cpu()
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{name}: {got.shape} {got.dtype} vs {want.dtype}"
+    if not got.is_floating_point():
+        assert torch.equal(got, want), f"{name}: differs"
+        return
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten poisoned output?)"
+    if got.numel() == 0:
+        return
+    err = (got.double() - want.double()).abs().max().item()
+    scale = want.double().abs().max().item()
+    assert err <= rtol * scale + 1e-30, f"{name}: max abs error {err:.3e} > {rtol:.1e} * {scale:.3e}"
+
+
+def _normalize_cases(B, d, dev, dtype, seed):
+    """(name, fwd, bwd, n_fwd_outputs_for_bwd) per op; fwd(x, y, normalize), bwd(x, y, normalize, fwd_outputs)
+    -> tuple of row gradients (one per row argument)."""
+    ops = torch.ops.flashdml
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, max(2, B // 4), (B,), generator=g).to(dev)
+    ref_labels = torch.randint(0, max(2, B // 4), (B,), generator=g).to(dev)
+    tau = torch.tensor(0.1, device=dev)
+    grad = torch.tensor(0.7, device=dev)
+    k = min(5, B - 1)
+    return [
+        ("batch_softmax", lambda x, y, n: ops.batch_softmax_fwd(x, y, labels, tau, True, n),
+         lambda x, y, n, o: ops.batch_softmax_bwd(grad, x, y, labels, tau, True, n, o[1], o[2])[:2], False),
+        ("xent (global, cross)", lambda x, y, n: ops.xent_fwd(x, y, labels, ref_labels, tau, True, False, n),
+         lambda x, y, n, o: ops.xent_bwd(grad, x, y, labels, ref_labels, tau, True, False, n, o[1], o[2])[:2], False),
+        ("ntxent (self)", lambda x, y, n: ops.xent_fwd(x, x, labels, labels, tau, False, True, n),
+         lambda x, y, n, o: ops.xent_bwd(grad, x, x, labels, labels, tau, False, True, n, o[1], o[2])[:2], True),
+        ("tcm (self)", lambda x, y, n: ops.hinge_pair_fwd(x, x, labels, labels, 0.6, 0.2, 1.0, 0.5, True, False, n),
+         lambda x, y, n, o: ops.hinge_pair_bwd(grad, x, x, labels, labels, 0.6, 0.2, 1.0, 0.5, True, False, n, o[2]),
+         True),
+        ("contrastive (cross)",
+         lambda x, y, n: ops.hinge_pair_fwd(x, y, labels, ref_labels, 0.7, 0.1, 1.0, 1.0, False, True, n),
+         lambda x, y, n, o: ops.hinge_pair_bwd(grad, x, y, labels, ref_labels, 0.7, 0.1, 1.0, 1.0, False, True, n,
+                                               o[2]), False),
+        ("knn (self)", lambda x, y, n: ops.knn_fwd(x, x, k, True, n), None, True),
+        ("knn (cross)", lambda x, y, n: ops.knn_fwd(x, y, k, False, n), None, False),
+        ("hardest_negatives", lambda x, y, n: ops.hardest_negatives_fwd(x, y, labels, ref_labels, 7, False, n), None,
+         False),
+    ]
+
+
+_NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available() or not _has_cuda_kernels(),
+                                reason="no CUDA device" if not torch.cuda.is_available() else "no CUDA kernels")
+# (device, dtype, rtol): on CUDA both sides run the same kernels on the same rows; the CPU kernels normalise inside
+NORMALIZE_RUNS = [pytest.param("cpu", torch.float32, 1e-4, id="cpu-fp32")] + [
+    pytest.param("cuda", dt, tol, id=f"cuda-{name}", marks=_NEEDS_GPU)
+    for dt, tol, name in ((torch.float32, 1e-5, "fp32"), (torch.float16, 2e-3, "fp16"), (torch.bfloat16, 1e-2, "bf16"))]
+
+
+@pytest.mark.parametrize("device,dtype,rtol", NORMALIZE_RUNS)
+@pytest.mark.parametrize("B,d", [(37, 129), (130, 16)])
+def test_normalize_inside_matches_prenormalised_rows(device, dtype, rtol, B, d):
+    """op(raw rows, normalize=True) = op(x^, normalize=False) with x^ = flashdml._math.normalized_rows(raw) (the
+    arithmetic of the CUDA ops' normalize_rows.h), and its gradients = normalized_rows_backward(the x^ gradients, raw).
+    On CUDA the two sides run the same kernels on the same rows; on the CPU the kernels normalise inside."""
+    from flashdml._math import normalized_rows, normalized_rows_backward
+
+    g = torch.Generator().manual_seed(B + d)
+    scale = lambda n: 0.3 + 3.0 * torch.rand(n, 1, generator=g)  # noqa: E731
+    x = (torch.randn(B, d, generator=g) * scale(B)).to(device, dtype)
+    y = (torch.randn(B, d, generator=g) * scale(B)).to(device, dtype)
+    xh, yh = normalized_rows(x)[0], normalized_rows(y)[0]
+    torch.ops.flashdml._set_poison(True)
+    try:
+        for name, fwd, bwd, self_mode in _normalize_cases(B, d, device, dtype, B * d):
+            yr, yhh = (x, xh) if self_mode else (y, yh)
+            raw = fwd(x, yr, True)
+            pre = fwd(xh, yhh, False)
+            for i, (a, b) in enumerate(zip(raw, pre)):
+                _close_rel(f"{name} {dtype} B={B} d={d} output {i}", a, b, rtol)
+            if bwd is None:
+                continue
+            got = bwd(x, yr, True, raw)
+            want = bwd(xh, yhh, False, raw)  # the same saved outputs on both sides
+            for i, (a, b) in enumerate(zip(got, want)):
+                rows = x if i == 0 else yr
+                _close_rel(f"{name} {dtype} B={B} d={d} grad {i}", a, normalized_rows_backward(b, rows), rtol)
+    finally:
+        torch.ops.flashdml._set_poison(False)

@@ -12,7 +12,8 @@
 // Backward: bs_grad_kernel (x, y) -> per-split fp32 partials of g y (+ partial sums of g z for dtemperature);
 //           reduce_splits_kernel -> dx;  bs_grad_kernel (y, x) -> g^T x partials;  reduce -> dy;
 //           scaled_sum_kernel -> dtemperature.  (g = unscaled dL/dz, see batch_softmax.h.)
-// temperature and grad_loss are read on the device (no host sync).
+// temperature and grad_loss are read on the device (no host sync). normalize = true: the rows are normalised on entry
+// and dx, dy mapped back to the raw rows (normalize_rows.h).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -29,6 +30,7 @@
 #include "flashdml/poison.h"
 #include "launch_utils.cuh"
 #include "batch_softmax_kernels.cuh"
+#include "normalize_rows.h"
 
 namespace flashdml {
 namespace cuda {
@@ -95,21 +97,23 @@ void run_grad(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, 
 }
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& labels,
-                  const at::Tensor& temperature, bool normalize) {
-  check_row_tensors(op, x, y, normalize, kBM);
+                  const at::Tensor& temperature) {
+  check_row_tensors(op, x, y, kBM);
   TORCH_CHECK(x.size(0) == y.size(0), op, ": x and y must have the same shape (B == M)");
   if (labels.has_value()) check_label_tensor(op, "labels", "B", *labels, x.size(0), x);
   TORCH_CHECK(temperature.numel() == 1 && temperature.device() == x.device(), op,
               ": temperature must be a 0-dim tensor on the device of x");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cuda(const at::Tensor& x_in, const at::Tensor& y_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cuda(const at::Tensor& x_raw, const at::Tensor& y_raw,
                                                                       const std::optional<at::Tensor>& labels_in,
                                                                       const at::Tensor& temperature, bool symmetric,
                                                                       bool normalize) {
-  check_inputs("batch_softmax_fwd", x_in, y_in, labels_in, temperature, normalize);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  check_inputs("batch_softmax_fwd", x_raw, y_raw, labels_in, temperature);
+  const c10::cuda::CUDAGuard guard(x_raw.device());
+  at::Tensor xk, yk;
+  std::tie(xk, yk) = kernel_rows(x_raw, y_raw, normalize);
+  const at::Tensor x = xk.contiguous(), y = yk.contiguous();
   const at::Tensor tau = temperature.to(at::kFloat).contiguous();
   at::Tensor labels;
   if (labels_in.has_value()) labels = labels_in->contiguous();
@@ -134,18 +138,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cuda(const at::
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& x_in, const at::Tensor& y_in,
+    const at::Tensor& grad_loss, const at::Tensor& x_raw, const at::Tensor& y_raw,
     const std::optional<at::Tensor>& labels_in, const at::Tensor& temperature, bool symmetric, bool normalize,
     const at::Tensor& row_lse_in, const at::Tensor& col_lse_in) {
-  check_inputs("batch_softmax_bwd", x_in, y_in, labels_in, temperature, normalize);
-  const int64_t n = x_in.size(0);
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_in.device(),
+  check_inputs("batch_softmax_bwd", x_raw, y_raw, labels_in, temperature);
+  const int64_t n = x_raw.size(0);
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_raw.device(),
               "batch_softmax_bwd: grad_loss must be a 0-dim tensor on the device of x");
-  TORCH_CHECK(row_lse_in.numel() == n && row_lse_in.device() == x_in.device(), "batch_softmax_bwd: row_lse must be [B]");
-  TORCH_CHECK(!symmetric || (col_lse_in.numel() == n && col_lse_in.device() == x_in.device()),
+  TORCH_CHECK(row_lse_in.numel() == n && row_lse_in.device() == x_raw.device(),
+              "batch_softmax_bwd: row_lse must be [B]");
+  TORCH_CHECK(!symmetric || (col_lse_in.numel() == n && col_lse_in.device() == x_raw.device()),
               "batch_softmax_bwd: col_lse must be [B] when symmetric");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  const c10::cuda::CUDAGuard guard(x_raw.device());
+  at::Tensor xk, yk;
+  std::tie(xk, yk) = kernel_rows(x_raw, y_raw, normalize);
+  const at::Tensor x = xk.contiguous(), y = yk.contiguous();
   const at::Tensor tau = temperature.to(at::kFloat).contiguous();
   const at::Tensor grad = grad_loss.to(at::kFloat).contiguous();
   const at::Tensor row_lse = row_lse_in.to(at::kFloat).contiguous();
@@ -170,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cuda(
   scaled_sum_kernel<<<1, kSumThreads, 0, stream>>>(dtau_part.data_ptr<float>(), dtau_part.numel(), -scale, gp, tp,
                                                    dtemp.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dx, dy, dtemp};
+  return {raw_rows_grad(dx, x_raw, normalize), raw_rows_grad(dy, y_raw, normalize), dtemp};
 }
 
 }  // namespace

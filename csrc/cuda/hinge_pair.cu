@@ -11,7 +11,9 @@
 //           pair_reduce_kernel -> dx;  pair_grad_kernel on the transposed tiles + reduce -> dy.
 // The membership tests of the backward see bitwise the fp32 values the forward counted: every pass computes
 // the tile of x rows I and y rows J with the same call (s_tile_rect(x, y, I, J)); the dy pass reads that tile
-// transposed (kExact) instead of multiplying y by x.
+// transposed (kExact) instead of multiplying y by x. normalize = true: the rows are normalised on entry (once in
+// self mode) and dx, dy mapped back to the raw rows (normalize_rows.h). The two ops have external linkage
+// (ops_cuda.h): the contextual op calls them directly.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -25,6 +27,8 @@
 #include "flashdml/poison.h"
 #include "launch_utils.cuh"
 #include "hinge_pair_kernels.cuh"
+#include "normalize_rows.h"
+#include "ops_cuda.h"
 #include "pair_tiles.cuh"
 
 namespace flashdml {
@@ -36,8 +40,8 @@ using pair::pair_grad_kernel;
 using pair::pair_reduce_kernel;
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels,
-                  const at::Tensor& ref_labels, bool drop_diagonal, bool normalize) {
-  check_row_tensors(op, x, y, normalize, kBM);
+                  const at::Tensor& ref_labels, bool drop_diagonal) {
+  check_row_tensors(op, x, y, kBM);
   TORCH_CHECK(!drop_diagonal || x.size(0) == y.size(0), op, ": drop_diagonal needs B == M (self mode)");
   check_label_tensor(op, "labels", "B", labels, x.size(0), x);
   check_label_tensor(op, "ref_labels", "M", ref_labels, y.size(0), x);
@@ -66,14 +70,18 @@ void run_grad(const at::Tensor& x, const at::Tensor& y, const HingeOp& op, const
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_pair_fwd_cuda(const at::Tensor& x_in, const at::Tensor& y_in,
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_pair_fwd_cuda(const at::Tensor& x_raw, const at::Tensor& y_raw,
                                                                    const at::Tensor& labels_in,
                                                                    const at::Tensor& ref_labels_in, double pos_margin,
                                                                    double neg_margin, double pos_weight,
                                                                    double neg_weight, bool drop_diagonal, bool strict,
                                                                    bool normalize) {
-  check_inputs("hinge_pair_fwd", x_in, y_in, labels_in, ref_labels_in, drop_diagonal, normalize);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  check_inputs("hinge_pair_fwd", x_raw, y_raw, labels_in, ref_labels_in, drop_diagonal);
+  const c10::cuda::CUDAGuard guard(x_raw.device());
+  at::Tensor x_in, y_in;
+  std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);
   const at::Tensor x = vec_ready(x_in.contiguous());
   const at::Tensor y = y_in.is_same(x_in) ? x : vec_ready(y_in.contiguous());
   const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
@@ -104,18 +112,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_pair_fwd_cuda(const at::Ten
   return {loss, sums, counts};
 }
 
-std::tuple<at::Tensor, at::Tensor> hinge_pair_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& x_in,
-                                                       const at::Tensor& y_in, const at::Tensor& labels_in,
+std::tuple<at::Tensor, at::Tensor> hinge_pair_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& x_raw,
+                                                       const at::Tensor& y_raw, const at::Tensor& labels_in,
                                                        const at::Tensor& ref_labels_in, double pos_margin,
                                                        double neg_margin, double pos_weight, double neg_weight,
                                                        bool drop_diagonal, bool strict, bool normalize,
                                                        const at::Tensor& counts_in) {
-  check_inputs("hinge_pair_bwd", x_in, y_in, labels_in, ref_labels_in, drop_diagonal, normalize);
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_in.device(),
+  check_inputs("hinge_pair_bwd", x_raw, y_raw, labels_in, ref_labels_in, drop_diagonal);
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_raw.device(),
               "hinge_pair_bwd: grad_loss must be a 0-dim tensor on the device of x");
-  TORCH_CHECK(counts_in.numel() == 2 && counts_in.device() == x_in.device(),
+  TORCH_CHECK(counts_in.numel() == 2 && counts_in.device() == x_raw.device(),
               "hinge_pair_bwd: counts must be the forward's int64 [2] output");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::cuda::CUDAGuard guard(x_raw.device());
+  at::Tensor x_in, y_in;
+  std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);
   const at::Tensor x = vec_ready(x_in.contiguous());
   const at::Tensor y = y_in.is_same(x_in) ? x : vec_ready(y_in.contiguous());
   const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
@@ -141,10 +151,9 @@ std::tuple<at::Tensor, at::Tensor> hinge_pair_bwd_cuda(const at::Tensor& grad_lo
     run_grad<scalar_t, false>(x, y, op, w.data_ptr<float>(), dx, stream);
     run_grad<scalar_t, true>(x, y, op, w.data_ptr<float>(), dy, stream);
   });
-  return {dx, dy};
+  return {raw_rows_grad(dx, x_raw, normalize), raw_rows_grad(dy, y_raw, normalize)};
 }
 
-}  // namespace
 }  // namespace cuda
 }  // namespace flashdml
 

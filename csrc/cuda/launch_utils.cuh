@@ -58,12 +58,9 @@ inline at::Tensor vec_ready(const at::Tensor& t) {
   return dp == d ? t.clone() : at::constant_pad_nd(t, {0, dp - d});
 }
 
-// The checks every pair-tile op makes of its row tensors x [B, d], y [M, d]: L2-normalised rows passed in
-// (normalize = false: flashdml.ops normalises), CUDA tensors on one device, non-empty, one dtype of fp32 / fp16 /
-// bf16, and B, M at most INT_MAX blocks of block_rows rows (the grid's x dimension).
-inline void check_row_tensors(const char* op, const at::Tensor& x, const at::Tensor& y, bool normalize,
-                              int64_t block_rows) {
-  TORCH_CHECK(!normalize, op, " (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
+// The checks every pair-tile op makes of its row tensors x [B, d], y [M, d]: CUDA tensors on one device, non-empty,
+// one dtype of fp32 / fp16 / bf16, and B, M at most INT_MAX blocks of block_rows rows (the grid's x dimension).
+inline void check_row_tensors(const char* op, const at::Tensor& x, const at::Tensor& y, int64_t block_rows) {
   TORCH_CHECK(x.is_cuda() && y.device() == x.device(), op, ": x and y must be CUDA tensors on one device");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(1) == y.size(1), op, ": x [B, d] and y [M, d] expected");
   TORCH_CHECK(x.size(0) > 0 && y.size(0) > 0 && x.size(1) > 0, op, ": empty input");

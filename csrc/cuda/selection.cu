@@ -1,5 +1,7 @@
 // CUDA backend of the selection primitives: kNN (SPEC 1.2) and batch-wide hardest negatives (SPEC 1.3):
-// flashdml::knn_fwd / hardest_negatives_fwd (schemas: csrc/ops.cpp; normalize = false only: Python normalises).
+// flashdml::knn_fwd / hardest_negatives_fwd (schemas: csrc/ops.cpp). normalize = true: the rows are normalised on
+// entry (once in self mode; normalize_rows.h). knn_fwd_cuda has external linkage (ops_cuda.h): the contextual op
+// calls it directly.
 //
 // Nothing B x M is stored: S = x y^T is recomputed in 64 x 64 tiles (tile_gemm.cuh, pair_tiles.cuh) and reduced on
 // the spot (kernels: selection_kernels.cuh; keys and list insertion: flashdml/topk_select.h). Deterministic: the
@@ -25,6 +27,8 @@
 
 #include "flashdml/poison.h"
 #include "launch_utils.cuh"
+#include "normalize_rows.h"
+#include "ops_cuda.h"
 #include "selection_kernels.cuh"
 
 namespace flashdml {
@@ -33,19 +37,23 @@ namespace {
 
 using namespace sel;
 
-void check_xy(const char* op, const at::Tensor& x, const at::Tensor& y, bool normalize) {
-  check_row_tensors(op, x, y, normalize, kBM);
+void check_xy(const char* op, const at::Tensor& x, const at::Tensor& y) {
+  check_row_tensors(op, x, y, kBM);
   TORCH_CHECK(y.size(0) < int64_t(UINT32_MAX), op, ": y has too many rows (at most 2^32 - 2)");
 }
 
-std::tuple<at::Tensor, at::Tensor> knn_fwd_cuda(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k,
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> knn_fwd_cuda(const at::Tensor& x_raw, const at::Tensor& y_raw, int64_t k,
                                                 bool exclude_diagonal, bool normalize) {
-  check_xy("knn_fwd", x_in, y_in, normalize);
-  const int64_t B = x_in.size(0), M = y_in.size(0);
+  check_xy("knn_fwd", x_raw, y_raw);
+  const int64_t B = x_raw.size(0), M = y_raw.size(0);
   TORCH_CHECK(!exclude_diagonal || B == M, "knn_fwd: exclude_diagonal needs y to be x (B == M)");
   const int64_t n_cand = M - (exclude_diagonal ? 1 : 0);
   TORCH_CHECK(k >= 1 && k <= n_cand, "knn_fwd: k must be in [1, ", n_cand, "] (the candidates per row), got ", k);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::cuda::CUDAGuard guard(x_raw.device());
+  at::Tensor x_in, y_in;
+  std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);
   const at::Tensor x = vec_ready(x_in.contiguous());
   const at::Tensor y = y_in.is_same(x_in) ? x : vec_ready(y_in.contiguous());
   const int64_t d = x.size(1);
@@ -76,19 +84,23 @@ std::tuple<at::Tensor, at::Tensor> knn_fwd_cuda(const at::Tensor& x_in, const at
   return {values, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hardest_negatives_fwd_cuda(const at::Tensor& x_in,
-                                                                          const at::Tensor& y_in,
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hardest_negatives_fwd_cuda(const at::Tensor& x_raw,
+                                                                          const at::Tensor& y_raw,
                                                                           const at::Tensor& labels_in,
                                                                           const at::Tensor& ref_labels_in, int64_t k,
                                                                           bool self_mode, bool normalize) {
-  check_xy("hardest_negatives_fwd", x_in, y_in, normalize);
-  const int64_t B = x_in.size(0), M = y_in.size(0);
+  check_xy("hardest_negatives_fwd", x_raw, y_raw);
+  const int64_t B = x_raw.size(0), M = y_raw.size(0);
   TORCH_CHECK(!self_mode || B == M, "hardest_negatives_fwd: self_mode needs y to be x (B == M)");
-  check_label_tensor("hardest_negatives_fwd", "labels", "B", labels_in, B, x_in);
-  check_label_tensor("hardest_negatives_fwd", "ref_labels", "M", ref_labels_in, M, x_in);
+  check_label_tensor("hardest_negatives_fwd", "labels", "B", labels_in, B, x_raw);
+  check_label_tensor("hardest_negatives_fwd", "ref_labels", "M", ref_labels_in, M, x_raw);
   TORCH_CHECK(k >= 1 && k <= B * M, "hardest_negatives_fwd: k must be in [1, B * M], got ", k);
   // (k <= the number of negative pairs is the caller's check: flashdml.ops counts them without a kernel pass.)
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::cuda::CUDAGuard guard(x_raw.device());
+  at::Tensor x_in, y_in;
+  std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);
   const at::Tensor x = vec_ready(x_in.contiguous());
   const at::Tensor y = y_in.is_same(x_in) ? x : vec_ready(y_in.contiguous());
   const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();

@@ -5,6 +5,8 @@
 // bf16, exact-fp32 FFMA for fp32; pair_tiles.cuh: rectangular tiles) and reduces them on the spot. Per-element
 // formulas: flashdml/xent.h. Deterministic: no atomics, every partial is reduced in a fixed order; column work is
 // split across blocks ("splits") for occupancy at small B. temperature / grad_loss are read on the device.
+// normalize = true: the rows are normalised on entry (once in self mode) and dx, dy mapped back to the raw rows
+// (normalize_rows.h).
 //
 // Forward:  xe_count_kernel (|P| per row block: binary searches in the sorted ref_labels, exact int64)
 //           xe_lse_kernel   -> per-split (max, sum) of the negatives' z per row;  xe_row_lse_kernel -> row states
@@ -30,6 +32,7 @@
 #include "launch_utils.cuh"
 #include "flashdml/xent.h"
 #include "pair_tiles.cuh"
+#include "normalize_rows.h"
 #include "xent_kernels.cuh"
 
 namespace flashdml {
@@ -41,8 +44,8 @@ using pair::pair_grad_kernel;
 using pair::pair_reduce_kernel;
 
 void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels,
-                  const at::Tensor& ref_labels, const at::Tensor& temperature, bool self_mode, bool normalize) {
-  check_row_tensors(op, x, y, normalize, kBM);
+                  const at::Tensor& ref_labels, const at::Tensor& temperature, bool self_mode) {
+  check_row_tensors(op, x, y, kBM);
   TORCH_CHECK(!self_mode || x.size(0) == y.size(0), op, ": self mode needs B == M");
   check_label_tensor(op, "labels", "B", labels, x.size(0), x);
   check_label_tensor(op, "ref_labels", "M", ref_labels, y.size(0), x);
@@ -89,13 +92,15 @@ void run_grad(const at::Tensor& x, const at::Tensor& y, const XentOp& op, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& x_in, const at::Tensor& y_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& x_raw, const at::Tensor& y_raw,
                                                              const at::Tensor& labels_in,
                                                              const at::Tensor& ref_labels_in,
                                                              const at::Tensor& temperature, bool global_partition,
                                                              bool self_mode, bool normalize) {
-  check_inputs("xent_fwd", x_in, y_in, labels_in, ref_labels_in, temperature, self_mode, normalize);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  check_inputs("xent_fwd", x_raw, y_raw, labels_in, ref_labels_in, temperature, self_mode);
+  const c10::cuda::CUDAGuard guard(x_raw.device());
+  at::Tensor x_in, y_in;
+  std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);
   const at::Tensor x = vec_ready(x_in.contiguous());
   const at::Tensor y = y_in.is_same(x_in) ? x : vec_ready(y_in.contiguous());
   const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
@@ -155,18 +160,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& x
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_bwd_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& labels_in,
+    const at::Tensor& grad_loss, const at::Tensor& x_raw, const at::Tensor& y_raw, const at::Tensor& labels_in,
     const at::Tensor& ref_labels_in, const at::Tensor& temperature, bool global_partition, bool self_mode,
     bool normalize, const at::Tensor& lse_in, const at::Tensor& coef_in) {
-  check_inputs("xent_bwd", x_in, y_in, labels_in, ref_labels_in, temperature, self_mode, normalize);
-  const int64_t B = x_in.size(0);
+  check_inputs("xent_bwd", x_raw, y_raw, labels_in, ref_labels_in, temperature, self_mode);
+  const int64_t B = x_raw.size(0);
   const int64_t nstat = global_partition ? 1 : B;
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_in.device(),
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_raw.device(),
               "xent_bwd: grad_loss must be a 0-dim tensor on the device of x");
-  TORCH_CHECK(lse_in.numel() == nstat && coef_in.numel() == nstat && lse_in.device() == x_in.device() &&
-                  coef_in.device() == x_in.device(),
+  TORCH_CHECK(lse_in.numel() == nstat && coef_in.numel() == nstat && lse_in.device() == x_raw.device() &&
+                  coef_in.device() == x_raw.device(),
               "xent_bwd: lse and coef must be the forward's outputs ([1] or [B])");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::cuda::CUDAGuard guard(x_raw.device());
+  at::Tensor x_in, y_in;
+  std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);
   const at::Tensor x = vec_ready(x_in.contiguous());
   const at::Tensor y = y_in.is_same(x_in) ? x : vec_ready(y_in.contiguous());
   const at::Tensor labels = labels_in.contiguous(), ref_labels = ref_labels_in.contiguous();
@@ -207,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_bwd_cuda(
   xe_dtau_kernel<<<1, kOneBlock, 0, stream>>>(gz_part.data_ptr<float>(), gz_part.numel(), w.data_ptr<float>(),
                                               dtemp.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {dx, dy, dtemp};
+  return {raw_rows_grad(dx, x_raw, normalize), raw_rows_grad(dy, y_raw, normalize), dtemp};
 }
 
 }  // namespace
