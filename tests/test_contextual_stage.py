@@ -198,3 +198,21 @@ def test_cuda_backend_matches_reference(B, d, per_class, k, eps):
     assert abs(got.item() - ref.item()) <= 1e-6 * abs(ref.item()) + 1e-9
     assert (gf.double().cpu() - gr).abs().max().item() <= 1e-5 * gr.abs().max().item()
 
+
+@pytest.mark.skipif(not _cuda_op_available(), reason="needs a CUDA device and the CUDA build of flashdml._C")
+@pytest.mark.parametrize("B,d,k", [(70, 16, 4), (600, 64, 40)])
+def test_cuda_op_normalize_inside_matches_reference(B, d, k):
+    """The CUDA op with raw rows and normalize=True against autograd through the normalising reference."""
+    import flashdml as fd
+
+    x, labels = _batch(B, d, 4, B + d)
+    x = x * torch.linspace(0.3, 4.0, B)[:, None]
+    xr = x.double().requires_grad_(True)
+    ref = fd.reference.contextual_loss(xr, labels, k=k)
+    (gr,) = torch.autograd.grad(ref * 0.7, xr)
+    xc, lc = x.cuda(), labels.cuda()
+    args = (k, 0.05, 0.4, 0.5, 0.1, 0.25, 0.75, 0.6, 10.0, True)
+    out = ops.contextual_fwd(xc, lc, *args)
+    dx = ops.contextual_bwd(torch.tensor(0.7, device="cuda"), xc, lc, *args, *out[2:])
+    assert abs(out[0].item() - ref.item()) <= 1e-6 * abs(ref.item()) + 1e-9
+    assert (dx.double().cpu() - gr).abs().max().item() <= 1e-5 * gr.abs().max().item()

@@ -1,23 +1,21 @@
 // CUDA backend of the contextual loss (SPEC 2.5): flashdml::contextual_fwd / contextual_bwd for CUDA tensors (schemas
-// and output meaning: csrc/ops.cpp). Rows come L2-normalised with normalize = false (flashdml.ops does that).
+// and output meaning: csrc/ops.cpp). normalize = true: the rows are normalised on entry and dx is mapped back to the
+// raw rows (normalize_rows.h); everything below works on the normalised rows F.
 //
 // Forward, nothing B x B stored:
 //  1. t_i / h_i: the k-th / (k/2)-th largest −D_i = the −D of the k-th / (k/2)-th largest S_i (−D is monotone in S),
-//     from the kNN op (flashdml::knn_fwd, self included); L_con's hinge sums / counts from flashdml::hinge_pair_fwd
-//     (strict, diagonal kept). Both compute each tile with the same s_tile_rect call as the list pass below, so all
-//     passes see bitwise the same fp32 S.
+//     from the kNN op (knn_fwd_cuda, self included); L_con's hinge sums / counts from hinge_pair_fwd_cuda (strict,
+//     diagonal kept); both called directly (ops_cuda.h). Both compute each tile with the same s_tile_rect call as the
+//     list pass below, so all passes see bitwise the same fp32 S.
 //  2. ctx_list_kernel (contextual_kernels.cuh): N(i) in a fixed-capacity list per row with the exact count; rows
 //     over the capacity are gathered and rerun with a capacity of their largest count (exact always).
-//  3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx) as ATen ops on the device, O(B·k²): the same algorithm
-//     as python/flashdml/ops/contextual_device.py (and csrc/cpu/contextual_sparse.h), entries keyed by row·B + col.
-// Backward (SPEC's closed form as in the CPU op: dL_ctx/dS = 2·ste_slope·C ⊙ (SP + u 1ᵀ + LB)): with
-// LB_ij = sv_i(κ_j)(c_i − a_j) (sv_i(κ) = −(β/2) ρ_i(κ)/c_i), G F and Gᵀ F of the unmasked row-constant and label-block
-// parts are per-class sums (Σ_{j∈κ} F_j, Σ_{j∈κ} a_j F_j, …) in O((B·|classes of R(i)|)·d); the mask C (zero only on
-// the clamped entries of N, which the forward flagged) becomes sparse corrections −(u_i + LB_ij) on those entries,
-// added to SP; the sparse part is applied with index_add in O(nnz·d); L_reg's constant is rank one; L_con's
-// gradient is flashdml::hinge_pair_bwd (its recompute pass). Everything in float64 on the device.
+//  3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx) as ATen ops on the device, O(B·k²):
+//     ctx_stage::loss (csrc/aten/contextual_stage.h, the device-generic stage the Triton backend uses too).
+// Backward (SPEC's closed form as in the CPU op: dL_ctx/dS = 2·ste_slope·C ⊙ (SP + u 1ᵀ + LB)): ctx_stage::grad
+// applies the sparse part from the lists and the row-constant and label-block parts through per-class sums, with the
+// mask C as corrections on the clamped entries the forward flagged, in float64 on the device; L_reg's constant is
+// rank one; L_con's gradient is hinge_pair_bwd_cuda (its recompute pass).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,10 +24,12 @@
 #include <tuple>
 #include <vector>
 
-#include "contextual_aten.h"
+#include "../aten/contextual_stage.h"
 #include "contextual_kernels.cuh"
 #include "flashdml/poison.h"
 #include "launch_utils.cuh"
+#include "normalize_rows.h"
+#include "ops_cuda.h"
 
 namespace flashdml {
 namespace cuda {
@@ -37,10 +37,8 @@ namespace {
 
 using at::Tensor;
 using ctxk::ctx_list_kernel;
-using namespace ctxa;
 
-void check_inputs(const char* op, const Tensor& x, const Tensor& labels, bool normalize) {
-  TORCH_CHECK(!normalize, op, " (CUDA): pass L2-normalised rows with normalize=false (flashdml.ops does)");
+void check_inputs(const char* op, const Tensor& x, const Tensor& labels) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) > 0 && x.size(1) > 0, op, ": x must be a CUDA [B, d] tensor");
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": dtype must be fp32, fp16 or bf16");
@@ -100,36 +98,29 @@ std::tuple<Tensor, Tensor, Tensor> neighbour_lists(const Tensor& x, const Tensor
 
 using FwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-FwdOut contextual_fwd_cuda(const Tensor& x_in, const Tensor& labels_in, int64_t k, double eps, double context_weight,
+FwdOut contextual_fwd_cuda(const Tensor& x_raw, const Tensor& labels_in, int64_t k, double eps, double context_weight,
                            double contrastive_weight, double reg_weight, double reg_target, double pos_margin,
                            double neg_margin, double ste_slope, bool normalize) {
   (void)ste_slope;
-  check_inputs("contextual_fwd", x_in, labels_in, normalize);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t B = x_in.size(0);
+  check_inputs("contextual_fwd", x_raw, labels_in);
+  const c10::cuda::CUDAGuard guard(x_raw.device());
+  const int64_t B = x_raw.size(0);
   TORCH_CHECK_VALUE(k >= 2 && k <= B, "contextual_loss: k = ", k, " must satisfy 2 <= k <= B = ", B);
   TORCH_CHECK_VALUE(eps >= 0, "contextual_loss: eps must be >= 0, got ", eps);
-  const Tensor x = vec_ready(x_in.contiguous());
+  const Tensor x = vec_ready((normalize ? normalized_rows(x_raw).first : x_raw).contiguous());
   const Tensor labels = labels_in.contiguous();
-  static auto knn = c10::Dispatcher::singleton().findSchemaOrThrow("flashdml::knn_fwd", "")
-                        .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, bool, bool)>();
-  static auto hinge = c10::Dispatcher::singleton().findSchemaOrThrow("flashdml::hinge_pair_fwd", "")
-                          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                    const Tensor&, double, double, double, double,
-                                                                    bool, bool, bool)>();
-  const Tensor top = std::get<0>(knn.call(x, x, k, false, false));  // S values, descending, self included
+  const Tensor top = std::get<0>(knn_fwd_cuda(x, x, k, false, false));  // S values, descending, self included
   auto neg_d = [](const Tensor& s) {  // ctx_neg_distance: fl(2 − 2s) (2s exact), clamped to −0
     const Tensor dr = 2.0f - 2.0f * s;
     return at::where(dr > 0, -dr, at::zeros({}, dr.options()));
   };
   const Tensor thr = at::stack({neg_d(top.select(1, k - 1)), neg_d(top.select(1, k / 2 - 1))}, 1).contiguous();
-  auto [lcon, sums, counts] = hinge.call(x, x, labels, labels, pos_margin, neg_margin, 1.0, 1.0, false, true, false);
+  auto [lcon, sums, counts] =
+      hinge_pair_fwd_cuda(x, x, labels, labels, pos_margin, neg_margin, 1.0, 1.0, false, true, false);
   (void)sums;
   const int64_t cap = std::max<int64_t>(64, 4 * k + 15) / 16 * 16;
   auto [ptr, col, flag] = neighbour_lists(x, thr, float(eps), cap);
-  const Tensor cls = class_keys(labels);
-  const Context cx = build_context(ptr, col, flag, B);
-  const Tensor lc = l_ctx(cx, cls);
+  const Tensor lc = ctx_stage::loss(ptr, col, flag, labels);
   const Tensor colsum = x.to(at::kDouble).sum(0);
   const Tensor lr = (colsum.square().sum() / (double(B) * double(B)) - reg_target).square();
   const Tensor lcd = lcon.to(at::kDouble);
@@ -140,22 +131,19 @@ FwdOut contextual_fwd_cuda(const Tensor& x_in, const Tensor& labels_in, int64_t 
   return {loss, terms, ptr, col, flag, counts};
 }
 
-Tensor contextual_bwd_cuda(const Tensor& grad_loss, const Tensor& x_in, const Tensor& labels_in, int64_t k, double eps,
+Tensor contextual_bwd_cuda(const Tensor& grad_loss, const Tensor& x_raw, const Tensor& labels_in, int64_t k, double eps,
                            double context_weight, double contrastive_weight, double reg_weight, double reg_target,
                            double pos_margin, double neg_margin, double ste_slope, bool normalize, const Tensor& ptr,
                            const Tensor& col, const Tensor& flag, const Tensor& counts) {
   (void)k;
   (void)eps;
-  check_inputs("contextual_bwd", x_in, labels_in, normalize);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t B = x_in.size(0);
+  check_inputs("contextual_bwd", x_raw, labels_in);
+  const c10::cuda::CUDAGuard guard(x_raw.device());
+  const int64_t B = x_raw.size(0);
   TORCH_CHECK(grad_loss.numel() == 1 && ptr.numel() == B + 1 && col.numel() == flag.numel() && counts.numel() == 2,
               "contextual_bwd: neighbour lists / counts do not match the batch (pass the forward's outputs)");
-  const Tensor x = x_in.contiguous(), labels = labels_in.contiguous();
-  static auto hinge_bwd = c10::Dispatcher::singleton().findSchemaOrThrow("flashdml::hinge_pair_bwd", "")
-                              .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                const Tensor&, const Tensor&, double, double, double,
-                                                                double, bool, bool, bool, const Tensor&)>();
+  const Tensor x = (normalize ? normalized_rows(x_raw).first : x_raw).contiguous();
+  const Tensor labels = labels_in.contiguous();
   const Tensor g = grad_loss.reshape({}).to(at::kDouble);
   const Tensor F = x.to(at::kDouble);
   const double B2 = double(B) * double(B);
@@ -163,16 +151,15 @@ Tensor contextual_bwd_cuda(const Tensor& grad_loss, const Tensor& x_in, const Te
   // L_reg: dL/dS_ij = g_reg everywhere, so G F + Gᵀ F = 2 g_reg Σ_j F_j on every row
   Tensor out = (2.0 * g * reg_weight * 2.0 * (colsum.square().sum() / B2 - reg_target) / B2) * colsum.expand_as(F);
   if (contrastive_weight != 0.0) {
-    auto [dx, dy] = hinge_bwd.call(grad_loss.reshape({}).to(at::kFloat), x, x, labels, labels, pos_margin, neg_margin,
-                                   contrastive_weight, contrastive_weight, false, true, false, counts.to(at::kLong));
+    auto [dx, dy] = hinge_pair_bwd_cuda(grad_loss.reshape({}).to(at::kFloat), x, x, labels, labels, pos_margin,
+                                        neg_margin, contrastive_weight, contrastive_weight, false, true, false,
+                                        counts.to(at::kLong));
     out = out + dx.to(at::kDouble) + dy.to(at::kDouble);
   }
-  if (context_weight * ste_slope != 0.0) {
-    const Context cx = build_context(ptr, col, flag, B);
-    out = out + (g * context_weight * 2.0 * ste_slope) * ctx_grad(cx, class_keys(labels), F);
-  }
-  Tensor dx = new_output(x_in.sizes(), x_in.options());
-  dx.copy_(out);
+  if (context_weight * ste_slope != 0.0)
+    out = out + (g * context_weight * 2.0 * ste_slope) * ctx_stage::grad(ptr, col, flag, labels, F);
+  Tensor dx = new_output(x_raw.sizes(), x_raw.options());
+  dx.copy_(normalize ? normalized_rows_backward(out, x_raw) : out);
   return dx;
 }
 
