@@ -29,13 +29,13 @@ Forward, nothing B×B stored:
  3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx: ``contextual_stage_loss``) on the device in O(B·k²),
     L_reg in O(B·d).
 Backward (SPEC's closed form, the CPU split of dL_ctx/dS into sparse + row-constant + label-block parts, from
-``contextual_stage_grad_parts``): the sparse part (O(k²) entries per row, masked by the forward's clamp flags) comes
-applied (O(nnz·d) gathers); the row-constant part u_i, the label block LB_ij = ρ'_i(κ_j)(c_i − a_j), the L_reg
-constant and the hinge gradients
-are formed tile by tile in one recompute pass (``_ctx_grad_kernel``, dx and dyᵀ variants, fp32 weights, tf32 /
-ieee dot) and reduced over splits in a fixed order. Deterministic apart from the index_add of the sparse stage
-on CUDA (atomics: last-bit differences). Cost note: each gradient program recomputes its S tiles once per BLOCK_D
-chunk of d (dx: 128 columns, dy: 32), so for d > 128 the backward does several S GEMMs (not tuned on a GPU yet).
+``contextual_stage_grad_parts``): that op applies the sparse part (O(k²) entries per row, masked by the forward's
+clamp flags) with O(nnz·d) gathers; the row-constant part u_i, the label block LB_ij = ρ'_i(κ_j)(c_i − a_j), the
+L_reg constant and the hinge gradients are formed tile by tile in one recompute pass (``_ctx_grad_kernel``, dx and
+dyᵀ variants, fp32 weights, tf32 / ieee dot) and reduced over splits in a fixed order. Deterministic apart from
+the index_add of the sparse stage on CUDA (atomics: last-bit differences). Cost note: each gradient program
+recomputes its S tiles once per BLOCK_D chunk of d (dx: 128 columns, dy: 32), so for d > 128 the backward does
+several S GEMMs (not tuned on a GPU yet).
 """
 from __future__ import annotations
 
