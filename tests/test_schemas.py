@@ -96,7 +96,8 @@ def test_opcheck_every_op(backend):
     for name, args in _cases(device):
         family, ops = ops_by_name[name]
         utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-        if name not in _DATA_DEPENDENT:
+        if name not in _DATA_DEPENDENT and (device.type == "cuda" or backend == "cpu"):
+            # (the Triton interpreter cannot trace a triton_op on fake tensors: aot_dispatch runs on a GPU only)
             utils += ("test_aot_dispatch_dynamic",)
         res = torch.library.opcheck(getattr(ops, name), args, test_utils=utils)
         assert set(res.values()) == {"SUCCESS"}, (name, res)

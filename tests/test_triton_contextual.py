@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flashdml as fd
-from flashdml import _dispatch
+from flashdml.ops import registry
 from flashdml._debug import poison_outputs
 from flashdml._math import l2_normalize
 
@@ -87,7 +87,7 @@ def _reference_lists(x, labels, k, eps):
 
 
 def test_dispatch_lists_triton():
-    assert "contextual_loss" in _dispatch.FUSED_OPS["triton"]
+    assert "triton" in registry.family_of("contextual_loss").backends
 
 
 CASES = [  # (B, d, per_class, k, eps, seed)
@@ -287,9 +287,7 @@ def test_aot_specs_cover_every_launch(monkeypatch):
 
 def test_opcheck_registration():
     """Schema, fake kernel (data-dependent list length) and autograd registration of the Triton op."""
-    from flashdml.ops.contextual import _triton_ops
-
-    ops = _triton_ops()
+    ops = registry.compiled_ops("triton", registry.family_of("contextual_loss"))
     x, labels = _batch(16, 5, 4, 70)
     for normalize in (False, True):
         xh = torch.nn.functional.normalize(x, dim=1).to(DEV).requires_grad_(True)

@@ -20,7 +20,7 @@ Forward, nothing B×B stored:
     per row the running top-K of ``−D = −max(2 − 2S, 0)`` (values only, the query included; the bitonic
     ``_topk.row_topk`` / ``merge_sorted`` of the kNN kernel, a tile skipped when nothing in it beats the K-th), and
     the margin-contrastive hinge sums / counts (``_tiles.hard_pairs``, strict, diagonal kept).
-    ``hinge_pairs._hinge_finalize_kernel`` reduces the hinge partials; t_i / h_i = the k-th / (k//2)-th of the
+    ``_tiles.hinge_finalize_kernel`` reduces the hinge partials; t_i / h_i = the k-th / (k//2)-th of the
     merged split lists (torch.topk over splits·K values per row). k > 64 takes the thresholds from the kNN op
     (``selection.knn_impl``, same BLOCK_K, so the same fp32 S); this kernel then only supplies the hinge terms.
  2. ``_ctx_list_kernel`` recomputes S (same BLOCK_K: on the GPU the same fp32 values) and writes, per row, the
@@ -45,15 +45,14 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from .. import _debug, _math
-from .._schemas import SCHEMAS
+from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
-from ._tiles import hard_pairs, s_tile
+from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile
 from ._topk import merge_sorted, row_topk
-from ._tiles import HINGE_FINAL_BLOCK as FINAL_BLOCK, hinge_finalize_kernel as _hinge_finalize_kernel
 from .selection import KNN_CONFIGS, knn_impl
 
 # Tile configurations. Every S tile of the forward, the list pass and the backward uses the kNN kernel's BLOCK_K
@@ -273,8 +272,8 @@ def _stats(xp: Tensor, key: Tensor, k: int, pos_margin: float, neg_margin: float
     lcon = _debug.new_output((), dtype=torch.float32, device=dev)
     sums = _debug.new_output((2,), dtype=torch.float32, device=dev)
     counts = _debug.new_output((2,), dtype=torch.int64, device=dev)
-    wrap_triton(_hinge_finalize_kernel)[(1,)](
-        psum, pcnt, lcon, sums, counts, ns * B, 1.0, 1.0, BLOCK=FINAL_BLOCK, num_warps=4, num_stages=1)
+    wrap_triton(hinge_finalize_kernel)[(1,)](
+        psum, pcnt, lcon, sums, counts, ns * B, 1.0, 1.0, BLOCK=HINGE_FINAL_BLOCK, num_warps=4, num_stages=1)
     if K is None:  # values of S, descending; −D is monotone in S, so its k-th largest is −D of the k-th S
         vals = knn_impl(xp, xp, k, False)[0]
         top = torch.where(2.0 - 2.0 * vals > 0, -(2.0 - 2.0 * vals), 0.0)
@@ -406,7 +405,7 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, c
     return dx
 
 
-@triton_op("flashdml_triton::contextual_fwd", mutates_args=(), schema=SCHEMAS["contextual_fwd"])
+@triton_op("contextual_fwd")
 def contextual_fwd(x: Tensor, labels: Tensor, k: int, eps: float, context_weight: float, contrastive_weight: float,
                    reg_weight: float, reg_target: float, pos_margin: float, neg_margin: float, ste_slope: float,
                    normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -415,29 +414,15 @@ def contextual_fwd(x: Tensor, labels: Tensor, k: int, eps: float, context_weight
                     neg_margin, ste_slope)
 
 
-@triton_op("flashdml_triton::contextual_bwd", mutates_args=(), schema=SCHEMAS["contextual_bwd"])
+@triton_op("contextual_bwd")
 def contextual_bwd(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, context_weight: float,
                    contrastive_weight: float, reg_weight: float, reg_target: float, pos_margin: float,
-                   neg_margin: float, ste_slope: float, normalize: bool, ptr: Tensor, col: Tensor, flag: Tensor,
-                   counts: Tensor) -> Tensor:
+                   neg_margin: float, ste_slope: float, normalize: bool, nbr_ptr: Tensor, nbr: Tensor,
+                   nbr_flags: Tensor, con_counts: Tensor) -> Tensor:
     xk = _math.normalized_rows(x)[0] if normalize else x
     dx = bwd_impl(grad_loss, xk, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target,
-                  pos_margin, neg_margin, ste_slope, ptr, col, flag, counts)
+                  pos_margin, neg_margin, ste_slope, nbr_ptr, nbr, nbr_flags, con_counts)
     return _math.normalized_rows_backward(dx, x) if normalize else dx
-
-
-@contextual_fwd.register_fake
-def _(x, labels, k, eps, context_weight, contrastive_weight, reg_weight, reg_target, pos_margin, neg_margin,
-      ste_slope, normalize):
-    nnz = torch.library.get_ctx().new_dynamic_size()
-    return (x.new_empty((), dtype=torch.float32), x.new_empty((3,), dtype=torch.float32),
-            x.new_empty((x.shape[0] + 1,), dtype=torch.int64), x.new_empty((nnz,), dtype=torch.int32),
-            x.new_empty((nnz,), dtype=torch.uint8), x.new_empty((2,), dtype=torch.int64))
-
-
-@contextual_bwd.register_fake
-def _(grad_loss, x, *rest):
-    return torch.empty_like(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------

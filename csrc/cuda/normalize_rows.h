@@ -1,11 +1,12 @@
 // The CUDA ops' normalize = true (csrc/ops.cpp conventions): the op L2-normalises its rows on entry and maps the
 // kernels' gradients back to the raw rows, as ATen ops on the device (O(B·d), one normalised copy of the rows).
 // Mirrors flashdml._math.normalized_rows / normalized_rows_backward (the Triton ops' in-op normalisation: rows divided
-// by their largest |entry| before the norm), so every GPU backend normalises with the same arithmetic.
+// by a power of two at least their largest |entry| before the norm), so every GPU backend normalises with the same arithmetic.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <utility>
 
 namespace flashdml {
@@ -13,11 +14,12 @@ namespace cuda {
 
 constexpr double kNormEps = 1e-12;  // x / max(|x|, 1e-12) (SPEC section 0)
 
-// Per row the largest |entry| (1 for an all-zero row), [B, 1]: rows are divided by it before their norm is taken,
-// so the squares cannot overflow (a row of norm 2e19 would square to inf in fp32).
+// Per row the power of two just above its largest |entry| (1 for an all-zero row), [B, 1]: rows are divided by it
+// before their norm is taken, so the squares cannot overflow (a row of norm 2e19 would square to inf in fp32); a
+// power of two makes the division exact, so the result is bit for bit x / |x| wherever that does not overflow.
 inline at::Tensor row_scale(const at::Tensor& xf) {
-  const at::Tensor s = xf.abs().amax(1, /*keepdim=*/true);
-  return at::where(s > 0, s, at::ones_like(s));
+  const at::Tensor amax = xf.abs().amax(1, /*keepdim=*/true);
+  return at::ldexp(at::ones_like(amax), std::get<1>(at::frexp(amax)));
 }
 
 // |x| per row, [B, 1], finite whenever the norm itself is.

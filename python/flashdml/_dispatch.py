@@ -102,9 +102,11 @@ def _can_run(name: str, op: str, device: torch.device) -> Tuple[bool, str]:
     family = registry.family_of(op)
     if name not in family.backends:
         return False, f"backend {name!r} has no kernel for {op}"
-    if registry.BACKENDS[name].namespace == registry.CPP_NAMESPACE and registry.missing_cpp_ops(family):
-        return False, (f"flashdml._C lacks {', '.join(registry.missing_cpp_ops(family))} (built from an older "
-                       "tree): rebuild it with `pip install -e . --no-build-isolation`")
+    missing = registry.missing_cpp_ops(family, helpers_only=registry.BACKENDS[name].namespace != registry.CPP_NAMESPACE)
+    if missing:
+        why = _ext.C_ERROR if not _ext.C_LOADED else "built from an older tree"
+        return False, (f"{op} needs flashdml._C's {', '.join(missing)} ({why}); rebuild it with "
+                       "`pip install -e . --no-build-isolation`")
     devices = registry.BACKENDS[name].device_types
     if name == "triton" and triton_interpreter_enabled():
         devices = devices + ("cpu",)

@@ -35,6 +35,7 @@ FAMILY = registry.register(registry.Family(
     reference={OP: _reference.contextual_loss},
     compiled={"contextual_fwd": registry.LossAutograd("contextual_bwd", grad_inputs=("x",),
                                                       saved_outputs=(2, 3, 4, 5))},
+    cpp_helpers=("contextual_stage_loss", "contextual_stage_grad", "contextual_stage_grad_parts"),
 ))
 
 

@@ -73,6 +73,8 @@ class Family:
     backends: Tuple[str, ...] = ("cpu", "cuda", "triton")
     dtypes: Tuple[torch.dtype, ...] = FUSED_DTYPES
     triton_module: Optional[str] = None  # module of flashdml.triton_kernels (default: the family's name)
+    cpp_helpers: Tuple[str, ...] = ()  # C++ ops every backend's implementation calls (flashdml._C needed even for
+    #                                    Triton), e.g. the contextual loss's sparse stage
 
     def compiled_names(self) -> Tuple[str, ...]:
         names = []
@@ -108,10 +110,13 @@ def family_of(op: str) -> Family:
         raise KeyError(f"flashdml: no op family serves {op!r}") from None
 
 
-def missing_cpp_ops(family: Family) -> Tuple[str, ...]:
-    """Compiled ops the loaded flashdml._C lacks (an extension built from an older tree)."""
+def missing_cpp_ops(family: Family, helpers_only: bool = False) -> Tuple[str, ...]:
+    """Compiled ops the loaded flashdml._C lacks (an extension built from an older tree, or none loaded)."""
+    names = family.cpp_helpers if helpers_only else family.compiled_names() + family.cpp_helpers
+    if not _ext.C_LOADED:
+        return names
     ns = getattr(torch.ops, CPP_NAMESPACE)
-    return tuple(n for n in family.compiled_names() if not hasattr(ns, n))
+    return tuple(n for n in names if not hasattr(ns, n))
 
 
 def compiled_ops(backend: str, family: Family):
