@@ -1,4 +1,4 @@
-"""Batch softmax / InfoNCE (SPEC 2.1), fp32, forward+backward.
+"""Batch softmax / InfoNCE (docs/spec.md §2.1), fp32, forward+backward.
 
 Providers: the reference (materialises B×M), the fused kernels (flashdml-cpu; flashdml-triton and
 flashdml-cuda on CUDA tensors), torch.compile(reference), and `chunked-pytorch`: the same recompute algorithm
@@ -67,7 +67,7 @@ class _ChunkedBatchSoftmax(torch.autograd.Function):
 
 def chunked_batch_softmax(x, y, labels=None, *, temperature: float = TEMPERATURE, normalize: bool = True,
                           block: int = BLOCK) -> torch.Tensor:
-    """Plain-PyTorch recompute implementation of SPEC 2.1 (symmetric=False), O(block·M) extra memory."""
+    """Plain-PyTorch recompute implementation of docs/spec.md §2.1 (symmetric=False), O(block·M) extra memory."""
     if x.shape[0] != y.shape[0]:
         raise ValueError("batch_softmax needs B == M")
     xn = F.normalize(x, dim=1, eps=1e-12) if normalize else x

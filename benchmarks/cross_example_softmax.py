@@ -1,10 +1,10 @@
-"""Cross-Example Softmax (SPEC 2.2), fp32, forward+backward, self mode with 4 samples per class.
+"""Cross-Example Softmax (docs/spec.md §2.2), fp32, forward+backward, self mode with 4 samples per class.
 
 Providers: the reference (materialises B×M), the fused kernels (flashdml-cpu; flashdml-triton and flashdml-cuda
 on CUDA tensors), torch.compile(reference), and `chunked-pytorch`: the fused kernels' streaming algorithm in
 plain PyTorch — row blocks of 1024 through torch.mm / exp / sum; the forward keeps one online max and sum for
 the batch-wide negative LSE Λ plus the positive logits (|P| values), the backward recomputes each block and
-applies SPEC 2.2's closed-form gradient. Nothing B×M is stored.
+applies docs/spec.md §2.2's closed-form gradient. Nothing B×M is stored.
 
 FLOPs per call = 8·B·M·d: S forward, S recomputed backward, dx = G ŷ and dy = Gᵀ x̂ (2·B·M·d each).
 
@@ -117,7 +117,7 @@ class _ChunkedXE(torch.autograd.Function):
 
 def chunked_cross_example_softmax(x, y=None, labels=None, ref_labels=None, *, temperature: float = TEMPERATURE,
                                   normalize: bool = True, block: int = BLOCK) -> torch.Tensor:
-    """Plain-PyTorch streaming XE (SPEC 2.2 without top_k), O(block·M) extra memory."""
+    """Plain-PyTorch streaming XE (docs/spec.md §2.2 without top_k), O(block·M) extra memory."""
     xn, yn, lab, ref, self_mode = prepare(x, y, labels, ref_labels, normalize)
     return _ChunkedXE.apply(xn, yn, lab, ref, 1.0 / float(temperature), self_mode, int(block))
 

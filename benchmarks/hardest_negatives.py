@@ -1,4 +1,4 @@
-"""Hardest negatives (SPEC 1.3, Cross-Example Negative Mining's selection), forward only, fp32, self mode with
+"""Hardest negatives (docs/spec.md §1.3, Cross-Example Negative Mining's selection), forward only, fp32, self mode with
 4 samples per class.
 
 Providers: the reference (materialises S and sorts every negative), the fused kernels (flashdml-cpu;
@@ -30,7 +30,7 @@ def make_inputs(shape: dict, device: str):
 
 def chunked_hardest_negatives(x, labels, k: int, block: int = BLOCK):
     """Plain-PyTorch streaming selection (self mode): per row block the top k negatives, merged with the running
-    top k. Values only ordered by torch.topk (its tie order is not SPEC's)."""
+    top k. Values only ordered by torch.topk (its tie order is not docs/spec.md's)."""
     xn = F.normalize(x, dim=1)
     B = xn.shape[0]
     best_v = xn.new_empty(0)

@@ -2,7 +2,7 @@
 
 An op module (``benchmarks/<op>.py``) exports ``OP = Op(...)``: its shapes per mode, its providers and its
 FLOP count. Every (op, shape, provider) cell runs in a **fresh subprocess** (``python -m benchmarks --_worker
-SPEC``), which builds the inputs, warms up, measures peak memory above the post-warm-up baseline (CPU: the
+JSON``), which builds the inputs, warms up, measures peak memory above the post-warm-up baseline (CPU: the
 VmHWM high-water mark after resetting it through /proc/self/clear_refs; GPU: torch.cuda.max_memory_allocated),
 then times the call adaptively (perf_counter on CPU, CUDA events on GPU). The parent enforces a time limit
 and a memory cap (it polls the child's RSS and kills it above the cap), skips providers whose predicted

@@ -1,4 +1,4 @@
-"""Gallery-scale evaluation (SPEC 3): recall@{1,10,100}, MAP@R, OPIS (+ε-OPIS) and PR-AUC, self mode, fp32.
+"""Gallery-scale evaluation (docs/spec.md §3): recall@{1,10,100}, MAP@R, OPIS (+ε-OPIS) and PR-AUC, self mode, fp32.
 
 Providers:
 * `flashdml-cpu`: `fd.metrics.evaluate` — one streaming pass (C++ tiles, top-k lists + histograms).

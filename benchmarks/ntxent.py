@@ -1,4 +1,4 @@
-"""NT-Xent with labels (SPEC 2.1b), fp32, forward+backward, self mode with 4 samples per class.
+"""NT-Xent with labels (docs/spec.md §2.1b), fp32, forward+backward, self mode with 4 samples per class.
 
 Providers: the reference (materialises B×M), the fused kernels (flashdml-cpu; flashdml-triton and flashdml-cuda
 on CUDA tensors), torch.compile(reference), `chunked-pytorch` (the streaming algorithm in plain PyTorch: row
@@ -77,7 +77,7 @@ class _ChunkedNTXent(torch.autograd.Function):
 
 def chunked_ntxent(x, labels, y=None, ref_labels=None, *, temperature: float = TEMPERATURE,
                    normalize: bool = True, block: int = BLOCK) -> torch.Tensor:
-    """Plain-PyTorch streaming NT-Xent (SPEC 2.1b), O(block·M) extra memory. Same signature as the reference."""
+    """Plain-PyTorch streaming NT-Xent (docs/spec.md §2.1b), O(block·M) extra memory. Same signature as the reference."""
     xn, yn, lab, ref, self_mode = prepare(x, y, labels, ref_labels, normalize)
     return _ChunkedNTXent.apply(xn, yn, lab, ref, 1.0 / float(temperature), self_mode, int(block))
 

@@ -1,4 +1,4 @@
-"""Threshold-Consistent Margin (SPEC 2.3), fp32, forward+backward, self mode with 4 samples per class.
+"""Threshold-Consistent Margin (docs/spec.md §2.3), fp32, forward+backward, self mode with 4 samples per class.
 
 Providers: the reference (materialises B×M), the fused kernels (flashdml-cpu; flashdml-triton and flashdml-cuda
 on CUDA tensors), torch.compile(reference), `chunked-pytorch` (row blocks of 1024: the forward keeps only the
@@ -75,7 +75,7 @@ class _ChunkedTCM(torch.autograd.Function):
 def chunked_threshold_consistent_margin(x, labels, y=None, ref_labels=None, *, pos_margin: float = POS_MARGIN,
                                         neg_margin: float = NEG_MARGIN, pos_weight: float = 1.0,
                                         neg_weight: float = 1.0, block: int = BLOCK) -> torch.Tensor:
-    """Plain-PyTorch streaming TCM (SPEC 2.3; cosine always), O(block·M) extra memory."""
+    """Plain-PyTorch streaming TCM (docs/spec.md §2.3; cosine always), O(block·M) extra memory."""
     xn, yn, lab, ref, self_mode = prepare(x, y, labels, ref_labels, normalize=True)
     return _ChunkedTCM.apply(xn, yn, lab, ref, (float(pos_margin), float(neg_margin)),
                              (float(pos_weight), float(neg_weight)), self_mode, int(block))

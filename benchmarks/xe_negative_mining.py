@@ -1,4 +1,4 @@
-"""Cross-Example Negative Mining (SPEC 2.2 with top_k = B), fp32, forward+backward, self mode with 4 samples
+"""Cross-Example Negative Mining (docs/spec.md §2.2 with top_k = B), fp32, forward+backward, self mode with 4 samples
 per class.
 
 Providers: the reference (materialises S, selects with a global sort), the fused kernels (flashdml-cpu: one

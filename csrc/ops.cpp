@@ -3,7 +3,7 @@
 // fake (meta) kernels and autograd are registered from Python (flashdml/ops/*.py) with torch.library.register_fake /
 // register_autograd.
 //
-// Conventions shared by all ops (see SPEC.md section 0):
+// Conventions shared by all ops (see docs/spec.md §0):
 // * x, y: fp32, fp16 or bf16 rows; all accumulation is fp32. Losses and statistics are fp32; gradients come
 //   back in the input dtype. With normalize=true the kernel L2-normalises the rows itself (x / max(|x|, 1e-12))
 //   and returns gradients with respect to the raw rows: the CPU kernels per row inside their passes (no normalised
@@ -42,7 +42,7 @@ TORCH_LIBRARY(flashdml, m) {
   // Test support: how the CPU hardest_negatives_fwd selects (0 automatic, 1 one pass, 2 radix select).
   m.def("_set_selection_strategy(int strategy) -> ()", &set_selection_strategy);
 
-  // SPEC 2.1. Row i's positive is column i; columns j != i with labels[j] == labels[i] are dropped.
+  // docs/spec.md §2.1. Row i's positive is column i; columns j != i with labels[j] == labels[i] are dropped.
   // Returns the loss, the per-row LSE of z = S / temperature over row i's allowed set, and (symmetric) the
   // per-column LSE; col_lse is empty when symmetric is false.
   m.def(
@@ -53,8 +53,8 @@ TORCH_LIBRARY(flashdml, m) {
       "batch_softmax_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor? labels, Tensor temperature, "
       "bool symmetric, bool normalize, Tensor row_lse, Tensor col_lse) -> (Tensor dx, Tensor dy, Tensor dtemperature)");
 
-  // Cross-example softmax (SPEC 2.2, global_partition = true: one LSE over all negative pairs of the batch) and
-  // NT-Xent (SPEC 2.1b, global_partition = false: one LSE per row over that row's negatives). labels and
+  // Cross-example softmax (docs/spec.md §2.2, global_partition = true: one LSE over all negative pairs of the batch) and
+  // NT-Xent (docs/spec.md §2.1b, global_partition = false: one LSE per row over that row's negatives). labels and
   // ref_labels are int64 (arange in pair mode); self_mode drops the pairs (i, i) (y is then x itself: autograd
   // adds the dx and dy slots). Returns the loss, the negative LSE(s) `lse` ([1] or [B], -inf when empty) and
   // `coef` ([1] or [B]): c = sum over the positives of sigmoid(lse - z_p) / |P|, which the backward needs.
@@ -66,7 +66,7 @@ TORCH_LIBRARY(flashdml, m) {
       "bool global_partition, bool self_mode, bool normalize, Tensor lse, Tensor coef) -> "
       "(Tensor dx, Tensor dy, Tensor dtemperature)");
 
-  // ---- hinge-pair losses (TCM SPEC 2.3, margin contrastive SPEC 2.4): schemas below this line ----
+  // ---- hinge-pair losses (TCM docs/spec.md §2.3, margin contrastive docs/spec.md §2.4): schemas below this line ----
   // One streaming pass shared by both losses: over the positive pairs (labels[i] == ref_labels[j]; with
   // drop_diagonal the pairs (i, i) are neither positive nor negative) and the negative pairs, the sums of the hinges
   // m+ - s and s - m- of the "hard" pairs and their exact counts. Hard: s <= m+ / s >= m- (strict = false, TCM) or
@@ -86,7 +86,7 @@ TORCH_LIBRARY(flashdml, m) {
       "float neg_margin, float pos_weight, float neg_weight, bool drop_diagonal, bool strict, bool normalize, "
       "Tensor counts) -> (Tensor dx, Tensor dy)");
 
-  // ---- selection (SPEC 1.2, 1.3) ----
+  // ---- selection (docs/spec.md §1.2, 1.3) ----
   // Per row, the k largest S entries: values fp32 [B, k] sorted descending, indices int64 [B, k], ties -> lower
   // column index. exclude_diagonal: column i is not a candidate for row i (self mode passes x as y).
   // Memory O((B + M) d + B k). Not differentiable itself: flashdml/ops/selection.py registers the autograd
@@ -98,11 +98,11 @@ TORCH_LIBRARY(flashdml, m) {
   m.def(
       "hardest_negatives_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, int k, bool self_mode, "
       "bool normalize) -> (Tensor values, Tensor rows, Tensor cols)");
-  // ---- contextual loss (SPEC 2.5): schemas below this line ----
+  // ---- contextual loss (docs/spec.md §2.5): schemas below this line ----
   // Self mode only (x is the batch, labels int64 [B], 2 <= k <= B, eps >= 0). Computes
   // loss = context_weight * L_ctx + reg_weight * L_reg + contrastive_weight * L_con in one streaming pass over
   // S = F F^T tiles (per-row top-k of -D, neighbour candidates, the margin-contrastive hinge sums and counts of
-  // SPEC 2.4) plus an O(B k^2) sparse stage. terms (fp32 [3]) = [L_ctx, L_reg, L_con] unweighted. The
+  // docs/spec.md §2.4) plus an O(B k^2) sparse stage. terms (fp32 [3]) = [L_ctx, L_reg, L_con] unweighted. The
   // neighbourhoods N(i) = {j : fl(-D_ij + eps) >= t_i} come back as CSR: nbr_ptr (int64 [B + 1]), nbr (int32 [nnz],
   // ascending columns per row) and nbr_flags (uint8 [nnz]: bit 0 = j in P(i), bit 1 = C_ij = 0, i.e. S_ij >= 1);
   // con_counts (int64 [2]) = the numbers of hard positive / negative pairs. A collapsed batch (|N(i)| = B) raises
@@ -111,7 +111,7 @@ TORCH_LIBRARY(flashdml, m) {
       "contextual_fwd(Tensor x, Tensor labels, int k, float eps, float context_weight, float contrastive_weight, "
       "float reg_weight, float reg_target, float pos_margin, float neg_margin, float ste_slope, bool normalize) -> "
       "(Tensor loss, Tensor terms, Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags, Tensor con_counts)");
-  // SPEC 2.5's closed-form straight-through gradient (sparse + row-constant + label-block parts, from the
+  // docs/spec.md §2.5's closed-form straight-through gradient (sparse + row-constant + label-block parts, from the
   // neighbour lists) plus the L_reg and L_con gradients, applied in one recompute pass over the forward's S tiles
   // (so C and the hard pairs are the forward's): dx (input dtype).
   m.def(
@@ -125,7 +125,7 @@ TORCH_LIBRARY(flashdml, m) {
   // L_ctx (float64 0-dim).
   m.def("contextual_stage_loss(Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags, Tensor labels) -> Tensor");
   // The L_ctx part of dL/dF for the rows F [B, d] without the factor 2*ste_slope*grad: (G + G^T) F with
-  // G = C o (SP + u 1^T + LB) (o: elementwise; SPEC 2.5's closed form), float64 [B, d].
+  // G = C o (SP + u 1^T + LB) (o: elementwise; docs/spec.md §2.5's closed form), float64 [B, d].
   m.def(
       "contextual_stage_grad(Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags, Tensor labels, Tensor rows) -> Tensor");
   // The same gradient in parts, for a kernel that recomputes the S tiles (and so C) itself:
@@ -137,7 +137,7 @@ TORCH_LIBRARY(flashdml, m) {
   m.def(
       "contextual_stage_grad_parts(Tensor nbr_ptr, Tensor nbr, Tensor nbr_flags, Tensor labels, Tensor rows) -> "
       "(Tensor sparse_grad, Tensor row_const, Tensor nbr_count, Tensor slot_label, Tensor slot_coef)");
-  // ---- metrics (SPEC 3): schemas below this line ----
+  // ---- metrics (docs/spec.md §3): schemas below this line ----
   // One streaming pass over S = x y^T (x, y: rows used as given, normalise them first) for the query rows
   // `rows` (int64 indices into x, processed in that order). Returns
   //  * offsets [R + 1], indices [sum keep] int64, values [sum keep] fp32: row r's keep[r] best references,

@@ -1,4 +1,4 @@
-"""Fused batch softmax (SPEC 2.1) on every backend against the reference, plus validation and registration."""
+"""Fused batch softmax (docs/spec.md §2.1) on every backend against the reference, plus validation and registration."""
 import pytest
 import torch
 

@@ -2,9 +2,9 @@
 flashdml::contextual_stage_loss / _grad / _grad_parts, which the CUDA op calls directly and the Triton backend through
 torch.ops), run on CPU tensors here (on a GPU the same tests run on CUDA tensors too).
 
-From neighbour lists built by the float64 reference (SPEC step 3 on exact S): L_ctx against the reference's loss, the
+From neighbour lists built by the float64 reference (docs/spec.md §2.5 step 3 on exact S): L_ctx against the reference's loss, the
 gradient (contextual_stage_grad) and the parts a tile kernel consumes (contextual_stage_grad_parts, recombined densely
-as the Triton gradient kernel combines them) against SPEC's closed form (dL_ctx/dF = (Gc + Gcᵀ) F). From the CPU op's
+as the Triton gradient kernel combines them) against docs/spec.md's closed form (dL_ctx/dF = (Gc + Gcᵀ) F). From the CPU op's
 own lists: L_ctx and the gradient against the CPU op (its separate loop implementation), across its one-tile
 (B <= 256) and streaming paths. Exact duplicates (clamped entries off the diagonal), arbitrary label values (one of
 them the unused-slot label −2), the collapsed-batch and empty-R(i) errors, and the input checks."""

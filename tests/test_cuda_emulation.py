@@ -29,7 +29,7 @@ def _cuda_include():
 
 
 # One driver per CUDA op family: tests/cuda_emulation/<name>_driver.cpp mirrors csrc/cuda/<name>.cu's host pipeline.
-#  batch_softmax: SPEC 2.1 (row / column LSE, symmetric), B == M.
+#  batch_softmax: docs/spec.md §2.1 (row / column LSE, symmetric), B == M.
 #  xent: cross-example softmax (global partition) and NT-Xent (per-row partition), self / cross / pair mode,
 #        B != M, one class (no negatives), all labels distinct (no positives), ragged d (host zero-padding).
 #  hinge_pair: TCM (inclusive, diagonal dropped) and margin contrastive (strict, diagonal kept), embeddings on a
@@ -37,7 +37,7 @@ def _cuda_include():
 #  selection: kNN (rounds of 32, exclude_diagonal) and hardest negatives (radix select), embeddings on a 1/8 grid
 #        with repeated rows: exact ties everywhere, indices compared bit for bit; k = 1 .. all candidates.
 #  contextual: the neighbour-list pass (fixed capacity, gathered overflow rerun) on a 1/8 grid with repeated rows:
-#        N(i), the P / clamp flags and the column order equal SPEC step 3's fp32 tests bit for bit.
+#        N(i), the P / clamp flags and the column order equal docs/spec.md §2.5 step 3's fp32 tests bit for bit.
 #  metrics: the metrics pass (per-row top-k in rounds of 32, fine pair and per-class OPIS histograms), self / cross
 #        mode, row subsets, classes with one sample, keep 0 .. all candidates, embeddings on a scaled 1/8 grid (exact
 #        S, values on bin edges): lists and integer histograms compared exactly.

@@ -1,4 +1,4 @@
-"""Fused hinge-pair losses on the CPU — Threshold-Consistent Margin (SPEC 2.3) and margin contrastive (SPEC 2.4) —
+"""Fused hinge-pair losses on the CPU — Threshold-Consistent Margin (docs/spec.md §2.3) and margin contrastive (docs/spec.md §2.4) —
 against the reference (values and gradients, poisoned outputs), pytorch-metric-learning, exact ties at the
 margins, empty sets, registration (opcheck, torch.compile) and memory."""
 import os

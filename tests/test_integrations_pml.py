@@ -216,7 +216,7 @@ def test_fallback_runs_pml(cls, kwargs, variant, forbid_flashdml):
 
 
 def test_contrastive_diagonal_is_where_spec_differs_from_pml():
-    """SPEC 2.4 keeps (i, i) as a positive: equal to pml while [m+ - s_ii]_+ = 0 (m+ < 1, no zero row), not after."""
+    """docs/spec.md §2.4 keeps (i, i) as a positive: equal to pml while [m+ - s_ii]_+ = 0 (m+ < 1, no zero row), not after."""
     x, labels = clustered(24, 8, 5, seed=11)
     for m_pos, zero_row, same in [(0.75, False, True), (1.2, False, False), (0.75, True, False)]:
         xx = x.clone()
@@ -225,7 +225,7 @@ def test_contrastive_diagonal_is_where_spec_differs_from_pml():
         want = pml_losses.ContrastiveLoss(pos_margin=m_pos, neg_margin=0.6, distance=distances.CosineSimilarity())
         ref = fd.reference.contrastive_margin(xx, labels, pos_margin=m_pos, neg_margin=0.6)
         assert (abs(float(ref) - float(want(xx, labels))) < 1e-6) == same, (m_pos, zero_row)
-        # the drop-in always equals pml (it falls back where SPEC 2.4 would differ)
+        # the drop-in always equals pml (it falls back where docs/spec.md §2.4 would differ)
         got = fdp.ContrastiveLoss(pos_margin=m_pos, neg_margin=0.6, distance=distances.CosineSimilarity())(xx, labels)
         assert abs(float(got) - float(want(xx, labels))) < 1e-6
 

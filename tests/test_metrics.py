@@ -1,4 +1,4 @@
-"""Streaming metrics (SPEC 3) on the C++ CPU backend vs the reference and pytorch-metric-learning.
+"""Streaming metrics (docs/spec.md §3) on the C++ CPU backend vs the reference and pytorch-metric-learning.
 
 recall@k and MAP@R must be identical to the reference; PR-AUC, OPIS and ε-OPIS must lie within the bounds the
 module docstring of flashdml.metrics states.

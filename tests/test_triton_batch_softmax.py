@@ -1,4 +1,4 @@
-"""Numerics of the Triton batch-softmax kernels (SPEC 2.1) against a dense float64 computation of the op contract.
+"""Numerics of the Triton batch-softmax kernels (docs/spec.md §2.1) against a dense float64 computation of the op contract.
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 must be set before
 any kernel is defined: tests/conftest.py does it; set it in the shell when running this file alone). Shapes are

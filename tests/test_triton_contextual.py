@@ -1,6 +1,6 @@
-"""Triton contextual loss (SPEC 2.5) against the reference, under the interpreter on CPU tensors (on a GPU the same
+"""Triton contextual loss (docs/spec.md §2.5) against the reference, under the interpreter on CPU tensors (on a GPU the same
 tests run on CUDA tensors): loss (1e-6 relative) and straight-through gradient (1e-5 relative to the largest entry)
-vs float64 autograd through the reference, on poisoned outputs; the neighbour lists against SPEC step 3's fp32
+vs float64 autograd through the reference, on poisoned outputs; the neighbour lists against docs/spec.md §2.5 step 3's fp32
 arithmetic (exact duplicates, ties at the threshold, the inclusive ε band); k = 2, 4, 8 (and k > 64: thresholds
 from the kNN op), ε = 0 and 0.05, ragged B and d; rows whose ε band overflows the list capacity (the exact rerun);
 column splits; the collapsed-batch error; normalize=True on raw rows against the pre-normalised rows; the ops'

@@ -1,4 +1,4 @@
-"""Numerics of the Triton hinge-pair kernels (Threshold-Consistent Margin SPEC 2.3, margin contrastive SPEC 2.4)
+"""Numerics of the Triton hinge-pair kernels (Threshold-Consistent Margin docs/spec.md §2.3, margin contrastive docs/spec.md §2.4)
 against a dense float64 computation of the raw-op contract (L2-normalised inputs, labels as int64 tensors).
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 must be set before any

@@ -1,4 +1,4 @@
-"""Numerics of the Triton selection kernels — kNN (SPEC 1.2) and batch-wide hardest negatives (1.3) — against
+"""Numerics of the Triton selection kernels — kNN (docs/spec.md §1.2) and batch-wide hardest negatives (1.3) — against
 ``flashdml.reference.knn`` / ``flashdml.reference.hardest_negatives`` in float64 (``normalize=False``: the raw ops
 take rows as given).
 

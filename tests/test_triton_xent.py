@@ -1,4 +1,4 @@
-"""Numerics of the Triton cross-example softmax / NT-Xent kernels (SPEC 2.2 without top_k, 2.1b) against a dense
+"""Numerics of the Triton cross-example softmax / NT-Xent kernels (docs/spec.md §2.2 without top_k, 2.1b) against a dense
 float64 computation of the raw-op contract (L2-normalised inputs, labels as int64 tensors).
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 must be set before any

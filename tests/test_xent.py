@@ -1,4 +1,4 @@
-"""Fused cross-example softmax (SPEC 2.2) and NT-Xent (SPEC 2.1b) against the reference and pml."""
+"""Fused cross-example softmax (docs/spec.md §2.2) and NT-Xent (docs/spec.md §2.1b) against the reference and pml."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Cross-Example Negative Mining (SPEC 2.2 with top_k) fused on the CPU against the reference: loss and gradients
+"""Cross-Example Negative Mining (docs/spec.md §2.2 with top_k) fused on the CPU against the reference: loss and gradients
 (x, y, a learnable temperature) in every mode, exact ties, top_k >= |N| equal to plain XE, the module option."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Triton kernels for the batch softmax / InfoNCE loss (SPEC 2.1).
+"""Triton kernels for the batch softmax / InfoNCE loss (docs/spec.md §2.1).
 
 Raw ops, the schema of the C++ ``flashdml::batch_softmax_fwd / _bwd`` (``flashdml._schemas.SCHEMAS``; inputs
 contiguous, same dtype, B == M):

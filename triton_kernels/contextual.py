@@ -1,4 +1,4 @@
-"""Triton kernels for the contextual loss (SPEC 2.5); the sparse stage runs as the C++ ATen ops
+"""Triton kernels for the contextual loss (docs/spec.md §2.5); the sparse stage runs as the C++ ATen ops
 ``torch.ops.flashdml.contextual_stage_loss / contextual_stage_grad_parts`` (csrc/aten/contextual_stage.cpp, the same
 stage the CUDA C++ op calls; they need flashdml._C) on the device tensors of the neighbour lists.
 
@@ -28,7 +28,7 @@ Forward, nothing B×B stored:
     band is larger than the capacity are rerun, gathered, with a capacity of their largest count: exact always.
  3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx: ``contextual_stage_loss``) on the device in O(B·k²),
     L_reg in O(B·d).
-Backward (SPEC's closed form, the CPU split of dL_ctx/dS into sparse + row-constant + label-block parts, from
+Backward (docs/spec.md's closed form, the CPU split of dL_ctx/dS into sparse + row-constant + label-block parts, from
 ``contextual_stage_grad_parts``): that op applies the sparse part (O(k²) entries per row, masked by the forward's
 clamp flags) with O(nnz·d) gathers; the row-constant part u_i, the label block LB_ij = ρ'_i(κ_j)(c_i − a_j), the
 L_reg constant and the hinge gradients are formed tile by tile in one recompute pass (``_ctx_grad_kernel``, dx and
@@ -138,7 +138,7 @@ def _ctx_list_kernel(
 ):
     """For the rows rows[r] (r < n_rows): cnt[r] = |N(i)| and the first min(cnt, cap) columns of N(i), ascending,
     in col[r, :], with flags FLAG_IN_P: u >= h_i (in P(i)), FLAG_CLAMPED: −D == 0; u = fl(−D + ε), N: u >= t_i
-    (thr[i] = (t_i, h_i)), SPEC step 3's inclusive fp32 tests."""
+    (thr[i] = (t_i, h_i)), docs/spec.md §2.5 step 3's inclusive fp32 tests."""
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = r < n_rows
     rows = tl.load(rows_ptr + r, mask=r_ok, other=0)

@@ -1,4 +1,4 @@
-"""Triton kernels for the hinge-pair losses: Threshold-Consistent Margin (SPEC 2.3) and margin contrastive (SPEC 2.4).
+"""Triton kernels for the hinge-pair losses: Threshold-Consistent Margin (docs/spec.md §2.3) and margin contrastive (docs/spec.md §2.4).
 
 Raw ops, the schema of the C++ ``flashdml::hinge_pair_fwd / _bwd`` (``flashdml._schemas.SCHEMAS``; inputs
 contiguous, same dtype; x [B, d], y [M, d]; labels / ref_labels int64, ``arange`` in pair mode):

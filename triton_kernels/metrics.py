@@ -1,4 +1,4 @@
-"""Triton kernel of the metrics pass (SPEC section 3): the GPU twin of the C++ ``flashdml::metrics_pass``.
+"""Triton kernel of the metrics pass (docs/spec.md §3): the GPU twin of the C++ ``flashdml::metrics_pass``.
 
 Raw op (same schema, ``flashdml._schemas.SCHEMAS["metrics_pass"]``, outputs and conventions as the CPU op,
 csrc/cpu/metrics.cpp and csrc/ops.cpp)::

@@ -1,4 +1,4 @@
-"""Triton kernels for fused similarity + top-k selection: kNN (SPEC 1.2) and batch-wide hardest negatives (1.3).
+"""Triton kernels for fused similarity + top-k selection: kNN (docs/spec.md §1.2) and batch-wide hardest negatives (1.3).
 
 Raw ops, the schemas of the C++ ``flashdml::knn_fwd / hardest_negatives_fwd`` (``flashdml._schemas.SCHEMAS``;
 inputs contiguous, same dtype fp32 / fp16 / bf16; x [B, d], y [M, d]):

@@ -1,4 +1,4 @@
-"""Triton kernels for Cross-Example Softmax (SPEC 2.2, ``global_partition=True``) and NT-Xent (SPEC 2.1b, False).
+"""Triton kernels for Cross-Example Softmax (docs/spec.md §2.2, ``global_partition=True``) and NT-Xent (docs/spec.md §2.1b, False).
 
 Raw ops, the schema of the C++ ``flashdml::xent_fwd / _bwd`` (``flashdml._schemas.SCHEMAS``; inputs contiguous,
 same dtype; x [B, d], y [M, d]; labels / ref_labels int64):

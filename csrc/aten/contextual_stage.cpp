@@ -112,7 +112,7 @@ void check_rows(const char* op, const Tensor& rows, const Tensor& labels) {
   TORCH_CHECK(rows.device() == labels.device(), op, ": rows must be on the device of the lists");
 }
 
-// Steps 4-7 of SPEC 2.5; ValueError for a collapsed batch or an empty R(i).
+// Steps 4-7 of docs/spec.md §2.5; ValueError for a collapsed batch or an empty R(i).
 Context build_context(const Tensor& ptr_in, const Tensor& col_in, const Tensor& flag_in, int64_t B) {
   Context cx;
   cx.B = B;

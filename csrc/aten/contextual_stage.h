@@ -1,4 +1,4 @@
-// The sparse stage of the contextual loss (SPEC 2.5 steps 4-8 and the closed-form backward) for device tensors: ATen
+// The sparse stage of the contextual loss (docs/spec.md §2.5 steps 4-8 and the closed-form backward) for device tensors: ATen
 // ops on the neighbour lists, O(B·k²), nothing B x B. Compiled into every build (it has no CUDA code) and
 // registered as the ops flashdml::contextual_stage_loss / _grad / _grad_parts (schemas and outputs: csrc/ops.cpp),
 // so it runs on CPU and CUDA tensors. The CUDA op (csrc/cuda/contextual.cu) calls these functions directly, the
@@ -22,7 +22,7 @@ namespace ctx_stage {
 at::Tensor loss(const at::Tensor& nbr_ptr, const at::Tensor& nbr, const at::Tensor& nbr_flags,
                 const at::Tensor& labels);
 
-// The L_ctx part of dL/dF for the rows F [B, d] (SPEC's closed form without the 2·ste_slope·grad factor):
+// The L_ctx part of dL/dF for the rows F [B, d] (docs/spec.md's closed form without the 2·ste_slope·grad factor):
 // (G + Gᵀ) F with G = C ⊙ (SP + u 1ᵀ + LB); float64 [B, d]. The row-constant and label-block parts go through
 // per-class sums of F, the clamp mask C through corrections on the flagged entries.
 at::Tensor grad(const at::Tensor& nbr_ptr, const at::Tensor& nbr, const at::Tensor& nbr_flags,

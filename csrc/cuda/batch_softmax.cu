@@ -1,4 +1,4 @@
-// CUDA backend of batch softmax / InfoNCE (SPEC 2.1): flashdml::batch_softmax_fwd / batch_softmax_bwd.
+// CUDA backend of batch softmax / InfoNCE (docs/spec.md §2.1): flashdml::batch_softmax_fwd / batch_softmax_bwd.
 //
 // Nothing B x B is ever stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma tensor
 // cores for fp16 / bf16, exact-fp32 SIMT FFMA for fp32) and reduces them on the spot. Per-element formulas

@@ -1,4 +1,4 @@
-// Device kernels of the batch softmax CUDA backend (SPEC 2.1); host wrappers and registration live in
+// Device kernels of the batch softmax CUDA backend (docs/spec.md §2.1); host wrappers and registration live in
 // batch_softmax.cu, the only file that includes this one. Kept free of ATen so the kernels can also be
 // compiled on their own (e.g. by a host-side emulation harness); see batch_softmax.cu for the pipeline.
 #pragma once

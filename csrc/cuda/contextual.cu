@@ -1,4 +1,4 @@
-// CUDA backend of the contextual loss (SPEC 2.5): flashdml::contextual_fwd / contextual_bwd for CUDA tensors (schemas
+// CUDA backend of the contextual loss (docs/spec.md §2.5): flashdml::contextual_fwd / contextual_bwd for CUDA tensors (schemas
 // and output meaning: csrc/ops.cpp). normalize = true: the rows are normalised on entry and dx is mapped back to the
 // raw rows (normalize_rows.h); everything below works on the normalised rows F.
 //
@@ -11,7 +11,7 @@
 //     over the capacity are gathered and rerun with a capacity of their largest count (exact always).
 //  3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx) as ATen ops on the device, O(B·k²):
 //     ctx_stage::loss (csrc/aten/contextual_stage.h, the device-generic stage the Triton backend uses too).
-// Backward (SPEC's closed form as in the CPU op: dL_ctx/dS = 2·ste_slope·C ⊙ (SP + u 1ᵀ + LB)): ctx_stage::grad
+// Backward (docs/spec.md's closed form as in the CPU op: dL_ctx/dS = 2·ste_slope·C ⊙ (SP + u 1ᵀ + LB)): ctx_stage::grad
 // applies the sparse part from the lists and the row-constant and label-block parts through per-class sums, with the
 // mask C as corrections on the clamped entries the forward flagged, in float64 on the device; L_reg's constant is
 // rank one; L_con's gradient is hinge_pair_bwd_cuda (its recompute pass).

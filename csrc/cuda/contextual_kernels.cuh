@@ -1,4 +1,4 @@
-// Device kernel of the contextual-loss CUDA backend (SPEC 2.5): the neighbour-list pass. Host wrappers, the sparse
+// Device kernel of the contextual-loss CUDA backend (docs/spec.md §2.5): the neighbour-list pass. Host wrappers, the sparse
 // stage (ATen ops on the device) and registration live in contextual.cu. ATen-free, so the emulation harness
 // (tests/cuda_emulation/contextual_driver.cpp) compiles it. Per-element rules: flashdml/contextual.h; tiles:
 // tile_gemm.cuh, pair_tiles.cuh. The thresholds t_i / h_i come from the kNN kernels (selection_kernels.cuh), which

@@ -1,5 +1,5 @@
-// CUDA backend of the hinge-pair losses: Threshold-Consistent Margin (SPEC 2.3) and margin contrastive
-// (SPEC 2.4): flashdml::hinge_pair_fwd / hinge_pair_bwd (schemas and output meaning: csrc/ops.cpp).
+// CUDA backend of the hinge-pair losses: Threshold-Consistent Margin (docs/spec.md §2.3) and margin contrastive
+// (docs/spec.md §2.4): flashdml::hinge_pair_fwd / hinge_pair_bwd (schemas and output meaning: csrc/ops.cpp).
 //
 // Nothing B x M is stored: S = x y^T is recomputed in 64 x 64 tiles (tile_gemm.cuh, pair_tiles.cuh) and reduced
 // on the spot. Per-element rules: flashdml/hinge_pair.h. Deterministic: no atomics, fixed-order reductions,

@@ -1,5 +1,5 @@
-// Device kernels of the hinge-pair CUDA backend: Threshold-Consistent Margin (SPEC 2.3) and margin contrastive
-// (SPEC 2.4). Host wrappers and registration live in hinge_pair.cu (see there for the pipeline). ATen-free, so
+// Device kernels of the hinge-pair CUDA backend: Threshold-Consistent Margin (docs/spec.md §2.3) and margin contrastive
+// (docs/spec.md §2.4). Host wrappers and registration live in hinge_pair.cu (see there for the pipeline). ATen-free, so
 // the emulation harness compiles it. Per-element rules: flashdml/hinge_pair.h; tiles: tile_gemm.cuh,
 // pair_tiles.cuh.
 #pragma once

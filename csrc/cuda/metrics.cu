@@ -1,4 +1,4 @@
-// CUDA backend of the metrics pass (SPEC 3): flashdml::metrics_pass for CUDA tensors (schema and output contract:
+// CUDA backend of the metrics pass (docs/spec.md §3): flashdml::metrics_pass for CUDA tensors (schema and output contract:
 // csrc/ops.cpp; the same outputs as the CPU kernel, csrc/cpu/metrics.cpp, and the Triton one).
 //
 // One streaming pass over S = x[rows] y^T in 64 x 64 tiles (metrics_kernels.cuh), nothing R x M stored:

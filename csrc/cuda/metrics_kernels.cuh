@@ -1,4 +1,4 @@
-// Device kernels of the CUDA metrics pass (SPEC 3; host pipeline and registration: metrics.cu). ATen-free, so the
+// Device kernels of the CUDA metrics pass (docs/spec.md §3; host pipeline and registration: metrics.cu). ATen-free, so the
 // emulation harness (tests/cuda_emulation/metrics_driver.cpp) compiles it. Tiles: tile_gemm.cuh / pair_tiles.cuh
 // (every round computes the tile of query rows I and reference rows J with the same s_tile_rect call, so all rounds
 // see bitwise the same fp32 values); keys and list insertion: flashdml/topk_select.h (the kNN kernel's scheme,

@@ -12,7 +12,7 @@
 namespace flashdml {
 namespace cuda {
 
-constexpr double kNormEps = 1e-12;  // x / max(|x|, 1e-12) (SPEC section 0)
+constexpr double kNormEps = 1e-12;  // x / max(|x|, 1e-12) (docs/spec.md §0)
 
 // Per row the power of two just above its largest |entry| (1 for an all-zero row), [B, 1]: rows are divided by it
 // before their norm is taken, so the squares cannot overflow (a row of norm 2e19 would square to inf in fp32); a

@@ -1,4 +1,4 @@
-// CUDA backend of the selection primitives: kNN (SPEC 1.2) and batch-wide hardest negatives (SPEC 1.3):
+// CUDA backend of the selection primitives: kNN (docs/spec.md §1.2) and batch-wide hardest negatives (docs/spec.md §1.3):
 // flashdml::knn_fwd / hardest_negatives_fwd (schemas: csrc/ops.cpp). normalize = true: the rows are normalised on
 // entry (once in self mode; normalize_rows.h). knn_fwd_cuda has external linkage (ops_cuda.h): the contextual op
 // calls it directly.

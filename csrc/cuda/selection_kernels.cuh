@@ -1,4 +1,4 @@
-// Device kernels of the selection CUDA backend: kNN (SPEC 1.2) and batch-wide hardest negatives (SPEC 1.3). Host
+// Device kernels of the selection CUDA backend: kNN (docs/spec.md §1.2) and batch-wide hardest negatives (docs/spec.md §1.3). Host
 // wrappers and registration live in selection.cu (see there for the pipeline). ATen-free, so the emulation harness
 // compiles it. Keys, list insertion and the radix bin choice: flashdml/topk_select.h; tiles: tile_gemm.cuh,
 // pair_tiles.cuh (every pass computes the tile of x rows I and y rows J with the same s_tile_rect call, so all

@@ -1,4 +1,4 @@
-// CUDA backend of cross-example softmax (SPEC 2.2, global_partition = true) and NT-Xent (SPEC 2.1b,
+// CUDA backend of cross-example softmax (docs/spec.md §2.2, global_partition = true) and NT-Xent (docs/spec.md §2.1b,
 // global_partition = false): flashdml::xent_fwd / xent_bwd (schemas and output meaning: csrc/ops.cpp).
 //
 // Nothing B x M is stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma for fp16 /

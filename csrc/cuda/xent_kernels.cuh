@@ -1,4 +1,4 @@
-// Device kernels of the cross-example softmax (SPEC 2.2) / NT-Xent (SPEC 2.1b) CUDA backend; host wrappers and
+// Device kernels of the cross-example softmax (docs/spec.md §2.2) / NT-Xent (docs/spec.md §2.1b) CUDA backend; host wrappers and
 // registration live in xent.cu (see there for the pipeline). ATen-free, so the emulation harness compiles it.
 // Per-element formulas: flashdml/xent.h; online LSE: flashdml/online_lse.h; tiles: tile_gemm.cuh, pair_tiles.cuh.
 #pragma once

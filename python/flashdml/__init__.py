@@ -1,6 +1,6 @@
 """flashdml: fused kernels for deep metric learning.
 
-Functional API (SPEC.md section 4)::
+Functional API (docs/spec.md §4)::
 
     import flashdml as fd
     loss = fd.batch_softmax(x, y, temperature=0.05)

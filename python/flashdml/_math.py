@@ -25,7 +25,7 @@ def row_norms(x: Tensor) -> Tensor:
 
 
 def l2_normalize(x: Tensor) -> Tensor:
-    """``x / max(||x||, 1e-12)`` row-wise (SPEC section 0); differentiable. Computed as
+    """``x / max(||x||, 1e-12)`` row-wise (docs/spec.md §0); differentiable. Computed as
     ``(x/s) / max(‖x/s‖, 1e-12/s)`` with ``s`` the row's largest |entry|: the same function (its value and
     its gradient do not depend on ``s``), without overflow for huge rows."""
     s = _row_scale(x)

@@ -86,7 +86,7 @@ def prepare_batch(
     require_y: bool = False,
     self_mode_allowed: bool = True,
 ) -> Batch:
-    """Check ``x, y, labels, ref_labels`` (SPEC section 0) and fill in self mode and pair mode.
+    """Check ``x, y, labels, ref_labels`` (docs/spec.md §0) and fill in self mode and pair mode.
 
     * ``y=None`` is self mode (``y = x``, ``ref_labels = labels``); ``ref_labels`` without ``y`` is an error.
     * ``labels=None`` is pair mode (``arange``) when ``pair_mode_default``, an error when ``labels_required``.

@@ -1,4 +1,4 @@
-"""Command line: retrieval and threshold-consistency metrics of saved embeddings (SPEC section 3).
+"""Command line: retrieval and threshold-consistency metrics of saved embeddings (docs/spec.md §3).
 
     python -m flashdml.evaluate EMBEDDINGS LABELS [--gallery G --gallery-labels GL]
                                 [--metrics recall_at_k map_at_r pr_auc opis] [--ks 1 10 100] [--json OUT]

@@ -1,4 +1,4 @@
-"""Retrieval and threshold-consistency metrics at gallery scale (SPEC section 3), in one streaming pass.
+"""Retrieval and threshold-consistency metrics at gallery scale (docs/spec.md §3), in one streaming pass.
 
 Usage::
 

@@ -4,7 +4,7 @@
 // map `rows`) and rerun with a capacity of their largest count, then the lists merged in row order. The thresholds
 // t_i / h_i are the k-th / (k/2)-th largest −D of the reference's S (as the CUDA op takes them from the kNN kernel).
 // Embeddings are multiples of 1/8 (rows drawn from a small pool, so many rows repeat and −D ties everywhere), so
-// every similarity is exact in fp32 in any summation order and the fp32 tests of SPEC step 3 must give exactly the
+// every similarity is exact in fp32 in any summation order and the fp32 tests of docs/spec.md §2.5 step 3 must give exactly the
 // reference's N(i), P(i) flags and clamp flags, in ascending column order. Usage: contextual_driver [dtype 0|1|2].
 #include "emu.h"
 #include "driver_common.h"
@@ -84,7 +84,7 @@ void one_case(int64_t B, int64_t d, int64_t k, float eps, int64_t cap, unsigned 
   }
   int64_t dp;
   const std::vector<T> x = padded(xr.data(), B, d, TileCfg<T>::kVW, dp);
-  // reference: S in float64 (exact, and exact in fp32), −D and the thresholds, then SPEC step 3 in fp32
+  // reference: S in float64 (exact, and exact in fp32), −D and the thresholds, then docs/spec.md §2.5 step 3 in fp32
   std::vector<float> nd(B * B), thr(2 * B), row(B);
   for (int64_t i = 0; i < B; ++i) {
     for (int64_t j = 0; j < B; ++j) {

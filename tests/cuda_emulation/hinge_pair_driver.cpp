@@ -47,7 +47,7 @@ void one_case(int64_t B, int64_t M, int64_t d, Mode mode, Labels lk, bool strict
   for (int64_t i = 0; i < B; ++i) lab[i] = lk == kOneClass ? 5 : (lk == kDistinct || mode == kPair ? i : int64_t(rng() % ncls));
   for (int64_t j = 0; j < M; ++j) ref[j] = lk == kOneClass ? 5 : (lk == kDistinct || mode == kPair ? j : int64_t(rng() % (ncls + 1)));
   if (mode == kSelf) ref = lab;
-  // TCM drops the diagonal in self mode; the contrastive loss keeps it (SPEC 2.3 / 2.4)
+  // TCM drops the diagonal in self mode; the contrastive loss keeps it (docs/spec.md §2.3 / 2.4)
   const bool drop = mode == kSelf && !strict;
   const double wp = strict ? 1.0 : 0.75, wn = strict ? 1.0 : 1.25;
 

@@ -1,4 +1,4 @@
-"""The reference contextual loss (SPEC 2.5): hand-computed values, the STE gradient against the closed form."""
+"""The reference contextual loss (docs/spec.md §2.5): hand-computed values, the STE gradient against the closed form."""
 import inspect
 
 import numpy as np
@@ -82,7 +82,7 @@ def test_neighbourhood_ties_and_fp32_arithmetic():
     # rows 0-2: -D = [0, 0, 0, -2, -2, -4], t = 0 -> the 3 copies; rows 3, 4: t = -2 -> all but the opposite
     # point (5); row 5: -D = [-4, -4, -4, -2, -2, 0], t = -2 -> {3, 4, 5}
     assert f["a"].tolist() == [3, 3, 3, 5, 5, 3]
-    # The independent fp32 computation of SPEC step 3: u = fl(-D + eps), N = [u >= t], P = [u >= h]
+    # The independent fp32 computation of docs/spec.md §2.5 step 3: u = fl(-D + eps), N = [u >= t], P = [u >= h]
     g = torch.Generator().manual_seed(3)
     xr = torch.randn(12, 3, generator=g)
     xr[5] = xr[2]  # a duplicate

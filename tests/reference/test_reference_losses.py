@@ -1,4 +1,4 @@
-"""The reference losses of SPEC 2.1-2.4: hand-computed values, pytorch-metric-learning parity, gradients."""
+"""The reference losses of docs/spec.md §2.1-2.4: hand-computed values, pytorch-metric-learning parity, gradients."""
 import math
 
 import pytest
@@ -318,7 +318,7 @@ def test_contrastive_equals_pml_below_one_and_differs_by_the_diagonal_above(seed
         ours = contrastive_margin(x, labels, pos_margin=mp, neg_margin=mn)
         pml = ContrastiveLoss(pos_margin=mp, neg_margin=mn, distance=CosineSimilarity())(x, labels)
         assert abs(ours.item() - pml.item()) <= 1e-6
-    # pos_margin >= 1: SPEC keeps the diagonal as a positive pair (hinge 1.2 - s_ii ≈ .2, counted); pml drops it
+    # pos_margin >= 1: docs/spec.md keeps the diagonal as a positive pair (hinge 1.2 - s_ii ≈ .2, counted); pml drops it
     ours = contrastive_margin(x.double(), labels, pos_margin=1.2, neg_margin=0.6).item()
     pml = ContrastiveLoss(pos_margin=1.2, neg_margin=0.6, distance=CosineSimilarity())(x.double(), labels).item()
     S = similarity(x.double())

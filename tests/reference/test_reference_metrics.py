@@ -1,4 +1,4 @@
-"""Tests pinning down the reference metrics (SPEC section 3): hand cases, pytorch-metric-learning, scikit-learn."""
+"""Tests pinning down the reference metrics (docs/spec.md §3): hand cases, pytorch-metric-learning, scikit-learn."""
 import math
 import os
 import sys

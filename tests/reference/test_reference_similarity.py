@@ -1,4 +1,4 @@
-"""The reference similarity / selection primitives (SPEC 1.1-1.3) and the shared input validation."""
+"""The reference similarity / selection primitives (docs/spec.md §1.1-1.3) and the shared input validation."""
 import math
 
 import pytest

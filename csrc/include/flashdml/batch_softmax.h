@@ -1,4 +1,4 @@
-// Per-element logic of the batch softmax / InfoNCE loss (SPEC 2.1), shared by the CPU (.cpp) and CUDA (.cu)
+// Per-element logic of the batch softmax / InfoNCE loss (docs/spec.md §2.1), shared by the CPU (.cpp) and CUDA (.cu)
 // kernels so that the CPU build exercises exactly the formulas the GPU kernels use.
 //
 // Notation: z_ij = (x_i . y_j) / tau, B == M rows, a = 1/2 if symmetric else 1.

@@ -1,9 +1,9 @@
-// Per-element pieces of the contextual loss (SPEC 2.5), shared by the CPU kernels (csrc/cpu/contextual*.h), the CUDA
+// Per-element pieces of the contextual loss (docs/spec.md §2.5), shared by the CPU kernels (csrc/cpu/contextual*.h), the CUDA
 // list kernel (csrc/cuda/contextual_kernels.cuh) and the device-generic ATen sparse stage
 // (csrc/aten/contextual_stage.cpp, used by the CUDA and Triton backends): the neighbour-list flag bits, the fp32
 // neighbourhood test, the W formula and the sparse stage's error messages.
 //
-// Neighbourhood test, exactly SPEC's fp32 arithmetic (the same operations the fp32 reference runs):
+// Neighbourhood test, exactly docs/spec.md's fp32 arithmetic (the same operations the fp32 reference runs):
 //   Dr = fl(2 - 2 s)        (2 s is exact, so this is one rounding whether or not the compiler fuses it)
 //   C  = [Dr > 0]           (the clamp passes gradient; C = 0 <=> s >= 1: the diagonal and exact duplicates)
 //   -D = C ? -Dr : -0       (the value the per-row top-k ranks; t_i = k-th, h_i = (k/2)-th largest, query included)
@@ -43,7 +43,7 @@ FLASHDML_HD T ctx_h(const T& n, const T& a_i, const T& a_j, double B) {
 }
 
 // The sparse stage's errors (ValueError in Python), raised by the CPU and the ATen stage with these texts.
-// |N(i)| = B makes J 0/0 (SPEC 2.5 step 4).
+// |N(i)| = B makes J 0/0 (docs/spec.md §2.5 step 4).
 inline std::string ctx_collapsed_batch_message(int64_t i, int64_t B) {
   return "contextual_loss: collapsed batch — every sample is in the k-neighbourhood of row " + std::to_string(i) +
          " (|N(i)| = B = " + std::to_string(B) +

@@ -1,6 +1,6 @@
 // Per-element logic of the hinge-pair losses, shared by the CPU (.cpp) and CUDA (.cu) kernels:
-// Threshold-Consistent Margin (SPEC 2.3, inclusive tests, self mode drops the diagonal) and margin contrastive
-// (SPEC 2.4, strict tests, self mode keeps the diagonal as a positive pair). Both are one streaming pass that
+// Threshold-Consistent Margin (docs/spec.md §2.3, inclusive tests, self mode drops the diagonal) and margin contrastive
+// (docs/spec.md §2.4, strict tests, self mode keeps the diagonal as a positive pair). Both are one streaming pass that
 // reduces S to four numbers: the hinge sums and the exact int64 counts of the "hard" positive and negative pairs.
 //
 // Pair (i, j), s = S_ij in fp32, m+ / m- the margins rounded to fp32 (what an fp32 `S <= m` compares with):

@@ -1,4 +1,4 @@
-// Similarity histograms for the metrics (SPEC 3), shared by the CPU pass and the CUDA kernel (csrc/cuda/metrics_kernels.cuh).
+// Similarity histograms for the metrics (docs/spec.md §3), shared by the CPU pass and the CUDA kernel (csrc/cuda/metrics_kernels.cuh).
 //
 // The fine grid has kSimBins = 2^16 bins over [-1, 1]: bin b covers [e_b, e_{b+1}) with e_b = -1 + b * h,
 // h = 2 / kSimBins = 2^-15 (every edge is exact in fp32). Values below -1 go to bin 0, values >= 1 (a duplicate

@@ -1,4 +1,4 @@
-// Per-element logic of cross-example softmax (SPEC 2.2, one global negative partition) and NT-Xent (SPEC 2.1b,
+// Per-element logic of cross-example softmax (docs/spec.md §2.2, one global negative partition) and NT-Xent (docs/spec.md §2.1b,
 // one partition per row of x), shared by the CUDA kernels and their CPU emulation.
 //
 // Notation: z = S / tau; lse(p) = the negative LSE of positive p's partition (global, or p's row); |P| = number

@@ -5,7 +5,7 @@ and ``import flashdml`` never does. Swap the import and keep the rest of the tra
 
     # from pytorch_metric_learning.losses import NTXentLoss, ContrastiveLoss, ThresholdConsistentMarginLoss
     from flashdml.integrations.pml import NTXentLoss, ContrastiveLoss, ThresholdConsistentMarginLoss
-    from flashdml.integrations.pml import CrossExampleSoftmaxLoss   # new: Cross-Example Softmax (SPEC 2.2)
+    from flashdml.integrations.pml import CrossExampleSoftmaxLoss   # new: Cross-Example Softmax (docs/spec.md §2.2)
 
     loss_fn = NTXentLoss(temperature=0.07)            # same constructor arguments and defaults as pml
     loss = loss_fn(embeddings, labels)                # same value and gradients, O(B·d) memory
@@ -30,19 +30,19 @@ them) when the call is one flashdml covers exactly, and ``super().forward(...)``
 
 Semantics (checked against pml 2.9's source, and by tests/test_integrations_pml.py):
 
-* **NT-Xent** (SPEC 2.1b): pml's per-positive ``−log(e^{z_ap} / (e^{z_ap} + Σ_{n∈N(a)} e^{z_an}) + tiny)``
+* **NT-Xent** (docs/spec.md §2.1b): pml's per-positive ``−log(e^{z_ap} / (e^{z_ap} + Σ_{n∈N(a)} e^{z_an}) + tiny)``
   averaged over all positive pairs (``MeanReducer``, ``reduction_type="pos_pair"``) is
   ``mean_P softplus(LSE_{N(a)} z − z_ap)``. pml's ``+ finfo.tiny`` caps one term at ≈ 87.3 (fp32); flashdml
   does not (reachable only with tiny temperatures or ``DotProductSimilarity``).
 * **Contrastive** with ``distance=CosineSimilarity()`` (``is_inverted=True``): ``distance.margin(a, b) = b − a``,
-  so pml's hinges are ``relu(pos_margin − s)`` and ``relu(s − neg_margin)`` — exactly SPEC 2.4's ``m+ = pos_margin``,
+  so pml's hinges are ``relu(pos_margin − s)`` and ``relu(s − neg_margin)`` — exactly docs/spec.md §2.4's ``m+ = pos_margin``,
   ``m− = neg_margin``. ``AvgNonZeroReducer`` (``ThresholdReducer(low=0)``) reduces ``pos_loss`` and ``neg_loss``
   separately, each the mean over its hinges that are ``> 0`` (0 when none), and ``MultipleReducers`` sums the
-  two: SPEC 2.4's strict counts. One difference: pml drops the diagonal in self mode, SPEC 2.4 keeps it as a
+  two: docs/spec.md §2.4's strict counts. One difference: pml drops the diagonal in self mode, docs/spec.md §2.4 keeps it as a
   positive; its hinge ``[m+ − s_ii]_+`` is 0 when ``s_ii = 1 > m+``, which is why the fused path requires
   ``pos_margin < 1 − tol`` (``s_ii`` is 1 only up to rounding) and no row of norm ``< 1e-11`` (such a row has
   ``s_ii < 1``; a zero row has ``s_ii = 0``).
-* **TCM** (SPEC 2.3): ``lambda_plus, lambda_minus, margin_plus, margin_minus`` → ``pos_weight, neg_weight,
+* **TCM** (docs/spec.md §2.3): ``lambda_plus, lambda_minus, margin_plus, margin_minus`` → ``pos_weight, neg_weight,
   pos_margin, neg_margin``; inclusive hard-pair tests, each term 0 when its set is empty.
 * **Cross mode** (``ref_emb``, ``ref_labels``) runs flashdml with ``y=ref_emb``: every (query, reference) pair,
   the diagonal included. For NT-Xent and Contrastive that is pml's own cross mode (pml returns 0 when there are
@@ -146,7 +146,7 @@ class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsi
     """pml's ``ThresholdConsistentMarginLoss`` (same arguments) computed by ``flashdml.threshold_consistent_margin``.
 
     ``ThresholdConsistentMarginLoss(lambda_plus=1.0, lambda_minus=1.0, margin_plus=0.9, margin_minus=0.5, **kwargs)``;
-    SPEC 2.3 with ``pos_weight=lambda_plus``, ``neg_weight=lambda_minus``, ``pos_margin=margin_plus``,
+    docs/spec.md §2.3 with ``pos_weight=lambda_plus``, ``neg_weight=lambda_minus``, ``pos_margin=margin_plus``,
     ``neg_margin=margin_minus``. Equal to pml in self mode. **Cross mode differs from pml on purpose**: pml indexes
     the query embeddings with the reference indices (``ref_emb`` is never read), this compares queries with
     ``ref_emb``. A miner's ``indices_tuple``, a non-default reducer or an embedding regularizer run pml.
@@ -163,7 +163,7 @@ class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsi
 
 
 class NTXentLoss(_FlashdmlForward, _pml_losses.NTXentLoss):
-    """pml's ``NTXentLoss(temperature=0.07, **kwargs)`` computed by ``flashdml.ntxent`` (SPEC 2.1b).
+    """pml's ``NTXentLoss(temperature=0.07, **kwargs)`` computed by ``flashdml.ntxent`` (docs/spec.md §2.1b).
 
     Fused for ``CosineSimilarity()`` (the default) and ``DotProductSimilarity()`` (``normalize=False``), power 1,
     with the default ``MeanReducer``; pml's |P|×|N| buffer is never built. ``temperature`` may be a 0-dim tensor
@@ -190,11 +190,11 @@ class ContrastiveLoss(_FlashdmlForward, _pml_losses.ContrastiveLoss):
     """pml's ``ContrastiveLoss(pos_margin=0, neg_margin=1, **kwargs)``, computed by ``flashdml.contrastive_margin``
     when ``distance=CosineSimilarity()``.
 
-    With cosine similarity pml's loss is SPEC 2.4's ``Σ_P [m+ − s]_+ / #{hinge > 0} + Σ_N [s − m−]_+ / #{hinge > 0}``
+    With cosine similarity pml's loss is docs/spec.md §2.4's ``Σ_P [m+ − s]_+ / #{hinge > 0} + Σ_N [s − m−]_+ / #{hinge > 0}``
     with ``m+ = pos_margin``, ``m− = neg_margin`` (``AvgNonZeroReducer`` on each term, summed). The defaults
     ``pos_margin=0, neg_margin=1`` are pml's, meant for its default ``LpDistance`` — which always runs pml; with
     cosine similarity pass margins such as ``pos_margin=0.75, neg_margin=0.6`` (the contextual paper's).
-    SPEC 2.4 keeps the self-pair (i, i) as a positive and pml drops it; they agree while its hinge is 0, so the
+    docs/spec.md §2.4 keeps the self-pair (i, i) as a positive and pml drops it; they agree while its hinge is 0, so the
     fused path also requires ``pos_margin < 1 − tol`` and, for ``pos_margin > 0``, no (near-)zero row.
     """
 
@@ -217,7 +217,7 @@ class ContrastiveLoss(_FlashdmlForward, _pml_losses.ContrastiveLoss):
 
 
 class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
-    """Cross-Example Softmax (Veit & Wilber; SPEC 2.2) in pml's loss interface, computed by
+    """Cross-Example Softmax (Veit & Wilber; docs/spec.md §2.2) in pml's loss interface, computed by
     ``flashdml.cross_example_softmax``.
 
     ``CrossExampleSoftmaxLoss(temperature=0.05, top_k=None, **kwargs)``: every positive pair competes against one
@@ -269,7 +269,7 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
 
 
 class FlashdmlKNN:
-    """A ``knn_func`` for pml's ``AccuracyCalculator``, computed by ``flashdml.knn`` (SPEC 1.2): exact kNN that
+    """A ``knn_func`` for pml's ``AccuracyCalculator``, computed by ``flashdml.knn`` (docs/spec.md §1.2): exact kNN that
     never materialises the query × reference matrix (memory O((N + M)·d + N·k); pml's ``CustomKNN`` builds it,
     ``FaissKNN`` needs faiss)::
 
@@ -299,7 +299,7 @@ class FlashdmlKNN:
 
 class HardestNegativesMiner(_BaseMiner):
     """pml miner: all positive pairs plus the k hardest negative pairs of the **whole batch** (flashdml's
-    ``hardest_negatives``, SPEC 1.3 — Cross-Example Negative Mining's selection, without a B×B matrix).
+    ``hardest_negatives``, docs/spec.md §1.3 — Cross-Example Negative Mining's selection, without a B×B matrix).
 
     ``HardestNegativesMiner(k=None, normalize=True, **kwargs)``: ``k=None`` means k = batch size; a k above the
     batch's number of negative pairs keeps all of them. ``normalize`` chooses cosine (default) or dot-product

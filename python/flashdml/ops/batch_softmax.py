@@ -1,4 +1,4 @@
-"""Batch softmax / InfoNCE (SPEC 2.1), fused: per-row (and per-column) LSE forward, recompute backward."""
+"""Batch softmax / InfoNCE (docs/spec.md §2.1), fused: per-row (and per-column) LSE forward, recompute backward."""
 from __future__ import annotations
 
 from typing import Optional
@@ -29,7 +29,7 @@ def batch_softmax(
     symmetric: bool = False,
     normalize: bool = True,
 ) -> Tensor:
-    """Batch softmax / InfoNCE loss (SPEC 2.1), the baseline Cross-Example Softmax improves on.
+    """Batch softmax / InfoNCE loss (docs/spec.md §2.1), the baseline Cross-Example Softmax improves on.
 
     Row ``i`` of ``S = x̂ ŷᵀ`` is a softmax classification whose positive is column ``i``; columns ``j != i``
     with ``labels[j] == labels[i]`` are false negatives and are removed from row ``i``'s denominator.

@@ -1,10 +1,10 @@
-"""Contextual loss, fused (SPEC 2.5): Liao, Tsiligkaridis & Kulis, ICML 2023.
+"""Contextual loss, fused (docs/spec.md §2.5): Liao, Tsiligkaridis & Kulis, ICML 2023.
 
 The C++ CPU op ``flashdml::contextual_fwd`` makes one streaming pass over tiles of ``S = F Fᵀ`` that keeps, per
 row, only the k largest ``−D`` values and the neighbour list ``N(i)`` (with the flags "in P(i)" and "clamped"),
-and the margin-contrastive hinge sums and counts (SPEC 2.4, the per-element rules of ``fd.contrastive_margin``),
+and the margin-contrastive hinge sums and counts (docs/spec.md §2.4, the per-element rules of ``fd.contrastive_margin``),
 then computes ``L_ctx`` from the lists in O(B·k²) and ``L_reg`` in O(B·d). Its backward
-(``flashdml::contextual_bwd``) builds SPEC's closed-form straight-through gradient as "sparse (O(k²) per row) +
+(``flashdml::contextual_bwd``) builds docs/spec.md's closed-form straight-through gradient as "sparse (O(k²) per row) +
 row-constant + label-block" parts from the lists and applies it without recomputing S: the row-constant and L_reg
 terms through column sums (O(B·d)), the label block through per-class sums, the sparse part and the clamp
 corrections from the lists, the L_con hard positives per class and the hard negatives (only when the forward
@@ -54,7 +54,7 @@ def contextual_loss(
     ste_slope: float = 10.0,
     normalize: bool = True,
 ) -> Tensor:
-    """Contextual loss (SPEC 2.5): ``context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con``.
+    """Contextual loss (docs/spec.md §2.5): ``context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con``.
 
     Self mode only. ``F`` = the L2-normalised rows of ``x`` (``normalize=False``: the rows as given, which should
     already be unit vectors), ``S = F Fᵀ``, ``D = max(2 − 2S, 0)``, ``y_ij = [labels_i == labels_j]``.
@@ -64,11 +64,11 @@ def contextual_loss(
       whole ε band count), Jaccard-like ``W = ½(I + J)`` on N, reciprocal half-neighbourhoods ``R = P ⊙ Pᵀ``,
       query expansion ``Z = (1/|R|) R W``, ``js = ½(Z + Zᵀ)``; ``(1/B²) Σ_{i≠j} (y_ij − js_ij)²``.
     * ``L_reg = (mean_ij S_ij − reg_target)²`` (diagonal included).
-    * ``L_con`` = ``contrastive_margin`` (SPEC 2.4, diagonal kept as a positive) with ``pos_margin``,
+    * ``L_con`` = ``contrastive_margin`` (docs/spec.md §2.4, diagonal kept as a positive) with ``pos_margin``,
       ``neg_margin``.
 
     Gradient: the authors' straight-through estimator (each Heaviside step passes ``ste_slope`` to ``−D + ε`` on
-    every entry; thresholds and |N| detached, |R| not), computed from SPEC's closed form.
+    every entry; thresholds and |N| detached, |R| not), computed from docs/spec.md's closed form.
 
     Published settings:
 

@@ -1,4 +1,4 @@
-"""Hinge-pair losses, fused: Threshold-Consistent Margin (SPEC 2.3) and margin contrastive (SPEC 2.4).
+"""Hinge-pair losses, fused: Threshold-Consistent Margin (docs/spec.md §2.3) and margin contrastive (docs/spec.md §2.4).
 
 Both run the same compiled pass (``flashdml::hinge_pair_fwd``): one streaming sweep over tiles of
 ``S = x̂ ŷᵀ`` that keeps only the hinge sums and the exact int64 counts of the hard positive and negative
@@ -49,7 +49,7 @@ def threshold_consistent_margin(
     pos_weight: float = 1.0,
     neg_weight: float = 1.0,
 ) -> Tensor:
-    """Threshold-Consistent Margin loss (Zhang et al., ICLR 2024; SPEC 2.3), cosine similarity always.
+    """Threshold-Consistent Margin loss (Zhang et al., ICLR 2024; docs/spec.md §2.3), cosine similarity always.
 
     Over ordered pairs of ``S = x̂ ŷᵀ`` (rows L2-normalised; self mode ``y=None`` drops the pairs ``(i, i)``):
     hard positives are positive pairs with ``s <= pos_margin``, hard negatives are negative pairs with
@@ -102,7 +102,7 @@ def contrastive_margin(
     pos_margin: float = 0.75,
     neg_margin: float = 0.6,
 ) -> Tensor:
-    """Margin contrastive loss (SPEC 2.4), the contrastive term of the contextual loss; cosine similarity only.
+    """Margin contrastive loss (docs/spec.md §2.4), the contrastive term of the contextual loss; cosine similarity only.
 
     ``L = Σ_P [m+ − s]_+ / #{p ∈ P : m+ − s_p > 0} + Σ_N [s − m−]_+ / #{n ∈ N : s_n − m− > 0}``: only pairs with
     a non-zero hinge are counted (strict), each term is 0 (zero gradient) when its count is 0. **Self mode keeps

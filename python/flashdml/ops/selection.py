@@ -1,4 +1,4 @@
-"""Fused similarity + top-k selection: ``knn`` (SPEC 1.2) and ``hardest_negatives`` (SPEC 1.3).
+"""Fused similarity + top-k selection: ``knn`` (docs/spec.md §1.2) and ``hardest_negatives`` (docs/spec.md §1.3).
 
 The kernels (C++ ``flashdml::knn_fwd`` / ``flashdml::hardest_negatives_fwd``, Triton
 ``flashdml_triton::knn_fwd`` / ``hardest_negatives_fwd``) stream S tile by tile and return the selected values
@@ -69,7 +69,7 @@ def _pair_dots(xh: Tensor, yh: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 
 
 def _normalized(x: Tensor, normalize: bool):
-    """(x̂, ‖x‖) in fp32; x̂ = x / max(‖x‖, 1e-12) (SPEC section 0)."""
+    """(x̂, ‖x‖) in fp32; x̂ = x / max(‖x‖, 1e-12) (docs/spec.md §0)."""
     x = x.detach().float()
     if not normalize:
         return x, None
@@ -162,7 +162,7 @@ def knn(
     normalize: bool = True,
     exclude_self: bool = True,
 ) -> Tuple[Tensor, Tensor]:
-    """SPEC 1.2: per row of ``x``, the k most similar rows of ``y`` — without materialising S.
+    """docs/spec.md §1.2: per row of ``x``, the k most similar rows of ``y`` — without materialising S.
 
     Returns ``(values [B, k] fp32, indices [B, k] int64)``, sorted descending, ties → lower column index. Self
     mode (``y=None``) with ``exclude_self`` drops the query itself. ``k`` larger than the number of candidates
@@ -200,7 +200,7 @@ def hardest_negatives(
     *,
     normalize: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """SPEC 1.3: the k most similar **negative** pairs of the whole batch (Cross-Example Negative Mining).
+    """docs/spec.md §1.3: the k most similar **negative** pairs of the whole batch (Cross-Example Negative Mining).
 
     Returns ``(values [k] fp32, rows [k] int64, cols [k] int64)``, sorted descending, ties → lower flat index
     ``i*M + j``. ``labels=None`` is pair mode (negatives = off-diagonal pairs); ``k=None`` means ``k = B``;

@@ -1,4 +1,4 @@
-"""Cross-example softmax (SPEC 2.2) and NT-Xent (SPEC 2.1b), fused: the same kernel family with one global
+"""Cross-example softmax (docs/spec.md §2.2) and NT-Xent (docs/spec.md §2.1b), fused: the same kernel family with one global
 negative partition (XE) or one per row (NT-Xent)."""
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def cross_example_softmax(
     top_k: Optional[int] = None,
     normalize: bool = True,
 ) -> Tensor:
-    """Cross-Example Softmax (Veit & Wilber), SPEC 2.2.
+    """Cross-Example Softmax (Veit & Wilber), docs/spec.md §2.2.
 
     Every positive pair competes against the **same** batch-wide pool of negatives through one shared partition
     function: ``L = mean_{p∈P} softplus(Λ − z_p)``, ``Λ = LSE_{n∈N} z_n``, ``z = S / temperature``. Because all
@@ -122,7 +122,7 @@ def ntxent(
     temperature: TemperatureLike = 0.07,
     normalize: bool = True,
 ) -> Tensor:
-    """NT-Xent with labels (SPEC 2.1b), pytorch-metric-learning's ``NTXentLoss``, fused.
+    """NT-Xent with labels (docs/spec.md §2.1b), pytorch-metric-learning's ``NTXentLoss``, fused.
 
     Every positive pair (a, p) competes against its own anchor's negatives:
     ``L = mean_{(a,p)∈P} softplus(LSE_{n∈N(a)} z_an − z_ap)``. Equals ``NTXentLoss(temperature)`` on self-mode

@@ -1,7 +1,7 @@
-"""The pure-PyTorch reference ("the oracle") for every op of SPEC.md sections 1-3.
+"""The pure-PyTorch reference ("the oracle") for every op of docs/spec.md §1-3.
 
 Materialises S and every B×B intermediate, computes in float64 for float64 input (float32 otherwise), and is
-written to be read next to SPEC.md. Every fused backend is tested against these functions; they have the same
+written to be read next to docs/spec.md. Every fused backend is tested against these functions; they have the same
 signatures as the public ops (``flashdml.similarity`` etc.).
 """
 from .contextual import contextual_loss

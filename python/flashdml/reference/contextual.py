@@ -1,4 +1,4 @@
-"""Reference contextual loss (SPEC 2.5) — Liao, Tsiligkaridis & Kulis, ICML 2023.
+"""Reference contextual loss (docs/spec.md §2.5) — Liao, Tsiligkaridis & Kulis, ICML 2023.
 
 "Supervised Metric Learning to Rank for Retrieval via Contextual Similarity Optimization". Everything is
 materialised as B×B matrices (O(B³) time, ~21·B² words); this is the oracle the fused version is checked
@@ -20,7 +20,7 @@ __all__ = ["contextual_loss", "contextual_loss_terms", "contextual_context_grad_
 
 
 def _context_forward(S: Tensor, same: Tensor, k: int, eps: float, ste_slope: float) -> Dict[str, Tensor]:
-    """Steps 1-8 of SPEC 2.5 on ``S`` ([B, B], compute dtype), with the straight-through estimator.
+    """Steps 1-8 of docs/spec.md §2.5 on ``S`` ([B, B], compute dtype), with the straight-through estimator.
 
     Returns ``L_ctx`` and the (hard, detached) intermediates the closed-form gradient needs.
     """
@@ -98,7 +98,7 @@ def contextual_loss_terms(
     same = batch.labels[:, None] == batch.labels[None, :]  # diagonal included
     L_ctx = _context_forward(S, same, k, eps, ste_slope)["L_ctx"]
     L_reg = (S.mean() - reg_target) ** 2  # 9. diagonal included
-    L_con = _contrastive_margin_from_S(S, same, ~same, pos_margin, neg_margin)  # 10. = SPEC 2.4 (diag kept)
+    L_con = _contrastive_margin_from_S(S, same, ~same, pos_margin, neg_margin)  # 10. = docs/spec.md §2.4 (diag kept)
     return {"L_ctx": L_ctx, "L_reg": L_reg, "L_con": L_con}
 
 
@@ -117,7 +117,7 @@ def contextual_loss(
     ste_slope: float = 10.0,
     normalize: bool = True,
 ) -> Tensor:
-    """SPEC 2.5: ``context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con`` (self mode only).
+    """docs/spec.md §2.5: ``context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con`` (self mode only).
 
     ``F`` = the L2-normalised rows of ``x`` (``normalize=False``: the rows as given, which the caller must
     already have normalised; ``D = 2 − 2S`` assumes unit rows), ``S = F Fᵀ``, ``D = max(2 − 2S, 0)``,
@@ -128,7 +128,7 @@ def contextual_loss(
       and everything within ``eps`` of the k-th neighbour count), reciprocal half-neighbourhoods and query
       expansion; ``(1/B²) Σ_{i≠j} (y_ij − js_ij)²``.
     * ``L_reg = (mean_ij S_ij − reg_target)²`` (diagonal included).
-    * ``L_con`` = ``contrastive_margin`` (SPEC 2.4, diagonal kept as a positive) with ``pos_margin``,
+    * ``L_con`` = ``contrastive_margin`` (docs/spec.md §2.4, diagonal kept as a positive) with ``pos_margin``,
       ``neg_margin``.
 
     Published settings:
@@ -168,7 +168,7 @@ def contextual_context_grad_closed_form(
     ste_slope: float = 10.0,
     normalize: bool = True,
 ) -> Tensor:
-    """``dL_ctx/dS`` ([B, B], compute dtype) from SPEC 2.5's closed form (unweighted ``L_ctx``).
+    """``dL_ctx/dS`` ([B, B], compute dtype) from docs/spec.md §2.5's closed form (unweighted ``L_ctx``).
 
     ``a = |N(·)|``, ``c = B − a``, ``M = 1 − N``, ``H = ½(NNᵀ/a + MMᵀ/c)``, ``W = H⊙N``, ``r = |R(·)|``,
     ``Q = RW``::

@@ -1,4 +1,4 @@
-"""Reference losses of SPEC sections 2.1-2.4 (the contextual loss, 2.5, lives in ``contextual.py``).
+"""Reference losses of docs/spec.md sections 2.1-2.4 (the contextual loss, 2.5, lives in ``contextual.py``).
 
 Plain PyTorch on the materialised ``S``; autograd supplies every gradient. Computation is float64 for float64
 input, float32 otherwise; each loss returns a 0-dim tensor of that dtype. Empty sets (no positives, no
@@ -9,7 +9,7 @@ Temperatures: a Python number becomes a constant of the compute dtype; a tensor 
 ``nn.Parameter``, as in CLIP) is validated by ``check_temperature`` and then used *itself*, cast to the
 compute dtype, so its gradient is exact (float64 in float64 runs) and comes back in its own dtype.
 
-``labels=None`` is pair mode (``labels = ref_labels = arange``, SPEC section 0) for every loss here: in cross
+``labels=None`` is pair mode (``labels = ref_labels = arange``, docs/spec.md §0) for every loss here: in cross
 mode that is the image-text setting with one match per row; in self mode it leaves no positive pair (except the
 diagonal that 2.4 keeps), so the positive terms are 0.
 """
@@ -102,7 +102,7 @@ def batch_softmax(
     symmetric: bool = False,
     normalize: bool = True,
 ) -> Tensor:
-    """SPEC 2.1: ``mean_i ( LSE_{j ∈ {i} ∪ neg(i)} z_ij − z_ii )`` with ``z = S / τ``; requires y and B == M.
+    """docs/spec.md §2.1: ``mean_i ( LSE_{j ∈ {i} ∪ neg(i)} z_ij − z_ii )`` with ``z = S / τ``; requires y and B == M.
 
     Row i's positive is column i. ``labels`` (optional, [B]) label both x's rows and y's rows (row i of x and
     row i of y are a pair, so they share ``labels[i]``); columns ``j ≠ i`` with ``labels[j] == labels[i]`` are
@@ -134,7 +134,7 @@ def ntxent(
     temperature=0.07,
     normalize: bool = True,
 ) -> Tensor:
-    """SPEC 2.1b: ``mean_{(a,p)∈P} softplus(LSE_{n∈N(a)} z_an − z_ap)``, N(a) = the negatives of row a.
+    """docs/spec.md §2.1b: ``mean_{(a,p)∈P} softplus(LSE_{n∈N(a)} z_an − z_ap)``, N(a) = the negatives of row a.
 
     A positive whose row has no negative contributes ``softplus(−∞) = 0`` (and no gradient); no positive pair
     at all gives 0. Equals pytorch-metric-learning's ``NTXentLoss(temperature)`` on self-mode batches.
@@ -164,7 +164,7 @@ def cross_example_softmax(
     top_k: Optional[int] = None,
     normalize: bool = True,
 ) -> Tensor:
-    """SPEC 2.2: ``mean_{p∈P} softplus(Λ − z_p)`` with one batch-wide ``Λ = LSE_{n∈N} z_n``.
+    """docs/spec.md §2.2: ``mean_{p∈P} softplus(Λ − z_p)`` with one batch-wide ``Λ = LSE_{n∈N} z_n``.
 
     ``top_k=k`` (Cross-Example Negative Mining) replaces N by its k hardest pairs of the whole batch, selected
     exactly as ``hardest_negatives`` does: on the values of ``S`` in the compute dtype (not on ``z = S/τ``,
@@ -202,7 +202,7 @@ def threshold_consistent_margin(
     pos_weight: float = 1.0,
     neg_weight: float = 1.0,
 ) -> Tensor:
-    """SPEC 2.3: ``λ+·mean_{hard pos}(m+ − s) + λ−·mean_{hard neg}(s − m−)``, cosine similarity always.
+    """docs/spec.md §2.3: ``λ+·mean_{hard pos}(m+ − s) + λ−·mean_{hard neg}(s − m−)``, cosine similarity always.
 
     Hard positives: positive pairs with ``s <= m+``; hard negatives: negative pairs with ``s >= m−`` (both
     inclusive). Ordered pairs; self mode drops the diagonal. Each term is 0 when its set is empty; the counts
@@ -245,7 +245,7 @@ def contrastive_margin(
     pos_margin: float = 0.75,
     neg_margin: float = 0.6,
 ) -> Tensor:
-    """SPEC 2.4: ``Σ_P [m+ − s]_+ / #{P : hinge > 0} + Σ_N [s − m−]_+ / #{N : hinge > 0}``, cosine only.
+    """docs/spec.md §2.4: ``Σ_P [m+ − s]_+ / #{P : hinge > 0} + Σ_N [s − m−]_+ / #{N : hinge > 0}``, cosine only.
 
     Only pairs with a non-zero hinge are counted (strict ``> 0``); each term is 0 when its count is 0.
     **Self mode keeps the diagonal as a positive pair** (as the contextual paper's code does): with

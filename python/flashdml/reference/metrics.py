@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference for the retrieval and calibration metrics (SPEC section 3).
+"""Pure-PyTorch reference for the retrieval and calibration metrics (docs/spec.md §3).
 
 This is the oracle the fused metric kernels are tested against: it materialises the full similarity matrix,
 computes in float64 (float32 on devices without float64), and favours clarity over speed.

@@ -1,9 +1,9 @@
-"""Reference similarity and selection primitives (SPEC section 1).
+"""Reference similarity and selection primitives (docs/spec.md §1).
 
 Plain PyTorch that materialises ``S`` ([B, M]); readable rather than fast. Computation runs in float64 when the
 input is float64 and in float32 otherwise (``flashdml._math.compute_dtype``). Selections never rely on
 ``torch.topk``'s tie order: candidates are listed in increasing (flat) index order and then sorted by value
-with a *stable* descending sort, so equal values keep the lower index first (SPEC section 0).
+with a *stable* descending sort, so equal values keep the lower index first (docs/spec.md §0).
 
 The private helpers (``_similarity_matrix``, ``_pair_masks``, ``_global_topk_flat``) are shared with the
 reference losses so that every reference op selects and masks exactly the same way.
@@ -49,7 +49,7 @@ def _diagonal_mask(batch: Batch) -> Tensor:
 
 
 def _pair_masks(batch: Batch, *, keep_diagonal_positive: bool = False) -> Tuple[Tensor, Tensor]:
-    """Positive and negative pair masks (bool [B, M]) from the labels (SPEC section 0).
+    """Positive and negative pair masks (bool [B, M]) from the labels (docs/spec.md §0).
 
     Self mode drops ``(i, i)`` from the positives unless ``keep_diagonal_positive`` (margin contrastive, 2.4).
     ``(i, i)`` always has equal labels, so it is never a negative.
@@ -91,7 +91,7 @@ def _row_topk(values: Tensor, candidate: Tensor, k: int) -> Tensor:
 # public ops
 # --------------------------------------------------------------------------------------------------------------
 def similarity(x: Tensor, y: Optional[Tensor] = None, *, normalize: bool = True) -> Tensor:
-    """SPEC 1.1: ``S = x̂ ŷᵀ`` ([B, M]; fp32, or float64 for float64 input).
+    """docs/spec.md §1.1: ``S = x̂ ŷᵀ`` ([B, M]; fp32, or float64 for float64 input).
 
     ``y=None`` is self mode (``y = x``). With ``normalize=True`` rows are divided by ``max(‖row‖, 1e-12)``
     and the gradient flows through the normalisation; ``normalize=False`` is the plain dot product.
@@ -108,7 +108,7 @@ def knn(
     normalize: bool = True,
     exclude_self: bool = True,
 ) -> Tuple[Tensor, Tensor]:
-    """SPEC 1.2: per row the k largest entries of ``S``, sorted descending, ties → lower column index.
+    """docs/spec.md §1.2: per row the k largest entries of ``S``, sorted descending, ties → lower column index.
 
     Returns ``(values [B, k], indices [B, k] int64)``. In self mode with ``exclude_self``, column i is not a
     candidate for row i. ``k`` larger than the number of candidates per row is a ``ValueError``.
@@ -139,7 +139,7 @@ def hardest_negatives(
     *,
     normalize: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """SPEC 1.3: the k largest entries of ``S`` over all negative pairs of the whole batch.
+    """docs/spec.md §1.3: the k largest entries of ``S`` over all negative pairs of the whole batch.
 
     Sorted descending, ties → lower flat index ``i*M + j`` (computed in int64). ``labels=None`` is pair mode
     (the negatives are the off-diagonal entries). ``k=None`` means ``k = B``; ``k`` larger than the number of
