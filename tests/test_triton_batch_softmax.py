@@ -4,7 +4,7 @@ Without a GPU the kernels run on CPU tensors under the Triton interpreter (TRITO
 any kernel is defined: tests/conftest.py does it; set it in the shell when running this file alone). Shapes are
 small because the interpreter is slow; the tile configurations are the production ones, so masking of partial
 tiles, several row / column / d blocks and the column splits are all exercised. bf16 is not tested here: the
-interpreter's bf16 ``tl.dot`` is broken (see DESIGN.md).
+interpreter's bf16 ``tl.dot`` is broken (see docs/verification.md).
 """
 from __future__ import annotations
 

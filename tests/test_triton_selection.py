@@ -13,7 +13,7 @@ says so. Two kinds of data:
   those values (a near-tie may legitimately swap two indices between fp32 and float64).
 
 Every launcher output starts poisoned (NaN / sentinel), so an unwritten element fails. bf16 is not tested here:
-the interpreter's bf16 ``tl.dot`` is broken (DESIGN.md).
+the interpreter's bf16 ``tl.dot`` is broken (docs/verification.md).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Without a GPU the kernels run on CPU tensors under the Triton interpreter (TRITO
 kernel is defined: tests/conftest.py does it; set it in the shell when running this file alone). The tile
 configurations are the production ones, so partial tiles, several row / column / d blocks (d = 129 > BLOCK_D),
 column splits and the label-sorted positive pass are all exercised. bf16 is not tested here: the interpreter's bf16
-``tl.dot`` is broken (see DESIGN.md).
+``tl.dot`` is broken (see docs/verification.md).
 """
 from __future__ import annotations
 
