@@ -8,6 +8,7 @@
 
 #include "cpu_tiles.h"
 #include "flashdml/batch_softmax.h"
+#include "flashdml/check.h"
 #include "flashdml/fast_exp.h"
 #include "flashdml/online_lse.h"
 #include "flashdml/poison.h"
@@ -26,16 +27,14 @@ std::vector<int32_t> class_ids(const c10::optional<at::Tensor>& labels, int64_t 
   return ids;
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& labels,
+// x, y [B, d] (row i's positive is column i: B == M), labels int64 [B] or None, temperature 0-dim fp32.
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& labels,
                   const at::Tensor& temperature) {
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2, "batch_softmax: x and y must be 2-D");
-  TORCH_CHECK(x.size(0) == y.size(0) && x.size(1) == y.size(1), "batch_softmax: x and y must have the same shape");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "batch_softmax: x and y must have the same dtype");
-  TORCH_CHECK(temperature.numel() == 1, "batch_softmax: temperature must be a scalar tensor");
-  if (labels.has_value()) {
-    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 && labels->size(0) == x.size(0),
-                "batch_softmax: labels must be int64 [B]");
-  }
+  check::rows(op, x, y);
+  TORCH_CHECK_VALUE(y.size(0) == x.size(0), op, ": y has ", y.size(0), " rows, expected B = ", x.size(0),
+                    " (row i's positive is column i)");
+  if (labels.has_value()) check::labels(op, "labels", *labels, x.size(0), "B", x);
+  check::scalar_f32(op, "temperature", temperature, x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
@@ -43,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cpu(const at::T
                                                                      const at::Tensor& temperature, bool symmetric,
                                                                      bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_inputs(x_in, y_in, labels_in, temperature);
+  check_inputs("batch_softmax_fwd", x_in, y_in, labels_in, temperature);
   at::Tensor x_inv, y_inv;
   const at::Tensor x = normalized_rows(x_in, normalize, &x_inv), y = normalized_rows(y_in, normalize, &y_inv);
   const int64_t B = x.size(0);
@@ -153,7 +152,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cpu(
     const c10::optional<at::Tensor>& labels_in, const at::Tensor& temperature, bool symmetric, bool normalize,
     const at::Tensor& row_lse_in, const at::Tensor& col_lse_in) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_inputs(x_in, y_in, labels_in, temperature);
+  constexpr const char* op = "batch_softmax_bwd";
+  check_inputs(op, x_in, y_in, labels_in, temperature);
+  check::grad_loss(op, grad_loss, x_in);
+  check::vector(op, "row_lse", row_lse_in, at::kFloat, x_in.size(0), "B", x_in);
+  if (symmetric) {
+    check::vector(op, "col_lse", col_lse_in, at::kFloat, x_in.size(0), "B", x_in);
+  } else {  // not read (the forward returns it empty)
+    check::same_device(op, "col_lse", col_lse_in, x_in);
+  }
   at::Tensor x_inv, y_inv;
   const at::Tensor x = normalized_rows(x_in, normalize, &x_inv), y = normalized_rows(y_in, normalize, &y_inv);
   const int64_t B = x.size(0), d = x.size(1);

@@ -34,6 +34,7 @@
 #include "contextual_one_tile.h"
 #include "contextual_sparse.h"
 #include "cpu_tiles.h"
+#include "flashdml/check.h"
 #include "flashdml/contextual.h"
 #include "flashdml/hinge_pair.h"
 #include "flashdml/poison.h"
@@ -58,12 +59,18 @@ struct Setup {
   int64_t B, d;
 };
 
+// x [B, d] (B < 2^31), labels int64 [B], 2 <= k <= B, eps >= 0: what both ops take.
+void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& labels, int64_t k, double eps) {
+  check::row_tensor(op, "x", x);
+  check::labels(op, "labels", labels, x.size(0), "B", x);
+  TORCH_CHECK_VALUE(x.size(0) < (int64_t(1) << 31), op, ": B must be < 2^31, got ", x.size(0));
+  check::int_in_range(op, "k", k, 2, x.size(0), c10::str("[2, B = ", x.size(0), "]"));
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+}
+
 // with_f: materialise F (the forward's tiles, and the backward only when hard negatives need its tiles again).
+// Call check_inputs first.
 Setup make_setup(const at::Tensor& x, const at::Tensor& labels, bool normalize, bool with_f) {
-  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()), "contextual: x must be a 2-D floating tensor");
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == x.size(0),
-              "contextual: labels must be int64 [B]");
-  TORCH_CHECK(x.size(0) < (int64_t(1) << 31), "contextual: B must be < 2^31");
   Setup s;
   s.x32 = as_float_contiguous(x);
   s.B = x.size(0);
@@ -127,10 +134,9 @@ FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t
                           double neg_margin, double ste_slope, bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   (void)ste_slope;
+  check_inputs("contextual_fwd", x, labels, k, eps);
   Setup p = make_setup(x, labels, normalize, true);
   const int64_t B = p.B;
-  TORCH_CHECK_VALUE(k >= 2 && k <= B, "contextual_loss: k = ", k, " must satisfy 2 <= k <= B = ", B);
-  TORCH_CHECK_VALUE(eps >= 0, "contextual_loss: eps must be >= 0, got ", eps);
   const bool one_tile = ctx::one_tile(B);
   NbrLists lists = one_tile ? ctx::one_tile_lists(p.F, p.cls, k, float(eps), float(neg_margin))
                             : ctx::neighbour_pass(p.F, p.cls, k, float(eps), float(neg_margin));
@@ -242,21 +248,20 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
                               bool normalize, const at::Tensor& ptr_in, const at::Tensor& col_in,
                               const at::Tensor& flag_in, const at::Tensor& counts_in) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  (void)k;
-  (void)eps;
-  TORCH_CHECK(grad_loss.numel() == 1, "contextual_bwd: grad_loss must be a scalar");
-  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
-  TORCH_CHECK(counts.numel() == 2, "contextual_bwd: counts must have 2 entries (pass the forward's outputs)");
+  constexpr const char* op = "contextual_bwd";
+  check_inputs(op, x, labels, k, eps);  // k and eps are not used: checked as the forward checks them
+  check::grad_loss(op, grad_loss, x);
+  // The forward's neighbour lists: CSR over the B rows of x, columns in [0, B) (O(B + nnz)).
+  check::neighbour_lists(op, ptr_in, col_in, flag_in, x.size(0), x);
+  check::pair_counts(op, "con_counts", counts_in, x);
+  const at::Tensor counts = counts_in.contiguous();
   const double g = grad_loss.item<double>();
   const int64_t* cp = counts.data_ptr<int64_t>();
   const float g_hn = float(g * contrastive_weight * hinge_term_scale(1.0, cp[1]));
   const bool with_neg = g_hn != 0.f;
   Setup p = make_setup(x, labels, normalize, with_neg);
   const int64_t B = p.B, d = p.d;
-  const at::Tensor ptr = ptr_in.to(at::kLong).contiguous(), col = col_in.to(at::kInt).contiguous(),
-                   flag = flag_in.to(at::kByte).contiguous();
-  TORCH_CHECK(ptr.numel() == B + 1 && col.numel() == ptr.data_ptr<int64_t>()[B] && flag.numel() == col.numel(),
-              "contextual_bwd: neighbour lists / counts do not match the batch (pass the forward's outputs)");
+  const at::Tensor ptr = ptr_in.contiguous(), col = col_in.contiguous(), flag = flag_in.contiguous();
   const double B2 = double(B) * double(B);
   // dL/dS of each term: L_reg a constant, L_con −1/#hp on hard positives and +1/#hn on hard negatives,
   // L_ctx = s_ctx · C ⊙ (SP + u 1ᵀ + LB) with LB_ij = −(β/2) ρ_i(κ_j)(1 − a_j/c_i). dL/dF = (G + Gᵀ) F, all

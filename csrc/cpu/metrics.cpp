@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu_tiles.h"
+#include "flashdml/check.h"
 #include "flashdml/histogram.h"
 #include "flashdml/poison.h"
 #include "flashdml/topk.h"
@@ -55,36 +56,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& labels, const at::Tensor& ref_labels,
     const at::Tensor& rows_in, const at::Tensor& keep_in, bool self_mode, bool pair_hist, int64_t opis_bins) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(x_in.dim() == 2 && y_in.dim() == 2 && x_in.size(1) == y_in.size(1),
-              "metrics_pass: x [B, d] and y [M, d] expected");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == x_in.size(0), "metrics_pass: labels must be [B]");
-  TORCH_CHECK(ref_labels.dim() == 1 && ref_labels.size(0) == y_in.size(0), "metrics_pass: ref_labels must be [M]");
-  TORCH_CHECK(!self_mode || x_in.size(0) == y_in.size(0), "metrics_pass: self mode needs y = x");
-  const at::Tensor x = as_float_contiguous(x_in);
-  const at::Tensor y = self_mode ? x : as_float_contiguous(y_in);
-  const at::Tensor rows_t = rows_in.to(at::kLong).contiguous(), keep_t = keep_in.to(at::kLong).contiguous();
-  const int64_t B = x.size(0), M = y.size(0), d = x.size(1), R = rows_t.numel();
-  TORCH_CHECK(keep_t.numel() == R, "metrics_pass: keep must have one entry per row");
-  const int64_t* rows = rows_t.data_ptr<int64_t>();
-  const int64_t* keep = keep_t.data_ptr<int64_t>();
+  constexpr const char* op = "metrics_pass";
+  check::rows(op, x_in, y_in);
+  TORCH_CHECK_VALUE(!self_mode || x_in.size(0) == y_in.size(0), op, ": self_mode needs y = x (B == M), got B = ",
+                    x_in.size(0), " and M = ", y_in.size(0));
+  check::labels(op, "labels", labels, x_in.size(0), "B", x_in);
+  check::labels(op, "ref_labels", ref_labels, y_in.size(0), "M", x_in);
+  TORCH_CHECK_VALUE(rows_in.defined() && rows_in.dim() == 1, op, ": rows must be a 1-D tensor of row indices, got ",
+                    "shape ", rows_in.defined() ? rows_in.sizes() : at::IntArrayRef{});
+  const int64_t R = rows_in.size(0);
+  check::vector(op, "rows", rows_in, at::kLong, R, c10::str("R = ", R), x_in);
+  check::vector(op, "keep", keep_in, at::kLong, R, c10::str("R = rows.numel() = ", R), x_in);
+  check::int_in_range(op, "opis_bins", opis_bins, 0, kSimBins, c10::str("[0, ", kSimBins, "]"));
   const bool opis = opis_bins > 0;
   int shift = 0;
   if (opis) {
-    TORCH_CHECK(self_mode, "metrics_pass: per-class histograms need self mode");
+    TORCH_CHECK_VALUE(self_mode, op, ": per-class histograms (opis_bins > 0) need self mode");
     while ((kSimBins >> shift) > opis_bins) ++shift;
-    TORCH_CHECK((kSimBins >> shift) == opis_bins, "metrics_pass: opis_bins must be a power of two <= 2^16");
+    TORCH_CHECK_VALUE((kSimBins >> shift) == opis_bins, op, ": opis_bins must be a power of two <= 2^16, got ",
+                      opis_bins);
   }
-  const int64_t C = self_mode ? M - 1 : M;  // candidates per row
-  for (int64_t r = 0; r < R; ++r) {
-    TORCH_CHECK(rows[r] >= 0 && rows[r] < B, "metrics_pass: row index out of range");
-    TORCH_CHECK(keep[r] >= 0 && keep[r] <= C, "metrics_pass: keep must be in [0, number of candidates]");
-  }
+  const int64_t C = self_mode ? y_in.size(0) - 1 : y_in.size(0);  // candidates per row
+  check::values_in_range(op, "rows", rows_in, 0, x_in.size(0),
+                         c10::str("a row of x in [0, B = ", x_in.size(0), ")"));
+  check::values_in_range(op, "keep", keep_in, 0, C + 1, c10::str("[0, candidates = ", C, "]"));
+  const at::Tensor x = as_float_contiguous(x_in);
+  const at::Tensor y = self_mode ? x : as_float_contiguous(y_in);
+  const at::Tensor rows_t = rows_in.contiguous(), keep_t = keep_in.contiguous();
+  const int64_t M = y.size(0), d = x.size(1);
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  const int64_t* keep = keep_t.data_ptr<int64_t>();
   const LabelIndex lab = build_label_index(labels, ref_labels);
   std::vector<int32_t> row_cls(R);
   for (int64_t r = 0; r < R; ++r) row_cls[r] = lab.row_class[rows[r]];
   int32_t class_first = 0, n_cls = 0;
   if (opis && R > 0) {
-    for (int64_t r = 1; r < R; ++r) TORCH_CHECK(row_cls[r] >= row_cls[r - 1], "metrics_pass: rows must be sorted by class");
+    for (int64_t r = 1; r < R; ++r)
+      TORCH_CHECK_VALUE(row_cls[r] >= row_cls[r - 1], op, ": rows must be sorted by class (opis_bins > 0), but row ",
+                        rows[r], " (rows[", r, "]) comes after a row of a later class");
     class_first = row_cls[0];
     n_cls = row_cls[R - 1] - class_first + 1;
   }

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cpu_tiles.h"
+#include "flashdml/check.h"
 #include "flashdml/poison.h"
 #include "flashdml/topk.h"
 #include "label_index.h"
@@ -54,9 +55,8 @@ struct Rows {
   at::Tensor x, y;
 };
 
-Rows prepare_rows(const at::Tensor& x_in, const at::Tensor& y_in, bool normalize, const char* op) {
-  TORCH_CHECK(x_in.dim() == 2 && y_in.dim() == 2 && x_in.size(1) == y_in.size(1), op,
-              ": x [B, d] and y [M, d] expected");
+// Call check::rows first.
+Rows prepare_rows(const at::Tensor& x_in, const at::Tensor& y_in, bool normalize) {
   at::Tensor inv;
   Rows r;
   r.x = normalized_rows(x_in, normalize, &inv);
@@ -68,11 +68,20 @@ Rows prepare_rows(const at::Tensor& x_in, const at::Tensor& y_in, bool normalize
 std::tuple<at::Tensor, at::Tensor> knn_fwd_cpu(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k,
                                                bool exclude_diagonal, bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Rows rows = prepare_rows(x_in, y_in, normalize, "knn_fwd");
+  constexpr const char* op = "knn_fwd";
+  check::rows(op, x_in, y_in);
+  TORCH_CHECK_VALUE(!exclude_diagonal || x_in.size(0) == y_in.size(0), op,
+                    ": exclude_diagonal needs y = x (self mode, B == M), got B = ", x_in.size(0), " and M = ",
+                    y_in.size(0));
+  {  // the candidates per row: M, less the diagonal
+    const int64_t m = y_in.size(0), n_cand = m - (exclude_diagonal ? 1 : 0);
+    check::int_in_range(op, "k", k, 1, n_cand,
+                        exclude_diagonal ? c10::str("[1, M - 1 = ", n_cand, "] (the candidates per row)")
+                                         : c10::str("[1, M = ", m, "] (the candidates per row)"));
+  }
+  const Rows rows = prepare_rows(x_in, y_in, normalize);
   const at::Tensor &x = rows.x, &y = rows.y;
   const int64_t B = x.size(0), M = y.size(0);
-  TORCH_CHECK(k >= 1, "knn_fwd: k must be >= 1, got ", k);
-  TORCH_CHECK(k <= M - (exclude_diagonal ? 1 : 0), "knn_fwd: k = ", k, " is larger than the number of candidates");
   auto fopts = x.options().dtype(at::kFloat);
   at::Tensor values = new_output({B, k}, fopts);
   at::Tensor indices = new_output({B, k}, x.options().dtype(at::kLong));
@@ -280,15 +289,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hardest_negatives_fwd_cpu(const a
                                                                          const at::Tensor& ref_labels, int64_t k,
                                                                          bool self_mode, bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const Rows rows = prepare_rows(x_in, y_in, normalize, "hardest_negatives_fwd");
+  constexpr const char* op = "hardest_negatives_fwd";
+  check::rows(op, x_in, y_in);
+  TORCH_CHECK_VALUE(!self_mode || x_in.size(0) == y_in.size(0), op, ": self_mode needs y = x (B == M), got B = ",
+                    x_in.size(0), " and M = ", y_in.size(0));
+  check::labels(op, "labels", labels, x_in.size(0), "B", x_in);
+  check::labels(op, "ref_labels", ref_labels, y_in.size(0), "M", x_in);
+  const LabelIndex lab = build_label_index(labels, ref_labels);
+  const int64_t n_neg = count_negatives(lab, y_in.size(0));
+  check::int_in_range(op, "k", k, 1, n_neg, c10::str("[1, number of negatives = ", n_neg, "]"));
+  const Rows rows = prepare_rows(x_in, y_in, normalize);
   const at::Tensor &x = rows.x, &y = rows.y;
   const int64_t B = x.size(0), M = y.size(0);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == B, "hardest_negatives_fwd: labels must be [B]");
-  TORCH_CHECK(ref_labels.dim() == 1 && ref_labels.size(0) == M, "hardest_negatives_fwd: ref_labels must be [M]");
-  const LabelIndex lab = build_label_index(labels, ref_labels);
-  const int64_t n_neg = count_negatives(lab, M);
-  TORCH_CHECK(k >= 1 && k <= n_neg, "hardest_negatives_fwd: k = ", k, " outside [1, number of negatives = ", n_neg,
-              "]");
   const TaskPlan plan = plan_row_tasks(B);
   const int64_t strategy = selection_strategy().load();
   const bool one_pass = strategy == 1 || (strategy == 0 && k * plan.num_tasks <= kOnePassEntries);
