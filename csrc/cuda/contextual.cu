@@ -26,6 +26,7 @@
 
 #include "../aten/contextual_stage.h"
 #include "contextual_kernels.cuh"
+#include "flashdml/check.h"
 #include "flashdml/poison.h"
 #include "launch_utils.cuh"
 #include "normalize_rows.h"
@@ -138,6 +139,7 @@ Tensor contextual_bwd_cuda(const Tensor& grad_loss, const Tensor& x_raw, const T
   (void)k;
   (void)eps;
   check_inputs("contextual_bwd", x_raw, labels_in);
+  check::neighbour_lists("contextual_bwd", ptr, col, flag, x_raw.size(0), x_raw);  // flashdml/check.h: O(B + nnz)
   const c10::cuda::CUDAGuard guard(x_raw.device());
   const int64_t B = x_raw.size(0);
   TORCH_CHECK(grad_loss.numel() == 1 && ptr.numel() == B + 1 && col.numel() == flag.numel() && counts.numel() == 2,
