@@ -7,6 +7,10 @@ neighbour lists and the margin-contrastive sums, an O(B·k²) sparse stage, the 
 matrix; flashdml-triton and flashdml-cuda, the same algorithm on CUDA tensors, with the sparse stage as device
 tensor ops). reference-cuda runs the reference on a GPU when there is one.
 
+Inputs: random rows (the default), or `input="duplicate_clusters"`: two clusters of identical rows (+1 and −1), so
+every ε-band holds half the batch — the worst case of the fused op's sparse stage (~B·|N|²), where the CPU op
+switches to its dense B×B path.
+
 FLOPs per call (for the GEMM-ceiling column) = 8·B²·d: the fused algorithm's GEMM work — the forward S pass and,
 backward, S recomputed, G F and Gᵀ F.
 """
@@ -23,7 +27,11 @@ F32 = 4
 
 def make_inputs(shape: dict, device: str):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape["B"], shape["d"], generator=g).to(device).requires_grad_()
+    B, d = shape["B"], shape["d"]
+    if shape.get("input") == "duplicate_clusters":
+        x = torch.cat([torch.ones(B // 2, d), -torch.ones(B - B // 2, d)]).to(device).requires_grad_()
+    else:
+        x = torch.randn(B, d, generator=g).to(device).requires_grad_()
     labels = (torch.arange(shape["B"]) // PER_CLASS).to(device)
     return (x, labels), {"k": K, "eps": EPS}
 
@@ -42,7 +50,8 @@ def _mem_fused(s):
 
 
 def _label(s):
-    return f"B={s['B']} d={s['d']} k={K} 4/class"
+    extra = f" {s['input']}" if s.get("input") else ""
+    return f"B={s['B']} d={s['d']} k={K} 4/class{extra}"
 
 
 PROVIDERS = loss_providers("contextual_loss", make_inputs, mem_reference=_mem_reference,
@@ -57,7 +66,8 @@ SHAPES = {
     "quick": _sweep([128, 1024], only=["reference", "flashdml-cpu", "reference-cuda", "flashdml-triton",
                                        "flashdml-cuda"]),
     # `--op contextual_loss`: the target shapes; at B = 16384 the reference's ~32 GiB prediction skips it.
-    "targets": _sweep([128, 1024, 4096, 16384]),
+    # plus the wide-band worst case: two clusters of duplicate rows (every |N(i)| = B/2).
+    "targets": _sweep([128, 1024, 4096, 16384]) + sweep([2048], 32, input="duplicate_clusters"),
 }
 SHAPES["full"] = SHAPES["targets"] + _sweep([2048, 8192])
 

@@ -24,6 +24,7 @@
 
 namespace flashdml {
 std::atomic<int64_t>& selection_strategy();  // cpu/selection.cpp
+std::atomic<int64_t>& contextual_dense_mode();  // cpu/contextual.cpp
 }  // namespace flashdml
 
 namespace {
@@ -37,6 +38,11 @@ void set_selection_strategy(int64_t s) {
   flashdml::selection_strategy().store(s);
 }
 
+void set_contextual_dense(int64_t s) {
+  TORCH_CHECK(s >= 0 && s <= 2, "_set_contextual_dense: 0 (auto), 1 (always sparse) or 2 (always dense when it fits)");
+  flashdml::contextual_dense_mode().store(s);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(flashdml, m) {
@@ -45,6 +51,12 @@ TORCH_LIBRARY(flashdml, m) {
   m.def("_get_poison() -> bool", &get_poison);
   // Test support: how the CPU hardest_negatives_fwd selects (0 automatic, 1 one pass, 2 radix select).
   m.def("_set_selection_strategy(int strategy) -> ()", &set_selection_strategy);
+  // Test support: the CPU contextual loss's path for B > 256 (0 automatic, 1 always the sparse stage, 2 always the
+  // dense B x B path when B <= 4096).
+  m.def("_set_contextual_dense(int mode) -> ()", &set_contextual_dense);
+  // Test support: whether the CPU contextual op takes the dense path for the forward's neighbour lists (ptr, nbr,
+  // flags of contextual_fwd), under the current _set_contextual_dense mode.
+  m.def("_contextual_dense_path(Tensor ptr, Tensor col, Tensor flag) -> bool");
 
   // docs/spec.md §2.1. Row i's positive is column i; columns j != i with labels[j] == labels[i] are dropped.
   // Returns the loss, the per-row LSE of z = S / temperature over row i's allowed set, and (symmetric) the

@@ -207,6 +207,69 @@ def test_large_k_up_to_b():
         _compare(x, labels, k=k, eps=0.0)
 
 
+# ------------------------------------------------------------------------------- dense path for B > 256
+# Wide ε-bands (duplicates) make the sparse stage cost ~B·|N|²: the CPU op then holds Z and the closed-form gradient
+# as B×B doubles (contextual_one_tile.h, ctx::use_dense). _set_contextual_dense forces a path: 0 auto, 1 sparse,
+# 2 dense (B <= 4096).
+@pytest.fixture
+def dense_mode():
+    def set_mode(m):
+        torch.ops.flashdml._set_contextual_dense(m)
+    yield set_mode
+    torch.ops.flashdml._set_contextual_dense(0)
+
+
+def _dense_path(x, labels, k, eps):
+    _, _, ptr, nbr, flags, _ = torch.ops.flashdml.contextual_fwd(
+        x.contiguous(), labels.long(), k, eps, 1.0, 1.0, 1.0, 0.0, 0.75, 0.6, 1.0, True)
+    return torch.ops.flashdml._contextual_dense_path(ptr, nbr, flags)
+
+
+def _duplicate_clusters(B, d):
+    x = torch.cat([torch.ones(B // 2, d), -torch.ones(B - B // 2, d)])
+    return x, torch.arange(B) // 4
+
+
+@pytest.mark.parametrize("B,d,per_class,seed", [(300, 16, 7, 40), (1030, 32, 4, 41)])
+@pytest.mark.parametrize("k", [4, 8])
+def test_forced_dense_path_matches_reference(dense_mode, B, d, per_class, k, seed):
+    x, labels = _batch(B, d, per_class, seed)  # ragged: the last class is smaller
+    x[5] = x[17] = x[100] = x[250]  # exact duplicates (C = 0 entries off the diagonal)
+    x[30] = x[31]
+    dense_mode(2)
+    assert _dense_path(x, labels, k, 0.05)
+    _compare(x, labels, k=k, eps=0.05)
+    dense_mode(1)
+    assert not _dense_path(x, labels, k, 0.05)
+
+
+def test_auto_switch_picks_dense_on_duplicate_clusters(dense_mode):
+    x, labels = _duplicate_clusters(300, 8)
+    assert _dense_path(x, labels, 4, 0.05)
+    x, labels = _batch(300, 6, 4, 42)  # ε = 1.5: wide bands on every row
+    N, _, _, _ = _kernel_lists(x, labels, 4, 1.5)
+    assert N.sum(1).min() > 20
+    assert _dense_path(x, labels, 4, 1.5)
+    _compare(x, labels, k=4, eps=1.5)
+    for B, d, k, eps, seed in [(1030, 32, 4, 0.0, 10), (600, 64, 16, 0.05, 8)]:  # the normal case: sparse stage
+        xr, lr = _batch(B, d, 4, seed)
+        assert not _dense_path(xr, lr, k, eps)
+    dense_mode(1)
+    assert not _dense_path(x, labels, 4, 1.5)
+    _compare(x, labels, k=4, eps=1.5)
+
+
+def test_duplicate_clusters_b2048_takes_the_dense_path():
+    """Two clusters of identical rows, B = 2048, d = 32: every ε-band holds 1024 rows (sparse stage ~B·1024²)."""
+    x, labels = _duplicate_clusters(2048, 32)
+    assert _dense_path(x, labels, 4, 0.05)
+    x.requires_grad_(True)
+    with fd.backend("cpu"):
+        loss = fd.contextual_loss(x, labels)
+        loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
 # ----------------------------------------------------------------------------------------- other inputs
 def test_normalize_false():
     x, labels = _batch(100, 12, 4, 40)
@@ -302,7 +365,9 @@ def test_benchmark_declares_the_target_shapes():
 
     assert "contextual_loss" in OPS
     op = harness.load_op("contextual_loss")
-    assert {(s["B"], s["d"]) for s in op.shapes["targets"]} == {(128, 512), (1024, 512), (4096, 512), (16384, 512)}
+    assert {(s["B"], s["d"]) for s in op.shapes["targets"]} == {(128, 512), (1024, 512), (4096, 512), (16384, 512),
+                                                               (2048, 32)}
+    assert [s["B"] for s in op.shapes["targets"] if s.get("input") == "duplicate_clusters"] == [2048]
     names = {p.name for p in op.providers}
     assert {"reference", "flashdml-cpu", "torch.compile(reference)"} <= names
     ref = op.provider("reference")

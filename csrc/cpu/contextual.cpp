@@ -7,7 +7,9 @@
 //  2. SPEC 2.4 hard positives per class (same-class pairs only, contextual_grad.h pair_sim: O(Σ n_c² d)).
 //  3. The sparse stage (contextual_sparse.h): |N(i) ∩ N(j)|, W, R, Z, js in O(B·k²); L_ctx = (1/B²) Σ_{i≠j}
 //     (y − js)², split into the js support and the count of same-label pairs (per-class counts). For
-//     B <= kOneTileRows, Z dense and neighbourhoods as bit rows instead (contextual_one_tile.h).
+//     B <= kOneTileRows, Z dense and neighbourhoods as bit rows instead (contextual_one_tile.h); the same dense path
+//     for B <= kDenseMaxRows when the neighbourhoods are so wide that the sparse stage would cost more
+//     (ctx::use_dense, a function of the lists, so the backward takes the forward's path).
 //  4. L_reg = (‖Σ F_i‖²/B² − s̃)² in O(B·d).
 // The op returns the neighbour lists (CSR + flag bytes: in P, clamped C = 0) and the two hinge counts: all the
 // backward needs besides x and labels.
@@ -20,7 +22,8 @@
 //  * L_reg: a constant, through Σ F; L_con: hard positives per class (the forward's pair_sim values), hard negatives
 //    (rare once training works) from one recompute of the forward's S tiles only when the forward counted any;
 // then the normalisation backward, row by row. No S tile is touched when there are no hard negatives.
-// For B <= kOneTileRows the whole L_ctx term is one dense B x B matrix applied with one GEMM (contextual_one_tile.h).
+// On the dense path (B <= kOneTileRows, or ctx::use_dense) the whole L_ctx term is one dense B x B matrix applied
+// with one GEMM (contextual_one_tile.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -41,6 +44,12 @@
 #include "label_index.h"
 
 namespace flashdml {
+
+std::atomic<int64_t>& contextual_dense_mode() {
+  static std::atomic<int64_t> mode{0};
+  return mode;
+}
+
 namespace cpu {
 namespace {
 
@@ -170,9 +179,10 @@ FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t
     o += int64_t(lists.col[t].size());
   }
   lists = NbrLists();
-  const Nbr nb = ctx::make_nbr(B, pp, col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>(), !one_tile);
-  const double lc = one_tile ? ctx::dense_l_ctx(ctx::dense_context(nb), p.cls.row_class.data())
-                             : l_ctx(ctx::build_context(nb), p.cls, B);
+  const bool dense = ctx::use_dense(B, pp, flag.data_ptr<uint8_t>(), col.data_ptr<int32_t>());
+  const Nbr nb = ctx::make_nbr(B, pp, col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>(), !dense);
+  const double lc = dense ? ctx::dense_l_ctx(ctx::dense_context(nb), p.cls.row_class.data())
+                          : l_ctx(ctx::build_context(nb), p.cls, B);
   const double lr = l_reg(column_sums(p), B, reg_target);
   const double lcon = hinge_pair_loss(con.pos_sum, con.pos_count, con.neg_sum, con.neg_count, 1.0, 1.0);
   auto fopts = x.options().dtype(at::kFloat);
@@ -271,13 +281,15 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
   const float mp = float(pos_margin);
   const double s_ctx = g * context_weight * 2.0 * ste_slope;
   const double beta = 2.0 / B2;
-  const bool with_ctx = s_ctx != 0.0, one_tile = ctx::one_tile(B);
-  const bool sparse_ctx = with_ctx && !one_tile;  // the L_ctx terms of the sparse path (one_tile: all in one GEMM)
+  // the forward's decision, recomputed from the same lists
+  const bool with_ctx = s_ctx != 0.0,
+             dense = ctx::use_dense(B, ptr.data_ptr<int64_t>(), flag.data_ptr<uint8_t>(), col.data_ptr<int32_t>());
+  const bool sparse_ctx = with_ctx && !dense;  // the L_ctx terms of the sparse path (dense: all in one GEMM)
   const int64_t nc = ctx::num_classes(p.cls);
   std::vector<uint8_t> big(nc, 0);
   for (int64_t c = 0; c < nc; ++c) big[c] = p.cls.class_start[c + 1] - p.cls.class_start[c] > kBigClass;
 
-  const Nbr nb = ctx::make_nbr(B, ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>(), !one_tile);
+  const Nbr nb = ctx::make_nbr(B, ptr.data_ptr<int64_t>(), col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>(), !dense);
   Context cx;
   Backward bw{BatchView{p.cls, p.rows, p.B, p.d}, big, nb, cx, beta, {}, {}, {}, {}, {}};
   BigClassSums bs;
@@ -299,7 +311,7 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
   if (with_neg) hard_negative_pass(p, dx, 2.f * g_hn, float(neg_margin));
   p.F = at::Tensor();
   float* D = dx.data_ptr<float>();
-  if (with_ctx && one_tile) {
+  if (with_ctx && dense) {
     ctx::dense_ctx_grad(ctx::dense_context(nb), nb, p.cls.row_class.data(), p.rows, beta, s_ctx, dx);
   } else if (with_ctx) {
     bw.kn_apart = B >= kKnApartRows;
@@ -345,6 +357,15 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
   return grad_output_like(dx, x);
 }
 
+// Test support: the path (dense or sparse) the forward and backward take for these neighbour lists.
+bool contextual_dense_path_cpu(const at::Tensor& ptr_in, const at::Tensor& col_in, const at::Tensor& flag_in) {
+  const at::Tensor ptr = ptr_in.to(at::kLong).contiguous(), col = col_in.to(at::kInt).contiguous(),
+                   flag = flag_in.to(at::kByte).contiguous();
+  TORCH_CHECK(ptr.numel() >= 1 && col.numel() == ptr.data_ptr<int64_t>()[ptr.numel() - 1] && flag.numel() == col.numel(),
+              "_contextual_dense_path: pass the forward's neighbour lists");
+  return ctx::use_dense(ptr.numel() - 1, ptr.data_ptr<int64_t>(), flag.data_ptr<uint8_t>(), col.data_ptr<int32_t>());
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace flashdml
@@ -352,4 +373,5 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
 TORCH_LIBRARY_IMPL(flashdml, CPU, m) {
   m.impl("contextual_fwd", &flashdml::cpu::contextual_fwd_cpu);
   m.impl("contextual_bwd", &flashdml::cpu::contextual_bwd_cpu);
+  m.impl("_contextual_dense_path", &flashdml::cpu::contextual_dense_path_cpu);
 }
