@@ -17,7 +17,7 @@
 // densely cost O(B³) in GEMMs. The same three functions then run their B³ products as double GEMMs (Z = D_r R W;
 // GW = R D_r G; GR = G Wᵀ; (K + Kᵀ) N) and their B² passes in parallel 64 x 64 tiles; the arithmetic of the
 // B <= kOneTileRows path is untouched. Memory: at most three B x B doubles live at once (plus bit rows and one
-// B x B float): 0.4 GiB at B = 4096, the cap; above it the sparse stage always runs.
+// B x B float): 0.45 GiB at B = 4096, the cap; above it the sparse stage always runs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -41,7 +41,7 @@ constexpr int64_t kOneTileRows = 256;
 static_assert(kOneTileRows * kOneTileRows <= kTileRows * kTileCols, "the one-tile batch must fit the tile scratch");
 inline bool one_tile(int64_t B) { return B <= kOneTileRows; }
 
-// The large dense path's cap: three B x B doubles = 384 MiB at B = 4096.
+// The large dense path's cap: three B x B doubles (384 MiB) and one B x B float (64 MiB) at B = 4096.
 constexpr int64_t kDenseMaxRows = 4096;
 constexpr int64_t kDenseTile = 64;
 
@@ -55,9 +55,12 @@ namespace ctx {
 
 // Whether the context and its gradient go through the dense structures: always for B <= kOneTileRows; for larger
 // batches (up to kDenseMaxRows) when the sparse stage's work — the intersection counts Σ_i Σ_{j∈N(i)} a_j plus
-// the two halves of Z, bounded by 2 Σ_i Σ_{j∈N(i)} p_j (p = |P|) — exceeds B³/64 (the dense path's GEMMs, ~B³
-// flops each, run ~50x faster per operation than the sparse accumulators). A pure function of the neighbour lists
-// (and the test hook), so the backward recomputes the forward's decision. O(nnz): nothing on the normal path.
+// the two halves of Z, bounded by 2 Σ_i Σ_{j∈N(i)} p_j (p = |P|) — exceeds B³/128 (the dense path's five double
+// GEMMs, ~B³ flops each, run far faster per operation than the sparse accumulators and the backward's sparse
+// products, which grow with the same sums). Measured at B = 1030 (2 threads, sparse / dense s fwd+bwd):
+// work = 0.11·B³/64 (band 28) 1.8 / 1.6, 1.0·B³/64 (band 80) 2.8 / 1.9, 6·B³/64 (band 191) 9.4 / 1.9.
+// A pure function of the neighbour lists (and the test hook), so the backward recomputes the forward's
+// decision. O(nnz): nothing measurable on the normal path, which stays on the sparse stage.
 inline bool use_dense(int64_t B, const int64_t* ptr, const uint8_t* flag, const int32_t* col) {
   if (one_tile(B)) return true;
   const int64_t mode = contextual_dense_mode().load();
@@ -72,7 +75,7 @@ inline bool use_dense(int64_t B, const int64_t* ptr, const uint8_t* flag, const 
   double work = 0.0;
   for (int64_t e = 0; e < ptr[B]; ++e) work += double(cost[col[e]]);
   const double Bd = double(B);
-  return work > Bd * Bd * Bd / 64.0;
+  return work > Bd * Bd * Bd / 128.0;
 }
 
 // fn(block, i0, i1) over row blocks of kDenseTile rows, in parallel.
