@@ -317,8 +317,14 @@ inline void dense_ctx_grad_big(DenseContext dc, const Nbr& nb, const int32_t* cl
       }
     }
   });
-  {  // + (K + Kᵀ) N, K_li = kr on the entries (l, i) of N
-    at::Tensor K = dense_zeros(B), Nm = dense_zeros(B);
+  // + (K + Kᵀ) N, K_li = kr on the entries (l, i) of N. With few clamped entries this term is never formed: its
+  // part of dF is s_ctx (KS N + Nᵀ KS) X' with KS = K + Kᵀ, X' = diag(s) x (O(B²·d)), and C ⊙ becomes
+  // GN_ij = −(KS N)_ij on the clamped entries (O(B) each); otherwise GN += KS N as one GEMM.
+  int64_t n_clamped = 0;
+  for (int64_t e = 0; e < nnz; ++e) n_clamped += (nb.flag[e] & kCtxClamped) != 0;
+  const bool factored = n_clamped <= B * B / 16;
+  at::Tensor K = dense_zeros(B), Nm = dense_zeros(B);
+  {
     double *k = K.data_ptr<double>(), *nm = Nm.data_ptr<double>();
     for_row_blocks(B, [&](int64_t, int64_t l0, int64_t l1) {
       for (int64_t l = l0; l < l1; ++l)
@@ -339,13 +345,29 @@ inline void dense_ctx_grad_big(DenseContext dc, const Nbr& nb, const int32_t* cl
           }
       }
     });
+  }
+  if (!factored) {
     GNt.addmm_(K, Nm);
+    K = at::Tensor();
+    Nm = at::Tensor();
   }
   for (int64_t l = 0; l < B; ++l)
     for (int64_t e = nb.ptr[l]; e < nb.ptr[l + 1]; ++e) GN[int64_t(nb.col[e]) * B + l] += gp[e];
-  for (int64_t i = 0; i < B; ++i)  // C ⊙
-    for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e)
-      if (nb.flag[e] & kCtxClamped) GN[i * B + nb.col[e]] = 0.0;
+  if (factored) {
+    const double *k = K.data_ptr<double>(), *nm = Nm.data_ptr<double>();
+    for (int64_t i = 0; i < B; ++i)  // C ⊙ on the whole A: the KS N part cancelled on the clamped entries
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e)
+        if (nb.flag[e] & kCtxClamped) {
+          const int64_t j = nb.col[e];
+          double v = 0.0;
+          for (int64_t l = 0; l < B; ++l) v += k[i * B + l] * nm[l * B + j];
+          GN[i * B + j] = -v;
+        }
+  } else {
+    for (int64_t i = 0; i < B; ++i)  // C ⊙
+      for (int64_t e = nb.ptr[i]; e < nb.ptr[i + 1]; ++e)
+        if (nb.flag[e] & kCtxClamped) GN[i * B + nb.col[e]] = 0.0;
+  }
   at::Tensor m = at::empty({B, B}, dx.options());
   float* mp = m.data_ptr<float>();
   for_row_blocks(B, [&](int64_t, int64_t i0, int64_t i1) {
@@ -355,6 +377,14 @@ inline void dense_ctx_grad_big(DenseContext dc, const Nbr& nb, const int32_t* cl
         for (int64_t j = j0; j < j1; ++j) mp[i * B + j] = float(s_ctx * (GN[i * B + j] + GN[j * B + i])) * rows.s(j);
     }
   });
+  if (factored) {  // s_ctx (KS (N X') + Nᵀ (KS X')), in double
+    at::Tensor Xs = at::empty({B, rows.d}, K.options());
+    double* xs = Xs.data_ptr<double>();
+    for (int64_t i = 0; i < B; ++i)
+      for (int64_t q = 0; q < rows.d; ++q) xs[i * rows.d + q] = double(rows.x[i * rows.d + q]) * double(rows.s(i));
+    const at::Tensor T = at::mm(K, at::mm(Nm, Xs)).add_(at::mm(Nm.t(), at::mm(K, Xs))).mul_(s_ctx);
+    dx.add_(T.to(at::kFloat));
+  }
   GNt = at::Tensor();
   const at::Tensor x = at::from_blob(const_cast<float*>(rows.x), {B, rows.d}, dx.options());
   at::addmm_out(dx, dx, m, x);
