@@ -15,8 +15,9 @@
 // Large dense path (kOneTileRows < B <= kDenseMaxRows, chosen by use_dense): when the ε-bands are wide (e.g. many
 // duplicate rows) the sparse stage costs O(Σ_i Σ_{j∈N(i)} |N(j)|), up to B·|band|², while the same structures held
 // densely cost O(B³) in GEMMs. The same three functions then run their B³ products as double GEMMs (Z = D_r R W;
-// GW = R D_r G; GR = G Wᵀ; (K + Kᵀ) N) and their B² passes in parallel 64 x 64 tiles; the arithmetic of the
-// B <= kOneTileRows path is untouched. Memory: at most three B x B doubles live at once (plus bit rows and one
+// GW = R D_r G; GR = G Wᵀ; (K + Kᵀ) N only when many entries are clamped, otherwise applied to the rows in
+// O(B²·d)) and their B² passes in parallel 64 x 64 tiles; the arithmetic of the B <= kOneTileRows path is
+// untouched. Memory: at most three B x B doubles live at once (plus bit rows and one
 // B x B float): 0.45 GiB at B = 4096, the cap; above it the sparse stage always runs.
 #pragma once
 
@@ -55,9 +56,10 @@ namespace ctx {
 
 // Whether the context and its gradient go through the dense structures: always for B <= kOneTileRows; for larger
 // batches (up to kDenseMaxRows) when the sparse stage's work — the intersection counts Σ_i Σ_{j∈N(i)} a_j plus
-// the two halves of Z, bounded by 2 Σ_i Σ_{j∈N(i)} p_j (p = |P|) — exceeds B³/128 (the dense path's five double
-// GEMMs, ~B³ flops each, run far faster per operation than the sparse accumulators and the backward's sparse
-// products, which grow with the same sums). Measured at B = 1030 (2 threads, sparse / dense s fwd+bwd):
+// the two halves of Z, bounded by 2 Σ_i Σ_{j∈N(i)} p_j (p = |P|) — exceeds B³/128 (the dense path's double
+// GEMMs: Z forward; Z, GR, GW backward; ~B³ flops each, far faster per operation than the sparse accumulators
+// and the backward's sparse products, which grow with the same sums). Measured at B = 1030 (2 threads, loaded
+// machine, before the factored (K + Kᵀ) N; sparse / dense s fwd+bwd):
 // work = 0.11·B³/64 (band 28) 1.8 / 1.6, 1.0·B³/64 (band 80) 2.8 / 1.9, 6·B³/64 (band 191) 9.4 / 1.9.
 // A pure function of the neighbour lists (and the test hook), so the backward recomputes the forward's
 // decision. O(nnz): nothing measurable on the normal path, which stays on the sparse stage.
