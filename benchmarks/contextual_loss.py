@@ -1,4 +1,4 @@
-"""Contextual loss (SPEC 2.5), fp32, forward+backward, k = 4, ε = 0.05 (the paper's 256-px setting), labels
+"""Contextual loss (docs/spec.md §2.5), fp32, forward+backward, k = 4, ε = 0.05 (the paper's 256-px setting), labels
 arange(B) // 4 (4 samples per class).
 
 Providers: the reference (the paper's formulation: every step a B×B matrix, 18·B³ + 6·B²·d FLOPs, ~21·B² fp32
@@ -41,7 +41,7 @@ def _inputs(s):
 
 
 def _mem_reference(s):
-    """~21 live B×B fp32 buffers (SPEC 2.5) plus autograd's saved copies: predicted 30·B² words."""
+    """~21 live B×B fp32 buffers (docs/spec.md §2.5) plus autograd's saved copies: predicted 30·B² words."""
     return 30 * s["B"] * s["B"] * F32 + _inputs(s)
 
 

@@ -1,4 +1,4 @@
-"""kNN (SPEC 1.2): per query the k most similar references (cosine), forward only, fp32.
+"""kNN (docs/spec.md §1.2): per query the k most similar references (cosine), forward only, fp32.
 
 Providers: the reference (materialises the B×M matrix and sorts it), the fused kernels (flashdml-cpu; flashdml-triton
 and flashdml-cuda on CUDA tensors), `faiss-IndexFlatIP` (faiss-cpu's exact inner-product search on the same

@@ -1,5 +1,5 @@
-"""Fused CPU contextual loss (SPEC 2.5) against the reference: loss and straight-through gradient (autograd of the
-reference in float64, poisoned outputs), the neighbour lists against the fp32 arithmetic of SPEC step 3 (exact
+"""Fused CPU contextual loss (docs/spec.md §2.5) against the reference: loss and straight-through gradient (autograd of the
+reference in float64, poisoned outputs), the neighbour lists against the fp32 arithmetic of docs/spec.md §2.5 step 3 (exact
 duplicates, ties at the threshold, the inclusive ε band), k from 2 to 16, ε = 0 and 0.05, B from 8 to 2048,
 normalize=False, low precision inputs, errors and memory (B = 16384 without anything B×B)."""
 import os

@@ -1,4 +1,4 @@
-"""Fused knn (SPEC 1.2) and hardest negatives (SPEC 1.3) on the CPU against the reference.
+"""Fused knn (docs/spec.md §1.2) and hardest negatives (docs/spec.md §1.3) on the CPU against the reference.
 
 Exact comparisons use integer-valued rows with normalize=False: every S entry is an exact small integer in fp32
 and float64 alike, so the ties (many of them) must be broken exactly like the reference (lower index first).

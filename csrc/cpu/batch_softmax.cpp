@@ -1,4 +1,4 @@
-// Batch softmax / InfoNCE (SPEC 2.1) on the CPU: one streaming pass forward (per-row and, when symmetric,
+// Batch softmax / InfoNCE (docs/spec.md §2.1) on the CPU: one streaming pass forward (per-row and, when symmetric,
 // per-column log-sum-exp), one recompute pass backward (dx = G y, dy = G^T x). Nothing B x M is stored:
 // each task holds one kTileRows x kTileCols tile of S in L2.
 #include <ATen/ATen.h>

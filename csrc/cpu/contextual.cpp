@@ -1,10 +1,10 @@
-// Contextual loss on the CPU (SPEC 2.5): context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con, with
+// Contextual loss on the CPU (docs/spec.md §2.5): context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con, with
 // nothing B x B stored.
 //
 // Forward:
-//  1. The neighbour lists and the SPEC 2.4 hard negatives from the fp32 values of one GEMM of S (contextual_lists.h):
+//  1. The neighbour lists and the docs/spec.md §2.4 hard negatives from the fp32 values of one GEMM of S (contextual_lists.h):
 //     a streaming pass over S tiles, or, for B <= kOneTileRows, one tile scanned row by row.
-//  2. SPEC 2.4 hard positives per class (same-class pairs only, contextual_grad.h pair_sim: O(Σ n_c² d)).
+//  2. docs/spec.md §2.4 hard positives per class (same-class pairs only, contextual_grad.h pair_sim: O(Σ n_c² d)).
 //  3. The sparse stage (contextual_sparse.h): |N(i) ∩ N(j)|, W, R, Z, js in O(B·k²); L_ctx = (1/B²) Σ_{i≠j}
 //     (y − js)², split into the js support and the count of same-label pairs (per-class counts). For
 //     B <= kOneTileRows, Z dense and neighbourhoods as bit rows instead (contextual_one_tile.h); the same dense path
@@ -14,7 +14,7 @@
 // The op returns the neighbour lists (CSR + flag bytes: in P, clamped C = 0) and the two hinge counts: all the
 // backward needs besides x and labels.
 //
-// Backward (SPEC's closed form, G … GN): dL/dF = (G + Gᵀ) F with G = dL/dS, and G never formed:
+// Backward (docs/spec.md's closed form, G … GN): dL/dF = (G + Gᵀ) F with G = dL/dS, and G never formed:
 //  * L_ctx: s_ctx · C ⊙ (SP + u 1ᵀ + LB) (contextual_backward.h): SP sparse (plus, for B >= kKnApartRows, two
 //    factored products), u 1ᵀ row-constant (from −GJ M − GJᵀ M, M = 11ᵀ − N), LB_ij = −(β/2) ρ_i(κ_j)(1 − a_j/c_i)
 //    the label block (ρ_i(κ) = Σ_{m∈R(i), label κ} 1/r_m): sparse entries for small classes, class sums for big
@@ -197,7 +197,7 @@ FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t
   return {loss, terms, ptr, col, flag, counts};
 }
 
-// The SPEC 2.4 hard negatives need the S tiles again (the forward's tiles, so the same pairs): dx_i += 2 g F_j for
+// The docs/spec.md §2.4 hard negatives need the S tiles again (the forward's tiles, so the same pairs): dx_i += 2 g F_j for
 // each (G is symmetric up to the fp32 GEMM's rounding); a tile with many of them goes through one GEMM instead.
 void hard_negative_pass(const Setup& p, at::Tensor& dx, float g2, float mn) {
   const int64_t B = p.B, d = p.d;

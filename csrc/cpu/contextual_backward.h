@@ -1,4 +1,4 @@
-// The backward of the CPU contextual loss (SPEC 2.5) without any S tile: the closed-form straight-through gradient
+// The backward of the CPU contextual loss (docs/spec.md §2.5) without any S tile: the closed-form straight-through gradient
 // dL_ctx/dS = s_ctx · C ⊙ (SP + u 1ᵀ + LB) is split into
 //  * X: the sparse part (O(|N|²) per row, from the neighbour lists), with the small classes' label block and the
 //    C = 0 corrections folded in, applied as (X + Xᵀ) F: for B < kKnApartRows (where a row of X has about B
@@ -201,7 +201,7 @@ struct Backward {
   //   K N:  K (N F) + Nᵀ (K F)  (K symmetric), NF and KF interleaved per row;
   //   T2 = ½ GW' ⊙ (1 − a_j/c_i) with GW' = β R D_r E (E = js off the diagonal, 1 on it; E, R symmetric):
   //   T2 F = ½β [R D_r (E F) − D_1/c R D_r E (D_a F)],  T2ᵀ F = ½β [E C − D_a E Cc],  C = D_r R F, Cc = D_r R D_1/c F
-  //   (D_r = diag(1/r)). E is never formed: js = ½(D_r R W + Wᵀ R D_r) (SPEC 2.5 steps 6-7), so
+  //   (D_r = diag(1/r)). E is never formed: js = ½(D_r R W + Wᵀ R D_r) (docs/spec.md §2.5 steps 6-7), so
   //   E Y = ½[D_r R (W Y) + Wᵀ (R (D_r Y))] + (1 − js_ii) Y_i: short-list gathers (|N| and |R| per row, each way)
   //   instead of one per entry of js (|js(i)| ≈ 2|R||N|); Y = [F | D_a F | C | Cc] becomes E Y in place.
   // Everything is linear in F's columns, so it runs over chunks of kFeatureChunk columns: the five intermediates

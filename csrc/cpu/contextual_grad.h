@@ -1,4 +1,4 @@
-// Row and class helpers of the CPU contextual loss (SPEC 2.5) that the forward and the backward must share
+// Row and class helpers of the CPU contextual loss (docs/spec.md §2.5) that the forward and the backward must share
 // bit for bit, and the GEMM-free application of the structured gradient.
 //
 //  * Rows: F_i = fl(x_i · inv_i) formed on the fly (the same fp32 product normalized_rows stores), so the backward

@@ -1,4 +1,4 @@
-// The first stage of the CPU contextual loss forward (SPEC 2.5 steps 1-3, and the SPEC 2.4 hard negatives of L_con):
+// The first stage of the CPU contextual loss forward (docs/spec.md §2.5 steps 1-3, and the docs/spec.md §2.4 hard negatives of L_con):
 // the neighbour lists N(i) with their flags (in P(i), clamped C = 0), from the fp32 values of one GEMM of S = F Fᵀ.
 //
 //  * neighbour_pass: one streaming pass over S tiles (row blocks x column tiles, cpu_tiles.h gemm_tile): per row a
@@ -85,13 +85,13 @@ struct HingeStats {
 };
 
 struct NbrLists {
-  std::vector<HingeStats> con;  // per task: the margin-contrastive sums and counts (SPEC 2.4)
+  std::vector<HingeStats> con;  // per task: the margin-contrastive sums and counts (docs/spec.md §2.4)
   std::vector<int64_t> size;  // [B]
   std::vector<std::vector<int32_t>> col;  // per task, rows in order
   std::vector<std::vector<uint8_t>> flag;
 };
 
-// SPEC 2.4 hard negatives on one tile row (strict test): labels differ and s > m-. Hard positives are same-class
+// docs/spec.md §2.4 hard negatives on one tile row (strict test): labels differ and s > m-. Hard positives are same-class
 // pairs and come from the per-class pass (class_hinge), not from the tiles.
 inline void hinge_negatives_row(const float* s, int64_t cn, const int32_t* col_class, int32_t ci, float mn,
                                 HingeStats& st) {
@@ -104,7 +104,7 @@ inline void hinge_negatives_row(const float* s, int64_t cn, const int32_t* col_c
   st.neg_count += hits;
 }
 
-// SPEC 2.4 hard positives of one class (the diagonal kept as a positive): s_ij = pair_sim, symmetric.
+// docs/spec.md §2.4 hard positives of one class (the diagonal kept as a positive): s_ij = pair_sim, symmetric.
 inline void class_hinge(const ctx::Rows& rows, const LabelIndex& cls, int64_t c, float mp, HingeStats& st) {
   const int64_t* mem = cls.cols_by_class.data() + cls.class_start[c];
   const int64_t n = cls.class_start[c + 1] - cls.class_start[c];

@@ -1,4 +1,4 @@
-// Small batches of the CPU contextual loss (SPEC 2.5): for B <= kOneTileRows, S = F Fᵀ has at most
+// Small batches of the CPU contextual loss (docs/spec.md §2.5): for B <= kOneTileRows, S = F Fᵀ has at most
 // kTileRows · kTileCols entries — the size of the one tile scratch the streaming pass allocates anyway — so the
 // query expansion Z and the B x B pieces of the closed-form gradient are held densely instead of going through the
 // sparse structures of contextual_sparse.h / contextual_backward.h, whose bookkeeping (sorted merges, sparse
@@ -9,7 +9,7 @@
 //  * DenseContext: a = |N|, c = B − a, R, r = |R|, W on the entries of N and Z = (1/r) R W, dense (steps 4-7; Z is
 //    summed in the order build_context uses, so both paths give the same Z);
 //  * dense_l_ctx: L_ctx = (1/B²) Σ_{i≠j} (y_ij − ½(Z_ij + Z_ji))² (step 8);
-//  * dense_ctx_grad: dF += s_ctx (A + Aᵀ) F with A = C ⊙ (GN + GP) of SPEC's closed form, every term (the
+//  * dense_ctx_grad: dF += s_ctx (A + Aᵀ) F with A = C ⊙ (GN + GP) of docs/spec.md's closed form, every term (the
 //    row-constant, the label block and the clamp mask included), applied with one GEMM.
 //
 // Large dense path (kOneTileRows < B <= kDenseMaxRows, chosen by use_dense): when the ε-bands are wide (e.g. many
@@ -165,7 +165,7 @@ inline DenseContext dense_context_big(const Nbr& nb) {
   return dc;
 }
 
-// Steps 4-7 of SPEC 2.5 from the neighbour lists (ValueError for a collapsed batch or an empty R(i)).
+// Steps 4-7 of docs/spec.md §2.5 from the neighbour lists (ValueError for a collapsed batch or an empty R(i)).
 inline DenseContext dense_context(const Nbr& nb) {
   const int64_t B = nb.B;
   if (!one_tile(B)) return dense_context_big(nb);
@@ -392,7 +392,7 @@ inline void dense_ctx_grad_big(DenseContext dc, const Nbr& nb, const int32_t* cl
   at::addmm_out(dx, dx, m, x);
 }
 
-// dF += s_ctx (A + Aᵀ) F, A = dL_ctx/dS / s_ctx = C ⊙ (GN + GP) (SPEC 2.5, closed form), with
+// dF += s_ctx (A + Aᵀ) F, A = dL_ctx/dS / s_ctx = C ⊙ (GN + GP) (docs/spec.md §2.5, closed form), with
 //   G = β (js − y) ⊙ (1 − I), gr_i = −Σ_j G_ij Z_ij / r_i, GW = Rᵀ (G / r), GR_ab = (1/r_a) Σ_{j∈N(b)} G_aj W_bj + gr_a,
 //   GP_il = GR_il + GR_li for i ∈ P(l),
 //   GN_ij = GW_ij H_ij + u_i + Σ_{l∈N(i)} kr_il N_lj + Σ_{l: i∈N(l)} kr_li N_lj   (GI N + GIᵀ N − GJ M − GJᵀ M, M = 1 − N),

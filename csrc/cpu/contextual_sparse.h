@@ -1,4 +1,4 @@
-// The sparse stage of the contextual loss on the CPU (SPEC 2.5 steps 4-8), from the neighbour lists N(i) that the
+// The sparse stage of the contextual loss on the CPU (docs/spec.md §2.5 steps 4-8), from the neighbour lists N(i) that the
 // streaming pass collected: everything here is O(B·k²) time and O(B·k²) memory at most, nothing B x B.
 //
 //  * Nbr: N(i) as CSR (ascending int32 columns, one flag byte each: in P(i), clamped C_ij = 0) and its transpose
@@ -206,7 +206,7 @@ inline Nbr make_nbr(int64_t B, const int64_t* ptr, const int32_t* col, const uin
   return n;
 }
 
-// |N(i)| = B makes J 0/0 (SPEC 2.5 step 4): a clear error instead of NaN (messages: flashdml/contextual.h).
+// |N(i)| = B makes J 0/0 (docs/spec.md §2.5 step 4): a clear error instead of NaN (messages: flashdml/contextual.h).
 inline void check_not_collapsed(int64_t i, int64_t a, int64_t B) {
   TORCH_CHECK_VALUE(a < B, ctx_collapsed_batch_message(i, B));
 }
@@ -221,7 +221,7 @@ struct Context {
   std::vector<double> zj;       // Z_ij on the entries of js (0 where only Zᵀ has one)
 };
 
-// Steps 4-7 of SPEC 2.5. Raises ValueError for a collapsed batch (|N(i)| = B) or an empty R(i).
+// Steps 4-7 of docs/spec.md §2.5. Raises ValueError for a collapsed batch (|N(i)| = B) or an empty R(i).
 inline Context build_context(const Nbr& nb) {
   const int64_t B = nb.B;
   const double Bd = double(B);

@@ -79,7 +79,7 @@ inline float inv_row_norm(const float* a, int64_t d) {
   return 1.f / std::max(float(std::sqrt(ss)), 1e-12f);
 }
 
-// Rows scaled to unit L2 norm, x / max(||x||, 1e-12) (SPEC section 0), into a new fp32 tensor; inv_norm gets
+// Rows scaled to unit L2 norm, x / max(||x||, 1e-12) (docs/spec.md §0), into a new fp32 tensor; inv_norm gets
 // 1 / max(||x||, 1e-12) per row (the backward pass needs it). Without normalisation returns the fp32 rows.
 inline at::Tensor normalized_rows(const at::Tensor& x_in, bool normalize, at::Tensor* inv_norm) {
   at::Tensor x = as_float_contiguous(x_in);
@@ -136,7 +136,7 @@ inline at::Tensor grad_output_like(const at::Tensor& g32, const at::Tensor& inpu
 namespace flashdml {
 namespace cpu {
 
-// The backward "weighted-gradient pass" every loss shares (DESIGN.md, primitives): recompute each tile of
+// The backward "weighted-gradient pass" every loss shares (docs/design.md, the streaming primitives): recompute each tile of
 // S = x y^T, let `to_grad(task, r0, rn, c0, cn, tile, ld)` overwrite the tile with G = dL/dS in place, then
 //   dx[r0:r0+rn] += G y[c0:c0+cn]      (rows are owned by one task: no race)
 //   dy[c0:c0+cn] += G^T x[r0:r0+rn]    (per-task [kTileCols, d] partials, summed in task order per column block)

@@ -1,4 +1,4 @@
-// Hinge-pair losses on the CPU: Threshold-Consistent Margin (SPEC 2.3) and margin contrastive (SPEC 2.4).
+// Hinge-pair losses on the CPU: Threshold-Consistent Margin (docs/spec.md §2.3) and margin contrastive (docs/spec.md §2.4).
 // Both are one streaming pass forward that reduces each tile of S = x y^T to four numbers (hinge sums in double,
 // exact int64 counts of the hard positive / negative pairs; flashdml/hinge_pair.h has the per-element rules) and
 // one recompute pass backward (weighted_gradient_pass: G = dL/dS is -w+/#hp, +w-/#hn or 0 per entry).

@@ -1,4 +1,4 @@
-// The metrics pass (SPEC 3) on the CPU: one streaming pass over S = x y^T for a subset of query rows, feeding
+// The metrics pass (docs/spec.md §3) on the CPU: one streaming pass over S = x y^T for a subset of query rows, feeding
 //  (a) per-row top-k lists (k = keep[r] per row, sorted by value descending, ties -> lower reference index, the
 //      query itself excluded in self mode): recall@k and MAP@R are computed from them in Python;
 //  (b) fine similarity histograms (histogram.h, 2^16 bins) of the positive and the negative pairs, for PR-AUC and

@@ -1,4 +1,4 @@
-// Fused similarity + top-k selection on the CPU: knn (SPEC 1.2) and hardest negatives (SPEC 1.3, the
+// Fused similarity + top-k selection on the CPU: knn (docs/spec.md §1.2) and hardest negatives (docs/spec.md §1.3, the
 // selection of Cross-Example Negative Mining). S = x y^T is streamed in 128 x 512 tiles (cpu_tiles.h); each
 // tile is folded into the selection while it is in L2 and then dropped, so nothing B x M is ever stored.
 //

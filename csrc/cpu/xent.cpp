@@ -1,4 +1,4 @@
-// Cross-example softmax (SPEC 2.2) and NT-Xent (SPEC 2.1b) on the CPU. Both are
+// Cross-example softmax (docs/spec.md §2.2) and NT-Xent (docs/spec.md §2.1b) on the CPU. Both are
 //   L = (1/|P|) sum_{p in P} softplus(lse(p) - z_p),
 // where lse(p) is the log-sum-exp of z over the negatives of the whole batch (XE: one global partition) or of
 // p's row (NT-Xent). Forward: one streaming pass over S tiles computes every row's negative LSE and keeps the

@@ -147,7 +147,7 @@ inline void values_in_range(const char* op, const char* name, const at::Tensor& 
   }
 }
 
-// The neighbour lists of contextual_fwd, as contextual_bwd takes them back (SPEC 2.5): nbr_ptr int64 [B + 1] from 0,
+// The neighbour lists of contextual_fwd, as contextual_bwd takes them back (docs/spec.md §2.5): nbr_ptr int64 [B + 1] from 0,
 // non-decreasing, to nnz = nbr.numel(); nbr int32 [nnz] with the columns of each row strictly ascending in
 // [0, B); nbr_flags uint8 [nnz] with only bits 0 and 1 set. O(B + nnz); a device's lists are copied to the host
 // once (one sync).

@@ -1,5 +1,5 @@
 // Fixed-k top-k selection shared by the CPU and CUDA kernels (knn, hardest negatives, the contextual loss's
-// neighbour thresholds, recall@k / MAP@R). One total order everywhere (SPEC section 0):
+// neighbour thresholds, recall@k / MAP@R). One total order everywhere (docs/spec.md §0):
 //   (value a, index ia) comes before (value b, index ib)  <=>  a > b, or a == b and ia < ib
 // ("value descending, then index ascending"), so every backend selects the same indices. -0.0 and +0.0 are
 // equal values (as in the reference's sort); NaN is never a candidate (the kernels filter it out).

@@ -1,10 +1,10 @@
-// Sortable keys, fixed-size top-k lists and radix-select bin choice for the selection kernels (kNN SPEC 1.2,
-// hardest negatives SPEC 1.3). Header-only, host and device (FLASHDML_HD), free of ATen.
+// Sortable keys, fixed-size top-k lists and radix-select bin choice for the selection kernels (kNN docs/spec.md §1.2,
+// hardest negatives docs/spec.md §1.3). Header-only, host and device (FLASHDML_HD), free of ATen.
 //
 // * order_key(s) (flashdml/topk.h): an fp32 value as a uint32 whose unsigned order is the value's order (-0.0 and
 //   +0.0 give the same key, as they compare equal); key_value inverts it.
 // * pack_key(s, col): uint64 (order_key(s) << 32) | (0xFFFFFFFF - col): larger key = larger value, and for
-//   equal values the lower column, so one integer comparison does both (SPEC: ties -> lower index). kNoKey (0) is
+//   equal values the lower column, so one integer comparison does both (docs/spec.md: ties -> lower index). kNoKey (0) is
 //   below the key of every real (non-NaN) value, so an empty list slot is never selected while enough real
 //   candidates exist. The Triton kernels (triton_kernels/_topk.py) use the same order on signed int64.
 // * topk_insert: insertion into a list sorted descending (O(K) shifts; the caller tests key > list[K-1] first).
