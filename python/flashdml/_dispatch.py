@@ -28,8 +28,33 @@ _warned: set = set()
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every following call in the process (blocks of ``with backend(...)`` override it
-    in their own thread or task)."""
+    """Select the backend that runs every following call of the process.
+
+    The choice is the process default: a block ``with flashdml.backend(...)`` overrides it in its own thread or
+    asyncio task. Under ``"auto"`` (the initial choice) each call picks the C++ CPU kernels for CPU tensors,
+    Triton then the CUDA C++ kernels for CUDA tensors, and the reference (warning once, saying why) where no
+    compiled kernel can run it. An explicit backend that cannot run a call makes that call raise instead.
+
+    Args:
+        name (str): one of ``"auto"``, ``"reference"`` (the pure-PyTorch oracle), ``"cpu"`` (C++ kernels),
+            ``"triton"`` or ``"cuda"`` (CUDA C++ kernels). The name is accepted whether or not this install
+            can run that backend (see :func:`available_backends`).
+
+    Returns:
+        None.
+
+    Raises:
+        ValueError: ``name`` is not one of the five backend names.
+        RuntimeError: not here, but later, from an op that the explicitly chosen backend cannot run (not
+            built, no kernel for the op, or tensors on a device it does not serve).
+
+    Example:
+        >>> import flashdml as fd
+        >>> fd.set_backend("reference")
+        >>> fd.get_backend()
+        'reference'
+        >>> fd.set_backend("auto")   # back to the default
+    """
     global _default
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
@@ -37,16 +62,53 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """The backend the next call of this thread / task resolves from: "auto", "reference", "cpu", "triton" or
-    "cuda"."""
+    """The backend name the next call of this thread / task resolves from.
+
+    That is the innermost active ``with flashdml.backend(...)`` block of the calling thread or asyncio task,
+    or else the process default set by :func:`set_backend` (``"auto"`` initially). It is the name that was
+    chosen, not the backend ``"auto"`` will pick for a given call.
+
+    Returns:
+        str: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Example:
+        >>> import flashdml as fd
+        >>> fd.get_backend()
+        'auto'
+        >>> with fd.backend("reference"):
+        ...     fd.get_backend()
+        'reference'
+    """
     scoped = _scoped.get()
     return _default if scoped is None else scoped
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """``with flashdml.backend("cpu"): ...`` runs the block on that backend, then restores the previous choice.
-    The choice is local to the calling thread (or asyncio task): other threads keep theirs."""
+    """Context manager: run the ``with`` block on one backend, then restore the previous choice.
+
+    The choice is local to the calling thread (or asyncio task, through a context variable): other threads
+    keep theirs, and blocks nest (the innermost wins). It overrides :func:`set_backend` inside the block.
+
+    Args:
+        name (str): ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``, as for
+            :func:`set_backend`.
+
+    Returns:
+        A context manager; ``with`` binds nothing (``None``).
+
+    Raises:
+        ValueError: ``name`` is not a backend name (raised on entering the block).
+        RuntimeError: inside the block, from an op the chosen backend cannot run.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.randn(8, 4)
+        >>> with fd.backend("reference"):          # the pure-PyTorch oracle
+        ...     loss = fd.ntxent(x, torch.arange(8) // 2)
+        >>> fd.get_backend()
+        'auto'
+    """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     token = _scoped.set(name)
@@ -89,7 +151,26 @@ _STATUS = {"reference": lambda: (True, "pure PyTorch, always available"), "cpu":
 
 
 def available_backends() -> Dict[str, Tuple[bool, str]]:
-    """``{name: (available, reason)}`` for every backend: what this install can run, and why not the rest."""
+    """What this install can run: ``{name: (available, reason)}`` for every backend except ``"auto"``.
+
+    A backend is available when its code can run here at all: ``"reference"`` always; ``"cpu"`` when the
+    extension ``flashdml._C`` loaded; ``"cuda"`` when it was built with CUDA kernels and a CUDA device is
+    visible; ``"triton"`` when Triton is installed and there is a CUDA device (or ``TRITON_INTERPRET=1``, which
+    runs the kernels on CPU tensors for testing). Whether a particular op has a kernel on a backend is decided
+    per call.
+
+    Returns:
+        dict[str, tuple[bool, str]]: keys ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``; each value is
+        ``(available, reason)``, the reason a short sentence saying what runs or why it cannot.
+
+    Example:
+        >>> import flashdml as fd
+        >>> status = fd.available_backends()
+        >>> sorted(status)
+        ['cpu', 'cuda', 'reference', 'triton']
+        >>> status["reference"]
+        (True, 'pure PyTorch, always available')
+    """
     return {name: status() for name, status in _STATUS.items()}
 
 
