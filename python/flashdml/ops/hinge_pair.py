@@ -51,33 +51,52 @@ def threshold_consistent_margin(
 ) -> Tensor:
     """Threshold-Consistent Margin loss (Zhang et al., ICLR 2024; docs/spec.md §2.3), cosine similarity always.
 
-    Over ordered pairs of ``S = x̂ ŷᵀ`` (rows L2-normalised; self mode ``y=None`` drops the pairs ``(i, i)``):
-    hard positives are positive pairs with ``s <= pos_margin``, hard negatives are negative pairs with
-    ``s >= neg_margin`` (both inclusive), and
-    ``L = pos_weight · Σ_hardpos (m+ − s) / #hardpos + neg_weight · Σ_hardneg (s − m−) / #hardneg``,
-    each term 0 (with a zero gradient) when its set is empty. The counts are exact int64; the margins are
-    compared with the fp32 similarities in fp32, as ``S <= pos_margin`` on an fp32 tensor does.
-
-    Args:
-        x: queries ``[B, d]`` (fp32, fp16 or bf16; float64 runs on the reference).
-        labels: int ``[B]``; ``None`` is pair mode (``labels = ref_labels = arange``: in self mode that leaves no
-            positive pair, so only the negative term remains).
-        y: references ``[M, d]``, or ``None`` for self mode (``y = x``, ``ref_labels = labels``).
-        ref_labels: int ``[M]``, required in cross mode with labels.
-        pos_margin, neg_margin: ``m+`` and ``m−``.
-        pos_weight, neg_weight: ``λ+`` and ``λ−``.
-
-    Returns a 0-dim fp32 loss; gradients come back in the input dtype. Equals pytorch-metric-learning's
+    Over the ordered pairs of ``S = x̂ ŷᵀ`` (self mode drops ``(i, i)``), hard positives are positive pairs with
+    ``s <= pos_margin`` and hard negatives are negative pairs with ``s >= neg_margin`` (both inclusive):
+    ``L = pos_weight · Σ_hardpos (m+ − s) / #hardpos + neg_weight · Σ_hardneg (s − m−) / #hardneg``, each term 0
+    (zero gradient) when its set is empty. Counts are exact int64; the margins are compared with the fp32
+    similarities. The fused kernels stream S: memory O((B + M)·d). Equals pytorch-metric-learning's
     ``ThresholdConsistentMarginLoss(lambda_plus, lambda_minus, margin_plus, margin_minus)`` in self mode; in
     cross mode it compares ``x`` with ``y`` (pml indexes the query embeddings with the reference indices).
 
-    Example::
+    Args:
+        x (Tensor): queries ``[B, d]``, fp32, fp16 or bf16 (float64 runs on the reference, in float64).
+        labels (Tensor or None): integer ``[B]`` (positional, no default). ``None`` is pair mode (``labels =
+            ref_labels = arange``; in self mode that leaves no positive pair, so only the negative term remains).
+        y (Tensor, optional): references ``[M, d]``, same dtype and device as ``x``. Default ``None``: self mode
+            (``y = x``, ``ref_labels = labels``).
+        ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
+        pos_margin (float): ``m+``, any finite number (cosines lie in [-1, 1]). Default 0.9.
+        neg_margin (float): ``m−``, any finite number. Default 0.5.
+        pos_weight (float): ``λ+``, the weight of the positive term, finite. Default 1.0.
+        neg_weight (float): ``λ−``, the weight of the negative term, finite. Default 1.0.
 
-        # usually added to a main loss, as in the paper
-        loss = main_loss + flashdml.threshold_consistent_margin(emb, labels, pos_margin=0.9, neg_margin=0.5)
-        loss.backward()
-        # queries against a separate reference set
-        loss = flashdml.threshold_consistent_margin(q, q_labels, gallery, gallery_labels)
+    Returns:
+        Tensor: the 0-dim fp32 loss (float64 for float64 input); gradients come back in the input dtype. NaN when
+        ``x`` or ``y`` holds a NaN or an infinity.
+
+    Raises:
+        TypeError: ``x``, ``y``, ``labels`` or ``ref_labels`` that is not a tensor; embeddings that are not fp16,
+            bf16, fp32 or fp64; ``x`` and ``y`` of different dtypes; non-integer labels; a margin or weight that
+            is not a real number.
+        ValueError: embeddings that are not 2-D, are empty or differ in ``d``; labels that are not 1-D or do not
+            match their rows; ``ref_labels`` without ``y`` or without ``labels``; ``y`` and ``labels`` without
+            ``ref_labels``; tensors on different devices; a NaN or infinite margin or weight.
+        RuntimeError: an explicitly selected backend that cannot run the call; ``create_graph=True`` through a
+            fused backward.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb = torch.randn(16, 8, requires_grad=True)
+        >>> labels = torch.arange(16) // 4
+        >>> tcm = fd.threshold_consistent_margin(emb, labels, pos_margin=0.9, neg_margin=0.5)
+        >>> tcm.shape, tcm.dtype
+        (torch.Size([]), torch.float32)
+        >>> torch.allclose(tcm, fd.reference.threshold_consistent_margin(emb, labels))
+        True
+        >>> (fd.ntxent(emb, labels) + tcm).backward()          # usually added to a main loss, as in the paper
+        >>> gallery, gallery_labels = torch.randn(32, 8), torch.arange(32) // 8
+        >>> cross = fd.threshold_consistent_margin(emb, labels, gallery, gallery_labels)   # queries vs a gallery
     """
     pos_margin = check_real(pos_margin, "pos_margin")
     neg_margin = check_real(neg_margin, "neg_margin")
@@ -104,27 +123,48 @@ def contrastive_margin(
 ) -> Tensor:
     """Margin contrastive loss (docs/spec.md §2.4), the contrastive term of the contextual loss; cosine similarity only.
 
-    ``L = Σ_P [m+ − s]_+ / #{p ∈ P : m+ − s_p > 0} + Σ_N [s − m−]_+ / #{n ∈ N : s_n − m− > 0}``: only pairs with
-    a non-zero hinge are counted (strict), each term is 0 (zero gradient) when its count is 0. **Self mode keeps
-    the diagonal as a positive pair** (as the contextual paper's code does): for ``pos_margin < 1`` its hinge is
-    0 and it changes nothing, which makes this equal to pytorch-metric-learning's
-    ``ContrastiveLoss(pos_margin, neg_margin, distance=CosineSimilarity())``; for ``pos_margin >= 1`` the diagonal
-    is counted here and not in pml.
+    ``L = Σ_P [m+ − s]_+ / #{p ∈ P : m+ − s_p > 0} + Σ_N [s − m−]_+ / #{n ∈ N : s_n − m− > 0}`` over
+    ``S = x̂ ŷᵀ``: only pairs with a non-zero hinge are counted (strict), and a term is 0 (zero gradient) when its
+    count is 0. Self mode keeps the diagonal as a positive pair (as the contextual paper's code does): for
+    ``pos_margin < 1`` its hinge is 0, so the loss equals pytorch-metric-learning's
+    ``ContrastiveLoss(pos_margin, neg_margin, distance=CosineSimilarity())``; for ``pos_margin >= 1`` the
+    diagonal counts here and not in pml. Memory O((B + M)·d).
 
     Args:
-        x: queries ``[B, d]`` (fp32, fp16 or bf16; float64 runs on the reference).
-        labels: int ``[B]``; ``None`` is pair mode (``arange``; row ``i`` of ``x`` matches row ``i`` of ``y``).
-        y: references ``[M, d]``, or ``None`` for self mode.
-        ref_labels: int ``[M]``, required in cross mode with labels.
-        pos_margin, neg_margin: ``m+`` and ``m−`` (compared with the fp32 similarities in fp32).
+        x (Tensor): queries ``[B, d]``, fp32, fp16 or bf16 (float64 runs on the reference, in float64).
+        labels (Tensor or None): integer ``[B]`` (positional, no default). ``None`` is pair mode (``arange``: row
+            ``i`` of ``x`` matches row ``i`` of ``y`` only).
+        y (Tensor, optional): references ``[M, d]``, same dtype and device as ``x``. Default ``None``: self mode.
+        ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
+        pos_margin (float): ``m+``, finite, compared with the fp32 similarities. Default 0.75.
+        neg_margin (float): ``m−``, finite, compared with the fp32 similarities. Default 0.6.
 
-    Returns a 0-dim fp32 loss; gradients come back in the input dtype. Memory O((B + M)·d).
+    Returns:
+        Tensor: the 0-dim fp32 loss (float64 for float64 input); gradients come back in the input dtype. NaN when
+        ``x`` or ``y`` holds a NaN or an infinity.
 
-    Example::
+    Raises:
+        TypeError: ``x``, ``y``, ``labels`` or ``ref_labels`` that is not a tensor; embeddings that are not fp16,
+            bf16, fp32 or fp64; ``x`` and ``y`` of different dtypes; non-integer labels; a margin that is not a
+            real number.
+        ValueError: embeddings that are not 2-D, are empty or differ in ``d``; labels that are not 1-D or do not
+            match their rows; ``ref_labels`` without ``y`` or without ``labels``; ``y`` and ``labels`` without
+            ``ref_labels``; tensors on different devices; a NaN or infinite margin.
+        RuntimeError: an explicitly selected backend that cannot run the call; ``create_graph=True`` through a
+            fused backward.
 
-        loss = flashdml.contrastive_margin(emb, labels, pos_margin=0.75, neg_margin=0.6)
-        # image-text pairs: row i of img matches row i of txt
-        loss = flashdml.contrastive_margin(img, None, txt)
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb = torch.randn(16, 8, requires_grad=True)
+        >>> labels = torch.arange(16) // 4
+        >>> loss = fd.contrastive_margin(emb, labels, pos_margin=0.75, neg_margin=0.6)
+        >>> torch.allclose(loss, fd.reference.contrastive_margin(emb, labels))
+        True
+        >>> loss.backward()
+        >>> img, txt = torch.randn(8, 8), torch.randn(8, 8)
+        >>> pairs = fd.contrastive_margin(img, None, txt)      # image-text pairs: row i matches row i
+        >>> pairs.shape
+        torch.Size([])
     """
     pos_margin = check_real(pos_margin, "pos_margin")
     neg_margin = check_real(neg_margin, "neg_margin")

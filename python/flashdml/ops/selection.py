@@ -162,16 +162,49 @@ def knn(
     normalize: bool = True,
     exclude_self: bool = True,
 ) -> Tuple[Tensor, Tensor]:
-    """docs/spec.md §1.2: per row of ``x``, the k most similar rows of ``y`` — without materialising S.
+    """Per row of ``x``, the k most similar rows of ``y`` (docs/spec.md §1.2), without materialising S.
 
-    Returns ``(values [B, k] fp32, indices [B, k] int64)``, sorted descending, ties → lower column index. Self
-    mode (``y=None``) with ``exclude_self`` drops the query itself. ``k`` larger than the number of candidates
-    per row is a ``ValueError``. Memory O((B + M)·d + B·k); the values carry the gradient of S's entries.
+    For each row ``i`` the k largest entries of ``S[i, :]``, ``S = x̂ ŷᵀ``, sorted in decreasing order, equal
+    values → lower column index first. The fused kernels stream tiles of S: memory O((B + M)·d + B·k). The
+    values are the kernel's fp32 entries of S and carry their gradient (to ``x̂_i`` and ``ŷ_j`` of each
+    selected pair).
 
-    Example::
+    Args:
+        x (Tensor): queries ``[B, d]``, fp32, fp16 or bf16 (float64 runs on the reference, in float64).
+        y (Tensor, optional): references ``[M, d]``, same dtype and device as ``x``. Default ``None``: self mode
+            (``y = x``).
+        k (int): neighbours per row, ``1 <= k <= M`` (``B − 1`` in self mode with ``exclude_self``). Default 10.
+        normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
+        exclude_self (bool): in self mode, column ``i`` is not a candidate for row ``i``; no effect in cross
+            mode. Default ``True``.
 
-        sims, idx = flashdml.knn(queries, gallery, k=10)          # cosine kNN
-        sims, idx = flashdml.knn(emb, k=5)                        # self mode, the query itself excluded
+    Returns:
+        tuple[Tensor, Tensor]: ``(values, indices)``, both ``[B, k]``: values fp32 (float64 for float64 input),
+        indices int64 into the rows of ``y``.
+
+    Raises:
+        TypeError: ``x`` or ``y`` that is not a tensor; embeddings that are not fp16, bf16, fp32 or fp64; ``x``
+            and ``y`` of different dtypes; a non-integer ``k``; ``normalize`` or ``exclude_self`` not a bool.
+        ValueError: embeddings that are not 2-D, are empty or differ in ``d``; tensors on different devices;
+            ``k < 1`` or more than the candidates per row; a NaN or infinite entry in ``x`` or ``y`` (the
+            message names the first such row).
+        RuntimeError: an explicitly selected backend that cannot run the call; ``create_graph=True`` through
+            the fused backward.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.],                 # unit rows: S is exact
+        ...                   [.5, .5, .5, .5],
+        ...                   [0., 1., 0., 0.],
+        ...                   [-1., 0., 0., 0.]])
+        >>> values, indices = fd.knn(x, k=2)                     # self mode: the query itself is excluded
+        >>> indices.tolist()                                     # row 2: columns 0 and 3 tie at 0 -> column 0
+        [[1, 2], [0, 2], [1, 0], [2, 1]]
+        >>> values.tolist()
+        [[0.5, 0.0], [0.5, 0.5], [0.5, 0.0], [0.0, -0.5]]
+        >>> values, indices = fd.knn(torch.randn(5, 4), torch.randn(20, 4), k=3)    # queries vs a gallery
+        >>> values.shape, indices.dtype
+        (torch.Size([5, 3]), torch.int64)
     """
     batch = prepare_batch(x, y, pair_mode_default=False)
     check_finite_rows(batch, "knn")
@@ -200,18 +233,52 @@ def hardest_negatives(
     *,
     normalize: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """docs/spec.md §1.3: the k most similar **negative** pairs of the whole batch (Cross-Example Negative Mining).
+    """The k most similar negative pairs of the whole batch (docs/spec.md §1.3; Cross-Example Negative Mining).
 
-    Returns ``(values [k] fp32, rows [k] int64, cols [k] int64)``, sorted descending, ties → lower flat index
-    ``i*M + j``. ``labels=None`` is pair mode (negatives = off-diagonal pairs); ``k=None`` means ``k = B``;
-    ``k`` larger than the number of negative pairs is a ``ValueError``. Memory O((B + M)·d + k) plus fixed-size
-    histograms, for any k up to B·M (the CPU kernel radix-selects the k-th value over streamed S tiles; flat
-    indices are int64, so B·M > 2^31 works). The values carry the gradient of S's entries.
+    Among all negative pairs ``(i, j)`` (``labels[i] != ref_labels[j]``; not row by row), the k largest entries
+    of ``S = x̂ ŷᵀ``, sorted in decreasing order, equal values → lower flat index ``i·M + j`` first (int64, so
+    B·M > 2^31 works). Memory O((B + M)·d + k) plus fixed-size histograms, for any k up to B·M (the CPU kernel
+    radix-selects the k-th value over streamed tiles of S). The values carry the gradient of S's entries.
 
-    Example::
+    Args:
+        x (Tensor): queries ``[B, d]``, fp32, fp16 or bf16 (float64 runs on the reference, in float64).
+        y (Tensor, optional): references ``[M, d]``, same dtype and device as ``x``. Default ``None``: self mode
+            (the diagonal is never a negative).
+        labels (Tensor, optional): integer ``[B]``. Default ``None``: pair mode (the negatives are all
+            off-diagonal pairs).
+        ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
+        k (int, optional): the number of pairs, ``1 <= k <=`` the number of negative pairs. Default ``None``:
+            ``k = B``.
+        normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
 
-        vals, rows, cols = flashdml.hardest_negatives(emb, labels=labels, k=4096)
-        vals, rows, cols = flashdml.hardest_negatives(img, txt)          # pair mode, k = B
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: ``(values, rows, cols)``, each ``[k]``: values fp32 (float64 for float64
+        input), rows and cols int64 (the pair ``(rows[p], cols[p])``).
+
+    Raises:
+        TypeError: ``x``, ``y``, ``labels`` or ``ref_labels`` that is not a tensor; embeddings that are not fp16,
+            bf16, fp32 or fp64; ``x`` and ``y`` of different dtypes; non-integer labels; a non-integer ``k``;
+            ``normalize`` not a bool.
+        ValueError: embeddings that are not 2-D, are empty or differ in ``d``; labels that are not 1-D or do not
+            match their rows; ``ref_labels`` without ``y`` or without ``labels``; ``y`` and ``labels`` without
+            ``ref_labels``; tensors on different devices; ``k < 1`` or more than the negative pairs; a NaN or
+            infinite entry in ``x`` or ``y`` (the message names the first such row).
+        RuntimeError: an explicitly selected backend that cannot run the call; ``create_graph=True`` through
+            the fused backward.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.],                 # unit rows: S is exact
+        ...                   [.5, .5, .5, .5],
+        ...                   [0., 1., 0., 0.],
+        ...                   [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> values, rows, cols = fd.hardest_negatives(x, labels=labels, k=3)
+        >>> values.tolist(), rows.tolist(), cols.tolist()       # (1, 2) and (2, 1) tie: lower flat index first
+        ([0.5, 0.5, 0.0], [1, 2, 0], [2, 1, 2])
+        >>> values, rows, cols = fd.hardest_negatives(torch.randn(8, 4), torch.randn(8, 4))   # pair mode, k = B
+        >>> values.shape
+        torch.Size([8])
     """
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
     check_finite_rows(batch, "hardest_negatives")

@@ -78,29 +78,57 @@ def cross_example_softmax(
     top_k: Optional[int] = None,
     normalize: bool = True,
 ) -> Tensor:
-    """Cross-Example Softmax (Veit & Wilber), docs/spec.md §2.2.
+    """Cross-Example Softmax loss (Veit & Wilber; docs/spec.md §2.2): one partition function for the whole batch.
 
-    Every positive pair competes against the **same** batch-wide pool of negatives through one shared partition
-    function: ``L = mean_{p∈P} softplus(Λ − z_p)``, ``Λ = LSE_{n∈N} z_n``, ``z = S / temperature``. Because all
-    positives must beat all negatives of every row, similarity scores become comparable across queries
-    (globally calibrated). ``top_k=k`` is Cross-Example Negative Mining: N is replaced by the k hardest negatives
-    of the whole batch (Cross-Example Negative Mining; fused: one selection pass over S, then
-    O((k + |P|)·d) work, gradient only into the selected negatives and the positives).
+    Every positive pair competes against the same batch-wide pool of negatives:
+    ``L = mean_{p∈P} softplus(Λ − z_p)``, ``Λ = LSE_{n∈N} z_n``, ``z = S / temperature``, ``S = x̂ ŷᵀ``. Because a
+    positive must beat the negatives of every row, the scores become comparable across queries (globally
+    calibrated). ``top_k=k`` is Cross-Example Negative Mining: N is replaced by the k hardest negatives of the
+    whole batch (fused: one selection pass over S, then O((k + |P|)·d) work; only the selected negatives and the
+    positives get a gradient). The fused kernels stream S in tiles: memory O((B + M)·d + |P|).
 
     Args:
-        x: queries ``[B, d]``; y: references ``[M, d]`` or ``None`` (self mode: pairs (i, i) are dropped).
-        labels / ref_labels: int ``[B]`` / ``[M]``; ``labels=None`` is pair mode (row i matches column i).
-        temperature: ``> 0``, float or 0-dim tensor (learnable with ``requires_grad=True``).
-        normalize: cosine similarity (default) or raw dot products.
+        x (Tensor): queries ``[B, d]``, fp32, fp16 or bf16 (float64 runs on the reference, in float64).
+        y (Tensor, optional): references ``[M, d]``, same dtype and device as ``x``. Default ``None``: self mode
+            (``y = x``; the pairs ``(i, i)`` are dropped).
+        labels (Tensor, optional): integer ``[B]``. Default ``None``: pair mode (``labels = ref_labels =
+            arange``, row ``i`` matches column ``i`` only; in self mode that leaves no positive, so the loss is 0).
+        ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels, not allowed in self
+            mode (there ``ref_labels = labels``).
+        temperature (float or Tensor): ``τ > 0`` (at least 1e-12, finite); a Python number or a 0-dim floating
+            tensor, learnable when it has ``requires_grad=True``. Default 0.05.
+        top_k (int, optional): ``>= 1``, the number of hardest negatives of the batch kept in ``Λ``;
+            ``top_k >= |N|`` is plain XE. Default ``None``: every negative.
+        normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
 
-    Returns a 0-dim fp32 loss; 0 (with zero gradient) when there is no positive or no negative pair. The fused
-    CPU kernel streams S in tiles: memory O((B + M)·d + |P|), one GEMM pass forward, one recompute pass back.
+    Returns:
+        Tensor: the 0-dim fp32 loss (float64 for float64 input); 0 with a zero gradient when the batch has no
+        positive or no negative pair; NaN when ``x`` or ``y`` holds a NaN or an infinity.
 
-    Example::
+    Raises:
+        TypeError: ``x``, ``y``, ``labels`` or ``ref_labels`` that is not a tensor; embeddings that are not fp16,
+            bf16, fp32 or fp64; ``x`` and ``y`` of different dtypes; non-integer labels; a temperature that is
+            neither a number nor a floating tensor; a non-integer ``top_k``; ``normalize`` not a bool.
+        ValueError: embeddings that are not 2-D, are empty or differ in ``d``; labels that are not 1-D or do not
+            match their rows; ``ref_labels`` without ``y`` or without ``labels``; ``y`` and ``labels`` without
+            ``ref_labels``; tensors on different devices; a temperature that is not 0-dim, not finite, ``<= 0``
+            or below 1e-12; ``top_k < 1``.
+        RuntimeError: an explicitly selected backend that cannot run the call; ``create_graph=True`` through a
+            fused backward.
 
-        loss = flashdml.cross_example_softmax(emb, labels=labels, temperature=0.05)   # self mode
-        loss = flashdml.cross_example_softmax(img, txt, temperature=0.05)              # image-text pairs
-        loss = flashdml.cross_example_softmax(emb, labels=labels, top_k=emb.shape[0])  # negative mining, k = B
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb = torch.randn(16, 8, requires_grad=True)
+        >>> labels = torch.arange(16) // 4                       # 4 samples per class
+        >>> loss = fd.cross_example_softmax(emb, labels=labels, temperature=0.05)
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
+        >>> torch.allclose(loss, fd.reference.cross_example_softmax(emb, labels=labels, temperature=0.05))
+        True
+        >>> mined = fd.cross_example_softmax(emb, labels=labels, top_k=16)    # the 16 hardest negatives
+        >>> img, txt = torch.randn(8, 8), torch.randn(8, 8)
+        >>> pairs = fd.cross_example_softmax(img, txt)           # pair mode: row i of img matches row i of txt
+        >>> loss.backward()
     """
     if top_k is not None:
         top_k = check_positive_int(top_k, "top_k")
@@ -122,15 +150,50 @@ def ntxent(
     temperature: TemperatureLike = 0.07,
     normalize: bool = True,
 ) -> Tensor:
-    """NT-Xent with labels (docs/spec.md §2.1b), pytorch-metric-learning's ``NTXentLoss``, fused.
+    """NT-Xent loss with labels (docs/spec.md §2.1b), pytorch-metric-learning's ``NTXentLoss``, fused.
 
-    Every positive pair (a, p) competes against its own anchor's negatives:
-    ``L = mean_{(a,p)∈P} softplus(LSE_{n∈N(a)} z_an − z_ap)``. Equals ``NTXentLoss(temperature)`` on self-mode
-    batches, without its |P|×|N| buffer: memory O((B + M)·d + |P|).
+    Every positive pair ``(a, p)`` competes against the negatives of its own anchor's row:
+    ``L = mean_{(a,p)∈P} softplus(LSE_{n∈N(a)} z_an − z_ap)``, ``z = S / temperature``, ``S = x̂ ŷᵀ``. A
+    positive whose row has no negative contributes 0. Equals ``NTXentLoss(temperature)`` on self-mode batches,
+    without its |P|×|N| buffer: memory O((B + M)·d + |P|).
 
-    Example::
+    Args:
+        x (Tensor): queries ``[B, d]``, fp32, fp16 or bf16 (float64 runs on the reference, in float64).
+        labels (Tensor or None): integer ``[B]`` (positional, no default). ``None`` is pair mode (``labels =
+            ref_labels = arange``; in self mode that leaves no positive pair, so the loss is 0).
+        y (Tensor, optional): references ``[M, d]``, same dtype and device as ``x``. Default ``None``: self mode
+            (``y = x``; the pairs ``(i, i)`` are dropped).
+        ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels, not allowed in self
+            mode.
+        temperature (float or Tensor): ``τ > 0`` (at least 1e-12, finite); a Python number or a 0-dim floating
+            tensor, learnable when it has ``requires_grad=True``. Default 0.07.
+        normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
 
-        loss = flashdml.ntxent(emb, labels, temperature=0.07)
+    Returns:
+        Tensor: the 0-dim fp32 loss (float64 for float64 input); 0 with a zero gradient without positive pairs;
+        NaN when ``x`` or ``y`` holds a NaN or an infinity.
+
+    Raises:
+        TypeError: ``x``, ``y``, ``labels`` or ``ref_labels`` that is not a tensor; embeddings that are not fp16,
+            bf16, fp32 or fp64; ``x`` and ``y`` of different dtypes; non-integer labels; a temperature that is
+            neither a number nor a floating tensor; ``normalize`` not a bool.
+        ValueError: embeddings that are not 2-D, are empty or differ in ``d``; labels that are not 1-D or do not
+            match their rows; ``ref_labels`` without ``y`` or without ``labels``; ``y`` and ``labels`` without
+            ``ref_labels``; tensors on different devices; a temperature that is not 0-dim, not finite, ``<= 0``
+            or below 1e-12.
+        RuntimeError: an explicitly selected backend that cannot run the call; ``create_graph=True`` through a
+            fused backward.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb = torch.randn(16, 8, requires_grad=True)
+        >>> labels = torch.arange(16) // 4
+        >>> loss = fd.ntxent(emb, labels, temperature=0.07)
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
+        >>> torch.allclose(loss, fd.reference.ntxent(emb, labels, temperature=0.07))
+        True
+        >>> loss.backward()
     """
     loss = _run_fused("ntxent", x, y, labels, ref_labels, temperature, normalize, False)
     if loss is not None:
