@@ -54,46 +54,70 @@ def contextual_loss(
     ste_slope: float = 10.0,
     normalize: bool = True,
 ) -> Tensor:
-    """Contextual loss (docs/spec.md §2.5): ``context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con``.
+    """Contextual loss (Liao et al., ICML 2023; docs/spec.md §2.5), self mode only.
 
-    Self mode only. ``F`` = the L2-normalised rows of ``x`` (``normalize=False``: the rows as given, which should
-    already be unit vectors), ``S = F Fᵀ``, ``D = max(2 − 2S, 0)``, ``y_ij = [labels_i == labels_j]``.
+    ``L = context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con`` with ``F`` = the rows of ``x``
+    (L2-normalised unless ``normalize=False``), ``S = F Fᵀ``, ``D = max(2 − 2S, 0)``, ``y_ij = [labels_i ==
+    labels_j]``:
 
     * ``L_ctx``: neighbourhoods ``N_ij = [fl(−D_ij + ε) >= t_i]`` and ``P_ij = [fl(−D_ij + ε) >= h_i]`` in fp32
       (``t_i`` / ``h_i`` = the k-th / (k//2)-th largest ``−D_i``, the query included; inclusive, so ties and the
       whole ε band count), Jaccard-like ``W = ½(I + J)`` on N, reciprocal half-neighbourhoods ``R = P ⊙ Pᵀ``,
-      query expansion ``Z = (1/|R|) R W``, ``js = ½(Z + Zᵀ)``; ``(1/B²) Σ_{i≠j} (y_ij − js_ij)²``.
+      query expansion ``Z = (1/|R|) R W``, ``js = ½(Z + Zᵀ)``; ``L_ctx = (1/B²) Σ_{i≠j} (y_ij − js_ij)²``.
     * ``L_reg = (mean_ij S_ij − reg_target)²`` (diagonal included).
-    * ``L_con`` = ``contrastive_margin`` (docs/spec.md §2.4, diagonal kept as a positive) with ``pos_margin``,
-      ``neg_margin``.
+    * ``L_con`` = :func:`contrastive_margin` (diagonal kept as a positive) with ``pos_margin``, ``neg_margin``.
 
     Gradient: the authors' straight-through estimator (each Heaviside step passes ``ste_slope`` to ``−D + ε`` on
-    every entry; thresholds and |N| detached, |R| not), computed from docs/spec.md's closed form.
+    every entry; thresholds and |N| detached, |R| not), computed from docs/spec.md's closed form. Cost O(B²·d)
+    for one GEMM pass plus O(B·k²·d); memory O((B + k²)·d + B·k²), nothing B×B.
 
-    Published settings:
-
-    * 256-px setting (the defaults): ``k=4, eps=0.05, context_weight=0.4, contrastive_weight=0.5,
-      reg_weight=0.1, reg_target=0.25, pos_margin=0.75, neg_margin=0.6``.
-    * 224-px setting: ``context_weight = 1 − lam, contrastive_weight = lam, reg_weight = 0.1,
-      reg_target = 0.3, k = samples per class``; CUB: ``lam = 0.05, eps = 0.04``; Cars196 and SOP:
-      ``lam = 0.2, eps = 0.05``.
+    Published settings: the 256-px setting is the defaults. The 224-px setting is ``context_weight = 1 − lam,
+    contrastive_weight = lam, reg_weight = 0.1, reg_target = 0.3, k = samples per class``, with ``lam = 0.05,
+    eps = 0.04`` on CUB and ``lam = 0.2, eps = 0.05`` on Cars196 and SOP.
 
     Args:
-        x: embeddings ``[B, d]`` (fp32, fp16 or bf16; float64 runs on the reference).
-        labels: int ``[B]`` (required).
-        k: neighbourhood size, ``2 <= k <= B``.
-        eps: the ε band (>= 0), compared in fp32.
+        x (Tensor): embeddings ``[B, d]``, fp32, fp16 or bf16 (float64 runs on the reference, in float64).
+        labels (Tensor): integer ``[B]``, required.
+        k (int): neighbourhood size, ``2 <= k <= B``. Default 4.
+        eps (float): the ε band added to ``−D`` before the threshold tests, finite and ``>= 0`` (compared in
+            fp32). Default 0.05.
+        context_weight (float): weight of ``L_ctx``, finite. Default 0.4.
+        contrastive_weight (float): weight of ``L_con``, finite. Default 0.5.
+        reg_weight (float): weight of ``L_reg``, finite. Default 0.1.
+        reg_target (float): the target of the mean similarity in ``L_reg``, finite. Default 0.25.
+        pos_margin (float): ``m+`` of ``L_con``, finite. Default 0.75.
+        neg_margin (float): ``m−`` of ``L_con``, finite. Default 0.6.
+        ste_slope (float): slope the straight-through estimator gives each step in the backward, finite.
+            Default 10.0.
+        normalize (bool): L2-normalise the rows first (default ``True``); ``False`` uses them as given, which
+            should then already be unit vectors (``D = 2 − 2S`` assumes it).
 
-    Returns a 0-dim fp32 loss; the gradient comes back in the input dtype. Cost O(B²·d) for the one GEMM pass
-    plus O(B·k²·d) (sparse stage and backward); memory O((B + k²)·d + B·k²), nothing B×B. Raises ``ValueError``
-    for ``k`` outside ``[2, B]``, ``eps < 0`` and a collapsed batch (a row with ``|N(i)| = B``).
+    Returns:
+        Tensor: the 0-dim fp32 loss (float64 for float64 input); the gradient comes back in the input dtype. NaN
+        when ``x`` holds a NaN or an infinity.
 
-    Example::
+    Raises:
+        TypeError: ``x`` or ``labels`` that is not a tensor; embeddings that are not fp16, bf16, fp32 or fp64;
+            non-integer labels; a non-integer ``k``; a weight, target, margin, ``eps`` or ``ste_slope`` that is
+            not a real number; ``normalize`` not a bool.
+        ValueError: ``labels`` missing (``None``), not 1-D or not of length B; ``x`` not 2-D or empty; tensors
+            on different devices; ``k`` outside ``[2, B]``; ``eps < 0``; a NaN or infinite weight, target,
+            margin, ``eps`` or ``ste_slope``; a collapsed batch (a row with ``|N(i)| = B``).
+        RuntimeError: an explicitly selected backend that cannot run the call; ``create_graph=True`` through
+            the fused backward.
 
-        loss = flashdml.contextual_loss(emb, labels)                       # 256-px setting
-        loss = flashdml.contextual_loss(emb, labels, k=4, eps=0.04,        # 224-px setting, CUB
-                                        context_weight=0.95, contrastive_weight=0.05, reg_target=0.3)
-        loss.backward()
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb = torch.randn(16, 8, requires_grad=True)
+        >>> labels = torch.arange(16) // 4                       # 4 samples per class
+        >>> loss = fd.contextual_loss(emb, labels)                # 256-px setting
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
+        >>> torch.allclose(loss, fd.reference.contextual_loss(emb, labels), atol=1e-6)
+        True
+        >>> cub = fd.contextual_loss(emb, labels, k=4, eps=0.04, context_weight=0.95,   # 224-px setting, CUB
+        ...                          contrastive_weight=0.05, reg_target=0.3)
+        >>> cub.backward()
     """
     batch, k, eps, ste_slope = check_contextual_args(x, labels, k, eps, ste_slope)
     context_weight = check_real(context_weight, "context_weight")
