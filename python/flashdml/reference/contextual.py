@@ -117,10 +117,11 @@ def contextual_loss(
     ste_slope: float = 10.0,
     normalize: bool = True,
 ) -> Tensor:
-    """docs/spec.md §2.5: ``context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con`` (self mode only).
+    """Reference contextual loss (docs/spec.md §2.5), every B×B matrix materialised.
 
-    ``F`` = the L2-normalised rows of ``x`` (``normalize=False``: the rows as given, which the caller must
-    already have normalised; ``D = 2 − 2S`` assumes unit rows), ``S = F Fᵀ``, ``D = max(2 − 2S, 0)``,
+    ``L = context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con``, self mode only. ``F`` = the
+    L2-normalised rows of ``x`` (``normalize=False``: the rows as given, which the caller must already have
+    normalised; ``D = 2 − 2S`` assumes unit rows), ``S = F Fᵀ``, ``D = max(2 − 2S, 0)``,
     ``y_ij = [labels_i == labels_j]``.
 
     * ``L_ctx``: contextual (Jaccard-like) similarity ``js`` from k-neighbourhoods
@@ -131,13 +132,9 @@ def contextual_loss(
     * ``L_con`` = ``contrastive_margin`` (docs/spec.md §2.4, diagonal kept as a positive) with ``pos_margin``,
       ``neg_margin``.
 
-    Published settings:
-
-    * 256-px setting (the defaults): ``k=4, eps=0.05, context_weight=0.4, contrastive_weight=0.5,
-      reg_weight=0.1, reg_target=0.25, pos_margin=0.75, neg_margin=0.6``.
-    * 224-px setting: ``context_weight = 1 − lam, contrastive_weight = lam, reg_weight = 0.1,
-      reg_target = 0.3, k = samples per class``; CUB: ``lam = 0.05, eps = 0.04``; Cars196 and SOP:
-      ``lam = 0.2, eps = 0.05``.
+    Published settings: the defaults are the 256-px setting; the 224-px setting is ``context_weight = 1 − lam,
+    contrastive_weight = lam, reg_weight = 0.1, reg_target = 0.3, k = samples per class`` (CUB: ``lam = 0.05,
+    eps = 0.04``; Cars196 and SOP: ``lam = 0.2, eps = 0.05``).
 
     Gradient (straight-through estimator, as the authors train): the forward uses the hard steps; in the
     backward each step ``[u >= threshold]`` with ``u = −D + ε`` passes ``ste_slope`` times the incoming
@@ -145,8 +142,35 @@ def contextual_loss(
     ``2 − 2S_ij > 0`` and 0 elsewhere. ``t_i``, ``h_i``, ``|N(i)|``, ``|N̄(i)|`` are detached; ``|R(i)|`` is
     not. ``contextual_context_grad_closed_form`` gives the same ``dL_ctx/dS`` in closed form.
 
-    Errors: ``k`` outside ``[2, B]``, ``eps < 0``, and a collapsed batch (a row with ``|N(i)| = B``, where
-    ``J`` would be 0/0) raise ``ValueError``.
+    Args:
+        x (Tensor): embeddings ``[B, d]``, any floating dtype (computed in float64 for float64, fp32 otherwise).
+        labels (Tensor): integer ``[B]``, required.
+        k (int): neighbourhood size, ``2 <= k <= B``. Default 4.
+        eps (float): the ε band, finite and ``>= 0``. Default 0.05.
+        context_weight (float): weight of ``L_ctx``. Default 0.4.
+        contrastive_weight (float): weight of ``L_con``. Default 0.5.
+        reg_weight (float): weight of ``L_reg``. Default 0.1.
+        reg_target (float): target of the mean similarity in ``L_reg``. Default 0.25.
+        pos_margin (float): ``m+`` of ``L_con``. Default 0.75.
+        neg_margin (float): ``m−`` of ``L_con``. Default 0.6.
+        ste_slope (float): the straight-through slope of each step. Default 10.0.
+        normalize (bool): L2-normalise the rows first. Default ``True``.
+
+    Returns:
+        Tensor: the 0-dim loss in the compute dtype; NaN when ``x`` holds a NaN or an infinity.
+
+    Raises:
+        TypeError: wrong type or dtype, as :func:`flashdml.contextual_loss` (same checks, same messages).
+        ValueError: as :func:`flashdml.contextual_loss`: ``k`` outside ``[2, B]``, ``eps < 0``, a non-finite
+            number, and a collapsed batch (a row with ``|N(i)| = B``, where ``J`` would be 0/0).
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
+        >>> loss = fd.reference.contextual_loss(emb, torch.arange(16) // 4, k=4, eps=0.05)
+        >>> loss.dtype
+        torch.float64
+        >>> loss.backward()
     """
     context_weight = check_real(context_weight, "context_weight")
     contrastive_weight = check_real(contrastive_weight, "contrastive_weight")

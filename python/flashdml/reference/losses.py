@@ -102,12 +102,33 @@ def batch_softmax(
     symmetric: bool = False,
     normalize: bool = True,
 ) -> Tensor:
-    """docs/spec.md §2.1: ``mean_i ( LSE_{j ∈ {i} ∪ neg(i)} z_ij − z_ii )`` with ``z = S / τ``; requires y and B == M.
+    """Reference batch softmax / InfoNCE (docs/spec.md §2.1): ``mean_i (LSE_{j ∈ {i} ∪ neg(i)} z_ij − z_ii)``.
 
-    Row i's positive is column i. ``labels`` (optional, [B]) label both x's rows and y's rows (row i of x and
-    row i of y are a pair, so they share ``labels[i]``); columns ``j ≠ i`` with ``labels[j] == labels[i]`` are
-    false negatives and leave row i's denominator. ``labels=None``: every off-diagonal column is a negative.
-    ``symmetric=True`` averages with the same loss on ``Sᵀ`` (CLIP's loss).
+    ``z = S / τ``. Requires ``y`` and B == M; row i's positive is column i. ``labels`` label both x's and y's
+    rows (pair i shares ``labels[i]``); columns ``j ≠ i`` with ``labels[j] == labels[i]`` are false negatives
+    and leave row i's denominator. ``symmetric=True`` averages with the same loss on ``Sᵀ`` (CLIP's loss).
+
+    Args:
+        x (Tensor): queries ``[B, d]``, any floating dtype (computed in float64 for float64, fp32 otherwise).
+        y (Tensor): references ``[B, d]``, required.
+        labels (Tensor, optional): integer ``[B]``; ``None`` (default): every off-diagonal pair is a negative.
+        temperature (float or Tensor): ``τ > 0``, a number or a 0-dim (learnable) tensor. Default 0.05.
+        symmetric (bool): also classify the columns. Default ``False``.
+        normalize (bool): cosine (default) or plain dot products.
+
+    Returns:
+        Tensor: the 0-dim loss in the compute dtype (fp32, or float64 for float64 input); NaN when ``x`` or ``y``
+        holds a NaN or an infinity.
+
+    Raises:
+        TypeError: wrong type or dtype, as :func:`flashdml.batch_softmax` (same checks, same messages).
+        ValueError: a wrong shape, size, value or device, as :func:`flashdml.batch_softmax`.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> img, txt = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
+        >>> fd.reference.batch_softmax(img, txt, temperature=0.07, symmetric=True).dtype
+        torch.float64
     """
     batch = prepare_batch(x, y, labels, labels, require_y=True, require_square=True, pair_mode_default=True)
     S = _similarity_matrix(batch, normalize)
@@ -134,10 +155,34 @@ def ntxent(
     temperature=0.07,
     normalize: bool = True,
 ) -> Tensor:
-    """docs/spec.md §2.1b: ``mean_{(a,p)∈P} softplus(LSE_{n∈N(a)} z_an − z_ap)``, N(a) = the negatives of row a.
+    """Reference NT-Xent with labels (docs/spec.md §2.1b): ``mean_{(a,p)∈P} softplus(LSE_{n∈N(a)} z_an − z_ap)``.
 
-    A positive whose row has no negative contributes ``softplus(−∞) = 0`` (and no gradient); no positive pair
-    at all gives 0. Equals pytorch-metric-learning's ``NTXentLoss(temperature)`` on self-mode batches.
+    N(a) = the negatives of row a. A positive whose row has no negative contributes ``softplus(−∞) = 0`` (and
+    no gradient); no positive pair at all gives 0. Equals pytorch-metric-learning's ``NTXentLoss(temperature)``
+    on self-mode batches.
+
+    Args:
+        x (Tensor): queries ``[B, d]``, any floating dtype (computed in float64 for float64, fp32 otherwise).
+        labels (Tensor or None): integer ``[B]``; ``None`` is pair mode.
+        y (Tensor, optional): references ``[M, d]``; ``None`` (default) is self mode, which drops ``(i, i)``.
+        ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
+        temperature (float or Tensor): ``τ > 0``, a number or a 0-dim (learnable) tensor. Default 0.07.
+        normalize (bool): cosine (default) or plain dot products.
+
+    Returns:
+        Tensor: the 0-dim loss in the compute dtype (fp32, or float64 for float64 input); NaN when ``x`` or ``y``
+        holds a NaN or an infinity.
+
+    Raises:
+        TypeError: wrong type or dtype, as :func:`flashdml.ntxent` (same checks, same messages).
+        ValueError: a wrong shape, size, value or device, as :func:`flashdml.ntxent`.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8, dtype=torch.float64, requires_grad=True), torch.arange(16) // 4
+        >>> fd.reference.ntxent(emb, labels, temperature=0.07).backward()
+        >>> emb.grad.dtype
+        torch.float64
     """
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
     S = _similarity_matrix(batch, normalize)
@@ -164,12 +209,36 @@ def cross_example_softmax(
     top_k: Optional[int] = None,
     normalize: bool = True,
 ) -> Tensor:
-    """docs/spec.md §2.2: ``mean_{p∈P} softplus(Λ − z_p)`` with one batch-wide ``Λ = LSE_{n∈N} z_n``.
+    """Reference Cross-Example Softmax (docs/spec.md §2.2): ``mean_{p∈P} softplus(Λ − z_p)``, ``Λ = LSE_{n∈N} z_n``.
 
-    ``top_k=k`` (Cross-Example Negative Mining) replaces N by its k hardest pairs of the whole batch, selected
-    exactly as ``hardest_negatives`` does: on the values of ``S`` in the compute dtype (not on ``z = S/τ``,
-    whose rounding could merge distinct values), value desc, ties → lower flat index. Only the selected
-    negatives get a gradient. ``top_k >= |N|`` is plain XE. No positive or no negative pair gives 0.
+    One batch-wide ``Λ``. ``top_k=k`` (Cross-Example Negative Mining) replaces N by its k hardest pairs of the
+    whole batch, selected exactly as ``hardest_negatives`` does: on the values of ``S`` in the compute dtype (not
+    on ``z = S/τ``, whose rounding could merge distinct values), value desc, ties → lower flat index. Only the
+    selected negatives get a gradient. ``top_k >= |N|`` is plain XE. No positive or no negative pair gives 0.
+
+    Args:
+        x (Tensor): queries ``[B, d]``, any floating dtype (computed in float64 for float64, fp32 otherwise).
+        y (Tensor, optional): references ``[M, d]``; ``None`` (default) is self mode, which drops ``(i, i)``.
+        labels (Tensor, optional): integer ``[B]``; ``None`` (default) is pair mode.
+        ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
+        temperature (float or Tensor): ``τ > 0``, a number or a 0-dim (learnable) tensor. Default 0.05.
+        top_k (int, optional): ``>= 1``, keep only the k hardest negatives; ``None`` (default) keeps all.
+        normalize (bool): cosine (default) or plain dot products.
+
+    Returns:
+        Tensor: the 0-dim loss in the compute dtype (fp32, or float64 for float64 input); NaN when ``x`` or ``y``
+        holds a NaN or an infinity.
+
+    Raises:
+        TypeError: wrong type or dtype, as :func:`flashdml.cross_example_softmax` (same checks, same messages).
+        ValueError: a wrong shape, size, value or device, as :func:`flashdml.cross_example_softmax`.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8, dtype=torch.float64, requires_grad=True), torch.arange(16) // 4
+        >>> full = fd.reference.cross_example_softmax(emb, labels=labels)
+        >>> bool(full == fd.reference.cross_example_softmax(emb, labels=labels, top_k=16 * 12))   # top_k = |N|
+        True
     """
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
     if top_k is not None:
@@ -202,12 +271,36 @@ def threshold_consistent_margin(
     pos_weight: float = 1.0,
     neg_weight: float = 1.0,
 ) -> Tensor:
-    """docs/spec.md §2.3: ``λ+·mean_{hard pos}(m+ − s) + λ−·mean_{hard neg}(s − m−)``, cosine similarity always.
+    """Reference TCM (docs/spec.md §2.3): ``λ+·mean_{hard pos}(m+ − s) + λ−·mean_{hard neg}(s − m−)``, cosine always.
 
     Hard positives: positive pairs with ``s <= m+``; hard negatives: negative pairs with ``s >= m−`` (both
     inclusive). Ordered pairs; self mode drops the diagonal. Each term is 0 when its set is empty; the counts
     are exact int64. Unlike pytorch-metric-learning's ``ThresholdConsistentMarginLoss``, cross mode compares
     x with y (pml indexes the query embeddings with the reference indices).
+
+    Args:
+        x (Tensor): queries ``[B, d]``, any floating dtype (computed in float64 for float64, fp32 otherwise).
+        labels (Tensor or None): integer ``[B]``; ``None`` is pair mode.
+        y (Tensor, optional): references ``[M, d]``; ``None`` (default) is self mode, which drops ``(i, i)``.
+        ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
+        pos_margin (float): ``m+``, finite. Default 0.9.
+        neg_margin (float): ``m−``, finite. Default 0.5.
+        pos_weight (float): ``λ+``, finite. Default 1.0.
+        neg_weight (float): ``λ−``, finite. Default 1.0.
+
+    Returns:
+        Tensor: the 0-dim loss in the compute dtype (fp32, or float64 for float64 input); NaN when ``x`` or ``y``
+        holds a NaN or an infinity.
+
+    Raises:
+        TypeError: wrong type or dtype, as :func:`flashdml.threshold_consistent_margin` (same checks, same messages).
+        ValueError: a wrong shape, size, value or device, as :func:`flashdml.threshold_consistent_margin`.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8, dtype=torch.float64, requires_grad=True), torch.arange(16) // 4
+        >>> fd.reference.threshold_consistent_margin(emb, labels, pos_margin=0.9, neg_margin=0.5).shape
+        torch.Size([])
     """
     pos_margin = check_real(pos_margin, "pos_margin")
     neg_margin = check_real(neg_margin, "neg_margin")
@@ -245,14 +338,35 @@ def contrastive_margin(
     pos_margin: float = 0.75,
     neg_margin: float = 0.6,
 ) -> Tensor:
-    """docs/spec.md §2.4: ``Σ_P [m+ − s]_+ / #{P : hinge > 0} + Σ_N [s − m−]_+ / #{N : hinge > 0}``, cosine only.
+    """Reference margin contrastive loss (docs/spec.md §2.4): hinge means over the pairs with a non-zero hinge.
 
-    Only pairs with a non-zero hinge are counted (strict ``> 0``); each term is 0 when its count is 0.
-    **Self mode keeps the diagonal as a positive pair** (as the contextual paper's code does): with
-    ``pos_margin < 1`` its hinge ``[m+ − 1]_+`` is 0 and it changes nothing, which is why this equals
-    pytorch-metric-learning's ``ContrastiveLoss(pos_margin, neg_margin, distance=CosineSimilarity())`` (which
-    drops the diagonal) exactly when ``pos_margin < 1``; for ``pos_margin >= 1`` the diagonal's hinge
-    ``m+ − s_ii`` (> 0) adds to the positive sum and count here and not in pml.
+    ``Σ_P [m+ − s]_+ / #{P : hinge > 0} + Σ_N [s − m−]_+ / #{N : hinge > 0}``, cosine only; each term is 0 when
+    its count is 0. Self mode keeps the diagonal as a positive pair (as the contextual paper's code does): with
+    ``pos_margin < 1`` its hinge ``[m+ − 1]_+`` is 0, so this equals pytorch-metric-learning's
+    ``ContrastiveLoss(pos_margin, neg_margin, distance=CosineSimilarity())`` (which drops the diagonal); for
+    ``pos_margin >= 1`` the diagonal's hinge adds to the positive sum and count here and not in pml.
+
+    Args:
+        x (Tensor): queries ``[B, d]``, any floating dtype (computed in float64 for float64, fp32 otherwise).
+        labels (Tensor or None): integer ``[B]``; ``None`` is pair mode.
+        y (Tensor, optional): references ``[M, d]``; ``None`` (default) is self mode, which keeps ``(i, i)``.
+        ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
+        pos_margin (float): ``m+``, finite. Default 0.75.
+        neg_margin (float): ``m−``, finite. Default 0.6.
+
+    Returns:
+        Tensor: the 0-dim loss in the compute dtype (fp32, or float64 for float64 input); NaN when ``x`` or ``y``
+        holds a NaN or an infinity.
+
+    Raises:
+        TypeError: wrong type or dtype, as :func:`flashdml.contrastive_margin` (same checks, same messages).
+        ValueError: a wrong shape, size, value or device, as :func:`flashdml.contrastive_margin`.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8, dtype=torch.float64, requires_grad=True), torch.arange(16) // 4
+        >>> fd.reference.contrastive_margin(emb, labels, pos_margin=0.75, neg_margin=0.6).dtype
+        torch.float64
     """
     pos_margin = check_real(pos_margin, "pos_margin")
     neg_margin = check_real(neg_margin, "neg_margin")

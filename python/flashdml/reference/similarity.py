@@ -91,10 +91,35 @@ def _row_topk(values: Tensor, candidate: Tensor, k: int) -> Tensor:
 # public ops
 # --------------------------------------------------------------------------------------------------------------
 def similarity(x: Tensor, y: Optional[Tensor] = None, *, normalize: bool = True) -> Tensor:
-    """docs/spec.md §1.1: ``S = x̂ ŷᵀ`` ([B, M]; fp32, or float64 for float64 input).
+    """The similarity matrix ``S = x̂ ŷᵀ`` (docs/spec.md §1.1), the one op whose output is B×M.
 
-    ``y=None`` is self mode (``y = x``). With ``normalize=True`` rows are divided by ``max(‖row‖, 1e-12)``
-    and the gradient flows through the normalisation; ``normalize=False`` is the plain dot product.
+    ``x̂ = x / max(‖x‖₂, 1e-12)`` row-wise (likewise ``ŷ``), and the gradient flows through the normalisation;
+    ``normalize=False`` gives the plain dot products ``x yᵀ``. No fused kernel computes it: ``flashdml.similarity``
+    runs this reference function whatever the backend (under ``"auto"`` it warns once that it does; an explicitly
+    chosen compiled backend raises).
+
+    Args:
+        x (Tensor): queries ``[B, d]``, fp16, bf16, fp32 or fp64.
+        y (Tensor, optional): references ``[M, d]``, same dtype and device as ``x``. Default ``None``: self mode
+            (``y = x``; the gradient reaches ``x`` through both factors).
+        normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
+
+    Returns:
+        Tensor: ``S``, ``[B, M]``, fp32 (float64 for float64 input).
+
+    Raises:
+        TypeError: ``x`` or ``y`` that is not a tensor; embeddings that are not fp16, bf16, fp32 or fp64; ``x``
+            and ``y`` of different dtypes; ``normalize`` not a bool.
+        ValueError: embeddings that are not 2-D, are empty or differ in ``d``; tensors on different devices.
+        RuntimeError: (``flashdml.similarity``) an explicitly selected compiled backend, which has no kernel for it.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> fd.similarity(x[:2]).tolist()
+        [[1.0, 0.5], [0.5, 1.0]]
+        >>> fd.similarity(x, torch.randn(6, 4)).shape          # cross mode: [B, M]
+        torch.Size([4, 6])
     """
     batch = prepare_batch(x, y, pair_mode_default=False)
     return _similarity_matrix(batch, normalize)
@@ -108,11 +133,31 @@ def knn(
     normalize: bool = True,
     exclude_self: bool = True,
 ) -> Tuple[Tensor, Tensor]:
-    """docs/spec.md §1.2: per row the k largest entries of ``S``, sorted descending, ties → lower column index.
+    """Reference kNN (docs/spec.md §1.2): per row the k largest entries of ``S``, materialised.
 
-    Returns ``(values [B, k], indices [B, k] int64)``. In self mode with ``exclude_self``, column i is not a
-    candidate for row i. ``k`` larger than the number of candidates per row is a ``ValueError``.
-    The values are gathered from ``S``, so they carry its gradient.
+    Sorted descending, ties → lower column index. In self mode with ``exclude_self``, column i is not a candidate
+    for row i. The values are gathered from ``S``, so they carry its gradient.
+
+    Args:
+        x (Tensor): queries ``[B, d]``, any floating dtype (computed in float64 for float64, fp32 otherwise).
+        y (Tensor, optional): references ``[M, d]``; ``None`` (default) is self mode.
+        k (int): ``1 <= k <=`` the candidates per row (``M``, or ``B − 1`` with ``exclude_self``). Default 10.
+        normalize (bool): cosine (default) or plain dot products.
+        exclude_self (bool): self mode leaves the query itself out. Default ``True``.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``(values [B, k]`` in the compute dtype, ``indices [B, k]`` int64).
+
+    Raises:
+        TypeError: wrong type or dtype, as :func:`flashdml.knn` (same checks, same messages).
+        ValueError: a wrong shape, size, value or device, as :func:`flashdml.knn`.
+        ValueError: also a NaN or infinite entry in ``x`` or ``y`` (a selection cannot rank it).
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> fd.reference.knn(x, k=2)[1].tolist()
+        [[1, 2], [0, 2], [1, 0], [2, 1]]
     """
     batch = prepare_batch(x, y, pair_mode_default=False)
     check_finite_rows(batch, "knn")
@@ -139,12 +184,34 @@ def hardest_negatives(
     *,
     normalize: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """docs/spec.md §1.3: the k largest entries of ``S`` over all negative pairs of the whole batch.
+    """Reference global hard-negative selection (docs/spec.md §1.3): the k largest ``S`` over all negative pairs.
 
-    Sorted descending, ties → lower flat index ``i*M + j`` (computed in int64). ``labels=None`` is pair mode
-    (the negatives are the off-diagonal entries). ``k=None`` means ``k = B``; ``k`` larger than the number of
-    negative pairs is a ``ValueError``. Returns ``(values [k], rows [k] int64, cols [k] int64)``; the values
-    are gathered from ``S`` and carry its gradient.
+    Sorted descending, ties → lower flat index ``i*M + j`` (int64). ``labels=None`` is pair mode (the negatives
+    are the off-diagonal entries). The values are gathered from ``S`` and carry its gradient.
+
+    Args:
+        x (Tensor): queries ``[B, d]``, any floating dtype (computed in float64 for float64, fp32 otherwise).
+        y (Tensor, optional): references ``[M, d]``; ``None`` (default) is self mode.
+        labels (Tensor, optional): integer ``[B]``; ``None`` (default) is pair mode.
+        ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
+        k (int, optional): ``1 <= k <=`` the number of negative pairs; ``None`` (default) means ``k = B``.
+        normalize (bool): cosine (default) or plain dot products.
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: ``(values [k]`` in the compute dtype, ``rows [k]`` int64, ``cols [k]``
+        int64).
+
+    Raises:
+        TypeError: wrong type or dtype, as :func:`flashdml.hardest_negatives` (same checks, same messages).
+        ValueError: a wrong shape, size, value or device, as :func:`flashdml.hardest_negatives`.
+        ValueError: also a NaN or infinite entry in ``x`` or ``y`` (a selection cannot rank it).
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> values, rows, cols = fd.reference.hardest_negatives(x, labels=torch.tensor([0, 0, 1, 1]), k=3)
+        >>> rows.tolist(), cols.tolist()
+        ([1, 2, 0], [2, 1, 2])
     """
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
     check_finite_rows(batch, "hardest_negatives")
