@@ -71,9 +71,9 @@ def contextual_loss(
     every entry; thresholds and |N| detached, |R| not), computed from docs/spec.md's closed form. Cost O(B²·d)
     for one GEMM pass plus O(B·k²·d); memory O((B + k²)·d + B·k²), nothing B×B.
 
-    Published settings: the 256-px setting is the defaults. The 224-px setting is ``context_weight = 1 − lam,
-    contrastive_weight = lam, reg_weight = 0.1, reg_target = 0.3, k = samples per class``, with ``lam = 0.05,
-    eps = 0.04`` on CUB and ``lam = 0.2, eps = 0.05`` on Cars196 and SOP.
+    Published settings: the defaults are the 256-px setting; the 224-px setting is
+    ``context_weight = 1 − lam, contrastive_weight = lam, reg_weight = 0.1, reg_target = 0.3, k = samples per
+    class``, with ``lam = 0.05, eps = 0.04`` on CUB and ``lam = 0.2, eps = 0.05`` on Cars196 and SOP.
 
     Args:
         x (Tensor): embeddings ``[B, d]``, fp32, fp16 or bf16 (float64 runs on the reference, in float64).

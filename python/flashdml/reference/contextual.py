@@ -132,9 +132,9 @@ def contextual_loss(
     * ``L_con`` = ``contrastive_margin`` (docs/spec.md §2.4, diagonal kept as a positive) with ``pos_margin``,
       ``neg_margin``.
 
-    Published settings: the defaults are the 256-px setting; the 224-px setting is ``context_weight = 1 − lam,
-    contrastive_weight = lam, reg_weight = 0.1, reg_target = 0.3, k = samples per class`` (CUB: ``lam = 0.05,
-    eps = 0.04``; Cars196 and SOP: ``lam = 0.2, eps = 0.05``).
+    Published settings: the defaults are the 256-px setting; the 224-px setting is
+    ``context_weight = 1 − lam, contrastive_weight = lam, reg_weight = 0.1, reg_target = 0.3, k = samples per
+    class``, with ``lam = 0.05, eps = 0.04`` on CUB and ``lam = 0.2, eps = 0.05`` on Cars196 and SOP.
 
     Gradient (straight-through estimator, as the authors train): the forward uses the hard steps; in the
     backward each step ``[u >= threshold]`` with ``u = −D + ε`` passes ``ste_slope`` times the incoming
