@@ -251,15 +251,55 @@ def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k",
              ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y: Optional[Tensor] = None,
              ref_labels: Optional[Tensor] = None, *, progress: ProgressArg = None, **metric_options
              ) -> Dict[str, float]:
-    """Several metrics from ONE streaming pass over S, as one flat dict (keys as the reference's ``evaluate``).
+    """Several metrics from ONE streaming pass over S, as one flat dict (the keys of the reference's ``evaluate``).
 
-    ``metrics``: ``"recall_at_k"`` -> ``"recall@K"`` per K in ``ks``; ``"map_at_r"`` -> ``"map@r"``; ``"pr_auc"``;
-    ``"opis"`` -> ``"opis"`` and ``"eps_opis"``; ``"eps_opis"``. ``metric_options``: ``far_range``,
-    ``n_thresholds``, ``beta``, ``eps`` (OPIS is self mode only). ``progress``: ``True`` prints a progress line
-    on stderr, ``False`` none, a callable gets ``(rows_done, rows_total)``; ``None`` (default) prints only for
-    ``N·M >= 2^30`` when stderr is a terminal. Accuracy of each value: see the module docstring.
+    Every single-metric function is this function with one metric, so the values are equal by construction.
+    recall@K and MAP@R are exact; PR-AUC, OPIS and ε-OPIS come from histograms, with the accuracy stated in the
+    module docstring. The "reference" backend runs :func:`flashdml.reference.evaluate`.
 
-    >>> fd.metrics.evaluate(x, labels, ks=(1, 10, 100), metrics=("recall_at_k", "map_at_r", "opis", "pr_auc"))
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), fp16, bf16, fp32 or fp64; cosine similarity from rows
+            normalised in fp32, on the device of ``x``.
+        labels (Tensor): integer ``[N]``, required.
+        metrics (str or sequence of str): names among ``"recall_at_k"`` (keys ``"recall@K"`` for each K in
+            ``ks``), ``"map_at_r"`` (``"map@r"``), ``"pr_auc"`` (``"pr_auc"``), ``"opis"`` (``"opis"`` and
+            ``"eps_opis"``) and ``"eps_opis"`` (``"eps_opis"``). Default ``("recall_at_k", "map_at_r", "pr_auc",
+            "opis")``.
+        ks (int or sequence of int): the K of recall@K, as in :func:`recall_at_k` (checked only when recall is
+            asked for). Default ``(1, 2, 4, 8)``.
+        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
+            itself excluded from its list and from the pairs.
+        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+        progress (bool, callable or None): ``True`` prints a progress line on stderr, ``False`` none, a callable
+            is called with ``(rows_done, rows_total)``; ``None`` (default) prints only for ``N·M >= 2^30`` when
+            stderr is a terminal.
+        **metric_options: ``far_range``, ``n_thresholds``, ``beta`` (OPIS and ε-OPIS) and ``eps`` (ε-OPIS), as
+            in :func:`opis` and :func:`eps_opis`.
+
+    Returns:
+        dict[str, float]: the values by key, in the order of ``metrics``; ``nan`` for a metric with nothing to
+        average.
+
+    Raises:
+        TypeError: an unknown name in ``metric_options``; the type errors of the single-metric functions.
+        ValueError: an unknown metric name; ``"opis"`` / ``"eps_opis"`` with ``y`` given (self mode only); any
+            error of the single-metric functions (shapes, devices, ``ks``, OPIS options).
+            Also a NaN or infinite embedding.
+        RuntimeError: an explicitly selected backend that cannot run the call.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> res = fd.metrics.evaluate(x, labels, ks=(1, 2), metrics=("recall_at_k", "map_at_r", "pr_auc", "opis"))
+        >>> sorted(res)
+        ['eps_opis', 'map@r', 'opis', 'pr_auc', 'recall@1', 'recall@2']
+        >>> res["recall@1"], res["map@r"]
+        (0.75, 0.75)
+        >>> gallery, gallery_labels = torch.randn(10, 4), torch.arange(10) % 2
+        >>> sorted(fd.metrics.evaluate(x, labels, ks=1, y=gallery, ref_labels=gallery_labels,
+        ...                            metrics=("recall_at_k", "map_at_r")))
+        ['map@r', 'recall@1']
     """
     if isinstance(metrics, str):
         metrics = (metrics,)
@@ -293,7 +333,42 @@ def _fused_backend(x) -> str:
 
 def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y=None, ref_labels=None
                 ) -> Dict[int, float]:
-    """Recall@k (= pml's precision_at_1 for k = 1): ``{k: value}``; exact. See :func:`flashdml.reference.recall_at_k`."""
+    """Recall@k, exact, from one streaming pass (definition: :func:`flashdml.reference.recall_at_k`).
+
+    The fraction of queries (with ``R_i > 0`` relevant references) that have a same-label reference among their
+    k nearest (cosine, ties -> lower reference index, self mode excludes the query itself); recall@1 equals
+    pytorch-metric-learning's ``precision_at_1``. ``nan`` when no query has ``R_i > 0``.
+
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), fp16, bf16, fp32 or fp64; cosine similarity from rows
+            normalised in fp32, on the device of ``x``.
+        labels (Tensor): integer ``[N]``, required.
+        ks (int or sequence of int): the k of each recall@k, each ``1 <= k <=`` the candidates per query (``M``,
+            or ``N − 1`` in self mode); duplicates are dropped, the order is kept. Default ``(1, 2, 4, 8)``.
+        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
+            itself excluded from its list and from the pairs.
+        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+
+    Returns:
+        dict[int, float]: ``{k: recall}`` in the order of ``ks``.
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels; ``x`` and ``y`` of different dtypes.
+            Also a ``ks`` entry that is not an integer.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
+            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
+            tensors on different devices; an empty ``ks``, a k < 1 or above the candidates per query; a NaN or
+            infinite embedding (fused backends).
+        RuntimeError: an explicitly selected backend that cannot run the call.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> fd.metrics.recall_at_k(x, labels, ks=(1, 2))
+        {1: 0.75, 2: 0.75}
+    """
     def fused(name):
         out = _fused_evaluate(x, labels, ("recall_at_k",), ks, y, ref_labels, False, {}, backend=name)
         return {int(k.split("@")[1]): v for k, v in out.items()}
@@ -301,7 +376,37 @@ def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2
 
 
 def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
-    """MAP@R (= pml's mean_average_precision_at_r); exact. See :func:`flashdml.reference.map_at_r`."""
+    """MAP@R, exact, from one streaming pass (definition: :func:`flashdml.reference.map_at_r`).
+
+    ``AP@R_i = (1/R_i) Σ_{r=1}^{R_i} P@r · rel(r)`` over query i's ranked list, averaged over the queries with
+    ``R_i > 0`` (``nan`` if none); equals pytorch-metric-learning's ``mean_average_precision_at_r``.
+
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), fp16, bf16, fp32 or fp64; cosine similarity from rows
+            normalised in fp32, on the device of ``x``.
+        labels (Tensor): integer ``[N]``, required.
+        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
+            itself excluded from its list and from the pairs.
+        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+
+    Returns:
+        float: MAP@R in ``[0, 1]``, or ``nan``.
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels; ``x`` and ``y`` of different dtypes.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
+            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
+            tensors on different devices; a NaN or infinite embedding (fused backends).
+        RuntimeError: an explicitly selected backend that cannot run the call.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> fd.metrics.map_at_r(x, labels)
+        0.75
+    """
     return _single("map_at_r", x,
                    lambda b: _fused_evaluate(x, labels, ("map_at_r",), 1, y, ref_labels, False, {},
                                              backend=b)["map@r"],
@@ -309,7 +414,38 @@ def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
 
 
 def pr_auc(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
-    """Global PR-AUC from a 2^16-bin pair histogram (bound: :func:`pr_auc_bounds`). See the reference."""
+    """Global PR-AUC over all pairs from a 2^16-bin pair histogram (definition: :func:`flashdml.reference.pr_auc`).
+
+    Average precision of one similarity threshold swept over every (query, reference) pair, positive = same
+    label. Pairs whose similarities share a bin tie; :func:`pr_auc_bounds` gives the range the exact value lies
+    in. ``nan`` when there is no positive pair.
+
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), fp16, bf16, fp32 or fp64; cosine similarity from rows
+            normalised in fp32, on the device of ``x``.
+        labels (Tensor): integer ``[N]``, required.
+        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
+            itself excluded from its list and from the pairs.
+        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+
+    Returns:
+        float: PR-AUC in ``[0, 1]``, or ``nan``.
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels; ``x`` and ``y`` of different dtypes.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
+            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
+            tensors on different devices; a NaN or infinite embedding (fused backends).
+        RuntimeError: an explicitly selected backend that cannot run the call.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> fd.metrics.pr_auc(x, labels)
+        0.5
+    """
     return _single("pr_auc", x,
                    lambda b: _fused_evaluate(x, labels, ("pr_auc",), 1, y, ref_labels, False, {},
                                              backend=b)["pr_auc"],
@@ -317,8 +453,39 @@ def pr_auc(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
 
 
 def opis(x: Tensor, labels: Tensor, *, far_range=(1e-2, 1e-1), n_thresholds: int = 101, beta: float = 1.0) -> float:
-    """OPIS (TCM paper's definition, see :func:`flashdml.reference.opis`) from per-class histograms; the exact OPIS at
-    thresholds within h_c/2 + 2^-15 of the reference's (:func:`opis_thresholds`)."""
+    """OPIS ``(1/T) Σ_c mean_s (U_c(s) − Ū(s))²`` from per-class histograms (see :func:`flashdml.reference.opis`).
+
+    The TCM paper's threshold-consistency measure, self mode only: the variance across classes of each class's
+    utility ``U_c(s)`` over thresholds s spanning a false-accept-rate range. The result is the exact OPIS at
+    thresholds within ``h_c/2 + 2^-15`` of the reference's (:func:`opis_thresholds` returns them).
+
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), fp16, bf16, fp32 or fp64; cosine similarity from rows
+            normalised in fp32, on the device of ``x``.
+        labels (Tensor): integer ``[N]``, required.
+        far_range (tuple[float, float]): ``(far_min, far_max)`` with ``0 < far_min <= far_max <= 1``: the
+            calibration range of overall false-accept rates. Default ``(1e-2, 1e-1)``.
+        n_thresholds (int): ``>= 1``, thresholds on the calibration range. Default 101.
+        beta (float): ``> 0``, the β of the F-score-like utility. Default 1.0.
+
+    Returns:
+        float: OPIS (>= 0), or ``nan`` when no class has two samples or there is no negative pair.
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels. Also ``far_range`` that is not a pair, a non-integer ``n_thresholds``.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; ``x`` not 2-D or
+            empty; tensors on different devices; ``far_range`` outside ``0 < far_min <= far_max <= 1``;
+            ``n_thresholds < 1``; ``beta <= 0`` or non-finite; a NaN or infinite embedding (fused backends).
+        RuntimeError: an explicitly selected backend that cannot run the call.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> round(fd.metrics.opis(x, labels), 4)
+        0.1837
+    """
     kw = dict(far_range=far_range, n_thresholds=n_thresholds, beta=beta)
     return _single("opis", x,
                    lambda b: _fused_evaluate(x, labels, ("opis",), 1, None, None, False, kw, backend=b)["opis"],
@@ -327,7 +494,40 @@ def opis(x: Tensor, labels: Tensor, *, far_range=(1e-2, 1e-1), n_thresholds: int
 
 def eps_opis(x: Tensor, labels: Tensor, *, eps: float = 0.05, far_range=(1e-2, 1e-1), n_thresholds: int = 101,
              beta: float = 1.0) -> float:
-    """ε-OPIS (TCM paper's definition, see :func:`flashdml.reference.eps_opis`); accuracy as :func:`opis`."""
+    """ε-OPIS ``mean_s (U_high(s) − U_low(s))²`` (:func:`flashdml.reference.eps_opis`); accuracy as :func:`opis`.
+
+    ``U_high`` / ``U_low``: the mean utilities of the best / worst ``ceil(ε·T)`` classes, ranked by their mean
+    utility over the thresholds. Self mode only.
+
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), fp16, bf16, fp32 or fp64; cosine similarity from rows
+            normalised in fp32, on the device of ``x``.
+        labels (Tensor): integer ``[N]``, required.
+        eps (float): ε in ``(0, 1]``, the share of classes in each of the best and worst groups. Default 0.05.
+        far_range (tuple[float, float]): ``(far_min, far_max)`` with ``0 < far_min <= far_max <= 1``: the
+            calibration range of overall false-accept rates. Default ``(1e-2, 1e-1)``.
+        n_thresholds (int): ``>= 1``, thresholds on the calibration range. Default 101.
+        beta (float): ``> 0``, the β of the F-score-like utility. Default 1.0.
+
+    Returns:
+        float: ε-OPIS (>= 0), or ``nan``.
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels. Also ``far_range`` that is not a pair, a non-integer ``n_thresholds``, a non-real ``eps``.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; ``x`` not 2-D or
+            empty; tensors on different devices; ``eps`` outside ``(0, 1]``; ``far_range`` outside
+            ``0 < far_min <= far_max <= 1``; ``n_thresholds < 1``; ``beta <= 0`` or non-finite; a NaN or
+            infinite embedding (fused backends).
+        RuntimeError: an explicitly selected backend that cannot run the call.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> round(fd.metrics.eps_opis(x, labels, eps=0.05), 4)
+        0.7347
+    """
     kw = dict(far_range=far_range, n_thresholds=n_thresholds, beta=beta)
     return _single("eps_opis", x,
                    lambda b: _fused_evaluate(x, labels, ("eps_opis",), 1, None, None, False, dict(kw, eps=eps),
@@ -337,14 +537,77 @@ def eps_opis(x: Tensor, labels: Tensor, *, eps: float = 0.05, far_range=(1e-2, 1
 
 # ----------------------------------------------------------------------------------------------- introspection
 def pr_auc_bounds(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> tuple:
-    """``(lower, upper)``: the range the exact PR-AUC lies in, given the 2^16-bin counts :func:`pr_auc` uses."""
+    """The range ``(lower, upper)`` the exact PR-AUC lies in, from the 2^16-bin counts :func:`pr_auc` uses.
+
+    Per bin, ``lower`` ranks its positive pairs after its negatives and ``upper`` before them (up to pairs whose
+    fp32 similarity falls in a neighbouring bin). Always runs a fused pass, also under the "reference" backend.
+
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), fp16, bf16, fp32 or fp64; cosine similarity from rows
+            normalised in fp32, on the device of ``x``.
+        labels (Tensor): integer ``[N]``, required.
+        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
+            itself excluded from its list and from the pairs.
+        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+
+    Returns:
+        tuple[float, float]: ``(lower, upper)``, ``lower <= pr_auc(...) <= upper``.
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels; ``x`` and ``y`` of different dtypes.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
+            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
+            tensors on different devices; a NaN or infinite embedding (fused backends).
+        RuntimeError: an explicitly selected backend that cannot run the call.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> lower, upper = fd.metrics.pr_auc_bounds(x, labels)
+        >>> lower <= fd.reference.pr_auc(x, labels) <= upper
+        True
+    """
     details: dict = {}
     _fused_evaluate(x, labels, ("pr_auc",), 1, y, ref_labels, False, {}, details, _fused_backend(x))
     return details["pr_auc_bounds"]
 
 
 def opis_thresholds(x: Tensor, labels: Tensor, *, far_range=(1e-2, 1e-1), n_thresholds: int = 101) -> Tensor:
-    """The thresholds (float64, ascending) at which :func:`opis` evaluates the utilities exactly (bin edges)."""
+    """The thresholds at which :func:`opis` evaluates the per-class utilities exactly (edges of its histogram bins).
+
+    Each is within ``h_c/2 + 2^-15`` of the reference's threshold (``h_c = 2 / opis_bins``, see the module
+    docstring). Always runs a fused pass, also under the "reference" backend. Self mode only.
+
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), fp16, bf16, fp32 or fp64; cosine similarity from rows
+            normalised in fp32, on the device of ``x``.
+        labels (Tensor): integer ``[N]``, required.
+        far_range (tuple[float, float]): ``(far_min, far_max)``, ``0 < far_min <= far_max <= 1``. Default
+            ``(1e-2, 1e-1)``.
+        n_thresholds (int): ``>= 1``. Default 101.
+
+    Returns:
+        Tensor or None: float64 ``[n_thresholds]``, ascending; ``None`` when OPIS is ``nan`` (no class with two
+        samples, or no negative pair).
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels. Also ``far_range`` that is not a pair, a non-integer ``n_thresholds``.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; ``x`` not 2-D or
+            empty; tensors on different devices; ``far_range`` outside ``0 < far_min <= far_max <= 1``;
+            ``n_thresholds < 1``; a NaN or infinite embedding (fused backends).
+        RuntimeError: an explicitly selected backend that cannot run the call.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> t = fd.metrics.opis_thresholds(x, labels, n_thresholds=5)
+        >>> t.shape, t.dtype
+        (torch.Size([5]), torch.float64)
+    """
     details: dict = {}
     _fused_evaluate(x, labels, ("opis",), 1, None, None, False,
                     dict(far_range=far_range, n_thresholds=n_thresholds), details, _fused_backend(x))

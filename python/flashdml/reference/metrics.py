@@ -100,9 +100,32 @@ def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2
     absent from ``ref_labels``) are excluded from the mean, as pytorch-metric-learning's ``AccuracyCalculator``
     excludes "lone" queries; so recall@1 equals its ``precision_at_1``. ``nan`` if no query has ``R_i > 0``.
 
-    ``ks``: an int or a sequence of positive ints; any k larger than the number of references a query can
-    retrieve (``M``, or ``N - 1`` in self mode) is a ``ValueError``. Returns ``{k: recall}`` in the order
-    given (duplicates dropped).
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), any floating dtype; cosine similarity, in float64.
+        labels (Tensor): integer ``[N]``, required.
+        ks (int or sequence of int): the k of each recall@k, each ``1 <= k <=`` the candidates per query (``M``,
+            or ``N − 1`` in self mode); duplicates are dropped, the order is kept. Default ``(1, 2, 4, 8)``.
+        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
+            itself excluded from its list and from the pairs.
+        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+
+    Returns:
+        dict[int, float]: ``{k: recall}`` in the order of ``ks``.
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels; ``x`` and ``y`` of different dtypes.
+            Also a ``ks`` entry that is not an integer.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
+            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
+            tensors on different devices; an empty ``ks``, a k < 1 or above the candidates per query.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> fd.reference.recall_at_k(x, labels, ks=(1, 2))
+        {1: 0.75, 2: 0.75}
     """
     rel, R, batch = _ranked(x, labels, y, ref_labels)
     ks = check_ks(ks, rel.shape[1])
@@ -122,6 +145,30 @@ def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
     index first); the result is the mean over the queries with ``R_i > 0`` (``nan`` if there are none).
     Equals pytorch-metric-learning's ``AccuracyCalculator`` ``mean_average_precision_at_r`` (self mode =
     its ``ref_includes_query=True``).
+
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), any floating dtype; cosine similarity, in float64.
+        labels (Tensor): integer ``[N]``, required.
+        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
+            itself excluded from its list and from the pairs.
+        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+
+    Returns:
+        float: MAP@R in ``[0, 1]``, or ``nan``.
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels; ``x`` and ``y`` of different dtypes.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
+            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
+            tensors on different devices.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> fd.reference.map_at_r(x, labels)
+        0.75
     """
     rel, R, _ = _ranked(x, labels, y, ref_labels)
     valid = R > 0
@@ -146,6 +193,30 @@ def pr_auc(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
     distinct scores ``s_1 > s_2 > ...`` as thresholds and ``TP(s)``, ``FP(s)`` the pairs with score ``>= s``:
     ``AP = Σ_t (TP(s_t) - TP(s_{t-1})) / P · TP(s_t) / (TP(s_t) + FP(s_t))`` (tied scores form one step, as
     in scikit-learn's ``average_precision_score``). Exact. ``nan`` when there is no positive pair.
+
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), any floating dtype; cosine similarity, in float64.
+        labels (Tensor): integer ``[N]``, required.
+        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
+            itself excluded from its list and from the pairs.
+        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+
+    Returns:
+        float: PR-AUC in ``[0, 1]``, or ``nan``.
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels; ``x`` and ``y`` of different dtypes.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
+            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
+            tensors on different devices.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> fd.reference.pr_auc(x, labels)
+        0.5
     """
     scores, positive = _pair_scores(x, labels, y, ref_labels)
     n_pos = int(positive.sum())
@@ -213,9 +284,11 @@ def _class_utilities(x, labels, far_range, n_thresholds, beta):
     return U[eligible]
 
 
-_OPIS_DOC = """
-    Following the TCM paper's definition (Zhang et al., "Threshold-Consistent Margin Loss for Open-World Deep
-    Metric Learning", ICLR 2024), self mode only, cosine similarity, unordered pairs ``i < j``:
+def opis(x: Tensor, labels: Tensor, *, far_range=(1e-2, 1e-1), n_thresholds: int = 101, beta: float = 1.0) -> float:
+    """OPIS (operating-point inconsistency): ``(1/T) Σ_c mean_s (U_c(s) − Ū(s))²``, ``Ū(s)`` = mean of ``U_c(s)``.
+
+    The TCM paper's definition (Zhang et al., "Threshold-Consistent Margin Loss for Open-World Deep Metric
+    Learning", ICLR 2024): self mode only, cosine similarity, unordered pairs ``i < j``.
 
     * Classes: every label with >= 2 samples (T of them); classes with one sample are skipped, but their
       samples still form negative pairs (for the other classes and for the overall FAR).
@@ -228,25 +301,77 @@ _OPIS_DOC = """
       ``s_lo = s(far_range[1])``, ``s_hi = s(far_range[0])``, and the thresholds are
       ``torch.linspace(s_lo, s_hi, n_thresholds)`` in float64 (both ends exact; one threshold = ``s_lo``).
     * ``nan`` when no class has >= 2 samples or there is no negative pair.
+
     The parameters exist because the paper's exact calibration range could not be confirmed.
-"""
 
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), any floating dtype; cosine similarity, in float64.
+        labels (Tensor): integer ``[N]``, required.
+        far_range (tuple[float, float]): ``(far_min, far_max)`` with ``0 < far_min <= far_max <= 1``: the
+            calibration range of overall false-accept rates. Default ``(1e-2, 1e-1)``.
+        n_thresholds (int): ``>= 1``, thresholds on the calibration range. Default 101.
+        beta (float): ``> 0``, the β of the F-score-like utility. Default 1.0.
 
-def opis(x: Tensor, labels: Tensor, *, far_range=(1e-2, 1e-1), n_thresholds: int = 101, beta: float = 1.0) -> float:
+    Returns:
+        float: OPIS (>= 0; lower is more consistent), or ``nan``.
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels. Also ``far_range`` that is not a pair, a non-integer ``n_thresholds``.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; ``x`` not 2-D or
+            empty; tensors on different devices; ``far_range`` outside ``0 < far_min <= far_max <= 1``;
+            ``n_thresholds < 1``; ``beta <= 0`` or non-finite.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> round(fd.reference.opis(x, labels), 4)
+        0.1837
+    """
     U = _class_utilities(x, labels, far_range, n_thresholds, beta)
     if U is None:
         return NAN
     return float(((U - U.mean(dim=0, keepdim=True)) ** 2).mean(dim=1).mean())
 
 
-opis.__doc__ = (
-    "OPIS (operating-point inconsistency): ``(1/T) Σ_c mean_s (U_c(s) - Ū(s))²``, ``Ū(s)`` = mean of ``U_c(s)``"
-    " over the T classes.\n" + _OPIS_DOC
-)
 
 
 def eps_opis(x: Tensor, labels: Tensor, *, eps: float = 0.05, far_range=(1e-2, 1e-1), n_thresholds: int = 101,
              beta: float = 1.0) -> float:
+    """ε-OPIS: ``mean_s (U_high(s) − U_low(s))²`` between the best and the worst classes.
+
+    ``U_high`` / ``U_low`` are the mean utilities of the best / worst ``m = ceil(ε·T)`` classes (ε·T rounded to
+    9 decimals first, m clamped to [1, T]) ranked by their mean utility over the thresholds; ties in that
+    ranking -> lower label first for both. Classes, utilities ``U_c(s)``, the calibration range and the ``nan``
+    cases are those of :func:`opis`.
+
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), any floating dtype; cosine similarity, in float64.
+        labels (Tensor): integer ``[N]``, required.
+        eps (float): ε in ``(0, 1]``, the share of classes in each of the best and worst groups. Default 0.05.
+        far_range (tuple[float, float]): ``(far_min, far_max)`` with ``0 < far_min <= far_max <= 1``: the
+            calibration range of overall false-accept rates. Default ``(1e-2, 1e-1)``.
+        n_thresholds (int): ``>= 1``, thresholds on the calibration range. Default 101.
+        beta (float): ``> 0``, the β of the F-score-like utility. Default 1.0.
+
+    Returns:
+        float: ε-OPIS (>= 0), or ``nan``.
+
+    Raises:
+        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
+            labels. Also ``far_range`` that is not a pair, a non-integer ``n_thresholds``, a non-real ``eps``.
+        ValueError: ``labels`` missing, not 1-D or not matching its rows; ``x`` not 2-D or
+            empty; tensors on different devices; ``eps`` outside ``(0, 1]``; ``far_range`` outside
+            ``0 < far_min <= far_max <= 1``; ``n_thresholds < 1``; ``beta <= 0`` or non-finite.
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> round(fd.reference.eps_opis(x, labels, eps=0.05), 4)
+        0.7347
+    """
     eps = check_real(eps, "eps")
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"eps must be in (0, 1], got {eps}")
@@ -262,11 +387,6 @@ def eps_opis(x: Tensor, labels: Tensor, *, eps: float = 0.05, far_range=(1e-2, 1
     return float(((U[best].mean(dim=0) - U[worst].mean(dim=0)) ** 2).mean())
 
 
-eps_opis.__doc__ = (
-    "ε-OPIS: ``mean_s (U_high(s) - U_low(s))²``, where ``U_high`` / ``U_low`` are the mean utilities of the"
-    " best / worst ``m = ceil(ε·T)`` classes (ε·T rounded to 9 decimals first, m clamped to [1, T]) ranked by"
-    " their mean utility over the thresholds; ties in that ranking -> lower label first for both.\n" + _OPIS_DOC
-)
 
 
 # ----------------------------------------------------------------------------------------------- all at once
@@ -274,11 +394,38 @@ def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k",
              ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y=None, ref_labels=None, **metric_options) -> Dict[str, float]:
     """Several metrics at once, as one flat dict; each value equals the single-metric function's.
 
-    ``metrics`` names: ``"recall_at_k"`` -> ``"recall@K"`` for each K in ``ks``; ``"map_at_r"`` -> ``"map@r"``;
-    ``"pr_auc"`` -> ``"pr_auc"``; ``"opis"`` -> ``"opis"`` and ``"eps_opis"``; ``"eps_opis"`` -> ``"eps_opis"``.
-    ``metric_options``: ``far_range``, ``n_thresholds``, ``beta`` (OPIS and ε-OPIS) and ``eps`` (ε-OPIS); any
-    other name is a ``TypeError``. OPIS is defined in self mode only: asking for it with ``y`` given is a
-    ``ValueError`` (pass ``metrics`` without ``"opis"`` for a separate gallery).
+    OPIS is defined in self mode only: asking for it with ``y`` given is a ``ValueError`` (leave ``"opis"`` out
+    of ``metrics`` for a separate gallery).
+
+    Args:
+        x (Tensor): embeddings ``[N, d]`` (the queries), any floating dtype; cosine similarity, in float64.
+        labels (Tensor): integer ``[N]``, required.
+        metrics (str or sequence of str): names among ``"recall_at_k"`` (keys ``"recall@K"`` for each K in
+            ``ks``), ``"map_at_r"`` (``"map@r"``), ``"pr_auc"`` (``"pr_auc"``), ``"opis"`` (``"opis"`` and
+            ``"eps_opis"``) and ``"eps_opis"`` (``"eps_opis"``). Default ``("recall_at_k", "map_at_r", "pr_auc",
+            "opis")``.
+        ks (int or sequence of int): the K of recall@K, as in :func:`recall_at_k` (checked only when recall is
+            asked for). Default ``(1, 2, 4, 8)``.
+        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
+            itself excluded from its list and from the pairs.
+        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+        **metric_options: ``far_range``, ``n_thresholds``, ``beta`` (OPIS and ε-OPIS) and ``eps`` (ε-OPIS), as
+            in :func:`opis` and :func:`eps_opis`.
+
+    Returns:
+        dict[str, float]: the values by key, in the order of ``metrics``.
+
+    Raises:
+        TypeError: an unknown name in ``metric_options``; the type errors of the single-metric functions.
+        ValueError: an unknown metric name; ``"opis"`` / ``"eps_opis"`` with ``y`` given (self mode only); any
+            error of the single-metric functions (shapes, devices, ``ks``, OPIS options).
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> x = torch.tensor([[1., 0., 0., 0.], [.5, .5, .5, .5], [0., 1., 0., 0.], [-1., 0., 0., 0.]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> fd.reference.evaluate(x, labels, metrics=("recall_at_k", "map_at_r", "pr_auc"), ks=(1, 2))
+        {'recall@1': 0.75, 'recall@2': 0.75, 'map@r': 0.75, 'pr_auc': 0.5}
     """
     if isinstance(metrics, str):
         metrics = (metrics,)
