@@ -113,11 +113,9 @@ def test_function_docstring_is_complete(qualname, obj):
     _check_sections_and_params(qualname, obj, _signature_params(obj))
 
 
-@pytest.mark.parametrize("qualname,obj", FUNCTIONS, ids=[n for n, _ in FUNCTIONS])
-def test_function_example_runs(qualname, obj):
+def _run_examples(qualname: str, obj):
+    """Runs the doctest lines of ``obj``'s docstring (not its members'); returns (examples, failures, report)."""
     tests = doctest.DocTestFinder(recurse=False).find(obj, qualname, globs={})
-    examples = sum(len(t.examples) for t in tests)
-    assert examples > 0, f"{qualname}: no doctest example"
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     report: list = []
     torch.manual_seed(0)
@@ -125,8 +123,29 @@ def test_function_example_runs(qualname, obj):
         warnings.simplefilter("ignore", RuntimeWarning)  # "auto" on an op without a compiled kernel warns once
         for t in tests:
             runner.run(t, out=report.append)
-    assert runner.failures == 0, f"{qualname}: the example fails:\n" + "".join(report)
+    return sum(len(t.examples) for t in tests), runner.failures, "".join(report)
+
+
+@pytest.mark.parametrize("qualname,obj", FUNCTIONS, ids=[n for n, _ in FUNCTIONS])
+def test_function_example_runs(qualname, obj):
+    examples, failures, report = _run_examples(qualname, obj)
+    assert examples > 0, f"{qualname}: no doctest example"
+    assert failures == 0, f"{qualname}: the example fails:\n" + report
     assert flashdml.get_backend() == "auto", f"{qualname}: the example leaves a backend selected"
+
+
+def test_example_runner_catches_a_wrong_output():
+    def f():
+        """Summary.
+
+        Example:
+            >>> import torch
+            >>> torch.ones(2).sum().item()
+            3.0
+        """
+    examples, failures, report = _run_examples("f", f)
+    assert (examples, failures) == (2, 1)
+    assert "Expected:" in report and "2.0" in report
 
 
 def test_section_parser_catches_a_missing_parameter():
@@ -160,3 +179,5 @@ def test_class_docstring_is_complete(qualname, cls):
     params = _signature_params(cls.__init__) if "__init__" in vars(cls) else []
     params = [p for p in params if p not in ("args", "kwargs")]
     _check_sections_and_params(qualname, cls, params)
+    _, failures, report = _run_examples(qualname, cls)
+    assert failures == 0, f"{qualname}: the example fails:\n" + report
