@@ -87,7 +87,37 @@ def contextual_loss_terms(
     ste_slope: float = 10.0,
     normalize: bool = True,
 ) -> Dict[str, Tensor]:
-    """The three unweighted terms ``{"L_ctx", "L_reg", "L_con"}`` of ``contextual_loss`` (same arguments)."""
+    """The three unweighted terms ``{"L_ctx", "L_reg", "L_con"}`` of :func:`contextual_loss` (same arguments).
+
+    ``contextual_loss = context_weight·L_ctx + reg_weight·L_reg + contrastive_weight·L_con``; the tests use the
+    terms one by one.
+
+    Args:
+        x (Tensor): embeddings ``[B, d]``, any floating dtype (computed in float64 for float64, fp32 otherwise).
+        labels (Tensor): integer ``[B]``, required.
+        k (int): neighbourhood size, ``2 <= k <= B``. Default 4.
+        eps (float): the ε band, finite and ``>= 0``. Default 0.05.
+        reg_target (float): target of the mean similarity in ``L_reg``. Default 0.25.
+        pos_margin (float): ``m+`` of ``L_con``. Default 0.75.
+        neg_margin (float): ``m−`` of ``L_con``. Default 0.6.
+        ste_slope (float): the straight-through slope of each step. Default 10.0.
+        normalize (bool): L2-normalise the rows first. Default ``True``.
+
+    Returns:
+        dict[str, Tensor]: 0-dim tensors in the compute dtype under the keys ``"L_ctx"``, ``"L_reg"`` and
+        ``"L_con"``; all three NaN when ``x`` holds a NaN or an infinity.
+
+    Raises:
+        TypeError: wrong type or dtype, as :func:`contextual_loss`.
+        ValueError: as :func:`contextual_loss` (``k`` outside ``[2, B]``, ``eps < 0``, a collapsed batch, ...).
+
+    Example:
+        >>> import torch
+        >>> from flashdml.reference.contextual import contextual_loss_terms
+        >>> terms = contextual_loss_terms(torch.randn(16, 8, dtype=torch.float64), torch.arange(16) // 4)
+        >>> sorted(terms)
+        ['L_con', 'L_ctx', 'L_reg']
+    """
     batch, k, eps, ste_slope = check_contextual_args(x, labels, k, eps, ste_slope)
     reg_target = check_real(reg_target, "reg_target")
     pos_margin = check_real(pos_margin, "pos_margin")
@@ -192,7 +222,7 @@ def contextual_context_grad_closed_form(
     ste_slope: float = 10.0,
     normalize: bool = True,
 ) -> Tensor:
-    """``dL_ctx/dS`` ([B, B], compute dtype) from docs/spec.md §2.5's closed form (unweighted ``L_ctx``).
+    """The gradient ``dL_ctx/dS`` of the unweighted ``L_ctx`` in docs/spec.md §2.5's closed form (no autograd).
 
     ``a = |N(·)|``, ``c = B − a``, ``M = 1 − N``, ``H = ½(NNᵀ/a + MMᵀ/c)``, ``W = H⊙N``, ``r = |R(·)|``,
     ``Q = RW``::
@@ -205,6 +235,27 @@ def contextual_context_grad_closed_form(
         dL_ctx/dS = 2·ste_slope · C ⊙ (GN + GP),  C = [2 − 2S > 0]
 
     Used by the tests to check the autograd straight-through gradient of the reference.
+
+    Args:
+        x (Tensor): embeddings ``[B, d]``, any floating dtype (computed in float64 for float64, fp32 otherwise).
+        labels (Tensor): integer ``[B]``, required.
+        k (int): neighbourhood size, ``2 <= k <= B``. Default 4.
+        eps (float): the ε band, finite and ``>= 0``. Default 0.05.
+        ste_slope (float): the straight-through slope of each step. Default 10.0.
+        normalize (bool): L2-normalise the rows first. Default ``True``.
+
+    Returns:
+        Tensor: ``dL_ctx/dS``, ``[B, B]``, in the compute dtype (fp32, or float64 for float64 input).
+
+    Raises:
+        TypeError: wrong type or dtype, as :func:`contextual_loss`.
+        ValueError: as :func:`contextual_loss` (``k`` outside ``[2, B]``, ``eps < 0``, a collapsed batch, ...).
+
+    Example:
+        >>> import torch
+        >>> from flashdml.reference.contextual import contextual_context_grad_closed_form
+        >>> contextual_context_grad_closed_form(torch.randn(16, 8), torch.arange(16) // 4, k=4).shape
+        torch.Size([16, 16])
     """
     batch, k, eps, ste_slope = check_contextual_args(x, labels, k, eps, ste_slope)
     S = _similarity_matrix(batch, normalize)
