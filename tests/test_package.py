@@ -193,3 +193,16 @@ def test_sdist_carries_every_source_the_build_needs(tmp_path):
     assert not [n for n in names if n.endswith(".so")]
     pkg_info = tarfile.open(archive).extractfile(f"{archive.name[:-len('.tar.gz')]}/PKG-INFO").read().decode()
     assert "License-Expression: Apache-2.0" in pkg_info and "Requires-Dist: torch>=2.13" in pkg_info
+
+
+def test_readme_install_section_matches_setup_py():
+    readme = (ROOT / "README.md").read_text()
+    default = re.search(r'os\.environ\["TORCH_CUDA_ARCH_LIST"\] = "([^"]+)"', (ROOT / "setup.py").read_text())
+    assert default, "setup.py no longer sets a default TORCH_CUDA_ARCH_LIST: update the README's Install section"
+    install = readme.split("## Install", 1)[1].split("\n## ", 1)[0]
+    assert f"`{default.group(1)}`" in install
+    assert "FLASHDML_NO_CUDA=1 pip install --no-build-isolation ." in install
+    for extra in _pyproject()["project"]["optional-dependencies"]:
+        assert f"| `{extra}` |" in install, extra
+    # the two quick-start commands stay as they are
+    assert "make bench   # set-up" in readme and "make test    # same set-up" in readme
