@@ -109,16 +109,13 @@ def main() -> None:
             extra_link_args=["-fopenmp"],
         )
 
+    # Name, version, dependencies, license and the rest of the metadata are in pyproject.toml ([project]).
     setup(
-        name="flashdml",
-        version="0.1.0",
-        description="Fused kernels for deep metric learning (cross-example softmax, TCM, contextual loss, metrics)",
         package_dir={"flashdml": "python/flashdml", "flashdml.triton_kernels": "triton_kernels"},
         packages=["flashdml", "flashdml.reference", "flashdml.ops", "flashdml.integrations",
                   "flashdml.triton_kernels"],
         ext_modules=[ext],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-        python_requires=">=3.10",
     )
 
 

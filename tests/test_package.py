@@ -1,6 +1,11 @@
-"""Package-level behaviour: importing, the optional extension, dispatch."""
+"""Package-level behaviour: importing, the optional extension, dispatch; the packaging metadata and the sdist."""
+import ast
+import os
+import re
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +98,111 @@ def test_set_backend_is_the_default_of_every_thread():
     t.start()
     t.join(timeout=10)
     assert seen == ["reference"]
+
+
+# --- packaging: pyproject.toml metadata, LICENSE, the source distribution ---------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject():
+    tomllib = pytest.importorskip("tomllib")
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def _names(requirements):
+    """Distribution names of PEP 508 strings, lower-case, without versions, extras or markers."""
+    return {re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", r).group(1).lower() for r in requirements}
+
+
+def test_project_metadata_is_declared_in_pyproject():
+    project = _pyproject()["project"]
+    assert project["name"] == "flashdml"
+    assert project["version"] == fd.__version__
+    assert project["description"]
+    assert project["readme"] == "README.md" and (ROOT / "README.md").is_file()
+    assert project["requires-python"] == ">=3.10"
+    assert _names(project["dependencies"]) == {"torch", "numpy", "triton"}
+    triton = [r for r in project["dependencies"] if r.startswith("triton")]
+    assert len(triton) == 1 and "sys_platform == 'linux'" in triton[0], triton
+    assert not project.get("dynamic"), "metadata is static: setup.py must not supply any"
+
+
+def test_extras_name_the_optional_peers():
+    extras = {k: _names(v) for k, v in _pyproject()["project"]["optional-dependencies"].items()}
+    assert extras == {
+        "pml": {"pytorch-metric-learning"},
+        "bench": {"matplotlib", "tqdm", "faiss-cpu", "pytorch-metric-learning"},
+        "test": {"pytest", "hypothesis", "pytorch-metric-learning", "faiss-cpu", "scikit-learn", "matplotlib"},
+        "examples": {"scikit-learn", "matplotlib", "pytorch-metric-learning"},
+    }
+
+
+def test_every_declared_requirement_is_pinned_in_requirements_txt():
+    # `make test` / `make bench` install requirements.txt only: it must cover the runtime and every extra.
+    project = _pyproject()["project"]
+    declared = _names(project["dependencies"])
+    for reqs in project["optional-dependencies"].values():
+        declared |= _names(reqs)
+    lines = [ln.split("#")[0].strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()]
+    pinned = {ln.split("==")[0].lower() for ln in lines if "==" in ln}
+    assert declared <= pinned, declared - pinned
+
+
+def test_setup_py_leaves_the_metadata_to_pyproject():
+    # setuptools ignores (or rejects) [project] fields passed to setup() again; keep one source.
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup"]
+    assert len(calls) == 1
+    given = {kw.arg for kw in calls[0].keywords}
+    assert given & {"name", "version", "description", "python_requires", "install_requires", "extras_require",
+                    "license", "author", "url", "long_description"} == set(), given
+    assert {"ext_modules", "packages", "package_dir"} <= given
+
+
+def test_license_file_is_the_declared_apache_license():
+    project = _pyproject()["project"]
+    assert project["license"] == "Apache-2.0"
+    assert project["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
+
+
+def test_sdist_carries_every_source_the_build_needs(tmp_path):
+    if not (ROOT / "setup.py").is_file():
+        pytest.skip("not a source checkout")
+    env = dict(os.environ, FLASHDML_NO_CUDA="1")  # the file list must not depend on finding nvcc
+    cmd = [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+           "sdist", "--dist-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (archive,) = tmp_path.glob("flashdml-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    sources = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "csrc").rglob("*"))
+               if p.suffix in (".cpp", ".cu", ".cuh", ".h")]
+    assert any(s.endswith(".cu") for s in sources) and any(s.startswith("csrc/include/") for s in sources)
+    kernels = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "triton_kernels").glob("*.py"))]
+    required = set(sources) | set(kernels) | {
+        "LICENSE", "README.md", "pyproject.toml", "setup.py", "MANIFEST.in", "PKG-INFO",
+        "python/flashdml/__init__.py", "python/flashdml/reference/__init__.py", "docs/spec.md",
+    }
+    assert required <= names, sorted(required - names)
+    assert not [n for n in names if n.endswith(".so")]
+    pkg_info = tarfile.open(archive).extractfile(f"{archive.name[:-len('.tar.gz')]}/PKG-INFO").read().decode()
+    assert "License-Expression: Apache-2.0" in pkg_info and "Requires-Dist: torch>=2.13" in pkg_info
+
+
+def test_readme_install_section_matches_setup_py():
+    readme = (ROOT / "README.md").read_text()
+    default = re.search(r'os\.environ\["TORCH_CUDA_ARCH_LIST"\] = "([^"]+)"', (ROOT / "setup.py").read_text())
+    assert default, "setup.py no longer sets a default TORCH_CUDA_ARCH_LIST: update the README's Install section"
+    install = readme.split("## Install", 1)[1].split("\n## ", 1)[0]
+    assert f"`{default.group(1)}`" in install
+    assert "FLASHDML_NO_CUDA=1 pip install --no-build-isolation ." in install
+    for extra in _pyproject()["project"]["optional-dependencies"]:
+        assert f"| `{extra}` |" in install, extra
+    # the two quick-start commands stay as they are
+    assert "make bench   # set-up" in readme and "make test    # same set-up" in readme
