@@ -52,7 +52,7 @@ TORCH_LIBRARY(flashdml, m) {
   // Test support: how the CPU hardest_negatives_fwd selects (0 automatic, 1 one pass, 2 radix select).
   m.def("_set_selection_strategy(int strategy) -> ()", &set_selection_strategy);
   // Test support: the CPU contextual loss's path for B > 256 (0 automatic, 1 always the sparse stage, 2 always the
-  // dense B x B path when B <= 4096).
+  // dense B x B path when B <= 16384).
   m.def("_set_contextual_dense(int mode) -> ()", &set_contextual_dense);
   // Test support: whether the CPU contextual op takes the dense path for the forward's neighbour lists (ptr, nbr,
   // flags of contextual_fwd), under the current _set_contextual_dense mode.

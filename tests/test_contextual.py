@@ -210,7 +210,7 @@ def test_large_k_up_to_b():
 # ------------------------------------------------------------------------------- dense path for B > 256
 # Wide ε-bands (duplicates) make the sparse stage cost ~B·|N|²: the CPU op then holds Z and the closed-form gradient
 # as B×B doubles (contextual_one_tile.h, ctx::use_dense). _set_contextual_dense forces a path: 0 auto, 1 sparse,
-# 2 dense (B <= 4096).
+# 2 dense (B <= 16384).
 @pytest.fixture
 def dense_mode():
     def set_mode(m):
@@ -241,6 +241,38 @@ def test_forced_dense_path_matches_reference(dense_mode, B, d, per_class, k, see
     _compare(x, labels, k=k, eps=0.05)
     dense_mode(1)
     assert not _dense_path(x, labels, k, 0.05)
+
+
+def _cluster_lists(B, cluster):
+    """Synthetic neighbour lists (CSR, flags) of B rows in clusters of `cluster` identical rows: every row's ε-band
+    is its whole cluster (itself excluded), the first half of it in P."""
+    rows = torch.arange(B)
+    members = (rows // cluster * cluster)[:, None] + torch.arange(cluster)[None, :]
+    keep = (members < B) & (members != rows[:, None])
+    counts = keep.sum(1)
+    rank = keep.cumsum(1) - 1
+    in_p = (rank < (counts // 2)[:, None])[keep]
+    ptr = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    return ptr, members[keep].to(torch.int32), in_p.to(torch.uint8)
+
+
+@pytest.mark.parametrize("B", [4160, 16384])
+def test_auto_switch_covers_batches_above_4096(dense_mode, B):
+    # Two clusters of B/2 duplicates: the sparse stage would cost ~B·(B/2)² — far slower than the dense reference —
+    # so the dense path must be chosen up to its cap of 16384 rows (issue: the cliff above B = 4096).
+    ptr, nbr, flag = _cluster_lists(B, B // 2) if B <= 4160 else _cluster_lists(B, 256)
+    if B <= 4160:
+        assert torch.ops.flashdml._contextual_dense_path(ptr, nbr, flag)
+    else:  # clusters of 256 at B = 16384: Σ work ~ B·256²·2 < B³/128, the sparse stage stays
+        assert not torch.ops.flashdml._contextual_dense_path(ptr, nbr, flag)
+    dense_mode(2)
+    assert torch.ops.flashdml._contextual_dense_path(ptr, nbr, flag)
+
+
+def test_dense_path_cap_is_16384_rows(dense_mode):
+    ptr, nbr, flag = _cluster_lists(16385, 4)
+    dense_mode(2)  # even when forced, above the cap the sparse stage runs (memory: 28·B² bytes at most)
+    assert not torch.ops.flashdml._contextual_dense_path(ptr, nbr, flag)
 
 
 def test_auto_switch_picks_dense_on_duplicate_clusters(dense_mode):

@@ -18,7 +18,8 @@
 // GW = R D_r G; GR = G Wᵀ; (K + Kᵀ) N only when many entries are clamped, otherwise applied to the rows in
 // O(B²·d)) and their B² passes in parallel 64 x 64 tiles; the arithmetic of the B <= kOneTileRows path is
 // untouched. Memory: at most three B x B doubles live at once (plus bit rows and one
-// B x B float): 0.45 GiB at B = 4096, the cap; above it the sparse stage always runs.
+// B x B float): 28·B² bytes, 1.75 GiB at B = 8192 and 7 GiB at B = 16384, the cap (a third of the ~84·B² bytes the
+// dense reference needs, which does not fit a 24 GiB machine above it); above the cap the sparse stage always runs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,8 +43,8 @@ constexpr int64_t kOneTileRows = 256;
 static_assert(kOneTileRows * kOneTileRows <= kTileRows * kTileCols, "the one-tile batch must fit the tile scratch");
 inline bool one_tile(int64_t B) { return B <= kOneTileRows; }
 
-// The large dense path's cap: three B x B doubles (384 MiB) and one B x B float (64 MiB) at B = 4096.
-constexpr int64_t kDenseMaxRows = 4096;
+// The large dense path's cap: three B x B doubles (6 GiB) and one B x B float (1 GiB) at B = 16384.
+constexpr int64_t kDenseMaxRows = 16384;
 constexpr int64_t kDenseTile = 64;
 
 }  // namespace ctx
