@@ -357,30 +357,6 @@ def finish(results: list[Result], ceilings: dict[str, float]) -> None:
             r.speedup = ref / r.median_ms
 
 
-class Progress:
-    """A small progress bar on stderr (one line per step when stderr is not a terminal)."""
-
-    def __init__(self, total: int, stream=None, width: int = 24):
-        self.total, self.n, self.width = max(total, 1), 0, width
-        self.stream = stream or sys.stderr
-        self.t0 = time.monotonic()
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def step(self, text: str) -> None:
-        self.n += 1
-        fill = int(self.width * (self.n - 1) / self.total)
-        el = int(time.monotonic() - self.t0)
-        line = f"[{'#' * fill}{'.' * (self.width - fill)}] {self.n}/{self.total} {el // 60}:{el % 60:02d} {text}"
-        self.stream.write(("\r\x1b[K" + line) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        el = int(time.monotonic() - self.t0)
-        line = f"[{'#' * self.width}] {self.n}/{self.total} {el // 60}:{el % 60:02d} done"
-        self.stream.write(("\r\x1b[K" + line + "\n") if self.tty else line + "\n")
-        self.stream.flush()
-
-
 def cells(op: Op, mode: str, only_providers: list[str] | None = None):
     seen = set()
     for shape in op.shapes.get(mode, []):
@@ -396,16 +372,26 @@ def cells(op: Op, mode: str, only_providers: list[str] | None = None):
             yield shape, prov
 
 
-def run_ops(ops: list[Op], mode: str, *, progress: Progress | None = None, only_providers=None,
-            ceilings: dict[str, float] | None = None, **cell_kw) -> list[Result]:
-    """Every cell of every op in `mode`; returns the finished results (fractions, speedups filled)."""
+def progress_bar(total: int, stream=None, disable: bool = False):
+    """A tqdm bar over the cells, on stderr (tqdm is a benchmark-only extra, imported here)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, file=stream or sys.stderr, unit="cell", dynamic_ncols=True, disable=disable,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
+
+
+def run_ops(ops: list[Op], mode: str, *, only_providers=None, ceilings: dict[str, float] | None = None,
+            progress_stream=None, show_progress: bool = True, **cell_kw) -> list[Result]:
+    """Every cell of every op in `mode`, with a progress bar over the cells on stderr (or
+    `progress_stream`); returns the finished results (fractions, speedups filled)."""
     todo = [(op, s, p) for op in ops for s, p in cells(op, mode, only_providers)]
-    progress = progress or Progress(len(todo))
     results = []
-    for op, shape, prov in todo:
-        progress.step(f"{op.name} {op.shape_label(shape)} {prov.name}")
-        results.append(run_cell(op, shape, prov, **cell_kw))
-    progress.close()
+    with progress_bar(len(todo), progress_stream, disable=not show_progress) as bar:
+        for op, shape, prov in todo:
+            bar.set_description(op.name, refresh=False)
+            bar.set_postfix_str(f"{op.shape_label(shape)} {prov.name}")
+            results.append(run_cell(op, shape, prov, **cell_kw))
+            bar.update()
     finish(results, ceilings or {})
     return results
 
