@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -11,7 +12,7 @@ from . import OPS
 
 def parse(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=(
-        "flashdml microbenchmarks. Each (op, shape, provider) runs in a fresh subprocess: median and p20/p80 "
+        "flashdml microbenchmarks. Each (op, shape, provider) runs in a process of its own: median and p20/p80 "
         "wall time, peak memory above the inputs, fraction of the torch.mm fp32 ceiling, speedup vs the reference. "
         "Writes a markdown table to stdout and CSV + PNG plots (matplotlib) under benchmarks/results/; "
         "a tqdm progress bar goes to stderr."))
@@ -32,6 +33,7 @@ def parse(argv):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--list", action="store_true", help="list ops, shapes and providers, run nothing")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_forkserver", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -41,6 +43,10 @@ def main(argv=None) -> int:
 
     if args._worker:
         return harness.worker_main(args._worker)
+    if args._forkserver:
+        from .forkserver import serve
+
+        return serve(json.loads(args._forkserver))
     harness.ensure_flashdml_importable()
     mode = args.mode or ("targets" if args.op else "quick")
     ops = [harness.load_op(n) for n in (args.op or OPS)]
