@@ -348,3 +348,28 @@ def test_cli_and_library_do_not_import_the_extras():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "knn\tB=1000 M=10000 d=128 k=10\treference\tcpu" in r.stdout and "--quick" in r.stdout
+
+
+def test_fork_server_runs_cells_like_fresh_subprocesses(dummy):
+    """CPU cells forked from the server (torch imported once) end with the same statuses, kills included,
+    and the server survives a killed or exiting cell."""
+    from benchmarks.forkserver import ForkServer
+
+    server = ForkServer(harness.worker_env(), harness.ROOT, [dummy.module])
+    assert server.alive
+    try:
+        def run(name, **kw):
+            return cell(dummy, name, server=server, **kw)
+
+        r = run("ok")
+        assert r.status == "ok" and r.n_runs >= 3 and r.peak_mib is not None
+        assert run("memerror").status == "oom"
+        assert run("bug").status.startswith("error: ValueError")
+        assert run("exit").status.startswith("error: worker exited with 3")
+        assert run("sleep", timeout_s=3).status == "timeout: > 3 s"
+        assert run("hog", mem_cap_bytes=0.4 * GiB).status.startswith("oom: RSS passed the 0.4 GiB cap")
+        assert run("chatty", timeout_s=20).status == "ok"
+        assert server.alive and run("ok2").status == "ok"
+    finally:
+        server.close()
+    assert server.proc.returncode == 0
