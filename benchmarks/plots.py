@@ -29,10 +29,13 @@ def _machine(info: dict) -> str:
 
 def op_figure(op: Op, results: list[Result], info: dict):
     """Two log-log panels against ``op.sweep``: median time (with the p20-p80 band as error bars) and peak
-    memory above the inputs; one line per provider. None when no cell of the op ran."""
+    memory above the inputs; one line per provider, over the shapes matching ``op.plot_where`` (all the
+    shapes that ran if none matches). None when no cell of the op ran."""
+    ran = [r for r in results if r.op == op.name and r.status == "ok" and r.sweep_value]
     where = op.plot_where or {}
-    sel = [r for r in results if r.op == op.name and r.status == "ok" and r.sweep_value
-           and all(r.shape_params.get(k) == v for k, v in where.items())]
+    sel = [r for r in ran if all(r.shape_params.get(k) == v for k, v in where.items())]
+    if not sel:  # e.g. the quick shapes lie off the plotted sweep: plot what ran
+        where, sel = {}, ran
     if not sel:
         return None
     plt = _pyplot()
@@ -54,9 +57,14 @@ def op_figure(op: Op, results: list[Result], info: dict):
     ax_t.set_ylabel("median wall time [ms]")
     ax_m.set_title("peak memory")
     ax_m.set_ylabel("peak above the inputs [MiB]")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2048 and 0.5 rather than 2^11 and 5 x 10^-1
     for ax in (ax_t, ax_m):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(plain)
         ax.set_xlabel(_sweep_label(op))
         ax.grid(True, which="both", alpha=0.3)
     ax_t.legend(fontsize="small")

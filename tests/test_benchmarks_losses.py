@@ -154,8 +154,8 @@ def test_ntxent_declares_the_target_shapes():
     assert _providers_at(op, "targets", 512) >= {"reference", "flashdml-cpu", "torch.compile(reference)",
                                                "chunked-pytorch", "pml-NTXentLoss"}
     assert _providers_at(op, "targets", 16384) == FUSED
-    assert _labels(op, "quick") == ["B=M=256 d=512 self 4/class"]  # the one quick shape, small enough for pml
-    assert _providers_at(op, "quick", 256) >= {"reference", "flashdml-cpu", "chunked-pytorch", "pml-NTXentLoss"}
+    assert _labels(op, "quick") == ["B=M=128 d=512 self 4/class"]  # the one quick shape, small enough for pml
+    assert _providers_at(op, "quick", 128) >= {"reference", "flashdml-cpu", "chunked-pytorch", "pml-NTXentLoss"}
 
 
 def test_tcm_declares_the_target_shapes():
@@ -165,7 +165,7 @@ def test_tcm_declares_the_target_shapes():
     assert _providers_at(op, "targets", 1024) >= {"reference", "flashdml-cpu", "torch.compile(reference)",
                                                 "chunked-pytorch", pml}
     assert _providers_at(op, "targets", 16384) == FUSED
-    assert _labels(op, "quick") == ["B=M=256 d=512 self 4/class"] and pml in _providers_at(op, "quick", 256)
+    assert _labels(op, "quick") == ["B=M=128 d=512 self 4/class"] and pml in _providers_at(op, "quick", 128)
 
 
 def test_quick_mode_is_small_but_keeps_every_cpu_provider():
