@@ -1,8 +1,9 @@
 """flashdml's microbenchmark suite: ``python -m benchmarks --quick | --full | --op NAME``.
 
 One module per op family (``benchmarks/<op>.py`` exporting ``OP``, see harness.Op / harness.Provider); add a new
-family by writing that module and listing it in OPS. harness.py measures, report.py writes the table, CSV
-and plots (png.py) into benchmarks/results/.
+family by writing that module and listing it in OPS. harness.py measures (with a tqdm progress bar on stderr),
+report.py writes the table, the CSV and the matplotlib figures of plots.py into benchmarks/results/.
+matplotlib and tqdm are benchmark-only extras, imported where they are used: the library never needs them.
 """
 
 OPS = ("batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "knn", "hardest_negatives",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -11,17 +12,19 @@ from . import OPS
 
 def parse(argv):
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=(
-        "flashdml microbenchmarks. Each (op, shape, provider) runs in a fresh subprocess: median and p20/p80 "
+        "flashdml microbenchmarks. Each (op, shape, provider) runs in a process of its own: median and p20/p80 "
         "wall time, peak memory above the inputs, fraction of the torch.mm fp32 ceiling, speedup vs the reference. "
-        "Writes a markdown table to stdout and CSV + PNG under benchmarks/results/."))
+        "Writes a markdown table to stdout and CSV + PNG plots (matplotlib) under benchmarks/results/; "
+        "a tqdm progress bar goes to stderr."))
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
-                      help="small shapes of every op, a few minutes in all (`make bench`; the default)")
+                      help="one small shape of every op, a short timing budget: under 5 minutes on 2 cores "
+                      "(`make bench`; the default)")
     mode.add_argument("--full", action="store_const", dest="mode", const="full", help="every shape of every op")
     ap.add_argument("--op", action="append", choices=OPS, metavar="NAME",
                     help=f"only this op ({', '.join(OPS)}); alone it runs the shapes its targets are stated at")
     ap.add_argument("--providers", help="comma-separated provider names to run (default: all)")
-    ap.add_argument("--budget", type=float, help="timing seconds per cell (default 2 quick, 5 otherwise)")
+    ap.add_argument("--budget", type=float, help="timing seconds per cell (default 0.3 quick, 5 otherwise)")
     ap.add_argument("--timeout", type=float, help="seconds per cell before it is recorded as a timeout "
                     "(default 120 quick, 900 otherwise)")
     ap.add_argument("--mem-cap-gib", type=float, default=12.0,
@@ -30,6 +33,7 @@ def parse(argv):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--list", action="store_true", help="list ops, shapes and providers, run nothing")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_forkserver", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -39,6 +43,10 @@ def main(argv=None) -> int:
 
     if args._worker:
         return harness.worker_main(args._worker)
+    if args._forkserver:
+        from .forkserver import serve
+
+        return serve(json.loads(args._forkserver))
     harness.ensure_flashdml_importable()
     mode = args.mode or ("targets" if args.op else "quick")
     ops = [harness.load_op(n) for n in (args.op or OPS)]
@@ -60,10 +68,12 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         ceilings["cuda"] = harness.gemm_gflops("cuda", 8192, 8192, 8192)
     quick = mode == "quick"
+    # Quick: each cell's fresh worker spends seconds importing torch, so the timing itself is kept short
+    # (0.3 s, at most 10 calls, at least 3) to bring the whole suite under 5 minutes on 2 loaded cores.
     results = harness.run_ops(
         ops, mode, only_providers=only, threads=threads,
-        budget_s=args.budget or (2.0 if quick else 5.0), timeout_s=args.timeout or (120.0 if quick else 900.0),
-        mem_cap_bytes=args.mem_cap_gib * harness.GiB, max_runs=30 if quick else 100)
+        budget_s=args.budget or (0.3 if quick else 5.0), timeout_s=args.timeout or (120.0 if quick else 900.0),
+        mem_cap_bytes=args.mem_cap_gib * harness.GiB, max_runs=10 if quick else 100)
     # Measured again at the end: the better of the two is the ceiling (other load on the machine lowers it).
     ceilings["cpu"] = max(ceilings["cpu"], harness.gemm_gflops("cpu", *gemm))
     harness.finish(results, ceilings)

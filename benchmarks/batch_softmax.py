@@ -116,8 +116,8 @@ def _sweep(bs, d=256, only=None):
 
 
 SHAPES = {
-    # `make bench`: small enough for a few seconds per cell on 2 cores, still shows the fused speedup.
-    "quick": _sweep([1024, 2048], only=QUICK),
+    # `make bench`: one shape, a few seconds per cell on 2 cores, still shows the fused speedup.
+    "quick": _sweep([1024], only=QUICK),
     # `--op batch_softmax`: the target shapes, plus the sweep for the plots and a labels=None case.
     "targets": _sweep([8192])
     + [{"B": 32768, "d": 128, "labels": "4/class", "only": ["reference"] + FUSED}]

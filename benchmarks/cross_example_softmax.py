@@ -163,8 +163,8 @@ def _sweep(bs, d=256, only=None):
 
 
 SHAPES = {
-    # `make bench`: a few seconds per cell on 2 cores.
-    "quick": _sweep([1024, 2048], only=QUICK),
+    # `make bench`: one shape, a few seconds per cell on 2 cores.
+    "quick": _sweep([1024], only=QUICK),
     # `--op cross_example_softmax`: the target shapes (B = M = 8192 with every provider; B = M = 32768 fused,
     # where the reference row records its skip), then the sweep for the plots.
     # (The B = M = 50000, d = 16 pair-mode cell is a correctness check, covered by tests/test_xent.py.)

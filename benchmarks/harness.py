@@ -1,13 +1,14 @@
 """The measuring machinery shared by every op module.
 
-An op module (``benchmarks/<op>.py``) exports ``OP = Op(...)``: its shapes per mode, its providers and its
-FLOP count. Every (op, shape, provider) cell runs in a **fresh subprocess** (``python -m benchmarks --_worker
-JSON``), which builds the inputs, warms up, measures peak memory above the post-warm-up baseline (CPU: the
-VmHWM high-water mark after resetting it through /proc/self/clear_refs; GPU: torch.cuda.max_memory_allocated),
-then times the call adaptively (perf_counter on CPU, CUDA events on GPU). The parent enforces a time limit
-and a memory cap (it polls the child's RSS and kills it above the cap), skips providers whose predicted
-memory exceeds the cap, and turns every failure into a result row: "oom", "timeout", "skipped: ...",
-"not run: ...", "error: ...". Nothing here crashes the run.
+An op module (``benchmarks/<op>.py``) exports ``OP = Op(...)``: its shapes per mode, its providers and its FLOP
+count. Every (op, shape, provider) cell runs in a **process of its own**: a fresh subprocess (``python -m
+benchmarks --_worker JSON``), or for CPU cells under run_ops a child forked from a server that has imported torch
+once (forkserver.py; the same worker code, without paying the import per cell). It builds the inputs, warms up,
+measures peak memory above the post-warm-up baseline (CPU: the VmHWM high-water mark after resetting it through
+/proc/self/clear_refs; GPU: torch.cuda.max_memory_allocated), then times the call adaptively (perf_counter on CPU,
+CUDA events on GPU). The parent enforces a time limit and a memory cap (it polls the child's RSS and kills it above
+the cap), skips providers whose predicted memory exceeds the cap, and turns every failure into a result row: "oom",
+"timeout", "skipped: ...", "not run: ...", "error: ...". Nothing here crashes the run.
 """
 from __future__ import annotations
 
@@ -276,10 +277,21 @@ def _watch(proc: subprocess.Popen, cpu: bool, timeout_s: float, cap: float) -> s
     return None
 
 
+def worker_env() -> dict:
+    """The environment of the worker processes (and of the fork server)."""
+    env = dict(os.environ)
+    # Fixed glibc thresholds: big blocks are mmap'd and returned on free, so RSS follows live memory and the
+    # post-warm-up baseline does not hide reused heap (the dynamic threshold would retain up to 32 MiB blocks).
+    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
 def run_cell(op: Op, shape: dict, prov: Provider, *, budget_s: float = 3.0, timeout_s: float = 300.0,
              mem_cap_bytes: float = 12 * GiB, threads: int | None = None, min_runs: int = 3,
-             max_runs: int = 100, cuda_ok: bool | None = None) -> Result:
-    """One (op, shape, provider) cell, always returning a Result."""
+             max_runs: int = 100, cuda_ok: bool | None = None, server=None) -> Result:
+    """One (op, shape, provider) cell, always returning a Result. `server`: a running
+    forkserver.ForkServer that CPU cells are forked from (else, or if it has failed: a fresh subprocess)."""
     params = {k: v for k, v in shape.items() if k != "only"}
     res = Result(op.name, op.shape_label(shape), prov.name, prov.device, flops=float(op.flops(params)),
                  sweep_value=params.get(op.sweep), reference=prov.reference, shape_params=params)
@@ -305,15 +317,16 @@ def run_cell(op: Op, shape: dict, prov: Provider, *, budget_s: float = 3.0, time
             return res
     spec = dict(op=op.module or op.name, provider=prov.name, shape=params, budget_s=budget_s,
                 min_runs=min_runs, max_runs=max_runs, threads=threads or default_threads())
-    env = dict(os.environ)
-    # Fixed glibc thresholds: big blocks are mmap'd and returned on free, so RSS follows live memory and the
-    # post-warm-up baseline does not hide reused heap (the dynamic threshold would retain up to 32 MiB blocks).
-    env.update(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    env["PYTHONPATH"] = os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    cmd = [sys.executable, "-m", "benchmarks", "--_worker", json.dumps(spec)]
     # Files, not pipes: a chatty worker (compiler warnings) must not block on a full pipe while we poll.
-    with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fout, stderr=ferr, start_new_session=True)
+    with tempfile.NamedTemporaryFile("w+") as fout, tempfile.NamedTemporaryFile("w+") as ferr:
+        proc = None
+        if server is not None and server.alive and prov.device == "cpu":
+            with contextlib.suppress(OSError, RuntimeError, ValueError):  # a failed server: fresh subprocess
+                proc = server.start(json.dumps(spec), fout.name, ferr.name)
+        if proc is None:
+            cmd = [sys.executable, "-m", "benchmarks", "--_worker", json.dumps(spec)]
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stdout=fout, stderr=ferr,
+                                    start_new_session=True)
         killed = _watch(proc, prov.device == "cpu", timeout_s, mem_cap_bytes)
         fout.seek(0)
         ferr.seek(0)
@@ -357,30 +370,6 @@ def finish(results: list[Result], ceilings: dict[str, float]) -> None:
             r.speedup = ref / r.median_ms
 
 
-class Progress:
-    """A small progress bar on stderr (one line per step when stderr is not a terminal)."""
-
-    def __init__(self, total: int, stream=None, width: int = 24):
-        self.total, self.n, self.width = max(total, 1), 0, width
-        self.stream = stream or sys.stderr
-        self.t0 = time.monotonic()
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def step(self, text: str) -> None:
-        self.n += 1
-        fill = int(self.width * (self.n - 1) / self.total)
-        el = int(time.monotonic() - self.t0)
-        line = f"[{'#' * fill}{'.' * (self.width - fill)}] {self.n}/{self.total} {el // 60}:{el % 60:02d} {text}"
-        self.stream.write(("\r\x1b[K" + line) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        el = int(time.monotonic() - self.t0)
-        line = f"[{'#' * self.width}] {self.n}/{self.total} {el // 60}:{el % 60:02d} done"
-        self.stream.write(("\r\x1b[K" + line + "\n") if self.tty else line + "\n")
-        self.stream.flush()
-
-
 def cells(op: Op, mode: str, only_providers: list[str] | None = None):
     seen = set()
     for shape in op.shapes.get(mode, []):
@@ -396,16 +385,37 @@ def cells(op: Op, mode: str, only_providers: list[str] | None = None):
             yield shape, prov
 
 
-def run_ops(ops: list[Op], mode: str, *, progress: Progress | None = None, only_providers=None,
-            ceilings: dict[str, float] | None = None, **cell_kw) -> list[Result]:
-    """Every cell of every op in `mode`; returns the finished results (fractions, speedups filled)."""
+def progress_bar(total: int, stream=None, disable: bool = False):
+    """A tqdm bar over the cells, on stderr (tqdm is a benchmark-only extra, imported here)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, file=stream or sys.stderr, unit="cell", dynamic_ncols=True, disable=disable,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
+
+
+def run_ops(ops: list[Op], mode: str, *, only_providers=None, ceilings: dict[str, float] | None = None,
+            progress_stream=None, show_progress: bool = True, fork_server: bool = True,
+            **cell_kw) -> list[Result]:
+    """Every cell of every op in `mode`, with a progress bar over the cells on stderr (or
+    `progress_stream`); returns the finished results (fractions, speedups filled). fork_server: fork the CPU
+    cells from one process that has imported torch already (forkserver.py) instead of starting each anew."""
+    from .forkserver import ForkServer
+
     todo = [(op, s, p) for op in ops for s, p in cells(op, mode, only_providers)]
-    progress = progress or Progress(len(todo))
     results = []
-    for op, shape, prov in todo:
-        progress.step(f"{op.name} {op.shape_label(shape)} {prov.name}")
-        results.append(run_cell(op, shape, prov, **cell_kw))
-    progress.close()
+    server = None
+    if fork_server and sum(p.device == "cpu" for _, _, p in todo) > 1:
+        server = ForkServer(worker_env(), ROOT, [op.module or op.name for op in ops])
+    try:
+        with progress_bar(len(todo), progress_stream, disable=not show_progress) as bar:
+            for op, shape, prov in todo:
+                bar.set_description(op.name, refresh=False)
+                bar.set_postfix_str(f"{op.shape_label(shape)} {prov.name}")
+                results.append(run_cell(op, shape, prov, server=server, **cell_kw))
+                bar.update()
+    finally:
+        if server is not None:
+            server.close()
     finish(results, ceilings or {})
     return results
 

@@ -1,4 +1,5 @@
-"""Results out: a markdown table, CSV rows carrying the machine info and versions, log-log PNG plots."""
+"""Results out: a markdown table (providers that could not run are named once, not per shape), CSV rows
+carrying the machine info and versions, and the matplotlib figures of plots.py (one per op, one summary)."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +11,6 @@ import platform
 import sys
 
 from .harness import Op, Result, default_threads
-from .png import save_plot
 
 COLUMNS = ["op", "shape", "provider", "device", "status", "median_ms", "p20_ms", "p80_ms", "n_runs", "peak_mib",
            "flops", "achieved_gflops", "gemm_frac", "speedup", "warmup_s", "memory_method", "shape_json"]
@@ -75,19 +75,47 @@ def row(r: Result) -> dict:
             "speedup": r.speedup, "warmup_s": r.warmup_s, "memory_method": r.memory_method, "shape_json": json.dumps(r.shape_params, sort_keys=True)}
 
 
+def _not_run(r: Result) -> bool:
+    return r.status.startswith("not run")
+
+
+def not_run_lines(results: list[Result]) -> list[str]:
+    """The providers that could not run on this machine, one line per reason (not one row per shape):
+    "not run: flashdml-cuda, reference-cuda — no CUDA device". A provider that is not run for one op only
+    (an op-specific reason) names the op in brackets."""
+    by_reason: dict[str, dict[str, set]] = {}
+    for r in results:
+        if _not_run(r):
+            reason = r.status.split(":", 1)[1].strip() if ":" in r.status else "unavailable"
+            by_reason.setdefault(reason, {}).setdefault(r.provider, set()).add(r.op)
+    ops_with = {}
+    for r in results:
+        ops_with.setdefault(r.provider, set()).add(r.op)
+    lines = []
+    for reason, provs in by_reason.items():
+        names = [p if ops == ops_with[p] else f"{p} ({', '.join(sorted(ops))})" for p, ops in provs.items()]
+        lines.append(f"not run: {', '.join(names)} — {reason}")
+    return lines
+
+
 def markdown_table(results: list[Result]) -> str:
+    """One row per cell that was attempted; the cells whose provider is unavailable here are summarised
+    after the table by not_run_lines."""
     head = ["op", "shape", "provider", "median ms", "p20 ms", "p80 ms", "peak MiB", "% GEMM ceiling",
             "speedup vs ref", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 3 or i == 9 else "---:" for i in
                                                            range(len(head))) + "|"]
     for r in results:
+        if _not_run(r):
+            continue
         ok = r.status == "ok"
         cells = [r.op, r.shape, r.provider, _num(r.median_ms), _num(r.p20_ms), _num(r.p80_ms), _num(r.peak_mib),
                  "—" if r.gemm_frac is None else f"{100 * r.gemm_frac:.1f}%",
                  "—" if r.speedup is None else f"{r.speedup:.2f}x",
                  (f"n={r.n_runs}" + (" (baseline)" if r.reference else "")) if ok else r.status]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    return "\n".join(lines)
+    missing = not_run_lines(results)
+    return "\n".join(lines + ([""] + missing if missing else []))
 
 
 def header(info: dict) -> str:
@@ -106,28 +134,11 @@ def write_csv(path: str, results: list[Result], info: dict) -> None:
             w.writerow({**{k: ("" if v is None else v) for k, v in row(r).items()}, **{k: info.get(k, "") for k in MACHINE}})
 
 
-def plot_op(path: str, op: Op, results: list[Result], info: dict) -> tuple[int, int] | None:
-    """Time and peak memory vs op.sweep, log-log, one polyline per provider; None when nothing to plot."""
-    where = op.plot_where or {}
-    sel = [r for r in results if r.op == op.name and r.status == "ok" and r.sweep_value
-           and all(r.shape_params.get(k) == v for k, v in where.items())]
-    if not sel:
-        return None
-    t: dict[str, list] = {}
-    m: dict[str, list] = {}
-    for r in sel:
-        t.setdefault(r.provider, []).append((r.sweep_value, r.median_ms))
-        if r.peak_mib and r.peak_mib > 0:
-            m.setdefault(r.provider, []).append((r.sweep_value, r.peak_mib))
-    fixed = " ".join(f"{k}={v}" for k, v in where.items())
-    title = f"{op.name} {op.unit} {fixed} - {info.get('cpu_model', '')[:40]}, {info.get('threads')} threads"
-    panels = [{"title": "time", "xlabel": f"batch size {op.sweep}", "ylabel": "median ms", "series": t},
-              {"title": "peak memory", "xlabel": f"batch size {op.sweep}", "ylabel": "MiB above inputs", "series": m}]
-    return save_plot(path, panels, title)
-
-
 def write_all(out_dir: str, mode: str, ops: list[Op], results: list[Result], info: dict) -> list[str]:
-    """CSV + PNG per op and the markdown table; returns the paths written."""
+    """CSV (every cell, the not-run ones included) + PNG per op, the summary PNG and the markdown summary;
+    returns the paths written."""
+    from . import plots
+
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for op in ops:
@@ -137,9 +148,12 @@ def write_all(out_dir: str, mode: str, ops: list[Op], results: list[Result], inf
         csv_path = os.path.join(out_dir, f"{op.name}_{mode}.csv")
         write_csv(csv_path, rs, info)
         paths.append(csv_path)
-        png_path = os.path.join(out_dir, f"{op.name}_{mode}.png")
-        if plot_op(png_path, op, rs, info):
-            paths.append(png_path)
+        fig = plots.op_figure(op, rs, info)
+        if fig is not None:
+            paths.append(plots.save(fig, os.path.join(out_dir, f"{op.name}_{mode}.png")))
+    fig = plots.summary_figure(ops, results, info)
+    if fig is not None:
+        paths.append(plots.save(fig, os.path.join(out_dir, f"summary_{mode}.png")))
     md = os.path.join(out_dir, f"summary_{mode}.md")
     with open(md, "w") as f:
         f.write(f"{header(info)}\n\n{markdown_table(results)}\n")

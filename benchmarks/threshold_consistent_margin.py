@@ -140,8 +140,8 @@ def _sweep(bs, d=512, only=None):
 
 
 SHAPES = {
-    # `make bench`: pml only at B = 256.
-    "quick": _sweep([256], only=QUICK + [PML.name]) + _sweep([512], only=QUICK),
+    # `make bench`: one shape, B = 128, with pml.
+    "quick": _sweep([128], only=QUICK + [PML.name]),
     # `--op threshold_consistent_margin`: the target shapes (B = 1024 with every provider incl. pml;
     # B = 16384 fused only), then the sweep for the plots (pml is skipped by its memory prediction above 1024).
     "targets": _sweep([1024]) + _sweep([16384], only=FUSED) + _sweep([256, 512, 2048, 4096]),

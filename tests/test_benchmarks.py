@@ -1,12 +1,13 @@
-"""The benchmark harness: statistics, failure recording, the chunked baseline's numerics, the outputs."""
+"""The benchmark harness: statistics, failure recording, the chunked baseline's numerics, the outputs
+(markdown with the unavailable providers named once, CSV, the matplotlib figures, the tqdm progress)."""
 from __future__ import annotations
 
 import csv
+import io
 import os
-import struct
+import subprocess
 import sys
 import textwrap
-import zlib
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import harness, png, report  # noqa: E402
+from benchmarks import harness, plots, report  # noqa: E402
 from benchmarks.batch_softmax import OP as BS_OP, chunked_batch_softmax  # noqa: E402
 from benchmarks.harness import GiB, Op, Provider, Result  # noqa: E402
 
@@ -210,40 +211,6 @@ def test_batch_softmax_module_declares_the_target_shapes():
 
 
 # ------------------------------------------------------------------------------------------------- outputs
-def _chunks(data):
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    i, out = 8, []
-    while i < len(data):
-        (n,) = struct.unpack(">I", data[i:i + 4])
-        kind, body = data[i + 4:i + 8], data[i + 8:i + 8 + n]
-        (crc,) = struct.unpack(">I", data[i + 8 + n:i + 12 + n])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        out.append((kind, body))
-        i += 12 + n
-    return out
-
-
-def test_png_is_valid_and_has_the_stated_size(tmp_path):
-    panels = [{"title": "time", "xlabel": "B", "ylabel": "ms",
-               "series": {"a": [(1024, 1.0), (2048, 4.0)], "b": [(1024, 0.5), (4096, 3.0)]}},
-              {"title": "mem", "xlabel": "B", "ylabel": "MiB", "series": {"a": [(1024, 10.0)]}}]
-    w, h = png.save_plot(str(tmp_path / "p.png"), panels, "title", panel_w=300, panel_h=200)
-    chunks = _chunks((tmp_path / "p.png").read_bytes())
-    assert [k for k, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
-    assert struct.unpack(">IIBBBBB", chunks[0][1]) == (w, h, 8, 2, 0, 0, 0) and w == 600
-    raw = zlib.decompress(chunks[1][1])
-    assert len(raw) == h * (1 + 3 * w)
-    pixels = {raw[r * (1 + 3 * w) + 1 + 3 * c:r * (1 + 3 * w) + 4 + 3 * c] for r in range(h) for c in range(w)}
-    assert bytes(png.PALETTE[0]) in pixels and bytes(png.PALETTE[1]) in pixels and bytes(png.BLACK) in pixels
-
-
-def test_log_ticks():
-    assert png.log_ticks(900, 9000, base2=True) == [1024, 2048, 4096, 8192]
-    assert png.log_ticks(0.5, 2000) == [1, 10, 100, 1000]
-    assert png.log_ticks(3, 30) == [5, 10, 20]
-    assert png.fmt_tick(1e6) == "1e6" and png.fmt_tick(2048.0) == "2048" and png.fmt_tick(0.5) == "0.5"
-
-
 def _results():
     return [Result("dummy", "n=1", "ok", median_ms=2.0, p20_ms=1.5, p80_ms=2.5, n_runs=5, peak_mib=3.0,
                    flops=1e9, gemm_frac=0.5, speedup=1.0, sweep_value=1, reference=True, shape_params={"n": 1}),
@@ -251,15 +218,30 @@ def _results():
                    shape_params={"n": 1})]
 
 
+def _sweep_results():
+    """Two providers over n = 1, 2, 4 (the reference the slower), and GPU rows that could not run."""
+    out = []
+    for n in (1, 2, 4):
+        for prov, ms, ref in (("ok", 4.0 * n, True), ("ok2", 1.0 * n, False)):
+            out.append(Result("dummy", f"n={n}", prov, median_ms=ms, p20_ms=0.9 * ms, p80_ms=1.1 * ms, n_runs=5,
+                              peak_mib=10.0 * n, flops=1e6 * n, gemm_frac=0.01 * n, speedup=4.0 / ms * n,
+                              sweep_value=n, reference=ref, shape_params={"n": n}))
+        for prov in ("gpu-a", "gpu-b"):
+            out.append(Result("dummy", f"n={n}", prov, device="cuda", status="not run: no CUDA device",
+                              sweep_value=n, shape_params={"n": n}))
+    return out
+
+
 def test_csv_has_the_columns_and_machine_info(tmp_path):
     info = report.machine_info(2, {"cpu": 123.4}, "quick", "4096x4096x256")
-    report.write_csv(str(tmp_path / "r.csv"), _results(), info)
+    report.write_csv(str(tmp_path / "r.csv"), _results() + _sweep_results()[2:4], info)
     with open(tmp_path / "r.csv") as f:
         rows = list(csv.DictReader(f))
     assert set(report.COLUMNS + report.MACHINE) <= set(rows[0])
     assert rows[0]["median_ms"] == "2.0" and rows[0]["threads"] == "2" and rows[0]["gemm_gflops_cpu"] == "123.4"
     assert rows[0]["torch"] == torch.__version__ and rows[0]["cpu_model"]
     assert rows[1]["status"].startswith("skipped") and rows[1]["median_ms"] == ""
+    assert [r["status"] for r in rows[2:]] == ["not run: no CUDA device"] * 2  # the CSV keeps every cell
 
 
 def test_markdown_table():
@@ -268,21 +250,126 @@ def test_markdown_table():
     assert len(md) == 4 and "| 50.0% | 1.00x |" in md[2] and md[3].endswith("skipped: needs ~40 GiB > 12 GiB cap |")
 
 
-def test_write_all_makes_csv_png_and_summary(tmp_path, dummy):
+def test_not_run_providers_are_named_once_not_per_shape():
+    res = _sweep_results() + [Result("other", "n=1", "peer", status="not run: peerlib not installed"),
+                              Result("other", "n=1", "gpu-a", device="cuda", status="not run: no CUDA device"),
+                              Result("dummy", "n=1", "peer", status="ok", median_ms=1.0),
+                              Result("other", "n=2", "peer", status="not run: peerlib not installed")]
+    md = report.markdown_table(res)
+    assert "| not run" not in md and md.count("not run") == 2
+    assert report.not_run_lines(res) == ["not run: gpu-a, gpu-b — no CUDA device",
+                                         "not run: peer (other) — peerlib not installed"]
+    rows = [ln for ln in md.splitlines() if ln.startswith("| dummy")]
+    assert len(rows) == 7  # the six ok cells and the ok peer; no row for the 6 + 1 GPU cells
+    assert md.splitlines()[-2:] == report.not_run_lines(res)
+
+
+def _texts(items):
+    return [t.get_text() for t in items]
+
+
+def test_op_figure_has_time_and_memory_panels(dummy):
+    fig = plots.op_figure(dummy, _sweep_results(), {"cpu_model": "Test CPU", "threads": 2, "mode": "quick"})
+    try:
+        ax_t, ax_m = fig.axes
+        assert "time" in ax_t.get_title() and "memory" in ax_m.get_title()
+        assert "ms" in ax_t.get_ylabel() and "MiB" in ax_m.get_ylabel()
+        for ax in (ax_t, ax_m):
+            assert ax.get_xscale() == "log" and ax.get_yscale() == "log" and ax.get_xlabel() == "n"
+        assert _texts(ax_t.get_legend().get_texts()) == ["ok", "ok2"]  # the not-run GPU rows draw nothing
+        lines = {ln.get_label(): ln for ln in ax_m.get_lines()}
+        assert list(lines["ok2"].get_xdata()) == [1, 2, 4] and list(lines["ok2"].get_ydata()) == [10, 20, 40]
+        assert lines["ok"].get_linestyle() == "--"  # the reference is dashed
+        assert "dummy" in fig._suptitle.get_text() and "Test CPU" in fig._suptitle.get_text()
+    finally:
+        plots._pyplot().close(fig)
+    assert plots.op_figure(dummy, _sweep_results()[2:4], {}) is None  # nothing ran: no figure
+
+
+def test_summary_figure_takes_each_op_at_its_largest_shape(dummy):
+    res = _sweep_results() + [Result("other", "n=9", "fast", median_ms=1.0, flops=1.0, speedup=8.0,
+                                     gemm_frac=0.25, shape_params={"n": 9}),
+                              Result("other", "n=9", "ref", median_ms=8.0, flops=1.0, speedup=1.0,
+                                     reference=True, shape_params={"n": 9})]
+    other = Op(name="other", shapes={}, providers=[], flops=lambda s: 1.0)
+    fig = plots.summary_figure([dummy, other], res, {"threads": 2})
+    try:
+        ax_s, ax_g = fig.axes
+        assert ax_s.get_xscale() == "log" and "speed-up" in ax_s.get_xlabel() and "GEMM" in ax_g.get_xlabel()
+        assert _texts(ax_s.get_yticklabels()) == ["dummy\nn=4", "other\nn=9"]
+        # one bar per non-reference provider and op: ok2 at n = 4 (4x) and fast (8x)
+        assert sorted(p.get_width() for p in ax_s.patches) == [4.0, 8.0]
+        assert sorted(round(p.get_width(), 6) for p in ax_g.patches) == [4.0, 25.0]
+        assert _texts(ax_g.get_legend().get_texts()) == ["ok2", "fast"]
+    finally:
+        plots._pyplot().close(fig)
+    assert plots.summary_figure([dummy], _results(), {}) is None  # only a baseline: nothing to compare
+
+
+def test_write_all_makes_csv_pngs_and_summary(tmp_path, dummy):
     info = report.machine_info(2, {"cpu": 1.0}, "quick")
-    res = _results() + [Result("dummy", "n=4", "ok", median_ms=8.0, peak_mib=5.0, sweep_value=4,
-                               shape_params={"n": 4})]
-    paths = report.write_all(str(tmp_path), "quick", [dummy], res, info)
-    assert sorted(os.path.basename(p) for p in paths) == ["dummy_quick.csv", "dummy_quick.png", "summary_quick.md"]
+    paths = report.write_all(str(tmp_path), "quick", [dummy], _sweep_results(), info)
+    assert sorted(os.path.basename(p) for p in paths) == [
+        "dummy_quick.csv", "dummy_quick.png", "summary_quick.md", "summary_quick.png"]
+    for name in ("dummy_quick.png", "summary_quick.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    md = (tmp_path / "summary_quick.md").read_text()
+    assert md.count("no CUDA device") == 1
 
 
-def test_progress_bar(capsys):
-    import io
-
+def test_progress_goes_through_tqdm(dummy):
     s = io.StringIO()
-    p = harness.Progress(2, stream=s)
-    p.step("a")
-    p.step("b")
-    p.close()
-    lines = s.getvalue().splitlines()
-    assert lines[0].startswith("[....") and "1/2" in lines[0] and lines[-1].endswith("done")
+    res = harness.run_ops([dummy], "quick", only_providers=["ok", "absent"], progress_stream=s, budget_s=0.0,
+                          cuda_ok=False)
+    out = s.getvalue()
+    assert len(res) == 3 and "3/3" in out and "dummy" in out and "n=4000 ok" in out  # n=4000 runs only ok, ok2
+    s = io.StringIO()
+    harness.run_ops([dummy], "quick", only_providers=["absent"], progress_stream=s, show_progress=False)
+    assert s.getvalue() == ""
+
+
+def test_cli_and_library_do_not_import_the_extras():
+    """--help / --list and `import flashdml` work without matplotlib and tqdm (benchmark-only extras)."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["matplotlib"] = None  # any import of them now fails
+        sys.modules["tqdm"] = None
+        import flashdml
+        from benchmarks import report, plots
+        from benchmarks.__main__ import main
+        assert main(["--list", "--quick", "--op", "knn"]) == 0
+        try:
+            main(["--help"])
+        except SystemExit as e:
+            assert e.code == 0
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python")]))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "knn\tB=1000 M=10000 d=128 k=10\treference\tcpu" in r.stdout and "--quick" in r.stdout
+
+
+def test_fork_server_runs_cells_like_fresh_subprocesses(dummy):
+    """CPU cells forked from the server (torch imported once) end with the same statuses, kills included,
+    and the server survives a killed or exiting cell."""
+    from benchmarks.forkserver import ForkServer
+
+    server = ForkServer(harness.worker_env(), harness.ROOT, [dummy.module])
+    assert server.alive
+    try:
+        def run(name, **kw):
+            return cell(dummy, name, server=server, **kw)
+
+        r = run("ok")
+        assert r.status == "ok" and r.n_runs >= 3 and r.peak_mib is not None
+        assert run("memerror").status == "oom"
+        assert run("bug").status.startswith("error: ValueError")
+        assert run("exit").status.startswith("error: worker exited with 3")
+        assert run("sleep", timeout_s=3).status == "timeout: > 3 s"
+        assert run("hog", mem_cap_bytes=0.4 * GiB).status.startswith("oom: RSS passed the 0.4 GiB cap")
+        assert run("chatty", timeout_s=20).status == "ok"
+        assert server.alive and run("ok2").status == "ok"
+    finally:
+        server.close()
+    assert server.proc.returncode == 0

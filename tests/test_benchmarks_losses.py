@@ -138,7 +138,7 @@ def test_ops_are_listed_and_load():
 def test_xe_declares_the_target_shapes():
     op = XE.OP
     assert {"B=M=8192 d=256 self 4/class", "B=M=32768 d=128 self 4/class"} <= set(_labels(op, "targets"))
-    assert {"B=M=1024 d=256 self 4/class", "B=M=2048 d=256 self 4/class"} == set(_labels(op, "quick"))
+    assert ["B=M=1024 d=256 self 4/class"] == _labels(op, "quick")
     at_8192 = _providers_at(op, "targets", 8192)
     assert {"reference", "flashdml-cpu", "torch.compile(reference)", "chunked-pytorch"} <= at_8192
     assert _providers_at(op, "targets", 32768) == {"reference"} | FUSED  # the reference only to record its skip
@@ -154,8 +154,8 @@ def test_ntxent_declares_the_target_shapes():
     assert _providers_at(op, "targets", 512) >= {"reference", "flashdml-cpu", "torch.compile(reference)",
                                                "chunked-pytorch", "pml-NTXentLoss"}
     assert _providers_at(op, "targets", 16384) == FUSED
-    assert _providers_at(op, "quick", 256) >= {"reference", "flashdml-cpu", "chunked-pytorch", "pml-NTXentLoss"}
-    assert "pml-NTXentLoss" not in _providers_at(op, "quick", 512)
+    assert _labels(op, "quick") == ["B=M=128 d=512 self 4/class"]  # the one quick shape, small enough for pml
+    assert _providers_at(op, "quick", 128) >= {"reference", "flashdml-cpu", "chunked-pytorch", "pml-NTXentLoss"}
 
 
 def test_tcm_declares_the_target_shapes():
@@ -165,7 +165,20 @@ def test_tcm_declares_the_target_shapes():
     assert _providers_at(op, "targets", 1024) >= {"reference", "flashdml-cpu", "torch.compile(reference)",
                                                 "chunked-pytorch", pml}
     assert _providers_at(op, "targets", 16384) == FUSED
-    assert pml in _providers_at(op, "quick", 256) and pml not in _providers_at(op, "quick", 512)
+    assert _labels(op, "quick") == ["B=M=128 d=512 self 4/class"] and pml in _providers_at(op, "quick", 128)
+
+
+def test_quick_mode_is_small_but_keeps_every_cpu_provider():
+    """`make bench` (--quick): one shape per op, and every CPU provider of the op on it (peers included)
+    except torch.compile(reference), which the quick shapes never listed (compiling is slow); targets/full
+    keep their shapes."""
+    for name in OPS:
+        op = harness.load_op(name)
+        assert len(op.shapes["quick"]) == 1, name
+        quick_cpu = {p.name for _, p in harness.cells(op, "quick") if p.device == "cpu"}
+        every_cpu = {p.name for p in op.providers if p.device == "cpu"}
+        assert quick_cpu == every_cpu - {"torch.compile(reference)"}, name
+        assert len(op.shapes["full"]) >= 2 and len(op.shapes["targets"]) >= 2, name
 
 
 # ------------------------------------------------------------------------------- memory predictions
