@@ -25,6 +25,8 @@
 namespace flashdml {
 std::atomic<int64_t>& selection_strategy();  // cpu/selection.cpp
 std::atomic<int64_t>& contextual_dense_mode();  // cpu/contextual.cpp
+std::atomic<int64_t>& knn_strategy();        // cpu/selection.cpp
+std::atomic<int64_t>& knn_last_path();       // cpu/selection.cpp
 }  // namespace flashdml
 
 namespace {
@@ -43,6 +45,13 @@ void set_contextual_dense(int64_t s) {
   flashdml::contextual_dense_mode().store(s);
 }
 
+void set_knn_strategy(int64_t s) {
+  TORCH_CHECK(s >= 0 && s <= 2, "_set_knn_strategy: 0 (auto), 1 (tiled scan) or 2 (screened scan)");
+  flashdml::knn_strategy().store(s);
+}
+
+int64_t knn_last_path() { return flashdml::knn_last_path().load(); }
+
 }  // namespace
 
 TORCH_LIBRARY(flashdml, m) {
@@ -57,6 +66,10 @@ TORCH_LIBRARY(flashdml, m) {
   // Test support: whether the CPU contextual op takes the dense path for the forward's neighbour lists (ptr, nbr,
   // flags of contextual_fwd), under the current _set_contextual_dense mode.
   m.def("_contextual_dense_path(Tensor ptr, Tensor col, Tensor flag) -> bool");
+  // Test support: how the CPU knn_fwd scans (0 automatic, 1 tiled, 2 screened whenever it can run, unprobed), and
+  // which scan its last call used (1 tiled, 2 screened).
+  m.def("_set_knn_strategy(int strategy) -> ()", &set_knn_strategy);
+  m.def("_knn_last_path() -> int", &knn_last_path);
 
   // docs/spec.md §2.1. Row i's positive is column i; columns j != i with labels[j] == labels[i] are dropped.
   // Returns the loss, the per-row LSE of z = S / temperature over row i's allowed set, and (symmetric) the

@@ -149,11 +149,13 @@ class TopKBuffer {
     thr_index_ = kth.index;
   }
 
-  // The k best (fewer if fewer were offered), sorted best first.
+  // The k best (fewer if fewer were offered), sorted best first. (nth_element + sort: the same entries in the same
+  // order as partial_sort, the order being total, at a fraction of partial_sort's heap cost.)
   const std::vector<TopKEntry>& finish() {
     if (int64_t(buf_.size()) > k_) {
-      std::partial_sort(buf_.begin(), buf_.begin() + k_, buf_.end(), TopKCmp());
+      std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.end(), TopKCmp());
       buf_.resize(size_t(k_));
+      std::sort(buf_.begin(), buf_.end(), TopKCmp());
     } else {
       std::sort(buf_.begin(), buf_.end(), TopKCmp());
     }
