@@ -1,81 +1,19 @@
-"""pytorch-metric-learning drop-ins backed by flashdml.
-
-pytorch-metric-learning ("pml") stays an optional dependency: this module is the only place that imports it,
-and ``import flashdml`` never does. Swap the import and keep the rest of the training script::
-
-    # from pytorch_metric_learning.losses import NTXentLoss, ContrastiveLoss, ThresholdConsistentMarginLoss
-    from flashdml.integrations.pml import NTXentLoss, ContrastiveLoss, ThresholdConsistentMarginLoss
-    from flashdml.integrations.pml import CrossExampleSoftmaxLoss   # new: Cross-Example Softmax (docs/spec.md §2.2)
-
-    loss_fn = NTXentLoss(temperature=0.07)            # same constructor arguments and defaults as pml
-    loss = loss_fn(embeddings, labels)                # same value and gradients, O(B·d) memory
-    isinstance(loss_fn, pytorch_metric_learning.losses.NTXentLoss)   # True
-
-Each drop-in subclasses the pml original and runs flashdml's functional op (``flashdml.ntxent``,
-``flashdml.contrastive_margin``, ``flashdml.threshold_consistent_margin``: fused kernels where the backend has
-them) when the call is one flashdml covers exactly, and ``super().forward(...)`` (pml itself) otherwise:
-
-* a miner's ``indices_tuple``; ``labels=None``; non-integer labels;
-* a reducer other than the default (NT-Xent and TCM: ``MeanReducer``; Contrastive: ``AvgNonZeroReducer`` on
-  each of ``pos_loss`` / ``neg_loss``), an ``embedding_regularizer``, or ``collect_stats`` on the loss, its
-  reducer or its distance (the fused path records no stats);
-* a distance other than the one covered: NT-Xent ``CosineSimilarity()`` (the default) or
-  ``DotProductSimilarity()`` (→ ``normalize=False``), with ``power=1``; Contrastive only
-  ``CosineSimilarity()`` with ``power=1`` (pml's default ``LpDistance`` always runs pml); TCM ignores its
-  distance (pml's TCM calls ``F.cosine_similarity`` itself), so none is checked;
-* Contrastive only: ``pos_margin`` within ``1e-3`` (fp16/bf16: ``1e-2``) of 1 or above, or, with
-  ``pos_margin > 0``, a (near-)zero embedding row — see "Contrastive" below;
-* ``ref_emb`` given with ``ref_labels=None`` or ``ref_labels is labels`` (pml then reuses ``labels`` and drops
-  the diagonal of the query×reference matrix; ``ref_emb is embeddings`` is plain self mode).
-
-Semantics (checked against pml 2.9's source, and by tests/test_integrations_pml.py):
-
-* **NT-Xent** (docs/spec.md §2.1b): pml's per-positive ``−log(e^{z_ap} / (e^{z_ap} + Σ_{n∈N(a)} e^{z_an}) + tiny)``
-  averaged over all positive pairs (``MeanReducer``, ``reduction_type="pos_pair"``) is
-  ``mean_P softplus(LSE_{N(a)} z − z_ap)``. pml's ``+ finfo.tiny`` caps one term at ≈ 87.3 (fp32); flashdml
-  does not (reachable only with tiny temperatures or ``DotProductSimilarity``).
-* **Contrastive** with ``distance=CosineSimilarity()`` (``is_inverted=True``): ``distance.margin(a, b) = b − a``,
-  so pml's hinges are ``relu(pos_margin − s)`` and ``relu(s − neg_margin)`` — exactly docs/spec.md §2.4's ``m+ = pos_margin``,
-  ``m− = neg_margin``. ``AvgNonZeroReducer`` (``ThresholdReducer(low=0)``) reduces ``pos_loss`` and ``neg_loss``
-  separately, each the mean over its hinges that are ``> 0`` (0 when none), and ``MultipleReducers`` sums the
-  two: docs/spec.md §2.4's strict counts. One difference: pml drops the diagonal in self mode, docs/spec.md §2.4 keeps it as a
-  positive; its hinge ``[m+ − s_ii]_+`` is 0 when ``s_ii = 1 > m+``, which is why the fused path requires
-  ``pos_margin < 1 − tol`` (``s_ii`` is 1 only up to rounding) and no row of norm ``< 1e-11`` (such a row has
-  ``s_ii < 1``; a zero row has ``s_ii = 0``).
-* **TCM** (docs/spec.md §2.3): ``lambda_plus, lambda_minus, margin_plus, margin_minus`` → ``pos_weight, neg_weight,
-  pos_margin, neg_margin``; inclusive hard-pair tests, each term 0 when its set is empty.
-* **Cross mode** (``ref_emb``, ``ref_labels``) runs flashdml with ``y=ref_emb``: every (query, reference) pair,
-  the diagonal included. For NT-Xent and Contrastive that is pml's own cross mode (pml returns 0 when there are
-  at most one positive and one negative pair in all; flashdml does not). **TCM differs from pml on purpose**:
-  pml's ``ThresholdConsistentMarginLoss`` indexes the query ``embeddings`` with the reference indices (it never
-  reads ``ref_emb``), so its cross-mode value is wrong; this drop-in compares queries with references.
-* Return value: a 0-dim tensor of the embeddings' dtype (pml's), with an exactly zero gradient where pml
-  returns its zero loss (no positive pair, no hard pair, …).
-"""
+"""pml loss drop-ins (``flashdml.integrations.pml.losses``): subclasses of pml's losses that run flashdml's fused
+ops when the call is one flashdml covers exactly, and pml itself otherwise (see the package docstring)."""
 from __future__ import annotations
 
 import numbers
 
 import torch
 from torch import Tensor
-
-try:
-    from pytorch_metric_learning import losses as _pml_losses
-    from pytorch_metric_learning.miners import BaseMiner as _BaseMiner
-    from pytorch_metric_learning.utils.inference import return_results as _pml_return_results
-    from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
-    from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer, MultipleReducers
-    from pytorch_metric_learning.utils import common_functions as _c_f
-except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by the tests
-    raise ImportError(
-        "flashdml.integrations.pml needs pytorch-metric-learning, an optional dependency of flashdml: "
-        "pip install pytorch-metric-learning"
-    ) from _exc
+from pytorch_metric_learning import losses as _pml_losses
+from pytorch_metric_learning.distances import CosineSimilarity, DotProductSimilarity
+from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer, MultipleReducers
+from pytorch_metric_learning.utils import common_functions as _c_f
 
 import flashdml as _fd
 
-__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss", "FlashdmlKNN",
-           "HardestNegativesMiner"]
+__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -266,68 +204,3 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
         loss = _fd.cross_example_softmax(embeddings, ref_emb, labels, ref_labels, temperature=self.temperature,
                                          top_k=self.top_k, normalize=bool(self.distance.normalize_embeddings))
         return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
-
-
-class FlashdmlKNN:
-    """A ``knn_func`` for pml's ``AccuracyCalculator``, computed by ``flashdml.knn`` (docs/spec.md §1.2): exact kNN that
-    never materialises the query × reference matrix (memory O((N + M)·d + N·k); pml's ``CustomKNN`` builds it,
-    ``FaissKNN`` needs faiss)::
-
-        from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-        calc = AccuracyCalculator(knn_func=FlashdmlKNN())
-        calc.get_accuracy(query, query_labels)                         # self mode, pml drops the query itself
-
-    ``__call__(query, k, reference, ref_includes_query=False) -> (similarities [N, k], indices [N, k])`` — pml's
-    interface. Like ``CustomKNN(CosineSimilarity())`` it returns similarities, largest first (ties → lower
-    reference index); ``normalize=False`` uses dot products (``DotProductSimilarity``). With
-    ``ref_includes_query`` (the first N references are the queries) it searches k + 1 neighbours and removes
-    each query's own index with pml's ``return_results``, exactly as pml's own knn functions do.
-    """
-
-    def __init__(self, normalize: bool = True):
-        self.normalize = bool(normalize)
-
-    def __call__(self, query, k, reference=None, ref_includes_query=False):
-        query = _c_f.numpy_to_torch(query)
-        reference = query if reference is None else _c_f.numpy_to_torch(reference)
-        if ref_includes_query:
-            k = k + 1
-        k = min(int(k), reference.shape[0])
-        values, indices = _fd.knn(query, reference, k, normalize=self.normalize)
-        return _pml_return_results(values, indices, ref_includes_query)
-
-
-class HardestNegativesMiner(_BaseMiner):
-    """pml miner: all positive pairs plus the k hardest negative pairs of the **whole batch** (flashdml's
-    ``hardest_negatives``, docs/spec.md §1.3 — Cross-Example Negative Mining's selection, without a B×B matrix).
-
-    ``HardestNegativesMiner(k=None, normalize=True, **kwargs)``: ``k=None`` means k = batch size; a k above the
-    batch's number of negative pairs keeps all of them. ``normalize`` chooses cosine (default) or dot-product
-    similarity. Returns pml's pair tuple ``(a1, p, a2, n)`` (int64): ``(a1, p)`` every positive pair (self mode:
-    without ``(i, i)``, as pml's ``get_all_pairs_indices``), ``(a2, n)`` the hardest negatives, most similar
-    first (ties → lower flat index)::
-
-        miner = HardestNegativesMiner(k=1024)
-        loss = pml_losses.ContrastiveLoss()(emb, labels, miner(emb, labels))
-    """
-
-    def __init__(self, k=None, normalize: bool = True, **kwargs):
-        super().__init__(**kwargs)
-        self.k = k
-        self.normalize = bool(normalize)
-
-    def mine(self, embeddings, labels, ref_emb, ref_labels):
-        from flashdml._validation import prepare_batch
-        from flashdml.ops.selection import count_negatives, positive_pairs
-
-        self_mode = ref_emb is embeddings and ref_labels is labels
-        y, ref = (None, None) if self_mode else (ref_emb, _c_f.to_device(ref_labels, ref_emb))
-        batch = prepare_batch(embeddings, y, labels, ref, pair_mode_default=False)
-        a1, p = positive_pairs(batch.labels, batch.ref_labels, batch.self_mode)
-        n_neg = count_negatives(batch.labels, batch.ref_labels)
-        k = min(batch.B if self.k is None else int(self.k), n_neg)
-        if k == 0:
-            empty = torch.empty(0, dtype=torch.long, device=embeddings.device)
-            return a1, p, empty, empty.clone()
-        _, a2, n = _fd.hardest_negatives(embeddings, y, labels, ref, k, normalize=self.normalize)
-        return a1, p, a2, n
