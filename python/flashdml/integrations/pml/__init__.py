@@ -65,12 +65,14 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
 from . import inference, losses, miners  # noqa: E402
 from .inference import FlashdmlKNN  # noqa: E402
 from .losses import (  # noqa: E402
-    ContrastiveLoss, CrossExampleSoftmaxLoss, NTXentLoss, ThresholdConsistentMarginLoss,
+    ContrastiveLoss, CrossBatchMemory, CrossExampleSoftmaxLoss, NTXentLoss, SelfSupervisedLoss,
+    ThresholdConsistentMarginLoss,
 )
 from .miners import HardestNegativesMiner  # noqa: E402
 
 knn_func = FlashdmlKNN()
 """A ready ``knn_func`` (cosine similarity): ``AccuracyCalculator(knn_func=flashdml.integrations.pml.knn_func)``."""
 
-__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss", "FlashdmlKNN",
+__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss", "CrossBatchMemory",
+           "SelfSupervisedLoss", "FlashdmlKNN",
            "HardestNegativesMiner", "knn_func", "losses", "miners", "inference"]

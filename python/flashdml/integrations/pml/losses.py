@@ -13,7 +13,10 @@ from pytorch_metric_learning.utils import common_functions as _c_f
 
 import flashdml as _fd
 
-__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss"]
+from ._excluded import AllPairsExcept, dense_xent_excluding, excluded_self_pairs, xent_excluding
+
+__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss", "CrossBatchMemory",
+           "SelfSupervisedLoss"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -28,6 +31,17 @@ def _plain_distance(distance, types) -> bool:
     and, when it normalises, with the L2 norm."""
     return (type(distance) in types and distance.power == 1
             and (not distance.normalize_embeddings or distance.p == 2))
+
+
+def _recognise(indices_tuple, labels, ref_labels):
+    """``excl`` for an all-pairs tuple (``AllPairsExcept`` or pml's tensors), checked against these labels."""
+    if isinstance(indices_tuple, AllPairsExcept):
+        ok = indices_tuple.labels is labels or torch.equal(indices_tuple.labels, labels)
+        ok = ok and (indices_tuple.ref_labels is ref_labels or torch.equal(indices_tuple.ref_labels, ref_labels))
+        return indices_tuple.excl if ok else None
+    if not isinstance(indices_tuple, (tuple, list)) or all(len(t) <= 1 for t in indices_tuple):
+        return None  # pml's own zero-loss shortcut
+    return excluded_self_pairs(labels, ref_labels, indices_tuple)
 
 
 class _FlashdmlForward:
@@ -72,12 +86,54 @@ class _FlashdmlForward:
             return None
         return embeddings, labels, ref_emb, ref_labels
 
+    def _flashdml_loss_excluding(self, x, labels, y, ref_labels, excl):  # pragma: no cover - NT-Xent overrides
+        return None
+
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        args = self._fused_args(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        """pml's ``forward``: flashdml where it covers the call exactly, pml otherwise (see the module docstring).
+
+        Args:
+            embeddings: ``[B, d]`` float queries. labels: int ``[B]`` (``None`` runs pml).
+            indices_tuple: ``None``, or (NT-Xent only) the all-pairs tuple ``CrossBatchMemory`` /
+                ``DistributedLossWrapper(efficient=True)`` build, which runs fused; any other tuple runs pml.
+            ref_emb, ref_labels: cross mode, ``[M, d]`` and int ``[M]``.
+
+        Returns:
+            A 0-dim loss of the embeddings' dtype.
+
+        Raises:
+            Whatever pml raises for the call (mismatched shapes, ...).
+        """
+        if indices_tuple is not None:
+            loss = self._tuple_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            if loss is not None:
+                return loss
+            if isinstance(indices_tuple, AllPairsExcept):
+                indices_tuple = indices_tuple.materialize()
+            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        args = self._fused_args(embeddings, labels, None, ref_emb, ref_labels)
         if args is None:
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         self.reset_stats()
         return self._flashdml_loss(*args).to(embeddings.dtype)
+
+    def _tuple_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """The fused loss for a recognised all-pairs tuple, or None (pml runs)."""
+        if ref_emb is not None and ref_emb is not embeddings and (ref_labels is None or ref_labels is labels):
+            return None
+        args = self._fused_args(embeddings, labels, None, ref_emb, ref_labels)
+        if args is None:
+            return None
+        x, labels, y, ref_labels = args
+        y, ref_labels = (x, labels) if y is None else (y, ref_labels)
+        excl = _recognise(indices_tuple, labels, ref_labels)
+        if excl is None:
+            return None
+        loss = self._flashdml_loss_excluding(x, labels, y, ref_labels, excl)
+        if loss is None:
+            return None
+        self.reset_stats()
+        return loss.to(embeddings.dtype)
 
 
 class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsistentMarginLoss):
@@ -115,6 +171,10 @@ class NTXentLoss(_FlashdmlForward, _pml_losses.NTXentLoss):
     def _flashdml_loss(self, x, labels, y, ref_labels):
         return _fd.ntxent(x, labels, y, ref_labels, temperature=self.temperature,
                           normalize=bool(self.distance.normalize_embeddings))
+
+    def _flashdml_loss_excluding(self, x, labels, y, ref_labels, excl):
+        return xent_excluding(x, y, labels, ref_labels, excl, temperature=self.temperature,
+                              normalize=bool(self.distance.normalize_embeddings), global_partition=False)
 
 
 def _default_avg_non_zero(reducer) -> bool:
@@ -188,19 +248,129 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
         return CosineSimilarity()
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if indices_tuple is not None:
+        """Cross-Example Softmax of the batch (see the class docstring for the modes).
+
+        Args:
+            embeddings: ``[B, d]`` float. labels: int ``[B]`` or ``None``.
+            indices_tuple: ``None``, or the all-pairs tuple of ``CrossBatchMemory`` /
+                ``DistributedLossWrapper(efficient=True)`` (every pair minus each query's own copy).
+            ref_emb, ref_labels: cross mode, ``[M, d]`` and int ``[M]``.
+
+        Returns:
+            A 0-dim fp32 loss (float64 for float64 embeddings), plus pml's embedding regularizer if set.
+
+        Raises:
+            ValueError: any other ``indices_tuple`` (a miner's), or one together with ``top_k``; an unsupported
+                distance; bad shapes (flashdml's messages).
+        """
+        if indices_tuple is None:
+            return super().forward(embeddings, labels, None, ref_emb, ref_labels)
+        excl = None
+        if labels is not None and self.top_k is None and (ref_emb is None or ref_labels is not None):
+            lab = _c_f.to_device(labels, embeddings)
+            ref_lab = lab if ref_emb is None else _c_f.to_device(ref_labels, embeddings)
+            excl = _recognise(indices_tuple, lab, ref_lab)
+        if excl is None:
             raise ValueError(
-                "CrossExampleSoftmaxLoss does not take an indices_tuple (miner output): every positive competes "
-                "against the whole batch's negatives; use top_k=k for Cross-Example Negative Mining instead")
-        return super().forward(embeddings, labels, None, ref_emb, ref_labels)
+                "CrossExampleSoftmaxLoss takes no miner's indices_tuple: every positive competes against the whole "
+                "batch's negatives (use top_k=k for Cross-Example Negative Mining). Only the all-pairs tuples of "
+                "CrossBatchMemory / DistributedLossWrapper(efficient=True) are accepted, without top_k")
+        self._excl = excl
+        try:
+            return super().forward(embeddings, labels, None, ref_emb, ref_labels)
+        finally:
+            self._excl = None
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         if not _plain_distance(self.distance, (CosineSimilarity, DotProductSimilarity)):
             raise ValueError("CrossExampleSoftmaxLoss supports distance=CosineSimilarity() or DotProductSimilarity() "
                              f"with power=1 (and p=2 when normalising), got {self.distance!r}")
+        excl = getattr(self, "_excl", None)
+        if excl is not None:  # a recognised all-pairs tuple: cross mode minus each query's own copy
+            kw = dict(temperature=self.temperature, normalize=bool(self.distance.normalize_embeddings),
+                      global_partition=True)
+            loss = xent_excluding(embeddings, ref_emb, labels, ref_labels, excl, **kw)
+            if loss is None:
+                loss = dense_xent_excluding(embeddings, ref_emb, labels, ref_labels, excl, **kw)
+            return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
         # BaseMetricLossFunction.forward filled ref_emb/ref_labels with embeddings/labels in self mode.
         if ref_emb is embeddings and ref_labels is labels:
             ref_emb, ref_labels = None, None
         loss = _fd.cross_example_softmax(embeddings, ref_emb, labels, ref_labels, temperature=self.temperature,
                                          top_k=self.top_k, normalize=bool(self.distance.normalize_embeddings))
         return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
+
+
+_MEMORY_FUSED = (NTXentLoss, CrossExampleSoftmaxLoss)
+
+
+class CrossBatchMemory(_pml_losses.CrossBatchMemory):
+    """pml's ``CrossBatchMemory`` (same arguments, same memory bank), fused for flashdml's losses and accepting
+    ``CrossExampleSoftmaxLoss``.
+
+    ``CrossBatchMemory(loss, embedding_size, memory_size=1024, miner=None)``: each call enqueues the batch, then
+    compares the batch (queries) with the whole memory (references, detached) over every pair except each query's
+    own copy in the memory. pml builds that as B×M index tensors and hands them to the loss, whose pair-based
+    path then builds a |P|×|N| buffer. Here, when the wrapped loss is flashdml's ``NTXentLoss`` or
+    ``CrossExampleSoftmaxLoss``, there is no miner and no ``indices_tuple`` argument, the loss receives a
+    compact stand-in (``AllPairsExcept``) and runs the fused cross-mode kernel with the own-copy pairs removed
+    exactly (``flashdml.integrations.pml._excluded``): memory O((B + M)·d). Anything else is pml's own code path
+    (our drop-ins also recognise pml's tensors when pml's ``CrossBatchMemory`` calls them).
+
+    Args:
+        loss: a pml loss from ``supported_losses()`` (pml's list plus ``"CrossExampleSoftmaxLoss"``).
+        embedding_size, memory_size, miner: as in pml.
+
+    Returns (``forward(embeddings, labels, indices_tuple=None, enqueue_mask=None)``):
+        The wrapped loss's 0-dim value.
+
+    Raises:
+        Exception: pml's "CrossBatchMemory not supported for ..." for a loss outside ``supported_losses()``.
+
+    Example::
+
+        loss_fn = CrossBatchMemory(NTXentLoss(temperature=0.1), embedding_size=128, memory_size=4096)
+        loss = loss_fn(embeddings, labels)
+    """
+
+    @staticmethod
+    def supported_losses():
+        return _pml_losses.CrossBatchMemory.supported_losses() + ["CrossExampleSoftmaxLoss"]
+
+    def create_indices_tuple(self, embeddings, labels, E_mem, L_mem, input_indices_tuple, do_remove_self_comparisons):
+        if self.miner is None and input_indices_tuple is None and isinstance(self.loss, _MEMORY_FUSED):
+            if do_remove_self_comparisons:
+                excl = self.curr_batch_idx.to(labels.device)
+            else:
+                excl = torch.full((labels.shape[0],), -1, dtype=torch.long, device=labels.device)
+            return AllPairsExcept(labels, L_mem, excl)
+        return super().create_indices_tuple(embeddings, labels, E_mem, L_mem, input_indices_tuple,
+                                            do_remove_self_comparisons)
+
+
+class SelfSupervisedLoss(_pml_losses.SelfSupervisedLoss):
+    """pml's ``SelfSupervisedLoss`` (same arguments and behaviour) that also accepts ``CrossExampleSoftmaxLoss``.
+
+    ``SelfSupervisedLoss(loss, symmetric=True)``; ``forward(embeddings, ref_emb)`` labels row i of
+    ``embeddings`` and row i of ``ref_emb`` (an augmentation) as one class. Symmetric: the loss sees the 2B rows
+    in self mode; otherwise cross mode with ``ref_emb``. flashdml's ``NTXentLoss`` runs fused either way.
+
+    Args:
+        loss: a pml loss from ``supported_losses()`` (pml's list plus ``"CrossExampleSoftmaxLoss"``).
+        symmetric: as in pml.
+
+    Returns:
+        The wrapped loss's 0-dim value.
+
+    Raises:
+        Exception: pml's "SelfSupervisedLoss not supported for ..." for other losses.
+
+    Example::
+
+        loss_fn = SelfSupervisedLoss(CrossExampleSoftmaxLoss(temperature=0.1))
+        loss = loss_fn(view1_emb, view2_emb)
+    """
+
+    @staticmethod
+    def supported_losses():
+        return _pml_losses.SelfSupervisedLoss.supported_losses() + ["CrossExampleSoftmaxLoss"]
