@@ -101,6 +101,46 @@ def test_cross_batch_memory_enqueue_mask_and_miner(no_pml_ntxent, monkeypatch):
         assert torch.equal(lg, lw) and torch.equal(gg, gw)
 
 
+def test_self_mode_all_pairs_tuple_and_learnable_temperature():
+    """A user-built ``lmu.get_all_pairs_indices(labels)`` (self mode, diagonal dropped) runs fused and equals
+    pml; under CrossBatchMemory a learnable temperature gets pml's gradient too."""
+    x, labels = clustered(B, D, CLASSES, seed=70)
+    want = _SELF_TUPLE_PML
+    xx = x.clone().requires_grad_(True)
+    tup = lmu.get_all_pairs_indices(labels)
+    got = _run_without_pml(lambda: fdp.NTXentLoss(temperature=0.1)(xx, labels, tup))
+    _assert_close(got, want[0])
+    _assert_close(torch.autograd.grad(got, xx)[0], want[1])
+    results = {}
+    for tag, pkg in (("fd", fdp), ("pml", pml_losses)):
+        t = torch.tensor(0.1, requires_grad=True)
+        cbm = pkg.CrossBatchMemory(pkg.NTXentLoss(temperature=t), D, memory_size=M)
+        for xb, lb in _batches(3, seed=80):
+            loss = cbm(xb, lb)
+        results[tag] = (loss.detach(), torch.autograd.grad(loss, t)[0])
+    _assert_close(results["fd"][0], results["pml"][0])
+    _assert_close(results["fd"][1], results["pml"][1])
+
+
+def _run_without_pml(fn):
+    real = pml_losses.NTXentLoss._compute_loss
+    pml_losses.NTXentLoss._compute_loss = _boom
+    try:
+        return fn()
+    finally:
+        pml_losses.NTXentLoss._compute_loss = real
+
+
+def _self_tuple_pml():
+    x, labels = clustered(B, D, CLASSES, seed=70)
+    xx = x.clone().requires_grad_(True)
+    loss = pml_losses.NTXentLoss(temperature=0.1)(xx, labels, lmu.get_all_pairs_indices(labels))
+    return loss.detach(), torch.autograd.grad(loss, xx)[0]
+
+
+_SELF_TUPLE_PML = _self_tuple_pml()
+
+
 def _xe_oracle(x, labels, mem, mem_labels, self_cols, t):
     """Cross-Example Softmax over pml's own index tuple (all pairs minus the own copies), written out."""
     a1, p, a2, n = lmu.remove_self_comparisons(lmu.get_all_pairs_indices(labels, mem_labels), self_cols, len(mem))

@@ -11,11 +11,21 @@ and ``import flashdml`` never does. Swap the import and keep the rest of the tra
     loss = loss_fn(embeddings, labels)                # same value and gradients, O(B·d) memory
     isinstance(loss_fn, pytorch_metric_learning.losses.NTXentLoss)   # True
 
+    # wrappers: pml's, fused for the drop-ins, and accepting CrossExampleSoftmaxLoss
+    from flashdml.integrations.pml import CrossBatchMemory, SelfSupervisedLoss
+    loss_fn = CrossBatchMemory(NTXentLoss(temperature=0.1), embedding_size=128, memory_size=4096)
+
+The layout follows pml's: ``flashdml.integrations.pml.losses``, ``.miners``, ``.inference`` (``FlashdmlKNN``)
+and ``knn_func`` (a ready ``FlashdmlKNN()`` for ``AccuracyCalculator(knn_func=...)``).
+
 Each drop-in subclasses the pml original and runs flashdml's functional op (``flashdml.ntxent``,
 ``flashdml.contrastive_margin``, ``flashdml.threshold_consistent_margin``: fused kernels where the backend has
 them) when the call is one flashdml covers exactly, and ``super().forward(...)`` (pml itself) otherwise:
 
-* a miner's ``indices_tuple``; ``labels=None``; non-integer labels;
+* a miner's ``indices_tuple`` (NT-Xent and Cross-Example Softmax recognise the all-pairs tuples that
+  ``CrossBatchMemory`` and ``DistributedLossWrapper(efficient=True)`` pass, and run fused: cross mode minus each
+  query's own copy; ``flashdml.integrations.pml.CrossBatchMemory`` hands them a compact stand-in instead of the
+  B×M index tensors); ``labels=None``; non-integer labels;
 * a reducer other than the default (NT-Xent and TCM: ``MeanReducer``; Contrastive: ``AvgNonZeroReducer`` on
   each of ``pos_loss`` / ``neg_loss``), an ``embedding_regularizer``, or ``collect_stats`` on the loss, its
   reducer or its distance (the fused path records no stats);

@@ -33,7 +33,21 @@ __all__ = ["AllPairsExcept", "excluded_self_pairs", "xent_excluding"]
 class AllPairsExcept:
     """Stands for pml's all-pairs tuple between ``labels`` and ``ref_labels`` minus the positive pairs
     ``(i, excl[i])`` (``excl[i] = -1``: none) without building it: what flashdml's ``CrossBatchMemory`` hands a
-    flashdml loss instead of B×M index tensors. ``materialize()`` builds pml's tensors (for pml's slow path)."""
+    flashdml loss instead of B×M index tensors. ``materialize()`` builds pml's tensors (for pml's slow path).
+
+    Args:
+        labels: int ``[B]``; ref_labels: int ``[M]``; excl: int64 ``[B]``, the excluded reference column per row.
+
+    Returns (``materialize()``):
+        pml's ``(a1, p, a2, n)``, equal to ``lmu.remove_self_comparisons(lmu.get_all_pairs_indices(...))``.
+
+    Raises:
+        Nothing itself; ``materialize`` needs pytorch-metric-learning.
+
+    Example::
+
+        AllPairsExcept(labels, mem_labels, curr_batch_idx).materialize()
+    """
 
     def __init__(self, labels: Tensor, ref_labels: Tensor, excl: Tensor):
         self.labels, self.ref_labels, self.excl = labels, ref_labels, excl

@@ -23,6 +23,19 @@ class FlashdmlKNN:
     reference index); ``normalize=False`` uses dot products (``DotProductSimilarity``). With
     ``ref_includes_query`` (the first N references are the queries) it searches k + 1 neighbours and removes
     each query's own index with pml's ``return_results``, exactly as pml's own knn functions do.
+
+    Args:
+        normalize: cosine similarity (default) or dot products.
+
+    Returns:
+        ``(similarities, indices)``, each ``[N, k]`` (k capped at the number of references).
+
+    Raises:
+        ValueError: from ``flashdml.knn`` for bad inputs (a NaN row, mismatched dimensions, ...).
+
+    Example::
+
+        calc = AccuracyCalculator(knn_func=FlashdmlKNN())
     """
 
     def __init__(self, normalize: bool = True):

@@ -144,6 +144,19 @@ class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsi
     ``neg_margin=margin_minus``. Equal to pml in self mode. **Cross mode differs from pml on purpose**: pml indexes
     the query embeddings with the reference indices (``ref_emb`` is never read), this compares queries with
     ``ref_emb``. A miner's ``indices_tuple``, a non-default reducer or an embedding regularizer run pml.
+
+    Args:
+        lambda_plus, lambda_minus, margin_plus, margin_minus, **kwargs: pml's constructor arguments.
+
+    Returns (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``):
+        A 0-dim loss of the embeddings' dtype.
+
+    Raises:
+        pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
+
+    Example::
+
+        loss = ThresholdConsistentMarginLoss(margin_plus=0.9, margin_minus=0.5)(embeddings, labels)
     """
 
     def _options_supported(self, embeddings):
@@ -162,6 +175,21 @@ class NTXentLoss(_FlashdmlForward, _pml_losses.NTXentLoss):
     Fused for ``CosineSimilarity()`` (the default) and ``DotProductSimilarity()`` (``normalize=False``), power 1,
     with the default ``MeanReducer``; pml's |P|×|N| buffer is never built. ``temperature`` may be a 0-dim tensor
     (learnable). A miner's ``indices_tuple``, other distances or reducers, or an embedding regularizer run pml.
+    The all-pairs tuples of ``CrossBatchMemory`` (flashdml's or pml's) and ``DistributedLossWrapper(efficient=True)``
+    are recognised and run fused (cross mode minus each query's own copy).
+
+    Args:
+        temperature: ``> 0``, float or 0-dim tensor. **kwargs: pml's (``distance``, ``reducer``, ...).
+
+    Returns (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``):
+        A 0-dim loss of the embeddings' dtype.
+
+    Raises:
+        pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
+
+    Example::
+
+        loss = NTXentLoss(temperature=0.07)(embeddings, labels)
     """
 
     def _options_supported(self, embeddings):
@@ -194,6 +222,21 @@ class ContrastiveLoss(_FlashdmlForward, _pml_losses.ContrastiveLoss):
     cosine similarity pass margins such as ``pos_margin=0.75, neg_margin=0.6`` (the contextual paper's).
     docs/spec.md §2.4 keeps the self-pair (i, i) as a positive and pml drops it; they agree while its hinge is 0, so the
     fused path also requires ``pos_margin < 1 − tol`` and, for ``pos_margin > 0``, no (near-)zero row.
+
+    Args:
+        pos_margin, neg_margin, **kwargs: pml's constructor arguments (pass ``distance=CosineSimilarity()`` for
+            the fused path).
+
+    Returns (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``):
+        A 0-dim loss of the embeddings' dtype.
+
+    Raises:
+        pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
+
+    Example::
+
+        loss_fn = ContrastiveLoss(pos_margin=0.75, neg_margin=0.6, distance=CosineSimilarity())
+        loss = loss_fn(embeddings, labels)
     """
 
     def _options_supported(self, embeddings):
@@ -232,9 +275,22 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
     * cross mode: ``ref_emb`` with ``ref_labels`` (required when ``labels`` is given); ``labels=ref_labels=None``
       is pair mode, row i of ``embeddings`` matching row i of ``ref_emb`` (image–text batches);
     * ``indices_tuple`` (a miner's output) is not supported and raises ``ValueError``: the loss needs the whole
-      batch's negatives; use ``top_k`` for mining.
+      batch's negatives; use ``top_k`` for mining. The all-pairs tuples of ``CrossBatchMemory`` /
+      ``DistributedLossWrapper(efficient=True)`` are accepted (without ``top_k``) and run fused.
 
-    Returns a 0-dim fp32 loss (float64 for float64 embeddings).
+    Args:
+        temperature: ``> 0``, float or 0-dim tensor. top_k: ``None`` or a positive int. **kwargs: pml's.
+
+    Returns:
+        A 0-dim fp32 loss (float64 for float64 embeddings).
+
+    Raises:
+        ValueError: a distance other than ``CosineSimilarity`` / ``DotProductSimilarity`` (power 1), a miner's
+            ``indices_tuple``, or flashdml's input errors.
+
+    Example::
+
+        loss = CrossExampleSoftmaxLoss(temperature=0.05)(embeddings, labels)
     """
 
     def __init__(self, temperature=0.05, top_k=None, **kwargs):

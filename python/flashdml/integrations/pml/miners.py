@@ -22,6 +22,15 @@ class HardestNegativesMiner(_BaseMiner):
 
         miner = HardestNegativesMiner(k=1024)
         loss = pml_losses.ContrastiveLoss()(emb, labels, miner(emb, labels))
+
+    Args:
+        k: number of hardest negatives (``None``: the batch size). normalize: cosine or dot product. **kwargs: pml's.
+
+    Returns (``miner(embeddings, labels, ref_emb=None, ref_labels=None)``):
+        ``(a1, p, a2, n)``, int64 index tensors.
+
+    Raises:
+        ValueError / TypeError: flashdml's input errors (bad shapes, non-integer labels, a NaN row).
     """
 
     def __init__(self, k=None, normalize: bool = True, **kwargs):
