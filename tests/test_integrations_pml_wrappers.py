@@ -12,7 +12,7 @@ from pytorch_metric_learning.utils.distributed import DistributedLossWrapper  # 
 
 import flashdml as fd  # noqa: E402
 from flashdml.integrations import pml as fdp  # noqa: E402
-from flashdml.integrations.pml._excluded import dense_xent_excluding, excluded_self_pairs  # noqa: E402
+from flashdml.integrations.pml._excluded import excluded_self_pairs  # noqa: E402
 from helpers import clustered  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not fd.available_backends()["cpu"][0], reason="flashdml._C not built")
@@ -284,3 +284,18 @@ def test_distributed_loss_wrapper_two_processes(tmp_path):
             for (lg, gg), (lw, gw) in zip(res[(name, "fd")], res[(name, "pml")]):
                 _assert_close(lg, lw)
                 _assert_close(gg, gw)
+
+
+def test_pml_style_layout():
+    """The names sit where pml users look for them, and ``knn_func`` plugs into AccuracyCalculator."""
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    import flashdml.integrations.pml.losses as fl
+    import flashdml.integrations.pml.miners as fm
+
+    assert fl.NTXentLoss is fdp.NTXentLoss and fl.CrossBatchMemory is fdp.CrossBatchMemory
+    assert fm.HardestNegativesMiner is fdp.HardestNegativesMiner
+    assert isinstance(fdp.knn_func, fdp.FlashdmlKNN)
+    x, labels = clustered(60, 8, 6, seed=90)
+    calc = AccuracyCalculator(include=("precision_at_1",), knn_func=fdp.knn_func)
+    assert 0.0 < calc.get_accuracy(x, labels)["precision_at_1"] <= 1.0

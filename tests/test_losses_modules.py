@@ -13,7 +13,8 @@ MODULES = {
     "NTXentLoss": (dict(temperature=0.1), lambda x, l, y=None, rl=None: fd.ntxent(x, l, y, rl, temperature=0.1)),
     "CrossExampleSoftmaxLoss": (dict(temperature=0.1),
                                 lambda x, l, y=None, rl=None: fd.cross_example_softmax(x, y, l, rl, temperature=0.1)),
-    "ThresholdConsistentMarginLoss": (dict(), lambda x, l, y=None, rl=None: fd.threshold_consistent_margin(x, l, y, rl)),
+    "ThresholdConsistentMarginLoss": (dict(),
+                                      lambda x, l, y=None, rl=None: fd.threshold_consistent_margin(x, l, y, rl)),
     "ContrastiveMarginLoss": (dict(), lambda x, l, y=None, rl=None: fd.contrastive_margin(x, l, y, rl)),
     "ContextualLoss": (dict(k=3), lambda x, l, y=None, rl=None: fd.contextual_loss(x, l, k=3)),
 }
@@ -54,7 +55,8 @@ def test_pair_mode_and_batch_softmax():
     assert torch.equal(xe, fd.cross_example_softmax(img, txt, temperature=0.1))
     labels = torch.arange(32) // 2
     bs = fd.losses.BatchSoftmaxLoss(temperature=0.1, symmetric=True)
-    assert torch.equal(bs(img, labels, ref_emb=txt), fd.batch_softmax(img, txt, labels, temperature=0.1, symmetric=True))
+    want = fd.batch_softmax(img, txt, labels, temperature=0.1, symmetric=True)
+    assert torch.equal(bs(img, labels, ref_emb=txt), want)
     assert torch.equal(bs(img, ref_emb=txt), fd.batch_softmax(img, txt, temperature=0.1, symmetric=True))
     with pytest.raises(ValueError, match="ref_emb"):
         bs(img, labels)

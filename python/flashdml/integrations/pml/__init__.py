@@ -83,6 +83,6 @@ from .miners import HardestNegativesMiner  # noqa: E402
 knn_func = FlashdmlKNN()
 """A ready ``knn_func`` (cosine similarity): ``AccuracyCalculator(knn_func=flashdml.integrations.pml.knn_func)``."""
 
-__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss", "CrossBatchMemory",
-           "SelfSupervisedLoss", "FlashdmlKNN",
-           "HardestNegativesMiner", "knn_func", "losses", "miners", "inference"]
+__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss",
+           "CrossBatchMemory", "SelfSupervisedLoss", "FlashdmlKNN", "HardestNegativesMiner", "knn_func", "losses",
+           "miners", "inference"]

@@ -116,7 +116,8 @@ def excluded_self_pairs(labels: Tensor, ref_labels: Tensor, indices_tuple: Seque
 
 class _ExcludedXent(torch.autograd.Function):
     """Forward: the corrected value (module docstring). Backward: the kernel's gradient with the rescaled loss
-    gradient and lowered coefficients; the excluded pairs' positive gradient is cancelled outside (``xent_excluding``)."""
+    gradient and lowered coefficients; the excluded pairs' positive gradient is cancelled outside
+    (``xent_excluding``)."""
 
     @staticmethod
     def forward(ctx, x, y, t, labels, ref_labels, rows, cols, ops, global_partition, normalize):

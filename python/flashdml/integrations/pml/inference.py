@@ -1,4 +1,5 @@
-"""``knn_func`` for pml's ``AccuracyCalculator`` (``flashdml.integrations.pml.inference``), backed by ``flashdml.knn``."""
+"""``knn_func`` for pml's ``AccuracyCalculator`` (``flashdml.integrations.pml.inference``), backed by
+``flashdml.knn``."""
 from __future__ import annotations
 
 from pytorch_metric_learning.utils import common_functions as _c_f

@@ -15,8 +15,8 @@ import flashdml as _fd
 
 from ._excluded import AllPairsExcept, dense_xent_excluding, excluded_self_pairs, xent_excluding
 
-__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss", "CrossBatchMemory",
-           "SelfSupervisedLoss"]
+__all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss",
+           "CrossBatchMemory", "SelfSupervisedLoss"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
