@@ -299,3 +299,16 @@ def test_pml_style_layout():
     x, labels = clustered(60, 8, 6, seed=90)
     calc = AccuracyCalculator(include=("precision_at_1",), knn_func=fdp.knn_func)
     assert 0.0 < calc.get_accuracy(x, labels)["precision_at_1"] <= 1.0
+
+
+@pytest.mark.parametrize("loss_name", ["NTXentLoss", "CrossExampleSoftmaxLoss"])
+def test_memory_of_one_batch_is_self_mode(loss_name, no_pml_ntxent):
+    """pml's own sanity check, for the fused path: with memory_size == batch size the memory holds exactly the
+    batch, so every step's value equals the plain self-mode loss (own pairs dropped) — for NT-Xent and for XE.
+    (Gradients differ by design: the memory is detached, self mode also differentiates the reference side.)"""
+    fn = fd.ntxent if loss_name == "NTXentLoss" else (lambda x, l, **kw: fd.cross_example_softmax(x, labels=l, **kw))
+    for size in (20, 25, 35):
+        cbm = fdp.CrossBatchMemory(getattr(fdp, loss_name)(temperature=0.1), D, memory_size=size)
+        for step in range(3):
+            x, labels = clustered(size, D, 4, seed=200 + 10 * size + step)
+            _assert_close(cbm(x, labels), fn(x, labels, temperature=0.1))
