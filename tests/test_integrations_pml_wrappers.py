@@ -312,3 +312,25 @@ def test_memory_of_one_batch_is_self_mode(loss_name, no_pml_ntxent):
         for step in range(3):
             x, labels = clustered(size, D, 4, seed=200 + 10 * size + step)
             _assert_close(cbm(x, labels), fn(x, labels, temperature=0.1))
+
+
+def _dot_ntxent(pkg):
+    from pytorch_metric_learning.distances import DotProductSimilarity
+
+    return pkg.NTXentLoss(temperature=1.0, distance=DotProductSimilarity(normalize_embeddings=False))
+
+
+def _dot_batches():
+    return [(0.3 * x, labels) for x, labels in _batches(4, seed=300)]
+
+
+_WANT_CBM_DOT = _steps(pml_losses.CrossBatchMemory(_dot_ntxent(pml_losses), D, memory_size=M), _dot_batches())
+
+
+def test_cross_batch_memory_dot_product(no_pml_ntxent):
+    """DotProductSimilarity(normalize_embeddings=False): the own-copy logit x_i·x_i has a gradient into x_i, which the
+    fused path must remove too (with cosine similarity that gradient is zero)."""
+    got = _steps(fdp.CrossBatchMemory(_dot_ntxent(fdp), D, memory_size=M), _dot_batches())
+    for (lg, gg), (lw, gw) in zip(got, _WANT_CBM_DOT):
+        _assert_close(lg, lw)
+        _assert_close(gg, gw)
