@@ -119,6 +119,8 @@ class _FlashdmlForward:
 
     def _tuple_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """The fused loss for a recognised all-pairs tuple, or None (pml runs)."""
+        if type(self)._flashdml_loss_excluding is _FlashdmlForward._flashdml_loss_excluding:
+            return None  # this loss has no fused all-pairs path: skip the check
         if ref_emb is not None and ref_emb is not embeddings and (ref_labels is None or ref_labels is labels):
             return None
         args = self._fused_args(embeddings, labels, None, ref_emb, ref_labels)
