@@ -110,7 +110,7 @@ def test_module_wraps_functional_with_learnable_temperature():
     x, labels = clustered(30, 8, 6, seed=9)
     y, _ = clustered(30, 8, 6, seed=10)
     module = fd.losses.BatchSoftmaxLoss(temperature=0.07, symmetric=True, learnable_temperature=True)
-    loss = module(x, y, labels)
+    loss = module(x, labels, ref_emb=y)
     loss.backward()
     want = fd.batch_softmax(x, y, labels, temperature=0.07, symmetric=True)
     assert torch.allclose(loss, want)

@@ -1,6 +1,25 @@
-"""Loss modules: thin ``torch.nn.Module`` wrappers over the functional API, same arguments."""
+"""Loss modules: thin ``torch.nn.Module`` wrappers over the functional API, with one call convention.
+
+Every loss module is called as pytorch-metric-learning's losses are::
+
+    loss = module(embeddings, labels=None, ref_emb=None, ref_labels=None)
+
+* ``embeddings`` ``[B, d]`` are the queries; ``labels`` int ``[B]`` their classes.
+* ``ref_emb`` ``[M, d]`` with ``ref_labels`` int ``[M]`` is cross mode (docs/spec.md §0): queries against a
+  separate reference set (a memory bank, the other modality); without it, self mode.
+* Pair-mode losses (image–text batches, row i of ``embeddings`` matches row i of ``ref_emb``): ``BatchSoftmaxLoss``
+  always, ``CrossExampleSoftmaxLoss`` and ``NTXentLoss`` when ``ref_emb`` is given with ``labels=ref_labels=None``.
+
+So a pml user's ``loss(embeddings, labels)`` works for every module. The constructor arguments are the functions'
+(``temperature``, margins, ...), plus ``learnable_temperature=True`` on the softmax-type losses.
+
+Calls in the earlier per-module orders — ``BatchSoftmaxLoss()(x, y, labels)``, ``CrossExampleSoftmaxLoss()(x, y,
+labels)``, or the keyword ``y=`` — still work for now and emit a ``FutureWarning``: a 2-D floating tensor where
+``labels`` belongs is taken as the reference set.
+"""
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -10,6 +29,9 @@ from . import ops
 from .ops import contextual as _contextual  # noqa: F401
 from .ops import hinge_pair as _hinge_pair, unfused as _unfused, xent as _xent  # noqa: F401
 
+__all__ = ["BatchSoftmaxLoss", "NTXentLoss", "CrossExampleSoftmaxLoss", "ThresholdConsistentMarginLoss",
+           "ContrastiveMarginLoss", "ContextualLoss"]
+
 
 def _temperature_parameter(temperature, learnable: bool):
     if learnable:
@@ -17,8 +39,62 @@ def _temperature_parameter(temperature, learnable: bool):
     return temperature
 
 
+def _is_embedding_matrix(t) -> bool:
+    return isinstance(t, Tensor) and t.dim() == 2 and t.is_floating_point()
+
+
+def _convention(module: nn.Module, labels, ref_emb, ref_labels, legacy: dict):
+    """``(labels, ref_emb, ref_labels)`` under the module convention, mapping the earlier call orders (with a
+    ``FutureWarning``): ``(x, y, labels[, ref_labels])`` positionally, or ``y=`` as a keyword."""
+    name = type(module).__name__
+    if legacy:
+        unknown = set(legacy) - {"y"}
+        if unknown:
+            raise TypeError(f"{name}.forward() got unexpected keyword argument(s) {sorted(unknown)}; the call is "
+                            "forward(embeddings, labels=None, ref_emb=None, ref_labels=None)")
+        if ref_emb is not None:
+            raise TypeError(f"{name}.forward(): y and ref_emb name the same tensor; pass ref_emb only")
+        warnings.warn(f"{name}: the keyword y= is renamed ref_emb= (forward(embeddings, labels=None, ref_emb=None, "
+                      "ref_labels=None))", FutureWarning, stacklevel=3)
+        return labels, legacy["y"], ref_labels
+    if _is_embedding_matrix(labels):
+        warnings.warn(f"{name}: called as (x, y, labels); the convention is forward(embeddings, labels=None, "
+                      "ref_emb=None, ref_labels=None) — pass the reference set as ref_emb=", FutureWarning,
+                      stacklevel=3)
+        return ref_emb, labels, ref_labels
+    return labels, ref_emb, ref_labels
+
+
+def _no_cross_mode(module: nn.Module, ref_emb, ref_labels):
+    if ref_emb is not None or ref_labels is not None:
+        raise ValueError(f"{type(module).__name__} has no cross mode: ref_emb / ref_labels are not supported")
+
+
 class BatchSoftmaxLoss(nn.Module):
-    """``fd.batch_softmax`` as a module. ``learnable_temperature=True`` makes the temperature a parameter."""
+    """``fd.batch_softmax`` (docs/spec.md §2.1, CLIP-style InfoNCE) as a module: pair mode, row i of ``embeddings``
+    against row i of ``ref_emb``.
+
+    Args:
+        temperature: ``> 0``; a float, or the initial value when ``learnable_temperature``.
+        symmetric: also the column-wise (``ref_emb`` → ``embeddings``) softmax, averaged with the row-wise one.
+        normalize: cosine similarity (default) or raw dot products.
+        learnable_temperature: make the temperature an ``nn.Parameter``.
+
+    ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: ``ref_emb`` ``[B, d]`` is required;
+    ``labels`` (optional, int ``[B]``, shared by row i of both sets) removes same-class columns from each row's
+    denominator; ``ref_labels``, if given, must equal ``labels``.
+
+    Returns:
+        A 0-dim fp32 loss (float64 for float64 inputs).
+
+    Raises:
+        ValueError: ``ref_emb`` missing, ``ref_labels`` different from ``labels``, or the op's input errors.
+
+    Example::
+
+        crit = fd.losses.BatchSoftmaxLoss(temperature=0.07, symmetric=True)
+        loss = crit(img_emb, ref_emb=txt_emb)
+    """
 
     def __init__(self, temperature: float = 0.05, symmetric: bool = False, normalize: bool = True,
                  learnable_temperature: bool = False):
@@ -27,27 +103,80 @@ class BatchSoftmaxLoss(nn.Module):
         self.symmetric = symmetric
         self.normalize = normalize
 
-    def forward(self, x: Tensor, y: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, **legacy) -> Tensor:
         from .ops.batch_softmax import batch_softmax
 
-        return batch_softmax(x, y, labels, temperature=self.temperature, symmetric=self.symmetric,
+        labels, ref_emb, ref_labels = _convention(self, labels, ref_emb, ref_labels, legacy)
+        if ref_emb is None:
+            raise ValueError("BatchSoftmaxLoss compares two paired sets: pass ref_emb (row i of embeddings matches "
+                             "row i of ref_emb)")
+        if ref_labels is not None and not (labels is not None and torch.equal(torch.as_tensor(ref_labels),
+                                                                             torch.as_tensor(labels))):
+            raise ValueError("BatchSoftmaxLoss: one label per row pair; ref_labels, if given, must equal labels")
+        return batch_softmax(embeddings, ref_emb, labels, temperature=self.temperature, symmetric=self.symmetric,
                              normalize=self.normalize)
 
 
 class NTXentLoss(nn.Module):
-    """``fd.ntxent`` as a module."""
+    """``fd.ntxent`` (docs/spec.md §2.1b, pytorch-metric-learning's ``NTXentLoss``) as a module.
+
+    Args:
+        temperature: ``> 0``; a float, or the initial value when ``learnable_temperature``.
+        normalize: cosine similarity (default) or raw dot products.
+        learnable_temperature: make the temperature an ``nn.Parameter``.
+
+    ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
+    with ``ref_emb`` and ``ref_labels``; ``ref_emb`` with ``labels=ref_labels=None`` is pair mode.
+
+    Returns:
+        A 0-dim fp32 loss (float64 for float64 inputs); 0 when there is no positive pair.
+
+    Raises:
+        ValueError / TypeError: the op's input errors (shapes, dtypes, ``ref_labels`` without ``ref_emb``).
+
+    Example::
+
+        loss = fd.losses.NTXentLoss(temperature=0.07)(emb, labels)
+    """
 
     def __init__(self, temperature: float = 0.07, normalize: bool = True, learnable_temperature: bool = False):
         super().__init__()
         self.temperature = _temperature_parameter(temperature, learnable_temperature)
         self.normalize = normalize
 
-    def forward(self, x: Tensor, labels: Tensor, y: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None):
-        return ops.xent.ntxent(x, labels, y, ref_labels, temperature=self.temperature, normalize=self.normalize)
+    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, **legacy) -> Tensor:
+        labels, ref_emb, ref_labels = _convention(self, labels, ref_emb, ref_labels, legacy)
+        return ops.xent.ntxent(embeddings, labels, ref_emb, ref_labels, temperature=self.temperature,
+                               normalize=self.normalize)
 
 
 class CrossExampleSoftmaxLoss(nn.Module):
-    """``fd.cross_example_softmax`` as a module (``top_k`` enables Cross-Example Negative Mining)."""
+    """``fd.cross_example_softmax`` (docs/spec.md §2.2, Veit & Wilber) as a module: every positive pair against
+    one batch-wide pool of negatives; ``top_k`` enables Cross-Example Negative Mining.
+
+    Args:
+        temperature: ``> 0``; a float, or the initial value when ``learnable_temperature``.
+        top_k: keep only the k hardest negatives of the whole batch (``None``: all).
+        normalize: cosine similarity (default) or raw dot products.
+        learnable_temperature: make the temperature an ``nn.Parameter``.
+
+    ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
+    with ``ref_emb`` and ``ref_labels``; ``ref_emb`` with ``labels=ref_labels=None`` is pair mode (image–text).
+
+    Returns:
+        A 0-dim fp32 loss (float64 for float64 inputs); 0 when there is no positive or no negative pair.
+
+    Raises:
+        ValueError / TypeError: the op's input errors; ``top_k`` not a positive int.
+
+    Example::
+
+        crit = fd.losses.CrossExampleSoftmaxLoss(temperature=0.05, learnable_temperature=True)
+        loss = crit(emb, labels)                 # self mode
+        loss = crit(img_emb, ref_emb=txt_emb)    # pair mode
+    """
 
     def __init__(self, temperature: float = 0.05, top_k: Optional[int] = None, normalize: bool = True,
                  learnable_temperature: bool = False):
@@ -56,37 +185,97 @@ class CrossExampleSoftmaxLoss(nn.Module):
         self.top_k = top_k
         self.normalize = normalize
 
-    def forward(self, x: Tensor, y: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                ref_labels: Optional[Tensor] = None) -> Tensor:
-        return ops.xent.cross_example_softmax(x, y, labels, ref_labels, temperature=self.temperature,
-                                                 top_k=self.top_k, normalize=self.normalize)
+    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, **legacy) -> Tensor:
+        labels, ref_emb, ref_labels = _convention(self, labels, ref_emb, ref_labels, legacy)
+        return ops.xent.cross_example_softmax(embeddings, ref_emb, labels, ref_labels, temperature=self.temperature,
+                                              top_k=self.top_k, normalize=self.normalize)
 
 
 class ThresholdConsistentMarginLoss(nn.Module):
-    """``fd.threshold_consistent_margin`` as a module."""
+    """``fd.threshold_consistent_margin`` (docs/spec.md §2.3, Zhang et al.) as a module.
+
+    Args:
+        pos_margin, neg_margin: the hard-pair thresholds on cosine similarity.
+        pos_weight, neg_weight: the weights of the positive and negative terms.
+
+    ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: ``labels`` required; cross mode with
+    ``ref_emb`` and ``ref_labels``.
+
+    Returns:
+        A 0-dim fp32 loss (float64 for float64 inputs).
+
+    Raises:
+        ValueError / TypeError: ``labels`` missing, or the op's input errors.
+
+    Example::
+
+        loss = fd.losses.ThresholdConsistentMarginLoss()(emb, labels)
+    """
 
     def __init__(self, pos_margin: float = 0.9, neg_margin: float = 0.5, pos_weight: float = 1.0,
                  neg_weight: float = 1.0):
         super().__init__()
         self.kwargs = dict(pos_margin=pos_margin, neg_margin=neg_margin, pos_weight=pos_weight, neg_weight=neg_weight)
 
-    def forward(self, x: Tensor, labels: Tensor, y: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None):
-        return ops.hinge_pair.threshold_consistent_margin(x, labels, y, ref_labels, **self.kwargs)
+    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, **legacy) -> Tensor:
+        labels, ref_emb, ref_labels = _convention(self, labels, ref_emb, ref_labels, legacy)
+        return ops.hinge_pair.threshold_consistent_margin(embeddings, labels, ref_emb, ref_labels, **self.kwargs)
 
 
 class ContrastiveMarginLoss(nn.Module):
-    """``fd.contrastive_margin`` as a module."""
+    """``fd.contrastive_margin`` (docs/spec.md §2.4, the contextual paper's margin contrastive term) as a module.
+
+    Args:
+        pos_margin, neg_margin: ``m+`` / ``m−`` of the hinges ``[m+ − s]_+`` (positives), ``[s − m−]_+``
+            (negatives).
+
+    ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: ``labels`` required; cross mode with
+    ``ref_emb`` and ``ref_labels``.
+
+    Returns:
+        A 0-dim fp32 loss (float64 for float64 inputs).
+
+    Raises:
+        ValueError / TypeError: ``labels`` missing, or the op's input errors.
+
+    Example::
+
+        loss = fd.losses.ContrastiveMarginLoss(pos_margin=0.75, neg_margin=0.6)(emb, labels)
+    """
 
     def __init__(self, pos_margin: float = 0.75, neg_margin: float = 0.6):
         super().__init__()
         self.kwargs = dict(pos_margin=pos_margin, neg_margin=neg_margin)
 
-    def forward(self, x: Tensor, labels: Tensor, y: Optional[Tensor] = None, ref_labels: Optional[Tensor] = None):
-        return ops.hinge_pair.contrastive_margin(x, labels, y, ref_labels, **self.kwargs)
+    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None, **legacy) -> Tensor:
+        labels, ref_emb, ref_labels = _convention(self, labels, ref_emb, ref_labels, legacy)
+        return ops.hinge_pair.contrastive_margin(embeddings, labels, ref_emb, ref_labels, **self.kwargs)
 
 
 class ContextualLoss(nn.Module):
-    """``fd.contextual_loss`` as a module (see its docstring for the paper's two settings)."""
+    """``fd.contextual_loss`` (docs/spec.md §2.5, Liao et al.) as a module; see the function for the paper's
+    two settings.
+
+    Args:
+        k, eps, context_weight, contrastive_weight, reg_weight, reg_target, pos_margin, neg_margin, ste_slope,
+        normalize: as ``fd.contextual_loss``.
+
+    ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: self mode only (the loss is defined on the
+    batch's own neighbourhoods).
+
+    Returns:
+        A 0-dim fp32 loss (float64 for float64 inputs).
+
+    Raises:
+        ValueError: ``ref_emb`` / ``ref_labels`` given, or the op's input errors.
+
+    Example::
+
+        loss = fd.losses.ContextualLoss(k=4, eps=0.05)(emb, labels)
+    """
 
     def __init__(self, k: int = 4, eps: float = 0.05, context_weight: float = 0.4, contrastive_weight: float = 0.5,
                  reg_weight: float = 0.1, reg_target: float = 0.25, pos_margin: float = 0.75, neg_margin: float = 0.6,
@@ -96,5 +285,7 @@ class ContextualLoss(nn.Module):
                            reg_weight=reg_weight, reg_target=reg_target, pos_margin=pos_margin,
                            neg_margin=neg_margin, ste_slope=ste_slope, normalize=normalize)
 
-    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
-        return ops.contextual.contextual_loss(x, labels, **self.kwargs)
+    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None) -> Tensor:
+        _no_cross_mode(self, ref_emb, ref_labels)
+        return ops.contextual.contextual_loss(embeddings, labels, **self.kwargs)
