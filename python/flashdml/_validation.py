@@ -201,6 +201,19 @@ def check_finite_rows(batch: "Batch", op: str) -> None:
             break
 
 
+def check_unnormalized_row_norms(x: Tensor, op: str) -> None:
+    """``normalize=False``: the kernels take the rows as given and accumulate in fp32, so a finite row whose squared
+    norm overflows fp32 (norm above ~1.8e19) would overflow inside the op. A ``ValueError`` naming the first such row
+    (one O(B·d) pass and one host sync; rows with a NaN or infinity are left to the non-finite rule)."""
+    sq = x.detach().float().square().sum(dim=1)
+    bad = torch.isfinite(x).all(dim=1) & ~torch.isfinite(sq)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        norm = float(x[row].detach().double().norm())
+        raise ValueError(f"{op}: with normalize=False every row's squared norm must be finite in float32; row {row} "
+                         f"has norm {norm:.4g} (scale the rows down or pass normalize=True)")
+
+
 def check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

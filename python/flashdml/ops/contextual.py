@@ -21,12 +21,13 @@ kernel) run the same computation; both run the sparse stage on the device throug
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
 from .._math import all_finite, nan_loss
-from .._validation import check_bool, check_contextual_args, check_real
+from .._validation import check_bool, check_contextual_args, check_real, check_unnormalized_row_norms
 from . import registry
 
 OP = "contextual_loss"
@@ -86,7 +87,8 @@ def contextual_loss(
 
     Returns a 0-dim fp32 loss; the gradient comes back in the input dtype. Cost O(B²·d) for the one GEMM pass
     plus O(B·k²·d) (sparse stage and backward); memory O((B + k²)·d + B·k²), nothing B×B. Raises ``ValueError``
-    for ``k`` outside ``[2, B]``, ``eps < 0`` and a collapsed batch (a row with ``|N(i)| = B``).
+    for ``k`` outside ``[2, B]``, ``eps < 0``, a collapsed batch (a row with ``|N(i)| = B``) and, with
+    ``normalize=False``, a finite row whose squared norm overflows fp32 (norm above ~1.8e19).
 
     Example::
 
@@ -106,6 +108,8 @@ def contextual_loss(
     ops = _dispatch.select(OP, batch.x)
     if ops is not None and not all_finite(batch.x):  # the non-finite rule: NaN, not a collapsed-batch error
         return nan_loss(batch.x)
+    if not normalize and (ops is not None or batch.x.dtype != torch.float64):  # fp32 arithmetic inside
+        check_unnormalized_row_norms(batch.x, "contextual_loss")
     if ops is None:
         return _reference.contextual_loss(
             x, labels, k=k, eps=eps, context_weight=context_weight, contrastive_weight=contrastive_weight,
