@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import _dispatch
 from .. import reference as _reference
 from .._math import all_finite, nan_loss
-from .._validation import check_bool, check_contextual_args, check_real, check_unnormalized_row_norms
+from .._validation import check_bool, check_contextual_args, check_real, check_unnormalized_rows
 from . import registry
 
 OP = "contextual_loss"
@@ -88,7 +88,8 @@ def contextual_loss(
     Returns a 0-dim fp32 loss; the gradient comes back in the input dtype. Cost O(B²·d) for the one GEMM pass
     plus O(B·k²·d) (sparse stage and backward); memory O((B + k²)·d + B·k²), nothing B×B. Raises ``ValueError``
     for ``k`` outside ``[2, B]``, ``eps < 0``, a collapsed batch (a row with ``|N(i)| = B``) and, with
-    ``normalize=False``, a finite row whose squared norm overflows fp32 (norm above ~1.8e19).
+    ``normalize=False``, a finite row whose squared norm overflows fp32 (norm above ~1.8e19) or a regulariser that
+    does (it grows as the fourth power of the norms).
 
     Example::
 
@@ -109,7 +110,7 @@ def contextual_loss(
     if ops is not None and not all_finite(batch.x):  # the non-finite rule: NaN, not a collapsed-batch error
         return nan_loss(batch.x)
     if not normalize and (ops is not None or batch.x.dtype != torch.float64):  # fp32 arithmetic inside
-        check_unnormalized_row_norms(batch.x, "contextual_loss")
+        check_unnormalized_rows(batch.x, reg_weight, reg_target, "contextual_loss")
     if ops is None:
         return _reference.contextual_loss(
             x, labels, k=k, eps=eps, context_weight=context_weight, contrastive_weight=contrastive_weight,
