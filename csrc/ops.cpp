@@ -11,10 +11,12 @@
 //   the kernels; csrc/cuda/normalize_rows.h) and on the way out (dx = (g - x^ (x^ . g)) / |x|).
 // * temperature is a 0-dim fp32 tensor on the same device (read on device, so no host sync on CUDA).
 // * labels are int64 or None (None: no label masking).
-// * Every CPU entry checks its arguments against these comments before reading them (shared helpers in
-//   flashdml/check.h): TypeError for a wrong dtype, ValueError for a wrong shape, size, device or out-of-range
-//   value, the message naming the op and the argument (tests/test_op_input_checks.py). The CUDA entries check
-//   shapes, dtypes and devices with cuda/launch_utils.cuh, and contextual_bwd's lists with flashdml/check.h.
+// * Every entry, CPU and CUDA alike, first checks its arguments against these comments with its op's one check
+//   function, flashdml::check::<op>_inputs (flashdml/op_checks.h, built on flashdml/check.h): TypeError for a
+//   wrong dtype, ValueError for a wrong shape, size, device or out-of-range value, the message naming the op and
+//   the argument (tests/test_op_input_checks.py on the CPU; tests/test_cuda_checks_source.py checks that every
+//   CUDA entry calls the same function). The CUDA entries then check their kernels' own limits (non-empty
+//   inputs, grid sizes: cuda/launch_utils.cuh).
 #include <Python.h>
 #include <torch/library.h>
 

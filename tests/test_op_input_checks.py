@@ -9,7 +9,8 @@ For every op of ``SCHEMAS`` (the C++ namespace ``torch.ops.flashdml``, CPU tenso
     call that ended cleanly there is repeated in-process, asserting the exception type and message.
 
 Errors follow ``flashdml/_validation.py``: TypeError for a wrong dtype, ValueError for a wrong shape, size, value or
-device (csrc/include/flashdml/check.h).
+device (csrc/include/flashdml/check.h; each op's checks are one function of op_checks.h, which the CUDA entries call
+too: tests/test_cuda_checks_source.py).
 """
 from __future__ import annotations
 

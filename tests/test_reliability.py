@@ -97,6 +97,34 @@ def test_bad_arguments_raise_naming_the_argument(backend, case):
         call(x, labels)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contextual_without_normalize_names_a_row_whose_norm_overflows_fp32(backend, dtype):
+    """normalize=False takes the rows as given and returns fp32: a row of norm ~1e30 (or ~1e12, through the
+    regulariser) is refused up front, naming normalize=False and the row (before: torch's generic 'value cannot be
+    converted to type float without overflow' from inside the CPU op, inf from the reference)."""
+    device = torch.device("cpu") if backend == "reference" else device_of(backend)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 4, generator=g)
+    labels = (torch.arange(12) // 3).to(device)
+    huge = x.clone()
+    huge[3] *= 1e30
+    with fd.backend(backend):
+        with pytest.raises(ValueError, match=r"normalize=False.*float32; row 3 has norm \d(\.\d+)?e\+30"):
+            fd.contextual_loss(huge.to(device, dtype), labels, normalize=False)
+        # norm 1e12: S fits fp32 but reg_weight·(mean(S) - reg_target)² ~ 5e42 does not (it grows as norm⁴)
+        big = x.clone()
+        big[5] *= 1e12
+        with pytest.raises(ValueError, match=r"normalize=False the regulariser .* overflows float32 .*row 5"):
+            fd.contextual_loss(big.to(device, dtype), labels, normalize=False)
+        if dtype != torch.float32:  # (bf16 rows of d = 4 within eps of each other can be a collapsed batch)
+            return
+        # the same row with normalize=True (the default) is fine, and so are unit rows with normalize=False
+        assert torch.isfinite(fd.contextual_loss(huge.to(device, dtype), labels))
+        unit = torch.nn.functional.normalize(x, dim=1)
+        assert torch.isfinite(fd.contextual_loss(unit.to(device, dtype), labels, normalize=False))
+
+
 # ---------------------------------------------------------------------------------------- non-finite inputs
 LOSS_OPS = [op for op in LOSSES if op not in ("knn", "hardest_negatives")]
 

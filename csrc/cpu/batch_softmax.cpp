@@ -8,7 +8,7 @@
 
 #include "cpu_tiles.h"
 #include "flashdml/batch_softmax.h"
-#include "flashdml/check.h"
+#include "flashdml/op_checks.h"
 #include "flashdml/fast_exp.h"
 #include "flashdml/online_lse.h"
 #include "flashdml/poison.h"
@@ -27,22 +27,12 @@ std::vector<int32_t> class_ids(const c10::optional<at::Tensor>& labels, int64_t 
   return ids;
 }
 
-// x, y [B, d] (row i's positive is column i: B == M), labels int64 [B] or None, temperature 0-dim fp32.
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const c10::optional<at::Tensor>& labels,
-                  const at::Tensor& temperature) {
-  check::rows(op, x, y);
-  TORCH_CHECK_VALUE(y.size(0) == x.size(0), op, ": y has ", y.size(0), " rows, expected B = ", x.size(0),
-                    " (row i's positive is column i)");
-  if (labels.has_value()) check::labels(op, "labels", *labels, x.size(0), "B", x);
-  check::scalar_f32(op, "temperature", temperature, x);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
                                                                      const c10::optional<at::Tensor>& labels_in,
                                                                      const at::Tensor& temperature, bool symmetric,
                                                                      bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_inputs("batch_softmax_fwd", x_in, y_in, labels_in, temperature);
+  check::batch_softmax_fwd_inputs("batch_softmax_fwd", x_in, y_in, labels_in, temperature);  // flashdml/op_checks.h
   at::Tensor x_inv, y_inv;
   const at::Tensor x = normalized_rows(x_in, normalize, &x_inv), y = normalized_rows(y_in, normalize, &y_inv);
   const int64_t B = x.size(0);
@@ -152,15 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cpu(
     const c10::optional<at::Tensor>& labels_in, const at::Tensor& temperature, bool symmetric, bool normalize,
     const at::Tensor& row_lse_in, const at::Tensor& col_lse_in) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  constexpr const char* op = "batch_softmax_bwd";
-  check_inputs(op, x_in, y_in, labels_in, temperature);
-  check::grad_loss(op, grad_loss, x_in);
-  check::vector(op, "row_lse", row_lse_in, at::kFloat, x_in.size(0), "B", x_in);
-  if (symmetric) {
-    check::vector(op, "col_lse", col_lse_in, at::kFloat, x_in.size(0), "B", x_in);
-  } else {  // not read (the forward returns it empty)
-    check::same_device(op, "col_lse", col_lse_in, x_in);
-  }
+  check::batch_softmax_bwd_inputs("batch_softmax_bwd", grad_loss, x_in, y_in, labels_in, temperature, symmetric,
+                                  row_lse_in, col_lse_in);
   at::Tensor x_inv, y_inv;
   const at::Tensor x = normalized_rows(x_in, normalize, &x_inv), y = normalized_rows(y_in, normalize, &y_inv);
   const int64_t B = x.size(0), d = x.size(1);

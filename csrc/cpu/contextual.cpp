@@ -37,7 +37,7 @@
 #include "contextual_one_tile.h"
 #include "contextual_sparse.h"
 #include "cpu_tiles.h"
-#include "flashdml/check.h"
+#include "flashdml/op_checks.h"
 #include "flashdml/contextual.h"
 #include "flashdml/hinge_pair.h"
 #include "flashdml/poison.h"
@@ -68,17 +68,8 @@ struct Setup {
   int64_t B, d;
 };
 
-// x [B, d] (B < 2^31), labels int64 [B], 2 <= k <= B, eps >= 0: what both ops take.
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& labels, int64_t k, double eps) {
-  check::row_tensor(op, "x", x);
-  check::labels(op, "labels", labels, x.size(0), "B", x);
-  TORCH_CHECK_VALUE(x.size(0) < (int64_t(1) << 31), op, ": B must be < 2^31, got ", x.size(0));
-  check::int_in_range(op, "k", k, 2, x.size(0), c10::str("[2, B = ", x.size(0), "]"));
-  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
-}
-
 // with_f: materialise F (the forward's tiles, and the backward only when hard negatives need its tiles again).
-// Call check_inputs first.
+// Call check::contextual_fwd_inputs (or _bwd_inputs) first.
 Setup make_setup(const at::Tensor& x, const at::Tensor& labels, bool normalize, bool with_f) {
   Setup s;
   s.x32 = as_float_contiguous(x);
@@ -143,7 +134,7 @@ FwdOut contextual_fwd_cpu(const at::Tensor& x, const at::Tensor& labels, int64_t
                           double neg_margin, double ste_slope, bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   (void)ste_slope;
-  check_inputs("contextual_fwd", x, labels, k, eps);
+  check::contextual_fwd_inputs("contextual_fwd", x, labels, k, eps);  // flashdml/op_checks.h
   Setup p = make_setup(x, labels, normalize, true);
   const int64_t B = p.B;
   const bool one_tile = ctx::one_tile(B);
@@ -259,11 +250,8 @@ at::Tensor contextual_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& x, 
                               const at::Tensor& flag_in, const at::Tensor& counts_in) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   constexpr const char* op = "contextual_bwd";
-  check_inputs(op, x, labels, k, eps);  // k and eps are not used: checked as the forward checks them
-  check::grad_loss(op, grad_loss, x);
-  // The forward's neighbour lists: CSR over the B rows of x, columns in [0, B) (O(B + nnz)).
-  check::neighbour_lists(op, ptr_in, col_in, flag_in, x.size(0), x);
-  check::pair_counts(op, "con_counts", counts_in, x);
+  // With the forward's neighbour lists: CSR over the B rows of x, columns in [0, B) (O(B + nnz)).
+  check::contextual_bwd_inputs(op, grad_loss, x, labels, k, eps, ptr_in, col_in, flag_in, counts_in);
   const at::Tensor counts = counts_in.contiguous();
   const double g = grad_loss.item<double>();
   const int64_t* cp = counts.data_ptr<int64_t>();

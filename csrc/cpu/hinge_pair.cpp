@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "cpu_tiles.h"
-#include "flashdml/check.h"
+#include "flashdml/op_checks.h"
 #include "flashdml/hinge_pair.h"
 #include "flashdml/poison.h"
 #include "label_index.h"
@@ -36,18 +36,7 @@ struct HingeSetup {
   bool drop_diagonal;
 };
 
-// x [B, d], y [M, d] (drop_diagonal: self mode, B == M), labels int64 [B], ref_labels int64 [M].
-void check_inputs(const char* op, const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& labels,
-                  const at::Tensor& ref_labels, bool drop_diagonal) {
-  check::rows(op, x_in, y_in);
-  check::labels(op, "labels", labels, x_in.size(0), "B", x_in);
-  check::labels(op, "ref_labels", ref_labels, y_in.size(0), "M", x_in);
-  TORCH_CHECK_VALUE(!drop_diagonal || x_in.size(0) == y_in.size(0), op,
-                    ": drop_diagonal needs y = x (self mode, B == M), got B = ", x_in.size(0), " and M = ",
-                    y_in.size(0));
-}
-
-// Call check_inputs first.
+// Call check::hinge_pair_fwd_inputs (or _bwd_inputs) first.
 HingeSetup make_setup(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& labels,
                       const at::Tensor& ref_labels, double pos_margin, double neg_margin, bool drop_diagonal,
                       bool normalize) {
@@ -136,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_pair_fwd_cpu(const at::Tens
                                                                   double neg_weight, bool drop_diagonal, bool strict,
                                                                   bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_inputs("hinge_pair_fwd", x_in, y_in, labels, ref_labels, drop_diagonal);
+  check::hinge_pair_fwd_inputs("hinge_pair_fwd", x_in, y_in, labels, ref_labels, drop_diagonal);  // op_checks.h
   const HingeSetup p = make_setup(x_in, y_in, labels, ref_labels, pos_margin, neg_margin, drop_diagonal, normalize);
   const int64_t B = p.x.size(0), M = p.y.size(0);
   auto fopts = p.x.options().dtype(at::kFloat);
@@ -184,10 +173,8 @@ std::tuple<at::Tensor, at::Tensor> hinge_pair_bwd_cpu(const at::Tensor& grad_los
                                                       bool drop_diagonal, bool strict, bool normalize,
                                                       const at::Tensor& counts_in) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  constexpr const char* op = "hinge_pair_bwd";
-  check_inputs(op, x_in, y_in, labels, ref_labels, drop_diagonal);
-  check::grad_loss(op, grad_loss, x_in);
-  check::pair_counts(op, "counts", counts_in, x_in);
+  check::hinge_pair_bwd_inputs("hinge_pair_bwd", grad_loss, x_in, y_in, labels, ref_labels, drop_diagonal,
+                               counts_in);
   const HingeSetup p = make_setup(x_in, y_in, labels, ref_labels, pos_margin, neg_margin, drop_diagonal, normalize);
   const at::Tensor counts = counts_in.to(at::kLong).contiguous();
   const int64_t* cp = counts.data_ptr<int64_t>();

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "cpu_tiles.h"
-#include "flashdml/check.h"
+#include "flashdml/op_checks.h"
 #include "flashdml/histogram.h"
 #include "flashdml/poison.h"
 #include "flashdml/topk.h"
@@ -57,29 +57,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& rows_in, const at::Tensor& keep_in, bool self_mode, bool pair_hist, int64_t opis_bins) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   constexpr const char* op = "metrics_pass";
-  check::rows(op, x_in, y_in);
-  TORCH_CHECK_VALUE(!self_mode || x_in.size(0) == y_in.size(0), op, ": self_mode needs y = x (B == M), got B = ",
-                    x_in.size(0), " and M = ", y_in.size(0));
-  check::labels(op, "labels", labels, x_in.size(0), "B", x_in);
-  check::labels(op, "ref_labels", ref_labels, y_in.size(0), "M", x_in);
-  TORCH_CHECK_VALUE(rows_in.defined() && rows_in.dim() == 1, op, ": rows must be a 1-D tensor of row indices, got ",
-                    "shape ", rows_in.defined() ? rows_in.sizes() : at::IntArrayRef{});
+  check::metrics_pass_inputs(op, x_in, y_in, labels, ref_labels, rows_in, keep_in, self_mode, opis_bins);
   const int64_t R = rows_in.size(0);
-  check::vector(op, "rows", rows_in, at::kLong, R, c10::str("R = ", R), x_in);
-  check::vector(op, "keep", keep_in, at::kLong, R, c10::str("R = rows.numel() = ", R), x_in);
-  check::int_in_range(op, "opis_bins", opis_bins, 0, kSimBins, c10::str("[0, ", kSimBins, "]"));
   const bool opis = opis_bins > 0;
-  int shift = 0;
-  if (opis) {
-    TORCH_CHECK_VALUE(self_mode, op, ": per-class histograms (opis_bins > 0) need self mode");
-    while ((kSimBins >> shift) > opis_bins) ++shift;
-    TORCH_CHECK_VALUE((kSimBins >> shift) == opis_bins, op, ": opis_bins must be a power of two <= 2^16, got ",
-                      opis_bins);
-  }
-  const int64_t C = self_mode ? y_in.size(0) - 1 : y_in.size(0);  // candidates per row
-  check::values_in_range(op, "rows", rows_in, 0, x_in.size(0),
-                         c10::str("a row of x in [0, B = ", x_in.size(0), ")"));
-  check::values_in_range(op, "keep", keep_in, 0, C + 1, c10::str("[0, candidates = ", C, "]"));
+  int shift = 0;  // coarse bin = fine bin >> shift (opis_bins is a power of two: checked above)
+  while (opis && (kSimBins >> shift) > opis_bins) ++shift;
   const at::Tensor x = as_float_contiguous(x_in);
   const at::Tensor y = self_mode ? x : as_float_contiguous(y_in);
   const at::Tensor rows_t = rows_in.contiguous(), keep_t = keep_in.contiguous();

@@ -38,7 +38,7 @@
 #include <vector>
 
 #include "cpu_tiles.h"
-#include "flashdml/check.h"
+#include "flashdml/op_checks.h"
 #include "knn_screen.h"
 #include "flashdml/poison.h"
 #include "flashdml/topk.h"
@@ -306,16 +306,7 @@ std::tuple<at::Tensor, at::Tensor> knn_fwd_cpu(const at::Tensor& x_in, const at:
                                                bool exclude_diagonal, bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   constexpr const char* op = "knn_fwd";
-  check::rows(op, x_in, y_in);
-  TORCH_CHECK_VALUE(!exclude_diagonal || x_in.size(0) == y_in.size(0), op,
-                    ": exclude_diagonal needs y = x (self mode, B == M), got B = ", x_in.size(0), " and M = ",
-                    y_in.size(0));
-  {  // the candidates per row: M, less the diagonal
-    const int64_t m = y_in.size(0), n_cand = m - (exclude_diagonal ? 1 : 0);
-    check::int_in_range(op, "k", k, 1, n_cand,
-                        exclude_diagonal ? c10::str("[1, M - 1 = ", n_cand, "] (the candidates per row)")
-                                         : c10::str("[1, M = ", m, "] (the candidates per row)"));
-  }
+  check::knn_fwd_inputs(op, x_in, y_in, k, exclude_diagonal);  // flashdml/op_checks.h
   const Rows rows = prepare_rows(x_in, y_in, normalize);
   const at::Tensor &x = rows.x, &y = rows.y;
   const int64_t B = x.size(0), M = y.size(0), d = x.size(1);
@@ -392,12 +383,6 @@ void for_each_negative_row(const at::Tensor& x, const at::Tensor& y, const Label
       }
     }
   });
-}
-
-int64_t count_negatives(const LabelIndex& lab, int64_t M) {
-  int64_t n = 0;
-  for (int32_t c : lab.row_class) n += M - (c >= 0 ? lab.class_start[c + 1] - lab.class_start[c] : 0);
-  return n;
 }
 
 // Sorted best first; writes the outputs.
@@ -536,14 +521,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hardest_negatives_fwd_cpu(const a
                                                                          bool self_mode, bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   constexpr const char* op = "hardest_negatives_fwd";
-  check::rows(op, x_in, y_in);
-  TORCH_CHECK_VALUE(!self_mode || x_in.size(0) == y_in.size(0), op, ": self_mode needs y = x (B == M), got B = ",
-                    x_in.size(0), " and M = ", y_in.size(0));
-  check::labels(op, "labels", labels, x_in.size(0), "B", x_in);
-  check::labels(op, "ref_labels", ref_labels, y_in.size(0), "M", x_in);
+  check::hardest_negatives_fwd_inputs(op, x_in, y_in, labels, ref_labels, k, self_mode);  // flashdml/op_checks.h
   const LabelIndex lab = build_label_index(labels, ref_labels);
-  const int64_t n_neg = count_negatives(lab, y_in.size(0));
-  check::int_in_range(op, "k", k, 1, n_neg, c10::str("[1, number of negatives = ", n_neg, "]"));
   const Rows rows = prepare_rows(x_in, y_in, normalize);
   const at::Tensor &x = rows.x, &y = rows.y;
   const int64_t B = x.size(0), M = y.size(0);

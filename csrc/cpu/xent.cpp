@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "cpu_tiles.h"
-#include "flashdml/check.h"
+#include "flashdml/op_checks.h"
 #include "flashdml/fast_exp.h"
 #include "flashdml/online_lse.h"
 #include "flashdml/poison.h"
@@ -32,23 +32,12 @@ struct PositiveLogit {
   float z;
 };
 
-// x [B, d], y [M, d] (self mode: y is x, B == M), labels int64 [B], ref_labels int64 [M], temperature 0-dim fp32.
-void check_xent_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels,
-                       const at::Tensor& ref_labels, const at::Tensor& temperature, bool self_mode) {
-  check::rows(op, x, y);
-  TORCH_CHECK_VALUE(!self_mode || y.size(0) == x.size(0), op, ": self_mode needs y = x (B == M), got B = ", x.size(0),
-                    " and M = ", y.size(0));
-  check::labels(op, "labels", labels, x.size(0), "B", x);
-  check::labels(op, "ref_labels", ref_labels, y.size(0), "M", x);
-  check::scalar_f32(op, "temperature", temperature, x);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_cpu(const at::Tensor& x_in, const at::Tensor& y_in,
                                                             const at::Tensor& labels, const at::Tensor& ref_labels,
                                                             const at::Tensor& temperature, bool global_partition,
                                                             bool self_mode, bool normalize) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  check_xent_inputs("xent_fwd", x_in, y_in, labels, ref_labels, temperature, self_mode);
+  check::xent_fwd_inputs("xent_fwd", x_in, y_in, labels, ref_labels, temperature, self_mode);  // flashdml/op_checks.h
   at::Tensor x_inv, y_inv;
   const at::Tensor x = normalized_rows(x_in, normalize, &x_inv);
   const at::Tensor y = self_mode ? x : normalized_rows(y_in, normalize, &y_inv);
@@ -137,13 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_bwd_cpu(const at::Tensor& gr
                                                             bool global_partition, bool self_mode, bool normalize,
                                                             const at::Tensor& lse_in, const at::Tensor& coef_in) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  constexpr const char* op = "xent_bwd";
-  check_xent_inputs(op, x_in, y_in, labels, ref_labels, temperature, self_mode);
-  check::grad_loss(op, grad_loss, x_in);
-  const std::string n_stat = global_partition ? std::string("1 (global_partition)")
-                                              : c10::str("B = ", x_in.size(0), " (global_partition = false)");
-  check::vector(op, "lse", lse_in, at::kFloat, global_partition ? 1 : x_in.size(0), n_stat, x_in);
-  check::vector(op, "coef", coef_in, at::kFloat, global_partition ? 1 : x_in.size(0), n_stat, x_in);
+  check::xent_bwd_inputs("xent_bwd", grad_loss, x_in, y_in, labels, ref_labels, temperature, global_partition,
+                         self_mode, lse_in, coef_in);
   at::Tensor x_inv, y_inv;
   const at::Tensor x = normalized_rows(x_in, normalize, &x_inv);
   const at::Tensor y = self_mode ? x : normalized_rows(y_in, normalize, &y_inv);

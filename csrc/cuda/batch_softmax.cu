@@ -27,6 +27,7 @@
 
 #include "flashdml/batch_softmax.h"
 #include "flashdml/online_lse.h"
+#include "flashdml/op_checks.h"
 #include "flashdml/poison.h"
 #include "launch_utils.cuh"
 #include "batch_softmax_kernels.cuh"
@@ -96,20 +97,13 @@ void run_grad(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& labels,
-                  const at::Tensor& temperature) {
-  check_row_tensors(op, x, y, kBM);
-  TORCH_CHECK(x.size(0) == y.size(0), op, ": x and y must have the same shape (B == M)");
-  if (labels.has_value()) check_label_tensor(op, "labels", "B", *labels, x.size(0), x);
-  TORCH_CHECK(temperature.numel() == 1 && temperature.device() == x.device(), op,
-              ": temperature must be a 0-dim tensor on the device of x");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cuda(const at::Tensor& x_raw, const at::Tensor& y_raw,
                                                                       const std::optional<at::Tensor>& labels_in,
                                                                       const at::Tensor& temperature, bool symmetric,
                                                                       bool normalize) {
-  check_inputs("batch_softmax_fwd", x_raw, y_raw, labels_in, temperature);
+  // The CPU op's checks (flashdml/op_checks.h), then this kernel's limits (non-empty, grid size).
+  check::batch_softmax_fwd_inputs("batch_softmax_fwd", x_raw, y_raw, labels_in, temperature);
+  check_row_tensors("batch_softmax_fwd", x_raw, y_raw, kBM);
   const c10::cuda::CUDAGuard guard(x_raw.device());
   at::Tensor xk, yk;
   std::tie(xk, yk) = kernel_rows(x_raw, y_raw, normalize);
@@ -141,14 +135,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& x_raw, const at::Tensor& y_raw,
     const std::optional<at::Tensor>& labels_in, const at::Tensor& temperature, bool symmetric, bool normalize,
     const at::Tensor& row_lse_in, const at::Tensor& col_lse_in) {
-  check_inputs("batch_softmax_bwd", x_raw, y_raw, labels_in, temperature);
+  check::batch_softmax_bwd_inputs("batch_softmax_bwd", grad_loss, x_raw, y_raw, labels_in, temperature, symmetric,
+                                  row_lse_in, col_lse_in);  // flashdml/op_checks.h
+  check_row_tensors("batch_softmax_bwd", x_raw, y_raw, kBM);
   const int64_t n = x_raw.size(0);
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_raw.device(),
-              "batch_softmax_bwd: grad_loss must be a 0-dim tensor on the device of x");
-  TORCH_CHECK(row_lse_in.numel() == n && row_lse_in.device() == x_raw.device(),
-              "batch_softmax_bwd: row_lse must be [B]");
-  TORCH_CHECK(!symmetric || (col_lse_in.numel() == n && col_lse_in.device() == x_raw.device()),
-              "batch_softmax_bwd: col_lse must be [B] when symmetric");
   const c10::cuda::CUDAGuard guard(x_raw.device());
   at::Tensor xk, yk;
   std::tie(xk, yk) = kernel_rows(x_raw, y_raw, normalize);

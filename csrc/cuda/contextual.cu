@@ -26,7 +26,7 @@
 
 #include "../aten/contextual_stage.h"
 #include "contextual_kernels.cuh"
-#include "flashdml/check.h"
+#include "flashdml/op_checks.h"
 #include "flashdml/poison.h"
 #include "launch_utils.cuh"
 #include "normalize_rows.h"
@@ -39,14 +39,9 @@ namespace {
 using at::Tensor;
 using ctxk::ctx_list_kernel;
 
-void check_inputs(const char* op, const Tensor& x, const Tensor& labels) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) > 0 && x.size(1) > 0, op, ": x must be a CUDA [B, d] tensor");
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": dtype must be fp32, fp16 or bf16");
-  TORCH_CHECK(x.size(0) < (int64_t(1) << 31), op, ": B must be < 2^31");
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == x.size(0) &&
-                  labels.device() == x.device(),
-              op, ": labels must be int64 [B] on the device of x");
+// What the kernels need beyond the CPU op's checks (flashdml/op_checks.h): x on a CUDA device, d >= 1.
+void check_cuda_limits(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.is_cuda() && x.size(1) > 0, op, ": x must be a CUDA [B, d] tensor with d >= 1");
 }
 
 // ------------------------------------------------------------------------------------------ the list pass
@@ -103,11 +98,10 @@ FwdOut contextual_fwd_cuda(const Tensor& x_raw, const Tensor& labels_in, int64_t
                            double contrastive_weight, double reg_weight, double reg_target, double pos_margin,
                            double neg_margin, double ste_slope, bool normalize) {
   (void)ste_slope;
-  check_inputs("contextual_fwd", x_raw, labels_in);
+  check::contextual_fwd_inputs("contextual_fwd", x_raw, labels_in, k, eps);  // flashdml/op_checks.h
+  check_cuda_limits("contextual_fwd", x_raw);
   const c10::cuda::CUDAGuard guard(x_raw.device());
   const int64_t B = x_raw.size(0);
-  TORCH_CHECK_VALUE(k >= 2 && k <= B, "contextual_loss: k = ", k, " must satisfy 2 <= k <= B = ", B);
-  TORCH_CHECK_VALUE(eps >= 0, "contextual_loss: eps must be >= 0, got ", eps);
   const Tensor x = vec_ready((normalize ? normalized_rows(x_raw).first : x_raw).contiguous());
   const Tensor labels = labels_in.contiguous();
   const Tensor top = std::get<0>(knn_fwd_cuda(x, x, k, false, false));  // S values, descending, self included
@@ -136,14 +130,11 @@ Tensor contextual_bwd_cuda(const Tensor& grad_loss, const Tensor& x_raw, const T
                            double context_weight, double contrastive_weight, double reg_weight, double reg_target,
                            double pos_margin, double neg_margin, double ste_slope, bool normalize, const Tensor& ptr,
                            const Tensor& col, const Tensor& flag, const Tensor& counts) {
-  (void)k;
-  (void)eps;
-  check_inputs("contextual_bwd", x_raw, labels_in);
-  check::neighbour_lists("contextual_bwd", ptr, col, flag, x_raw.size(0), x_raw);  // flashdml/check.h: O(B + nnz)
+  // flashdml/op_checks.h; the neighbour lists are O(B + nnz), copied to the host once (one sync).
+  check::contextual_bwd_inputs("contextual_bwd", grad_loss, x_raw, labels_in, k, eps, ptr, col, flag, counts);
+  check_cuda_limits("contextual_bwd", x_raw);
   const c10::cuda::CUDAGuard guard(x_raw.device());
   const int64_t B = x_raw.size(0);
-  TORCH_CHECK(grad_loss.numel() == 1 && ptr.numel() == B + 1 && col.numel() == flag.numel() && counts.numel() == 2,
-              "contextual_bwd: neighbour lists / counts do not match the batch (pass the forward's outputs)");
   const Tensor x = (normalize ? normalized_rows(x_raw).first : x_raw).contiguous();
   const Tensor labels = labels_in.contiguous();
   const Tensor g = grad_loss.reshape({}).to(at::kDouble);

@@ -24,6 +24,7 @@
 #include <climits>
 #include <tuple>
 
+#include "flashdml/op_checks.h"
 #include "flashdml/poison.h"
 #include "launch_utils.cuh"
 #include "hinge_pair_kernels.cuh"
@@ -38,14 +39,6 @@ namespace {
 using namespace hp;
 using pair::pair_grad_kernel;
 using pair::pair_reduce_kernel;
-
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels,
-                  const at::Tensor& ref_labels, bool drop_diagonal) {
-  check_row_tensors(op, x, y, kBM);
-  TORCH_CHECK(!drop_diagonal || x.size(0) == y.size(0), op, ": drop_diagonal needs B == M (self mode)");
-  check_label_tensor(op, "labels", "B", labels, x.size(0), x);
-  check_label_tensor(op, "ref_labels", "M", ref_labels, y.size(0), x);
-}
 
 // out = w[2] * G Oth over the rows of Out; kOutY: the dy pass on the forward's (x, y) tiles, read transposed.
 template <typename T, bool kOutY>
@@ -78,7 +71,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_pair_fwd_cuda(const at::Ten
                                                                    double neg_margin, double pos_weight,
                                                                    double neg_weight, bool drop_diagonal, bool strict,
                                                                    bool normalize) {
-  check_inputs("hinge_pair_fwd", x_raw, y_raw, labels_in, ref_labels_in, drop_diagonal);
+  // The CPU op's checks (flashdml/op_checks.h), then this kernel's limits (non-empty, grid size).
+  check::hinge_pair_fwd_inputs("hinge_pair_fwd", x_raw, y_raw, labels_in, ref_labels_in, drop_diagonal);
+  check_row_tensors("hinge_pair_fwd", x_raw, y_raw, kBM);
   const c10::cuda::CUDAGuard guard(x_raw.device());
   at::Tensor x_in, y_in;
   std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);
@@ -118,11 +113,9 @@ std::tuple<at::Tensor, at::Tensor> hinge_pair_bwd_cuda(const at::Tensor& grad_lo
                                                        double neg_margin, double pos_weight, double neg_weight,
                                                        bool drop_diagonal, bool strict, bool normalize,
                                                        const at::Tensor& counts_in) {
-  check_inputs("hinge_pair_bwd", x_raw, y_raw, labels_in, ref_labels_in, drop_diagonal);
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_raw.device(),
-              "hinge_pair_bwd: grad_loss must be a 0-dim tensor on the device of x");
-  TORCH_CHECK(counts_in.numel() == 2 && counts_in.device() == x_raw.device(),
-              "hinge_pair_bwd: counts must be the forward's int64 [2] output");
+  check::hinge_pair_bwd_inputs("hinge_pair_bwd", grad_loss, x_raw, y_raw, labels_in, ref_labels_in, drop_diagonal,
+                               counts_in);  // flashdml/op_checks.h
+  check_row_tensors("hinge_pair_bwd", x_raw, y_raw, kBM);
   const c10::cuda::CUDAGuard guard(x_raw.device());
   at::Tensor x_in, y_in;
   std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);

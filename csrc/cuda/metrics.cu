@@ -22,6 +22,7 @@
 #include <climits>
 #include <tuple>
 
+#include "flashdml/op_checks.h"
 #include "flashdml/poison.h"
 #include "launch_utils.cuh"
 #include "metrics_kernels.cuh"
@@ -36,17 +37,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& labels_in, const at::Tensor& ref_labels_in,
     const at::Tensor& rows_in, const at::Tensor& keep_in, bool self_mode, bool pair_hist, int64_t opis_bins) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(x_in.dim() == 2 && y_in.dim() == 2 && x_in.size(1) == y_in.size(1),
-              "metrics_pass: x [B, d] and y [M, d] expected");
+  // The CPU op's checks (flashdml/op_checks.h; rows and keep in range: two O(R) reductions, one host sync each),
+  // then this kernel's limits.
+  check::metrics_pass_inputs("metrics_pass", x_in, y_in, labels_in, ref_labels_in, rows_in, keep_in, self_mode,
+                             opis_bins);
   TORCH_CHECK(x_in.size(1) > 0, "metrics_pass: d must be >= 1");
-  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == x_in.size(0), "metrics_pass: labels must be [B]");
-  TORCH_CHECK(ref_labels_in.dim() == 1 && ref_labels_in.size(0) == y_in.size(0),
-              "metrics_pass: ref_labels must be [M]");
-  TORCH_CHECK(!self_mode || x_in.size(0) == y_in.size(0), "metrics_pass: self mode needs y = x");
-  TORCH_CHECK(rows_in.dim() == 1 && keep_in.dim() == 1 && keep_in.numel() == rows_in.numel(),
-              "metrics_pass: keep must have one entry per row");
-  for (const at::Tensor* t : {&y_in, &labels_in, &ref_labels_in, &rows_in, &keep_in})
-    TORCH_CHECK(t->device() == x_in.device(), "metrics_pass: every input must be on the device of x");
   TORCH_CHECK(y_in.size(0) < int64_t(UINT32_MAX), "metrics_pass: y has too many rows (at most 2^32 - 2)");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto st = x_in.scalar_type();
@@ -55,21 +50,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor y = self_mode ? x : y_in.to(x.scalar_type()).contiguous();
   const at::Tensor rows = rows_in.to(at::kLong).contiguous(), keep = keep_in.to(at::kLong).contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous(), ref_labels = ref_labels_in.to(at::kLong).contiguous();
-  const int64_t B = x.size(0), M = y.size(0), R = rows.numel();
+  const int64_t M = y.size(0), R = rows.numel();
   TORCH_CHECK(R <= int64_t(INT_MAX) * kBM, "metrics_pass: too many rows");
   const bool opis = opis_bins > 0;
   int shift = 0;
-  if (opis) {
-    TORCH_CHECK(self_mode, "metrics_pass: per-class histograms need self mode");
-    while ((kSimBins >> shift) > opis_bins) ++shift;
-    TORCH_CHECK((kSimBins >> shift) == opis_bins, "metrics_pass: opis_bins must be a power of two <= 2^16");
-  }
-  const int64_t C = self_mode ? M - 1 : M;
-  if (R > 0) {
-    TORCH_CHECK(!((rows < 0) | (rows >= B)).any().item<bool>(), "metrics_pass: row index out of range");
-    TORCH_CHECK(!((keep < 0) | (keep > C)).any().item<bool>(),
-                "metrics_pass: keep must be in [0, number of candidates]");
-  }
+  while (opis && (kSimBins >> shift) > opis_bins) ++shift;  // a power of two: checked above
   // dense class ids over the distinct ref_labels; a row label absent from them gets -1 (matches nothing)
   const at::Tensor classes = std::get<0>(at::sort(ref_labels));
   const at::Tensor uniq = M > 0 ? std::get<0>(at::unique_consecutive(classes)) : classes;

@@ -25,6 +25,7 @@
 #include <climits>
 #include <tuple>
 
+#include "flashdml/op_checks.h"
 #include "flashdml/poison.h"
 #include "launch_utils.cuh"
 #include "normalize_rows.h"
@@ -46,11 +47,10 @@ void check_xy(const char* op, const at::Tensor& x, const at::Tensor& y) {
 
 std::tuple<at::Tensor, at::Tensor> knn_fwd_cuda(const at::Tensor& x_raw, const at::Tensor& y_raw, int64_t k,
                                                 bool exclude_diagonal, bool normalize) {
+  // The CPU op's checks (flashdml/op_checks.h), then this kernel's limits (non-empty, grid size, M < 2^32 - 1).
+  check::knn_fwd_inputs("knn_fwd", x_raw, y_raw, k, exclude_diagonal);
   check_xy("knn_fwd", x_raw, y_raw);
   const int64_t B = x_raw.size(0), M = y_raw.size(0);
-  TORCH_CHECK(!exclude_diagonal || B == M, "knn_fwd: exclude_diagonal needs y to be x (B == M)");
-  const int64_t n_cand = M - (exclude_diagonal ? 1 : 0);
-  TORCH_CHECK(k >= 1 && k <= n_cand, "knn_fwd: k must be in [1, ", n_cand, "] (the candidates per row), got ", k);
   const c10::cuda::CUDAGuard guard(x_raw.device());
   at::Tensor x_in, y_in;
   std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);
@@ -91,13 +91,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hardest_negatives_fwd_cuda(const 
                                                                           const at::Tensor& labels_in,
                                                                           const at::Tensor& ref_labels_in, int64_t k,
                                                                           bool self_mode, bool normalize) {
+  // The CPU op's checks (flashdml/op_checks.h), then this kernel's limits. k <= the number of negative pairs costs
+  // a sort of ref_labels, two binary searches per row and one host sync (check::negative_pairs).
+  check::hardest_negatives_fwd_inputs("hardest_negatives_fwd", x_raw, y_raw, labels_in, ref_labels_in, k, self_mode);
   check_xy("hardest_negatives_fwd", x_raw, y_raw);
   const int64_t B = x_raw.size(0), M = y_raw.size(0);
-  TORCH_CHECK(!self_mode || B == M, "hardest_negatives_fwd: self_mode needs y to be x (B == M)");
-  check_label_tensor("hardest_negatives_fwd", "labels", "B", labels_in, B, x_raw);
-  check_label_tensor("hardest_negatives_fwd", "ref_labels", "M", ref_labels_in, M, x_raw);
-  TORCH_CHECK(k >= 1 && k <= B * M, "hardest_negatives_fwd: k must be in [1, B * M], got ", k);
-  // (k <= the number of negative pairs is the caller's check: flashdml.ops counts them without a kernel pass.)
   const c10::cuda::CUDAGuard guard(x_raw.device());
   at::Tensor x_in, y_in;
   std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);

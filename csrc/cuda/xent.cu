@@ -28,6 +28,7 @@
 #include <climits>
 #include <tuple>
 
+#include "flashdml/op_checks.h"
 #include "flashdml/poison.h"
 #include "launch_utils.cuh"
 #include "flashdml/xent.h"
@@ -42,16 +43,6 @@ namespace {
 using namespace xe;
 using pair::pair_grad_kernel;
 using pair::pair_reduce_kernel;
-
-void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels,
-                  const at::Tensor& ref_labels, const at::Tensor& temperature, bool self_mode) {
-  check_row_tensors(op, x, y, kBM);
-  TORCH_CHECK(!self_mode || x.size(0) == y.size(0), op, ": self mode needs B == M");
-  check_label_tensor(op, "labels", "B", labels, x.size(0), x);
-  check_label_tensor(op, "ref_labels", "M", ref_labels, y.size(0), x);
-  TORCH_CHECK(temperature.numel() == 1 && temperature.device() == x.device(), op,
-              ": temperature must be a 0-dim tensor on the device of x");
-}
 
 // |P| partials: one int64 per block of 256 rows of x (cnt_part, ncnt entries).
 void run_count(const at::Tensor& labels, const at::Tensor& ref_labels, bool self_mode, int64_t* cnt_part, int64_t ncnt,
@@ -97,7 +88,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& x
                                                              const at::Tensor& ref_labels_in,
                                                              const at::Tensor& temperature, bool global_partition,
                                                              bool self_mode, bool normalize) {
-  check_inputs("xent_fwd", x_raw, y_raw, labels_in, ref_labels_in, temperature, self_mode);
+  // The CPU op's checks (flashdml/op_checks.h), then this kernel's limits (non-empty, grid size).
+  check::xent_fwd_inputs("xent_fwd", x_raw, y_raw, labels_in, ref_labels_in, temperature, self_mode);
+  check_row_tensors("xent_fwd", x_raw, y_raw, kBM);
   const c10::cuda::CUDAGuard guard(x_raw.device());
   at::Tensor x_in, y_in;
   std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);
@@ -163,14 +156,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& x_raw, const at::Tensor& y_raw, const at::Tensor& labels_in,
     const at::Tensor& ref_labels_in, const at::Tensor& temperature, bool global_partition, bool self_mode,
     bool normalize, const at::Tensor& lse_in, const at::Tensor& coef_in) {
-  check_inputs("xent_bwd", x_raw, y_raw, labels_in, ref_labels_in, temperature, self_mode);
+  check::xent_bwd_inputs("xent_bwd", grad_loss, x_raw, y_raw, labels_in, ref_labels_in, temperature,
+                         global_partition, self_mode, lse_in, coef_in);  // flashdml/op_checks.h
+  check_row_tensors("xent_bwd", x_raw, y_raw, kBM);
   const int64_t B = x_raw.size(0);
   const int64_t nstat = global_partition ? 1 : B;
-  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device() == x_raw.device(),
-              "xent_bwd: grad_loss must be a 0-dim tensor on the device of x");
-  TORCH_CHECK(lse_in.numel() == nstat && coef_in.numel() == nstat && lse_in.device() == x_raw.device() &&
-                  coef_in.device() == x_raw.device(),
-              "xent_bwd: lse and coef must be the forward's outputs ([1] or [B])");
   const c10::cuda::CUDAGuard guard(x_raw.device());
   at::Tensor x_in, y_in;
   std::tie(x_in, y_in) = kernel_rows(x_raw, y_raw, normalize);

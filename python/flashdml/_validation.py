@@ -208,6 +208,34 @@ def check_finite_rows(batch: "Batch", op: str) -> None:
             break
 
 
+FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_unnormalized_rows(x: Tensor, reg_weight: float, reg_target: float, op: str) -> None:
+    """``normalize=False`` (contextual loss): the ops take the rows as given and return fp32 values, so two things
+    must fit in fp32: every row's squared norm (the similarities) and the regulariser
+    ``reg_weight·(mean(S) − reg_target)²``, which grows as the fourth power of the row norms. A ``ValueError`` naming
+    ``normalize=False`` and the offending row or term instead of an overflow inside the op. Rows with a NaN or
+    infinity are left to the non-finite rule. Cost: one O(B·d) float64 pass and one host sync."""
+    xd = x.detach().double()
+    finite = torch.isfinite(xd).all(dim=1)
+    sq = xd.square().sum(dim=1)
+    mean_s = xd.sum(dim=0).square().sum() / float(x.shape[0]) ** 2  # mean of S = x xᵀ, diagonal included
+    bad = finite & (sq > FP32_MAX)
+    stats = torch.stack([bad.any().double(), bad.double().argmax().double(), finite.all().double(), mean_s,
+                         sq.masked_fill(~finite, 0).argmax().double()]).tolist()
+    any_bad, first_bad, all_finite, mean_s, largest = stats[0], int(stats[1]), stats[2], stats[3], int(stats[4])
+    if any_bad:
+        norm = float(sq[first_bad].sqrt())
+        raise ValueError(f"{op}: with normalize=False every row's squared norm must be finite in float32; row "
+                         f"{first_bad} has norm {norm:.4g} (scale the rows down or pass normalize=True)")
+    l_reg = reg_weight * (mean_s - reg_target) ** 2
+    if all_finite and not l_reg <= FP32_MAX:
+        raise ValueError(f"{op}: with normalize=False the regulariser reg_weight·(mean(S) - reg_target)² = "
+                         f"{l_reg:.4g} overflows float32 (mean(S) = {mean_s:.4g}; the largest row is row {largest}, "
+                         f"norm {float(sq[largest].sqrt()):.4g}); scale the rows down or pass normalize=True")
+
+
 def check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")

@@ -1,4 +1,5 @@
-// Input checks shared by every op entry, CPU (.cpp) and CUDA (.cu host code) alike: header-only.
+// Input checks shared by every op entry, CPU (.cpp) and CUDA (.cu host code) alike: header-only. The building
+// blocks; each op's complete check is one function of flashdml/op_checks.h, called by both of its entries.
 //
 // Every compiled op can be called directly (torch.ops.flashdml.*, opcheck, torch.compile, other libraries), so
 // each entry checks that its tensor arguments have the device, dtype, dimension count and sizes that the schema

@@ -21,12 +21,13 @@ kernel) run the same computation; both run the sparse stage on the device throug
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
 from .._math import all_finite, nan_loss
-from .._validation import check_bool, check_contextual_args, check_real
+from .._validation import check_bool, check_contextual_args, check_real, check_unnormalized_rows
 from . import registry
 
 OP = "contextual_loss"
@@ -102,7 +103,9 @@ def contextual_loss(
             not a real number; ``normalize`` not a bool.
         ValueError: ``labels`` missing (``None``), not 1-D or not of length B; ``x`` not 2-D or empty; tensors
             on different devices; ``k`` outside ``[2, B]``; ``eps < 0``; a NaN or infinite weight, target,
-            margin, ``eps`` or ``ste_slope``; a collapsed batch (a row with ``|N(i)| = B``).
+            margin, ``eps`` or ``ste_slope``; a collapsed batch (a row with ``|N(i)| = B``); with
+            ``normalize=False``, a finite row whose squared norm overflows fp32 (norm above ~1.8e19) or a
+            regulariser that does (it grows as the fourth power of the norms).
         RuntimeError: an explicitly selected backend that cannot run the call; ``create_graph=True`` through
             the fused backward.
 
@@ -130,6 +133,8 @@ def contextual_loss(
     ops = _dispatch.select(OP, batch.x)
     if ops is not None and not all_finite(batch.x):  # the non-finite rule: NaN, not a collapsed-batch error
         return nan_loss(batch.x)
+    if not normalize and (ops is not None or batch.x.dtype != torch.float64):  # fp32 arithmetic inside
+        check_unnormalized_rows(batch.x, reg_weight, reg_target, "contextual_loss")
     if ops is None:
         return _reference.contextual_loss(
             x, labels, k=k, eps=eps, context_weight=context_weight, contrastive_weight=contrastive_weight,
