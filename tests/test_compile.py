@@ -198,3 +198,13 @@ def test_metrics_pass_opcheck_including_aot_dispatch():
     res = torch.library.opcheck(torch.ops.flashdml.metrics_pass, (xs, xs, ly, ly, by_class,
                                                                   torch.full((11,), 2), True, True, 4))
     assert set(res.values()) == {"SUCCESS"}, res
+
+
+def test_compiled_ops_follow_a_changing_batch_size():
+    """A second batch size recompiles with a symbolic B (the fakes and the traced paths take symbolic sizes)."""
+    for fn in (lambda x, lab: fd.cross_example_softmax(x, labels=lab, top_k=12),
+               lambda x, lab: fd.contextual_loss(x, lab)):
+        compiled = _compiled(fn)
+        for n in (16, 24):
+            x, _, lab = _inputs(seed=n, n=n)
+            torch.testing.assert_close(compiled(x, lab), fn(x, lab), rtol=2e-5, atol=2e-6)
