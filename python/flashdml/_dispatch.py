@@ -213,7 +213,7 @@ def resolve(op: str, device: torch.device, dtype: Optional[torch.dtype] = None) 
             return cand
         reasons.append(why)
     key = (op, device.type)
-    if key not in _warned:
+    if key not in _warned and not torch.compiler.is_compiling():  # (warnings cannot be traced: eager warns)
         _warned.add(key)
         detail = "; ".join(reasons) if reasons else f"no compiled backend for {device.type} tensors"
         warnings.warn(f"flashdml.{op}: using the pure-PyTorch reference ({detail})", RuntimeWarning, stacklevel=4)

@@ -147,7 +147,9 @@ def check_temperature(temperature: TemperatureLike, device: torch.device, name: 
             raise TypeError(f"{name} must be a floating tensor, got {temperature.dtype}")
         if temperature.device != device and temperature.device.type != "cpu":
             raise ValueError(f"{name} is on {temperature.device} but the embeddings are on {device} (mixed devices)")
-        if not _is_compiling():
+        if _is_compiling():  # no host sync in a traced graph: the check runs as an op, when the graph runs
+            torch.ops.flashdml_checks.temperature(temperature.detach(), name)
+        else:
             _check_temperature_value(float(temperature.detach()), name)
         return temperature.to(device=device, dtype=torch.float32)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
@@ -190,13 +192,21 @@ def check_real(value, name: str) -> float:
 
 def check_finite_rows(batch: "Batch", op: str) -> None:
     """Selections cannot rank NaN or infinite similarities: a ``ValueError`` naming the first bad row
-    (synchronises; the selections return indices, so their callers synchronise anyway)."""
-    for name, t in (("x", batch.x), ("y", batch.y)):
+    (synchronises; the selections return indices, so their callers synchronise anyway). Under torch.compile the
+    same check runs as the op ``flashdml_checks::finite_rows`` when the compiled graph runs."""
+    if _is_compiling():
+        torch.ops.flashdml_checks.finite_rows(batch.x, batch.y, batch.self_mode, op)
+        return
+    _raise_on_nonfinite_rows(batch.x, batch.y, batch.self_mode, op)
+
+
+def _raise_on_nonfinite_rows(x: Tensor, y: Tensor, self_mode: bool, op: str) -> None:
+    for name, t in (("x", x), ("y", y)):
         # Fast path: a finite sum proves every entry finite (NaN and infinities propagate through it); only a
         # non-finite sum (a bad entry, or finite entries summing beyond fp32) pays for the row-wise check, which
         # allocates a bool copy of t and takes ~10x as long.
         if bool(torch.isfinite(t.sum(dtype=torch.float32))):
-            if batch.self_mode:
+            if self_mode:
                 break
             continue
         bad = ~torch.isfinite(t).all(dim=1)
@@ -204,7 +214,7 @@ def check_finite_rows(batch: "Batch", op: str) -> None:
             row = int(bad.nonzero()[0, 0])
             raise ValueError(f"{op}: {name}[{row}] has a NaN or infinite entry; a selection cannot rank it "
                              "(remove or fix the non-finite rows)")
-        if batch.self_mode:
+        if self_mode:
             break
 
 
@@ -287,3 +297,27 @@ def _is_compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - older torch
         return False
+
+
+# ------------------------------------------------------------------------------------- checks under torch.compile
+# A check that reads tensor values (a tensor temperature, non-finite rows) needs a host sync, which a graph traced
+# with fullgraph=True cannot contain. Under compile the glue calls these ops instead: opaque to the tracer, run
+# when the compiled graph runs, raising the same errors with the same messages as the eager checks. They return
+# nothing, so they are marked side-effecting: dead-code elimination keeps them.
+def _define_check(name: str, fn):
+    op = torch.library.custom_op(f"flashdml_checks::{name}", fn, mutates_args=())
+    op.register_fake(lambda *args: None)
+    torch.fx.node.has_side_effect(getattr(torch.ops.flashdml_checks, name).default)
+    return op
+
+
+def _temperature_check(t: Tensor, name: str) -> None:
+    _check_temperature_value(float(t), name)
+
+
+def _finite_rows_check(x: Tensor, y: Tensor, self_mode: bool, op: str) -> None:
+    _raise_on_nonfinite_rows(x, y, self_mode, op)
+
+
+_define_check("temperature", _temperature_check)
+_define_check("finite_rows", _finite_rows_check)

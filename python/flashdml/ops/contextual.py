@@ -29,6 +29,7 @@ from .. import reference as _reference
 from .._math import all_finite, nan_loss
 from .._validation import check_bool, check_contextual_args, check_real, check_unnormalized_rows
 from . import registry
+from .traced import apply_factor, finite_or_stand_in
 
 OP = "contextual_loss"
 FAMILY = registry.register(registry.Family(
@@ -131,6 +132,12 @@ def contextual_loss(
     neg_margin = check_real(neg_margin, "neg_margin")
     check_bool(normalize, "normalize")
     ops = _dispatch.select(OP, batch.x)
+    if ops is not None and torch.compiler.is_compiling():  # no host sync, no branch on data (ops/traced.py)
+        rows, factor = finite_or_stand_in(batch.x)
+        loss = ops.contextual_fwd(rows.contiguous(), batch.labels.contiguous(), k, eps, context_weight,
+                                  contrastive_weight, reg_weight, reg_target, pos_margin, neg_margin, ste_slope,
+                                  normalize)[0]
+        return apply_factor(loss, batch.x, factor)
     if ops is not None and not all_finite(batch.x):  # the non-finite rule: NaN, not a collapsed-batch error
         return nan_loss(batch.x)
     if not normalize and (ops is not None or batch.x.dtype != torch.float64):  # fp32 arithmetic inside

@@ -183,5 +183,33 @@ def _register_loss_autograd(qualname: str, bwd_op, fwd: str, spec: LossAutograd)
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
 
 
+# ------------------------------------------------------------------------------------------------------ autocast
+# The fused ops take fp16 / bf16 / fp32 rows as given and accumulate in fp32 (their own tiles, not ATen's
+# autocast-aware GEMMs), so autocast has nothing to change in them. Some C++ kernels call ATen GEMMs internally
+# (the contextual loss's one-tile path); under autocast those would come back in fp16 / bf16 where the kernel
+# expects fp32. This kernel on the autocast keys runs every C++ op with autocast off: the same result, in the
+# input dtype, inside and outside an autocast region. Outside one the autocast keys are not dispatched at all.
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+_autocast_lib = None
+
+
+def _without_autocast(op, device_type: str):
+    def kernel(*args):
+        with torch.autocast(device_type, enabled=False):
+            return op(*args)
+    return kernel
+
+
+def register_autocast_passthrough(namespace: str) -> None:
+    global _autocast_lib
+    _autocast_lib = _autocast_lib or torch.library.Library(namespace, "IMPL")
+    ns = getattr(torch.ops, namespace)
+    for name in SCHEMAS:
+        if hasattr(ns, name):
+            for device_type, key in _AUTOCAST_KEYS.items():
+                _autocast_lib.impl(name, _without_autocast(getattr(ns, name).default, device_type), key)
+
+
 if _ext.C_LOADED:
     register_fakes(CPP_NAMESPACE)
+    register_autocast_passthrough(CPP_NAMESPACE)

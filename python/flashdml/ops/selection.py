@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import _dispatch
 from .. import reference as _reference
 from .._math import l2_normalize, normalized_rows_backward, row_norms
-from .._validation import check_bool, check_finite_rows, check_positive_int, prepare_batch
+from .._validation import _define_check, check_bool, check_finite_rows, check_positive_int, prepare_batch
 from . import registry
 
 _CHUNK = 1 << 16  # pairs per gather chunk: O(_CHUNK·d) temporary memory
@@ -40,6 +40,16 @@ def count_negatives(labels: Tensor, ref_labels: Tensor) -> int:
     cb = torch.bincount(inv[:B], minlength=uniq.numel())
     cm = torch.bincount(inv[B:], minlength=uniq.numel())
     return B * ref_labels.shape[0] - int((cb * cm).sum())
+
+
+def check_negative_count(labels: Tensor, ref_labels: Tensor, k: int) -> None:
+    """``ValueError`` unless the batch has at least ``k`` negative pairs (synchronises)."""
+    n_neg = count_negatives(labels, ref_labels)
+    if k > n_neg:
+        raise ValueError(f"k = {k} is larger than the number of negative pairs in the batch ({n_neg})")
+
+
+_define_check("negative_count", check_negative_count)  # the same check when a torch.compile'd graph runs
 
 
 def positive_pairs(labels: Tensor, ref_labels: Tensor, self_mode: bool) -> Tuple[Tensor, Tensor]:
@@ -284,9 +294,10 @@ def hardest_negatives(
     check_finite_rows(batch, "hardest_negatives")
     k = batch.B if k is None else check_positive_int(k, "k")
     check_bool(normalize, "normalize")
-    n_neg = count_negatives(batch.labels, batch.ref_labels)
-    if k > n_neg:
-        raise ValueError(f"k = {k} is larger than the number of negative pairs in the batch ({n_neg})")
+    if torch.compiler.is_compiling():
+        torch.ops.flashdml_checks.negative_count(batch.labels, batch.ref_labels, k)
+    else:
+        check_negative_count(batch.labels, batch.ref_labels, k)
     ops = _dispatch.select("hardest_negatives", batch.x)
     if ops is None:
         return _reference.hardest_negatives(x, y, labels, ref_labels, k, normalize=normalize)

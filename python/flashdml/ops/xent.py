@@ -51,6 +51,13 @@ def _run_fused_top_k(x, y, labels, ref_labels, temperature, normalize, top_k: in
     from .selection import count_negatives, pair_similarity, positive_pairs, selected_negatives
 
     batch, t = _validated(x, y, labels, ref_labels, temperature, normalize)
+    if torch.compiler.is_compiling():  # the same loss without host syncs or branches on data (ops/traced.py)
+        name = _dispatch.resolve("cross_example_softmax_top_k", batch.x.device, batch.x.dtype)
+        if name == "reference":
+            return None
+        from .traced import cross_example_softmax_top_k
+
+        return cross_example_softmax_top_k(batch, t, top_k, normalize, name)
     ops = _dispatch.select("cross_example_softmax_top_k", batch.x)  # the selection family's ops
     if ops is None:
         return None
