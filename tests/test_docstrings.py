@@ -5,7 +5,7 @@ package's and its modules' ``__all__``): the docstring opens with a one-line sum
 ``Example:`` sections (and ``Args:`` when it takes parameters), ``Args:`` names every parameter of the
 signature, and the doctest lines of the example run and print what they show. The classes of
 ``flashdml.losses`` and ``flashdml.integrations.pml`` are held to the same rules (their ``__init__``
-parameters), marked xfail until their rewrite lands.
+parameters).
 """
 from __future__ import annotations
 
@@ -191,7 +191,6 @@ def test_section_parser_catches_a_missing_parameter():
 CLASSES = _classes()
 
 
-@pytest.mark.xfail(strict=False, reason="module docstrings land with the module-convention change")
 @pytest.mark.parametrize("qualname,cls", CLASSES, ids=[n for n, _ in CLASSES])
 def test_class_docstring_is_complete(qualname, cls):
     params = _signature_params(cls.__init__) if "__init__" in vars(cls) else []
