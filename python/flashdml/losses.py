@@ -90,10 +90,15 @@ class BatchSoftmaxLoss(nn.Module):
     Raises:
         ValueError: ``ref_emb`` missing, ``ref_labels`` different from ``labels``, or the op's input errors.
 
-    Example::
-
-        crit = fd.losses.BatchSoftmaxLoss(temperature=0.07, symmetric=True)
-        loss = crit(img_emb, ref_emb=txt_emb)
+    Example:
+        >>> import torch, flashdml as fd
+        >>> img_emb, txt_emb = torch.randn(8, 16), torch.randn(8, 16)   # row i of each is one image–text pair
+        >>> crit = fd.losses.BatchSoftmaxLoss(temperature=0.07, symmetric=True)
+        >>> loss = crit(img_emb, ref_emb=txt_emb)
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
+        >>> torch.allclose(loss, fd.batch_softmax(img_emb, txt_emb, temperature=0.07, symmetric=True))
+        True
     """
 
     def __init__(self, temperature: float = 0.05, symmetric: bool = False, normalize: bool = True,
@@ -135,9 +140,17 @@ class NTXentLoss(nn.Module):
     Raises:
         ValueError / TypeError: the op's input errors (shapes, dtypes, ``ref_labels`` without ``ref_emb``).
 
-    Example::
-
-        loss = fd.losses.NTXentLoss(temperature=0.07)(emb, labels)
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb = torch.randn(16, 8, requires_grad=True)
+        >>> labels = torch.arange(16) // 4                       # 4 samples per class
+        >>> loss = fd.losses.NTXentLoss(temperature=0.07)(emb, labels)
+        >>> torch.allclose(loss, fd.ntxent(emb, labels, temperature=0.07))
+        True
+        >>> crit = fd.losses.NTXentLoss(learnable_temperature=True)
+        >>> crit(emb, labels).backward()                         # the temperature gets a gradient too
+        >>> crit.temperature.grad.shape
+        torch.Size([])
     """
 
     def __init__(self, temperature: float = 0.07, normalize: bool = True, learnable_temperature: bool = False):
@@ -171,11 +184,17 @@ class CrossExampleSoftmaxLoss(nn.Module):
     Raises:
         ValueError / TypeError: the op's input errors; ``top_k`` not a positive int.
 
-    Example::
-
-        crit = fd.losses.CrossExampleSoftmaxLoss(temperature=0.05, learnable_temperature=True)
-        loss = crit(emb, labels)                 # self mode
-        loss = crit(img_emb, ref_emb=txt_emb)    # pair mode
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> crit = fd.losses.CrossExampleSoftmaxLoss(temperature=0.05, learnable_temperature=True)
+        >>> loss = crit(emb, labels)                             # self mode
+        >>> torch.allclose(loss, fd.cross_example_softmax(emb, labels=labels, temperature=0.05))
+        True
+        >>> img_emb, txt_emb = torch.randn(8, 8), torch.randn(8, 8)
+        >>> pair = crit(img_emb, ref_emb=txt_emb)                # pair mode
+        >>> torch.allclose(pair, fd.cross_example_softmax(img_emb, txt_emb, temperature=0.05))
+        True
     """
 
     def __init__(self, temperature: float = 0.05, top_k: Optional[int] = None, normalize: bool = True,
@@ -196,8 +215,10 @@ class ThresholdConsistentMarginLoss(nn.Module):
     """``fd.threshold_consistent_margin`` (docs/spec.md §2.3, Zhang et al.) as a module.
 
     Args:
-        pos_margin, neg_margin: the hard-pair thresholds on cosine similarity.
-        pos_weight, neg_weight: the weights of the positive and negative terms.
+        pos_margin: the hard-positive threshold on cosine similarity.
+        neg_margin: the hard-negative threshold on cosine similarity.
+        pos_weight: the weight of the positive term.
+        neg_weight: the weight of the negative term.
 
     ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: ``labels`` required; cross mode with
     ``ref_emb`` and ``ref_labels``.
@@ -208,9 +229,14 @@ class ThresholdConsistentMarginLoss(nn.Module):
     Raises:
         ValueError / TypeError: ``labels`` missing, or the op's input errors.
 
-    Example::
-
-        loss = fd.losses.ThresholdConsistentMarginLoss()(emb, labels)
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> loss = fd.losses.ThresholdConsistentMarginLoss()(emb, labels)
+        >>> torch.allclose(loss, fd.threshold_consistent_margin(emb, labels, pos_margin=0.9, neg_margin=0.5))
+        True
+        >>> bank, bank_labels = torch.randn(32, 8), torch.arange(32) // 8
+        >>> cross = fd.losses.ThresholdConsistentMarginLoss()(emb, labels, bank, bank_labels)   # cross mode
     """
 
     def __init__(self, pos_margin: float = 0.9, neg_margin: float = 0.5, pos_weight: float = 1.0,
@@ -228,8 +254,8 @@ class ContrastiveMarginLoss(nn.Module):
     """``fd.contrastive_margin`` (docs/spec.md §2.4, the contextual paper's margin contrastive term) as a module.
 
     Args:
-        pos_margin, neg_margin: ``m+`` / ``m−`` of the hinges ``[m+ − s]_+`` (positives), ``[s − m−]_+``
-            (negatives).
+        pos_margin: ``m+`` of the positive hinge ``[m+ − s]_+``.
+        neg_margin: ``m−`` of the negative hinge ``[s − m−]_+``.
 
     ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: ``labels`` required; cross mode with
     ``ref_emb`` and ``ref_labels``.
@@ -240,9 +266,15 @@ class ContrastiveMarginLoss(nn.Module):
     Raises:
         ValueError / TypeError: ``labels`` missing, or the op's input errors.
 
-    Example::
-
-        loss = fd.losses.ContrastiveMarginLoss(pos_margin=0.75, neg_margin=0.6)(emb, labels)
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> loss = fd.losses.ContrastiveMarginLoss(pos_margin=0.75, neg_margin=0.6)(emb, labels)
+        >>> torch.allclose(loss, fd.contrastive_margin(emb, labels, pos_margin=0.75, neg_margin=0.6))
+        True
+        >>> same = torch.nn.functional.normalize(torch.ones(4, 8), dim=1)   # one point, one class: s = 1
+        >>> fd.losses.ContrastiveMarginLoss()(same, torch.zeros(4, dtype=torch.long)).item()   # no hinge > 0
+        0.0
     """
 
     def __init__(self, pos_margin: float = 0.75, neg_margin: float = 0.6):
@@ -259,9 +291,19 @@ class ContextualLoss(nn.Module):
     """``fd.contextual_loss`` (docs/spec.md §2.5, Liao et al.) as a module; see the function for the paper's
     two settings.
 
+    The constructor arguments are ``fd.contextual_loss``'s, with the same defaults.
+
     Args:
-        k, eps, context_weight, contrastive_weight, reg_weight, reg_target, pos_margin, neg_margin, ste_slope,
-        normalize: as ``fd.contextual_loss``.
+        k: neighbourhood size, ``2 <= k <= B``.
+        eps: the ε band added to ``−D`` before the neighbourhood tests.
+        context_weight: weight of the contextual term.
+        contrastive_weight: weight of the margin contrastive term.
+        reg_weight: weight of the mean-similarity regulariser.
+        reg_target: the regulariser's target mean similarity.
+        pos_margin: ``m+`` of the contrastive term.
+        neg_margin: ``m−`` of the contrastive term.
+        ste_slope: the straight-through estimator's slope.
+        normalize: cosine similarity (default) or raw dot products.
 
     ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: self mode only (the loss is defined on the
     batch's own neighbourhoods).
@@ -272,9 +314,12 @@ class ContextualLoss(nn.Module):
     Raises:
         ValueError: ``ref_emb`` / ``ref_labels`` given, or the op's input errors.
 
-    Example::
-
-        loss = fd.losses.ContextualLoss(k=4, eps=0.05)(emb, labels)
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> loss = fd.losses.ContextualLoss(k=4, eps=0.05)(emb, labels)
+        >>> torch.allclose(loss, fd.contextual_loss(emb, labels, k=4, eps=0.05))
+        True
     """
 
     def __init__(self, k: int = 4, eps: float = 0.05, context_weight: float = 0.4, contrastive_weight: float = 0.5,
