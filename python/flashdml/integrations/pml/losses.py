@@ -150,15 +150,22 @@ class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsi
     Args:
         lambda_plus, lambda_minus, margin_plus, margin_minus, **kwargs: pml's constructor arguments.
 
-    Returns (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``):
-        A 0-dim loss of the embeddings' dtype.
+    Returns:
+        Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
+        returns a 0-dim loss of the embeddings' dtype.
 
     Raises:
         pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
 
-    Example::
-
-        loss = ThresholdConsistentMarginLoss(margin_plus=0.9, margin_minus=0.5)(embeddings, labels)
+    Example:
+        >>> import torch
+        >>> from pytorch_metric_learning import losses as pml_losses
+        >>> from flashdml.integrations.pml import ThresholdConsistentMarginLoss
+        >>> embeddings, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> loss = ThresholdConsistentMarginLoss(margin_plus=0.9, margin_minus=0.5)(embeddings, labels)
+        >>> pml_loss = pml_losses.ThresholdConsistentMarginLoss(margin_plus=0.9, margin_minus=0.5)(embeddings, labels)
+        >>> torch.allclose(loss, pml_loss)                       # self mode: pml's value
+        True
     """
 
     def _options_supported(self, embeddings):
@@ -183,15 +190,23 @@ class NTXentLoss(_FlashdmlForward, _pml_losses.NTXentLoss):
     Args:
         temperature: ``> 0``, float or 0-dim tensor. **kwargs: pml's (``distance``, ``reducer``, ...).
 
-    Returns (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``):
-        A 0-dim loss of the embeddings' dtype.
+    Returns:
+        Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
+        returns a 0-dim loss of the embeddings' dtype.
 
     Raises:
         pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
 
-    Example::
-
-        loss = NTXentLoss(temperature=0.07)(embeddings, labels)
+    Example:
+        >>> import torch
+        >>> from pytorch_metric_learning import losses as pml_losses
+        >>> from flashdml.integrations.pml import NTXentLoss
+        >>> embeddings, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> loss_fn = NTXentLoss(temperature=0.07)
+        >>> isinstance(loss_fn, pml_losses.NTXentLoss)
+        True
+        >>> torch.allclose(loss_fn(embeddings, labels), pml_losses.NTXentLoss(temperature=0.07)(embeddings, labels))
+        True
     """
 
     def _options_supported(self, embeddings):
@@ -229,16 +244,23 @@ class ContrastiveLoss(_FlashdmlForward, _pml_losses.ContrastiveLoss):
         pos_margin, neg_margin, **kwargs: pml's constructor arguments (pass ``distance=CosineSimilarity()`` for
             the fused path).
 
-    Returns (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``):
-        A 0-dim loss of the embeddings' dtype.
+    Returns:
+        Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
+        returns a 0-dim loss of the embeddings' dtype.
 
     Raises:
         pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
 
-    Example::
-
-        loss_fn = ContrastiveLoss(pos_margin=0.75, neg_margin=0.6, distance=CosineSimilarity())
-        loss = loss_fn(embeddings, labels)
+    Example:
+        >>> import torch
+        >>> from pytorch_metric_learning import losses as pml_losses
+        >>> from pytorch_metric_learning.distances import CosineSimilarity
+        >>> from flashdml.integrations.pml import ContrastiveLoss
+        >>> embeddings, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> loss = ContrastiveLoss(pos_margin=0.75, neg_margin=0.6, distance=CosineSimilarity())(embeddings, labels)
+        >>> pml_fn = pml_losses.ContrastiveLoss(pos_margin=0.75, neg_margin=0.6, distance=CosineSimilarity())
+        >>> torch.allclose(loss, pml_fn(embeddings, labels))
+        True
     """
 
     def _options_supported(self, embeddings):
@@ -281,7 +303,9 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
       ``DistributedLossWrapper(efficient=True)`` are accepted (without ``top_k``) and run fused.
 
     Args:
-        temperature: ``> 0``, float or 0-dim tensor. top_k: ``None`` or a positive int. **kwargs: pml's.
+        temperature: ``> 0``, float or 0-dim tensor.
+        top_k: ``None`` or a positive int.
+        **kwargs: pml's.
 
     Returns:
         A 0-dim fp32 loss (float64 for float64 embeddings).
@@ -290,9 +314,17 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
         ValueError: a distance other than ``CosineSimilarity`` / ``DotProductSimilarity`` (power 1), a miner's
             ``indices_tuple``, or flashdml's input errors.
 
-    Example::
-
-        loss = CrossExampleSoftmaxLoss(temperature=0.05)(embeddings, labels)
+    Example:
+        >>> import torch, flashdml as fd
+        >>> from flashdml.integrations.pml import CrossExampleSoftmaxLoss
+        >>> embeddings, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> loss = CrossExampleSoftmaxLoss(temperature=0.05)(embeddings, labels)
+        >>> torch.allclose(loss, fd.cross_example_softmax(embeddings, labels=labels, temperature=0.05))
+        True
+        >>> img, txt = torch.randn(8, 8), torch.randn(8, 8)
+        >>> pair = CrossExampleSoftmaxLoss(top_k=4)(img, ref_emb=txt)   # pair mode, the 4 hardest negatives
+        >>> pair.shape
+        torch.Size([])
     """
 
     def __init__(self, temperature=0.05, top_k=None, **kwargs):
@@ -379,16 +411,26 @@ class CrossBatchMemory(_pml_losses.CrossBatchMemory):
         loss: a pml loss from ``supported_losses()`` (pml's list plus ``"CrossExampleSoftmaxLoss"``).
         embedding_size, memory_size, miner: as in pml.
 
-    Returns (``forward(embeddings, labels, indices_tuple=None, enqueue_mask=None)``):
-        The wrapped loss's 0-dim value.
+    Returns:
+        Calling it (``forward(embeddings, labels, indices_tuple=None, enqueue_mask=None)``) returns the wrapped
+        loss's 0-dim value for the batch against the memory.
 
     Raises:
         Exception: pml's "CrossBatchMemory not supported for ..." for a loss outside ``supported_losses()``.
 
-    Example::
-
-        loss_fn = CrossBatchMemory(NTXentLoss(temperature=0.1), embedding_size=128, memory_size=4096)
-        loss = loss_fn(embeddings, labels)
+    Example:
+        >>> import torch
+        >>> from pytorch_metric_learning import losses as pml_losses
+        >>> from flashdml.integrations.pml import CrossBatchMemory, NTXentLoss
+        >>> loss_fn = CrossBatchMemory(NTXentLoss(temperature=0.1), embedding_size=8, memory_size=32)
+        >>> pml_fn = pml_losses.CrossBatchMemory(pml_losses.NTXentLoss(temperature=0.1), embedding_size=8,
+        ...                                      memory_size=32)
+        >>> for step in range(3):                                # the memory fills up over the calls
+        ...     embeddings, labels = torch.randn(16, 8), torch.randint(0, 4, (16,))
+        ...     print(torch.allclose(loss_fn(embeddings, labels), pml_fn(embeddings, labels)))
+        True
+        True
+        True
     """
 
     @staticmethod
@@ -423,10 +465,17 @@ class SelfSupervisedLoss(_pml_losses.SelfSupervisedLoss):
     Raises:
         Exception: pml's "SelfSupervisedLoss not supported for ..." for other losses.
 
-    Example::
-
-        loss_fn = SelfSupervisedLoss(CrossExampleSoftmaxLoss(temperature=0.1))
-        loss = loss_fn(view1_emb, view2_emb)
+    Example:
+        >>> import torch
+        >>> from pytorch_metric_learning import losses as pml_losses
+        >>> from flashdml.integrations.pml import CrossExampleSoftmaxLoss, NTXentLoss, SelfSupervisedLoss
+        >>> view1_emb, view2_emb = torch.randn(8, 16), torch.randn(8, 16)   # two augmentations of 8 samples
+        >>> loss = SelfSupervisedLoss(CrossExampleSoftmaxLoss(temperature=0.1))(view1_emb, view2_emb)
+        >>> loss.shape
+        torch.Size([])
+        >>> ntx = SelfSupervisedLoss(NTXentLoss())(view1_emb, view2_emb)
+        >>> torch.allclose(ntx, pml_losses.SelfSupervisedLoss(pml_losses.NTXentLoss())(view1_emb, view2_emb))
+        True
     """
 
     @staticmethod
