@@ -34,9 +34,22 @@ class FlashdmlKNN:
     Raises:
         ValueError: from ``flashdml.knn`` for bad inputs (a NaN row, mismatched dimensions, ...).
 
-    Example::
-
-        calc = AccuracyCalculator(knn_func=FlashdmlKNN())
+    Example:
+        >>> import torch
+        >>> from pytorch_metric_learning.distances import CosineSimilarity
+        >>> from pytorch_metric_learning.utils.inference import CustomKNN
+        >>> from flashdml.integrations.pml import FlashdmlKNN
+        >>> query, reference = torch.randn(5, 8), torch.randn(20, 8)
+        >>> sims, idx = FlashdmlKNN()(query, 3, reference)
+        >>> sims.shape, idx.shape
+        (torch.Size([5, 3]), torch.Size([5, 3]))
+        >>> pml_sims, pml_idx = CustomKNN(CosineSimilarity())(query, 3, reference)
+        >>> torch.equal(idx, pml_idx), torch.allclose(sims, pml_sims)
+        (True, True)
+        >>> from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+        >>> calc = AccuracyCalculator(include=("precision_at_1",), knn_func=FlashdmlKNN())
+        >>> list(calc.get_accuracy(query, torch.arange(5) // 2))
+        ['precision_at_1']
     """
 
     def __init__(self, normalize: bool = True):

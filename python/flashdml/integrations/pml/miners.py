@@ -18,19 +18,34 @@ class HardestNegativesMiner(_BaseMiner):
     batch's number of negative pairs keeps all of them. ``normalize`` chooses cosine (default) or dot-product
     similarity. Returns pml's pair tuple ``(a1, p, a2, n)`` (int64): ``(a1, p)`` every positive pair (self mode:
     without ``(i, i)``, as pml's ``get_all_pairs_indices``), ``(a2, n)`` the hardest negatives, most similar
-    first (ties → lower flat index)::
-
-        miner = HardestNegativesMiner(k=1024)
-        loss = pml_losses.ContrastiveLoss()(emb, labels, miner(emb, labels))
+    first (ties → lower flat index); the tuple is what a pml pair loss takes as its ``indices_tuple``.
 
     Args:
-        k: number of hardest negatives (``None``: the batch size). normalize: cosine or dot product. **kwargs: pml's.
+        k: number of hardest negatives (``None``: the batch size).
+        normalize: cosine or dot product.
+        **kwargs: pml's.
 
-    Returns (``miner(embeddings, labels, ref_emb=None, ref_labels=None)``):
-        ``(a1, p, a2, n)``, int64 index tensors.
+    Returns:
+        Calling the miner (``miner(embeddings, labels, ref_emb=None, ref_labels=None)``) returns ``(a1, p, a2,
+        n)``, four int64 index tensors: ``embeddings[a1]`` / ``ref[p]`` the positive pairs, ``embeddings[a2]`` /
+        ``ref[n]`` the hardest negative pairs (``ref`` is ``ref_emb``, or ``embeddings`` in self mode).
 
     Raises:
         ValueError / TypeError: flashdml's input errors (bad shapes, non-integer labels, a NaN row).
+
+    Example:
+        >>> import torch
+        >>> from pytorch_metric_learning import losses as pml_losses
+        >>> from flashdml.integrations.pml import HardestNegativesMiner
+        >>> emb, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> a1, p, a2, n = HardestNegativesMiner(k=10)(emb, labels)
+        >>> len(a1), len(a2), a2.dtype                          # 16·3 positive pairs, the 10 hardest negatives
+        (48, 10, torch.int64)
+        >>> unit = torch.nn.functional.normalize(emb, dim=1)
+        >>> sim = unit @ unit.T
+        >>> torch.allclose(sim[a2, n], sim[labels[:, None] != labels].sort(descending=True).values[:10])
+        True
+        >>> loss = pml_losses.ContrastiveLoss()(emb, labels, (a1, p, a2, n))
     """
 
     def __init__(self, k=None, normalize: bool = True, **kwargs):
