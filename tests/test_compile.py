@@ -160,18 +160,18 @@ def test_compiled_non_finite_rows_give_nan_losses():
 
 def test_compiled_loss_modules_with_learnable_temperature():
     x, y, lab = _inputs(seed=7)
-    mods = [(losses.BatchSoftmaxLoss(learnable_temperature=True), (x, y)),
-            (losses.NTXentLoss(learnable_temperature=True), (x, lab)),
-            (losses.CrossExampleSoftmaxLoss(learnable_temperature=True), (x, None, lab)),
-            (losses.CrossExampleSoftmaxLoss(top_k=10, learnable_temperature=True), (x, None, lab)),
-            (losses.ThresholdConsistentMarginLoss(), (x, lab)),
-            (losses.ContrastiveMarginLoss(), (x, lab)),
-            (losses.ContextualLoss(), (x, lab))]
-    for mod, args in mods:
+    mods = [(losses.BatchSoftmaxLoss(learnable_temperature=True), (x,), {"ref_emb": y}),  # the module convention
+            (losses.NTXentLoss(learnable_temperature=True), (x, lab), {}),
+            (losses.CrossExampleSoftmaxLoss(learnable_temperature=True), (x, lab), {}),
+            (losses.CrossExampleSoftmaxLoss(top_k=10, learnable_temperature=True), (x, lab), {}),
+            (losses.ThresholdConsistentMarginLoss(), (x, lab), {}),
+            (losses.ContrastiveMarginLoss(), (x, lab), {}),
+            (losses.ContextualLoss(), (x, lab), {})]
+    for mod, args, kwargs in mods:
         torch._dynamo.reset()
         compiled = torch.compile(mod, fullgraph=True)
-        got = compiled(*args)
-        want = mod(*args)
+        got = compiled(*args, **kwargs)
+        want = mod(*args, **kwargs)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
         params = list(mod.parameters())
         if params:
