@@ -53,9 +53,6 @@ CASES = {
     "contrastive_margin": lambda x, y, lab, t: fd.contrastive_margin(x, lab),
     "contextual_loss": lambda x, y, lab, t: fd.contextual_loss(x, lab, k=4),
 }
-# the reference implementations that contain data-dependent Python control flow do not trace with fullgraph=True
-REFERENCE_TRACEABLE = ("similarity", "knn", "knn_self", "batch_softmax", "ntxent", "threshold_consistent_margin",
-                       "contrastive_margin")
 
 
 def _run(fn, x, y, lab, t):
@@ -82,8 +79,6 @@ def _assert_same(got, want, rtol=2e-5, atol=2e-6):
 @pytest.mark.parametrize("backend", ["auto", "reference"])  # "auto": the C++ kernels here (similarity: reference)
 @pytest.mark.parametrize("name", list(CASES))
 def test_compiled_equals_eager(backend, name):
-    if backend == "reference" and name not in REFERENCE_TRACEABLE:
-        pytest.skip("the reference implementation branches on tensor values")
     fn = CASES[name]
     x, y, lab = _inputs()
     t = torch.tensor(0.1)
