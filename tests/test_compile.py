@@ -25,6 +25,11 @@ def _compiled(fn, backend="inductor"):
     return torch.compile(fn, fullgraph=True, backend=backend)
 
 
+def _compiler_for(backend):
+    """The reference is plain PyTorch: tracing it whole is the point, Inductor's code generation is not."""
+    return "aot_eager" if backend == "reference" else "inductor"
+
+
 def _inputs(seed=0, n=B):
     x, labels = clustered(n, D, 4, seed=seed)
     y, _ = clustered(n, D, 4, seed=seed + 1)
@@ -53,9 +58,6 @@ CASES = {
     "contrastive_margin": lambda x, y, lab, t: fd.contrastive_margin(x, lab),
     "contextual_loss": lambda x, y, lab, t: fd.contextual_loss(x, lab, k=4),
 }
-# the reference implementations that contain data-dependent Python control flow do not trace with fullgraph=True
-REFERENCE_TRACEABLE = ("similarity", "knn", "knn_self", "batch_softmax", "ntxent", "threshold_consistent_margin",
-                       "contrastive_margin")
 
 
 def _run(fn, x, y, lab, t):
@@ -82,30 +84,30 @@ def _assert_same(got, want, rtol=2e-5, atol=2e-6):
 @pytest.mark.parametrize("backend", ["auto", "reference"])  # "auto": the C++ kernels here (similarity: reference)
 @pytest.mark.parametrize("name", list(CASES))
 def test_compiled_equals_eager(backend, name):
-    if backend == "reference" and name not in REFERENCE_TRACEABLE:
-        pytest.skip("the reference implementation branches on tensor values")
     fn = CASES[name]
     x, y, lab = _inputs()
     t = torch.tensor(0.1)
     with fd.backend(backend):
         want_out, want_grads = _run(fn, x, y, lab, t)
-        # the reference is plain PyTorch: tracing it whole is the point, Inductor's code generation is not
-        got_out, got_grads = _run(_compiled(fn, "aot_eager" if backend == "reference" else "inductor"), x, y, lab, t)
+        got_out, got_grads = _run(_compiled(fn, _compiler_for(backend)), x, y, lab, t)
     _assert_same(got_out, want_out)
     _assert_same(got_grads, want_grads)
     assert any(g is not None and g.abs().sum() > 0 for g in got_grads[:1]), "no gradient reached x"
 
 
-def test_compiled_top_k_at_least_all_negatives_is_plain_cross_example_softmax():
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_compiled_top_k_at_least_all_negatives_is_plain_cross_example_softmax(backend):
     """top_k >= |N| (and a batch with one class: no negative at all) follow the eager path's plain-XE result."""
     x, _, lab = _inputs(seed=3)
-    fn = _compiled(lambda x, lab: fd.cross_example_softmax(x, labels=lab, top_k=B * B, temperature=0.2))
+    fn = _compiled(lambda x, lab: fd.cross_example_softmax(x, labels=lab, top_k=B * B, temperature=0.2),
+                   _compiler_for(backend))
     for labels in (lab, torch.zeros(B, dtype=torch.int64), torch.arange(B)):
-        xg = x.clone().requires_grad_()
-        got = fn(xg, labels)
-        (gx,) = torch.autograd.grad(got, xg)
-        xe = x.clone().requires_grad_()
-        want = fd.cross_example_softmax(xe, labels=labels, temperature=0.2)
+        with fd.backend(backend):
+            xg = x.clone().requires_grad_()
+            got = fn(xg, labels)
+            (gx,) = torch.autograd.grad(got, xg)
+            xe = x.clone().requires_grad_()
+            want = fd.cross_example_softmax(xe, labels=labels, temperature=0.2)
         (wx,) = torch.autograd.grad(want, xe)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gx, wx, rtol=1e-4, atol=1e-6)
@@ -126,30 +128,51 @@ def test_compiled_tensor_temperature_is_validated_when_the_graph_runs(backend):
         top_k(x, lab, torch.tensor(-0.07))
 
 
-def test_compiled_selection_checks_raise_like_eager():
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_compiled_selection_checks_raise_like_eager(backend):
     x, _, lab = _inputs()
     bad = x.clone()
     bad[5, 2] = float("nan")
-    knn = _compiled(lambda x: fd.knn(x, k=3))
+    fd.set_backend(backend)
+    knn = _compiled(lambda x: fd.knn(x, k=3), _compiler_for(backend))
     knn(x)
     with pytest.raises(ValueError, match=r"knn: x\[5\] has a NaN"):
         knn(bad)
-    hn = _compiled(lambda x, lab: fd.hardest_negatives(x, labels=lab, k=40))
-    hn(x, lab)
-    few = (torch.arange(B) < 1).long()  # one row against fifteen: 2 * 15 = 30 negative pairs < k = 40
-    with pytest.raises(ValueError, match=r"k = 40 is larger than the number of negative pairs in the batch \(30\)"):
-        hn(x, few)
-    with pytest.raises(ValueError, match=r"hardest_negatives: x\[5\] has a NaN"):
-        hn(bad, lab)
+    for hn in (lambda x, lab: fd.hardest_negatives(x, labels=lab, k=40),
+               lambda x, lab: fd.reference.hardest_negatives(x, labels=lab, k=40)):  # without the glue's own check
+        hn = _compiled(hn, _compiler_for(backend))
+        hn(x, lab)
+        few = (torch.arange(B) < 1).long()  # one row against fifteen: 2 * 15 = 30 negative pairs < k = 40
+        with pytest.raises(ValueError, match=r"k = 40 is larger than the number of negative pairs in the batch \(30\)"):
+            hn(x, few)
+        with pytest.raises(ValueError, match=r"hardest_negatives: x\[5\] has a NaN"):
+            hn(bad, lab)
 
 
-def test_compiled_non_finite_rows_give_nan_losses():
+def test_compiled_reference_contextual_loss_raises_on_a_collapsed_batch_when_the_graph_runs():
+    """The reference's empty-set checks (|N(i)| = B, |R(i)| = 0) run as an op inside the compiled graph."""
+    x, _, lab = _inputs()
+    fn = _compiled(lambda x, lab: fd.reference.contextual_loss(x, lab, k=4), "aot_eager")
+    torch.testing.assert_close(fn(x, lab), fd.reference.contextual_loss(x, lab, k=4), rtol=0, atol=0)
+    same_rows = x[:1].expand(B, D).clone()  # every row identical: every sample is in every k-neighbourhood
+    with pytest.raises(ValueError, match=r"contextual_loss: collapsed batch .* row\(s\) \[0, 1, 2, 3, 4\]"):
+        fd.reference.contextual_loss(same_rows, lab, k=4)
+    with pytest.raises(ValueError, match=r"contextual_loss: collapsed batch .* row\(s\) \[0, 1, 2, 3, 4\]"):
+        fn(same_rows, lab)
+    nan_rows = same_rows.clone()
+    nan_rows[3, 1] = float("nan")  # the non-finite rule wins over the collapsed batch, compiled as in eager
+    assert torch.isnan(fn(nan_rows, lab)) and torch.isnan(fd.reference.contextual_loss(nan_rows, lab))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_compiled_non_finite_rows_give_nan_losses(backend):
     x, _, lab = _inputs()
     bad = x.clone()
     bad[2, 0] = float("inf")
+    fd.set_backend(backend)
     for fn in (lambda x, lab: fd.contextual_loss(x, lab), lambda x, lab: fd.cross_example_softmax(x, labels=lab,
                                                                                                    top_k=8)):
-        compiled = _compiled(fn)
+        compiled = _compiled(fn, _compiler_for(backend))
         assert torch.isfinite(compiled(x, lab))
         xb = bad.clone().requires_grad_()
         loss = compiled(xb, lab)
@@ -160,18 +183,20 @@ def test_compiled_non_finite_rows_give_nan_losses():
 
 def test_compiled_loss_modules_with_learnable_temperature():
     x, y, lab = _inputs(seed=7)
-    mods = [(losses.BatchSoftmaxLoss(learnable_temperature=True), (x,), {"ref_emb": y}),  # the module convention
-            (losses.NTXentLoss(learnable_temperature=True), (x, lab), {}),
-            (losses.CrossExampleSoftmaxLoss(learnable_temperature=True), (x, lab), {}),
-            (losses.CrossExampleSoftmaxLoss(top_k=10, learnable_temperature=True), (x, lab), {}),
-            (losses.ThresholdConsistentMarginLoss(), (x, lab), {}),
-            (losses.ContrastiveMarginLoss(), (x, lab), {}),
-            (losses.ContextualLoss(), (x, lab), {})]
-    for mod, args, kwargs in mods:
+    # the module convention forward(embeddings, labels=None, ref_emb=None, ref_labels=None): the earlier call
+    # orders warn, and a warning is a graph break
+    mods = [(losses.BatchSoftmaxLoss(learnable_temperature=True), (x, None, y)),
+            (losses.NTXentLoss(learnable_temperature=True), (x, lab)),
+            (losses.CrossExampleSoftmaxLoss(learnable_temperature=True), (x, lab)),
+            (losses.CrossExampleSoftmaxLoss(top_k=10, learnable_temperature=True), (x, lab)),
+            (losses.ThresholdConsistentMarginLoss(), (x, lab)),
+            (losses.ContrastiveMarginLoss(), (x, lab)),
+            (losses.ContextualLoss(), (x, lab))]
+    for mod, args in mods:
         torch._dynamo.reset()
         compiled = torch.compile(mod, fullgraph=True)
-        got = compiled(*args, **kwargs)
-        want = mod(*args, **kwargs)
+        got = compiled(*args)
+        want = mod(*args)
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
         params = list(mod.parameters())
         if params:

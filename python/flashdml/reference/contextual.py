@@ -6,23 +6,55 @@ against, not something to train with at large B.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Union
 
 import torch
 from torch import Tensor
 
-from .._math import all_finite, nan_loss
-from .._validation import check_contextual_args, check_real
+from .._math import nan_if_nonfinite
+from .._validation import _define_check, _is_compiling, check_contextual_args, check_real
 from .losses import _contrastive_margin_from_S
 from .similarity import _similarity_matrix
 
 __all__ = ["contextual_loss", "contextual_loss_terms", "contextual_context_grad_closed_form"]
 
 
-def _context_forward(S: Tensor, same: Tensor, k: int, eps: float, ste_slope: float) -> Dict[str, Tensor]:
+def _raise_on_empty_neighbourhoods(a: Tensor, r: Tensor, finite: Tensor) -> None:
+    """The two sets step 4-6 divide by: ``|N̄(i)| = B − |N(i)|`` and ``|R(i)|``. Skipped for a batch with a
+    non-finite entry, whose loss is NaN whatever these sets are."""
+    if not bool(finite):
+        return
+    B = a.shape[0]
+    if bool((a >= B).any()):
+        rows = torch.nonzero(a >= B).reshape(-1)[:5].tolist()
+        raise ValueError(
+            "contextual_loss: collapsed batch — every sample is in the k-neighbourhood of row(s) "
+            f"{rows} (|N(i)| = B = {B}), so the complement intersection J is 0/0. The embeddings are (nearly) "
+            "identical within eps; use a smaller eps or k, or a batch with more spread."
+        )
+    if bool((r <= 0).any()):
+        raise ValueError("contextual_loss: a row has an empty reciprocal half-neighbourhood R(i) (|R(i)| = 0)")
+
+
+_define_check("reference_contextual_sets", _raise_on_empty_neighbourhoods)  # the same check in a compiled graph
+
+
+def _check_neighbourhoods(a: Tensor, r: Tensor, finite: Tensor) -> None:
+    """Under torch.compile the sets cannot reach Python (a host sync): the check runs as an op when the compiled
+    graph runs, raising the same errors."""
+    if _is_compiling():
+        torch.ops.flashdml_checks.reference_contextual_sets(a, r, finite)
+    else:
+        _raise_on_empty_neighbourhoods(a, r, finite)
+
+
+def _context_forward(S: Tensor, same: Tensor, k: int, eps: float, ste_slope: float,
+                     finite: Union[Tensor, bool] = True) -> Dict[str, Tensor]:
     """Steps 1-8 of docs/spec.md §2.5 on ``S`` ([B, B], compute dtype), with the straight-through estimator.
 
-    Returns ``L_ctx`` and the (hard, detached) intermediates the closed-form gradient needs.
+    Returns ``L_ctx`` and the (hard, detached) intermediates the closed-form gradient needs. ``finite`` (a bool
+    or a 0-dim bool tensor) says whether the embeddings behind ``S`` are finite; if not, the empty-set checks
+    are skipped (the caller turns the loss into NaN).
     """
     B = S.shape[0]
     dtype = S.dtype
@@ -45,14 +77,7 @@ def _context_forward(S: Tensor, same: Tensor, k: int, eps: float, ste_slope: flo
     P = P_hard + ste
     # 4. intersections; |N(i)| and |N̄(i)| are detached counts, the intersections carry the gradient.
     a = N_hard.sum(dim=1)
-    if bool((a >= B).any()):
-        rows = torch.nonzero(a >= B).reshape(-1)[:5].tolist()
-        raise ValueError(
-            "contextual_loss: collapsed batch — every sample is in the k-neighbourhood of row(s) "
-            f"{rows} (|N(i)| = B = {B}), so the complement intersection J is 0/0. The embeddings are (nearly) "
-            "identical within eps; use a smaller eps or k, or a batch with more spread."
-        )
-    c = B - a
+    c = B - a  # 0 in a collapsed batch (|N(i)| = B): the check below raises
     Nc = 1.0 - N  # N̄ = 1 - N, STE gradient included
     I = (N @ N.T) / a[:, None]
     J = (Nc @ Nc.T) / c[:, None]
@@ -61,8 +86,7 @@ def _context_forward(S: Tensor, same: Tensor, k: int, eps: float, ste_slope: flo
     # 6. reciprocal half-neighbourhoods and query expansion; |R(i)| is NOT detached.
     R = P * P.T
     r = R.sum(dim=1)
-    if bool((r.detach() <= 0).any()):
-        raise ValueError("contextual_loss: a row has an empty reciprocal half-neighbourhood R(i) (|R(i)| = 0)")
+    _check_neighbourhoods(a, r.detach(), torch.as_tensor(finite, device=S.device))
     Q = R @ W
     Z = Q / r[:, None]
     # 7.-8.
@@ -122,14 +146,15 @@ def contextual_loss_terms(
     reg_target = check_real(reg_target, "reg_target")
     pos_margin = check_real(pos_margin, "pos_margin")
     neg_margin = check_real(neg_margin, "neg_margin")
-    if not all_finite(batch.x):  # the non-finite rule: NaN, not a collapsed-batch error from the NaN rows
-        return {"L_ctx": nan_loss(batch.x), "L_reg": nan_loss(batch.x), "L_con": nan_loss(batch.x)}
+    # the non-finite rule: NaN (with NaN gradients), not a collapsed-batch error from the NaN rows
+    finite = torch.isfinite(batch.x).all()
     S = _similarity_matrix(batch, normalize)
     same = batch.labels[:, None] == batch.labels[None, :]  # diagonal included
-    L_ctx = _context_forward(S, same, k, eps, ste_slope)["L_ctx"]
+    L_ctx = _context_forward(S, same, k, eps, ste_slope, finite)["L_ctx"]
     L_reg = (S.mean() - reg_target) ** 2  # 9. diagonal included
     L_con = _contrastive_margin_from_S(S, same, ~same, pos_margin, neg_margin)  # 10. = docs/spec.md §2.4 (diag kept)
-    return {"L_ctx": L_ctx, "L_reg": L_reg, "L_con": L_con}
+    return {name: nan_if_nonfinite(term, batch.x) for name, term in
+            (("L_ctx", L_ctx), ("L_reg", L_reg), ("L_con", L_con))}
 
 
 def contextual_loss(
@@ -261,7 +286,7 @@ def contextual_context_grad_closed_form(
     S = _similarity_matrix(batch, normalize)
     B = S.shape[0]
     same = batch.labels[:, None] == batch.labels[None, :]
-    f = _context_forward(S, same, k, eps, ste_slope)
+    f = _context_forward(S, same, k, eps, ste_slope, torch.isfinite(batch.x).all())
     N, P, R, W, Q, js, y = f["N"], f["P"], f["R"], f["W"], f["Q"], f["js"], f["y"]
     a, c, r = f["a"][:, None], f["c"][:, None], f["r"][:, None]
     M = 1.0 - N

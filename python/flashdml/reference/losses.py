@@ -44,23 +44,16 @@ def _temperature(temperature, like: Tensor) -> Tensor:
     return torch.tensor(float(temperature), dtype=like.dtype, device=like.device)
 
 
-def _empty_zero(t: Tensor) -> Tensor:
-    """A 0-dim zero attached to ``t``'s graph with an exactly zero gradient (sum over an empty slice)."""
-    return t.reshape(-1)[:0].sum()
-
-
 def _masked_logsumexp(z: Tensor, mask: Tensor, dim: Optional[int] = None):
     """``log Σ_{mask} exp(z)`` along ``dim`` (all entries when ``dim is None``), plus "the set is non-empty".
 
-    Where the set is empty the returned value is a finite placeholder (0) with zero gradient; the caller must
-    discard it with the returned flag. Masked-out entries get exactly zero gradient.
+    Where the set is empty the returned value is a finite placeholder (the log of the number of entries) with
+    zero gradient; the caller must discard it with the returned flag. Masked-out entries get exactly zero
+    gradient. No branch on the mask's values, so it traces under ``torch.compile(fullgraph=True)``.
     """
-    filled = z.masked_fill(~mask, float("-inf"))
     if dim is None:
-        nonempty = mask.any()
-        if not bool(nonempty):
-            return _empty_zero(z), nonempty
-        return torch.logsumexp(filled.reshape(-1), dim=0), nonempty
+        z, mask, dim = z.reshape(-1), mask.reshape(-1), 0
+    filled = z.masked_fill(~mask, float("-inf"))
     nonempty = mask.any(dim=dim)
     filled = filled.masked_fill(~nonempty.unsqueeze(dim), 0.0)
     return torch.logsumexp(filled, dim=dim), nonempty
@@ -189,7 +182,7 @@ def ntxent(
     tau = _temperature(temperature, S)
     z = S / tau
     pos, neg = _pair_masks(batch)
-    row_lse, row_has_neg = _masked_logsumexp(z, neg, dim=1)  # [B]; placeholder 0 where the row has none
+    row_lse, row_has_neg = _masked_logsumexp(z, neg, dim=1)  # [B]; a placeholder where the row has none
     per_pair = _softplus(row_lse[:, None] - z)  # finite everywhere
     counted = pos & row_has_neg[:, None]  # the others are softplus(-inf) = 0
     return _divide_by_count(per_pair[counted].sum(), pos.sum())
@@ -247,13 +240,13 @@ def cross_example_softmax(
     tau = _temperature(temperature, S)
     z = S / tau
     pos, neg = _pair_masks(batch)
-    if top_k is not None and top_k < int(neg.sum()):
+    if top_k is not None:  # keep the top_k hardest negatives; top_k >= |N| keeps them all (plain XE)
         flat = _global_topk_flat(S, neg, top_k)
-        neg = torch.zeros_like(neg).reshape(-1).index_fill(0, flat, True).reshape(neg.shape)
+        hardest = torch.zeros_like(neg).reshape(-1).index_fill(0, flat, True).reshape(neg.shape)
+        neg = neg & hardest
     lam, has_neg = _masked_logsumexp(z, neg)
-    if not bool(has_neg) or not bool(pos.any()):
-        return _empty_zero(z)
-    return _softplus(lam - z[pos]).mean()
+    mean = _divide_by_count(_softplus(lam - z[pos]).sum(), pos.sum())  # 0 when there is no positive pair
+    return torch.where(has_neg, mean, 0.0)  # no negative pair: 0 (the mean used Λ's placeholder), zero gradient
 
 
 # --------------------------------------------------------------------------------------------------------------

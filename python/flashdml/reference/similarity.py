@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .._math import compute_dtype, l2_normalize
-from .._validation import Batch, check_bool, check_finite_rows, check_positive_int, prepare_batch
+from .._validation import (Batch, _define_check, _is_compiling, check_bool, check_finite_rows, check_positive_int,
+                           prepare_batch)
 
 __all__ = ["similarity", "knn", "hardest_negatives"]
 
@@ -65,21 +66,39 @@ def _pair_masks(batch: Batch, *, keep_diagonal_positive: bool = False) -> Tuple[
 def _global_topk_flat(values: Tensor, mask: Tensor, k: int) -> Tensor:
     """Flat int64 indices ``i*M + j`` of the k largest ``values[mask]``, sorted by (value desc, flat index asc).
 
-    ``torch.nonzero`` lists the candidates in increasing flat index; a stable descending sort by value then
-    keeps the lower flat index first among equal values. The caller checks ``k <= mask.sum()``.
+    ``_row_topk`` on the flattened matrix: every entry is sorted, so the output has a fixed size (no
+    data-dependent candidate list, which ``torch.compile(fullgraph=True)`` could not slice to k). Fewer than k
+    candidates leaves the non-candidates in the last slots (``min(k, B*M)`` slots in all): the callers either
+    check ``k <= mask.sum()`` first or intersect the result with ``mask``.
     """
-    flat_mask = mask.reshape(-1)
-    candidates = torch.nonzero(flat_mask, as_tuple=False).reshape(-1).to(torch.int64)  # ascending
-    cand_values = values.detach().reshape(-1)[candidates]
-    order = torch.sort(cand_values, descending=True, stable=True).indices
-    return candidates[order[:k]]
+    flat = _row_topk(values.reshape(1, -1), mask.reshape(1, -1), min(k, mask.numel()))
+    return flat.reshape(-1)
+
+
+def _raise_unless_enough_negatives(neg: Tensor, k: int) -> None:
+    n_neg = int(neg.sum())
+    if k > n_neg:
+        raise ValueError(f"k = {k} is larger than the number of negative pairs in the batch ({n_neg})")
+
+
+_define_check("reference_negative_pairs", _raise_unless_enough_negatives)  # the same check in a compiled graph
+
+
+def _check_enough_negatives(neg: Tensor, k: int) -> None:
+    """``ValueError`` unless the negative mask ``neg`` has at least ``k`` pairs. Under torch.compile the count
+    cannot reach Python (a host sync), so the check runs as an op when the compiled graph runs."""
+    if _is_compiling():
+        torch.ops.flashdml_checks.reference_negative_pairs(neg, k)
+    else:
+        _raise_unless_enough_negatives(neg, k)
 
 
 def _row_topk(values: Tensor, candidate: Tensor, k: int) -> Tensor:
     """Per row, the column indices (int64 [B, k]) of the k largest candidate values, ties → lower column.
 
     A two-key sort: first a stable descending sort by value, then a stable sort that moves non-candidates to
-    the end (keeping the value order among candidates). Every row must have at least k candidates.
+    the end (keeping the value order among candidates). A row with fewer than k candidates ends with
+    non-candidates.
     """
     order = torch.sort(values.detach(), dim=1, descending=True, stable=True).indices
     not_cand = (~candidate).gather(1, order).to(torch.uint8)
@@ -217,9 +236,7 @@ def hardest_negatives(
     check_finite_rows(batch, "hardest_negatives")
     k = batch.B if k is None else check_positive_int(k, "k")
     _, neg = _pair_masks(batch)
-    n_neg = int(neg.sum())
-    if k > n_neg:
-        raise ValueError(f"k = {k} is larger than the number of negative pairs in the batch ({n_neg})")
+    _check_enough_negatives(neg, k)
     S = _similarity_matrix(batch, normalize)
     flat = _global_topk_flat(S, neg, k)
     M = torch.tensor(batch.M, dtype=torch.int64, device=flat.device)
