@@ -233,3 +233,21 @@ def test_compiled_ops_follow_a_changing_batch_size():
         for n in (16, 24):
             x, _, lab = _inputs(seed=n, n=n)
             torch.testing.assert_close(compiled(x, lab), fn(x, lab), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_compiled_contextual_without_normalize_checks_overflow_when_the_graph_runs(backend):
+    """normalize=False: a row whose squared norm overflows fp32 raises the eager ValueError from the compiled graph
+    (the check is a flashdml_checks op there), and unit rows give eager's value."""
+    x, _, lab = _inputs(seed=5)
+    x = torch.nn.functional.normalize(x, dim=1)
+    fn = _compiled(lambda x, lab: fd.contextual_loss(x, lab, k=4, normalize=False),
+                   "aot_eager" if backend == "reference" else "inductor")
+    with fd.backend(backend):
+        torch.testing.assert_close(fn(x, lab), fd.contextual_loss(x, lab, k=4, normalize=False),
+                                   rtol=2e-5, atol=2e-6)
+        bad = x.clone()
+        bad[3] *= 1e30
+        for run in (fn, lambda x, lab: fd.contextual_loss(x, lab, k=4, normalize=False)):
+            with pytest.raises(ValueError, match=r"normalize=False.*float32; row 3 has norm"):
+                run(bad, lab)

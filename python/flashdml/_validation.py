@@ -226,7 +226,15 @@ def check_unnormalized_rows(x: Tensor, reg_weight: float, reg_target: float, op:
     must fit in fp32: every row's squared norm (the similarities) and the regulariser
     ``reg_weight·(mean(S) − reg_target)²``, which grows as the fourth power of the row norms. A ``ValueError`` naming
     ``normalize=False`` and the offending row or term instead of an overflow inside the op. Rows with a NaN or
-    infinity are left to the non-finite rule. Cost: one O(B·d) float64 pass and one host sync."""
+    infinity are left to the non-finite rule. Cost: one O(B·d) float64 pass and one host sync (under torch.compile
+    the op ``flashdml_checks::unnormalized_rows``, run when the graph runs)."""
+    if _is_compiling():
+        torch.ops.flashdml_checks.unnormalized_rows(x.detach(), float(reg_weight), float(reg_target), op)
+        return
+    _raise_on_unnormalized_rows(x, reg_weight, reg_target, op)
+
+
+def _raise_on_unnormalized_rows(x: Tensor, reg_weight: float, reg_target: float, op: str) -> None:
     xd = x.detach().double()
     finite = torch.isfinite(xd).all(dim=1)
     sq = xd.square().sum(dim=1)
@@ -321,3 +329,4 @@ def _finite_rows_check(x: Tensor, y: Tensor, self_mode: bool, op: str) -> None:
 
 _define_check("temperature", _temperature_check)
 _define_check("finite_rows", _finite_rows_check)
+_define_check("unnormalized_rows", _raise_on_unnormalized_rows)

@@ -132,6 +132,9 @@ def contextual_loss(
     neg_margin = check_real(neg_margin, "neg_margin")
     check_bool(normalize, "normalize")
     ops = _dispatch.select(OP, batch.x)
+    # fp32 arithmetic inside; rows with a NaN or an infinity are left to the non-finite rule below
+    if not normalize and (ops is not None or batch.x.dtype != torch.float64):
+        check_unnormalized_rows(batch.x, reg_weight, reg_target, "contextual_loss")
     if ops is not None and torch.compiler.is_compiling():  # no host sync, no branch on data (ops/traced.py)
         rows, factor = finite_or_stand_in(batch.x)
         loss = ops.contextual_fwd(rows.contiguous(), batch.labels.contiguous(), k, eps, context_weight,
@@ -140,8 +143,6 @@ def contextual_loss(
         return apply_factor(loss, batch.x, factor)
     if ops is not None and not all_finite(batch.x):  # the non-finite rule: NaN, not a collapsed-batch error
         return nan_loss(batch.x)
-    if not normalize and (ops is not None or batch.x.dtype != torch.float64):  # fp32 arithmetic inside
-        check_unnormalized_rows(batch.x, reg_weight, reg_target, "contextual_loss")
     if ops is None:
         return _reference.contextual_loss(
             x, labels, k=k, eps=eps, context_weight=context_weight, contrastive_weight=contrastive_weight,
