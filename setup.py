@@ -5,6 +5,7 @@ Environment:
   CUDA_HOME               CUDA toolkit root (bin/nvcc, include/cuda_runtime.h); detected when unset
   TORCH_CUDA_ARCH_LIST    target GPU architectures, 8.0 and newer (older ones are dropped with a message, see
                           ``cuda_arch_list``); unset: the visible GPUs' architectures, or "8.0;9.0" when none is
+                          visible
   MAX_JOBS                parallel compile jobs for ninja (default: number of CPUs)
 
 Importing this file builds nothing (the build runs under ``__main__``, as setuptools' build backend runs it): the
@@ -87,18 +88,23 @@ def cuda_arch_list(env_value, torch_cuda):
     """The TORCH_CUDA_ARCH_LIST to build the CUDA kernels for, and a message for the build log (or None).
 
     ``env_value``: the user's TORCH_CUDA_ARCH_LIST (None or "" when unset); ``torch_cuda``: the ``torch.cuda``
-    module (queried for the visible GPUs only when ``env_value`` is unset). Returns ``(archs, message)``:
-    ``archs`` is a ";"-separated list of architectures >= 8.0, or None when none is left — then only the CPU
-    kernels are built. Entries below 8.0 (e.g. "7.5", "7.0+PTX", "Volta", a visible T4 / V100) are dropped and
-    named in ``message``; unreadable entries are kept for torch to judge.
+    module (queried for the visible GPUs only when ``env_value`` is unset or "native"). Returns ``(archs,
+    message)``: ``archs`` is the value to give TORCH_CUDA_ARCH_LIST — the list without its entries below 8.0, or
+    "native" (torch's own choice for the visible GPUs) when they are all 8.0 or newer — or None when no
+    architecture is left: then only the CPU kernels are built. Dropped entries (e.g. "7.5", "7.0+PTX", "Volta",
+    a visible T4 / V100) are named in ``message``; unreadable entries are kept for torch to judge.
     """
-    if env_value and env_value.strip():
-        entries = [e for e in re.split(r"[;\s]+", env_value.strip()) if e]
-        source = f"TORCH_CUDA_ARCH_LIST={env_value.strip()!r}"
+    env_value = (env_value or "").strip()
+    if env_value and env_value != "native":
+        entries = [e for e in re.split(r"[;\s]+", env_value) if e]
+        source = f"TORCH_CUDA_ARCH_LIST={env_value!r}"
     elif torch_cuda.is_available() and torch_cuda.device_count() > 0:
         caps = sorted({tuple(torch_cuda.get_device_capability(i)) for i in range(torch_cuda.device_count())})
+        if min(caps) >= MIN_CUDA_ARCH:
+            return "native", None
         entries = [f"{major}.{minor}" for major, minor in caps]
         source = "the visible GPUs (" + ", ".join(entries) + ")"
+        entries[-1] += "+PTX"  # as torch does for the newest visible GPU
     else:
         return DEFAULT_CUDA_ARCHS, None
     keep, dropped = [], []

@@ -81,11 +81,14 @@ def test_visible_gpus(setup_module):
     archs, message = setup_module.cuda_arch_list(None, FakeCuda((7, 5)))
     assert archs is None and "7.5" in message and "the visible GPUs" in message
     assert "only the CPU kernels" in message
-    # an A10 (8.6) next to a V100 (7.0): build for 8.6 only
+    # "native" means the visible GPUs too
+    assert setup_module.cuda_arch_list("native", FakeCuda((7, 0)))[0] is None
+    # an A10 (8.6) next to a V100 (7.0): build for 8.6 only, with PTX as torch adds for the newest GPU
     archs, message = setup_module.cuda_arch_list(None, FakeCuda((8, 6), (7, 0), (8, 6)))
-    assert archs == "8.6" and "7.0" in message
-    # an H100 alone: its architecture, no message
-    assert setup_module.cuda_arch_list("", FakeCuda((9, 0))) == ("9.0", None)
+    assert archs == "8.6+PTX" and "7.0" in message and "building for 8.6+PTX" in message
+    # only supported GPUs (an H100, or an A100 with an L4): torch's own choice for them, no message
+    assert setup_module.cuda_arch_list("", FakeCuda((9, 0))) == ("native", None)
+    assert setup_module.cuda_arch_list("native", FakeCuda((8, 0), (8, 9))) == ("native", None)
 
 
 def test_main_uses_the_choice(setup_module):
