@@ -3,11 +3,14 @@
 Environment:
   FLASHDML_NO_CUDA=1      build the CPU kernels only
   CUDA_HOME               CUDA toolkit root (bin/nvcc, include/cuda_runtime.h); detected when unset
-  TORCH_CUDA_ARCH_LIST    defaults to "8.0;9.0" when unset and no GPU is visible
+  TORCH_CUDA_ARCH_LIST    target GPU architectures, 8.0 and newer (older ones are dropped with a message, see
+                          ``cuda_arch_list``); unset: the visible GPUs' architectures, or "8.0;9.0" when none is
+                          visible
   MAX_JOBS                parallel compile jobs for ninja (default: number of CPUs)
 
 Importing this file builds nothing (the build runs under ``__main__``, as setuptools' build backend runs it): the
-toolkit discovery (``find_cuda_home``) is importable, e.g. by tests/test_cuda_emulation.py.
+toolkit discovery (``find_cuda_home``) and the architecture choice (``cuda_arch_list``) are importable, e.g. by
+tests/test_cuda_emulation.py and tests/test_setup_arch.py.
 """
 from __future__ import annotations
 
@@ -62,6 +65,60 @@ def pip_cuda_include_dirs() -> list[str]:
     return dirs
 
 
+# The CUDA kernels need sm_80 or newer: the bf16 wmma fragments of tile_gemm.cuh do not exist before Ampere, and
+# the CPU and CUDA sources are one extension, so a failed CUDA compile would cost the CPU backend too. Older
+# entries are therefore dropped (with a message) and the rest is built.
+MIN_CUDA_ARCH = (8, 0)
+DEFAULT_CUDA_ARCHS = "8.0;9.0"  # A100, H100: used when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset
+# torch's named architectures (TORCH_CUDA_ARCH_LIST accepts them): the oldest compute capability each stands for
+_NAMED_ARCHS = {"kepler": (3, 5), "maxwell": (5, 0), "pascal": (6, 0), "volta": (7, 0), "turing": (7, 5),
+                "ampere": (8, 0), "ada": (8, 9), "hopper": (9, 0), "blackwell": (10, 0)}
+
+
+def _arch_version(entry: str):
+    """(major, minor) of a TORCH_CUDA_ARCH_LIST entry ("8.6", "8.6+PTX", "9.0a", "Ampere"), None if unreadable."""
+    base = entry.split("+", 1)[0].strip()
+    if base.lower() in _NAMED_ARCHS:
+        return _NAMED_ARCHS[base.lower()]
+    m = re.fullmatch(r"(\d+)\.(\d+)[a-z]?", base)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def cuda_arch_list(env_value, torch_cuda):
+    """The TORCH_CUDA_ARCH_LIST to build the CUDA kernels for, and a message for the build log (or None).
+
+    ``env_value``: the user's TORCH_CUDA_ARCH_LIST (None or "" when unset); ``torch_cuda``: the ``torch.cuda``
+    module (queried for the visible GPUs only when ``env_value`` is unset or "native"). Returns ``(archs,
+    message)``: ``archs`` is the value to give TORCH_CUDA_ARCH_LIST — the list without its entries below 8.0, or
+    "native" (torch's own choice for the visible GPUs) when they are all 8.0 or newer — or None when no
+    architecture is left: then only the CPU kernels are built. Dropped entries (e.g. "7.5", "7.0+PTX", "Volta",
+    a visible T4 / V100) are named in ``message``; unreadable entries are kept for torch to judge.
+    """
+    env_value = (env_value or "").strip()
+    if env_value and env_value != "native":
+        entries = [e for e in re.split(r"[;\s]+", env_value) if e]
+        source = f"TORCH_CUDA_ARCH_LIST={env_value!r}"
+    elif torch_cuda.is_available() and torch_cuda.device_count() > 0:
+        caps = sorted({tuple(torch_cuda.get_device_capability(i)) for i in range(torch_cuda.device_count())})
+        if min(caps) >= MIN_CUDA_ARCH:
+            return "native", None
+        entries = [f"{major}.{minor}" for major, minor in caps]
+        source = "the visible GPUs (" + ", ".join(entries) + ")"
+        entries[-1] += "+PTX"  # as torch does for the newest visible GPU
+    else:
+        return DEFAULT_CUDA_ARCHS, None
+    keep, dropped = [], []
+    for e in entries:
+        v = _arch_version(e)
+        (dropped if v is not None and v < MIN_CUDA_ARCH else keep).append(e)
+    if not dropped:
+        return ";".join(keep), None
+    what = f"dropping CUDA architecture(s) {', '.join(dropped)} from {source}: the CUDA kernels need sm_80 or newer"
+    if not keep:
+        return None, f"flashdml: {what}; none is left, so only the CPU kernels are built"
+    return ";".join(keep), f"flashdml: {what}; building for {';'.join(keep)}"
+
+
 def main() -> None:
     from setuptools import setup
 
@@ -74,8 +131,15 @@ def main() -> None:
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     build_cuda = bool(cuda_home) and torch.version.cuda is not None
-    if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    no_arch = False
+    if build_cuda:
+        archs, message = cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), torch.cuda)
+        if message:
+            print(message, file=sys.stderr)
+        if archs is None:
+            build_cuda, no_arch = False, True
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
 
     # csrc/aten: device-generic ATen code (the contextual sparse stage), in every build
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/aten/*.cpp"))
@@ -98,7 +162,7 @@ def main() -> None:
             extra_link_args=["-fopenmp"],
         )
     else:
-        if want_cuda:
+        if want_cuda and not no_arch:
             reason = "torch has no CUDA" if torch.version.cuda is None else "nvcc / CUDA toolkit not found"
             print(f"flashdml: building the CPU kernels only ({reason})", file=sys.stderr)
         ext = CppExtension(

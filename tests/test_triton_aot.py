@@ -1,10 +1,14 @@
-"""Ahead-of-time compilation of every Triton kernel for A100 (sm_80) and H100 (sm_90), no GPU needed.
+"""Ahead-of-time compilation of every Triton kernel for A100 (sm_80), A10 / L4 / RTX (sm_86) and H100 (sm_90), no
+GPU needed.
 
 Each spec in ``flashdml.triton_kernels._aot.all_specs()`` (the constexpr / dtype combinations the launchers use)
-must compile for both architectures with no register spills, no stack or local memory, at most 255 registers and
-shared memory within the architecture's per-block limit. GEMM kernels must use tensor cores for fp16/bf16:
-``mma.sync`` on sm_80 and ``wgmma`` on sm_90. fp32 GEMM kernels use the exact IEEE dot (``input_precision="ieee"``),
-which Triton lowers to FMA instructions on both architectures — asserted too, so a change shows up.
+must compile for every architecture with no register spills, no stack or local memory, at most 255 registers and
+shared memory within the architecture's per-block limit. sm_86 stands for the smallest supported target: sm_86 /
+sm_89 parts (A10, A40, L4, L40, RTX 30xx / 40xx) allow 99 KiB per block, so a config that fits an A100 or H100 but
+not 99 KiB would fail to launch there (the configs are launched as written on every GPU; the largest use 64 KiB).
+GEMM kernels must use tensor cores for fp16/bf16: ``mma.sync`` on sm_80 / sm_86 and ``wgmma`` on sm_90. fp32 GEMM
+kernels use the exact IEEE dot (``input_precision="ieee"``), which Triton lowers to FMA instructions on every
+architecture — asserted too, so a change shows up.
 The interpreter accepts code the compiler rejects, so this complements tests/test_triton_*.py.
 """
 from __future__ import annotations
@@ -15,18 +19,24 @@ import torch
 from flashdml.triton_kernels import _aot
 
 SPECS = _aot.all_specs()
-ARCHS = (80, 90)
-# Max dynamic shared memory per block: A100 163 KiB, H100 227 KiB.
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+ARCHS = (80, 86, 90)
+# Max dynamic shared memory per block (opt-in): A100 163 KiB, sm_86 / sm_89 99 KiB, H100 227 KiB.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}
+# Spills and stack are asserted for the configs' tuning targets only: for sm_86, ptxas gives a few kernels 8–16 bytes
+# of stack and xent_pos_stats / the fp32 k=64 kNN pass a few spilled bytes (triton 3.8; docs/verification.md §2).
+SPILL_CHECKED = (80, 90)
 
 
 @pytest.fixture(scope="module")
-def aot():
-    """{(spec name, cc): (compiled, resource usage)} for every spec and architecture, compiled once per module."""
+def aot(request):
+    """{(spec name, cc): (compiled, resource usage)} for the (spec, architecture) pairs of the collected
+    test_compiles_without_spills items, compiled once per module in one batch (so ``-k sm86`` compiles for sm_86
+    only)."""
     problem = _aot.toolchain_problem()
     if problem is not None:
         pytest.skip(f"cannot compile Triton kernels ahead of time here: {problem}")
-    items = [(spec, cc) for spec in SPECS for cc in ARCHS]
+    items = [(it.callspec.params["spec"], it.callspec.params["cc"]) for it in request.session.items
+             if getattr(it, "originalname", None) == "test_compiles_without_spills"]
     compiled = _aot.compile_many(items)
     return {(spec.name, cc): (c, _aot.resource_usage(c)) for (spec, cc), c in zip(items, compiled)}
 
@@ -36,8 +46,9 @@ def aot():
 def test_compiles_without_spills(spec, cc, aot):
     compiled, usage = aot[(spec.name, cc)]
     info = f"{spec.name} sm_{cc}: {usage}"
-    assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"register spills: {info}"
-    assert usage["stack"] == 0 and usage["local"] == 0, f"stack / local memory in use: {info}"
+    if cc in SPILL_CHECKED:
+        assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, f"register spills: {info}"
+        assert usage["stack"] == 0 and usage["local"] == 0, f"stack / local memory in use: {info}"
     assert usage["registers"] <= 255, info
     assert usage["shared_dynamic"] + usage["shared"] <= SMEM_LIMIT[cc], f"shared memory over the limit: {info}"
     if not spec.gemm:

@@ -2,7 +2,7 @@
 
 Every kernel module of this package declares a module-level ``AOT_SPECS`` list of :class:`AOTSpec` — one per
 constexpr / dtype combination its launchers can produce. :func:`all_specs` collects them from every module,
-:func:`compile_for` compiles one for a compute capability (80 = A100, 90 = H100) with
+:func:`compile_for` compiles one for a compute capability (80 = A100, 86 = A10 / L4 / RTX, 90 = H100) with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, and :func:`resource_usage` reads registers,
 stack / local memory (``cuobjdump --dump-resource-usage`` on the cubin) and spill bytes (``ptxas -v`` on the same
 PTX with the flags Triton uses). Under ``TRITON_INTERPRET=1`` (the test suite without a GPU) Triton's own library

@@ -32,8 +32,8 @@ Backward (docs/spec.md's closed form, the CPU split of dL_ctx/dS into sparse + r
 ``contextual_stage_grad_parts``): that op applies the sparse part (O(k²) entries per row, masked by the forward's
 clamp flags) with O(nnz·d) gathers; the row-constant part u_i, the label block LB_ij = ρ'_i(κ_j)(c_i − a_j), the
 L_reg constant and the hinge gradients are formed tile by tile in one recompute pass (``_ctx_grad_kernel``, dx and
-dyᵀ variants, fp32 weights, tf32 / ieee dot) and reduced over splits in a fixed order. Deterministic apart from
-the index_add of the sparse stage on CUDA (atomics: last-bit differences). Cost note: each gradient program
+dyᵀ variants, fp32 weights, tf32 / ieee dot) and reduced over splits in a fixed order. Deterministic (the sparse
+stage's sums too: sorted, fixed-order segment sums, no atomics). Cost note: each gradient program
 recomputes its S tiles once per BLOCK_D chunk of d (dx: 128 columns, dy: 32), so for d > 128 the backward does
 several S GEMMs (not tuned on a GPU yet).
 """

@@ -6,6 +6,10 @@
 // dL_ctx/dS) expand each row's list over the lists it touches (`expand`) and sum equal keys in float64
 // (`coalesce`). Counts and the per-entry formulas are the float64 expressions of the CPU stage
 // (csrc/cpu/contextual_sparse.h, contextual_backward.h); only the order of the float64 sums differs (last bits).
+//
+// Deterministic on every device: no index_add_ (atomics on CUDA, whose order changes from run to run). Every
+// scatter-sum goes through `add_at` — a stable sort by target, each run of equal targets summed in order by
+// segment_reduce, one addition per target — so a CUDA run gives the same bits every time.
 #include "contextual_stage.h"
 
 #include <ATen/ATen.h>
@@ -27,6 +31,30 @@ using at::Tensor;
 
 // Entries per gather chunk of apply_sparse: O(kChunk·d) temporary memory.
 constexpr int64_t kChunk = int64_t(1) << 16;
+
+// Σ over runs of equal sorted keys: sums[r] = Σ vals of run r, in the order of vals (segment_reduce: a sequential
+// loop per run on CPU, a fixed-order segmented reduction on CUDA). Returns the run keys and their sums.
+std::pair<Tensor, Tensor> run_sums(const Tensor& sorted_keys, const Tensor& vals) {
+  auto [uk, unused, counts] = at::unique_consecutive(sorted_keys, /*return_inverse=*/false, /*return_counts=*/true);
+  (void)unused;
+  return {uk, at::segment_reduce(vals, "sum", counts, {}, {}, /*axis=*/0, /*unsafe=*/true)};
+}
+
+// out[idx[e]] += src[e] (rows of src for a 2-D out), deterministically: src is ordered by a stable sort of idx, the
+// terms of each target are summed in their original order, and each touched element of out gets one addition.
+// On CPU tensors and a zero out this gives the same sums as index_add_.
+void add_at(Tensor& out, const Tensor& idx, const Tensor& src) {
+  if (idx.numel() == 0) return;
+  auto [sorted, perm] = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  auto [targets, sums] = run_sums(sorted, src.index_select(0, perm));
+  out.index_put_({targets}, out.index_select(0, targets) + sums);  // distinct targets: no accumulation race
+}
+
+Tensor sum_at(int64_t n, const Tensor& idx, const Tensor& src) {  // add_at into zeros [n] (1-D src)
+  Tensor out = at::zeros({n}, src.options());
+  add_at(out, idx, src);
+  return out;
+}
 
 // For counts [n]: (owner, within), Σ counts long: element e belongs to owner[e] at position within[e].
 std::pair<Tensor, Tensor> expand(const Tensor& counts) {
@@ -51,10 +79,8 @@ Tensor lookup(const Tensor& keys, const Tensor& vals, const Tensor& q) {
 
 // Sorted unique keys and the float64 sums of their values.
 std::pair<Tensor, Tensor> coalesce(const Tensor& keys, const Tensor& vals) {
-  auto [uk, inv, unused] = at::_unique2(keys, /*sorted=*/true, /*return_inverse=*/true, /*return_counts=*/false);
-  (void)unused;
-  Tensor sums = at::zeros({uk.numel()}, vals.options().dtype(at::kDouble));
-  return {uk, sums.index_add_(0, inv.reshape(-1), vals.to(at::kDouble))};
+  auto [sorted, perm] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  return run_sums(sorted, vals.to(at::kDouble).index_select(0, perm));
 }
 
 Tensor row_ptr(const Tensor& rows, int64_t B) {
@@ -71,8 +97,8 @@ void apply_sparse(Tensor& out, const Tensor& F, const Tensor& rows, const Tensor
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t len = std::min(kChunk, n - c0);
     const Tensor r = rows.narrow(0, c0, len), c = cols.narrow(0, c0, len), v = vals.narrow(0, c0, len).unsqueeze(1);
-    out.index_add_(0, r, v * F.index_select(0, c));
-    out.index_add_(0, c, v * F.index_select(0, r));
+    add_at(out, r, v * F.index_select(0, c));
+    add_at(out, c, v * F.index_select(0, r));
   }
 }
 
@@ -146,8 +172,7 @@ Context build_context(const Tensor& ptr_in, const Tensor& col_in, const Tensor& 
     auto [owner, within] = expand(cx.cnt.index_select(0, cx.row));
     const Tensor l = cx.col.index_select(0, cx.ptr.index_select(0, cx.row.index_select(0, owner)) + within);
     const Tensor hit = find(cx.key, cx.col.index_select(0, owner) * B + l).second;
-    const Tensor n =
-        at::zeros({cx.col.numel()}, cx.a.options()).index_add_(0, owner, hit.to(at::kDouble));
+    const Tensor n = sum_at(cx.col.numel(), owner, hit.to(at::kDouble));
     cx.w = ctx_h(n, cx.a.index_select(0, cx.row), cx.a.index_select(0, cx.col), double(B));
   }
   {  // Z_ij = (1/r_i) Σ_{l ∈ R(i)} W_lj; js = ½(Z + Zᵀ)
@@ -201,24 +226,25 @@ Parts backward_parts(const Context& cx, const Tensor& cls) {
   const Tensor &row = cx.row, &col = cx.col, &ptr = cx.ptr, &a = cx.a, &c = cx.c, &r = cx.r, &cnt = cx.cnt;
   // gr_i = −Σ_j G_ij Z_ij / r_i
   const Tensor zi = rows_of(cx.z_key, B), zj = cx.z_key - zi * B;
-  const Tensor gr = -at::zeros({B}, dopt).index_add_(0, zi, G(cx, cls, zi, zj, beta) * cx.z_val) / r;
+  const Tensor gr = -sum_at(B, zi, G(cx, cls, zi, zj, beta) * cx.z_val) / r;
   Tensor gwn;
   {  // GW_il = Σ_{m ∈ R(i)} G_ml / r_m on the entries (i, l) of N
     const Tensor r_cnt = cx.r_ptr.narrow(0, 1, B) - cx.r_ptr.narrow(0, 0, B);
     auto [owner, within] = expand(r_cnt.index_select(0, row));
     const Tensor m = cx.r_col.index_select(0, cx.r_ptr.index_select(0, row.index_select(0, owner)) + within);
-    gwn = at::zeros({col.numel()}, dopt)
-              .index_add_(0, owner, G(cx, cls, m, col.index_select(0, owner), beta) / r.index_select(0, m));
+    gwn = sum_at(col.numel(), owner, G(cx, cls, m, col.index_select(0, owner), beta) / r.index_select(0, m));
   }
   // u_a = −(Σ_{l ∈ N(a)} ½ gwn_al / c_a + Σ_{l : a ∈ N(l)} ½ gwn_la / c_l)
   const Tensor cr = c.index_select(0, row);
-  Tensor u = -(at::zeros({B}, dopt).index_add_(0, row, 0.5 * gwn / cr).index_add_(0, col, 0.5 * gwn / cr));
+  Tensor u = sum_at(B, row, 0.5 * gwn / cr);
+  add_at(u, col, 0.5 * gwn / cr);
+  u = -u;
   auto GR = [&](const Tensor& aa, const Tensor& bb) {  // GR_ab = (1/r_a) Σ_{j ∈ N(b), j ≠ a} G_aj W_bj + gr_a
     auto [own, wi] = expand(cnt.index_select(0, bb));
     const Tensor e = ptr.index_select(0, bb.index_select(0, own)) + wi;
     const Tensor ai = aa.index_select(0, own), j = col.index_select(0, e);
     const Tensor term = at::where(j == ai, at::zeros({}, dopt), G(cx, cls, ai, j, beta) * cx.w.index_select(0, e));
-    return at::zeros({aa.numel()}, dopt).index_add_(0, own, term) / r.index_select(0, aa) + gr.index_select(0, aa);
+    return sum_at(aa.numel(), own, term) / r.index_select(0, aa) + gr.index_select(0, aa);
   };
   const Tensor pe = at::nonzero(cx.in_p).reshape(-1);
   const Tensor pr = row.index_select(0, pe), pc = col.index_select(0, pe);
@@ -292,14 +318,16 @@ Tensor apply_grad(const Context& cx, const Tensor& cls, const Parts& p, const Te
   // label block: sv_i(κ) = −(β/2) ρ_i(κ) / c_i; unmasked G F and Gᵀ F of u 1ᵀ + LB by per-class sums
   const Tensor ri = rows_of(p.rho_key, n_cls), rk = p.rho_key - ri * n_cls;
   const Tensor sv = -0.5 * p.beta * p.rho_val / c.index_select(0, ri);
-  const Tensor SF = at::zeros({n_cls, F.size(1)}, dopt).index_add_(0, cls, F);
-  const Tensor SaF = at::zeros({n_cls, F.size(1)}, dopt).index_add_(0, cls, a.unsqueeze(1) * F);
+  Tensor SF = at::zeros({n_cls, F.size(1)}, dopt), SaF = at::zeros({n_cls, F.size(1)}, dopt);
+  add_at(SF, cls, F);
+  add_at(SaF, cls, a.unsqueeze(1) * F);
   const Tensor ci = c.index_select(0, ri).unsqueeze(1);
   Tensor out = u.unsqueeze(1) * F.sum(0, true) + (u.unsqueeze(1) * F).sum(0, true);
-  out.index_add_(0, ri, sv.unsqueeze(1) * (ci * SF.index_select(0, rk) - SaF.index_select(0, rk)));
+  add_at(out, ri, sv.unsqueeze(1) * (ci * SF.index_select(0, rk) - SaF.index_select(0, rk)));
   const Tensor Fi = F.index_select(0, ri);
-  const Tensor A = at::zeros({n_cls, F.size(1)}, dopt).index_add_(0, rk, (sv.unsqueeze(1) * ci) * Fi);
-  const Tensor Bk = at::zeros({n_cls, F.size(1)}, dopt).index_add_(0, rk, sv.unsqueeze(1) * Fi);
+  Tensor A = at::zeros({n_cls, F.size(1)}, dopt), Bk = at::zeros({n_cls, F.size(1)}, dopt);
+  add_at(A, rk, (sv.unsqueeze(1) * ci) * Fi);
+  add_at(Bk, rk, sv.unsqueeze(1) * Fi);
   out += A.index_select(0, cls) - a.unsqueeze(1) * Bk.index_select(0, cls);
   // mask C: −(u_i + LB_ij) on the clamped entries of N, applied with SP
   const Tensor ce = at::nonzero(cx.clamped).reshape(-1);

@@ -4,8 +4,8 @@ The kernels (C++ ``flashdml::knn_fwd`` / ``flashdml::hardest_negatives_fwd``, Tr
 ``flashdml_triton::knn_fwd`` / ``hardest_negatives_fwd``) stream S tile by tile and return the selected values
 and indices; nothing B×M is stored. The values are differentiable: the autograd registered here sends the
 upstream gradient of each selected value ``s = x̂_r · ŷ_c`` to ``x̂_r`` and ``ŷ_c`` (O(k·d) gathers and
-``index_add_``, then back through the normalisation), which is exactly the gradient of the reference's gather
-from S.
+fixed-order sums, then back through the normalisation), which is exactly the gradient of the reference's gather
+from S. The sums are deterministic on every device and independent of the order of the pairs (``pair_grads``).
 
 Values: the returned values are the kernel's own fp32 S entries — the ones the selection was made on, so they
 are sorted exactly as the indices are. A dot product recomputed from the selected pairs (``(x̂[r] * ŷ[c]).sum()``)
@@ -86,17 +86,33 @@ def _normalized(x: Tensor, normalize: bool):
     return l2_normalize(x), row_norms(x)
 
 
+def _add_rows(out: Tensor, idx: Tensor, src: Tensor) -> None:
+    """``out[idx[p]] += src[p]``, each row's terms summed in their order in ``idx``: on CPU ``index_add_`` (a
+    sequential loop); on CUDA ``index_put_(accumulate=True)``, which sorts the indices (stably) and sums each
+    row's run in a fixed order, where ``index_add_`` would use atomics in a run-dependent order."""
+    if out.device.type == "cpu":
+        out.index_add_(0, idx, src)
+    else:
+        out.index_put_((idx,), src, accumulate=True)
+
+
 def pair_grads(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor, grad: Tensor, normalize: bool):
     """``(dx, dy)`` of ``Σ_p grad_p · x̂[rows_p] · ŷ[cols_p]`` (input dtypes), through the normalisation;
-    in chunks of pairs, O((B + M)·d + _CHUNK·d) memory."""
+    in chunks of pairs, O((B + M)·d + _CHUNK·d) memory.
+
+    Bit-reproducible: the pairs are put in one canonical order first — by (row, col) for ``dx``, by (col, row)
+    for ``dy`` — and each output row's terms are summed in that order, so the result is the same from run to run
+    on a GPU and whatever order the pairs come in (for distinct pairs, as every caller passes)."""
     xh, _ = _normalized(x, normalize)
     yh = xh if y is x else _normalized(y, normalize)[0]
     dxh, dyh = torch.zeros_like(xh), torch.zeros_like(yh)
     g = grad.reshape(-1).float()
-    for c0 in range(0, rows.shape[0], _CHUNK):
-        r, c, gc = rows[c0:c0 + _CHUNK], cols[c0:c0 + _CHUNK], g[c0:c0 + _CHUNK, None]
-        dxh.index_add_(0, r, gc * yh[c])
-        dyh.index_add_(0, c, gc * xh[r])
+    rows, cols = rows.reshape(-1).long(), cols.reshape(-1).long()
+    for out, idx, other, src, n_other in ((dxh, rows, cols, yh, yh.shape[0]), (dyh, cols, rows, xh, xh.shape[0])):
+        order = torch.sort(idx * n_other + other, stable=True).indices
+        for c0 in range(0, order.shape[0], _CHUNK):
+            p = order[c0:c0 + _CHUNK]
+            _add_rows(out, idx[p], g[p, None] * src[other[p]])
     if normalize:
         return normalized_rows_backward(dxh, x), normalized_rows_backward(dyh, y)
     return dxh.to(x.dtype), dyh.to(y.dtype)
