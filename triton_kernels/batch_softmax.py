@@ -236,7 +236,7 @@ def _grad_finalize_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for s in range(0, n_splits):
         acc += tl.load(part_ptr + src, mask=ok, other=0.0)
-        src += B.to(tl.int64) * DP
+        src += tl.cast(B, tl.int64) * DP  # tl.cast: B may be the constant 1 (see _aot.int_one_variant)
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], (acc * (g * coef / tau)).to(out_ptr.dtype.element_ty),
              mask=ok)
     if DTEMP:

@@ -139,7 +139,7 @@ def _hneg_pass_kernel(
         r_eq = tl.load(state_ptr + 2)
         cell = rows.to(tl.int64) * n_splits + pid_s
         at_gt = tl.load(base_ptr + cell, mask=row_ok, other=0)
-        at_eq = tl.load(base_ptr + B.to(tl.int64) * n_splits + cell, mask=row_ok, other=0)
+        at_eq = tl.load(base_ptr + tl.cast(B, tl.int64) * n_splits + cell, mask=row_ok, other=0)
     n_lo = pid_s * cols_per_split
     n_hi = tl.minimum(n_lo + cols_per_split, M)
     for start_n in range(n_lo, n_hi, BLOCK_N):
@@ -178,7 +178,7 @@ def _hneg_pass_kernel(
     if PASS == 1:
         cell = rows.to(tl.int64) * n_splits + pid_s
         tl.store(cnt_ptr + cell, n_gt, mask=row_ok)
-        tl.store(cnt_ptr + B.to(tl.int64) * n_splits + cell, n_eq, mask=row_ok)
+        tl.store(cnt_ptr + tl.cast(B, tl.int64) * n_splits + cell, n_eq, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------
