@@ -36,12 +36,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, torch_dtype_names
+from ._tiles import wrap_triton
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tile configurations (what production launches use; AOT_SPECS below is generated from the same tables, and

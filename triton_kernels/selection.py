@@ -50,13 +50,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
-from ._tiles import s_tile
+from ._tiles import s_tile, wrap_triton
 from ._topk import MERGE_ROWS, NO_KEY, knn_merge_kernel, merge_sorted, ordered_u32, pack_key, row_topk
 
 # Tile configurations (AOT_SPECS below is generated from them; tests/test_triton_aot.py compiles every one for
