@@ -119,7 +119,8 @@ def _hneg_pass_kernel(
     HIST: hist[(key >> bin_shift) % 2^(match_shift - bin_shift)] += 1 for keys with key >> match_shift == state[0].
     COUNT: cnt[0 / 1, i, split] = number of negatives of row i in the split with key > / == T = state[0].
     COLLECT: writes S and the flat index of each key > T at slot base[0, i, split] + (rank in the row's split) and
-    of each key == T with rank base[1, i, split] + (rank) < r = state[2] at slot c_gt + rank (c_gt = state[1]).
+    of each key == T with rank base[1, i, split] + (rank) < r = state[2] at slot c_gt + rank (c_gt = state[1]);
+    slots of keys > T at or past c_gt are not written (k = c_gt + r: nothing lands at or past k).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -164,8 +165,12 @@ def _hneg_pass_kernel(
             both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
             before = tl.cumsum(both, 1) - both
             rank_eq = at_eq[:, None] + (before >> 16)
-            take = gt | (eq & (rank_eq < r_eq))
-            slot = tl.where(gt, at_gt[:, None] + (before & 65535), c_gt + rank_eq)
+            slot_gt = at_gt[:, None] + (before & 65535)
+            # keys > T own slots [0, c_gt), keys == T [c_gt, c_gt + r_eq) = [c_gt, k): each store is bounded by
+            # its region, so if this pass's S disagreed with the COUNT / HIST passes' (separately compiled), an
+            # entry would be dropped, never written past k or over the other region
+            take = (gt & (slot_gt < c_gt)) | (eq & (rank_eq < r_eq))
+            slot = tl.where(gt, slot_gt, c_gt + rank_eq)
             flat = rows.to(tl.int64)[:, None] * M + cols[None, :]
             tl.store(val_ptr + slot, tl.where(s == 0.0, 0.0, s), mask=take)
             tl.store(flat_ptr + slot, flat, mask=take)
