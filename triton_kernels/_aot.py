@@ -7,7 +7,9 @@ constexpr / dtype combination its launchers can produce. :func:`all_specs` colle
 stack / local memory (``cuobjdump --dump-resource-usage`` on the cubin) and spill bytes (``ptxas -v`` on the same
 PTX with the flags Triton uses). Under ``TRITON_INTERPRET=1`` (the test suite without a GPU) Triton's own library
 functions are interpreter objects and nothing can be compiled in-process, so :func:`compile_many` / :func:`compile_for`
-then compile in subprocesses started without that variable.
+then compile in subprocesses started without that variable. :func:`int_one_specs` adds the variants Triton's JIT
+builds at run time when an integer argument is 1 (it becomes a constant); they are checked through Triton's front
+end only (``compile_many(..., upto="ttir")``).
 """
 from __future__ import annotations
 
