@@ -63,6 +63,58 @@ def test_compiles_without_spills(spec, cc, aot):
         assert not _aot.has_wgmma(compiled) and not _aot.has_mma(compiled), spec.name
 
 
+# Every integer argument of every kernel also compiled as the constant 1, as Triton's JIT specialises it at run
+# time (flashdml.triton_kernels._aot.int_one_variant): one variant per (kernel, constexprs, argument), 330-odd.
+# They go through Triton's front end only (AST -> Triton IR plus its passes, upto="ttir"), for one architecture:
+# that is where a constant argument is folded in and where code such as `B.to(tl.int64)` fails, it is the same
+# for every target, and it costs about a twentieth of a full compile (the full compiles of all variants took
+# over 10 minutes on the 2-core development machines). Compile success only: a constant 1 folds code away;
+# the resource checks above cover the general variant.
+INT_ONE = _aot.int_one_specs(SPECS)
+INT_ONE_ARCH = 90
+
+
+@pytest.fixture(scope="module")
+def aot_int_one():
+    """{variant name: compiled kernel or CompileFailure} for every int-one variant on INT_ONE_ARCH."""
+    problem = _aot.toolchain_problem()
+    if problem is not None:
+        pytest.skip(f"cannot compile Triton kernels ahead of time here: {problem}")
+    compiled = _aot.compile_many([(spec, INT_ONE_ARCH) for spec in INT_ONE], errors="return", upto="ttir")
+    return {spec.name: c for spec, c in zip(INT_ONE, compiled)}
+
+
+@pytest.mark.parametrize("spec", INT_ONE, ids=lambda s: s.name)
+def test_compiles_with_integer_argument_one(spec, aot_int_one):
+    result = aot_int_one[spec.name]
+    assert not isinstance(result, _aot.CompileFailure), f"{spec.name} sm_{INT_ONE_ARCH}: {result.error}"
+    assert "tt.func" in result.ttir, spec.name
+
+
+def test_int_one_variants_follow_triton():
+    """The variants assume what Triton 3.8's JIT does with an integer argument: the value 1 becomes a constexpr,
+    other values stay runtime i32 (16-divisible ones with a hint). If a Triton upgrade changes that, this fails
+    and the variants must be revisited. Every integer argument of every kernel gets a variant."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    def kind(v):
+        return native_specialize_impl(CUDABackend, v, False, True, True)
+
+    assert kind(1) == ("constexpr", 1)
+    assert kind(2) == ("i32", "") and kind(16) == ("i32", "D") and kind(0) == ("i32", "D")
+    # do_not_specialize turns the constant off (not used by the kernels: they are written to compile either way)
+    assert native_specialize_impl(CUDABackend, 1, False, False, True)[0] == "i32"
+
+    wanted = {(_aot._jit_function(s.kernel).fn, a) for s in SPECS for a, t in s.signature.items()
+              if t in ("i32", "i64")}
+    got = {(_aot._jit_function(v.kernel).fn, v.name.rsplit("@", 1)[1][:-2]) for v in INT_ONE}
+    assert wanted == got and len(wanted) > 50
+    for v in INT_ONE:
+        arg = v.name.rsplit("@", 1)[1][:-2]
+        assert v.constexprs[arg] == 1 and arg not in v.signature and arg not in v.aligned
+
+
 def test_every_kernel_has_a_spec():
     """Each @triton.jit kernel defined in a kernel module is covered by that module's AOT_SPECS."""
     import importlib

@@ -348,3 +348,37 @@ def test_normalize_flag_on_raw_rows(mode):
     torch.testing.assert_close(vals.double(), rv, atol=tol(torch.float32), rtol=0)
     assert (lab[r] != rlab[c]).all() and (r * S.shape[1] + c).unique().numel() == kn
     torch.testing.assert_close(S[r, c], rv, atol=2 * tol(torch.float32), rtol=0)
+
+
+@pytest.mark.parametrize("c_gt, r_eq", [(3, 1), (0, 2)])
+def test_hneg_collect_never_writes_past_k(c_gt, r_eq):
+    """Issue 16 item 6: the collect pass is told (state) that c_gt keys lie above the threshold T and r_eq keys at
+    T belong to the top k = c_gt + r_eq, but every one of the B·M negatives here is above T (T = 0 is below every
+    key), as if a separately compiled pass had computed different S values. Its stores must stay inside the k
+    slots: the outputs get a poisoned guard region after slot k that must come back untouched, and the slots
+    for keys > T must hold real entries (slots [c_gt, k) belong to keys == T, of which there are none)."""
+    B, M, d, guard = 5, 9, 16, 40
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, d, generator=g).to(DEVICE)
+    y = torch.randn(M, d, generator=g).to(DEVICE)
+    key_x = torch.arange(B, dtype=torch.int32, device=DEVICE)  # all labels distinct: every pair is a negative
+    key_y = torch.arange(B, B + M, dtype=torch.int32, device=DEVICE)
+    k = c_gt + r_eq
+    state = torch.tensor([0, c_gt, r_eq], dtype=torch.int64, device=DEVICE)
+    base = torch.zeros((2, B, 1), dtype=torch.int64, device=DEVICE)
+    unused = torch.zeros((sel.NBINS,), dtype=torch.int64, device=DEVICE)
+    cnt = torch.zeros((2, B, 1), dtype=torch.int32, device=DEVICE)
+    values = torch.full((k + guard,), -123.0, dtype=torch.float32, device=DEVICE)
+    flat = torch.full((k + guard,), -7777777, dtype=torch.int64, device=DEVICE)
+    cfg = sel.HNEG_CONFIGS[torch.float32]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    sel._hneg_pass_kernel[(-(-B // bm), 1)](
+        x, y, key_x, key_y, state, unused, cnt, base, values, flat, B, M, d, -(-M // bn) * bn, 1, 0, 0, 0,
+        PASS=sel.COLLECT, PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], NBINS=sel.NBINS,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    values, flat = values.cpu(), flat.cpu()
+    assert (values[k:] == -123.0).all() and (flat[k:] == -7777777).all(), (values, flat)
+    s = (x.double() @ y.double().T).cpu().flatten()
+    assert ((flat[:c_gt] >= 0) & (flat[:c_gt] < B * M)).all(), flat
+    assert torch.allclose(values[:c_gt].double(), s[flat[:c_gt]], atol=1e-4)
+    assert (values[c_gt:k] == -123.0).all() and (flat[c_gt:k] == -7777777).all()

@@ -7,7 +7,9 @@ constexpr / dtype combination its launchers can produce. :func:`all_specs` colle
 stack / local memory (``cuobjdump --dump-resource-usage`` on the cubin) and spill bytes (``ptxas -v`` on the same
 PTX with the flags Triton uses). Under ``TRITON_INTERPRET=1`` (the test suite without a GPU) Triton's own library
 functions are interpreter objects and nothing can be compiled in-process, so :func:`compile_many` / :func:`compile_for`
-then compile in subprocesses started without that variable.
+then compile in subprocesses started without that variable. :func:`int_one_specs` adds the variants Triton's JIT
+builds at run time when an integer argument is 1 (it becomes a constant); they are checked through Triton's front
+end only (``compile_many(..., upto="ttir")``).
 """
 from __future__ import annotations
 
@@ -80,6 +82,47 @@ def gemm_specs(name: str, kernel, signature: dict, cfg: dict, dtype: str, conste
     return with_alignments(spec, always, batch)
 
 
+INT_ONE_SEP = "@"  # int_one_variant names: "<spec name>@<argument>=1"
+
+
+def int_one_variant(spec: AOTSpec, arg: str) -> AOTSpec:
+    """``spec`` with the integer argument ``arg`` turned into the compile-time constant 1.
+
+    At run time Triton's JIT does exactly this to every integer argument whose value is 1 (Triton 3.8:
+    ``specialize_impl`` returns ``("constexpr", 1)`` for it, while other integers only get a divisibility-by-16
+    hint), so a launch with B = 1, one split, ... compiles this variant. Code that treats the argument as a
+    tensor (``B.to(tl.int64)``) fails to compile there, and neither the interpreter (which passes every scalar
+    as a tensor) nor the plain specs (which type every integer as ``i32``) would notice.
+    """
+    if spec.signature.get(arg) not in ("i32", "i64"):
+        raise ValueError(f"{spec.name}: {arg!r} is not an integer runtime argument")
+    signature = {k: v for k, v in spec.signature.items() if k != arg}
+    constexprs = dict(spec.constexprs)
+    constexprs[arg] = 1
+    aligned = spec.aligned
+    if aligned is None:
+        aligned = tuple(n for n, t in spec.signature.items() if t.startswith("*") or t in ("i32", "i64"))
+    aligned = tuple(n for n in aligned if n != arg)
+    return dataclasses.replace(spec, name=f"{spec.name}{INT_ONE_SEP}{arg}=1", signature=signature,
+                               constexprs=constexprs, aligned=aligned)
+
+
+def int_one_specs(specs: Optional[list] = None) -> list[AOTSpec]:
+    """The :func:`int_one_variant` of every integer argument, for one spec per distinct (kernel, constexprs).
+
+    Specs that differ only in dtype or alignment hints run the same code paths (no kernel branches on a dtype),
+    so one representative of each group keeps the number of extra compiles down; every constexpr combination
+    is kept, since a constexpr can switch code on or off.
+    """
+    specs = all_specs() if specs is None else specs
+    chosen: dict = {}
+    for spec in specs:
+        key = (_jit_function(spec.kernel).fn, tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())))
+        chosen.setdefault(key, spec)
+    return [int_one_variant(spec, arg) for spec in chosen.values()
+            for arg, t in spec.signature.items() if t in ("i32", "i64")]
+
+
 _JIT_CACHE: dict = {}
 
 
@@ -124,12 +167,44 @@ def compile_for(spec: AOTSpec, cc: int):
     return _compile_here(spec, cc)
 
 
-def compile_many(items, jobs: Optional[int] = None) -> list:
+@dataclasses.dataclass
+class CompileFailure:
+    """What :func:`compile_many` returns with ``errors="return"`` for a spec that does not compile."""
+
+    name: str
+    cc: int
+    error: str
+
+
+def _compile_or_failure(spec: AOTSpec, cc: int, upto: str = "cubin"):
+    try:
+        return _compile_here(spec, cc, upto)
+    except Exception as exc:  # noqa: BLE001 -- any compiler error is the result
+        return CompileFailure(spec.name, cc, f"{type(exc).__name__}: {exc}"[-4000:])
+
+
+def compile_many(items, jobs: Optional[int] = None, errors: str = "raise", upto: str = "cubin") -> list:
     """Compile ``[(spec, cc), ...]``; under the interpreter in ``jobs`` parallel subprocesses without
-    TRITON_INTERPRET (specs are looked up there by name in :func:`all_specs`)."""
+    TRITON_INTERPRET (specs are looked up there by name in :func:`all_specs` and :func:`int_one_specs`).
+    ``errors="return"``: a spec that fails to compile gives a :class:`CompileFailure` in its place instead of
+    raising, so a caller can report every failure. ``upto="ttir"``: run only Triton's front end (see
+    :func:`_compile_here`) and return :class:`FrontEnd` results."""
     items = list(items)
+    if errors not in ("raise", "return"):
+        raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+    if upto not in ("cubin", "ttir"):
+        raise ValueError(f"upto must be 'cubin' or 'ttir', got {upto!r}")
     if not interpreting():
-        return [_compile_here(spec, cc) for spec, cc in items]
+        results = [_compile_or_failure(spec, cc, upto) for spec, cc in items]
+    else:
+        results = _compile_in_subprocesses(items, jobs, upto)
+    failed = [r for r in results if isinstance(r, CompileFailure)]
+    if failed and errors == "raise":
+        raise RuntimeError("AOT compile failed:\n" + "\n".join(f"{f.name} sm_{f.cc}: {f.error}" for f in failed))
+    return results
+
+
+def _compile_in_subprocesses(items: list, jobs: Optional[int], upto: str) -> list:
     jobs = max(1, min(jobs or min(2, os.cpu_count() or 1), len(items)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     chunks = [items[i::jobs] for i in range(jobs)]
@@ -138,7 +213,7 @@ def compile_many(items, jobs: Optional[int] = None) -> list:
         procs = []
         for i, chunk in enumerate(chunks):
             out = os.path.join(tmp, f"out{i}.pkl")
-            request = json.dumps([[spec.name, cc] for spec, cc in chunk])
+            request = json.dumps({"upto": upto, "items": [[spec.name, cc] for spec, cc in chunk]})
             proc = subprocess.Popen([sys.executable, "-m", __name__, out], env=env, stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             proc.stdin.write(request)
@@ -153,10 +228,21 @@ def compile_many(items, jobs: Optional[int] = None) -> list:
     return [results[(spec.name, cc)] for spec, cc in items]
 
 
-def _compile_here(spec: AOTSpec, cc: int):
+@dataclasses.dataclass
+class FrontEnd:
+    """What a front-end-only compile (``upto="ttir"``) returns: the kernel's Triton IR after the TTIR passes."""
+
+    ttir: str
+
+
+def _compile_here(spec: AOTSpec, cc: int, upto: str = "cubin"):
+    """``triton.compile`` of ``spec`` for ``cc``; ``upto="ttir"`` stops after Triton's front end (the Python AST to
+    Triton IR code generation, where constexpr arguments are folded in and a misuse such as ``.to`` on a constant
+    fails, plus the target-independent TTIR passes): about a twentieth of the time of a full compile."""
     import triton
+    from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
     fn = _jit_function(spec.kernel)
     signature = {}
@@ -177,7 +263,19 @@ def _compile_here(spec: AOTSpec, cc: int):
     attrs = {(fn.arg_names.index(n),): _ALIGN for n in aligned}
     src = ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
     target = GPUTarget("cuda", cc, 32)
-    return triton.compile(src, target=target, options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if upto == "cubin":
+        return triton.compile(src, target=target, options=options)
+    backend = make_backend(target)
+    opts = backend.parse_options(options)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), context)
+    stages: dict = {}
+    backend.add_stages(stages, opts, src.language)
+    module = stages["ttir"](module, {})
+    return FrontEnd(ttir=str(module))
 
 
 def _tool(name: str) -> str:
@@ -272,12 +370,18 @@ def all_specs() -> list[AOTSpec]:
 
 
 def _main(out_path: str) -> None:
-    """Subprocess entry: read [[spec name, cc], ...] on stdin, pickle {(name, cc): CompiledArtifacts} to out_path."""
+    """Subprocess entry: read {"upto": ..., "items": [[spec name, cc], ...]} on stdin, pickle {(name, cc):
+    CompiledArtifacts, FrontEnd or CompileFailure} to out_path."""
     request = json.loads(sys.stdin.read())
-    by_name = {s.name: s for s in all_specs()}
+    upto = request["upto"]
+    specs = all_specs()
+    by_name = {s.name: s for s in specs + int_one_specs(specs)}
     results = {}
-    for name, cc in request:
-        compiled = _compile_here(by_name[name], int(cc))
+    for name, cc in request["items"]:
+        compiled = _compile_or_failure(by_name[name], int(cc), upto)
+        if isinstance(compiled, (CompileFailure, FrontEnd)):
+            results[(name, int(cc))] = compiled
+            continue
         meta = types.SimpleNamespace(shared=getattr(compiled.metadata, "shared", 0), name=compiled.metadata.name)
         results[(name, int(cc))] = CompiledArtifacts(
             asm={"ptx": compiled.asm["ptx"], "cubin": compiled.asm["cubin"]}, metadata=meta)

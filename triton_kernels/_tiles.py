@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .._math import normalized_rows, normalized_rows_backward
 
@@ -102,6 +103,42 @@ def hinge_finalize_kernel(psum_ptr, pcnt_ptr, loss_ptr, sums_ptr, counts_ptr, n_
     tl.store(sums_ptr + 1, ns.to(tl.float32))
     tl.store(counts_ptr, pc)
     tl.store(counts_ptr + 1, nc)
+
+
+def launch_device(args) -> Optional[torch.device]:
+    """The device of the first tensor among a launch's arguments (every kernel's first argument is a tensor)."""
+    for a in args:
+        if isinstance(a, Tensor):
+            return a.device
+    return None
+
+
+class wrap_triton:  # noqa: N801 -- a drop-in for torch.library.wrap_triton, same call syntax
+    """``torch.library.wrap_triton(kernel)`` whose eager launches run on the device of their tensors.
+
+    Triton launches on the *current* CUDA device and its current stream, not on the device of the pointers it
+    is given, so ``wrap_triton(k)[grid](x_on_cuda1, ...)`` with device 0 current would run on the wrong device
+    and stream. Every launcher of this package imports this class instead of torch's function, so each launch
+    goes through one ``torch.cuda.device(...)`` guard here (tests/test_triton_schemas.py checks both). Under
+    ``torch.compile`` / export tracing and for fake or non-CUDA tensors there is nothing to guard and the
+    launch is torch's unchanged (Inductor places the device guards of the code it generates itself).
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self._wrapped = torch.library.wrap_triton(kernel)
+
+    def __getitem__(self, grid):
+        run = self._wrapped[grid]
+
+        def launch(*args, **kwargs):
+            device = launch_device(args)
+            if device is None or device.type != "cuda" or torch.compiler.is_compiling() \
+                    or any(is_fake(a) for a in args if isinstance(a, Tensor)):
+                return run(*args, **kwargs)
+            with torch.cuda.device(device):
+                return run(*args, **kwargs)
+        return launch
 
 
 def precision(dtype: torch.dtype) -> str:

@@ -121,7 +121,7 @@ def knn_merge_kernel(part_ptr, val_ptr, idx_ptr, bound_ptr, B, n_splits, k_total
     at = part_ptr + rows.to(tl.int64)[:, None] * K + (K - 1 - j)[None, :]  # each list read ascending
     for s in range(0, n_splits):
         run = merge_sorted(run, tl.load(at, mask=row_ok[:, None], other=NO_KEY))
-        at += B.to(tl.int64) * K
+        at += tl.cast(B, tl.int64) * K  # tl.cast, not .to: B = 1 arrives as a constant
     out = rows.to(tl.int64)[:, None] * k_total + col_off + j[None, :]
     ok = row_ok[:, None] & (j[None, :] < n_take)
     tl.store(val_ptr + out, key_value(run), mask=ok)

@@ -36,12 +36,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, torch_dtype_names
+from ._tiles import wrap_triton
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tile configurations (what production launches use; AOT_SPECS below is generated from the same tables, and
@@ -236,7 +236,7 @@ def _grad_finalize_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for s in range(0, n_splits):
         acc += tl.load(part_ptr + src, mask=ok, other=0.0)
-        src += B.to(tl.int64) * DP
+        src += tl.cast(B, tl.int64) * DP  # tl.cast: B may be the constant 1 (see _aot.int_one_variant)
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], (acc * (g * coef / tau)).to(out_ptr.dtype.element_ty),
              mask=ok)
     if DTEMP:

@@ -45,13 +45,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .. import _debug, _math
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
-from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile
+from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile, wrap_triton
 from ._topk import merge_sorted, row_topk
 from .selection import KNN_CONFIGS, knn_impl
 

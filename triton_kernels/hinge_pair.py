@@ -39,13 +39,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
-from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile
+from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile, wrap_triton
 from .batch_softmax import finalize_grad
 from .xent import BWD_CONFIGS, LSE_CONFIGS
 

@@ -40,13 +40,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
-from ._tiles import s_tile
+from ._tiles import s_tile, wrap_triton
 from ._topk import MERGE_ROWS, NO_KEY, knn_merge_kernel, merge_sorted, pack_key, row_topk
 
 PAIR_BINS = 1 << 16  # fine grid (csrc/include/flashdml/histogram.h)

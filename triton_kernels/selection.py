@@ -50,13 +50,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
-from torch.library import wrap_triton
 
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
-from ._tiles import s_tile
+from ._tiles import s_tile, wrap_triton
 from ._topk import MERGE_ROWS, NO_KEY, knn_merge_kernel, merge_sorted, ordered_u32, pack_key, row_topk
 
 # Tile configurations (AOT_SPECS below is generated from them; tests/test_triton_aot.py compiles every one for
@@ -120,7 +119,8 @@ def _hneg_pass_kernel(
     HIST: hist[(key >> bin_shift) % 2^(match_shift - bin_shift)] += 1 for keys with key >> match_shift == state[0].
     COUNT: cnt[0 / 1, i, split] = number of negatives of row i in the split with key > / == T = state[0].
     COLLECT: writes S and the flat index of each key > T at slot base[0, i, split] + (rank in the row's split) and
-    of each key == T with rank base[1, i, split] + (rank) < r = state[2] at slot c_gt + rank (c_gt = state[1]).
+    of each key == T with rank base[1, i, split] + (rank) < r = state[2] at slot c_gt + rank (c_gt = state[1]);
+    slots of keys > T at or past c_gt are not written (k = c_gt + r: nothing lands at or past k).
     """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -139,7 +139,7 @@ def _hneg_pass_kernel(
         r_eq = tl.load(state_ptr + 2)
         cell = rows.to(tl.int64) * n_splits + pid_s
         at_gt = tl.load(base_ptr + cell, mask=row_ok, other=0)
-        at_eq = tl.load(base_ptr + B.to(tl.int64) * n_splits + cell, mask=row_ok, other=0)
+        at_eq = tl.load(base_ptr + tl.cast(B, tl.int64) * n_splits + cell, mask=row_ok, other=0)
     n_lo = pid_s * cols_per_split
     n_hi = tl.minimum(n_lo + cols_per_split, M)
     for start_n in range(n_lo, n_hi, BLOCK_N):
@@ -165,8 +165,12 @@ def _hneg_pass_kernel(
             both = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
             before = tl.cumsum(both, 1) - both
             rank_eq = at_eq[:, None] + (before >> 16)
-            take = gt | (eq & (rank_eq < r_eq))
-            slot = tl.where(gt, at_gt[:, None] + (before & 65535), c_gt + rank_eq)
+            slot_gt = at_gt[:, None] + (before & 65535)
+            # keys > T own slots [0, c_gt), keys == T [c_gt, c_gt + r_eq) = [c_gt, k): each store is bounded by
+            # its region, so if this pass's S disagreed with the COUNT / HIST passes' (separately compiled), an
+            # entry would be dropped, never written past k or over the other region
+            take = (gt & (slot_gt < c_gt)) | (eq & (rank_eq < r_eq))
+            slot = tl.where(gt, slot_gt, c_gt + rank_eq)
             flat = rows.to(tl.int64)[:, None] * M + cols[None, :]
             tl.store(val_ptr + slot, tl.where(s == 0.0, 0.0, s), mask=take)
             tl.store(flat_ptr + slot, flat, mask=take)
@@ -178,7 +182,7 @@ def _hneg_pass_kernel(
     if PASS == 1:
         cell = rows.to(tl.int64) * n_splits + pid_s
         tl.store(cnt_ptr + cell, n_gt, mask=row_ok)
-        tl.store(cnt_ptr + B.to(tl.int64) * n_splits + cell, n_eq, mask=row_ok)
+        tl.store(cnt_ptr + tl.cast(B, tl.int64) * n_splits + cell, n_eq, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------

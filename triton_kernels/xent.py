@@ -44,13 +44,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
-from ._tiles import s_tile, sp_sig
+from ._tiles import s_tile, sp_sig, wrap_triton
 from .batch_softmax import finalize_grad
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ static __global__ void __launch_bounds__(kMergeRows, 1)
 //    == T (c = 1), T = state[0].
 //  kPass 2 (collect): each key > T goes to slot base[(0 B + row) nsplit + s] + (its rank among the row's keys > T
 //    in the split, in column order); each key == T with rank e = base[(1 B + row) nsplit + s] + (rank) < state[3]
-//    goes to slot state[2] + e. values[slot] = S, flat[slot] = row M + col.
+//    goes to slot state[2] + e. values[slot] = S, flat[slot] = row M + col. A key > T whose slot would reach
+//    state[2] is not written: every store stays below k = state[2] + state[3].
 // Shared memory: staging + St + 64 column labels + (pass 0) 2048-bin histogram + 2 x 256 int64 rank counts:
 // at most 40448 B (fp16 / bf16 histogram pass), static.
 template <typename T, int kPass>
@@ -212,7 +213,10 @@ __global__ void __launch_bounds__(kThreads, 2)
             const uint64_t key = order_key(s);
             int64_t slot = -1;
             if (key > thr) {
-              slot = at_gt++;
+              // keys > T own slots [0, state[2]), keys == T [state[2], state[2] + state[3]) = [.., k): bounded
+              // stores, so a pass whose S disagreed with the count pass's drops entries instead of writing past k
+              if (at_gt < slot_eq0) slot = at_gt;
+              ++at_gt;
             } else if (key == thr) {
               if (at_eq < r_eq) slot = slot_eq0 + at_eq;
               ++at_eq;
