@@ -21,6 +21,13 @@ def parse(argv):
                       help="one small shape of every op, a short timing budget: under 5 minutes on 2 cores "
                       "(`make bench`; the default)")
     mode.add_argument("--full", action="store_const", dest="mode", const="full", help="every shape of every op")
+    ap.add_argument("--gpu", action="store_true",
+                    help="only the CUDA providers (reference-cuda, torch.compile(reference)-cuda, flashdml-triton, "
+                    "flashdml-cuda) in fp32, TF32 and bf16, at GPU batch sizes up to 32768 (benchmarks/gpu.py); "
+                    "with --quick (the default) about 4 minutes on one H100")
+    ap.add_argument("--time-budget", type=float,
+                    help="seconds for the whole run: cells not started by then are recorded as not run "
+                    "(default: none; 240 with --gpu --quick)")
     ap.add_argument("--op", action="append", choices=OPS, metavar="NAME",
                     help=f"only this op ({', '.join(OPS)}); alone it runs the shapes its targets are stated at")
     ap.add_argument("--providers", help="comma-separated provider names to run (default: all)")
@@ -49,6 +56,8 @@ def main(argv=None) -> int:
         return serve(json.loads(args._forkserver))
     harness.ensure_flashdml_importable()
     mode = args.mode or ("targets" if args.op else "quick")
+    if args.gpu:
+        mode = "gpu-full" if mode == "full" else "gpu-quick"
     ops = [harness.load_op(n) for n in (args.op or OPS)]
     only = args.providers.split(",") if args.providers else None
     if args.list:
@@ -59,6 +68,9 @@ def main(argv=None) -> int:
     import torch
 
     from . import report
+
+    if args.gpu:
+        return gpu_main(args, ops, mode, only)
 
     threads = args.threads or harness.default_threads()
     torch.set_num_threads(threads)
@@ -83,6 +95,43 @@ def main(argv=None) -> int:
     print(report.markdown_table(results))
     print(f"\n{len(results)} cells in {time.monotonic() - t0:.0f} s; wrote " +
           ", ".join(os.path.relpath(p) for p in paths))
+    return 0
+
+
+def gpu_main(args, ops, mode: str, only) -> int:
+    """`--gpu`: the CUDA cells only; without a CUDA device one line says so and nothing runs (exit 0)."""
+    import torch
+
+    from . import gpu, harness, report
+
+    if not torch.cuda.is_available():
+        print("benchmarks --gpu: no CUDA device (torch.cuda.is_available() is False); nothing to run")
+        return 0
+    threads = args.threads or harness.default_threads()
+    torch.set_num_threads(threads)
+    t0 = time.monotonic()
+    ceilings = {"cuda": harness.gemm_gflops("cuda", 8192, 8192, 8192)}
+    quick = mode == "gpu-quick"
+    budget = args.time_budget if args.time_budget is not None else (240.0 if quick else None)
+    info = report.machine_info(threads, ceilings, mode, "8192x8192x8192 (m x n x k, cuda fp32)")
+    os.makedirs(args.out, exist_ok=True)
+    partial = os.path.join(args.out, f"partial_{mode}.md")
+
+    def save_partial(results):  # after every cell: a run killed from outside still leaves its table
+        with open(partial, "w") as f:
+            f.write(f"{report.header(info)}\n\n{report.markdown_table(results)}\n")
+
+    results = harness.run_ops(
+        ops, mode, only_providers=only, threads=threads, fork_server=False,
+        budget_s=args.budget or (0.3 if quick else 2.0), timeout_s=args.timeout or (60.0 if quick else 300.0),
+        mem_cap_bytes=args.mem_cap_gib * harness.GiB, gpu_mem_cap_bytes=gpu.gpu_memory_cap(),
+        max_runs=20 if quick else 100, cuda_ok=True,
+        deadline=None if budget is None else t0 + budget, on_result=save_partial, order=gpu.run_order)
+    harness.finish(results, ceilings)
+    paths = report.write_all(args.out, mode, ops, results, info)
+    print(report.header(info) + "\n")
+    print(report.markdown_table(results))
+    print(f"\n{len(results)} cells in {time.monotonic() - t0:.0f} s; wrote " + ", ".join(paths))
     return 0
 
 

@@ -54,6 +54,7 @@ class Provider:
     device: str = "cpu"
     mem_bytes: Callable[[dict], float] | None = None
     reference: bool = False
+    modes: tuple | None = None  # run only in these modes (None: every mode that lists it)
 
 
 @dataclasses.dataclass
@@ -74,8 +75,9 @@ class Op:
     module: str = ""  # filled by load_op: where a worker finds this op again
 
     def shape_label(self, shape: dict) -> str:
-        s = {k: v for k, v in shape.items() if k != "only"}
-        return self.label(s) if self.label else " ".join(f"{k}={v}" for k, v in s.items())
+        s = {k: v for k, v in shape.items() if k not in ("only", "prec")}
+        text = self.label(s) if self.label else " ".join(f"{k}={v}" for k, v in s.items())
+        return text + (f" prec={shape['prec']}" if "prec" in shape else "")
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:
@@ -230,8 +232,14 @@ def worker_main(spec_json: str) -> int:
             import torch
 
             torch.set_num_threads(int(spec["threads"]))
-        fn = prov.setup(dict(spec["shape"]), prov.device)
-        out = measure(fn, prov.device, spec["budget_s"], spec["min_runs"], spec["max_runs"])
+        shape = dict(spec["shape"])
+        prec = shape.pop("prec", None)  # the GPU mode's precision (benchmarks/gpu.py)
+        from .gpu import apply_precision
+
+        with apply_precision(prec, dtype=True):
+            fn = prov.setup(shape, prov.device)
+        with apply_precision(prec, dtype=False):
+            out = measure(fn, prov.device, spec["budget_s"], spec["min_runs"], spec["max_runs"])
         out["status"] = "ok"
     except BaseException as exc:  # noqa: BLE001 — every failure becomes a result
         msg = " ".join(str(exc).split())[:200]
@@ -289,7 +297,8 @@ def worker_env() -> dict:
 
 def run_cell(op: Op, shape: dict, prov: Provider, *, budget_s: float = 3.0, timeout_s: float = 300.0,
              mem_cap_bytes: float = 12 * GiB, threads: int | None = None, min_runs: int = 3,
-             max_runs: int = 100, cuda_ok: bool | None = None, server=None) -> Result:
+             max_runs: int = 100, cuda_ok: bool | None = None, server=None,
+             gpu_mem_cap_bytes: float | None = None) -> Result:
     """One (op, shape, provider) cell, always returning a Result. `server`: a running
     forkserver.ForkServer that CPU cells are forked from (else, or if it has failed: a fresh subprocess)."""
     params = {k: v for k, v in shape.items() if k != "only"}
@@ -314,6 +323,11 @@ def run_cell(op: Op, shape: dict, prov: Provider, *, budget_s: float = 3.0, time
         need = float(prov.mem_bytes(params))
         if need > mem_cap_bytes:
             res.status = f"skipped: needs ~{fmt_gib(need)} > {fmt_gib(mem_cap_bytes)} cap"
+            return res
+    if prov.mem_bytes is not None and prov.device != "cpu" and gpu_mem_cap_bytes is not None:
+        need = float(prov.mem_bytes(params))
+        if need > gpu_mem_cap_bytes:
+            res.status = f"skipped: needs ~{fmt_gib(need)} > {fmt_gib(gpu_mem_cap_bytes)} GPU cap"
             return res
     spec = dict(op=op.module or op.name, provider=prov.name, shape=params, budget_s=budget_s,
                 min_runs=min_runs, max_runs=max_runs, threads=threads or default_threads())
@@ -371,6 +385,10 @@ def finish(results: list[Result], ceilings: dict[str, float]) -> None:
 
 
 def cells(op: Op, mode: str, only_providers: list[str] | None = None):
+    if mode.startswith("gpu"):
+        from .gpu import add_gpu_shapes
+
+        add_gpu_shapes(op)
     seen = set()
     for shape in op.shapes.get(mode, []):
         label = op.shape_label(shape)
@@ -381,6 +399,8 @@ def cells(op: Op, mode: str, only_providers: list[str] | None = None):
             if shape.get("only") is not None and prov.name not in shape["only"]:
                 continue
             if only_providers and prov.name not in only_providers:
+                continue
+            if prov.modes is not None and mode not in prov.modes:
                 continue
             yield shape, prov
 
@@ -395,13 +415,18 @@ def progress_bar(total: int, stream=None, disable: bool = False):
 
 def run_ops(ops: list[Op], mode: str, *, only_providers=None, ceilings: dict[str, float] | None = None,
             progress_stream=None, show_progress: bool = True, fork_server: bool = True,
+            deadline: float | None = None, order: Callable[[Provider], int] | None = None, on_result: Callable[[list], None] | None = None,
             **cell_kw) -> list[Result]:
     """Every cell of every op in `mode`, with a progress bar over the cells on stderr (or
     `progress_stream`); returns the finished results (fractions, speedups filled). fork_server: fork the CPU
-    cells from one process that has imported torch already (forkserver.py) instead of starting each anew."""
+    cells from one process that has imported torch already (forkserver.py) instead of starting each anew.
+    deadline (time.monotonic()): cells not started by then become "not run: time budget spent"; on_result(results)
+    is called after every cell; order(provider) -> int: run the cells sorted by it (stable)."""
     from .forkserver import ForkServer
 
     todo = [(op, s, p) for op in ops for s, p in cells(op, mode, only_providers)]
+    if order is not None:  # e.g. the GPU mode: the fused cells of every op before the references
+        todo.sort(key=lambda c: order(c[2]))
     results = []
     server = None
     if fork_server and sum(p.device == "cpu" for _, _, p in todo) > 1:
@@ -411,7 +436,14 @@ def run_ops(ops: list[Op], mode: str, *, only_providers=None, ceilings: dict[str
             for op, shape, prov in todo:
                 bar.set_description(op.name, refresh=False)
                 bar.set_postfix_str(f"{op.shape_label(shape)} {prov.name}")
-                results.append(run_cell(op, shape, prov, server=server, **cell_kw))
+                if deadline is not None and time.monotonic() > deadline:  # the --time-budget is spent
+                    r = Result(op.name, op.shape_label(shape), prov.name, prov.device,
+                               status="not run: time budget spent", reference=prov.reference)
+                else:
+                    r = run_cell(op, shape, prov, server=server, **cell_kw)
+                results.append(r)
+                if on_result is not None:
+                    on_result(results)
                 bar.update()
     finally:
         if server is not None:
@@ -503,7 +535,9 @@ def loss_providers(fn_name: str, make_inputs: Callable[[dict, str], tuple[tuple,
                    cpu_extra: tuple[Provider, ...] = ()) -> list[Provider]:
     """The standard providers of a loss `flashdml.<fn_name>` (fwd+bwd): reference, flashdml-cpu,
     torch.compile(reference), `cpu_extra` (peers), and the CUDA rows reference-cuda, flashdml-triton,
-    flashdml-cuda. make_inputs(shape, device) -> (args, kwargs) with requires_grad set on the inputs."""
+    flashdml-cuda, torch.compile(reference)-cuda (the last in the GPU mode only). make_inputs(shape, device) -> (args, kwargs) with requires_grad set on the inputs."""
+
+    from .gpu import compiled_cuda_provider
 
     def ref_fn():
         return getattr(importlib.import_module("flashdml.reference"), fn_name)
@@ -528,4 +562,5 @@ def loss_providers(fn_name: str, make_inputs: Callable[[dict, str], tuple[tuple,
         Provider("reference-cuda", reference, ref_ok, "cuda", mem_reference, reference=True),
         Provider("flashdml-triton", fused("triton"), flashdml_check(fn_name, "triton"), "cuda", mem_fused),
         Provider("flashdml-cuda", fused("cuda"), flashdml_check(fn_name, "cuda"), "cuda", mem_fused),
+        compiled_cuda_provider("torch.compile(reference)-cuda", compiled, ref_ok, mem_compiled or mem_reference),
     ]

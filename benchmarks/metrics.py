@@ -16,6 +16,7 @@ import importlib.util
 
 import torch
 
+from .gpu import metrics_gpu_providers
 from .harness import Op, Provider, flashdml_check, flashdml_module
 
 KS = (1, 10, 100)
@@ -92,6 +93,8 @@ PROVIDERS = [
     Provider("flashdml-cpu", _fused, flashdml_check("metrics", "cpu"), "cpu", lambda s: 4 * _inputs(s) + 2 * 2 ** 30),
     Provider("gemm-only", _gemm, lambda: (True, ""), "cpu", lambda s: BLOCK * s["N"] * F32 + 2 * _inputs(s)),
     Provider("pml-faiss", _pml, _pml_ok, "cpu", lambda s: 4 * s["N"] * s["N"] * F32 / 8 + 8 * _inputs(s)),
+    # `--gpu` only: the same streaming pass on CUDA tensors (benchmarks/gpu.py)
+    *metrics_gpu_providers(make_inputs, METRICS, KS, _inputs),
 ]
 
 
