@@ -5,7 +5,9 @@ losses), flashdml-triton and flashdml-cuda; each in three precisions, carried by
 applied by the worker around the provider's set-up (apply_precision):
 
 * ``fp32``: fp32 inputs, ``torch.set_float32_matmul_precision("highest")`` (no TF32 in cuBLAS);
-* ``tf32``: fp32 inputs, TF32 allowed in cuBLAS / cuDNN matmuls (``"high"``);
+* ``tf32``: fp32 inputs, TF32 allowed in cuBLAS / cuDNN matmuls (``"high"``): this changes the eager and
+  compiled references; the fused kernels choose their dot precision themselves (Triton's ``input_precision``)
+  and ignore the switch;
 * ``bf16``: bf16 inputs — the default dtype is bf16 while the provider builds its inputs, so every
   ``torch.randn`` of the op modules makes bf16 tensors (integer labels are unaffected).
 
@@ -109,10 +111,15 @@ def metrics_gpu_providers(make_inputs, metrics, ks, inputs_bytes) -> list[Provid
                      lambda s: 4 * inputs_bytes(s) + 2 * 2 ** 30, modes=GPU_MODES) for b in ("triton", "cuda")]
 
 
-def run_order(prov: Provider) -> int:
-    """The fused kernels of every op first, then eager PyTorch, then torch.compile (the slowest to start), so a
-    spent time budget cuts the comparisons last."""
-    return 0 if prov.name.startswith("flashdml-") else 1 if prov.name == "reference-cuda" else 2
+def run_order(shape: dict, prov: Provider) -> tuple:
+    """The run order under a time budget: the fused kernels of every op first, then eager PyTorch, then
+    torch.compile (the slowest to start); within each, fp32 of every op before bf16 before TF32. The fused
+    kernels' tf32 rows come last of all: they do not read torch's TF32 switch, so they time the same kernels
+    as the fp32 rows."""
+    fused = prov.name.startswith("flashdml-")
+    prec = {"fp32": 0, "bf16": 1, "tf32": 2}.get(shape.get("prec"), 3)
+    rank = 0 if fused else 1 if prov.name == "reference-cuda" else 2
+    return (3 if fused and prec == 2 else rank), prec
 
 
 def gpu_memory_cap() -> float | None:

@@ -415,18 +415,18 @@ def progress_bar(total: int, stream=None, disable: bool = False):
 
 def run_ops(ops: list[Op], mode: str, *, only_providers=None, ceilings: dict[str, float] | None = None,
             progress_stream=None, show_progress: bool = True, fork_server: bool = True,
-            deadline: float | None = None, order: Callable[[Provider], int] | None = None, on_result: Callable[[list], None] | None = None,
+            deadline: float | None = None, order: Callable[[dict, Provider], Any] | None = None, on_result: Callable[[list], None] | None = None,
             **cell_kw) -> list[Result]:
     """Every cell of every op in `mode`, with a progress bar over the cells on stderr (or
     `progress_stream`); returns the finished results (fractions, speedups filled). fork_server: fork the CPU
     cells from one process that has imported torch already (forkserver.py) instead of starting each anew.
     deadline (time.monotonic()): cells not started by then become "not run: time budget spent"; on_result(results)
-    is called after every cell; order(provider) -> int: run the cells sorted by it (stable)."""
+    is called after every cell; order(shape, provider): run the cells sorted by this key (stable)."""
     from .forkserver import ForkServer
 
     todo = [(op, s, p) for op in ops for s, p in cells(op, mode, only_providers)]
     if order is not None:  # e.g. the GPU mode: the fused cells of every op before the references
-        todo.sort(key=lambda c: order(c[2]))
+        todo.sort(key=lambda c: order(c[1], c[2]))
     results = []
     server = None
     if fork_server and sum(p.device == "cpu" for _, _, p in todo) > 1:

@@ -154,3 +154,15 @@ def test_apply_precision_sets_and_restores():
     with pytest.raises(ValueError):
         with apply_precision("fp8"):
             pass
+
+
+def test_gpu_run_order_puts_redundant_cells_last():
+    from benchmarks import OPS, gpu, harness
+
+    todo = [(s, p) for op in map(harness.load_op, OPS) for s, p in harness.cells(op, "gpu-quick")]
+    todo.sort(key=lambda c: gpu.run_order(*c))
+    first, last = todo[0], todo[-1]
+    assert first[1].name.startswith("flashdml-") and first[0]["prec"] == "fp32"
+    assert last[1].name.startswith("flashdml-") and last[0]["prec"] == "tf32"
+    names = [p.name for _, p in todo]
+    assert names.index("torch.compile(reference)-cuda") > max(i for i, n in enumerate(names) if n == "reference-cuda")
