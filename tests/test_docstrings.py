@@ -198,3 +198,31 @@ def test_class_docstring_is_complete(qualname, cls):
     _check_sections_and_params(qualname, cls, params)
     _, failures, report = _run_examples(qualname, cls)
     assert failures == 0, f"{qualname}: the example fails:\n" + report
+
+
+def test_shared_doc_expands_whole_line_markers_only():
+    from flashdml._docs import FRAGMENTS, shared_doc
+
+    def f():
+        """Summary.
+
+        Args:
+            {{gallery_args}}
+
+        Example:
+            >>> {1: 2}
+            {1: 2}
+        """
+    shared_doc(f)
+    assert "{{" not in f.__doc__ and "{1: 2}" in f.__doc__
+    first = FRAGMENTS["gallery_args"].splitlines()[0]
+    assert "\n            " + first + "\n" in f.__doc__  # indented like the marker
+    assert "y" in _documented_params(inspect.getdoc(f)) and "ref_labels" in _documented_params(inspect.getdoc(f))
+
+    def g():
+        """Summary.
+
+            {{no_such_fragment}}
+        """
+    with pytest.raises(KeyError):
+        shared_doc(g)

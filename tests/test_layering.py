@@ -1,6 +1,6 @@
 """Layers point downward only (read from the source, nothing imported):
 
-    base      flashdml._schemas, _math, _debug, _ext, _validation     (import nothing above them)
+    base      flashdml._schemas, _math, _debug, _ext, _validation, _docs (import nothing above them)
     kernels   flashdml.triton_kernels.*                              (base only)
     reference flashdml.reference.*                                   (base only)
     glue      flashdml.ops.*, _dispatch, metrics, losses, ...        (anything below)
@@ -15,7 +15,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BASE = {"_schemas", "_math", "_debug", "_ext", "_validation"}
+BASE = {"_schemas", "_math", "_debug", "_ext", "_validation", "_docs"}
 
 
 def _imports(path: pathlib.Path, package: str):

@@ -55,6 +55,7 @@ from torch import Tensor
 from . import _dispatch
 from . import reference as _reference
 from . import _metrics_state as _state
+from ._docs import shared_doc
 from ._math import l2_normalize
 from ._validation import check_ks, check_opis_options, check_real, prepare_batch
 from .ops import registry
@@ -247,6 +248,7 @@ def _device(x) -> torch.device:
     return x.device if isinstance(x, Tensor) else torch.device("cpu")
 
 
+@shared_doc
 def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k", "map_at_r", "pr_auc", "opis"),
              ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y: Optional[Tensor] = None,
              ref_labels: Optional[Tensor] = None, *, progress: ProgressArg = None, **metric_options
@@ -267,9 +269,7 @@ def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k",
             "opis")``.
         ks (int or sequence of int): the K of recall@K, as in :func:`recall_at_k` (checked only when recall is
             asked for). Default ``(1, 2, 4, 8)``.
-        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
-            itself excluded from its list and from the pairs.
-        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+        {{gallery_args}}
         progress (bool, callable or None): ``True`` prints a progress line on stderr, ``False`` none, a callable
             is called with ``(rows_done, rows_total)``; ``None`` (default) prints only for ``N·M >= 2^30`` when
             stderr is a terminal.
@@ -331,6 +331,7 @@ def _fused_backend(x) -> str:
     return "cpu" if name == "reference" else name
 
 
+@shared_doc
 def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y=None, ref_labels=None
                 ) -> Dict[int, float]:
     """Recall@k, exact, from one streaming pass (definition: :func:`flashdml.reference.recall_at_k`).
@@ -345,9 +346,7 @@ def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2
         labels (Tensor): integer ``[N]``, required.
         ks (int or sequence of int): the k of each recall@k, each ``1 <= k <=`` the candidates per query (``M``,
             or ``N − 1`` in self mode); duplicates are dropped, the order is kept. Default ``(1, 2, 4, 8)``.
-        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
-            itself excluded from its list and from the pairs.
-        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+        {{gallery_args}}
 
     Returns:
         dict[int, float]: ``{k: recall}`` in the order of ``ks``.
@@ -375,6 +374,7 @@ def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2
     return _single("recall_at_k", x, fused, lambda: _reference.recall_at_k(x, labels, ks=ks, y=y, ref_labels=ref_labels))
 
 
+@shared_doc
 def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
     """MAP@R, exact, from one streaming pass (definition: :func:`flashdml.reference.map_at_r`).
 
@@ -385,20 +385,13 @@ def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
         x (Tensor): embeddings ``[N, d]`` (the queries), fp16, bf16, fp32 or fp64; cosine similarity from rows
             normalised in fp32, on the device of ``x``.
         labels (Tensor): integer ``[N]``, required.
-        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
-            itself excluded from its list and from the pairs.
-        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+        {{gallery_args}}
 
     Returns:
         float: MAP@R in ``[0, 1]``, or ``nan``.
 
     Raises:
-        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
-            labels; ``x`` and ``y`` of different dtypes.
-        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
-            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
-            tensors on different devices; a NaN or infinite embedding (fused backends).
-        RuntimeError: an explicitly selected backend that cannot run the call.
+        {{input_errors_fused}}
 
     Example:
         >>> import torch, flashdml as fd
@@ -413,6 +406,7 @@ def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
                    lambda: _reference.map_at_r(x, labels, y=y, ref_labels=ref_labels))
 
 
+@shared_doc
 def pr_auc(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
     """Global PR-AUC over all pairs from a 2^16-bin pair histogram (definition: :func:`flashdml.reference.pr_auc`).
 
@@ -424,20 +418,13 @@ def pr_auc(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
         x (Tensor): embeddings ``[N, d]`` (the queries), fp16, bf16, fp32 or fp64; cosine similarity from rows
             normalised in fp32, on the device of ``x``.
         labels (Tensor): integer ``[N]``, required.
-        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
-            itself excluded from its list and from the pairs.
-        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+        {{gallery_args}}
 
     Returns:
         float: PR-AUC in ``[0, 1]``, or ``nan``.
 
     Raises:
-        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
-            labels; ``x`` and ``y`` of different dtypes.
-        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
-            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
-            tensors on different devices; a NaN or infinite embedding (fused backends).
-        RuntimeError: an explicitly selected backend that cannot run the call.
+        {{input_errors_fused}}
 
     Example:
         >>> import torch, flashdml as fd
@@ -536,6 +523,7 @@ def eps_opis(x: Tensor, labels: Tensor, *, eps: float = 0.05, far_range=(1e-2, 1
 
 
 # ----------------------------------------------------------------------------------------------- introspection
+@shared_doc
 def pr_auc_bounds(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> tuple:
     """The range ``(lower, upper)`` the exact PR-AUC lies in, from the 2^16-bin counts :func:`pr_auc` uses.
 
@@ -546,20 +534,13 @@ def pr_auc_bounds(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> tuple:
         x (Tensor): embeddings ``[N, d]`` (the queries), fp16, bf16, fp32 or fp64; cosine similarity from rows
             normalised in fp32, on the device of ``x``.
         labels (Tensor): integer ``[N]``, required.
-        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
-            itself excluded from its list and from the pairs.
-        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+        {{gallery_args}}
 
     Returns:
         tuple[float, float]: ``(lower, upper)``, ``lower <= pr_auc(...) <= upper``.
 
     Raises:
-        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
-            labels; ``x`` and ``y`` of different dtypes.
-        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
-            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
-            tensors on different devices; a NaN or infinite embedding (fused backends).
-        RuntimeError: an explicitly selected backend that cannot run the call.
+        {{input_errors_fused}}
 
     Example:
         >>> import torch, flashdml as fd

@@ -26,6 +26,7 @@ from typing import Dict, Sequence, Union
 import torch
 from torch import Tensor
 
+from .._docs import shared_doc
 from .._math import l2_normalize
 from .._validation import check_ks, check_opis_options, check_real, prepare_batch
 
@@ -91,6 +92,7 @@ def _pair_scores(x, labels, y, ref_labels):
 
 
 # ----------------------------------------------------------------------------------------------- retrieval
+@shared_doc
 def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y=None, ref_labels=None
                 ) -> Dict[int, float]:
     """Recall@k: the fraction of queries with at least one same-label reference among their k nearest.
@@ -105,9 +107,7 @@ def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2
         labels (Tensor): integer ``[N]``, required.
         ks (int or sequence of int): the k of each recall@k, each ``1 <= k <=`` the candidates per query (``M``,
             or ``N − 1`` in self mode); duplicates are dropped, the order is kept. Default ``(1, 2, 4, 8)``.
-        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
-            itself excluded from its list and from the pairs.
-        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+        {{gallery_args}}
 
     Returns:
         dict[int, float]: ``{k: recall}`` in the order of ``ks``.
@@ -137,6 +137,7 @@ def recall_at_k(x: Tensor, labels: Tensor, ks: Union[int, Sequence[int]] = (1, 2
     return out
 
 
+@shared_doc
 def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
     """MAP@R (Musgrave et al., "A Metric Learning Reality Check").
 
@@ -149,19 +150,13 @@ def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
     Args:
         x (Tensor): embeddings ``[N, d]`` (the queries), any floating dtype; cosine similarity, in float64.
         labels (Tensor): integer ``[N]``, required.
-        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
-            itself excluded from its list and from the pairs.
-        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+        {{gallery_args}}
 
     Returns:
         float: MAP@R in ``[0, 1]``, or ``nan``.
 
     Raises:
-        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
-            labels; ``x`` and ``y`` of different dtypes.
-        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
-            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
-            tensors on different devices.
+        {{input_errors}}
 
     Example:
         >>> import torch, flashdml as fd
@@ -185,6 +180,7 @@ def map_at_r(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- global calibration
+@shared_doc
 def pr_auc(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
     """Global PR-AUC (the XE paper's calibration measure): average precision of one threshold swept over all pairs.
 
@@ -197,19 +193,13 @@ def pr_auc(x: Tensor, labels: Tensor, y=None, ref_labels=None) -> float:
     Args:
         x (Tensor): embeddings ``[N, d]`` (the queries), any floating dtype; cosine similarity, in float64.
         labels (Tensor): integer ``[N]``, required.
-        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
-            itself excluded from its list and from the pairs.
-        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+        {{gallery_args}}
 
     Returns:
         float: PR-AUC in ``[0, 1]``, or ``nan``.
 
     Raises:
-        TypeError: ``x`` or a label tensor that is not a tensor; embeddings that are not floating; non-integer
-            labels; ``x`` and ``y`` of different dtypes.
-        ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings that are
-            not 2-D, empty or of different ``d``; ``ref_labels`` without ``y`` or ``y`` without ``ref_labels``;
-            tensors on different devices.
+        {{input_errors}}
 
     Example:
         >>> import torch, flashdml as fd
@@ -390,6 +380,7 @@ def eps_opis(x: Tensor, labels: Tensor, *, eps: float = 0.05, far_range=(1e-2, 1
 
 
 # ----------------------------------------------------------------------------------------------- all at once
+@shared_doc
 def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k", "map_at_r", "pr_auc", "opis"),
              ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y=None, ref_labels=None, **metric_options) -> Dict[str, float]:
     """Several metrics at once, as one flat dict; each value equals the single-metric function's.
@@ -406,9 +397,7 @@ def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k",
             "opis")``.
         ks (int or sequence of int): the K of recall@K, as in :func:`recall_at_k` (checked only when recall is
             asked for). Default ``(1, 2, 4, 8)``.
-        y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query
-            itself excluded from its list and from the pairs.
-        ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required with ``y``.
+        {{gallery_args}}
         **metric_options: ``far_range``, ``n_thresholds``, ``beta`` (OPIS and ε-OPIS) and ``eps`` (ε-OPIS), as
             in :func:`opis` and :func:`eps_opis`.
 
