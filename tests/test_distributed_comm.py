@@ -1,0 +1,59 @@
+"""flashdml.distributed._comm on 3 gloo ranks with uneven shards (one empty): the row gather and its gradient,
+the ordered reductions, and the call fingerprint."""
+import datetime
+
+import torch
+
+from distributed_ranks import run_ranks
+
+SIZES = [3, 0, 2]
+
+
+def _comm_cases(rank, world):
+    import torch.distributed as dist
+
+    from flashdml.distributed import _comm as c
+
+    torch.manual_seed(0)
+    full = torch.randn(sum(SIZES), 4, dtype=torch.float64)
+    off = sum(SIZES[:rank])
+    x = full[off:off + SIZES[rank]].clone().requires_grad_()
+    shards = c.shard_layout(x.shape[0], x.device, dist.group.WORLD)
+    out = {"sizes": shards.sizes, "offset": shards.offset}
+    gathered = c.gather_rows(x, shards)
+    out["gathered"] = gathered.detach()
+    # rank r weights the global rows by (r + 1): each row's gradient is the sum over ranks, (1 + 2 + 3) · w
+    w = torch.arange(full.numel(), dtype=torch.float64).view_as(full)
+    (gathered * w * (rank + 1)).sum().backward()
+    out["grad"] = x.grad
+    out["lse"] = c.logsumexp_over_ranks(torch.tensor([float(rank), float("-inf")]), shards)
+    out["sum"] = c.sum_over_ranks(torch.tensor([0.1 * (rank + 1)], dtype=torch.float64), shards)
+    c.check_same_call(shards, "op", k=3, temperature=0.1, dtype=torch.float32)
+    try:
+        c.check_same_call(shards, "op", k=3 + (rank == 2), temperature=0.1)
+        out["mismatch"] = None
+    except RuntimeError as exc:
+        out["mismatch"] = str(exc)
+    if rank == 0:  # the other ranks never join: rank 0 must raise, not hang
+        try:
+            c.check_same_call(shards, "op", timeout=datetime.timedelta(seconds=2))
+            out["alone"] = None
+        except RuntimeError as exc:
+            out["alone"] = str(exc)
+    return out
+
+
+def test_gather_reductions_and_fingerprints_on_three_uneven_ranks():
+    res = run_ranks("test_distributed_comm:_comm_cases", 3)
+    torch.manual_seed(0)
+    full = torch.randn(sum(SIZES), 4, dtype=torch.float64)
+    w = torch.arange(full.numel(), dtype=torch.float64).view_as(full) * 6
+    offs = [0, 3, 3]
+    for rank, out in enumerate(res):
+        assert out["sizes"] == tuple(SIZES) and out["offset"] == offs[rank]
+        assert torch.equal(out["gathered"], full)
+        assert torch.equal(out["grad"], w[offs[rank]:offs[rank] + SIZES[rank]])
+        assert torch.allclose(out["lse"][0], torch.logsumexp(torch.arange(3.0), 0)) and out["lse"][1] == -float("inf")
+        assert torch.equal(out["sum"], res[0]["sum"])  # identical bits on every rank
+        assert "different arguments" in out["mismatch"]
+    assert "not every rank" in res[0]["alone"]
