@@ -7,7 +7,8 @@ configurations: partial tiles, several row / column / d blocks, column splits. T
 (checked to keep every similarity clear of the margins by more than the fp32 dot error, so the hard sets are not
 ambiguous) and "exact" rows with entries in {0, ±1/2, ±1}, whose similarities (in {0, ±1/2, ±1}) are exact in every
 precision and fall exactly on the margins: inclusive vs strict and the diagonal rules are then tested bit for bit.
-bf16 is not tested here (the interpreter's bf16 ``tl.dot`` is broken, see docs/verification.md).
+bf16 is tested in tests/test_triton_tensor_core_numerics.py (the plain interpreter's bf16 ``tl.dot`` is broken, see
+docs/verification.md).
 """
 from __future__ import annotations
 

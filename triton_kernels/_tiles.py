@@ -48,6 +48,41 @@ def s_tile(a_ptr, b_ptr, a_idx, b_idx, a_ok, b_ok, D,
 
 
 @triton.jit
+def weights_dot(w, b, acc, PRECISION: tl.constexpr):
+    """``acc + w · b`` for an fp32 weight tile ``w`` and rows ``b`` (fp32, fp16 or bf16), on tensor cores for 16-bit
+    rows without the weights' rounding bias.
+
+    A tensor core multiplies operands of one dtype, so 16-bit rows need 16-bit weights; rounding ``w`` once would
+    scale every product of a constant weight (the hinge gradients' ∓λ/count) by the same factor, up to 2^-8 (bf16)
+    or 2^-11 (fp16). Here ``w`` is split into a 16-bit head and the 16-bit rounding of its remainder, and both are
+    multiplied: the weight is then kept to u² (2^-16 bf16, 2^-22 fp16) at the cost of a second product. fp32 rows
+    take one dot with ``PRECISION`` (``"ieee"``: exact fp32 products).
+    """
+    if b.dtype == tl.float32:
+        acc = tl.dot(w, b, acc, input_precision=PRECISION)
+    else:
+        head = w.to(b.dtype)
+        tail = (w - head.to(tl.float32)).to(b.dtype)
+        acc = tl.dot(head, b, acc, input_precision=PRECISION)
+        acc = tl.dot(tail, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def split_tf32_dot(w, b, acc, PRECISION: tl.constexpr):
+    """``acc + w · b`` for fp32 tiles whose ``b`` is exact in TF32 (rows upcast from fp16 / bf16). ``"tf32"``: ``w``
+    is split into its TF32 head (the low 13 mantissa bits cleared) and the remainder, both multiplied on tensor
+    cores, so ``w`` is kept to ~2^-21 instead of being rounded to 2^-11; ``"ieee"``: one exact fp32 dot."""
+    if PRECISION == "tf32":
+        head = (w.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        acc = tl.dot(head, b, acc, input_precision="tf32")
+        acc = tl.dot(w - head, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(w, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def sp_sig(t):
     """(softplus(t), sigmoid(t)) for t in [-inf, inf), without overflow (one exp2 shared by both).
 

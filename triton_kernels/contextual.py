@@ -32,7 +32,7 @@ Backward (docs/spec.md's closed form, the CPU split of dL_ctx/dS into sparse + r
 ``contextual_stage_grad_parts``): that op applies the sparse part (O(k²) entries per row, masked by the forward's
 clamp flags) with O(nnz·d) gathers; the row-constant part u_i, the label block LB_ij = ρ'_i(κ_j)(c_i − a_j), the
 L_reg constant and the hinge gradients are formed tile by tile in one recompute pass (``_ctx_grad_kernel``, dx and
-dyᵀ variants, fp32 weights, tf32 / ieee dot) and reduced over splits in a fixed order. Deterministic (the sparse
+dyᵀ variants, fp32 weights, split-tf32 / ieee dot: ``_grad_precision``) and reduced over splits in a fixed order. Deterministic (the sparse
 stage's sums too: sorted, fixed-order segment sums, no atomics). Cost note: each gradient program
 recomputes its S tiles once per BLOCK_D chunk of d (dx: 128 columns, dy: 32), so for d > 128 the backward does
 several S GEMMs (not tuned on a GPU yet).
@@ -50,7 +50,7 @@ from .. import _debug, _math
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
-from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile, wrap_triton
+from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile, split_tf32_dot, wrap_triton
 from ._topk import merge_sorted, row_topk
 from .selection import KNN_CONFIGS, knn_impl
 
@@ -66,7 +66,7 @@ LIST_CONFIGS = {torch.float16: _LIST_16, torch.bfloat16: _LIST_16, torch.float32
 # dx covers d <= 128 in one chunk (S is recomputed per BLOCK_D chunk of d); dy only 32 (64 spills: its S tile is
 # [other, own] and the transposed weights go through shared memory).
 _G16 = (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=1))
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=1))
 _G32 = (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=128, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=4, num_stages=2))
 GRAD_CONFIGS = {torch.float16: _G16, torch.bfloat16: _G16, torch.float32: _G32}  # [dtype][dy]
@@ -218,9 +218,9 @@ def _ctx_grad_kernel(
         b = tl.load(x_ptr + oth.to(tl.int64)[:, None] * D + dcols[None, :],
                     mask=oth_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         if DY:
-            acc = tl.dot(tl.trans(g), b, acc, input_precision=GPREC)
+            acc = split_tf32_dot(tl.trans(g), b, acc, GPREC)
         else:
-            acc = tl.dot(g, b, acc, input_precision=GPREC)
+            acc = split_tf32_dot(g, b, acc, GPREC)
     out = (pid_s.to(tl.int64) * B + own)[:, None] * D + dcols[None, :]
     tl.store(part_ptr + out, acc, mask=own_ok[:, None] & d_ok[None, :])
 
@@ -228,6 +228,14 @@ def _ctx_grad_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
+def _grad_precision(dtype: torch.dtype) -> str:
+    """The dot of ``_ctx_grad_kernel``: fp32 weights G times the rows upcast to fp32. fp32 input: exact ("ieee").
+    fp16 / bf16 input: "tf32" through ``split_tf32_dot`` — the rows are exact in TF32 and G is split into a TF32
+    head and tail (two products, G kept to ~2^-21; one "tf32" product would round G, the regulariser and hinge
+    constants included, to 2^-11), on tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _stage_ops():
     """The flashdml:: namespace holding the contextual_stage_* ops (registered by flashdml._C)."""
     ops = torch.ops.flashdml
@@ -396,7 +404,7 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, c
         wrap_triton(_ctx_grad_kernel)[(rp, dc, ns)](
             xp, key, rowv, a_col, scls, sval, w, part, float(pos_margin), float(neg_margin), B, xp.shape[1],
             per * bn, scls.shape[1], DY=dy, PRECISION=_tiles.precision(x.dtype),
-            GPREC="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=bm, BLOCK_N=bn,
+            GPREC=_grad_precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
         out += part.sum(0)[:, :d]
     dx = _debug.new_output((B, d), dtype=x.dtype, device=dev)
@@ -456,7 +464,7 @@ def _specs() -> list[AOTSpec]:
             c = GRAD_CONFIGS[dtype][dy]
             specs += with_alignments(AOTSpec(
                 f"contextual_grad_{t}_{'dy' if dy else 'dx'}", _ctx_grad_kernel, sig,
-                dict(DY=dy, PRECISION=prec, GPREC="ieee" if dtype == torch.float32 else "tf32",
+                dict(DY=dy, PRECISION=prec, GPREC=_grad_precision(dtype),
                      BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_D=c["BLOCK_D"]),
                 c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B", "n_slots"))
     return specs

@@ -27,7 +27,9 @@ reduces them in a fixed order. Backward: ``_hinge_grad_kernel`` recomputes S til
 (x_blk · y_blkᵀ) and BLOCK_K (the same products summed in the same K order: on the GPU the same fp32 similarity per
 pair, so it selects the pairs the forward counted; this cannot be checked without a GPU, the interpreter's numpy dot
 may round differently per tile shape, which is why the margin-tie tests use exactly representable similarities).
-W = dL/ds is −w+/#hp, +w−/#hn or 0, prescaled by a power of two for the tensor-core product W·y (dx) or Wᵀ·x (dy).
+W = dL/ds is −w+/#hp, +w−/#hn or 0, prescaled by a power of two for the tensor-core product W·y (dx) or Wᵀ·x (dy)
+(``_tiles.weights_dot``: for fp16 / bf16 rows W is split into a 16-bit head and tail, so the constants are not
+rounded to 16 bits).
 The batch-softmax ``_grad_finalize_kernel`` sums the split partials in a fixed order and rescales.
 Deterministic, no atomics, nothing B×M stored; d is zero-padded to a multiple of 16.
 """
@@ -44,13 +46,17 @@ from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
-from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile, wrap_triton
+from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile, weights_dot, wrap_triton
 from .batch_softmax import finalize_grad
-from .xent import BWD_CONFIGS, LSE_CONFIGS
+from .xent import BWD_CONFIGS as _XENT_BWD_CONFIGS, LSE_CONFIGS
 
 # Tile configurations: the forward uses the XE LSE-pass tiles, the backward the XE gradient tiles (same BLOCK_K per
 # dtype, so forward and backward compute each similarity identically). See xent.py for the register budget.
 FWD_CONFIGS = LSE_CONFIGS
+# The gradient configurations of XE, except the 16-bit dy pass: its head + tail weight products
+# (``_tiles.weights_dot``) need a second [BLOCK_N, BLOCK_M] 16-bit tile, which spills on sm_80 with BLOCK_D = 128.
+_DY_16 = dict(_XENT_BWD_CONFIGS[torch.float16][1], BLOCK_D=64)
+BWD_CONFIGS = {t: (dx, _DY_16 if t != torch.float32 else dy) for t, (dx, dy) in _XENT_BWD_CONFIGS.items()}
 assert all(FWD_CONFIGS[t]["BLOCK_K"] == BWD_CONFIGS[t][dy]["BLOCK_K"] for t in FWD_CONFIGS for dy in (0, 1)), \
     "forward and backward must compute S with the same BLOCK_K"
 
@@ -144,11 +150,11 @@ def _hinge_grad_kernel(
         if DY:
             b = tl.load(x_ptr + xi.to(tl.int64)[:, None] * D + dcols[None, :],
                         mask=xi_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.dot(tl.trans(w.to(b.dtype)), b, acc, input_precision=PRECISION)
+            acc = weights_dot(tl.trans(w), b, acc, PRECISION)
         else:
             b = tl.load(y_ptr + yj.to(tl.int64)[:, None] * D + dcols[None, :],
                         mask=yj_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.dot(w.to(b.dtype), b, acc, input_precision=PRECISION)
+            acc = weights_dot(w, b, acc, PRECISION)
     out = (pid_s.to(tl.int64) * n_own + own)[:, None] * D + dcols[None, :]
     tl.store(part_ptr + out, acc, mask=own_ok[:, None] & d_ok[None, :])
 
