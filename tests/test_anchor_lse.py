@@ -19,8 +19,9 @@ NAMES = ("supcon", "multi_similarity", "circle")
 
 
 def _pml(name, **kw):
-    return {"supcon": lambda: pml_losses.SupConLoss(**kw), "multi_similarity": lambda: pml_losses.MultiSimilarityLoss(**kw),
-            "circle": lambda: pml_losses.CircleLoss(**kw)}[name]()
+    cls = {"supcon": pml_losses.SupConLoss, "multi_similarity": pml_losses.MultiSimilarityLoss,
+           "circle": pml_losses.CircleLoss}[name]
+    return cls(**kw)
 
 
 def _labels(kind: str, B: int, g: torch.Generator) -> torch.Tensor:
@@ -112,7 +113,8 @@ def _edge_cases():
     g = torch.Generator().manual_seed(11)
     d = 6
     yield "no_positive_anywhere", torch.randn(9, d, generator=g, dtype=torch.float64), torch.arange(9), None, None
-    yield "no_negative_anywhere", torch.randn(7, d, generator=g, dtype=torch.float64), torch.zeros(7, dtype=torch.long), None, None
+    yield ("no_negative_anywhere", torch.randn(7, d, generator=g, dtype=torch.float64),
+           torch.zeros(7, dtype=torch.long), None, None)
     yield "B1", torch.randn(1, d, generator=g, dtype=torch.float64), torch.tensor([3]), None, None
     yield "B2_different", torch.randn(2, d, generator=g, dtype=torch.float64), torch.tensor([0, 1]), None, None
     yield "B2_same", torch.randn(2, d, generator=g, dtype=torch.float64), torch.tensor([5, 5]), None, None

@@ -107,7 +107,8 @@ def test_fused_zero_cases_match_the_reference():
         for xx, lab, yy, rl in cases:
             with fd.backend("cpu"), poison_outputs():
                 got = getattr(fd, name)(xx, lab, yy, rl)
-            want = getattr(fd.reference, name)(xx.detach().double(), lab, None if yy is None else yy.detach().double(), rl)
+            yy64 = None if yy is None else yy.detach().double()
+            want = getattr(fd.reference, name)(xx.detach().double(), lab, yy64, rl)
             assert float(got) == pytest.approx(float(want), rel=RTOL[name], abs=1e-6), (name, lab)
             (g,) = torch.autograd.grad(got, x)
             assert torch.isfinite(g).all()
@@ -188,3 +189,20 @@ def test_memory_is_linear_in_the_batch(name):
     assert out.returncode == 0, out.stderr[-2000:]
     grown_mib = int(out.stdout.strip().splitlines()[-1])
     assert grown_mib < 128, f"peak RSS grew by {grown_mib} MiB"
+
+
+def _edge_case_params():
+    from test_anchor_lse import _edge_cases
+
+    return [pytest.param(c, id=c[0]) for c in _edge_cases()]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", _edge_case_params())
+def test_fused_edge_cases(name, case):
+    """The reference's edge cases (anchors without positives or negatives, labels absent from the references,
+    duplicate rows, B = 1, one pair of each kind) on the kernel, fp32 against the float64 reference."""
+    _, x, labels, y, ref_labels = case
+    tensors = {"x": x.float(), "labels": labels, "y": None if y is None else y.float(), "ref_labels": ref_labels}
+    check_against_reference(name, "cpu", tensors, {}, grad_names=("x",) if y is None else ("x", "y"),
+                            rtol=RTOL[name], atol=1e-6)

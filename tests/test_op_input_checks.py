@@ -124,7 +124,8 @@ def _valid(op: str, variant: int = 0) -> Dict[str, object]:
     raise KeyError(op)
 
 
-VALID_VARIANTS = {"anchor_lse_fwd": 3, "anchor_lse_bwd": 3, "batch_softmax_fwd": 2, "batch_softmax_bwd": 2, "xent_fwd": 3, "xent_bwd": 3, "hinge_pair_fwd": 2,
+VALID_VARIANTS = {"anchor_lse_fwd": 3, "anchor_lse_bwd": 3,
+                  "batch_softmax_fwd": 2, "batch_softmax_bwd": 2, "xent_fwd": 3, "xent_bwd": 3, "hinge_pair_fwd": 2,
                   "hinge_pair_bwd": 2, "knn_fwd": 2, "hardest_negatives_fwd": 2, "contextual_fwd": 1,
                   "contextual_bwd": 1, "metrics_pass": 2}
 
