@@ -57,6 +57,9 @@ CASES = {
     "threshold_consistent_margin": lambda x, y, lab, t: fd.threshold_consistent_margin(x, lab, pos_margin=0.8),
     "contrastive_margin": lambda x, y, lab, t: fd.contrastive_margin(x, lab),
     "contextual_loss": lambda x, y, lab, t: fd.contextual_loss(x, lab, k=4),
+    "supcon": lambda x, y, lab, t: fd.supcon(x, lab, temperature=t),
+    "multi_similarity": lambda x, y, lab, t: fd.multi_similarity(x, lab),
+    "circle": lambda x, y, lab, t: fd.circle(x, lab),
 }
 
 
