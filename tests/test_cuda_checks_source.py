@@ -16,6 +16,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CPU_ONLY = {"_contextual_dense_path"}  # a test-support query of the CPU op, no CUDA counterpart
+
+
+def _families_without_cuda():
+    """Compiled ops of the op families whose ``backends`` exclude "cuda" (CPU kernels so far, e.g. triplet): no
+    CUDA entry is expected for them yet, but their CPU entries are checked like the others."""
+    import flashdml  # noqa: F401  (registers the op families)
+    from flashdml.ops import registry
+
+    return {n for fam in registry.FAMILIES.values() if "cuda" not in fam.backends for n in fam.compiled_names()}
+
+
+NO_CUDA_YET = _families_without_cuda()
 # What must not come before the check: reading tensor data, launching, moving to the device, normalising the rows.
 TOUCHES = re.compile(r"data_ptr|<<<|CUDAGuard|\.item\s*<|kernel_rows|normalized_rows|\.contiguous\(|new_output")
 
@@ -69,7 +81,7 @@ CUDA = _entries("CUDA")
 
 def test_the_parser_finds_every_entry():
     assert len(CPU) >= 11 and len(CUDA) >= 11, (sorted(CPU), sorted(CUDA))
-    assert set(CPU) - CPU_ONLY == set(CUDA), "ops registered for only one of CPU / CUDA"
+    assert set(CPU) - CPU_ONLY - NO_CUDA_YET == set(CUDA), "ops registered for only one of CPU / CUDA"
 
 
 def _check_call(op: str, path: Path, body: str) -> None:
@@ -99,7 +111,7 @@ def test_cpu_entry_runs_the_shared_check_first(op):
 def test_every_shared_check_is_used_and_local_copies_are_gone():
     header = _strip_comments((CSRC / "include" / "flashdml" / "op_checks.h").read_text())
     defined = set(re.findall(r"inline void (\w+)_inputs\s*\(", header))
-    assert defined == set(CUDA), f"op_checks.h defines checks for {sorted(defined)}, CUDA has {sorted(CUDA)}"
+    assert defined == set(CUDA) | NO_CUDA_YET, f"op_checks.h defines checks for {sorted(defined)}, CUDA has {sorted(CUDA)}"
     for path in sorted(CSRC.glob("cpu/*.cpp")) + sorted(CSRC.glob("cuda/*.cu")):
         text = _strip_comments(path.read_text())
         # The per-file argument checks that used to drift (check_inputs, check_xent_inputs, check_label_tensor).

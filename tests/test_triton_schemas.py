@@ -33,7 +33,11 @@ def _triton_op(name):
 
 
 def test_every_schema_has_a_triton_module():
-    assert set(NAMES) == set(SCHEMAS)
+    """Every op of the families that list the Triton backend (some are CPU-only for now, e.g. triplet)."""
+    from flashdml.ops import registry
+
+    served = {n for fam in registry.FAMILIES.values() if "triton" in fam.backends for n in fam.compiled_names()}
+    assert set(NAMES) == served
 
 
 @pytest.mark.parametrize("name", NAMES)
