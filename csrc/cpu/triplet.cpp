@@ -21,6 +21,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <vector>
 
@@ -114,9 +117,19 @@ TripletSetup make_setup(const at::Tensor& x_in, const at::Tensor& y_in, const at
 }
 
 // Tile row -> the anchor's distances to the tile's columns, in place: sqrt(max(|x_a|^2 + |y_j|^2 - 2 s, 0)).
+// With AVX the sqrt runs on 8 lanes (GCC keeps std::sqrt scalar because of errno); every column is computed
+// by the same instructions in the forward and the backward pass, so both see bitwise the same distances.
 inline void distances_in_place(float* s, int64_t cn, float xa_sq, const float* y_sq) {
-#pragma omp simd
-  for (int64_t c = 0; c < cn; ++c) s[c] = std::sqrt(std::max(xa_sq + y_sq[c] - 2.f * s[c], 0.f));
+  int64_t c = 0;
+#if defined(__AVX__)
+  const __m256 xa = _mm256_set1_ps(xa_sq), two = _mm256_set1_ps(2.f), zero = _mm256_setzero_ps();
+  for (; c + 8 <= cn; c += 8) {
+    const __m256 sq = _mm256_sub_ps(_mm256_add_ps(xa, _mm256_loadu_ps(y_sq + c)),
+                                    _mm256_mul_ps(two, _mm256_loadu_ps(s + c)));
+    _mm256_storeu_ps(s + c, _mm256_sqrt_ps(_mm256_max_ps(sq, zero)));
+  }
+#endif
+  for (; c < cn; ++c) s[c] = std::sqrt(std::max((xa_sq + y_sq[c]) - 2.f * s[c], 0.f));
 }
 
 // The hinge of one triplet in fp32, written once so that forward and backward evaluate the same expression.
@@ -152,19 +165,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> triplet_fwd_cpu(const at::Tensor&
           float* dn = S + (a - r0) * kTileCols;
           distances_in_place(dn, cn, p.x_sq[a], p.y_sq.data() + c0);
           const int32_t ca = p.classes.row_class[a];
-          double sum = 0.0, cnt = 0.0;  // cnt exact in a double (<= kTileCols * |P_a| per row and tile)
           for (int64_t q = q0; q < q1; ++q) {
+            // fp32 partials over one tile row (<= kTileCols terms: cnt exact, sum to ~1e-7), then double
             const float dap = p.pos_dist[q];
+            float sum = 0.f, cnt = 0.f;
 #pragma omp simd reduction(+ : sum, cnt)
             for (int64_t c = 0; c < cn; ++c) {
               const float h = hinge(dap, dn[c], p.margin);
               const bool active = (col[c] != ca) & (h > 0.f);
-              sum += active ? double(h) : 0.0;
-              cnt += active ? 1.0 : 0.0;
+              sum += active ? h : 0.f;
+              cnt += active ? 1.f : 0.f;
             }
+            parts[task].sum += double(sum);
+            parts[task].count += static_cast<int64_t>(cnt);
           }
-          parts[task].sum += sum;
-          parts[task].count += static_cast<int64_t>(cnt);
         }
       }
     });
@@ -227,16 +241,17 @@ std::tuple<at::Tensor, at::Tensor> triplet_bwd_cpu(const at::Tensor& grad_loss, 
       std::fill(na, na + cn, 0.f);
       for (int64_t q = q0; q < q1; ++q) {
         const float dap = p.pos_dist[q];
-        double cnt = 0.0;
+        float cnt = 0.f;  // exact: <= kTileCols
 #pragma omp simd reduction(+ : cnt)
         for (int64_t c = 0; c < cn; ++c) {
           const bool active = (col[c] != ca) & (hinge(dap, g[c], p.margin) > 0.f);
           na[c] += active ? 1.f : 0.f;
-          cnt += active ? 1.0 : 0.0;
+          cnt += active ? 1.f : 0.f;
         }
-        pos_active[q] += cnt;
+        pos_active[q] += double(cnt);
       }
       double rs = 0.0;
+#pragma omp simd reduction(+ : rs)
       for (int64_t c = 0; c < cn; ++c) {
         const float w = (na[c] > 0.f && g[c] > 0.f) ? na[c] * s / g[c] : 0.f;  // d_an = 0: subgradient 0
         g[c] = w;
