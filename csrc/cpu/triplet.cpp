@@ -170,7 +170,7 @@ at::Tensor self_backward(const TripletSetup& p, float s) {
   for (int64_t t = 1; t < T; ++t) grad.add_(part[t]);
   float* gp = grad.data_ptr<float>();
   const float* xp = p.x.data_ptr<float>();
-  at::parallel_for(0, B, 64, [&](int64_t a0, int64_t a1) {
+  at::parallel_for(0, B, row_grain(d), [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       double c = 0.0;
       for (int64_t t = 0; t < T; ++t) c += coef[t][a];
@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_bwd_cpu(const at::Tensor& grad_loss, 
   float* dyp = dy.data_ptr<float>();
   const float* xp = p.x.data_ptr<float>();
   const float* yp = p.y.data_ptr<float>();
-  at::parallel_for(0, B, 64, [&](int64_t a0, int64_t a1) {
+  at::parallel_for(0, B, row_grain(d), [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       float* g = dxp + a * d;
       const float* u = xp + a * d;
@@ -333,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> triplet_bwd_cpu(const at::Tensor& grad_loss, 
       }
     }
   });
-  at::parallel_for(0, M, 64, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, M, row_grain(d), [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       double c = 0.0;
       for (int64_t t = 0; t < num_tasks; ++t) c += col_sum[t][j];

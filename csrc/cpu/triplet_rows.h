@@ -22,6 +22,10 @@ namespace flashdml {
 namespace cpu {
 namespace triplet {
 
+// Rows per parallel chunk of the O(rows * d) loops: about 2^20 multiply-adds each, so that small batches run them
+// on the calling thread (one parallel region less to wait for on a busy machine).
+inline int64_t row_grain(int64_t d) { return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(d, 1)); }
+
 struct TripletSetup {
   at::Tensor x, y;                // normalised fp32 rows, contiguous; y is x itself in self mode
   at::Tensor x_inv, y_inv;        // 1 / max(|row|, 1e-12)
@@ -37,7 +41,7 @@ inline std::vector<float> squared_norms(const at::Tensor& rows) {
   const int64_t n = rows.size(0), d = rows.size(1);
   std::vector<float> out(n);
   const float* p = rows.data_ptr<float>();
-  at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, row_grain(rows.size(1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       double ss = 0.0;
       const float* a = p + r * d;
@@ -77,7 +81,7 @@ inline TripletSetup make_setup(const at::Tensor& x_in, const at::Tensor& y_in, c
   s.pos_dist.resize(s.pos_ptr[B]);
   const float* xp = s.x.data_ptr<float>();
   const float* yp = s.y.data_ptr<float>();
-  at::parallel_for(0, B, 64, [&](int64_t a0, int64_t a1) {
+  at::parallel_for(0, B, row_grain(d), [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       const int32_t c = s.classes.row_class[a];
       if (c < 0) continue;
