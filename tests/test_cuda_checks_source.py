@@ -16,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 CPU_ONLY = {"_contextual_dense_path"}  # a test-support query of the CPU op, no CUDA counterpart
+
+
 # What must not come before the check: reading tensor data, launching, moving to the device, normalising the rows.
 TOUCHES = re.compile(r"data_ptr|<<<|CUDAGuard|\.item\s*<|kernel_rows|normalized_rows|\.contiguous\(|new_output")
 

@@ -89,6 +89,14 @@ def _valid(op: str, variant: int = 0) -> Dict[str, object]:
             _, _, counts = _call("hinge_pair_fwd", a)
             a.update(grad_loss=torch.tensor(1.0), counts=counts)
         return a
+    if op in ("triplet_fwd", "triplet_bwd"):
+        a = dict(x=x, y=y, labels=labels, ref_labels=ref_labels, margin=0.3, self_mode=False)
+        if variant == 1:  # self mode: y is x
+            a.update(y=x, ref_labels=labels, self_mode=True)
+        if op == "triplet_bwd":
+            _, _, counts = _call("triplet_fwd", a)
+            a.update(grad_loss=torch.tensor(1.0), counts=counts)
+        return a
     if op == "knn_fwd":
         return dict(x=x, y=y, k=3, exclude_diagonal=False, normalize=True) if variant == 0 else \
             dict(x=x, y=x, k=B - 1, exclude_diagonal=True, normalize=True)
@@ -127,7 +135,7 @@ def _valid(op: str, variant: int = 0) -> Dict[str, object]:
 VALID_VARIANTS = {"anchor_lse_fwd": 3, "anchor_lse_bwd": 3,
                   "batch_softmax_fwd": 2, "batch_softmax_bwd": 2, "xent_fwd": 3, "xent_bwd": 3, "hinge_pair_fwd": 2,
                   "hinge_pair_bwd": 2, "knn_fwd": 2, "hardest_negatives_fwd": 2, "contextual_fwd": 1,
-                  "contextual_bwd": 1, "metrics_pass": 2}
+                  "contextual_bwd": 1, "metrics_pass": 2, "triplet_fwd": 2, "triplet_bwd": 2}
 
 
 def _strided(t: torch.Tensor) -> torch.Tensor:
@@ -169,13 +177,14 @@ def _set(**kw):
 
 ANCHOR_LSE_OPS = ("anchor_lse_fwd", "anchor_lse_bwd")
 ROW_OPS = ("batch_softmax_fwd", "batch_softmax_bwd", "xent_fwd", "xent_bwd", "hinge_pair_fwd", "hinge_pair_bwd",
-           "knn_fwd", "hardest_negatives_fwd", "metrics_pass") + ANCHOR_LSE_OPS
+           "knn_fwd", "hardest_negatives_fwd", "metrics_pass", "triplet_fwd", "triplet_bwd") + ANCHOR_LSE_OPS
 LABEL_OPS = ("batch_softmax_fwd", "batch_softmax_bwd", "xent_fwd", "xent_bwd", "hinge_pair_fwd", "hinge_pair_bwd",
-             "hardest_negatives_fwd", "metrics_pass", "contextual_fwd", "contextual_bwd") + ANCHOR_LSE_OPS
-REF_LABEL_OPS = ("xent_fwd", "xent_bwd", "hinge_pair_fwd", "hinge_pair_bwd", "hardest_negatives_fwd",
-                 "metrics_pass") + ANCHOR_LSE_OPS
+             "hardest_negatives_fwd", "metrics_pass", "contextual_fwd", "contextual_bwd", "triplet_fwd",
+             "triplet_bwd") + ANCHOR_LSE_OPS
+REF_LABEL_OPS = ("xent_fwd", "xent_bwd", "hinge_pair_fwd", "hinge_pair_bwd", "hardest_negatives_fwd", "metrics_pass",
+                 "triplet_fwd", "triplet_bwd") + ANCHOR_LSE_OPS
 TEMPERATURE_OPS = ("batch_softmax_fwd", "batch_softmax_bwd", "xent_fwd", "xent_bwd") + ANCHOR_LSE_OPS
-BWD_OPS = ("batch_softmax_bwd", "xent_bwd", "hinge_pair_bwd", "contextual_bwd", "anchor_lse_bwd")
+BWD_OPS = ("batch_softmax_bwd", "xent_bwd", "hinge_pair_bwd", "contextual_bwd", "anchor_lse_bwd", "triplet_bwd")
 
 
 def _bad_cases() -> List[Bad]:
@@ -268,6 +277,19 @@ def _bad_cases() -> List[Bad]:
             rf"^{op}: counts must be torch.int64, got torch.int32"))
     add(Bad(op, "counts_negative", _set(counts=torch.tensor([3, -1])), ValueError,
             rf"^{op}: counts must be counts >= 0, got \[3, -1\]"))
+
+    # triplet: self_mode needs B == M; counts int64 [1] >= 0
+    for op in ("triplet_fwd", "triplet_bwd"):
+        add(Bad(op, "self_mode_other_rows", _set(self_mode=True), ValueError, rf"^{op}: self_mode needs y = x"))
+    op = "triplet_bwd"
+    add(Bad(op, "counts_empty", _set(counts=torch.empty(0, dtype=torch.int64)), ValueError,
+            rf"^{op}: counts has 0 elements, expected 1"))
+    add(Bad(op, "counts_two", _set(counts=torch.tensor([3, 1])), ValueError,
+            rf"^{op}: counts has 2 elements, expected 1"))
+    add(Bad(op, "counts_int32", _set(counts=lambda a: a["counts"].int()), TypeError,
+            rf"^{op}: counts must be torch.int64, got torch.int32"))
+    add(Bad(op, "counts_negative", _set(counts=torch.tensor([-1])), ValueError,
+            rf"^{op}: counts must be a count >= 0, got -1"))
 
     # selection: 1 <= k <= candidates / negatives; exclude_diagonal and self_mode need B == M
     op = "knn_fwd"

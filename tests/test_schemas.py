@@ -81,6 +81,8 @@ def _cases(device):
                                  0.05, 0.4, 0.5, 0.1, 0.25, 0.75, 0.6, 10.0, normalize)
     yield "hinge_pair_fwd", (x, y, lx, ly, 0.5, 0.1, 1.0, 1.0, False, False, True)
     yield "hinge_pair_fwd", (x, x, lx, lx, 0.5, 0.1, 1.0, 1.0, False, True, True)
+    yield "triplet_fwd", (x, y, lx, ly, 0.3, False)
+    yield "triplet_fwd", (x, x, lx, lx, 0.3, True)
     xn = torch.nn.functional.normalize(x.detach(), dim=1)
     yn = torch.nn.functional.normalize(y.detach(), dim=1)
     rows = torch.arange(13, device=device)
