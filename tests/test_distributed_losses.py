@@ -1,0 +1,214 @@
+"""The losses with ``process_group=`` (docs/spec.md §5) on 2 and 3 gloo ranks with uneven shards (one empty):
+value on every rank == the float64 reference on the concatenated batch, local gradients == W × the reference
+gradient's slice, the same bits on a second run, DDP's parameter gradient == one process's, and mismatched calls
+raise on every rank. One spawn per world size: every case runs inside it."""
+import datetime
+import io
+
+import pytest
+import torch
+
+from distributed_ranks import run_ranks
+
+D = 6
+# world -> (x shard sizes, y shard sizes for cross mode)
+LAYOUTS = {2: ([4, 3], [5, 0]), 3: ([3, 0, 5], [2, 4, 1])}
+TCM = dict(pos_margin=0.5, neg_margin=0.0)
+CON = dict(pos_margin=0.75, neg_margin=0.0)
+
+# name -> (op, mode, kwargs); mode: self (labels), cross (y, ref_labels), pair (y, no labels), square (batch softmax)
+CASES = {
+    "xe_self": ("cross_example_softmax", "self", dict(temperature=0.1)),
+    "xe_cross": ("cross_example_softmax", "cross", dict(temperature=0.1)),
+    "xe_pair": ("cross_example_softmax", "pair", dict(temperature=0.2, normalize=False)),
+    "xe_top_k": ("cross_example_softmax", "self", dict(temperature=0.1, top_k=7)),
+    "xe_top_k_cross": ("cross_example_softmax", "cross", dict(temperature=0.1, top_k=5)),
+    "ntxent_self": ("ntxent", "self", dict(temperature=0.07)),
+    "ntxent_cross": ("ntxent", "cross", dict(temperature=0.07)),
+    "bs": ("batch_softmax", "square", dict(temperature=0.1)),
+    "bs_sym": ("batch_softmax", "square", dict(temperature=0.1, symmetric=True)),
+    "bs_sym_labels": ("batch_softmax", "square_labels", dict(temperature=0.1, symmetric=True)),
+    "tcm_self": ("threshold_consistent_margin", "self", TCM),
+    "tcm_cross": ("threshold_consistent_margin", "cross", TCM),
+    "con_self": ("contrastive_margin", "self", CON),
+    "con_cross": ("contrastive_margin", "cross", CON),
+}
+
+
+def _data(world, mode, dtype=torch.float64):
+    """The global batch: (x, y or None, labels or None, ref_labels or None) and the shard sizes of x and y."""
+    sx, sy = LAYOUTS[world]
+    g = torch.Generator().manual_seed(world)
+    B = sum(sx)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (B,), generator=g)  # 3 classes spread over every rank
+    if mode in ("cross", "pair"):
+        M = sum(sy) if mode == "cross" else B
+        y = torch.randn(M, D, generator=g, dtype=torch.float64)
+        if mode == "pair":
+            return x.to(dtype), y.to(dtype), None, None, sx, sx
+        return x.to(dtype), y.to(dtype), labels, torch.randint(0, 3, (M,), generator=g), sx, sy
+    if mode.startswith("square"):
+        y = (x + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64))
+        return x.to(dtype), y.to(dtype), (labels if mode == "square_labels" else None), None, sx, sx
+    return x.to(dtype), None, labels, None, sx, sx
+
+
+def _cut(t, sizes, rank):
+    off = sum(sizes[:rank])
+    return None if t is None else t[off:off + sizes[rank]]
+
+
+def _call(fn, op, mode, x, y, labels, ref_labels, kw, **extra):
+    if op == "batch_softmax":
+        return fn(x, y, labels, **kw, **extra)
+    if op == "cross_example_softmax":
+        return fn(x, y, labels, ref_labels, **kw, **extra)
+    return fn(x, labels, y, ref_labels, **kw, **extra)
+
+
+def _run_case(rank, world, name, dtype=torch.float64):
+    import torch.distributed as dist
+
+    import flashdml as fd
+
+    op, mode, kw = CASES[name]
+    x, y, labels, ref_labels, sx, sy = _data(world, mode, dtype)
+    outs = []
+    for _ in range(2):  # twice: the bits must not change
+        xl = _cut(x, sx, rank).clone().requires_grad_()
+        yl = None if y is None else _cut(y, sy, rank).clone().requires_grad_()
+        loss = _call(getattr(fd, op), op, mode, xl, yl, _cut(labels, sx, rank),
+                     _cut(ref_labels, sy, rank), kw, process_group=dist.group.WORLD)
+        loss.backward()
+        outs.append((loss.detach(), xl.grad, None if yl is None else yl.grad))
+    same = all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]) if a is not None)
+    return outs[0] + (same,)
+
+
+def _reference(world, name, dtype=torch.float64):
+    import flashdml as fd
+
+    op, mode, kw = CASES[name]
+    x, y, labels, ref_labels, _, _ = _data(world, mode)
+    x = x.clone().requires_grad_()
+    y = None if y is None else y.clone().requires_grad_()
+    loss = _call(getattr(fd.reference, op), op, mode, x, y, labels, ref_labels, kw)
+    loss.backward()
+    return loss.detach(), x.grad, None if y is None else y.grad
+
+
+def _ddp_case(rank, world):
+    """A tiny nn.Linear in DistributedDataParallel: its averaged parameter gradient is the one-process one."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import flashdml as fd
+
+    x, _, labels, _, sx, _ = _data(world, "self")
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(D, 4).double())
+    loss = fd.cross_example_softmax(model(_cut(x, sx, rank)), labels=_cut(labels, sx, rank), temperature=0.1,
+                                    process_group=dist.group.WORLD)
+    loss.backward()
+    return model.module.weight.grad.clone(), model.module.bias.grad.clone()
+
+
+def _mismatch_cases(rank, world):
+    """Every rank raises when one rank passes another temperature / top_k / d / dtype; the last case leaves
+    rank 0 alone in the call (the others call without process_group): it raises instead of hanging."""
+    import torch.distributed as dist
+
+    import flashdml as fd
+    from flashdml.distributed import _comm
+
+    x = torch.randn(2, D)
+    labels = torch.tensor([0, 1])
+    last = rank == world - 1
+    variants = {
+        "temperature": lambda: fd.ntxent(x, labels, temperature=0.1 + 0.1 * last, process_group=dist.group.WORLD),
+        "top_k": lambda: fd.cross_example_softmax(x, labels=labels, top_k=1 + last, process_group=dist.group.WORLD),
+        "d": lambda: fd.contrastive_margin(torch.randn(2, D + last), labels, process_group=dist.group.WORLD),
+        "dtype": lambda: fd.threshold_consistent_margin(x.double() if last else x, labels,
+                                                        process_group=dist.group.WORLD),
+    }
+    out = {}
+    for key, call in variants.items():
+        try:
+            call()
+            out[key] = None
+        except RuntimeError as exc:
+            out[key] = str(exc)
+    _comm.FINGERPRINT_TIMEOUT = datetime.timedelta(seconds=2)
+    try:
+        if rank == 0:
+            fd.ntxent(x, labels, process_group=dist.group.WORLD)
+        else:
+            fd.ntxent(x, labels)
+        out["alone"] = None
+    except RuntimeError as exc:
+        out["alone"] = str(exc)
+    return out
+
+
+def _all_cases(rank, world):
+    res = {name: _run_case(rank, world, name) for name in CASES}
+    res["xe_self_fp32"] = _run_case(rank, world, "xe_self", torch.float32)
+    res["ddp"] = _ddp_case(rank, world)
+    res["mismatch"] = _mismatch_cases(rank, world)
+    buf = io.BytesIO()  # plain bytes: tensors sent through the queue would be shared memory of an exited process
+    torch.save(res, buf)
+    return buf.getvalue()
+
+
+def _check(world, results):
+    sx_all = LAYOUTS[world]
+    for name in list(CASES) + ["xe_self_fp32"]:
+        case = name[:-5] if name.endswith("_fp32") else name
+        tol = dict(rtol=1e-6, atol=1e-9) if case == name else dict(rtol=1e-5, atol=1e-6)
+        op, mode, _ = CASES[case]
+        ref_loss, ref_dx, ref_dy = _reference(world, case)
+        sx = sx_all[0]
+        sy = sx_all[1] if mode == "cross" else sx
+        assert ref_loss.abs() > 1e-3, name  # a loss that could be wrong
+        for rank, res in enumerate(results):
+            loss, dx, dy, same = res[name]
+            assert same, f"{name}: rank {rank} changed bits between two runs"
+            assert torch.equal(loss, results[0][name][0]), f"{name}: the value differs between ranks"
+            torch.testing.assert_close(loss.double(), ref_loss, **tol, msg=f"{name} rank {rank} value")
+            gtol = dict(rtol=1e-5, atol=1e-8) if case == name else dict(rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(dx.double(), world * _cut(ref_dx, sx, rank), **gtol,
+                                       msg=f"{name} rank {rank} dx")
+            if ref_dy is not None and dy is not None:
+                torch.testing.assert_close(dy.double(), world * _cut(ref_dy, sy, rank), **gtol,
+                                           msg=f"{name} rank {rank} dy")
+
+
+def _check_ddp(world, results):
+    import flashdml as fd
+
+    x, _, labels, _, _, _ = _data(world, "self")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D, 4).double()
+    fd.reference.cross_example_softmax(model(x), labels=labels, temperature=0.1).backward()
+    for rank, res in enumerate(results):
+        torch.testing.assert_close(res["ddp"][0], model.weight.grad, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(res["ddp"][1], model.bias.grad, rtol=1e-6, atol=1e-9)
+
+
+def _check_mismatch(results):
+    for rank, res in enumerate(results):
+        for key in ("temperature", "top_k", "d", "dtype"):
+            assert res["mismatch"][key] is not None and "different arguments" in res["mismatch"][key], (rank, key)
+    assert "not every rank" in results[0]["mismatch"]["alone"]
+    assert all(res["mismatch"]["alone"] is None for res in results[1:])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_losses_over_ranks_equal_the_one_process_loss(world):
+    results = [torch.load(io.BytesIO(r)) for r in run_ranks("test_distributed_losses:_all_cases", world,
+                                                            timeout=150)]
+    _check(world, results)
+    _check_ddp(world, results)
+    _check_mismatch(results)
+
