@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .._validation import check_real
+from . import _fused
 from ._comm import sum_over_ranks
 from ._shard import Global, finish, normalized, prepare_shard, row_chunk, self_pair_mask, setup, streamed_sum
 
@@ -33,8 +34,11 @@ def _hard(g: Global, r0: int, s: Tensor, pos_margin: float, neg_margin: float, d
 def _hinge(op: str, x, labels, y, ref_labels, pos_margin, neg_margin, pos_weight, neg_weight, drop_diagonal,
            strict, group) -> Tensor:
     batch = prepare_shard(x, y, labels, ref_labels, pair_mode_default=True)
+    ops = _fused.fused_ops(op, batch.x)
     g = setup(op, batch, group, pos_margin=pos_margin, neg_margin=neg_margin, pos_weight=pos_weight,
-              neg_weight=neg_weight)
+              neg_weight=neg_weight, fused=ops is not None)
+    if ops is not None:
+        return _fused.hinge(g, ops, (pos_margin, neg_margin, pos_weight, neg_weight), drop_diagonal, strict)
     xh, Yh = normalized(g.x, True), normalized(g.Y, True)
     stats = torch.zeros(4, dtype=torch.float64, device=x.device)  # hinge sums (pos, neg), counts (pos, neg)
     with torch.no_grad():

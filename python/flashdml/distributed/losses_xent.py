@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .._validation import check_bool, check_positive_int, check_temperature
 from ..ops.selection import count_negatives
+from . import _fused
 from ._comm import all_gather_rows, logsumexp_over_ranks, shard_layout, sum_over_ranks
 from ._shard import Global, finish, normalized, prepare_shard, row_chunk, self_pair_mask, setup, streamed_sum
 
@@ -43,19 +44,28 @@ def _positive_count(g: Global) -> int:
     return n * m - count_negatives(g.row_labels, g.col_labels) - (n if g.self_mode else 0)
 
 
-def _prepare(op, x, y, labels, ref_labels, temperature, normalize, group, **params):
+def _prepare(op, x, y, labels, ref_labels, temperature, normalize, group, fused_op=None, **params):
+    """Validate, set up, and pick the path: the compiled ops (every rank the same: the backend is in the call's
+    fingerprint) or ``None`` for the streamed PyTorch path (float64, or no compiled backend)."""
     batch = prepare_shard(x, y, labels, ref_labels, pair_mode_default=True)
     check_bool(normalize, "normalize")
     t = check_temperature(temperature, batch.x.device)
-    g = setup(op, batch, group, temperature=float(t.detach()), normalize=normalize, **params)
-    return g, t, normalized(g.x, normalize), normalized(g.Y, normalize)
+    ops = _fused.fused_ops(fused_op, batch.x) if fused_op else None
+    g = setup(op, batch, group, temperature=float(t.detach()), normalize=normalize, fused=ops is not None,
+              **params)
+    if ops is not None:
+        return g, t, ops, None, None
+    return g, t, None, normalized(g.x, normalize), normalized(g.Y, normalize)
 
 
 def ntxent(x: Tensor, labels: Optional[Tensor], y: Optional[Tensor], ref_labels: Optional[Tensor], *,
            temperature, normalize: bool, process_group) -> Tensor:
-    g, t, xh, Yh = _prepare("ntxent", x, y, labels, ref_labels, temperature, normalize, process_group)
+    g, t, ops, xh, Yh = _prepare("ntxent", x, y, labels, ref_labels, temperature, normalize, process_group,
+                                 fused_op="ntxent")
     n_pos = float(sum_over_ranks(torch.tensor([_positive_count(g)], dtype=torch.float64, device=x.device),
                                  g.rows).item())
+    if ops is not None:
+        return _fused.xent(g, ops, t, normalize, False, n_pos, *_positive_pairs(g))
     if xh.shape[0] == 0 or n_pos == 0:
         share = None
     else:
@@ -99,12 +109,15 @@ def cross_example_softmax(x: Tensor, y: Optional[Tensor], labels: Optional[Tenso
                           *, temperature, top_k: Optional[int], normalize: bool, process_group) -> Tensor:
     if top_k is not None:
         top_k = check_positive_int(top_k, "top_k")
-    g, t, xh, Yh = _prepare("cross_example_softmax", x, y, labels, ref_labels, temperature, normalize,
-                            process_group, top_k=-1 if top_k is None else top_k)
+    g, t, ops, xh, Yh = _prepare("cross_example_softmax", x, y, labels, ref_labels, temperature, normalize,
+                                 process_group, fused_op="cross_example_softmax" if top_k is None else None,
+                                 top_k=-1 if top_k is None else top_k)
     dev = x.device
     counts = torch.tensor([_positive_count(g), count_negatives(g.row_labels, g.col_labels)
                            if g.row_labels.numel() else 0], dtype=torch.float64, device=dev)
     n_pos, n_neg = (float(v) for v in sum_over_ranks(counts, g.rows))
+    if ops is not None:
+        return _fused.xent(g, ops, t, normalize, True, n_pos, *_positive_pairs(g))
     out_dtype = xh.dtype
     if top_k is not None and top_k < n_neg and n_pos > 0:
         return _top_k(g, t, xh, Yh, top_k, n_pos)
