@@ -23,7 +23,9 @@ CASES = {
     "xe_pair": ("cross_example_softmax", "pair", dict(temperature=0.2, normalize=False)),
     "xe_top_k": ("cross_example_softmax", "self", dict(temperature=0.1, top_k=7)),
     "xe_top_k_cross": ("cross_example_softmax", "cross", dict(temperature=0.1, top_k=5)),
+    "xe_spread": ("cross_example_softmax", "spread", dict(temperature=0.1)),
     "ntxent_self": ("ntxent", "self", dict(temperature=0.07)),
+    "ntxent_spread": ("ntxent", "spread", dict(temperature=0.07)),
     "ntxent_cross": ("ntxent", "cross", dict(temperature=0.07)),
     "bs": ("batch_softmax", "square", dict(temperature=0.1)),
     "bs_sym": ("batch_softmax", "square", dict(temperature=0.1, symmetric=True)),
@@ -33,6 +35,10 @@ CASES = {
     "con_self": ("contrastive_margin", "self", CON),
     "con_cross": ("contrastive_margin", "cross", CON),
 }
+# also run in fp32, on the compiled kernels (blocks of the gathered columns; "spread": a rank's own rows hold no
+# positive pair, so its own block takes the streamed path of the backward)
+FP32_CASES = ("xe_self", "xe_cross", "xe_pair", "xe_spread", "ntxent_self", "ntxent_cross", "ntxent_spread",
+              "tcm_self", "tcm_cross", "con_self", "con_cross")
 
 
 def _data(world, mode, dtype=torch.float64):
@@ -51,6 +57,8 @@ def _data(world, mode, dtype=torch.float64):
     if mode.startswith("square"):
         y = (x + 0.5 * torch.randn(B, D, generator=g, dtype=torch.float64))
         return x.to(dtype), y.to(dtype), (labels if mode == "square_labels" else None), None, sx, sx
+    if mode == "spread":  # class i % ceil(B/2): every class has its two rows far apart, on different ranks
+        labels = torch.arange(B) % ((B + 1) // 2)
     return x.to(dtype), None, labels, None, sx, sx
 
 
@@ -153,7 +161,7 @@ def _mismatch_cases(rank, world):
 
 def _all_cases(rank, world):
     res = {name: _run_case(rank, world, name) for name in CASES}
-    res["xe_self_fp32"] = _run_case(rank, world, "xe_self", torch.float32)
+    res.update({name + "_fp32": _run_case(rank, world, name, torch.float32) for name in FP32_CASES})
     res["ddp"] = _ddp_case(rank, world)
     res["mismatch"] = _mismatch_cases(rank, world)
     buf = io.BytesIO()  # plain bytes: tensors sent through the queue would be shared memory of an exited process
@@ -163,7 +171,7 @@ def _all_cases(rank, world):
 
 def _check(world, results):
     sx_all = LAYOUTS[world]
-    for name in list(CASES) + ["xe_self_fp32"]:
+    for name in list(CASES) + [n + "_fp32" for n in FP32_CASES]:
         case = name[:-5] if name.endswith("_fp32") else name
         tol = dict(rtol=1e-6, atol=1e-9) if case == name else dict(rtol=1e-5, atol=1e-6)
         op, mode, _ = CASES[case]
