@@ -122,6 +122,31 @@ def _ddp_case(rank, world):
     return model.module.weight.grad.clone(), model.module.bias.grad.clone()
 
 
+def _module_cases(rank, world):
+    """The loss modules with ``process_group=`` give the functional ops' values (the same bits)."""
+    import torch.distributed as dist
+
+    import flashdml as fd
+
+    x, _, labels, _, sx, _ = _data(world, "self", torch.float32)
+    x, labels = _cut(x, sx, rank), _cut(labels, sx, rank)
+    y = x.flip(0)
+    pg = dist.group.WORLD
+    pairs = [
+        (fd.losses.NTXentLoss(0.1, process_group=pg)(x, labels), fd.ntxent(x, labels, temperature=0.1,
+                                                                            process_group=pg)),
+        (fd.losses.CrossExampleSoftmaxLoss(0.1, top_k=3, process_group=pg)(x, labels),
+         fd.cross_example_softmax(x, labels=labels, temperature=0.1, top_k=3, process_group=pg)),
+        (fd.losses.BatchSoftmaxLoss(0.1, symmetric=True, process_group=pg)(x, ref_emb=y),
+         fd.batch_softmax(x, y, temperature=0.1, symmetric=True, process_group=pg)),
+        (fd.losses.ThresholdConsistentMarginLoss(0.5, 0.0, process_group=pg)(x, labels),
+         fd.threshold_consistent_margin(x, labels, pos_margin=0.5, neg_margin=0.0, process_group=pg)),
+        (fd.losses.ContrastiveMarginLoss(0.75, 0.0, process_group=pg)(x, labels),
+         fd.contrastive_margin(x, labels, pos_margin=0.75, neg_margin=0.0, process_group=pg)),
+    ]
+    return [bool(torch.equal(a, b)) and bool(a != 0) for a, b in pairs]
+
+
 def _mismatch_cases(rank, world):
     """Every rank raises when one rank passes another temperature / top_k / d / dtype; the last case leaves
     rank 0 alone in the call (the others call without process_group): it raises instead of hanging."""
@@ -163,6 +188,7 @@ def _all_cases(rank, world):
     res = {name: _run_case(rank, world, name) for name in CASES}
     res.update({name + "_fp32": _run_case(rank, world, name, torch.float32) for name in FP32_CASES})
     res["ddp"] = _ddp_case(rank, world)
+    res["modules"] = _module_cases(rank, world)
     res["mismatch"] = _mismatch_cases(rank, world)
     buf = io.BytesIO()  # plain bytes: tensors sent through the queue would be shared memory of an exited process
     torch.save(res, buf)
@@ -218,5 +244,6 @@ def test_losses_over_ranks_equal_the_one_process_loss(world):
                                                             timeout=150)]
     _check(world, results)
     _check_ddp(world, results)
+    assert all(all(res["modules"]) for res in results), [res["modules"] for res in results]
     _check_mismatch(results)
 
