@@ -147,6 +147,28 @@ def _module_cases(rank, world):
     return [bool(torch.equal(a, b)) and bool(a != 0) for a, b in pairs]
 
 
+TEMPERATURE_CASES = (("xe_self", torch.float32), ("ntxent_spread", torch.float32), ("xe_top_k", torch.float64),
+                     ("bs_sym_labels", torch.float64))
+
+
+def _temperature_cases(rank, world):
+    """A learnable temperature: each rank's gradient is W × its share; their mean is the reference's."""
+    import torch.distributed as dist
+
+    import flashdml as fd
+
+    out = []
+    for name, dtype in TEMPERATURE_CASES:
+        op, mode, kw = CASES[name]
+        x, y, labels, ref_labels, sx, sy = _data(world, mode, dtype)
+        t = torch.tensor(kw["temperature"], requires_grad=True)
+        kw = {**kw, "temperature": t}
+        _call(getattr(fd, op), op, mode, _cut(x, sx, rank), _cut(y, sy, rank), _cut(labels, sx, rank),
+              _cut(ref_labels, sy, rank), kw, process_group=dist.group.WORLD).backward()
+        out.append(t.grad)
+    return out
+
+
 def _mismatch_cases(rank, world):
     """Every rank raises when one rank passes another temperature / top_k / d / dtype; the last case leaves
     rank 0 alone in the call (the others call without process_group): it raises instead of hanging."""
@@ -189,6 +211,7 @@ def _all_cases(rank, world):
     res.update({name + "_fp32": _run_case(rank, world, name, torch.float32) for name in FP32_CASES})
     res["ddp"] = _ddp_case(rank, world)
     res["modules"] = _module_cases(rank, world)
+    res["temperature"] = _temperature_cases(rank, world)
     res["mismatch"] = _mismatch_cases(rank, world)
     buf = io.BytesIO()  # plain bytes: tensors sent through the queue would be shared memory of an exited process
     torch.save(res, buf)
@@ -230,6 +253,20 @@ def _check_ddp(world, results):
         torch.testing.assert_close(res["ddp"][1], model.bias.grad, rtol=1e-6, atol=1e-9)
 
 
+def _check_temperature(world, results):
+    import flashdml as fd
+
+    for i, (name, dtype) in enumerate(TEMPERATURE_CASES):
+        op, mode, kw = CASES[name]
+        x, y, labels, ref_labels, _, _ = _data(world, mode)
+        t = torch.tensor(kw["temperature"], dtype=torch.float64, requires_grad=True)
+        _call(getattr(fd.reference, op), op, mode, x, y, labels, ref_labels, {**kw, "temperature": t}).backward()
+        mean = sum(res["temperature"][i].double() for res in results) / world
+        tol = dict(rtol=1e-5, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+        assert t.grad.abs() > 1e-3, name
+        torch.testing.assert_close(mean, t.grad, **tol, msg=f"{name} dtemperature")
+
+
 def _check_mismatch(results):
     for rank, res in enumerate(results):
         for key in ("temperature", "top_k", "d", "dtype"):
@@ -245,5 +282,6 @@ def test_losses_over_ranks_equal_the_one_process_loss(world):
     _check(world, results)
     _check_ddp(world, results)
     assert all(all(res["modules"]) for res in results), [res["modules"] for res in results]
+    _check_temperature(world, results)
     _check_mismatch(results)
 

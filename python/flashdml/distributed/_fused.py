@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._math import l2_normalize
-from ..ops.selection import _normalized, _pair_dots, count_negatives
+from ..ops.selection import _add_rows, _normalized, _pair_dots, count_negatives
 from ._comm import logsumexp_over_ranks, sum_over_ranks
 from ._shard import Global, finish, row_chunk
 
@@ -161,7 +161,9 @@ def xent(g: Global, ops, t: Tensor, normalize: bool, global_partition: bool, n_p
         sp = torch.where(valid, F.softplus(u), torch.zeros_like(u))
         sg = torch.where(valid, torch.sigmoid(u), torch.zeros_like(u))
         value = sum_over_ranks(sp.sum().reshape(1), g.rows)[0] / n_pos
-        coef = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, pos_rows, sg) / n_pos
+        coef = torch.zeros(n, dtype=torch.float64, device=dev)
+        _add_rows(coef, pos_rows, sg)  # a fixed summation order on CUDA too (no atomics)
+        coef = coef / n_pos
     if n == 0:
         return finish(value.float(), None, g)
     state = dict(g=g, ops=ops, normalize=normalize, n_pos=n_pos, lse=lse.float().contiguous(),

@@ -64,6 +64,7 @@ class Global:
     row_labels: Optional[Tensor]  # int64 [n_local]: global class ids (global row numbers in pair mode)
     col_labels: Optional[Tensor]  # int64 [M_global]
     self_mode: bool
+    anchors: tuple = ()  # further differentiable inputs (a learnable temperature): zero gradient when unused
 
     @property
     def world(self) -> int:
@@ -127,6 +128,8 @@ def finish(value: Tensor, share: Optional[Tensor], g: Global) -> Tensor:
     ``None`` (an empty shard, or nothing to differentiate): the result still hangs on the inputs with a zero
     gradient, so that every rank's backward runs the same collectives."""
     anchor = (g.Y.sum() * 0).to(value.dtype) + (g.x.sum() * 0).to(value.dtype)
+    for t in g.anchors:
+        anchor = anchor + (t * 0).to(value.dtype)
     if share is None:
         return value + (anchor - anchor.detach())
     scaled = share * g.world + anchor

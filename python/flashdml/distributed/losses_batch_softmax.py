@@ -43,6 +43,7 @@ def batch_softmax(x: Tensor, y: Tensor, labels: Optional[Tensor] = None, *, temp
     # paired rows: set up in cross mode (y gathered), positives on the global diagonal
     g = setup("batch_softmax", batch, process_group, temperature=float(t.detach()), symmetric=symmetric,
               normalize=normalize, labels=labels is not None)
+    g.anchors = (t,)
     if labels is not None:
         from ._comm import all_gather_rows
         g.row_labels, g.col_labels = labels, all_gather_rows(labels, g.cols)

@@ -53,6 +53,7 @@ def _prepare(op, x, y, labels, ref_labels, temperature, normalize, group, fused_
     ops = _fused.fused_ops(fused_op, batch.x) if fused_op else None
     g = setup(op, batch, group, temperature=float(t.detach()), normalize=normalize, fused=ops is not None,
               **params)
+    g.anchors = (t,)
     if ops is not None:
         return g, t, ops, None, None
     return g, t, None, normalized(g.x, normalize), normalized(g.Y, normalize)
