@@ -26,6 +26,8 @@ CASES = {
     "xe_spread": ("cross_example_softmax", "spread", dict(temperature=0.1)),
     "ntxent_self": ("ntxent", "self", dict(temperature=0.07)),
     "ntxent_spread": ("ntxent", "spread", dict(temperature=0.07)),
+    "xe_local": ("cross_example_softmax", "local", dict(temperature=0.1)),
+    "ntxent_local": ("ntxent", "local", dict(temperature=0.07)),
     "ntxent_cross": ("ntxent", "cross", dict(temperature=0.07)),
     "bs": ("batch_softmax", "square", dict(temperature=0.1)),
     "bs_sym": ("batch_softmax", "square", dict(temperature=0.1, symmetric=True)),
@@ -36,8 +38,10 @@ CASES = {
     "con_cross": ("contrastive_margin", "cross", CON),
 }
 # also run in fp32, on the compiled kernels (blocks of the gathered columns; "spread": a rank's own rows hold no
-# positive pair, so its own block takes the streamed path of the backward)
-FP32_CASES = ("xe_self", "xe_cross", "xe_pair", "xe_spread", "ntxent_self", "ntxent_cross", "ntxent_spread",
+# positive pair, so its own block takes the streamed path of the backward; "local": every class lives on one
+# rank, so the other ranks' block holds no positive pair and gets the zero column)
+FP32_CASES = ("xe_self", "xe_cross", "xe_pair", "xe_spread", "xe_local", "ntxent_self", "ntxent_cross",
+              "ntxent_spread", "ntxent_local",
               "tcm_self", "tcm_cross", "con_self", "con_cross")
 
 
@@ -59,6 +63,8 @@ def _data(world, mode, dtype=torch.float64):
         return x.to(dtype), y.to(dtype), (labels if mode == "square_labels" else None), None, sx, sx
     if mode == "spread":  # class i % ceil(B/2): every class has its two rows far apart, on different ranks
         labels = torch.arange(B) % ((B + 1) // 2)
+    if mode == "local":  # two rows per class, every class on one rank
+        labels = torch.cat([10 * r + torch.arange(n) // 2 for r, n in enumerate(sx)])
     return x.to(dtype), None, labels, None, sx, sx
 
 

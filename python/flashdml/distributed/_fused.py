@@ -9,8 +9,10 @@ global ones:
 
 * ``xent_bwd`` scales a block's positives by ``1/|P_block|`` (counted from its labels) and its negatives by
   ``coef · exp(z − lse)``; with ``grad = g · |P_block| / |P|`` and ``coef = c · |P| / |P_block|`` both come out
-  as the global gradient. A block without a positive pair gets no gradient from the kernel, so its negatives'
-  share ``c · exp(z − lse)`` runs as a streamed PyTorch surrogate (row chunks, autograd) instead.
+  as the global gradient. A block without a positive pair gets no gradient from the kernel: a cross block is
+  given one zero column that is a positive of row 0 (its pairs contribute exactly nothing), and this rank's own
+  block (self mode, nothing can be appended to it) runs its negatives' share ``c · exp(z − lse)`` as a streamed
+  PyTorch surrogate (row chunks, autograd) instead.
 * ``hinge_pair_bwd`` takes the counts: the global ones give the global gradient directly.
 """
 from __future__ import annotations
@@ -120,6 +122,17 @@ class _XentShare(torch.autograd.Function):
                 coef = (st["coef"] * (st["n_pos"] / blk.n_pos)).float()
                 dx_b, dy_b, dt_b = st["ops"].xent_bwd(gb, xd, blk.y, g.row_labels, blk.ref_labels, t.detach(),
                                                       st["global"], blk.self_mode, st["normalize"], st["lse"], coef)
+            elif not blk.self_mode and st["lse_floor"] > -80.0:
+                # No positive pair: the kernel would skip the block. One zero column labelled like row 0 gives it
+                # positives whose gradient is exactly 0 (ŷ = 0 and z = 0: nothing reaches dx, dy or dτ), and
+                # the negatives get grad · coef · exp(z − lse) as wanted; the zero column's dy is dropped. (Its
+                # exp(0 − lse) as a negative of the other rows is multiplied by ŷ = 0: finite while lse > −80.)
+                y_ext = torch.cat([blk.y, blk.y.new_zeros(1, blk.y.shape[1])])
+                ref_ext = torch.cat([blk.ref_labels, g.row_labels[:1]])
+                dx_b, dy_b, dt_b = st["ops"].xent_bwd(grad.float().reshape(()), xd, y_ext, g.row_labels, ref_ext,
+                                                      t.detach(), st["global"], False, st["normalize"], st["lse"],
+                                                      st["coef"].float())
+                dy_b = dy_b[:-1]
             else:
                 dx_b, dy_b, dt_b = _negatives_surrogate(blk, xd, g.row_labels, t, st["normalize"], st["lse"],
                                                         st["coef"], grad.float())
@@ -166,7 +179,9 @@ def xent(g: Global, ops, t: Tensor, normalize: bool, global_partition: bool, n_p
         coef = coef / n_pos
     if n == 0:
         return finish(value.float(), None, g)
+    finite = lse[torch.isfinite(lse)]
     state = dict(g=g, ops=ops, normalize=normalize, n_pos=n_pos, lse=lse.float().contiguous(),
+                 lse_floor=float(finite.min()) if finite.numel() else 0.0,
                  coef=coef.float().contiguous(), **{"global": global_partition})
     share = _XentShare.apply(g.x, g.Y, t, state)
     return finish(value.float(), share, g)
