@@ -200,6 +200,24 @@ def _mismatch_cases(rank, world):
             out[key] = None
         except RuntimeError as exc:
             out[key] = str(exc)
+    # bad arguments raise what they raise in one process, before any collective (an empty shard included)
+    bad = {"labels": lambda **kw: fd.ntxent(x, labels[:1], **kw),
+           "temperature": lambda **kw: fd.cross_example_softmax(x, labels=labels, temperature=-1.0, **kw),
+           "top_k": lambda **kw: fd.cross_example_softmax(x, labels=labels, top_k=0, **kw),
+           "margin": lambda **kw: fd.contrastive_margin(x, labels, pos_margin="a", **kw),
+           "square": lambda **kw: fd.batch_softmax(x, x[:1], **kw),
+           "empty dtype": lambda **kw: fd.threshold_consistent_margin(torch.zeros(0, D, dtype=torch.int64),
+                                                                      labels[:0], **kw)}
+    out["errors"] = {}
+    for key, call in bad.items():
+        msgs = []
+        for kw in ({}, {"process_group": dist.group.WORLD}):
+            try:
+                call(**kw)
+                msgs.append(None)
+            except (TypeError, ValueError) as exc:
+                msgs.append((type(exc).__name__, str(exc)))
+        out["errors"][key] = msgs
     _comm.FINGERPRINT_TIMEOUT = datetime.timedelta(seconds=2)
     try:
         if rank == 0:
@@ -277,6 +295,12 @@ def _check_mismatch(results):
     for rank, res in enumerate(results):
         for key in ("temperature", "top_k", "d", "dtype"):
             assert res["mismatch"][key] is not None and "different arguments" in res["mismatch"][key], (rank, key)
+    for rank, res in enumerate(results):
+        for key, (alone, grouped) in res["mismatch"]["errors"].items():
+            assert grouped is not None and alone is not None, (rank, key)
+            # the empty shard is refused in one process ("empty") but checked for its dtype with process_group
+            assert grouped == alone or key == "empty dtype", (rank, key, alone, grouped)
+        assert res["mismatch"]["errors"]["empty dtype"][1][0] == "TypeError"
     assert "not every rank" in results[0]["mismatch"]["alone"]
     assert all(res["mismatch"]["alone"] is None for res in results[1:])
 
