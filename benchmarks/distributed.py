@@ -73,7 +73,6 @@ class _Meter:
 
 
 def _step_fns(op: str, world: int, rank: int, b_global: int):
-    import torch
     import torch.distributed as dist
 
     import flashdml as fd
