@@ -28,8 +28,10 @@ def parse(argv):
     ap.add_argument("--time-budget", type=float,
                     help="seconds for the whole run: cells not started by then are recorded as not run "
                     "(default: none; 240 with --gpu --quick)")
-    ap.add_argument("--op", action="append", choices=OPS, metavar="NAME",
-                    help=f"only this op ({', '.join(OPS)}); alone it runs the shapes its targets are stated at")
+    ap.add_argument("--op", action="append", choices=OPS + ("distributed",), metavar="NAME",
+                    help=f"only this op ({', '.join(OPS)}); alone it runs the shapes its targets are stated at. "
+                    "`--op distributed` runs the global-batch losses over gloo ranks instead "
+                    "(benchmarks/distributed.py, its own runner: it spawns the ranks)")
     ap.add_argument("--providers", help="comma-separated provider names to run (default: all)")
     ap.add_argument("--budget", type=float, help="timing seconds per cell (default 0.3 quick, 5 otherwise)")
     ap.add_argument("--timeout", type=float, help="seconds per cell before it is recorded as a timeout "
@@ -55,6 +57,10 @@ def main(argv=None) -> int:
 
         return serve(json.loads(args._forkserver))
     harness.ensure_flashdml_importable()
+    if args.op and "distributed" in args.op:
+        from . import distributed
+
+        return distributed.main([])
     mode = args.mode or ("targets" if args.op else "quick")
     if args.gpu:
         mode = "gpu-full" if mode == "full" else "gpu-quick"

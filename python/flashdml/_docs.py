@@ -16,6 +16,12 @@ ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings tha
     tensors on different devices"""
 
 FRAGMENTS = {
+    # Args: the process group of the global-batch losses (docs/spec.md §5).
+    "process_group_arg": """\
+process_group (ProcessGroup, optional): ``None`` (default): one process. A ``torch.distributed`` group (e.g.
+    ``torch.distributed.group.WORLD``): the tensors are this rank's shard of the global batch (any number of
+    rows, 0 included; labels are global class ids); every rank gets the loss of the concatenated batch and its
+    inputs receive ``W ×`` that loss's gradient (W ranks; docs/spec.md §5).""",
     # Args: the optional gallery of the retrieval metrics (cross mode).
     "gallery_args": """\
 y (Tensor, optional): a separate gallery ``[M, d]`` (cross mode). Default ``None``: self mode, the query

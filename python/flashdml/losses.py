@@ -79,6 +79,8 @@ class BatchSoftmaxLoss(nn.Module):
         symmetric: also the column-wise (``ref_emb`` → ``embeddings``) softmax, averaged with the row-wise one.
         normalize: cosine similarity (default) or raw dot products.
         learnable_temperature: make the temperature an ``nn.Parameter``.
+        process_group: a ``torch.distributed`` group: each rank passes its shard and gets the loss of the global
+            batch (docs/spec.md §5). Default ``None``: one process.
 
     ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: ``ref_emb`` ``[B, d]`` is required;
     ``labels`` (optional, int ``[B]``, shared by row i of both sets) removes same-class columns from each row's
@@ -102,9 +104,10 @@ class BatchSoftmaxLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.05, symmetric: bool = False, normalize: bool = True,
-                 learnable_temperature: bool = False):
+                 learnable_temperature: bool = False, process_group=None):
         super().__init__()
         self.temperature = _temperature_parameter(temperature, learnable_temperature)
+        self.process_group = process_group
         self.symmetric = symmetric
         self.normalize = normalize
 
@@ -120,7 +123,7 @@ class BatchSoftmaxLoss(nn.Module):
                                                                              torch.as_tensor(labels))):
             raise ValueError("BatchSoftmaxLoss: one label per row pair; ref_labels, if given, must equal labels")
         return batch_softmax(embeddings, ref_emb, labels, temperature=self.temperature, symmetric=self.symmetric,
-                             normalize=self.normalize)
+                             normalize=self.normalize, process_group=self.process_group)
 
 
 class NTXentLoss(nn.Module):
@@ -130,6 +133,8 @@ class NTXentLoss(nn.Module):
         temperature: ``> 0``; a float, or the initial value when ``learnable_temperature``.
         normalize: cosine similarity (default) or raw dot products.
         learnable_temperature: make the temperature an ``nn.Parameter``.
+        process_group: a ``torch.distributed`` group: each rank passes its shard and gets the loss of the global
+            batch (docs/spec.md §5). Default ``None``: one process.
 
     ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
     with ``ref_emb`` and ``ref_labels``; ``ref_emb`` with ``labels=ref_labels=None`` is pair mode.
@@ -153,16 +158,18 @@ class NTXentLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, temperature: float = 0.07, normalize: bool = True, learnable_temperature: bool = False):
+    def __init__(self, temperature: float = 0.07, normalize: bool = True, learnable_temperature: bool = False,
+                 process_group=None):
         super().__init__()
         self.temperature = _temperature_parameter(temperature, learnable_temperature)
+        self.process_group = process_group
         self.normalize = normalize
 
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, **legacy) -> Tensor:
         labels, ref_emb, ref_labels = _convention(self, labels, ref_emb, ref_labels, legacy)
         return ops.xent.ntxent(embeddings, labels, ref_emb, ref_labels, temperature=self.temperature,
-                               normalize=self.normalize)
+                               normalize=self.normalize, process_group=self.process_group)
 
 
 class CrossExampleSoftmaxLoss(nn.Module):
@@ -174,6 +181,8 @@ class CrossExampleSoftmaxLoss(nn.Module):
         top_k: keep only the k hardest negatives of the whole batch (``None``: all).
         normalize: cosine similarity (default) or raw dot products.
         learnable_temperature: make the temperature an ``nn.Parameter``.
+        process_group: a ``torch.distributed`` group: each rank passes its shard and gets the loss of the global
+            batch (docs/spec.md §5). Default ``None``: one process.
 
     ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
     with ``ref_emb`` and ``ref_labels``; ``ref_emb`` with ``labels=ref_labels=None`` is pair mode (image–text).
@@ -198,9 +207,10 @@ class CrossExampleSoftmaxLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.05, top_k: Optional[int] = None, normalize: bool = True,
-                 learnable_temperature: bool = False):
+                 learnable_temperature: bool = False, process_group=None):
         super().__init__()
         self.temperature = _temperature_parameter(temperature, learnable_temperature)
+        self.process_group = process_group
         self.top_k = top_k
         self.normalize = normalize
 
@@ -208,7 +218,8 @@ class CrossExampleSoftmaxLoss(nn.Module):
                 ref_labels: Optional[Tensor] = None, **legacy) -> Tensor:
         labels, ref_emb, ref_labels = _convention(self, labels, ref_emb, ref_labels, legacy)
         return ops.xent.cross_example_softmax(embeddings, ref_emb, labels, ref_labels, temperature=self.temperature,
-                                              top_k=self.top_k, normalize=self.normalize)
+                                              top_k=self.top_k, normalize=self.normalize,
+                                              process_group=self.process_group)
 
 
 class ThresholdConsistentMarginLoss(nn.Module):
@@ -219,6 +230,8 @@ class ThresholdConsistentMarginLoss(nn.Module):
         neg_margin: the hard-negative threshold on cosine similarity.
         pos_weight: the weight of the positive term.
         neg_weight: the weight of the negative term.
+        process_group: a ``torch.distributed`` group: each rank passes its shard and gets the loss of the global
+            batch (docs/spec.md §5). Default ``None``: one process.
 
     ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: ``labels`` required; cross mode with
     ``ref_emb`` and ``ref_labels``.
@@ -240,14 +253,16 @@ class ThresholdConsistentMarginLoss(nn.Module):
     """
 
     def __init__(self, pos_margin: float = 0.9, neg_margin: float = 0.5, pos_weight: float = 1.0,
-                 neg_weight: float = 1.0):
+                 neg_weight: float = 1.0, process_group=None):
         super().__init__()
         self.kwargs = dict(pos_margin=pos_margin, neg_margin=neg_margin, pos_weight=pos_weight, neg_weight=neg_weight)
+        self.process_group = process_group
 
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, **legacy) -> Tensor:
         labels, ref_emb, ref_labels = _convention(self, labels, ref_emb, ref_labels, legacy)
-        return ops.hinge_pair.threshold_consistent_margin(embeddings, labels, ref_emb, ref_labels, **self.kwargs)
+        return ops.hinge_pair.threshold_consistent_margin(embeddings, labels, ref_emb, ref_labels, **self.kwargs,
+                                                          process_group=self.process_group)
 
 
 class ContrastiveMarginLoss(nn.Module):
@@ -256,6 +271,8 @@ class ContrastiveMarginLoss(nn.Module):
     Args:
         pos_margin: ``m+`` of the positive hinge ``[m+ − s]_+``.
         neg_margin: ``m−`` of the negative hinge ``[s − m−]_+``.
+        process_group: a ``torch.distributed`` group: each rank passes its shard and gets the loss of the global
+            batch (docs/spec.md §5). Default ``None``: one process.
 
     ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: ``labels`` required; cross mode with
     ``ref_emb`` and ``ref_labels``.
@@ -277,14 +294,16 @@ class ContrastiveMarginLoss(nn.Module):
         0.0
     """
 
-    def __init__(self, pos_margin: float = 0.75, neg_margin: float = 0.6):
+    def __init__(self, pos_margin: float = 0.75, neg_margin: float = 0.6, process_group=None):
         super().__init__()
         self.kwargs = dict(pos_margin=pos_margin, neg_margin=neg_margin)
+        self.process_group = process_group
 
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None, **legacy) -> Tensor:
         labels, ref_emb, ref_labels = _convention(self, labels, ref_emb, ref_labels, legacy)
-        return ops.hinge_pair.contrastive_margin(embeddings, labels, ref_emb, ref_labels, **self.kwargs)
+        return ops.hinge_pair.contrastive_margin(embeddings, labels, ref_emb, ref_labels, **self.kwargs,
+                                                 process_group=self.process_group)
 
 
 class ContextualLoss(nn.Module):

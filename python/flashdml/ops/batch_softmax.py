@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
+from .._docs import shared_doc
 from .._math import nan_if_nonfinite
 from .._validation import TemperatureLike, check_bool, check_labels, check_temperature, prepare_batch
 from . import registry
@@ -20,6 +21,14 @@ FAMILY = registry.register(registry.Family(
 ))
 
 
+def _dist():
+    """The process-group drivers (imported on first use: ``torch.distributed`` stays out of plain calls)."""
+    from ..distributed import losses_batch_softmax
+
+    return losses_batch_softmax
+
+
+@shared_doc
 def batch_softmax(
     x: Tensor,
     y: Tensor,
@@ -28,6 +37,7 @@ def batch_softmax(
     temperature: TemperatureLike = 0.05,
     symmetric: bool = False,
     normalize: bool = True,
+    process_group=None,
 ) -> Tensor:
     """Batch softmax / InfoNCE loss (docs/spec.md §2.1), the baseline Cross-Example Softmax improves on.
 
@@ -48,6 +58,7 @@ def batch_softmax(
         symmetric (bool): also classify the columns (image→text and text→image). Default ``False``.
         normalize (bool): L2-normalise the rows first (cosine similarity); ``False`` uses the plain dot
             products. Default ``True``.
+        {{process_group_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); gradients come back in the inputs' dtype. A NaN
@@ -76,6 +87,9 @@ def batch_softmax(
         >>> img.grad.shape
         torch.Size([8, 16])
     """
+    if process_group is not None:  # docs/spec.md §5
+        return _dist().batch_softmax(x, y, labels, temperature=temperature, symmetric=symmetric,
+                                     normalize=normalize, process_group=process_group)
     batch = prepare_batch(x, y, None, None, require_y=True, require_square=True, pair_mode_default=False)
     if labels is not None:
         labels = check_labels(labels, "labels", batch.B, "x", batch.x.device).long()

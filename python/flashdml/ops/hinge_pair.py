@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
+from .._docs import shared_doc
 from .._math import nan_if_nonfinite
 from .._validation import check_real, prepare_batch
 from . import registry
@@ -28,6 +29,13 @@ FAMILY = registry.register(registry.Family(
 ))
 
 
+def _dist():
+    """The process-group drivers (imported on first use: ``torch.distributed`` stays out of plain calls)."""
+    from ..distributed import losses_hinge
+
+    return losses_hinge
+
+
 def _fused(ops, batch, pos_margin: float, neg_margin: float, pos_weight: float, neg_weight: float,
            drop_diagonal: bool, strict: bool) -> Tensor:
     # cosine always; self mode passes the same tensor twice (autograd adds the two gradients)
@@ -38,6 +46,7 @@ def _fused(ops, batch, pos_margin: float, neg_margin: float, pos_weight: float, 
     return nan_if_nonfinite(loss, x, y)
 
 
+@shared_doc
 def threshold_consistent_margin(
     x: Tensor,
     labels: Optional[Tensor],
@@ -48,6 +57,7 @@ def threshold_consistent_margin(
     neg_margin: float = 0.5,
     pos_weight: float = 1.0,
     neg_weight: float = 1.0,
+    process_group=None,
 ) -> Tensor:
     """Threshold-Consistent Margin loss (Zhang et al., ICLR 2024; docs/spec.md §2.3), cosine similarity always.
 
@@ -70,6 +80,7 @@ def threshold_consistent_margin(
         neg_margin (float): ``m−``, any finite number. Default 0.5.
         pos_weight (float): ``λ+``, the weight of the positive term, finite. Default 1.0.
         neg_weight (float): ``λ−``, the weight of the negative term, finite. Default 1.0.
+        {{process_group_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); gradients come back in the input dtype. NaN when
@@ -98,6 +109,10 @@ def threshold_consistent_margin(
         >>> gallery, gallery_labels = torch.randn(32, 8), torch.arange(32) // 8
         >>> cross = fd.threshold_consistent_margin(emb, labels, gallery, gallery_labels)   # queries vs a gallery
     """
+    if process_group is not None:  # docs/spec.md §5
+        return _dist().threshold_consistent_margin(x, labels, y, ref_labels, pos_margin=pos_margin,
+                                                   neg_margin=neg_margin, pos_weight=pos_weight,
+                                                   neg_weight=neg_weight, process_group=process_group)
     pos_margin = check_real(pos_margin, "pos_margin")
     neg_margin = check_real(neg_margin, "neg_margin")
     pos_weight = check_real(pos_weight, "pos_weight")
@@ -112,6 +127,7 @@ def threshold_consistent_margin(
                   strict=False)
 
 
+@shared_doc
 def contrastive_margin(
     x: Tensor,
     labels: Optional[Tensor],
@@ -120,6 +136,7 @@ def contrastive_margin(
     *,
     pos_margin: float = 0.75,
     neg_margin: float = 0.6,
+    process_group=None,
 ) -> Tensor:
     """Margin contrastive loss (docs/spec.md §2.4), the contrastive term of the contextual loss; cosine similarity only.
 
@@ -138,6 +155,7 @@ def contrastive_margin(
         ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
         pos_margin (float): ``m+``, finite, compared with the fp32 similarities. Default 0.75.
         neg_margin (float): ``m−``, finite, compared with the fp32 similarities. Default 0.6.
+        {{process_group_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); gradients come back in the input dtype. NaN when
@@ -166,6 +184,9 @@ def contrastive_margin(
         >>> pairs.shape
         torch.Size([])
     """
+    if process_group is not None:  # docs/spec.md §5
+        return _dist().contrastive_margin(x, labels, y, ref_labels, pos_margin=pos_margin, neg_margin=neg_margin,
+                                          process_group=process_group)
     pos_margin = check_real(pos_margin, "pos_margin")
     neg_margin = check_real(neg_margin, "neg_margin")
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
+from .._docs import shared_doc
 from .._math import all_finite, nan_if_nonfinite, nan_loss
 from .._validation import TemperatureLike, check_bool, check_positive_int, check_temperature, prepare_batch
 from . import registry
@@ -19,6 +20,13 @@ FAMILY = registry.register(registry.Family(
     compiled={"xent_fwd": registry.LossAutograd("xent_bwd", grad_inputs=("x", "y", "temperature"),
                                                 saved_outputs=(1, 2))},
 ))
+
+
+def _dist():
+    """The process-group drivers (imported on first use: ``torch.distributed`` stays out of plain calls)."""
+    from ..distributed import losses_xent
+
+    return losses_xent
 
 
 def _validated(x, y, labels, ref_labels, temperature, normalize):
@@ -75,6 +83,7 @@ def _run_fused_top_k(x, y, labels, ref_labels, temperature, normalize, top_k: in
     return torch.nn.functional.softplus(lam - z_pos).mean()
 
 
+@shared_doc
 def cross_example_softmax(
     x: Tensor,
     y: Optional[Tensor] = None,
@@ -84,6 +93,7 @@ def cross_example_softmax(
     temperature: TemperatureLike = 0.05,
     top_k: Optional[int] = None,
     normalize: bool = True,
+    process_group=None,
 ) -> Tensor:
     """Cross-Example Softmax loss (Veit & Wilber; docs/spec.md §2.2): one partition function for the whole batch.
 
@@ -107,6 +117,7 @@ def cross_example_softmax(
         top_k (int, optional): ``>= 1``, the number of hardest negatives of the batch kept in ``Λ``;
             ``top_k >= |N|`` is plain XE. Default ``None``: every negative.
         normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
+        {{process_group_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); 0 with a zero gradient when the batch has no
@@ -137,6 +148,9 @@ def cross_example_softmax(
         >>> pairs = fd.cross_example_softmax(img, txt)           # pair mode: row i of img matches row i of txt
         >>> loss.backward()
     """
+    if process_group is not None:  # docs/spec.md §5
+        return _dist().cross_example_softmax(x, y, labels, ref_labels, temperature=temperature, top_k=top_k,
+                                             normalize=normalize, process_group=process_group)
     if top_k is not None:
         top_k = check_positive_int(top_k, "top_k")
         loss = _run_fused_top_k(x, y, labels, ref_labels, temperature, normalize, top_k)
@@ -148,6 +162,7 @@ def cross_example_softmax(
                                             normalize=normalize)
 
 
+@shared_doc
 def ntxent(
     x: Tensor,
     labels: Optional[Tensor],
@@ -156,6 +171,7 @@ def ntxent(
     *,
     temperature: TemperatureLike = 0.07,
     normalize: bool = True,
+    process_group=None,
 ) -> Tensor:
     """NT-Xent loss with labels (docs/spec.md §2.1b), pytorch-metric-learning's ``NTXentLoss``, fused.
 
@@ -175,6 +191,7 @@ def ntxent(
         temperature (float or Tensor): ``τ > 0`` (at least 1e-12, finite); a Python number or a 0-dim floating
             tensor, learnable when it has ``requires_grad=True``. Default 0.07.
         normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
+        {{process_group_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); 0 with a zero gradient without positive pairs;
@@ -202,6 +219,9 @@ def ntxent(
         True
         >>> loss.backward()
     """
+    if process_group is not None:  # docs/spec.md §5
+        return _dist().ntxent(x, labels, y, ref_labels, temperature=temperature, normalize=normalize,
+                              process_group=process_group)
     loss = _run_fused("ntxent", x, y, labels, ref_labels, temperature, normalize, False)
     if loss is not None:
         return loss
