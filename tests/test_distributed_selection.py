@@ -74,6 +74,10 @@ def _selection_cases(rank, world):
     v, r, c = fd.hardest_negatives(x, labels=lxl, k=6, process_group=pg)
     (v * wk.float()).sum().backward()
     out["hn_self_again"] = (v.detach(), r, c, x.grad)
+    # metrics over the concatenated set, self mode (all metrics) and against a sharded gallery
+    out["eval_self"] = fd.metrics.evaluate(xl.float(), lxl, ks=(1, 2), process_group=pg)
+    out["eval_cross"] = fd.metrics.evaluate(xl.float(), lxl, ("recall_at_k", "map_at_r", "pr_auc"), ks=(1, 3),
+                                            y=yl.float(), ref_labels=lyl, process_group=pg)
     # mismatched calls: k, d and dtype differ on the last rank
     last = rank == world - 1
     errors = []
@@ -86,6 +90,11 @@ def _selection_cases(rank, world):
             errors.append(str(exc))
     try:
         fd.hardest_negatives(xl.float(), labels=lxl, k=4 + last, process_group=pg)
+        errors.append(None)
+    except RuntimeError as exc:
+        errors.append(str(exc))
+    try:
+        fd.metrics.evaluate(xl.float(), lxl, ks=(1, 2 + last), process_group=pg)
         errors.append(None)
     except RuntimeError as exc:
         errors.append(str(exc))
@@ -153,6 +162,14 @@ def test_selection_equals_one_process_on_the_concatenated_batch(world):
             v, rows, cols = r[f"hn_pair_{tag}"]
             assert v.shape == (sum(sx),) and torch.equal(rows, rr) and torch.equal(cols, rc)
             torch.testing.assert_close(v.double(), rv, **tol)
+    # metrics: the one-process values on the concatenated set, to the bit, on every rank
+    one_self = fd.metrics.evaluate(X.float(), lx, ks=(1, 2))
+    one_cross = fd.metrics.evaluate(X.float(), lx, ("recall_at_k", "map_at_r", "pr_auc"), ks=(1, 3),
+                                    y=Y.float(), ref_labels=ly)
+    assert len(one_self) == 6 and len(one_cross) == 4 and one_self["opis"] == one_self["opis"]
+    for r in res:
+        assert r["eval_self"] == pytest.approx(one_self, nan_ok=True, rel=0, abs=0)
+        assert r["eval_cross"] == pytest.approx(one_cross, nan_ok=True, rel=0, abs=0)
     for r in res:
         for a, b in zip(r["hn_self_again"], r["hn_self_32"]):
             assert torch.equal(a, b)
