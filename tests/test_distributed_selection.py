@@ -74,6 +74,12 @@ def _selection_cases(rank, world):
     v, r, c = fd.hardest_negatives(x, labels=lxl, k=6, process_group=pg)
     (v * wk.float()).sum().backward()
     out["hn_self_again"] = (v.detach(), r, c, x.grad)
+    # contextual loss of the concatenated batch (k = 3 <= B_global, more than some shards hold)
+    for dtype in (torch.float32, torch.float64):
+        x = _leaf(xl, dtype)
+        loss = fd.contextual_loss(x, lxl, k=3, process_group=pg)
+        loss.backward()
+        out[f"ctx_{str(dtype)[-2:]}"] = (loss.detach(), x.grad)
     # metrics over the concatenated set, self mode (all metrics) and against a sharded gallery
     out["eval_self"] = fd.metrics.evaluate(xl.float(), lxl, ks=(1, 2), process_group=pg)
     out["eval_cross"] = fd.metrics.evaluate(xl.float(), lxl, ("recall_at_k", "map_at_r", "pr_auc"), ks=(1, 3),
@@ -162,6 +168,14 @@ def test_selection_equals_one_process_on_the_concatenated_batch(world):
             v, rows, cols = r[f"hn_pair_{tag}"]
             assert v.shape == (sum(sx),) and torch.equal(rows, rr) and torch.equal(cols, rc)
             torch.testing.assert_close(v.double(), rv, **tol)
+    # contextual: the one-process fused loss (bits) and W × its gradient; float64 = the reference
+    for dtype in (torch.float32, torch.float64):
+        (g,) = _ref_grad(lambda a: fd.contextual_loss(a, lx, k=3), X.to(dtype))
+        one = fd.contextual_loss(X.to(dtype), lx, k=3)
+        for rank, r in enumerate(res):
+            loss, grad = r[f"ctx_{str(dtype)[-2:]}"]
+            assert torch.equal(loss, one)
+            torch.testing.assert_close(grad, world * _shard(g, sx, rank), rtol=1e-5, atol=1e-7)
     # metrics: the one-process values on the concatenated set, to the bit, on every rank
     one_self = fd.metrics.evaluate(X.float(), lx, ks=(1, 2))
     one_cross = fd.metrics.evaluate(X.float(), lx, ("recall_at_k", "map_at_r", "pr_auc"), ks=(1, 3),
