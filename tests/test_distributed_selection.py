@@ -25,6 +25,14 @@ def _data(world):
     return X, Y, lx, ly, wx, wk
 
 
+def _tied(world):
+    """Rows drawn from four unit vectors whose cosines are exact in fp32: many exact ties across ranks."""
+    sx, _ = LAYOUTS[world]
+    basis = torch.tensor([[1., 0, 0, 0], [0, 1, 0, 0], [-1, 0, 0, 0], [.5, .5, .5, .5]])
+    g = torch.Generator().manual_seed(100 + world)
+    return basis[torch.randint(0, 4, (sum(sx),), generator=g)], torch.randint(0, 2, (sum(sx),), generator=g)
+
+
 def _shard(t, sizes, rank):
     off = sum(sizes[:rank])
     return t[off:off + sizes[rank]]
@@ -69,6 +77,11 @@ def _selection_cases(rank, world):
         x, y = _leaf(xl, dtype), _leaf(yl, dtype)
         v, r, c = fd.hardest_negatives(x, y, process_group=pg)
         out[f"hn_pair_{tag}"] = (v.detach(), r, c)
+    # exact ties across ranks: the one-process tie order (lower flat index / lower column first)
+    T, lt = _tied(world)
+    tl, ltl = _shard(T, sx, rank), _shard(lt, sx, rank)
+    out["hn_ties"] = fd.hardest_negatives(tl, labels=ltl, k=9, process_group=pg)
+    out["knn_ties"] = fd.knn(tl, k=4, process_group=pg)
     # a second identical call: the same bits (values and gradients)
     x = _leaf(xl, torch.float32)
     v, r, c = fd.hardest_negatives(x, labels=lxl, k=6, process_group=pg)
@@ -176,6 +189,13 @@ def test_selection_equals_one_process_on_the_concatenated_batch(world):
             loss, grad = r[f"ctx_{str(dtype)[-2:]}"]
             assert torch.equal(loss, one)
             torch.testing.assert_close(grad, world * _shard(g, sx, rank), rtol=1e-5, atol=1e-7)
+    T, lt = _tied(world)
+    one_hn, one_knn = fd.hardest_negatives(T, labels=lt, k=9), fd.knn(T, k=4)
+    assert torch.equal(one_hn[1], ref.hardest_negatives(T.double(), labels=lt, k=9)[1])
+    for rank, r in enumerate(res):
+        assert all(torch.equal(a, b) for a, b in zip(r["hn_ties"], one_hn))
+    assert torch.equal(torch.cat([r["knn_ties"][1] for r in res]), one_knn[1])
+    assert torch.equal(torch.cat([r["knn_ties"][0] for r in res]), one_knn[0])
     # metrics: the one-process values on the concatenated set, to the bit, on every rank
     one_self = fd.metrics.evaluate(X.float(), lx, ks=(1, 2))
     one_cross = fd.metrics.evaluate(X.float(), lx, ("recall_at_k", "map_at_r", "pr_auc"), ks=(1, 3),
