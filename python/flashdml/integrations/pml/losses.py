@@ -197,6 +197,8 @@ class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsi
 
     Args:
         lambda_plus, lambda_minus, margin_plus, margin_minus, **kwargs: pml's constructor arguments.
+        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
+            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
     Returns:
         Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
@@ -245,6 +247,8 @@ class NTXentLoss(_FlashdmlForward, _pml_losses.NTXentLoss):
 
     Args:
         temperature: ``> 0``, float or 0-dim tensor. **kwargs: pml's (``distance``, ``reducer``, ...).
+        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
+            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
     Returns:
         Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
@@ -302,6 +306,8 @@ class ContrastiveLoss(_FlashdmlForward, _pml_losses.ContrastiveLoss):
     Args:
         pos_margin, neg_margin, **kwargs: pml's constructor arguments (pass ``distance=CosineSimilarity()`` for
             the fused path).
+        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
+            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
     Returns:
         Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
@@ -370,6 +376,9 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
     Args:
         temperature: ``> 0``, float or 0-dim tensor.
         top_k: ``None`` or a positive int.
+        process_group: ``None`` (default, one process) or a ``torch.distributed`` group: each rank passes its
+            shard and gets the loss of the concatenated batch (docs/spec.md §5; W × its gradient); an
+            ``indices_tuple`` then raises ``ValueError``.
         **kwargs: pml's.
 
     Returns:
