@@ -10,6 +10,7 @@ file should run many cases in one spawn rather than one spawn per case.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -43,7 +44,9 @@ def _rank_main(rank: int, world: int, port: int, target: str, args: tuple, resul
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         module, fn = target.split(":")
         value = getattr(importlib.import_module(module), fn)(rank, world, *args)
-        results.put((rank, True, value))
+        # plain pickle copies tensors' bytes; the queue's own pickler would hand over shared-memory file
+        # descriptors, which are lost when this process exits before the parent has received them
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -78,4 +81,4 @@ def run_ranks(target: str, world: int, *args, timeout: float = 90.0):
         pytest.fail("\n".join(f"--- rank {r} raised:\n{tb}" for r, tb in sorted(failed.items())))
     if len(got) < world:
         pytest.fail(f"{target}: only ranks {sorted(got)} of {world} finished within {timeout:.0f} s")
-    return [got[r][1] for r in range(world)]
+    return [pickle.loads(got[r][1]) for r in range(world)]

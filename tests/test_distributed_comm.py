@@ -28,6 +28,10 @@ def _comm_cases(rank, world):
     out["grad"] = x.grad
     out["lse"] = c.logsumexp_over_ranks(torch.tensor([float(rank), float("-inf")]), shards)
     out["sum"] = c.sum_over_ranks(torch.tensor([0.1 * (rank + 1)], dtype=torch.float64), shards)
+    # top-k merge: ties across ranks (value 0.5 on ranks 0 and 2) go to the lower key; rank 1 passes nothing
+    cand = {0: ([0.5, 0.25], [7, 2]), 1: ([], []), 2: ([0.75, 0.5, 0.5], [40, 3, 9])}[rank]
+    out["topk"] = c.topk_over_ranks(torch.tensor(cand[0]), torch.tensor(cand[1], dtype=torch.int64), 4, shards)
+    out["topk_all"] = c.topk_over_ranks(torch.tensor(cand[0]), torch.tensor(cand[1], dtype=torch.int64), 9, shards)
     c.check_same_call(shards, "op", k=3, temperature=0.1, dtype=torch.float32)
     try:
         c.check_same_call(shards, "op", k=3 + (rank == 2), temperature=0.1)
@@ -56,4 +60,6 @@ def test_gather_reductions_and_fingerprints_on_three_uneven_ranks():
         assert torch.allclose(out["lse"][0], torch.logsumexp(torch.arange(3.0), 0)) and out["lse"][1] == -float("inf")
         assert torch.equal(out["sum"], res[0]["sum"])  # identical bits on every rank
         assert "different arguments" in out["mismatch"]
+        assert out["topk"][0].tolist() == [0.75, 0.5, 0.5, 0.5] and out["topk"][1].tolist() == [40, 3, 7, 9]
+        assert out["topk_all"][1].tolist() == [40, 3, 7, 9, 2]  # fewer candidates than k: all of them
     assert "not every rank" in res[0]["alone"]

@@ -32,6 +32,11 @@ ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required w
     # ... and on the fused backends, which also refuse non-finite rows and can be unavailable.
     "input_errors_fused": _INPUT_TYPE_ERRORS + """; a NaN or infinite embedding (fused backends).
 RuntimeError: an explicitly selected backend that cannot run the call.""",
+    # Args: the keyword of every global-batch op (docs/spec.md §5).
+    "process_group_args": """\
+process_group (ProcessGroup, optional): run on the batch sharded over this ``torch.distributed`` group
+    (e.g. ``torch.distributed.group.WORLD``; docs/spec.md §5): each rank passes its own rows (any number, 0
+    included; labels are global ids) and every rank must make the same call. Default ``None``: one process.""",
 }
 
 _MARKER = re.compile(r"^([ \t]*)\{\{(\w+)\}\}[ \t]*$", re.M)

@@ -129,24 +129,27 @@ def _on_host(batch):
                                ref_labels=batch.ref_labels.cpu())
 
 
-def _stream(batch, keep: Tensor, pair_hist: bool, opis_bins: int, progress, backend: str, xd, yd) -> dict:
-    """Runs ``metrics_pass`` over all query rows in chunks (class-aligned when OPIS is wanted) on the rows
-    ``xd`` / ``yd`` (on their device); ``batch`` (host) holds the labels, the results come back to the host."""
+def _stream(batch, keep: Tensor, pair_hist: bool, opis_bins: int, progress, backend: str, xd, yd,
+            own: Optional[Tensor] = None) -> dict:
+    """Runs ``metrics_pass`` over the query rows ``own`` (default all) in chunks (class-aligned when OPIS is
+    wanted) on the rows ``xd`` / ``yd`` (on their device); ``batch`` (host) holds the labels, the results come
+    back to the host."""
     op, dev = _pass_op(backend), xd.device
     xn = l2_normalize(xd.detach().float()).contiguous()
     yn = xn if batch.self_mode else l2_normalize(yd.detach().float()).contiguous()
     labels, ref_labels = batch.labels.contiguous(), batch.ref_labels.contiguous()
     labels_d = labels.to(dev)
     ref_d = labels_d if batch.self_mode else ref_labels.to(dev)
-    B = batch.B
+    own = torch.arange(batch.B) if own is None else own
+    B = own.numel()
     if opis_bins:
-        order = torch.argsort(labels, stable=True)
+        order = own[torch.argsort(labels[own], stable=True)]
         sorted_labels = labels[order]
         classes = torch.unique(labels)
         hist_pos = torch.zeros(classes.numel(), opis_bins, dtype=torch.int64)
         hist_neg = torch.zeros(classes.numel(), opis_bins, dtype=torch.int64)
     else:
-        order = torch.arange(B)
+        order = own
     pairs = torch.zeros(2, PAIR_BINS, dtype=torch.int64) if (pair_hist or opis_bins) else None
     keep_sorted = keep[order]
     idx_parts, val_parts = [], []
@@ -170,6 +173,8 @@ def _stream(batch, keep: Tensor, pair_hist: bool, opis_bins: int, progress, back
         start = stop
         if progress is not None:
             progress(start, B)
+    if not idx_parts:  # no query rows here (a rank's empty shard)
+        idx_parts, val_parts = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.float32)]
     out = {"rows": order, "keep": keep_sorted, "idx": torch.cat(idx_parts), "val": torch.cat(val_parts),
            "pairs": pairs}
     if opis_bins:
@@ -187,8 +192,10 @@ def _check_inputs(x, labels, y, ref_labels):
     return batch
 
 
-def _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, opts, details=None, backend: str = "cpu"
-                    ) -> Dict[str, float]:
+def _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, opts, details=None, backend: str = "cpu",
+                    ranks=None) -> Dict[str, float]:
+    """``ranks`` (flashdml.distributed.metrics): the pass runs on this rank's query rows ``ranks.own`` only and
+    ``ranks.combine`` merges the ranks' states into the one-process state."""
     batch = _check_inputs(x, labels, y, ref_labels)
     xd, yd = batch.x, batch.y  # the pass runs where the rows are (backend "cpu", "cuda" or "triton")
     batch = _on_host(batch)
@@ -215,7 +222,10 @@ def _fused_evaluate(x, labels, metrics, ks, y, ref_labels, progress, opts, detai
         need = torch.where(R > 0, need, torch.zeros_like(need))
     keep = torch.where(need > 0, (need + TOPK_MARGIN).clamp_max(C), need)
     opis_bins = _opis_bins(uniq.numel(), batch.B * batch.M) if want_opis else 0
-    st = _stream(batch, keep, want_pr, opis_bins, _progress_fn(progress, batch.B, batch.M), backend, xd, yd)
+    st = _stream(batch, keep, want_pr, opis_bins, _progress_fn(progress, batch.B, batch.M), backend, xd, yd,
+                 None if ranks is None else ranks.own)
+    if ranks is not None:
+        st = ranks.combine(st, batch.labels if opis_bins else None)
 
     out: Dict[str, float] = {}
     recall, mapr = _state.retrieval(batch, st, R, need, ks) if (want_recall or want_map) else ({}, NAN)
@@ -251,8 +261,8 @@ def _device(x) -> torch.device:
 @shared_doc
 def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k", "map_at_r", "pr_auc", "opis"),
              ks: Union[int, Sequence[int]] = (1, 2, 4, 8), y: Optional[Tensor] = None,
-             ref_labels: Optional[Tensor] = None, *, progress: ProgressArg = None, **metric_options
-             ) -> Dict[str, float]:
+             ref_labels: Optional[Tensor] = None, *, progress: ProgressArg = None, process_group=None,
+             **metric_options) -> Dict[str, float]:
     """Several metrics from ONE streaming pass over S, as one flat dict (the keys of the reference's ``evaluate``).
 
     Every single-metric function is this function with one metric, so the values are equal by construction.
@@ -273,6 +283,8 @@ def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k",
         progress (bool, callable or None): ``True`` prints a progress line on stderr, ``False`` none, a callable
             is called with ``(rows_done, rows_total)``; ``None`` (default) prints only for ``N·M >= 2^30`` when
             stderr is a terminal.
+        {{process_group_args}}
+            The metrics are those of the concatenated set (queries and gallery), identical on every rank.
         **metric_options: ``far_range``, ``n_thresholds``, ``beta`` (OPIS and ε-OPIS) and ``eps`` (ε-OPIS), as
             in :func:`opis` and :func:`eps_opis`.
 
@@ -314,6 +326,9 @@ def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k",
     if any(m in ("opis", "eps_opis") for m in metrics) and y is not None:
         raise ValueError("opis / eps_opis are defined in self mode only (y=None); drop them from metrics "
                          "to evaluate against a separate gallery")
+    if process_group is not None:
+        from .distributed import metrics as _dm  # imported on use: it imports this module
+        return _dm.evaluate(x, labels, metrics, ks, y, ref_labels, progress, process_group, metric_options)
     name = _dispatch.resolve("evaluate", _device(x))
     if name == "reference":
         return _reference.evaluate(x, labels, metrics=metrics, ks=ks, y=y, ref_labels=ref_labels, **metric_options)

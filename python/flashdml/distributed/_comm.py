@@ -152,6 +152,32 @@ def logsumexp_over_ranks(lse: Tensor, shards: Shards) -> Tensor:
     return torch.where(torch.isfinite(top), safe + torch.log(acc), top)
 
 
+def topk_over_ranks(values: Tensor, keys: Tensor, k: int, shards: Shards) -> Tuple[Tensor, Tensor]:
+    """The global top-``k`` of per-rank candidate lists: ``(values, keys)``, each ``[min(k, candidates)]``,
+    identical on every rank.
+
+    Each rank passes up to ``k`` candidates: ``values`` (floating, finite) and ``keys`` (int64, unique over all
+    ranks, e.g. a global flat index ``row · M + col``). The order is the one-process tie rule: value descending,
+    equal values → lower key first. One all-gather of ``k`` values and ``k`` keys per rank (padded with
+    ``-inf`` / the largest int64, which always sort last and are cut off)."""
+    if values.shape != keys.shape or values.dim() != 1:
+        raise ValueError("topk_over_ranks: values and keys must be 1-D of the same length")
+    n = values.shape[0]
+    if n > k:
+        raise ValueError(f"topk_over_ranks: a rank passed {n} candidates, more than k = {k}")
+    pad_v = values.new_full((k,), float("-inf"))
+    pad_k = torch.full((k,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=keys.device)
+    pad_v[:n] = values
+    pad_k[:n] = keys
+    counts = gather_each(torch.tensor([n], dtype=torch.int64, device=keys.device), shards).reshape(-1)
+    all_v = gather_each(pad_v, shards).reshape(-1)
+    all_k = gather_each(pad_k, shards).reshape(-1)
+    real = min(k, int(counts.sum()))
+    by_key = torch.sort(all_k, stable=True).indices  # keys ascending, then values descending (stable)
+    order = by_key[torch.sort(all_v[by_key], descending=True, stable=True).indices][:real]
+    return all_v[order], all_k[order]
+
+
 # ------------------------------------------------------------------------------------------- call fingerprints
 _FINGERPRINT_WORDS = 16
 _MAGIC = 7.0e15 + 1234.0  # marks a fingerprint row (exactly representable in float64)

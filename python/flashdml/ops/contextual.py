@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
+from .._docs import shared_doc
 from .._math import all_finite, nan_loss
 from .._validation import check_bool, check_contextual_args, check_real, check_unnormalized_rows
 from . import registry
@@ -41,6 +42,13 @@ FAMILY = registry.register(registry.Family(
 ))
 
 
+def _distributed_contextual():
+    from ..distributed import contextual  # imported on use: it imports this module
+
+    return contextual
+
+
+@shared_doc
 def contextual_loss(
     x: Tensor,
     labels: Tensor,
@@ -55,6 +63,7 @@ def contextual_loss(
     neg_margin: float = 0.6,
     ste_slope: float = 10.0,
     normalize: bool = True,
+    process_group=None,
 ) -> Tensor:
     """Contextual loss (Liao et al., ICML 2023; docs/spec.md §2.5), self mode only.
 
@@ -93,6 +102,10 @@ def contextual_loss(
             Default 10.0.
         normalize (bool): L2-normalise the rows first (default ``True``); ``False`` uses them as given, which
             should then already be unit vectors (``D = 2 − 2S`` assumes it).
+        {{process_group_args}}
+            The loss is that of the concatenated batch, identical on every rank; the local rows receive W × the
+            gradient. For now every rank gathers the rows and computes the whole loss (W × the one-process work;
+            docs/spec.md §5).
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); the gradient comes back in the input dtype. NaN
@@ -123,6 +136,11 @@ def contextual_loss(
         ...                          contrastive_weight=0.05, reg_target=0.3)
         >>> cub.backward()
     """
+    if process_group is not None:
+        return _distributed_contextual().contextual_loss(
+            x, labels, process_group=process_group, k=k, eps=eps, context_weight=context_weight,
+            contrastive_weight=contrastive_weight, reg_weight=reg_weight, reg_target=reg_target,
+            pos_margin=pos_margin, neg_margin=neg_margin, ste_slope=ste_slope, normalize=normalize)
     batch, k, eps, ste_slope = check_contextual_args(x, labels, k, eps, ste_slope)
     context_weight = check_real(context_weight, "context_weight")
     contrastive_weight = check_real(contrastive_weight, "contrastive_weight")

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
+from .._docs import shared_doc
 from .._math import l2_normalize, normalized_rows_backward, row_norms
 from .._validation import _define_check, check_bool, check_finite_rows, check_positive_int, prepare_batch
 from . import registry
@@ -180,6 +181,13 @@ def selected_negatives(ops, batch, k: int, normalize: bool):
 
 
 # ------------------------------------------------------------------------------------------- public ops
+def _distributed_selection():
+    from ..distributed import selection  # imported on use: it imports this module
+
+    return selection
+
+
+@shared_doc
 def knn(
     x: Tensor,
     y: Optional[Tensor] = None,
@@ -187,6 +195,7 @@ def knn(
     *,
     normalize: bool = True,
     exclude_self: bool = True,
+    process_group=None,
 ) -> Tuple[Tensor, Tensor]:
     """Per row of ``x``, the k most similar rows of ``y`` (docs/spec.md §1.2), without materialising S.
 
@@ -203,6 +212,11 @@ def knn(
         normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
         exclude_self (bool): in self mode, column ``i`` is not a candidate for row ``i``; no effect in cross
             mode. Default ``True``.
+        {{process_group_args}}
+            Here the gallery ``y`` (in self mode ``x``) is the concatenation of the shards, the queries stay
+            local: each rank gets its own rows of the one-process result, indices into the concatenated
+            gallery. The gradient is the ordinary one of those rows (no W factor; the gallery shard receives
+            the sum over ranks).
 
     Returns:
         tuple[Tensor, Tensor]: ``(values, indices)``, both ``[B, k]``: values fp32 (float64 for float64 input),
@@ -232,6 +246,9 @@ def knn(
         >>> values.shape, indices.dtype
         (torch.Size([5, 3]), torch.int64)
     """
+    if process_group is not None:
+        return _distributed_selection().knn(x, y, k, normalize=normalize, exclude_self=exclude_self,
+                                            process_group=process_group)
     batch = prepare_batch(x, y, pair_mode_default=False)
     check_finite_rows(batch, "knn")
     k = check_positive_int(k, "k")
@@ -250,6 +267,7 @@ def knn(
     return ops.knn_fwd(xc, xc if batch.self_mode else batch.y.contiguous(), k, drop_self, normalize)
 
 
+@shared_doc
 def hardest_negatives(
     x: Tensor,
     y: Optional[Tensor] = None,
@@ -258,6 +276,7 @@ def hardest_negatives(
     k: Optional[int] = None,
     *,
     normalize: bool = True,
+    process_group=None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The k most similar negative pairs of the whole batch (docs/spec.md §1.3; Cross-Example Negative Mining).
 
@@ -276,6 +295,9 @@ def hardest_negatives(
         k (int, optional): the number of pairs, ``1 <= k <=`` the number of negative pairs. Default ``None``:
             ``k = B``.
         normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
+        {{process_group_args}}
+            The selection is over the concatenated batch (``k = None``: its row count): the same values, rows
+            and columns (global indices) on every rank; the local inputs receive W × the gradient.
 
     Returns:
         tuple[Tensor, Tensor, Tensor]: ``(values, rows, cols)``, each ``[k]``: values fp32 (float64 for float64
@@ -306,6 +328,9 @@ def hardest_negatives(
         >>> values.shape
         torch.Size([8])
     """
+    if process_group is not None:
+        return _distributed_selection().hardest_negatives(x, y, labels, ref_labels, k, normalize=normalize,
+                                                          process_group=process_group)
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
     check_finite_rows(batch, "hardest_negatives")
     k = batch.B if k is None else check_positive_int(k, "k")

@@ -15,6 +15,13 @@ and ``import flashdml`` never does. Swap the import and keep the rest of the tra
     from flashdml.integrations.pml import CrossBatchMemory, SelfSupervisedLoss
     loss_fn = CrossBatchMemory(NTXentLoss(temperature=0.1), embedding_size=128, memory_size=4096)
 
+Global batches across processes: every loss drop-in takes ``process_group=`` in its constructor (default
+``None``). With a group, each rank passes its own shard and gets the fused op's loss of the concatenated batch
+(docs/spec.md §5; W × its gradient for DDP's averaging); a call that only pml could run raises ``ValueError``.
+Inside pml's own ``DistributedLossWrapper`` (without ``process_group``) the drop-ins give the originals' values
+and gradients in both ``efficient`` modes — and TCM and Cross-Example Softmax also run with ``efficient=True``,
+where pml's TCM fails.
+
 The layout follows pml's: ``flashdml.integrations.pml.losses``, ``.miners``, ``.inference`` (``FlashdmlKNN``)
 and ``knn_func`` (a ready ``FlashdmlKNN()`` for ``AccuracyCalculator(knn_func=...)``).
 
@@ -24,7 +31,8 @@ them) when the call is one flashdml covers exactly, and ``super().forward(...)``
 
 * a miner's ``indices_tuple`` (NT-Xent and Cross-Example Softmax recognise the all-pairs tuples that
   ``CrossBatchMemory`` and ``DistributedLossWrapper(efficient=True)`` pass, and run fused: cross mode minus each
-  query's own copy; ``flashdml.integrations.pml.CrossBatchMemory`` hands them a compact stand-in instead of the
+  query's own copy; TCM and Contrastive too, as plain cross mode, when no excluded pair can be a hard
+  positive; ``flashdml.integrations.pml.CrossBatchMemory`` hands them a compact stand-in instead of the
   B×M index tensors); ``labels=None``; non-integer labels;
 * a reducer other than the default (NT-Xent and TCM: ``MeanReducer``; Contrastive: ``AvgNonZeroReducer`` on
   each of ``pos_loss`` / ``neg_loss``), an ``embedding_regularizer``, or ``collect_stats`` on the loss, its

@@ -12,6 +12,7 @@ from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer, Mul
 from pytorch_metric_learning.utils import common_functions as _c_f
 
 import flashdml as _fd
+from flashdml._math import l2_normalize
 
 from ._excluded import AllPairsExcept, dense_xent_excluding, excluded_self_pairs, xent_excluding
 
@@ -33,6 +34,19 @@ def _plain_distance(distance, types) -> bool:
             and (not distance.normalize_embeddings or distance.p == 2))
 
 
+def _exclusion_is_inert(x: Tensor, y: Tensor, excl: Tensor, pos_margin) -> bool:
+    """Whether dropping the positive pairs ``(i, excl[i])`` cannot change a hinge loss whose positive term only
+    counts pairs with ``s <= pos_margin``: every excluded pair's cosine is above the margin by more than rounding
+    (the usual case: the query's own copy, ``s = 1``). Then the loss over all pairs equals the loss without them."""
+    rows = (excl >= 0).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return True
+    xh = l2_normalize(x.detach().float()[rows])
+    yh = l2_normalize(y.detach().float()[excl[rows]])
+    tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    return bool(((xh * yh).sum(-1) > pos_margin + tol).all())
+
+
 def _recognise(indices_tuple, labels, ref_labels):
     """``excl`` for an all-pairs tuple (``AllPairsExcept`` or pml's tensors), checked against these labels."""
     if isinstance(indices_tuple, AllPairsExcept):
@@ -44,8 +58,31 @@ def _recognise(indices_tuple, labels, ref_labels):
     return excluded_self_pairs(labels, ref_labels, indices_tuple)
 
 
+def _group_kw(loss) -> dict:
+    """``{"process_group": group}`` for the functional op when the loss was built with one, else ``{}``."""
+    group = getattr(loss, "process_group", None)
+    return {} if group is None else {"process_group": group}
+
+
+def _needs_fused(name: str):
+    return ValueError(
+        f"{name}(process_group=...) runs flashdml's fused op on the global batch (docs/spec.md §5), which this "
+        "call does not reach (an indices_tuple, labels=None, an unsupported distance, reducer or regularizer, or "
+        "inputs the fused op does not take): drop process_group, e.g. to wrap the loss in pml's "
+        "DistributedLossWrapper instead")
+
+
 class _FlashdmlForward:
-    """Mixin placed before the pml class: ``forward`` runs flashdml when ``_fused_args`` says it may."""
+    """Mixin placed before the pml class: ``forward`` runs flashdml when ``_fused_args`` says it may.
+
+    ``process_group=`` (a keyword of every drop-in's constructor, default ``None``): each rank passes its own
+    shard and the loss is the fused op's global-batch loss (docs/spec.md §5: the concatenated batch's value on
+    every rank, W × its gradient); a call only pml could run raises ``ValueError`` instead of computing a local
+    loss."""
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
 
     def _options_supported(self, embeddings: Tensor) -> bool:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -59,7 +96,8 @@ class _FlashdmlForward:
             return None
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or embeddings.dtype not in _FLOAT_DTYPES:
             return None
-        if embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
+        # a rank's shard may be empty (process_group): the functional op takes it
+        if (embeddings.shape[0] == 0 and getattr(self, "process_group", None) is None) or embeddings.shape[1] == 0:
             return None
         if getattr(self, "embedding_regularizer", None) is not None:
             return None
@@ -104,6 +142,13 @@ class _FlashdmlForward:
         Raises:
             Whatever pml raises for the call (mismatched shapes, ...).
         """
+        if getattr(self, "process_group", None) is not None:
+            args = None if indices_tuple is not None else \
+                self._fused_args(embeddings, labels, None, ref_emb, ref_labels)
+            if args is None:
+                raise _needs_fused(type(self).__name__)
+            self.reset_stats()
+            return self._flashdml_loss(*args).to(embeddings.dtype)
         if indices_tuple is not None:
             loss = self._tuple_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
             if loss is not None:
@@ -145,10 +190,15 @@ class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsi
     docs/spec.md §2.3 with ``pos_weight=lambda_plus``, ``neg_weight=lambda_minus``, ``pos_margin=margin_plus``,
     ``neg_margin=margin_minus``. Equal to pml in self mode. **Cross mode differs from pml on purpose**: pml indexes
     the query embeddings with the reference indices (``ref_emb`` is never read), this compares queries with
-    ``ref_emb``. A miner's ``indices_tuple``, a non-default reducer or an embedding regularizer run pml.
+    ``ref_emb``. The all-pairs tuples of ``CrossBatchMemory`` and ``DistributedLossWrapper(efficient=True)`` run
+    fused in cross mode when no excluded pair (the query's own copy) can be a hard positive (``s > margin_plus``
+    beyond rounding) — pml's TCM fails there. A miner's ``indices_tuple``, a non-default reducer or an embedding
+    regularizer run pml.
 
     Args:
         lambda_plus, lambda_minus, margin_plus, margin_minus, **kwargs: pml's constructor arguments.
+        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
+            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
     Returns:
         Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
@@ -172,10 +222,18 @@ class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsi
         return (type(self.reducer) is MeanReducer
                 and _is_real(self.lambda_plus, self.lambda_minus, self.margin_plus, self.margin_minus))
 
+    def _flashdml_loss_excluding(self, x, labels, y, ref_labels, excl):
+        # the all-pairs tuples of CrossBatchMemory / DistributedLossWrapper(efficient=True): cross mode, exactly,
+        # when no excluded pair could be a hard positive (pml's own TCM cannot run them: it indexes the queries
+        # with reference indices)
+        if not _exclusion_is_inert(x, y, excl, self.margin_plus):
+            return None
+        return self._flashdml_loss(x, labels, y, ref_labels)
+
     def _flashdml_loss(self, x, labels, y, ref_labels):
         return _fd.threshold_consistent_margin(
             x, labels, y, ref_labels, pos_margin=self.margin_plus, neg_margin=self.margin_minus,
-            pos_weight=self.lambda_plus, neg_weight=self.lambda_minus)
+            pos_weight=self.lambda_plus, neg_weight=self.lambda_minus, **_group_kw(self))
 
 
 class NTXentLoss(_FlashdmlForward, _pml_losses.NTXentLoss):
@@ -189,6 +247,8 @@ class NTXentLoss(_FlashdmlForward, _pml_losses.NTXentLoss):
 
     Args:
         temperature: ``> 0``, float or 0-dim tensor. **kwargs: pml's (``distance``, ``reducer``, ...).
+        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
+            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
     Returns:
         Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
@@ -215,7 +275,7 @@ class NTXentLoss(_FlashdmlForward, _pml_losses.NTXentLoss):
 
     def _flashdml_loss(self, x, labels, y, ref_labels):
         return _fd.ntxent(x, labels, y, ref_labels, temperature=self.temperature,
-                          normalize=bool(self.distance.normalize_embeddings))
+                          normalize=bool(self.distance.normalize_embeddings), **_group_kw(self))
 
     def _flashdml_loss_excluding(self, x, labels, y, ref_labels, excl):
         return xent_excluding(x, y, labels, ref_labels, excl, temperature=self.temperature,
@@ -238,11 +298,16 @@ class ContrastiveLoss(_FlashdmlForward, _pml_losses.ContrastiveLoss):
     ``pos_margin=0, neg_margin=1`` are pml's, meant for its default ``LpDistance`` — which always runs pml; with
     cosine similarity pass margins such as ``pos_margin=0.75, neg_margin=0.6`` (the contextual paper's).
     docs/spec.md §2.4 keeps the self-pair (i, i) as a positive and pml drops it; they agree while its hinge is 0, so the
-    fused path also requires ``pos_margin < 1 − tol`` and, for ``pos_margin > 0``, no (near-)zero row.
+    fused path also requires ``pos_margin < 1 − tol`` and, for ``pos_margin > 0``, no (near-)zero row. The
+    all-pairs tuples of ``CrossBatchMemory`` / ``DistributedLossWrapper(efficient=True)`` run fused (cross mode)
+    when every excluded pair has ``s > pos_margin`` beyond rounding: its hinge is 0, so it is neither summed nor
+    counted.
 
     Args:
         pos_margin, neg_margin, **kwargs: pml's constructor arguments (pass ``distance=CosineSimilarity()`` for
             the fused path).
+        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
+            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
     Returns:
         Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
@@ -276,9 +341,15 @@ class ContrastiveLoss(_FlashdmlForward, _pml_losses.ContrastiveLoss):
                 return False  # x / max(‖x‖, 1e-12) has s_ii < 1 (0 for a zero row): the diagonal would count
         return True
 
+    def _flashdml_loss_excluding(self, x, labels, y, ref_labels, excl):
+        # an excluded positive with s > m+ has hinge 0, which AvgNonZeroReducer neither adds nor counts
+        if not _exclusion_is_inert(x, y, excl, self.pos_margin):
+            return None
+        return self._flashdml_loss(x, labels, y, ref_labels)
+
     def _flashdml_loss(self, x, labels, y, ref_labels):
         return _fd.contrastive_margin(x, labels, y, ref_labels, pos_margin=self.pos_margin,
-                                      neg_margin=self.neg_margin)
+                                      neg_margin=self.neg_margin, **_group_kw(self))
 
 
 class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
@@ -305,6 +376,9 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
     Args:
         temperature: ``> 0``, float or 0-dim tensor.
         top_k: ``None`` or a positive int.
+        process_group: ``None`` (default, one process) or a ``torch.distributed`` group: each rank passes its
+            shard and gets the loss of the concatenated batch (docs/spec.md §5; W × its gradient); an
+            ``indices_tuple`` then raises ``ValueError``.
         **kwargs: pml's.
 
     Returns:
@@ -327,8 +401,9 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
         torch.Size([])
     """
 
-    def __init__(self, temperature=0.05, top_k=None, **kwargs):
+    def __init__(self, temperature=0.05, top_k=None, process_group=None, **kwargs):
         super().__init__(**kwargs)
+        self.process_group = process_group
         _c_f.assert_distance_type(self, DotProductSimilarity)  # CosineSimilarity is a DotProductSimilarity
         self.temperature = temperature
         self.top_k = top_k
@@ -355,6 +430,8 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
         """
         if indices_tuple is None:
             return super().forward(embeddings, labels, None, ref_emb, ref_labels)
+        if self.process_group is not None:
+            raise _needs_fused("CrossExampleSoftmaxLoss")
         excl = None
         if labels is not None and self.top_k is None and (ref_emb is None or ref_labels is not None):
             lab = _c_f.to_device(labels, embeddings)
@@ -387,7 +464,8 @@ class CrossExampleSoftmaxLoss(_pml_losses.BaseMetricLossFunction):
         if ref_emb is embeddings and ref_labels is labels:
             ref_emb, ref_labels = None, None
         loss = _fd.cross_example_softmax(embeddings, ref_emb, labels, ref_labels, temperature=self.temperature,
-                                         top_k=self.top_k, normalize=bool(self.distance.normalize_embeddings))
+                                         top_k=self.top_k, normalize=bool(self.distance.normalize_embeddings),
+                                         **_group_kw(self))
         return {"loss": {"losses": loss, "indices": None, "reduction_type": "already_reduced"}}
 
 
