@@ -17,7 +17,7 @@ ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings tha
 
 FRAGMENTS = {
     # Args: the process group of the global-batch losses (docs/spec.md §5).
-    "process_group_arg": """\
+    "process_group_loss_arg": """\
 process_group (ProcessGroup, optional): ``None`` (default): one process. A ``torch.distributed`` group (e.g.
     ``torch.distributed.group.WORLD``): the tensors are this rank's shard of the global batch (any number of
     rows, 0 included; labels are global class ids); every rank gets the loss of the concatenated batch and its
@@ -32,8 +32,8 @@ ref_labels (Tensor, optional): integer ``[M]``, the gallery's labels; required w
     # ... and on the fused backends, which also refuse non-finite rows and can be unavailable.
     "input_errors_fused": _INPUT_TYPE_ERRORS + """; a NaN or infinite embedding (fused backends).
 RuntimeError: an explicitly selected backend that cannot run the call.""",
-    # Args: the keyword of every global-batch op (docs/spec.md §5).
-    "process_group_args": """\
+    # Args: the keyword of the global-batch selections and metrics (docs/spec.md §5).
+    "process_group_shard_arg": """\
 process_group (ProcessGroup, optional): run on the batch sharded over this ``torch.distributed`` group
     (e.g. ``torch.distributed.group.WORLD``; docs/spec.md §5): each rank passes its own rows (any number, 0
     included; labels are global ids) and every rank must make the same call. Default ``None``: one process.""",

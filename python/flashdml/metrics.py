@@ -283,7 +283,7 @@ def evaluate(x: Tensor, labels: Tensor, metrics: Sequence[str] = ("recall_at_k",
         progress (bool, callable or None): ``True`` prints a progress line on stderr, ``False`` none, a callable
             is called with ``(rows_done, rows_total)``; ``None`` (default) prints only for ``N·M >= 2^30`` when
             stderr is a terminal.
-        {{process_group_args}}
+        {{process_group_shard_arg}}
             The metrics are those of the concatenated set (queries and gallery), identical on every rank.
         **metric_options: ``far_range``, ``n_thresholds``, ``beta`` (OPIS and ε-OPIS) and ``eps`` (ε-OPIS), as
             in :func:`opis` and :func:`eps_opis`.

@@ -24,7 +24,7 @@ from torch import Tensor
 from .._validation import check_bool, check_positive_int, check_temperature
 from ..ops.selection import count_negatives
 from . import _fused
-from ._comm import all_gather_rows, logsumexp_over_ranks, shard_layout, sum_over_ranks
+from ._comm import logsumexp_over_ranks, sum_over_ranks, topk_over_ranks
 from ._shard import Global, finish, normalized, prepare_shard, row_chunk, self_pair_mask, setup, streamed_sum
 
 _NEG_INF = float("-inf")
@@ -168,9 +168,7 @@ def _local_candidates(g: Global, xh: Tensor, Yh: Tensor, k: int):
 def _top_k(g: Global, t: Tensor, xh: Tensor, Yh: Tensor, k: int, n_pos: float) -> Tensor:
     M = Yh.shape[0]
     vals, flat = _local_candidates(g, xh, Yh, k)
-    cand = shard_layout(vals.shape[0], xh.device, g.rows.group)
-    all_vals, all_flat = all_gather_rows(vals, cand), all_gather_rows(flat, cand)
-    chosen = all_flat[_order(all_vals, all_flat)[:k]]
+    _, chosen = topk_over_ranks(vals, flat, k, g.rows)  # the one-process tie order, identical on every rank
     lo, hi = g.rows.offset * M, (g.rows.offset + g.rows.local) * M
     mine = chosen[(chosen >= lo) & (chosen < hi)]
     neg_rows, neg_cols = mine // M - g.rows.offset, mine % M

@@ -58,7 +58,7 @@ def batch_softmax(
         symmetric (bool): also classify the columns (image→text and text→image). Default ``False``.
         normalize (bool): L2-normalise the rows first (cosine similarity); ``False`` uses the plain dot
             products. Default ``True``.
-        {{process_group_arg}}
+        {{process_group_loss_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); gradients come back in the inputs' dtype. A NaN

@@ -102,7 +102,7 @@ def contextual_loss(
             Default 10.0.
         normalize (bool): L2-normalise the rows first (default ``True``); ``False`` uses them as given, which
             should then already be unit vectors (``D = 2 − 2S`` assumes it).
-        {{process_group_args}}
+        {{process_group_loss_arg}}
             The loss is that of the concatenated batch, identical on every rank; the local rows receive W × the
             gradient. For now every rank gathers the rows and computes the whole loss (W × the one-process work;
             docs/spec.md §5).

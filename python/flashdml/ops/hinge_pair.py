@@ -80,7 +80,7 @@ def threshold_consistent_margin(
         neg_margin (float): ``m−``, any finite number. Default 0.5.
         pos_weight (float): ``λ+``, the weight of the positive term, finite. Default 1.0.
         neg_weight (float): ``λ−``, the weight of the negative term, finite. Default 1.0.
-        {{process_group_arg}}
+        {{process_group_loss_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); gradients come back in the input dtype. NaN when
@@ -155,7 +155,7 @@ def contrastive_margin(
         ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
         pos_margin (float): ``m+``, finite, compared with the fp32 similarities. Default 0.75.
         neg_margin (float): ``m−``, finite, compared with the fp32 similarities. Default 0.6.
-        {{process_group_arg}}
+        {{process_group_loss_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); gradients come back in the input dtype. NaN when

@@ -212,7 +212,7 @@ def knn(
         normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
         exclude_self (bool): in self mode, column ``i`` is not a candidate for row ``i``; no effect in cross
             mode. Default ``True``.
-        {{process_group_args}}
+        {{process_group_shard_arg}}
             Here the gallery ``y`` (in self mode ``x``) is the concatenation of the shards, the queries stay
             local: each rank gets its own rows of the one-process result, indices into the concatenated
             gallery. The gradient is the ordinary one of those rows (no W factor; the gallery shard receives
@@ -295,7 +295,7 @@ def hardest_negatives(
         k (int, optional): the number of pairs, ``1 <= k <=`` the number of negative pairs. Default ``None``:
             ``k = B``.
         normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
-        {{process_group_args}}
+        {{process_group_shard_arg}}
             The selection is over the concatenated batch (``k = None``: its row count): the same values, rows
             and columns (global indices) on every rank; the local inputs receive W × the gradient.
 

@@ -117,7 +117,7 @@ def cross_example_softmax(
         top_k (int, optional): ``>= 1``, the number of hardest negatives of the batch kept in ``Λ``;
             ``top_k >= |N|`` is plain XE. Default ``None``: every negative.
         normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
-        {{process_group_arg}}
+        {{process_group_loss_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); 0 with a zero gradient when the batch has no
@@ -191,7 +191,7 @@ def ntxent(
         temperature (float or Tensor): ``τ > 0`` (at least 1e-12, finite); a Python number or a 0-dim floating
             tensor, learnable when it has ``requires_grad=True``. Default 0.07.
         normalize (bool): cosine similarity (default ``True``) or plain dot products (``False``).
-        {{process_group_arg}}
+        {{process_group_loss_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); 0 with a zero gradient without positive pairs;
