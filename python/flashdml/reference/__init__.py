@@ -4,6 +4,7 @@ Materialises S and every B×B intermediate, computes in float64 for float64 inpu
 written to be read next to docs/spec.md. Every fused backend is tested against these functions; they have the same
 signatures as the public ops (``flashdml.similarity`` etc.).
 """
+from .anchor_lse import circle, multi_similarity, supcon
 from .contextual import contextual_loss
 from .losses import (
     batch_softmax,
@@ -19,5 +20,6 @@ __all__ = [
     "similarity", "knn", "hardest_negatives",
     "batch_softmax", "ntxent", "cross_example_softmax",
     "threshold_consistent_margin", "contrastive_margin", "contextual_loss",
+    "supcon", "multi_similarity", "circle",
     "recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate",
 ]
