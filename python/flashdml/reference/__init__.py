@@ -15,11 +15,13 @@ from .losses import (
 )
 from .metrics import eps_opis, evaluate, map_at_r, opis, pr_auc, recall_at_k
 from .similarity import hardest_negatives, knn, similarity
+from .triplet import triplet_margin
 
 __all__ = [
     "similarity", "knn", "hardest_negatives",
     "batch_softmax", "ntxent", "cross_example_softmax",
     "threshold_consistent_margin", "contrastive_margin", "contextual_loss",
     "supcon", "multi_similarity", "circle",
+    "triplet_margin",
     "recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate",
 ]
