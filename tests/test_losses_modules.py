@@ -133,9 +133,3 @@ def test_pml_pair_modules_default_arguments(name):
     for k, v in defaults[name].items():
         assert sig[k].default == v, (name, k)
 
-
-def test_pml_pair_modules_need_labels():
-    x, _ = clustered(12, 6, 3, seed=13)
-    for name in PML_PAIR:
-        with pytest.raises((ValueError, TypeError)):
-            getattr(fd.losses, name)()(x)

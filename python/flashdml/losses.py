@@ -363,14 +363,14 @@ class SupConLoss(_AnchorLoss):
         temperature: ``> 0``; a float, or the initial value when ``learnable_temperature``.
         learnable_temperature: make the temperature an ``nn.Parameter``.
 
-    ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: ``labels`` required; cross mode with
-    ``ref_emb`` and ``ref_labels``.
+    ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
+    with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
 
     Returns:
         A 0-dim fp32 loss (float64 for float64 inputs); 0 when the batch has no positive or no negative pair.
 
     Raises:
-        ValueError / TypeError: ``labels`` missing, or the op's input errors.
+        ValueError / TypeError: the op's input errors (shapes, dtypes, ``ref_labels`` without ``ref_emb``).
 
     Example:
         >>> import torch, flashdml as fd
@@ -399,14 +399,14 @@ class MultiSimilarityLoss(_AnchorLoss):
         beta: the negatives' scale ``β > 0``.
         base: the similarity both terms are centred on.
 
-    ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: ``labels`` required; cross mode with
-    ``ref_emb`` and ``ref_labels``.
+    ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
+    with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
 
     Returns:
         A 0-dim fp32 loss (float64 for float64 inputs).
 
     Raises:
-        ValueError / TypeError: ``labels`` missing, or the op's input errors.
+        ValueError / TypeError: the op's input errors (shapes, dtypes, ``ref_labels`` without ``ref_emb``).
 
     Example:
         >>> import torch, flashdml as fd
@@ -436,14 +436,14 @@ class CircleLoss(_AnchorLoss):
         m: the relaxation margin.
         gamma: the scale ``γ``.
 
-    ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: ``labels`` required; cross mode with
-    ``ref_emb`` and ``ref_labels``.
+    ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
+    with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
 
     Returns:
         A 0-dim fp32 loss (float64 for float64 inputs).
 
     Raises:
-        ValueError / TypeError: ``labels`` missing, or the op's input errors.
+        ValueError / TypeError: the op's input errors (shapes, dtypes, ``ref_labels`` without ``ref_emb``).
 
     Example:
         >>> import torch, flashdml as fd
@@ -471,14 +471,14 @@ class TripletMarginLoss(_AnchorLoss):
     Args:
         margin: the margin between the positive and the negative distance.
 
-    ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: ``labels`` required; cross mode with
-    ``ref_emb`` and ``ref_labels``.
+    ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
+    with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
 
     Returns:
         A 0-dim fp32 loss (float64 for float64 inputs); 0 when no triplet violates the margin.
 
     Raises:
-        ValueError / TypeError: ``labels`` missing, or the op's input errors.
+        ValueError / TypeError: the op's input errors (shapes, dtypes, ``ref_labels`` without ``ref_emb``).
 
     Example:
         >>> import torch, flashdml as fd
