@@ -124,13 +124,15 @@ def test_supcon_learnable_temperature_equals_pml(calls):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", NAMES)
-def test_half_precision_runs_fused(name, dtype, calls):
-    """fp16 / bf16 run flashdml (fp32 accumulation) and return the input dtype, near pml's fp32 value."""
+def test_half_precision_runs_pml(name, dtype, forbid):
+    """fp16 / bf16 run pml, which computes in that precision (flashdml's fp32 accumulation can differ by an ulp
+    of the half type: pml's own fp16 Circle test tells them apart)."""
     x, labels = clustered(32, 16, 8, seed=8)
-    got = run(fdp.__dict__[name](), x.to(dtype), labels)
-    want = run(getattr(pml_losses, name)(), x, labels)
-    assert got[0].dtype == dtype and got[1].dtype == dtype and calls[OP[name]] == 1
-    torch.testing.assert_close(got[0].float(), want[0], rtol=2e-2, atol=2e-3)
+    got = run(getattr(fdp, name)(), x.to(dtype), labels)
+    want = run(getattr(pml_losses, name)(), x.to(dtype), labels)
+    assert got[0].dtype == dtype
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------- fallbacks

@@ -40,9 +40,9 @@ them) when the call is one flashdml covers exactly, and ``super().forward(...)``
   the diagonal of the query×reference matrix; ``ref_emb is embeddings`` is plain self mode).
 
 SupCon, Multi-Similarity, Circle and Triplet-Margin (``flashdml.supcon``, ``.multi_similarity``, ``.circle``,
-``.triplet_margin``) are fused only with pml's default distance and reducer, in fp32 / fp16 / bf16, and run pml for
-float64 and for Triplet's ``swap`` / ``smooth_loss`` / ``triplets_per_anchor``; the full list is in
-``flashdml.integrations.pml._pair_losses``.
+``.triplet_margin``) are fused only with pml's default distance and reducer on fp32 embeddings (pml computes fp16 /
+bf16 in that precision, so those run pml, as float64 does) and without Triplet's ``swap`` / ``smooth_loss`` /
+``triplets_per_anchor``; the full list is in ``flashdml.integrations.pml._pair_losses``.
 
 Semantics (checked against pml 2.9's source, and by tests/test_integrations_pml.py):
 

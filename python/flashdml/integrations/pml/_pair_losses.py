@@ -3,12 +3,14 @@
 ``.multi_similarity``, ``.circle`` and ``.triplet_margin`` when the call is one they compute exactly, and pml
 itself otherwise.
 
-Fused only with pml's default distance and reducer (exact types, no subclass), fp32 / fp16 / bf16 embeddings
-and the all-pairs (all-triplets) case. Each of these runs pml instead:
+Fused only with pml's default distance and reducer (exact types, no subclass), fp32 embeddings and the all-pairs
+(all-triplets) case. Each of these runs pml instead:
 
 * any ``indices_tuple`` (a miner's), ``labels=None``, non-integer labels, ``ref_emb`` without its own
   ``ref_labels``, an ``embedding_regularizer``, ``collect_stats`` (see the package docstring);
-* float64 embeddings (pml is exact there already);
+* float64 embeddings (pml is exact there already), and fp16 / bf16 ones: pml computes in that precision, flashdml
+  accumulates in fp32 and rounds once, so the two differ by an ulp or more of the half type (pml's own
+  ``test_circle_loss`` in fp16 tells them apart); ``flashdml.<op>`` itself takes half-precision input;
 * another distance, or the default one with other settings (``power``, ``p``, ``normalize_embeddings``);
   another reducer, or ``AvgNonZeroReducer`` with other thresholds;
 * batches where pml's ``GenericPairLoss`` takes its zero-loss shortcut (at most one positive and at most one
@@ -33,7 +35,7 @@ from .losses import _FlashdmlForward, _is_real, _plain_distance
 
 __all__ = ["SupConLoss", "MultiSimilarityLoss", "CircleLoss", "TripletMarginLoss"]
 
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FUSED_DTYPES = (torch.float32,)
 
 
 def _avg_non_zero(reducer) -> bool:
