@@ -117,6 +117,19 @@ TORCH_LIBRARY(flashdml, m) {
       "float neg_margin, float pos_weight, float neg_weight, bool drop_diagonal, bool strict, bool normalize, "
       "Tensor counts) -> (Tensor dx, Tensor dy)");
 
+  // ---- triplet margin loss over every triplet (docs/spec.md §6.4): schemas below this line ----
+  // pml's TripletMarginLoss (all triplets, L2 distance of the normalised rows, AvgNonZeroReducer). labels int64
+  // [B], ref_labels int64 [M]; self_mode drops (i, i) from the positives (y is then x itself: autograd adds the dx
+  // and dy slots). Returns the loss = sums[0] / counts[0] (0 when counts[0] = 0), sums fp32 [1] = the sum of the
+  // positive hinges d_ap - d_an + margin, counts int64 [1] = their exact number. Memory O((B + M) d + sum |P_a|).
+  m.def(
+      "triplet_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, float margin, bool self_mode) -> "
+      "(Tensor loss, Tensor sums, Tensor counts)");
+  // Recomputes the forward's tiles (so the same triplets are active) and returns dx, dy (input dtype).
+  m.def(
+      "triplet_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor labels, Tensor ref_labels, float margin, "
+      "bool self_mode, Tensor counts) -> (Tensor dx, Tensor dy)");
+
   // ---- selection (docs/spec.md §1.2, 1.3) ----
   // Per row, the k largest S entries: values fp32 [B, k] sorted descending, indices int64 [B, k], ties -> lower
   // column index. exclude_diagonal: column i is not a candidate for row i (self mode passes x as y).

@@ -16,6 +16,7 @@ from .ops.xent import cross_example_softmax, ntxent
 from .ops.hinge_pair import contrastive_margin, threshold_consistent_margin
 from .ops.selection import hardest_negatives, knn
 from .ops.contextual import contextual_loss
+from .ops.triplet import triplet_margin
 from .ops.unfused import similarity
 from . import losses, metrics  # noqa: E402
 
@@ -25,6 +26,7 @@ __all__ = [
     "similarity", "knn", "hardest_negatives",
     "batch_softmax", "ntxent", "cross_example_softmax",
     "threshold_consistent_margin", "contrastive_margin", "contextual_loss",
+    "triplet_margin",
     "losses", "metrics", "reference",
     "set_backend", "get_backend", "backend", "available_backends",
 ]

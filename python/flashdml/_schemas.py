@@ -41,6 +41,13 @@ SCHEMAS = {
         "(Tensor grad_loss, Tensor x, Tensor y, Tensor labels, Tensor ref_labels, float pos_margin, "
         "float neg_margin, float pos_weight, float neg_weight, bool drop_diagonal, bool strict, bool normalize, "
         "Tensor counts) -> (Tensor dx, Tensor dy)"),
+    # ---- triplet margin loss over every triplet (pml TripletMarginLoss)
+    "triplet_fwd": (
+        "(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, float margin, bool self_mode) -> "
+        "(Tensor loss, Tensor sums, Tensor counts)"),
+    "triplet_bwd": (
+        "(Tensor grad_loss, Tensor x, Tensor y, Tensor labels, Tensor ref_labels, float margin, bool self_mode, "
+        "Tensor counts) -> (Tensor dx, Tensor dy)"),
     # ---- selection: knn and hardest negatives
     "knn_fwd": "(Tensor x, Tensor y, int k, bool exclude_diagonal, bool normalize) -> (Tensor values, Tensor indices)",
     "hardest_negatives_fwd": (
@@ -102,6 +109,8 @@ FAKES: dict[str, Callable] = {
     "xent_bwd": _pair_grads_and_temperature,
     "hinge_pair_fwd": lambda x, y, *rest: (_f32(x, ()), _f32(x, (2,)), _i64(x, (2,))),
     "hinge_pair_bwd": _pair_grads,
+    "triplet_fwd": lambda x, y, *rest: (_f32(x, ()), _f32(x, (1,)), _i64(x, (1,))),
+    "triplet_bwd": _pair_grads,
     "knn_fwd": lambda x, y, k, exclude_diagonal, normalize: (_f32(x, (x.shape[0], k)), _i64(x, (x.shape[0], k))),
     "hardest_negatives_fwd": lambda x, y, labels, ref_labels, k, self_mode, normalize: (
         _f32(x, (k,)), _i64(x, (k,)), _i64(x, (k,))),

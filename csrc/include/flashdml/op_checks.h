@@ -93,6 +93,31 @@ inline void hinge_pair_bwd_inputs(const char* op, const at::Tensor& grad_loss, c
   pair_counts(op, "counts", counts, x);
 }
 
+// ---------------------------------------------------------------------------------------------- triplet
+// x [B, d], y [M, d] (self mode: y is x, B == M), labels int64 [B], ref_labels int64 [M].
+inline void triplet_fwd_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels,
+                               const at::Tensor& ref_labels, bool self_mode) {
+  rows(op, x, y);
+  TORCH_CHECK_VALUE(!self_mode || x.size(0) == y.size(0), op, ": self_mode needs y = x (B == M), got B = ",
+                    x.size(0), " and M = ", y.size(0));
+  check::labels(op, "labels", labels, x.size(0), "B", x);
+  check::labels(op, "ref_labels", ref_labels, y.size(0), "M", x);
+}
+
+// The forward's inputs, grad_loss and counts int64 [1] (the forward's number of active triplets; >= 0 checked on
+// the CPU only, where reading it costs no host sync).
+inline void triplet_bwd_inputs(const char* op, const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& y,
+                               const at::Tensor& labels, const at::Tensor& ref_labels, bool self_mode,
+                               const at::Tensor& counts) {
+  triplet_fwd_inputs(op, x, y, labels, ref_labels, self_mode);
+  check::grad_loss(op, grad_loss, x);
+  vector(op, "counts", counts, at::kLong, 1, std::string("1 (the forward's count of active triplets)"), x);
+  if (counts.is_cpu()) {
+    const int64_t c = counts.contiguous().data_ptr<int64_t>()[0];
+    TORCH_CHECK_VALUE(c >= 0, op, ": counts must be a count >= 0, got ", c);
+  }
+}
+
 // -------------------------------------------------------------------------------------------- selection
 // x [B, d], y [M, d] (exclude_diagonal: self mode, B == M), 1 <= k <= the candidates per row.
 inline void knn_fwd_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, int64_t k,
