@@ -195,6 +195,20 @@ TORCH_LIBRARY(flashdml, m) {
       "metrics_pass(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, Tensor rows, Tensor keep, bool self_mode, "
       "bool pair_hist, int opis_bins) -> (Tensor offsets, Tensor indices, Tensor values, Tensor pair_hist, "
       "Tensor class_pos, Tensor class_neg)");
+  // ---- anchor-LSE losses (docs/spec.md §6.1-6.3): schemas below this line ----
+  // SupCon (kind 0, temperature read, p0..p2 unused), Multi-Similarity (kind 1: p0 = alpha, p1 = beta, p2 = base;
+  // temperature unused) and Circle (kind 2: p0 = m, p1 = gamma). Cosine always (the rows are normalised inside).
+  // labels int64 [B], ref_labels int64 [M]; self_mode drops the pairs (i, i) (y is then x itself: autograd adds
+  // the dx and dy slots). Returns the loss (fp32 0-dim, the reducer of each loss applied) and row_stats fp32 [B, 4]
+  // per anchor: the positive-set and negative-set LSEs and the row's weights (flashdml/anchor_lse.h).
+  m.def(
+      "anchor_lse_fwd(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, Tensor temperature, int kind, float p0, "
+      "float p1, float p2, bool self_mode) -> (Tensor loss, Tensor row_stats)");
+  // Recomputes S tile by tile; returns dx, dy (input dtype) and d loss / d temperature (0-dim fp32; 0 unless SupCon).
+  m.def(
+      "anchor_lse_bwd(Tensor grad_loss, Tensor x, Tensor y, Tensor labels, Tensor ref_labels, Tensor temperature, "
+      "int kind, float p0, float p1, float p2, bool self_mode, Tensor row_stats) -> "
+      "(Tensor dx, Tensor dy, Tensor dtemperature)");
 }
 
 // Importing flashdml._C loads the schemas above and all kernel registrations; there is no Python API in the

@@ -67,9 +67,21 @@ CPU = _entries("CPU")
 CUDA = _entries("CUDA")
 
 
+def _ops_without_cuda() -> set:
+    """Compiled ops of the families whose ``backends`` leave out "cuda" (not ported yet: CPU entries only)."""
+    import flashdml  # noqa: F401  (imports every op family's glue, which registers it)
+    from flashdml.ops import registry
+
+    return {n for fam in registry.FAMILIES.values() if "cuda" not in fam.backends for n in fam.compiled_names()}
+
+
+NO_CUDA = _ops_without_cuda()
+
+
 def test_the_parser_finds_every_entry():
     assert len(CPU) >= 11 and len(CUDA) >= 11, (sorted(CPU), sorted(CUDA))
-    assert set(CPU) - CPU_ONLY == set(CUDA), "ops registered for only one of CPU / CUDA"
+    assert set(CPU) - CPU_ONLY - NO_CUDA == set(CUDA), "ops registered for only one of CPU / CUDA"
+    assert not NO_CUDA & set(CUDA), "a family registers CUDA kernels but does not list 'cuda' in its backends"
 
 
 def _check_call(op: str, path: Path, body: str) -> None:
@@ -99,7 +111,8 @@ def test_cpu_entry_runs_the_shared_check_first(op):
 def test_every_shared_check_is_used_and_local_copies_are_gone():
     header = _strip_comments((CSRC / "include" / "flashdml" / "op_checks.h").read_text())
     defined = set(re.findall(r"inline void (\w+)_inputs\s*\(", header))
-    assert defined == set(CUDA), f"op_checks.h defines checks for {sorted(defined)}, CUDA has {sorted(CUDA)}"
+    assert defined == set(CUDA) | NO_CUDA, (
+        f"op_checks.h defines checks for {sorted(defined)}, CUDA has {sorted(CUDA)}, CPU only {sorted(NO_CUDA)}")
     for path in sorted(CSRC.glob("cpu/*.cpp")) + sorted(CSRC.glob("cuda/*.cu")):
         text = _strip_comments(path.read_text())
         # The per-file argument checks that used to drift (check_inputs, check_xent_inputs, check_label_tensor).

@@ -110,10 +110,21 @@ def _valid(op: str, variant: int = 0) -> Dict[str, object]:
         order = torch.argsort(labels, stable=True)  # self mode with OPIS histograms: rows sorted by class
         return dict(x=x, y=x, labels=labels, ref_labels=labels, rows=order, keep=torch.full((B,), 2),
                     self_mode=True, pair_hist=False, opis_bins=64)
+    if op in ("anchor_lse_fwd", "anchor_lse_bwd"):
+        # variant 0: SupCon cross mode, 1: Multi-Similarity self mode, 2: Circle cross mode
+        kind, p = [(0, (0.0, 0.0, 0.0)), (1, (2.0, 50.0, 0.5)), (2, (0.4, 80.0, 0.0))][variant]
+        a = dict(x=x, y=y, labels=labels, ref_labels=ref_labels, temperature=t, kind=kind, p0=p[0], p1=p[1], p2=p[2],
+                 self_mode=False)
+        if variant == 1:
+            a.update(y=x, ref_labels=labels, self_mode=True)
+        if op == "anchor_lse_bwd":
+            _, stats = _call("anchor_lse_fwd", a)
+            a.update(grad_loss=torch.tensor(1.0), row_stats=stats)
+        return a
     raise KeyError(op)
 
 
-VALID_VARIANTS = {"batch_softmax_fwd": 2, "batch_softmax_bwd": 2, "xent_fwd": 3, "xent_bwd": 3, "hinge_pair_fwd": 2,
+VALID_VARIANTS = {"anchor_lse_fwd": 3, "anchor_lse_bwd": 3, "batch_softmax_fwd": 2, "batch_softmax_bwd": 2, "xent_fwd": 3, "xent_bwd": 3, "hinge_pair_fwd": 2,
                   "hinge_pair_bwd": 2, "knn_fwd": 2, "hardest_negatives_fwd": 2, "contextual_fwd": 1,
                   "contextual_bwd": 1, "metrics_pass": 2}
 
@@ -155,13 +166,15 @@ def _set(**kw):
     return change
 
 
+ANCHOR_LSE_OPS = ("anchor_lse_fwd", "anchor_lse_bwd")
 ROW_OPS = ("batch_softmax_fwd", "batch_softmax_bwd", "xent_fwd", "xent_bwd", "hinge_pair_fwd", "hinge_pair_bwd",
-           "knn_fwd", "hardest_negatives_fwd", "metrics_pass")
+           "knn_fwd", "hardest_negatives_fwd", "metrics_pass") + ANCHOR_LSE_OPS
 LABEL_OPS = ("batch_softmax_fwd", "batch_softmax_bwd", "xent_fwd", "xent_bwd", "hinge_pair_fwd", "hinge_pair_bwd",
-             "hardest_negatives_fwd", "metrics_pass", "contextual_fwd", "contextual_bwd")
-REF_LABEL_OPS = ("xent_fwd", "xent_bwd", "hinge_pair_fwd", "hinge_pair_bwd", "hardest_negatives_fwd", "metrics_pass")
-TEMPERATURE_OPS = ("batch_softmax_fwd", "batch_softmax_bwd", "xent_fwd", "xent_bwd")
-BWD_OPS = ("batch_softmax_bwd", "xent_bwd", "hinge_pair_bwd", "contextual_bwd")
+             "hardest_negatives_fwd", "metrics_pass", "contextual_fwd", "contextual_bwd") + ANCHOR_LSE_OPS
+REF_LABEL_OPS = ("xent_fwd", "xent_bwd", "hinge_pair_fwd", "hinge_pair_bwd", "hardest_negatives_fwd",
+                 "metrics_pass") + ANCHOR_LSE_OPS
+TEMPERATURE_OPS = ("batch_softmax_fwd", "batch_softmax_bwd", "xent_fwd", "xent_bwd") + ANCHOR_LSE_OPS
+BWD_OPS = ("batch_softmax_bwd", "xent_bwd", "hinge_pair_bwd", "contextual_bwd", "anchor_lse_bwd")
 
 
 def _bad_cases() -> List[Bad]:
@@ -324,6 +337,23 @@ def _bad_cases() -> List[Bad]:
             rf"^{op}: con_counts must be torch.int64, got torch.float32"))
     add(Bad(op, "con_counts_negative", _set(con_counts=torch.tensor([-2, 0])), ValueError,
             rf"^{op}: con_counts must be counts >= 0"))
+
+    # anchor-LSE: kind in [0, 2], finite p0..p2 (MS: alpha, beta non-zero), self mode needs B == M,
+    # row_stats fp32 [B, 4]
+    for op in ANCHOR_LSE_OPS:
+        add(Bad(op, "kind_3", _set(kind=3), ValueError, rf"^{op}: kind = 3 is out of range, expected \[0, 2\]"))
+        add(Bad(op, "kind_negative", _set(kind=-1), ValueError, rf"^{op}: kind = -1 is out of range"))
+        add(Bad(op, "p_nan", _set(p0=float("nan")), ValueError, rf"^{op}: p0, p1 and p2 must be finite"))
+        add(Bad(op, "ms_alpha_zero", _set(p0=0.0), ValueError, rf"^{op}: multi_similarity \(kind 1\) needs alpha",
+                variant=1))
+        add(Bad(op, "self_mode_other_rows", _set(self_mode=True), ValueError, rf"^{op}: self_mode needs y = x"))
+    op = "anchor_lse_bwd"
+    add(Bad(op, "row_stats_short", _set(row_stats=lambda a: a["row_stats"][:-1]), ValueError,
+            rf"^{op}: row_stats must have shape \[B = {B}, 4\]"))
+    add(Bad(op, "row_stats_1d", _set(row_stats=lambda a: a["row_stats"][:, 0]), ValueError,
+            rf"^{op}: row_stats must have shape"))
+    add(Bad(op, "row_stats_float64", _set(row_stats=lambda a: a["row_stats"].double()), TypeError,
+            rf"^{op}: row_stats must be float32, got torch.float64"))
 
     # metrics: rows int64 [R] in [0, B), keep int64 [R] in [0, candidates], opis_bins >= 0 (a power of two)
     op = "metrics_pass"

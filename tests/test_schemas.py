@@ -29,6 +29,12 @@ def _family_ops():
             yield family, name
 
 
+def _served_by(backend: str) -> set:
+    """The compiled ops a backend must define: those of the families that list it in ``backends`` (a family
+    not yet ported to a backend, e.g. the CPU-only anchor-LSE losses, is left out there)."""
+    return {name for family, name in _family_ops() if backend in family.backends}
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_every_compiled_op_has_the_one_schema(backend):
     names = []
@@ -38,7 +44,7 @@ def test_every_compiled_op_has_the_one_schema(backend):
         registry.compiled_ops(backend, family)  # defines the Triton ops
         assert _schema_of(registry.BACKENDS[backend].namespace, name) == SCHEMAS[name], f"{backend}: {name}"
         names.append(name)
-    assert set(names) == set(SCHEMAS), f"{backend} lacks {set(SCHEMAS) - set(names)}"
+    assert set(names) == _served_by(backend), f"{backend} lacks {_served_by(backend) - set(names)}"
 
 
 def test_every_family_is_served_by_the_compiled_ops_it_names():
@@ -46,7 +52,8 @@ def test_every_family_is_served_by_the_compiled_ops_it_names():
     assert served == set(SCHEMAS)
     for op in ("batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin",
                "contrastive_margin", "knn", "hardest_negatives", "cross_example_softmax_top_k", "contextual_loss",
-               "recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate", "similarity"):
+               "recall_at_k", "map_at_r", "pr_auc", "opis", "eps_opis", "evaluate", "similarity",
+               "supcon", "multi_similarity", "circle"):
         family = registry.family_of(op)
         assert op in family.reference
 
@@ -78,6 +85,9 @@ def _cases(device):
     yn = torch.nn.functional.normalize(y.detach(), dim=1)
     rows = torch.arange(13, device=device)
     yield "metrics_pass", (xn, yn, lx, ly, rows, torch.full((13,), 3, device=device), False, True, 0)
+    yield "anchor_lse_fwd", (x, x, lx, lx, t, 0, 0.0, 0.0, 0.0, True)
+    yield "anchor_lse_fwd", (x, y, lx, ly, torch.tensor(1.0, device=device), 1, 2.0, 50.0, 0.5, False)
+    yield "anchor_lse_fwd", (x, y, lx, ly, torch.tensor(1.0, device=device), 2, 0.4, 80.0, 0.0, False)
 
 
 # Ops whose output sizes depend on data (their fakes declare those sizes dynamic): opcheck's aot_dispatch test
@@ -94,6 +104,8 @@ def test_opcheck_every_op(backend):
             ops_by_name[name] = (family, registry.compiled_ops(backend, family))
     checked = set()
     for name, args in _cases(device):
+        if name not in ops_by_name:  # a family this backend does not serve (yet)
+            continue
         family, ops = ops_by_name[name]
         utils = ("test_schema", "test_autograd_registration", "test_faketensor")
         if backend == "cpu" or (name not in _DATA_DEPENDENT and device.type == "cuda"):
@@ -113,7 +125,7 @@ def test_opcheck_every_op(backend):
                                         test_utils=("test_schema", "test_faketensor"))
             assert set(res.values()) == {"SUCCESS"}, (grad.bwd, res)
             checked.add(grad.bwd)
-    assert checked == set(SCHEMAS)
+    assert checked == _served_by(backend)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -33,7 +33,13 @@ def _triton_op(name):
 
 
 def test_every_schema_has_a_triton_module():
-    assert set(NAMES) == set(SCHEMAS)
+    """Every op of a family served by Triton (families not yet ported, e.g. the CPU-only anchor-LSE losses, are
+    left out through their ``backends``)."""
+    from flashdml.ops import registry
+
+    served = {n for fam in registry.FAMILIES.values() if "triton" in fam.backends for n in fam.compiled_names()}
+    assert set(NAMES) == served
+    assert served <= set(SCHEMAS)
 
 
 @pytest.mark.parametrize("name", NAMES)

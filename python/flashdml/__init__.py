@@ -17,6 +17,7 @@ from .ops.hinge_pair import contrastive_margin, threshold_consistent_margin
 from .ops.selection import hardest_negatives, knn
 from .ops.contextual import contextual_loss
 from .ops.triplet import triplet_margin
+from .ops.anchor_lse import circle, multi_similarity, supcon
 from .ops.unfused import similarity
 from . import losses, metrics  # noqa: E402
 
@@ -27,6 +28,7 @@ __all__ = [
     "batch_softmax", "ntxent", "cross_example_softmax",
     "threshold_consistent_margin", "contrastive_margin", "contextual_loss",
     "triplet_margin",
+    "supcon", "multi_similarity", "circle",
     "losses", "metrics", "reference",
     "set_backend", "get_backend", "backend", "available_backends",
 ]

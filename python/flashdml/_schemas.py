@@ -68,6 +68,14 @@ SCHEMAS = {
         "(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, Tensor rows, Tensor keep, bool self_mode, "
         "bool pair_hist, int opis_bins) -> (Tensor offsets, Tensor indices, Tensor values, Tensor pair_hist, "
         "Tensor class_pos, Tensor class_neg)"),
+    # ---- anchor-LSE losses: SupCon (kind 0), Multi-Similarity (1), Circle (2)
+    "anchor_lse_fwd": (
+        "(Tensor x, Tensor y, Tensor labels, Tensor ref_labels, Tensor temperature, int kind, float p0, float p1, "
+        "float p2, bool self_mode) -> (Tensor loss, Tensor row_stats)"),
+    "anchor_lse_bwd": (
+        "(Tensor grad_loss, Tensor x, Tensor y, Tensor labels, Tensor ref_labels, Tensor temperature, int kind, "
+        "float p0, float p1, float p2, bool self_mode, Tensor row_stats) -> (Tensor dx, Tensor dy, "
+        "Tensor dtemperature)"),
 }
 
 # Namespaces: the C++ backends ("cpu", "cuda") share one op per name and dispatch on the device; Triton kernels
@@ -123,6 +131,8 @@ FAKES: dict[str, Callable] = {
         _i64(x, (2, PAIR_BINS) if (pair_hist or opis_bins > 0) else (0, 0)),
         _i64(x, (_dynamic(), opis_bins) if opis_bins > 0 else (0, 0)),
         _i64(x, (_dynamic(), opis_bins) if opis_bins > 0 else (0, 0))),
+    "anchor_lse_fwd": lambda x, y, *rest: (_f32(x, ()), _f32(x, (x.shape[0], 4))),
+    "anchor_lse_bwd": _pair_grads_and_temperature,
 }
 
 

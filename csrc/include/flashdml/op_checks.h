@@ -12,6 +12,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -207,6 +208,41 @@ inline void contextual_bwd_inputs(const char* op, const at::Tensor& grad_loss, c
   check::grad_loss(op, grad_loss, x);
   neighbour_lists(op, nbr_ptr, nbr, nbr_flags, x.size(0), x);
   pair_counts(op, "con_counts", con_counts, x);
+}
+
+// ----------------------------------------------------------------------------------------- anchor-LSE losses
+// x [B, d], y [M, d] (self mode: y is x, B == M), labels int64 [B], ref_labels int64 [M], temperature 0-dim fp32
+// (read by kind 0 only), kind 0 (SupCon), 1 (Multi-Similarity) or 2 (Circle), p0..p2 finite (kind 1: p0 = alpha
+// and p1 = beta non-zero).
+inline void anchor_lse_fwd_inputs(const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& labels,
+                                  const at::Tensor& ref_labels, const at::Tensor& temperature, int64_t kind,
+                                  double p0, double p1, double p2, bool self_mode) {
+  rows(op, x, y);
+  TORCH_CHECK_VALUE(!self_mode || y.size(0) == x.size(0), op, ": self_mode needs y = x (B == M), got B = ", x.size(0),
+                    " and M = ", y.size(0));
+  check::labels(op, "labels", labels, x.size(0), "B", x);
+  check::labels(op, "ref_labels", ref_labels, y.size(0), "M", x);
+  scalar_f32(op, "temperature", temperature, x);
+  int_in_range(op, "kind", kind, 0, 2, std::string("[0, 2] (0 supcon, 1 multi_similarity, 2 circle)"));
+  TORCH_CHECK_VALUE(std::isfinite(p0) && std::isfinite(p1) && std::isfinite(p2), op,
+                    ": p0, p1 and p2 must be finite, got ", p0, ", ", p1, ", ", p2);
+  TORCH_CHECK_VALUE(kind != 1 || (p0 != 0 && p1 != 0), op,
+                    ": multi_similarity (kind 1) needs alpha = p0 and beta = p1 non-zero, got ", p0, " and ", p1);
+}
+
+// The forward's inputs, grad_loss and row_stats fp32 [B, 4].
+inline void anchor_lse_bwd_inputs(const char* op, const at::Tensor& grad_loss, const at::Tensor& x,
+                                  const at::Tensor& y, const at::Tensor& labels, const at::Tensor& ref_labels,
+                                  const at::Tensor& temperature, int64_t kind, double p0, double p1, double p2,
+                                  bool self_mode, const at::Tensor& row_stats) {
+  anchor_lse_fwd_inputs(op, x, y, labels, ref_labels, temperature, kind, p0, p1, p2, self_mode);
+  check::grad_loss(op, grad_loss, x);
+  TORCH_CHECK_VALUE(row_stats.defined(), op, ": row_stats is an undefined tensor");
+  same_device(op, "row_stats", row_stats, x);
+  TORCH_CHECK_TYPE(row_stats.scalar_type() == at::kFloat, op, ": row_stats must be float32, got ",
+                   dtype_name(row_stats.scalar_type()));
+  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == x.size(0) && row_stats.size(1) == 4, op,
+                    ": row_stats must have shape [B = ", x.size(0), ", 4], got ", row_stats.sizes());
 }
 
 }  // namespace check
