@@ -67,9 +67,13 @@ def run(loss_fn, x, *args, y=None, seed=None, **kwargs):
 
 
 def assert_same(got, want, rtol=1e-5, atol=1e-7):
+    """Loss within ``rtol``; each gradient within ``rtol`` of its largest entry (fp32 rounding of pml's own
+    gradient is ~5e-7 of that, the same as flashdml's, measured against float64: an element-wise relative test
+    of near-zero entries would only compare two roundings)."""
     assert got[0].dtype == want[0].dtype
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=atol)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=max(atol, rtol * b.abs().max().item()))
 
 
 def ragged(seed):
