@@ -7,4 +7,4 @@ matplotlib and tqdm are benchmark-only extras, imported where they are used: the
 """
 
 OPS = ("batch_softmax", "cross_example_softmax", "ntxent", "threshold_consistent_margin", "knn", "hardest_negatives",
-       "xe_negative_mining", "contextual_loss", "metrics")
+       "xe_negative_mining", "contextual_loss", "metrics", "supcon", "multi_similarity", "circle", "triplet_margin")

@@ -17,8 +17,18 @@ MODULES = {
                                       lambda x, l, y=None, rl=None: fd.threshold_consistent_margin(x, l, y, rl)),
     "ContrastiveMarginLoss": (dict(), lambda x, l, y=None, rl=None: fd.contrastive_margin(x, l, y, rl)),
     "ContextualLoss": (dict(k=3), lambda x, l, y=None, rl=None: fd.contextual_loss(x, l, k=3)),
+    # pytorch-metric-learning's pair losses, with non-default arguments (a module that drops one fails)
+    "SupConLoss": (dict(temperature=0.2), lambda x, l, y=None, rl=None: fd.supcon(x, l, y, rl, temperature=0.2)),
+    "MultiSimilarityLoss": (dict(alpha=3.0, beta=40.0, base=0.4),
+                            lambda x, l, y=None, rl=None: fd.multi_similarity(x, l, y, rl, alpha=3.0, beta=40.0,
+                                                                              base=0.4)),
+    "CircleLoss": (dict(m=0.25, gamma=64.0), lambda x, l, y=None, rl=None: fd.circle(x, l, y, rl, m=0.25, gamma=64.0)),
+    "TripletMarginLoss": (dict(margin=0.3),
+                          lambda x, l, y=None, rl=None: fd.triplet_margin(x, l, y, rl, margin=0.3)),
 }
-CROSS = ("NTXentLoss", "CrossExampleSoftmaxLoss", "ThresholdConsistentMarginLoss", "ContrastiveMarginLoss")
+CROSS = ("NTXentLoss", "CrossExampleSoftmaxLoss", "ThresholdConsistentMarginLoss", "ContrastiveMarginLoss",
+         "SupConLoss", "MultiSimilarityLoss", "CircleLoss", "TripletMarginLoss")
+PML_PAIR = ("SupConLoss", "MultiSimilarityLoss", "CircleLoss", "TripletMarginLoss")
 
 
 def test_every_module_has_the_convention():
@@ -90,7 +100,7 @@ def test_contextual_has_no_cross_mode():
 
 def test_learnable_temperature_gets_a_gradient():
     x, labels = clustered(30, 8, 5, seed=9)
-    for cls in (fd.losses.NTXentLoss, fd.losses.CrossExampleSoftmaxLoss):
+    for cls in (fd.losses.NTXentLoss, fd.losses.CrossExampleSoftmaxLoss, fd.losses.SupConLoss):
         mod = cls(temperature=0.1, learnable_temperature=True)
         mod(x, labels).backward()
         assert mod.temperature.grad is not None and mod.temperature.grad.abs().item() > 0
@@ -105,3 +115,21 @@ def test_pml_wrappers_call_modules_by_keyword():
     idx = torch.arange(16)
     got = pml_losses.SelfSupervisedLoss(fd.losses.NTXentLoss(temperature=0.1), symmetric=False)(x, v)
     assert torch.equal(got, fd.ntxent(x, idx, v, idx, temperature=0.1))
+
+
+@pytest.mark.parametrize("name", PML_PAIR)
+def test_pml_pair_modules_default_arguments(name):
+    """The constructors' defaults are pml's (and the functions'): SupCon τ = 0.1, MS α, β, base = 2, 50, 0.5,
+    Circle m, γ = 0.4, 80, Triplet margin 0.05."""
+    fns = {"SupConLoss": fd.supcon, "MultiSimilarityLoss": fd.multi_similarity, "CircleLoss": fd.circle,
+           "TripletMarginLoss": fd.triplet_margin}
+    defaults = {"SupConLoss": dict(temperature=0.1), "MultiSimilarityLoss": dict(alpha=2.0, beta=50.0, base=0.5),
+                "CircleLoss": dict(m=0.4, gamma=80.0), "TripletMarginLoss": dict(margin=0.05)}
+    x, labels = clustered(36, 10, 6, seed=12)
+    got = getattr(fd.losses, name)()(x, labels)
+    assert torch.equal(got, fns[name](x, labels, **defaults[name]))
+    assert not torch.equal(got, MODULES[name][1](x, labels))  # the non-default arguments above do change it
+    sig = inspect.signature(fns[name]).parameters
+    for k, v in defaults[name].items():
+        assert sig[k].default == v, (name, k)
+

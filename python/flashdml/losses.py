@@ -30,7 +30,8 @@ from .ops import contextual as _contextual  # noqa: F401
 from .ops import hinge_pair as _hinge_pair, unfused as _unfused, xent as _xent  # noqa: F401
 
 __all__ = ["BatchSoftmaxLoss", "NTXentLoss", "CrossExampleSoftmaxLoss", "ThresholdConsistentMarginLoss",
-           "ContrastiveMarginLoss", "ContextualLoss"]
+           "ContrastiveMarginLoss", "ContextualLoss", "SupConLoss", "MultiSimilarityLoss", "CircleLoss",
+           "TripletMarginLoss"]
 
 
 def _temperature_parameter(temperature, learnable: bool):
@@ -353,3 +354,166 @@ class ContextualLoss(nn.Module):
                 ref_labels: Optional[Tensor] = None) -> Tensor:
         _no_cross_mode(self, ref_emb, ref_labels)
         return ops.contextual.contextual_loss(embeddings, labels, **self.kwargs)
+
+
+# --------------------------------------------------------------------------- pytorch-metric-learning's pair losses
+# Self mode with ``labels``; cross mode with ``ref_emb`` and ``ref_labels`` (both required there).
+class _AnchorLoss(nn.Module):
+    """Shared forward of the four pml pair-loss modules: ``fd.<_fn>(embeddings, labels, ref_emb, ref_labels,
+    **self._kwargs())``."""
+
+    _fn = ""
+
+    def _kwargs(self) -> dict:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, ref_emb: Optional[Tensor] = None,
+                ref_labels: Optional[Tensor] = None) -> Tensor:
+        import flashdml
+
+        return getattr(flashdml, self._fn)(embeddings, labels, ref_emb, ref_labels, **self._kwargs())
+
+
+class SupConLoss(_AnchorLoss):
+    """``fd.supcon`` (pytorch-metric-learning's ``SupConLoss``) as a module: per anchor, the mean over its
+    positives of ``−log softmax`` over all its other columns, averaged over the anchors whose loss is ``> 0``.
+
+    Args:
+        temperature: ``> 0``; a float, or the initial value when ``learnable_temperature``.
+        learnable_temperature: make the temperature an ``nn.Parameter``.
+
+    ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
+    with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
+
+    Returns:
+        A 0-dim fp32 loss (float64 for float64 inputs); 0 when the batch has no positive or no negative pair.
+
+    Raises:
+        ValueError / TypeError: the op's input errors (shapes, dtypes, ``ref_labels`` without ``ref_emb``).
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> crit = fd.losses.SupConLoss(temperature=0.1, learnable_temperature=True)
+        >>> torch.allclose(crit(emb, labels), fd.supcon(emb, labels, temperature=0.1))
+        True
+    """
+
+    _fn = "supcon"
+
+    def __init__(self, temperature: float = 0.1, learnable_temperature: bool = False):
+        super().__init__()
+        self.temperature = _temperature_parameter(temperature, learnable_temperature)
+
+    def _kwargs(self):
+        return dict(temperature=self.temperature)
+
+
+class MultiSimilarityLoss(_AnchorLoss):
+    """``fd.multi_similarity`` (pytorch-metric-learning's ``MultiSimilarityLoss``) as a module: per anchor
+    ``(1/α) log(1 + Σ_p e^{−α(s_ap − base)}) + (1/β) log(1 + Σ_n e^{β(s_an − base)})``, averaged over anchors.
+
+    Args:
+        alpha: the positives' scale ``α > 0``.
+        beta: the negatives' scale ``β > 0``.
+        base: the similarity both terms are centred on.
+
+    ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
+    with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
+
+    Returns:
+        A 0-dim fp32 loss (float64 for float64 inputs).
+
+    Raises:
+        ValueError / TypeError: the op's input errors (shapes, dtypes, ``ref_labels`` without ``ref_emb``).
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> loss = fd.losses.MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)(emb, labels)
+        >>> torch.allclose(loss, fd.multi_similarity(emb, labels, alpha=2.0, beta=50.0, base=0.5))
+        True
+    """
+
+    _fn = "multi_similarity"
+
+    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5):
+        super().__init__()
+        self.alpha, self.beta, self.base = alpha, beta, base
+
+    def _kwargs(self):
+        return dict(alpha=self.alpha, beta=self.beta, base=self.base)
+
+
+class CircleLoss(_AnchorLoss):
+    """``fd.circle`` (pytorch-metric-learning's ``CircleLoss``, Sun et al.) as a module: per anchor
+    ``softplus(LSE_p γ α_p (Δ_p − s_ap) + LSE_n γ α_n (s_an − Δ_n))`` with the detached weights
+    ``α_p = [1 + m − s_ap]_+``, ``α_n = [s_an + m]_+``, ``Δ_p = 1 − m``, ``Δ_n = m``, averaged over the anchors
+    whose loss is ``> 0`` (anchors without positives or without negatives count as 0).
+
+    Args:
+        m: the relaxation margin.
+        gamma: the scale ``γ``.
+
+    ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
+    with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
+
+    Returns:
+        A 0-dim fp32 loss (float64 for float64 inputs).
+
+    Raises:
+        ValueError / TypeError: the op's input errors (shapes, dtypes, ``ref_labels`` without ``ref_emb``).
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> torch.allclose(fd.losses.CircleLoss(m=0.25, gamma=128.0)(emb, labels),
+        ...                fd.circle(emb, labels, m=0.25, gamma=128.0))
+        True
+    """
+
+    _fn = "circle"
+
+    def __init__(self, m: float = 0.4, gamma: float = 80.0):
+        super().__init__()
+        self.m, self.gamma = m, gamma
+
+    def _kwargs(self):
+        return dict(m=self.m, gamma=self.gamma)
+
+
+class TripletMarginLoss(_AnchorLoss):
+    """``fd.triplet_margin`` (pytorch-metric-learning's ``TripletMarginLoss``) as a module: every triplet
+    ``(a, p, n)`` of the batch, ``[d_ap − d_an + margin]_+`` with ``d`` the L2 distance of the normalised
+    embeddings, averaged over the triplets whose term is ``> 0``; the triplets are streamed, never listed.
+
+    Args:
+        margin: the margin between the positive and the negative distance.
+
+    ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
+    with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
+
+    Returns:
+        A 0-dim fp32 loss (float64 for float64 inputs); 0 when no triplet violates the margin.
+
+    Raises:
+        ValueError / TypeError: the op's input errors (shapes, dtypes, ``ref_labels`` without ``ref_emb``).
+
+    Example:
+        >>> import torch, flashdml as fd
+        >>> emb, labels = torch.randn(16, 8), torch.arange(16) // 4
+        >>> bank, bank_labels = torch.randn(32, 8), torch.arange(32) // 8
+        >>> crit = fd.losses.TripletMarginLoss(margin=0.1)
+        >>> torch.allclose(crit(emb, labels, bank, bank_labels),             # cross mode
+        ...                fd.triplet_margin(emb, labels, bank, bank_labels, margin=0.1))
+        True
+    """
+
+    _fn = "triplet_margin"
+
+    def __init__(self, margin: float = 0.05):
+        super().__init__()
+        self.margin = margin
+
+    def _kwargs(self):
+        return dict(margin=self.margin)

@@ -6,6 +6,7 @@ and ``import flashdml`` never does. Swap the import and keep the rest of the tra
     # from pytorch_metric_learning.losses import NTXentLoss, ContrastiveLoss, ThresholdConsistentMarginLoss
     from flashdml.integrations.pml import NTXentLoss, ContrastiveLoss, ThresholdConsistentMarginLoss
     from flashdml.integrations.pml import CrossExampleSoftmaxLoss   # new: Cross-Example Softmax (docs/spec.md §2.2)
+    from flashdml.integrations.pml import SupConLoss, MultiSimilarityLoss, CircleLoss, TripletMarginLoss
 
     loss_fn = NTXentLoss(temperature=0.07)            # same constructor arguments and defaults as pml
     loss = loss_fn(embeddings, labels)                # same value and gradients, O(B·d) memory
@@ -46,6 +47,11 @@ them) when the call is one flashdml covers exactly, and ``super().forward(...)``
 * ``ref_emb`` given with ``ref_labels=None`` or ``ref_labels is labels`` (pml then reuses ``labels`` and drops
   the diagonal of the query×reference matrix; ``ref_emb is embeddings`` is plain self mode).
 
+SupCon, Multi-Similarity, Circle and Triplet-Margin (``flashdml.supcon``, ``.multi_similarity``, ``.circle``,
+``.triplet_margin``) are fused only with pml's default distance and reducer on fp32 embeddings (pml computes fp16 /
+bf16 in that precision, so those run pml, as float64 does) and without Triplet's ``swap`` / ``smooth_loss`` /
+``triplets_per_anchor``; the full list is in ``flashdml.integrations.pml._pair_losses``.
+
 Semantics (checked against pml 2.9's source, and by tests/test_integrations_pml.py):
 
 * **NT-Xent** (docs/spec.md §2.1b): pml's per-positive ``−log(e^{z_ap} / (e^{z_ap} + Σ_{n∈N(a)} e^{z_an}) + tiny)``
@@ -83,8 +89,8 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess by t
 from . import inference, losses, miners  # noqa: E402
 from .inference import FlashdmlKNN  # noqa: E402
 from .losses import (  # noqa: E402
-    ContrastiveLoss, CrossBatchMemory, CrossExampleSoftmaxLoss, NTXentLoss, SelfSupervisedLoss,
-    ThresholdConsistentMarginLoss,
+    CircleLoss, ContrastiveLoss, CrossBatchMemory, CrossExampleSoftmaxLoss, MultiSimilarityLoss, NTXentLoss,
+    SelfSupervisedLoss, SupConLoss, ThresholdConsistentMarginLoss, TripletMarginLoss,
 )
 from .miners import HardestNegativesMiner  # noqa: E402
 
@@ -92,5 +98,5 @@ knn_func = FlashdmlKNN()
 """A ready ``knn_func`` (cosine similarity): ``AccuracyCalculator(knn_func=flashdml.integrations.pml.knn_func)``."""
 
 __all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss",
-           "CrossBatchMemory", "SelfSupervisedLoss", "FlashdmlKNN", "HardestNegativesMiner", "knn_func", "losses",
+           "SupConLoss", "MultiSimilarityLoss", "CircleLoss", "TripletMarginLoss", "CrossBatchMemory", "SelfSupervisedLoss", "FlashdmlKNN", "HardestNegativesMiner", "knn_func", "losses",
            "miners", "inference"]

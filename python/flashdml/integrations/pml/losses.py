@@ -17,7 +17,8 @@ from flashdml._math import l2_normalize
 from ._excluded import AllPairsExcept, dense_xent_excluding, excluded_self_pairs, xent_excluding
 
 __all__ = ["ThresholdConsistentMarginLoss", "NTXentLoss", "ContrastiveLoss", "CrossExampleSoftmaxLoss",
-           "CrossBatchMemory", "SelfSupervisedLoss"]
+           "CrossBatchMemory", "SelfSupervisedLoss", "SupConLoss", "MultiSimilarityLoss", "CircleLoss",
+           "TripletMarginLoss"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -559,3 +560,7 @@ class SelfSupervisedLoss(_pml_losses.SelfSupervisedLoss):
     @staticmethod
     def supported_losses():
         return _pml_losses.SelfSupervisedLoss.supported_losses() + ["CrossExampleSoftmaxLoss"]
+
+
+# SupCon, Multi-Similarity, Circle, Triplet-Margin: in a module of their own (it imports _FlashdmlForward from here).
+from ._pair_losses import CircleLoss, MultiSimilarityLoss, SupConLoss, TripletMarginLoss  # noqa: E402
