@@ -43,14 +43,16 @@ CONTEXTUAL_TEMPLATED = ("ctx_list_kernel",)
 # csrc/cuda/metrics.cu (the metrics pass: top-k rounds and histograms; the merge is selection's knn_merge_kernel)
 METRICS_TEMPLATED = ("metrics_pass_kernel",)
 METRICS_PLAIN = ("metrics_scatter_kernel",)
-PAIR_GRAD_OPS = ("XentOp", "HingeOp")
+# csrc/cuda/triplet.cu (triplet margin loss; its d_an gradient is pair_grad_kernel with TripletOp)
+TRIPLET_TEMPLATED = ("tri_stats_kernel", "tri_pos_dist_kernel", "tri_pos_grad_kernel")
+PAIR_GRAD_OPS = ("XentOp", "HingeOp", "TripletOp")
 TEMPLATED = (BATCH_SOFTMAX_TEMPLATED + XENT_TEMPLATED + HINGE_TEMPLATED + SELECTION_TEMPLATED + CONTEXTUAL_TEMPLATED
-             + METRICS_TEMPLATED)
+             + METRICS_TEMPLATED + TRIPLET_TEMPLATED)
 PLAIN = BATCH_SOFTMAX_PLAIN + XENT_PLAIN + HINGE_PLAIN + SELECTION_PLAIN + METRICS_PLAIN
 # their fp16 / bf16 versions must use HMMA, their fp32 versions must not
 TENSOR_CORE_KERNELS = ("bs_lse_kernel", "bs_grad_kernel", "xe_lse_kernel", "xe_pos_kernel", "hp_stats_kernel",
                        "pair_grad_kernel", "knn_partial_kernel", "hn_pass_kernel", "ctx_list_kernel",
-                       "metrics_pass_kernel")
+                       "metrics_pass_kernel", "tri_stats_kernel")
 
 
 def _extension_so() -> Optional[str]:

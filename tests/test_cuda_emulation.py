@@ -1,5 +1,5 @@
 """The CUDA kernels (batch softmax, cross-example softmax / NT-Xent, hinge-pair losses, kNN / hardest negatives,
-the contextual loss's neighbour lists, metrics pass), run on the CPU.
+the contextual loss's neighbour lists, metrics pass, triplet margin loss), run on the CPU.
 
 There is no GPU here, so `tests/cuda_emulation/` compiles the real kernel code of csrc/cuda/ with g++ against a
 small emulation of the CUDA features it uses (every CUDA thread a std::thread, __syncthreads a barrier, wmma
@@ -41,7 +41,10 @@ def _cuda_include():
 #  metrics: the metrics pass (per-row top-k in rounds of 32, fine pair and per-class OPIS histograms), self / cross
 #        mode, row subsets, classes with one sample, keep 0 .. all candidates, embeddings on a scaled 1/8 grid (exact
 #        S, values on bin edges): lists and integer histograms compared exactly.
-DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection", "contextual", "metrics")
+#  triplet: triplet margin loss over every triplet, self / cross / pair mode, B != M, one class (no negatives), all
+#        labels distinct (no positives), ragged d, rows repeated in their class (d_ap = 0); a margin with no hinge
+#        within 2e-5 of 0, so the int64 count equals the float64 one exactly; loss, dL/dx^ and dL/dy^ compared.
+DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection", "contextual", "metrics", "triplet")
 
 
 @pytest.fixture(scope="module")

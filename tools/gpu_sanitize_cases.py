@@ -66,6 +66,12 @@ def case_contextual(fd, dev):
     _backward(fd.contextual_loss(x, labels, k=K), x)
 
 
+def case_triplet(fd, dev):
+    x, y, labels = _inputs(dev)
+    _backward(fd.triplet_margin(x, labels, margin=0.2), x)
+    _backward(fd.triplet_margin(x, labels, y, labels.flip(0), margin=0.2), x, y)
+
+
 def case_metrics(fd, dev):
     x, _, labels = _inputs(dev, grad=False)
     fd.metrics.evaluate(x, labels, metrics=("recall_at_k", "map_at_r", "opis", "pr_auc"), ks=(1, 4),
@@ -81,6 +87,7 @@ CASES = {
     "hardest_negatives_fwd": case_hardest_negatives,
     "contextual_fwd": case_contextual, "contextual_bwd": case_contextual,
     "metrics_pass": case_metrics,
+    "triplet_fwd": case_triplet, "triplet_bwd": case_triplet,
 }
 
 
@@ -90,6 +97,13 @@ def unique_cases():
     for op, fn in CASES.items():
         out.setdefault(fn, []).append(op)
     return list(out.items())
+
+
+def _served(backend, ops) -> bool:
+    """Whether the family of these ops lists `backend` (a family may be ported to one GPU backend first)."""
+    from flashdml.ops import registry
+
+    return any(backend in fam.backends for fam in registry.FAMILIES.values() if set(ops) & set(fam.compiled_names()))
 
 
 def main(argv=None) -> int:
@@ -117,6 +131,9 @@ def main(argv=None) -> int:
             failed += 1
             continue
         for fn, ops in unique_cases():
+            if not _served(backend, ops):
+                print(f"skip {backend:7s} {fn.__name__} (not compiled for {backend})", flush=True)
+                continue
             try:
                 with fd.backend(backend):
                     fn(fd, "cuda")
