@@ -16,6 +16,14 @@ ValueError: ``labels`` missing, not 1-D or not matching its rows; embeddings tha
     tensors on different devices"""
 
 FRAGMENTS = {
+    # Returns / Raises of every pytorch-metric-learning loss drop-in (flashdml.integrations.pml).
+    "pml_dropin_returns_raises": """\
+Returns:
+    Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
+    returns a 0-dim loss of the embeddings' dtype.
+
+Raises:
+    pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.""",
     # Args: the process group of the global-batch losses (docs/spec.md §5).
     "process_group_loss_arg": """\
 process_group (ProcessGroup, optional): ``None`` (default): one process. A ``torch.distributed`` group (e.g.

@@ -30,6 +30,7 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer
 
 import flashdml as _fd
+from flashdml._docs import shared_doc
 
 from .losses import _FlashdmlForward, _is_real, _plain_distance
 
@@ -73,6 +74,7 @@ class _PairFused(_FlashdmlForward):
         return args
 
 
+@shared_doc
 class SupConLoss(_PairFused, _pml_losses.SupConLoss):
     """pml's ``SupConLoss(temperature=0.1, **kwargs)`` computed by ``flashdml.supcon``.
 
@@ -82,12 +84,7 @@ class SupConLoss(_PairFused, _pml_losses.SupConLoss):
     Args:
         temperature: ``> 0``, float or 0-dim tensor. **kwargs: pml's (``distance``, ``reducer``, ...).
 
-    Returns:
-        Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
-        returns a 0-dim loss of the embeddings' dtype.
-
-    Raises:
-        pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
+    {{pml_dropin_returns_raises}}
 
     Example:
         >>> import torch
@@ -108,6 +105,7 @@ class SupConLoss(_PairFused, _pml_losses.SupConLoss):
         return _fd.supcon(x, labels, y, ref_labels, temperature=self.temperature)
 
 
+@shared_doc
 class MultiSimilarityLoss(_PairFused, _pml_losses.MultiSimilarityLoss):
     """pml's ``MultiSimilarityLoss(alpha=2, beta=50, base=0.5, **kwargs)`` computed by ``flashdml.multi_similarity``.
 
@@ -117,12 +115,7 @@ class MultiSimilarityLoss(_PairFused, _pml_losses.MultiSimilarityLoss):
     Args:
         alpha, beta, base, **kwargs: pml's constructor arguments.
 
-    Returns:
-        Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
-        returns a 0-dim loss of the embeddings' dtype.
-
-    Raises:
-        pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
+    {{pml_dropin_returns_raises}}
 
     Example:
         >>> import torch
@@ -141,6 +134,7 @@ class MultiSimilarityLoss(_PairFused, _pml_losses.MultiSimilarityLoss):
         return _fd.multi_similarity(x, labels, y, ref_labels, alpha=self.alpha, beta=self.beta, base=self.base)
 
 
+@shared_doc
 class CircleLoss(_PairFused, _pml_losses.CircleLoss):
     """pml's ``CircleLoss(m=0.4, gamma=80, **kwargs)`` computed by ``flashdml.circle``.
 
@@ -150,12 +144,7 @@ class CircleLoss(_PairFused, _pml_losses.CircleLoss):
     Args:
         m, gamma, **kwargs: pml's constructor arguments.
 
-    Returns:
-        Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
-        returns a 0-dim loss of the embeddings' dtype.
-
-    Raises:
-        pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
+    {{pml_dropin_returns_raises}}
 
     Example:
         >>> import torch
@@ -176,6 +165,7 @@ class CircleLoss(_PairFused, _pml_losses.CircleLoss):
         return _fd.circle(x, labels, y, ref_labels, m=self.m, gamma=self.gamma)
 
 
+@shared_doc
 class TripletMarginLoss(_PairFused, _pml_losses.TripletMarginLoss):
     """pml's ``TripletMarginLoss(margin=0.05, swap=False, smooth_loss=False, triplets_per_anchor="all", **kwargs)``
     computed by ``flashdml.triplet_margin``, which streams the triplets instead of listing them.
@@ -187,12 +177,7 @@ class TripletMarginLoss(_PairFused, _pml_losses.TripletMarginLoss):
     Args:
         margin, swap, smooth_loss, triplets_per_anchor, **kwargs: pml's constructor arguments.
 
-    Returns:
-        Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
-        returns a 0-dim loss of the embeddings' dtype.
-
-    Raises:
-        pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
+    {{pml_dropin_returns_raises}}
 
     Example:
         >>> import torch

@@ -12,6 +12,7 @@ from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer, Mul
 from pytorch_metric_learning.utils import common_functions as _c_f
 
 import flashdml as _fd
+from flashdml._docs import shared_doc
 from flashdml._math import l2_normalize
 
 from ._excluded import AllPairsExcept, dense_xent_excluding, excluded_self_pairs, xent_excluding
@@ -184,6 +185,7 @@ class _FlashdmlForward:
         return loss.to(embeddings.dtype)
 
 
+@shared_doc
 class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsistentMarginLoss):
     """pml's ``ThresholdConsistentMarginLoss`` (same arguments) computed by ``flashdml.threshold_consistent_margin``.
 
@@ -201,12 +203,7 @@ class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsi
         process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
             batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
-    Returns:
-        Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
-        returns a 0-dim loss of the embeddings' dtype.
-
-    Raises:
-        pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
+    {{pml_dropin_returns_raises}}
 
     Example:
         >>> import torch
@@ -237,6 +234,7 @@ class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsi
             pos_weight=self.lambda_plus, neg_weight=self.lambda_minus, **_group_kw(self))
 
 
+@shared_doc
 class NTXentLoss(_FlashdmlForward, _pml_losses.NTXentLoss):
     """pml's ``NTXentLoss(temperature=0.07, **kwargs)`` computed by ``flashdml.ntxent`` (docs/spec.md §2.1b).
 
@@ -251,12 +249,7 @@ class NTXentLoss(_FlashdmlForward, _pml_losses.NTXentLoss):
         process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
             batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
-    Returns:
-        Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
-        returns a 0-dim loss of the embeddings' dtype.
-
-    Raises:
-        pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
+    {{pml_dropin_returns_raises}}
 
     Example:
         >>> import torch
@@ -290,6 +283,7 @@ def _default_avg_non_zero(reducer) -> bool:
     return all(type(r) is AvgNonZeroReducer and r.low == 0 and r.high is None for r in reducer.reducers.values())
 
 
+@shared_doc
 class ContrastiveLoss(_FlashdmlForward, _pml_losses.ContrastiveLoss):
     """pml's ``ContrastiveLoss(pos_margin=0, neg_margin=1, **kwargs)``, computed by ``flashdml.contrastive_margin``
     when ``distance=CosineSimilarity()``.
@@ -310,12 +304,7 @@ class ContrastiveLoss(_FlashdmlForward, _pml_losses.ContrastiveLoss):
         process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
             batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
-    Returns:
-        Calling the module (``forward(embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None)``)
-        returns a 0-dim loss of the embeddings' dtype.
-
-    Raises:
-        pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.
+    {{pml_dropin_returns_raises}}
 
     Example:
         >>> import torch
