@@ -1,5 +1,5 @@
 """The CUDA kernels (batch softmax, cross-example softmax / NT-Xent, hinge-pair losses, kNN / hardest negatives,
-the contextual loss's neighbour lists, metrics pass), run on the CPU.
+the contextual loss's neighbour lists, metrics pass, the anchor-LSE losses), run on the CPU.
 
 There is no GPU here, so `tests/cuda_emulation/` compiles the real kernel code of csrc/cuda/ with g++ against a
 small emulation of the CUDA features it uses (every CUDA thread a std::thread, __syncthreads a barrier, wmma
@@ -41,7 +41,10 @@ def _cuda_include():
 #  metrics: the metrics pass (per-row top-k in rounds of 32, fine pair and per-class OPIS histograms), self / cross
 #        mode, row subsets, classes with one sample, keep 0 .. all candidates, embeddings on a scaled 1/8 grid (exact
 #        S, values on bin edges): lists and integer histograms compared exactly.
-DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection", "contextual", "metrics")
+#  anchor_lse: SupCon, Multi-Similarity and Circle (docs/spec.md §6.1-6.3) against a float64 computation written from
+#        their definitions: loss, row LSEs, dx, dy, dtemperature; self / cross / pair mode, B != M, one class, all
+#        labels distinct (pml's zero cases), ragged d, 1 and 132 SMs.
+DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection", "contextual", "metrics", "anchor_lse")
 
 
 @pytest.fixture(scope="module")
