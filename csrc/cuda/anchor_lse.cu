@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> anchor_lse_fwd_cuda(const at::Tensor& x_raw, 
   const c10::cuda::CUDAGuard guard(x_raw.device());
   const auto [x, y] = prepared_rows(x_raw, y_raw, self_mode);
   const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor ref_labels = self_mode ? labels : ref_labels_in.contiguous();
+  const at::Tensor ref_labels = ref_labels_in.contiguous();  // as the CPU op: the columns carry ref_labels
   const at::Tensor sorted_ref = std::get<0>(ref_labels.sort());
   const at::Tensor tau = temperature.to(at::kFloat).contiguous();
   const int64_t B = x.size(0), M = y.size(0), d = x.size(1);
@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_lse_bwd_cuda(
   const c10::cuda::CUDAGuard guard(x_raw.device());
   const auto [x, y] = prepared_rows(x_raw, y_raw, self_mode);
   const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor ref_labels = self_mode ? labels : ref_labels_in.contiguous();
+  const at::Tensor ref_labels = ref_labels_in.contiguous();  // as the CPU op: the columns carry ref_labels
   const at::Tensor tau = temperature.to(at::kFloat).contiguous();
   const at::Tensor grad = grad_loss.to(at::kFloat).contiguous();
   const at::Tensor stats = row_stats.contiguous();
