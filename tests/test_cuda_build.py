@@ -45,14 +45,18 @@ METRICS_TEMPLATED = ("metrics_pass_kernel",)
 METRICS_PLAIN = ("metrics_scatter_kernel",)
 # csrc/cuda/triplet.cu (triplet margin loss; its d_an gradient is pair_grad_kernel with TripletOp)
 TRIPLET_TEMPLATED = ("tri_stats_kernel", "tri_pos_dist_kernel", "tri_pos_grad_kernel")
-PAIR_GRAD_OPS = ("XentOp", "HingeOp", "TripletOp")
+# csrc/cuda/anchor_lse.cu (SupCon, Multi-Similarity, Circle): the tile kernel per dtype and kind, the row / reducer
+# kernels (templates on a dummy parameter), and pair_grad_kernel with AnchorOp<kind> for each of the three kinds
+ANCHOR_LSE_TEMPLATED = ("al_fwd_kernel",)
+ANCHOR_LSE_PLAIN = ("al_rows_kernel", "al_final_kernel", "al_bwd_prep_kernel", "al_dtemp_kernel")
+PAIR_GRAD_OPS = ("XentOp", "HingeOp", "TripletOp", "AnchorOpILi0EE", "AnchorOpILi1EE", "AnchorOpILi2EE")
 TEMPLATED = (BATCH_SOFTMAX_TEMPLATED + XENT_TEMPLATED + HINGE_TEMPLATED + SELECTION_TEMPLATED + CONTEXTUAL_TEMPLATED
-             + METRICS_TEMPLATED + TRIPLET_TEMPLATED)
-PLAIN = BATCH_SOFTMAX_PLAIN + XENT_PLAIN + HINGE_PLAIN + SELECTION_PLAIN + METRICS_PLAIN
+             + METRICS_TEMPLATED + TRIPLET_TEMPLATED + ANCHOR_LSE_TEMPLATED)
+PLAIN = BATCH_SOFTMAX_PLAIN + XENT_PLAIN + HINGE_PLAIN + SELECTION_PLAIN + METRICS_PLAIN + ANCHOR_LSE_PLAIN
 # their fp16 / bf16 versions must use HMMA, their fp32 versions must not
 TENSOR_CORE_KERNELS = ("bs_lse_kernel", "bs_grad_kernel", "xe_lse_kernel", "xe_pos_kernel", "hp_stats_kernel",
                        "pair_grad_kernel", "knn_partial_kernel", "hn_pass_kernel", "ctx_list_kernel",
-                       "metrics_pass_kernel", "tri_stats_kernel")
+                       "metrics_pass_kernel", "tri_stats_kernel", "al_fwd_kernel")
 
 
 def _extension_so() -> Optional[str]:

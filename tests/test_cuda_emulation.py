@@ -1,5 +1,5 @@
 """The CUDA kernels (batch softmax, cross-example softmax / NT-Xent, hinge-pair losses, kNN / hardest negatives,
-the contextual loss's neighbour lists, metrics pass, triplet margin loss), run on the CPU.
+the contextual loss's neighbour lists, metrics pass, triplet margin loss, the anchor-LSE losses), run on the CPU.
 
 There is no GPU here, so `tests/cuda_emulation/` compiles the real kernel code of csrc/cuda/ with g++ against a
 small emulation of the CUDA features it uses (every CUDA thread a std::thread, __syncthreads a barrier, wmma
@@ -44,7 +44,10 @@ def _cuda_include():
 #  triplet: triplet margin loss over every triplet, self / cross / pair mode, B != M, one class (no negatives), all
 #        labels distinct (no positives), ragged d, rows repeated in their class (d_ap = 0); a margin with no hinge
 #        within 2e-5 of 0, so the int64 count equals the float64 one exactly; loss, dL/dx^ and dL/dy^ compared.
-DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection", "contextual", "metrics", "triplet")
+#  anchor_lse: SupCon, Multi-Similarity and Circle (docs/spec.md §6.1-6.3) against a float64 computation written from
+#        their definitions: loss, row LSEs, dx, dy, dtemperature; self / cross / pair mode, B != M, one class, all
+#        labels distinct (pml's zero cases), ragged d, 1 and 132 SMs.
+DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection", "contextual", "metrics", "triplet", "anchor_lse")
 
 
 @pytest.fixture(scope="module")

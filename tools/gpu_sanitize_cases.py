@@ -51,6 +51,17 @@ def case_hinge_pair(fd, dev):
     _backward(fd.contrastive_margin(x, labels), x)
 
 
+def case_anchor_lse(fd, dev):
+    import torch
+
+    x, y, labels = _inputs(dev)
+    ref_labels = (torch.arange(B) // 3).to(dev)
+    tau = torch.tensor(0.1, device=dev, requires_grad=True)
+    _backward(fd.supcon(x, labels, temperature=tau), x, tau)
+    _backward(fd.multi_similarity(x, labels, y, ref_labels), x, y)
+    _backward(fd.circle(x, labels), x)
+
+
 def case_knn(fd, dev):
     x, y, _ = _inputs(dev, grad=False)
     fd.knn(x, y, K)
@@ -83,6 +94,7 @@ CASES = {
     "batch_softmax_fwd": case_batch_softmax, "batch_softmax_bwd": case_batch_softmax,
     "xent_fwd": case_xent, "xent_bwd": case_xent,
     "hinge_pair_fwd": case_hinge_pair, "hinge_pair_bwd": case_hinge_pair,
+    "anchor_lse_fwd": case_anchor_lse, "anchor_lse_bwd": case_anchor_lse,
     "knn_fwd": case_knn,
     "hardest_negatives_fwd": case_hardest_negatives,
     "contextual_fwd": case_contextual, "contextual_bwd": case_contextual,

@@ -29,7 +29,7 @@ FAMILY = registry.register(registry.Family(
                "circle": _reference.circle},
     compiled={"anchor_lse_fwd": registry.LossAutograd("anchor_lse_bwd", grad_inputs=("x", "y", "temperature"),
                                                       saved_outputs=(1,))},
-    backends=("cpu",),
+    backends=("cpu", "cuda"),
 ))
 
 
