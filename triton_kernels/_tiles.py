@@ -98,6 +98,43 @@ def sp_sig(t):
 
 
 @triton.jit
+def anchor_logit(s, p0, p1, p2, POS: tl.constexpr, KIND: tl.constexpr):
+    """(logit f(s), df/ds) of one pair of the anchor-LSE losses (anchor_lse.py), the Triton mirror of
+    csrc/include/flashdml/anchor_lse.h: KIND 0 SupCon (p0 = 1/τ; the slope is taken with respect to z = s/τ, so
+    it is 1), 1 Multi-Similarity (p0 = α, p1 = β, p2 = base; the slopes ±1 carry the 1/α, 1/β), 2 Circle (p0 = m,
+    p1 = γ; the self-paced weights count as constants). POS: positive pair, else negative."""
+    if KIND == 0:
+        f = s * p0
+        g = tl.full(s.shape, 1.0, tl.float32)
+    elif KIND == 1:
+        if POS:
+            f = -p0 * (s - p2)
+            g = tl.full(s.shape, -1.0, tl.float32)
+        else:
+            f = p1 * (s - p2)
+            g = tl.full(s.shape, 1.0, tl.float32)
+    else:
+        if POS:
+            g = -p1 * tl.maximum(1.0 + p0 - s, 0.0)
+            f = g * (s - (1.0 - p0))
+        else:
+            g = p1 * tl.maximum(s + p0, 0.0)
+            f = g * (s - p0)
+    return f, g
+
+
+@triton.jit
+def online_lse(m, l, v, keep):
+    """One tile step of a per-row online (max m, Σ exp(v − m) l) over the entries of v where ``keep``."""
+    vm = tl.where(keep, v, float("-inf"))
+    m_new = tl.maximum(m, tl.max(vm, 1))
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
+    e = tl.math.exp2(vm * 1.4426950408889634 - ref[:, None])
+    l = l * tl.math.exp2(m * 1.4426950408889634 - ref) + tl.sum(e, 1)
+    return m_new, l
+
+
+@triton.jit
 def hard_pairs(s, lab_i, lab_j, i_idx, j_idx, i_ok, j_ok, pos_margin, neg_margin, drop_diagonal, strict):
     """(hard positive, hard negative) masks of an S tile with rows i (x) and columns j (y) for the hinge-pair
     losses (hinge_pair.py): labels equal / different, (i, i) dropped when drop_diagonal, s <= m+ / s >= m−
