@@ -60,7 +60,7 @@ BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16)
 ROW_BLOCK = 1024
 KINDS = (0, 1, 2)
 N_PARTS = 5  # forward partials per row and split: max / sum of the positives, of the negatives, Σ f_p
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
