@@ -66,6 +66,16 @@ def case_contextual(fd, dev):
     _backward(fd.contextual_loss(x, labels, k=K), x)
 
 
+def case_anchor_lse(fd, dev):
+    import torch
+
+    x, y, labels = _inputs(dev)
+    tau = torch.tensor(0.1, device=dev, requires_grad=True)
+    _backward(fd.supcon(x, labels, temperature=tau), x, tau)
+    _backward(fd.multi_similarity(x, labels, y, labels.flip(0)), x, y)
+    _backward(fd.circle(x, labels), x)
+
+
 def case_metrics(fd, dev):
     x, _, labels = _inputs(dev, grad=False)
     fd.metrics.evaluate(x, labels, metrics=("recall_at_k", "map_at_r", "opis", "pr_auc"), ks=(1, 4),
@@ -81,6 +91,7 @@ CASES = {
     "hardest_negatives_fwd": case_hardest_negatives,
     "contextual_fwd": case_contextual, "contextual_bwd": case_contextual,
     "metrics_pass": case_metrics,
+    "anchor_lse_fwd": case_anchor_lse, "anchor_lse_bwd": case_anchor_lse,
 }
 
 
