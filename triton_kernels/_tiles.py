@@ -124,14 +124,21 @@ def anchor_logit(s, p0, p1, p2, POS: tl.constexpr, KIND: tl.constexpr):
 
 
 @triton.jit
-def online_lse(m, l, v, keep):
-    """One tile step of a per-row online (max m, Σ exp(v − m) l) over the entries of v where ``keep``."""
-    vm = tl.where(keep, v, float("-inf"))
-    m_new = tl.maximum(m, tl.max(vm, 1))
-    ref = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
-    e = tl.math.exp2(vm * 1.4426950408889634 - ref[:, None])
-    l = l * tl.math.exp2(m * 1.4426950408889634 - ref) + tl.sum(e, 1)
-    return m_new, l
+def online_lse_pair(mp, lp, mn, ln, fp, fn, pos, neg):
+    """One tile step of two per-row online log-sum-exps (running max m, Σ exp(v − m) l): of ``fp`` over the
+    entries where ``pos`` and of ``fn`` where ``neg`` (disjoint masks). One exp2 per tile entry serves both (each
+    entry is shifted by the max of its own set), which halves the SFU work of a kernel that needs both LSEs."""
+    vp = tl.where(pos, fp, float("-inf"))
+    vn = tl.where(neg, fn, float("-inf"))
+    mp_new = tl.maximum(mp, tl.max(vp, 1))
+    mn_new = tl.maximum(mn, tl.max(vn, 1))
+    rp = tl.where(mp_new == float("-inf"), 0.0, mp_new) * 1.4426950408889634
+    rn = tl.where(mn_new == float("-inf"), 0.0, mn_new) * 1.4426950408889634
+    v = tl.where(pos, vp, vn)
+    e = tl.math.exp2(v * 1.4426950408889634 - tl.where(pos, rp[:, None], rn[:, None]))
+    lp = lp * tl.math.exp2(mp * 1.4426950408889634 - rp) + tl.sum(tl.where(pos, e, 0.0), 1)
+    ln = ln * tl.math.exp2(mn * 1.4426950408889634 - rn) + tl.sum(tl.where(neg, e, 0.0), 1)
+    return mp_new, lp, mn_new, ln
 
 
 @triton.jit

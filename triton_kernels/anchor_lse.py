@@ -15,7 +15,8 @@ the negative logits, the row weight w_a, SupCon's linear weight u_a). The per-pa
 
 Forward (nothing B×M is stored):
 1. ``_fwd_partial_kernel``: per row block and column split, one S tile at a time, an online (max, Σexp) of f_p
-   over the row's positives and of f_n over its negatives, plus the sum of f_p (SupCon's mean over positives).
+   over the row's positives and of f_n over its negatives (one exp per pair, ``_tiles.online_lse_pair``), plus
+   the sum of f_p (SupCon's mean over positives).
 2. ``_row_merge_kernel``: merges the splits of each row in split order into the two LSEs (SupCon: both columns
    hold the LSE over all other samples; MS: ``log(1 + Σ)``) and the row's loss ℓ_a.
 3. ``_finalize_kernel`` (one program): pml's zero cases, the reducer's count (all rows for MS, the rows with
@@ -40,7 +41,7 @@ from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
-from ._tiles import anchor_logit, online_lse, s_tile, sp_sig, weights_dot, wrap_triton
+from ._tiles import anchor_logit, online_lse_pair, s_tile, sp_sig, weights_dot, wrap_triton
 from .batch_softmax import finalize_grad
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,9 +97,11 @@ def _fwd_partial_kernel(
         ok = col_ok[None, :] & ((rows[:, None] != cols[None, :]) | (self_mode == 0))
         same = lab_r[:, None] == lab_c[None, :]
         fp, _ = anchor_logit(s, q0, p1, p2, True, KIND)
-        fn, _ = anchor_logit(s, q0, p1, p2, False, KIND)
-        mp, lp = online_lse(mp, lp, fp, ok & same)
-        mn, ln = online_lse(mn, ln, fn, ok & ~same)
+        if KIND == 0:  # one logit z = s/τ for both sets
+            fn = fp
+        else:
+            fn, _ = anchor_logit(s, q0, p1, p2, False, KIND)
+        mp, lp, mn, ln = online_lse_pair(mp, lp, mn, ln, fp, fn, ok & same, ok & ~same)
         if KIND == 0:
             fsum += tl.sum(tl.where(ok & same, fp, 0.0), 1)
     plane = tl.num_programs(1).to(tl.int64) * B
