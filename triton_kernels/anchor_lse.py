@@ -47,17 +47,21 @@ from .batch_softmax import finalize_grad
 # ---------------------------------------------------------------------------------------------------------------
 # Tile configurations (AOT_SPECS below is generated from these tables; tests/test_triton_aot.py compiles them).
 # One BLOCK_K per dtype for every S tile, so the backward recomputes the forward's fp32 value of each pair.
-#   forward: two online LSE states per row and two logits per pair: 128x64 tiles for 16-bit rows (a 128-wide
-#     tile holds twice the element-wise temporaries), 64x64x16 FMA tiles for fp32 (IEEE products).
-#   backward: xent.py's shapes (128 own rows x 128 output columns; dx recomputes [128 x 32] tiles, dy [64 x 128]).
+#   forward: two online LSE states per row and more element-wise temporaries than xent.py's LSE pass: 128x64
+#     tiles for 16-bit rows (no spill on sm_80 / sm_90), 64x64x16 FMA tiles for fp32 (IEEE products).
+#   backward: 128 owned rows x 128 output columns for 16-bit rows as in xent.py, but with the two tensor-core
+#     products of _tiles.weights_dot (a 16-bit head and tail of W) the [128 x 32] dx tile and BLOCK_D = 128 dy
+#     tiles spill on sm_80: dx recomputes [128 x 16] S tiles, dy keeps [64 x 128] S tiles with BLOCK_D = 64.
+#     fp32 dy: 32 owned rows at 4 warps (64 rows at 8 warps spill 4 bytes on sm_90).
 # ---------------------------------------------------------------------------------------------------------------
 _FWD_16 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 _FWD_32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
-_DX_16 = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
-_DY_16 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
-_BWD_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2)
+_DX_16 = dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
+_DY_16 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=2)
+_DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2)
+_DY_32 = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=4, num_stages=2)
 FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: _FWD_32}
-BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_BWD_32, _BWD_32)}
+BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_DX_32, _DY_32)}
 ROW_BLOCK = 1024
 KINDS = (0, 1, 2)
 N_PARTS = 5  # forward partials per row and split: max / sum of the positives, of the negatives, Σ f_p
@@ -96,14 +100,10 @@ def _fwd_partial_kernel(
         lab_c = tl.load(ref_ptr + cols, mask=col_ok, other=0)
         ok = col_ok[None, :] & ((rows[:, None] != cols[None, :]) | (self_mode == 0))
         same = lab_r[:, None] == lab_c[None, :]
-        fp, _ = anchor_logit(s, q0, p1, p2, True, KIND)
-        if KIND == 0:  # one logit z = s/τ for both sets
-            fn = fp
-        else:
-            fn, _ = anchor_logit(s, q0, p1, p2, False, KIND)
-        mp, lp, mn, ln = online_lse_pair(mp, lp, mn, ln, fp, fn, ok & same, ok & ~same)
+        f, _ = anchor_logit(s, same, q0, p1, p2, KIND)
+        mp, lp, mn, ln = online_lse_pair(mp, lp, mn, ln, f, ok & same, ok & ~same)
         if KIND == 0:
-            fsum += tl.sum(tl.where(ok & same, fp, 0.0), 1)
+            fsum += tl.sum(tl.where(ok & same, f, 0.0), 1)
     plane = tl.num_programs(1).to(tl.int64) * B
     out = part_ptr + pid_s.to(tl.int64) * B + rows
     tl.store(out, mp, mask=row_ok)
@@ -270,13 +270,12 @@ def _grad_kernel(
             lab_j = tl.load(ref_ptr + yj, mask=yj_ok, other=0)
         ok = xi_ok[:, None] & yj_ok[None, :] & ((xi[:, None] != yj[None, :]) | (self_mode == 0))
         same = lab_i[:, None] == lab_j[None, :]
-        fp, gp = anchor_logit(s, q0, p1, p2, True, KIND)
-        fn, gn = anchor_logit(s, q0, p1, p2, False, KIND)
+        f, g = anchor_logit(s, same, q0, p1, p2, KIND)
         # exponents clamped at 0: f <= LSE up to rounding; a row outside the reduction (w = 0, LSE maybe -inf)
         # then gets exactly 0
-        wp = w_i[:, None] * tl.math.exp2(tl.minimum(fp - lse_p[:, None], 0.0) * LOG2E) * gp - u_i[:, None]
-        wn = w_i[:, None] * tl.math.exp2(tl.minimum(fn - lse_n[:, None], 0.0) * LOG2E) * gn
-        w = tl.where(ok & same, wp, tl.where(ok & ~same, wn, 0.0)) * scale
+        lse = tl.where(same, lse_p[:, None], lse_n[:, None])
+        w = w_i[:, None] * tl.math.exp2(tl.minimum(f - lse, 0.0) * LOG2E) * g - tl.where(same, u_i[:, None], 0.0)
+        w = tl.where(ok, w, 0.0) * scale
         if DY:
             b = tl.load(x_ptr + xi.to(tl.int64)[:, None] * D + dcols[None, :],
                         mask=xi_ok[:, None] & d_ok[None, :], other=0.0)
