@@ -98,6 +98,42 @@ def sp_sig(t):
 
 
 @triton.jit
+def anchor_logit(s, pos, p0, p1, p2, KIND: tl.constexpr):
+    """(logit f(s), df/ds) of the pairs of an S tile for the anchor-LSE losses (anchor_lse.py), the Triton mirror of
+    csrc/include/flashdml/anchor_lse.h, the positive formula where ``pos`` and the negative one elsewhere. KIND 0
+    SupCon (p0 = 1/τ; the slope is taken with respect to z = s/τ, so it is 1), 1 Multi-Similarity (p0 = α,
+    p1 = β, p2 = base; the slopes ±1 carry the 1/α, 1/β), 2 Circle (p0 = m, p1 = γ; the self-paced weights count
+    as constants)."""
+    if KIND == 0:
+        f = s * p0
+        g = tl.full(s.shape, 1.0, tl.float32)
+    elif KIND == 1:
+        g = tl.where(pos, -1.0, 1.0)
+        f = tl.where(pos, -p0, p1) * (s - p2)
+    else:
+        g = tl.where(pos, -p1 * tl.maximum(1.0 + p0 - s, 0.0), p1 * tl.maximum(s + p0, 0.0))
+        f = g * (s - tl.where(pos, 1.0 - p0, p0))
+    return f, g
+
+
+@triton.jit
+def online_lse_pair(mp, lp, mn, ln, v, pos, neg):
+    """One tile step of two per-row online log-sum-exps (running max m, Σ exp(v − m) l) of ``v``: over the
+    entries where ``pos`` and over those where ``neg`` (disjoint masks). One exp2 per tile entry serves both (each
+    entry is shifted by the max of its own set), which halves the SFU work of a kernel that needs both LSEs."""
+    vp = tl.where(pos, v, float("-inf"))
+    vn = tl.where(neg, v, float("-inf"))
+    mp_new = tl.maximum(mp, tl.max(vp, 1))
+    mn_new = tl.maximum(mn, tl.max(vn, 1))
+    rp = tl.where(mp_new == float("-inf"), 0.0, mp_new) * 1.4426950408889634
+    rn = tl.where(mn_new == float("-inf"), 0.0, mn_new) * 1.4426950408889634
+    e = tl.math.exp2(tl.where(pos, vp, vn) * 1.4426950408889634 - tl.where(pos, rp[:, None], rn[:, None]))
+    lp = lp * tl.math.exp2(mp * 1.4426950408889634 - rp) + tl.sum(tl.where(pos, e, 0.0), 1)
+    ln = ln * tl.math.exp2(mn * 1.4426950408889634 - rn) + tl.sum(tl.where(neg, e, 0.0), 1)
+    return mp_new, lp, mn_new, ln
+
+
+@triton.jit
 def hard_pairs(s, lab_i, lab_j, i_idx, j_idx, i_ok, j_ok, pos_margin, neg_margin, drop_diagonal, strict):
     """(hard positive, hard negative) masks of an S tile with rows i (x) and columns j (y) for the hinge-pair
     losses (hinge_pair.py): labels equal / different, (i, i) dropped when drop_diagonal, s <= m+ / s >= m−

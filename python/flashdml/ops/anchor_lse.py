@@ -4,8 +4,8 @@ All three reduce each anchor's row of ``S = x̂ ŷᵀ`` to one or two log-sum-ex
 ``flashdml::anchor_lse_fwd`` streams the tiles of S once and keeps per anchor a few fp32 statistics
 (``row_stats`` [B, 4]: the LSEs and the row's weights), ``anchor_lse_bwd`` recomputes every tile once and gives
 each pair its closed-form weight. The int ``kind`` (0 SupCon, 1 Multi-Similarity, 2 Circle) picks the per-pair
-formula, compiled into the kernel. Memory O((B + M)·d); nothing B×M is stored. C++ CPU kernels only for now:
-CUDA tensors run the reference.
+formula, compiled into the kernel. Memory O((B + M)·d); nothing B×M is stored. Backends: the C++ CPU kernel, the CUDA
+kernels (``csrc/cuda/anchor_lse.cu``) and the Triton kernels (``flashdml/triton_kernels/anchor_lse.py``).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ FAMILY = registry.register(registry.Family(
                "circle": _reference.circle},
     compiled={"anchor_lse_fwd": registry.LossAutograd("anchor_lse_bwd", grad_inputs=("x", "y", "temperature"),
                                                       saved_outputs=(1,))},
-    backends=("cpu", "cuda"),
+    backends=("cpu", "cuda", "triton"),
 ))
 
 
