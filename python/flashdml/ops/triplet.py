@@ -4,7 +4,7 @@ pytorch-metric-learning's ``TripletMarginLoss`` with its defaults, computed by o
 (``flashdml::triplet_fwd``): the anchor–positive distances first (few per anchor), then one streaming sweep over
 the tiles of ``S = x̂ ŷᵀ`` that turns each row into the anchor's distances and tests every negative against the
 anchor's positives; and one recompute sweep backward (``triplet_bwd``). Memory O((B + M)·d + Σ_a |P_a|): neither
-the B×M distance matrix nor the triplet list is stored. CPU only for now (GPU backends run the reference).
+the B×M distance matrix nor the triplet list is stored. The Triton backend runs the same ops (triton_kernels/triplet.py).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ FAMILY = registry.register(registry.Family(
     name="triplet",
     reference={TRIPLET_OP: _reference.triplet_margin},
     compiled={"triplet_fwd": registry.LossAutograd("triplet_bwd", grad_inputs=("x", "y"), saved_outputs=(2,))},
-    backends=("cpu",),
+    backends=("cpu", "triton"),
 ))
 
 
