@@ -51,14 +51,19 @@ from ._tiles import s_tile, split_tf32_dot, wrap_triton
 from .batch_softmax import finalize_grad
 from .xent import LSE_CONFIGS
 
-# Tile configurations. The forward uses the XE LSE-pass tiles; the backward keeps the same BLOCK_K per dtype (so
-# both compute each similarity identically) with smaller tiles than XE, as its weights and the rows they multiply
-# are fp32 tiles (the 16-bit rows are upcast for the split-TF32 product).
-FWD_CONFIGS = LSE_CONFIGS
-_BWD_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=2)
+# Tile configurations. The forward uses the XE LSE-pass tiles, with 64 columns instead of 128 for 16-bit rows (the
+# hinge loop's distance and mask tiles next to S spill on sm_80 at 128 x 128); the backward keeps the same BLOCK_K
+# per dtype (so both compute each similarity identically) with smaller tiles than XE, as its weights and the rows
+# they multiply are fp32 tiles (the 16-bit rows are upcast for the split-TF32 product).
+_FWD_16 = dict(LSE_CONFIGS[torch.float16], BLOCK_N=64)
+FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: LSE_CONFIGS[torch.float32]}
+# BWD_CONFIGS[dtype][dy]. The 16-bit dy pass needs 64 other rows (its S tile is [other, own] and a wgmma tile has
+# >= 64 rows), so it takes a narrower BLOCK_D to stay clear of spills on sm_80.
+_DX_16 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=2)
+_DY_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=2)
 _BWD_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2)
-BWD_CONFIGS = {torch.float16: _BWD_16, torch.bfloat16: _BWD_16, torch.float32: _BWD_32}
-assert all(FWD_CONFIGS[t]["BLOCK_K"] == BWD_CONFIGS[t]["BLOCK_K"] for t in FWD_CONFIGS), \
+BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_BWD_32, _BWD_32)}
+assert all(FWD_CONFIGS[t]["BLOCK_K"] == BWD_CONFIGS[t][dy]["BLOCK_K"] for t in FWD_CONFIGS for dy in (0, 1)), \
     "forward and backward must compute S with the same BLOCK_K"
 
 
@@ -155,20 +160,19 @@ def _triplet_grad_kernel(
             key_a = tl.load(key_ptr + oth, mask=oth_ok, other=-1)
             sq_a = tl.load(xsq_ptr + oth, mask=oth_ok, other=0.0)
             dist = _distances(s, sq_a, sq_j)
-            neg = (key_a[:, None] != key_j[None, :]) & oth_ok[:, None] & own_ok[None, :]
-            nact = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            wpos = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            # +inf off the negatives: no hinge is active there (fewer live tiles in the k loop than a mask)
+            dist = tl.where((key_a[:, None] != key_j[None, :]) & oth_ok[:, None] & own_ok[None, :], dist,
+                            float("inf"))
+            h = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             base = oth.to(tl.int64) * P
             for k in range(0, P):
                 dap = tl.load(dap_ptr + base + k, mask=oth_ok, other=float("-inf"))
-                act = neg & (((dap[:, None] - dist) + mg) > 0.0)
-                nact += act.to(tl.float32)
+                act = (((dap[:, None] - dist) + mg) > 0.0) & (dist > 0.0)
+                h += tl.where(act, 1.0 / dist, 0.0)
                 pc = tl.load(pcol_ptr + base + k, mask=oth_ok, other=-1)
                 pa = tl.load(pact_ptr + base + k, mask=oth_ok, other=0.0)
                 wk = tl.where((pa > 0.0) & (dap > 0.0), pa / tl.where(dap > 0.0, dap, 1.0), 0.0)
-                wpos += tl.where(pc[:, None] == own[None, :], wk[:, None], 0.0)
-            h = tl.where(nact > 0.0, nact / tl.where(dist > 0.0, dist, 1.0), 0.0)
-            h = tl.where(dist > 0.0, h, 0.0) - wpos
+                h -= tl.where(pc[:, None] == own[None, :], wk[:, None], 0.0)
             hsum += tl.sum(h, 0)
             b = tl.load(x_ptr + oth.to(tl.int64)[:, None] * D + dcols[None, :],
                         mask=oth_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
@@ -269,7 +273,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, margin: f
 
 def _grad_pass(st: _Setup, pact: Tensor, part: Tensor, margin: float, dy: bool, ns: int, per: int) -> None:
     B, M, D = st.xp.shape[0], st.yp.shape[0], st.xp.shape[1]
-    cfg = BWD_CONFIGS[st.xp.dtype]
+    cfg = BWD_CONFIGS[st.xp.dtype][dy]
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     rp, dc = triton.cdiv(M if dy else B, bm), triton.cdiv(D, bd)
     wrap_triton(_triplet_grad_kernel)[(rp, dc, ns)](
@@ -282,7 +286,7 @@ def _splits(st: _Setup, dy: bool, num_splits: Optional[int]) -> tuple[int, int]:
     """(column splits, column blocks per split) of a gradient pass."""
     B, M, D = st.xp.shape[0], st.yp.shape[0], st.xp.shape[1]
     n_own, n_other = (M, B) if dy else (B, M)
-    cfg = BWD_CONFIGS[st.xp.dtype]
+    cfg = BWD_CONFIGS[st.xp.dtype][dy]
     rp = triton.cdiv(n_own, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_D"])
     return _tiles.num_splits(st.xp.device, rp, triton.cdiv(n_other, cfg["BLOCK_N"]), num_splits)
 
@@ -351,7 +355,7 @@ def _specs() -> list:
         sig = dict(common, pcol_ptr="*i32", pact_ptr="*fp32", part_ptr="*fp32", **tail)
         for dy in (False, True):
             specs += gemm_specs(f"triplet_grad_{t}_{'dy' if dy else 'dx'}", _triplet_grad_kernel, sig,
-                                BWD_CONFIGS[dtype], t, dict(DY=dy, PRECISION=prec), batch=("B", "M", "P"))
+                                BWD_CONFIGS[dtype][dy], t, dict(DY=dy, PRECISION=prec), batch=("B", "M", "P"))
     return specs
 
 
