@@ -61,8 +61,9 @@ FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: L
 # >= 64 rows), so it takes a narrower BLOCK_D to stay clear of spills on sm_80.
 _DX_16 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=2)
 _DY_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=2)
-_BWD_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2)
-BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_BWD_32, _BWD_32)}
+_DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2)
+_DY_32 = dict(_DX_32, BLOCK_D=32)  # (BLOCK_D = 64 spills 8 bytes on sm_80)
+BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_DX_32, _DY_32)}
 assert all(FWD_CONFIGS[t]["BLOCK_K"] == BWD_CONFIGS[t][dy]["BLOCK_K"] for t in FWD_CONFIGS for dy in (0, 1)), \
     "forward and backward must compute S with the same BLOCK_K"
 
