@@ -51,6 +51,12 @@ def case_hinge_pair(fd, dev):
     _backward(fd.contrastive_margin(x, labels), x)
 
 
+def case_triplet(fd, dev):
+    x, y, labels = _inputs(dev)
+    _backward(fd.triplet_margin(x, labels, margin=0.2), x)
+    _backward(fd.triplet_margin(x, labels, y, labels, margin=0.2), x, y)
+
+
 def case_knn(fd, dev):
     x, y, _ = _inputs(dev, grad=False)
     fd.knn(x, y, K)
@@ -77,6 +83,7 @@ CASES = {
     "batch_softmax_fwd": case_batch_softmax, "batch_softmax_bwd": case_batch_softmax,
     "xent_fwd": case_xent, "xent_bwd": case_xent,
     "hinge_pair_fwd": case_hinge_pair, "hinge_pair_bwd": case_hinge_pair,
+    "triplet_fwd": case_triplet, "triplet_bwd": case_triplet,
     "knn_fwd": case_knn,
     "hardest_negatives_fwd": case_hardest_negatives,
     "contextual_fwd": case_contextual, "contextual_bwd": case_contextual,
