@@ -17,7 +17,8 @@ float64 and rounded to fp32. A triplet (a, p, n) is active when ``labels[a] != r
 ``h = (d_ap − d_an) + margin > 0`` in fp32 (margin rounded to fp32); sums = Σ h, counts = #active (exact int64),
 loss = sums / counts (0 without an active triplet).
 
-Launcher glue (O(B·P_max·d), P_max = the largest number of same-label references of an anchor, read on the host):
+Launcher glue (O(B·P_max·d), P_max = the largest number of same-label references of an anchor, read on the host —
+a device-to-host synchronisation, so unlike the other Triton ops these two cannot be traced on fake tensors):
 every anchor's positive columns as a padded [B, P_max] table (``pcol``, −1 for padding and, in self mode, for
 the anchor itself) and their distances ``dap`` (−inf where padded, so no padded entry is ever active).
 
@@ -29,7 +30,8 @@ on negatives ``H_an = #{p : active} / d_an`` (0 where d_an = 0, torch's cdist su
 ``_triplet_grad_kernel`` (DY=False) owns x rows: it accumulates the negative part of H·ŷ and of the row sums and
 writes the per-positive counts #{n : active} (per column split); the glue adds the positive pairs' terms to dx̂
 (one gather per k). The DY=True variant owns y rows and, with those counts complete, uses the full H (negatives
-and positive pairs), so no scatter is needed. Weights stay fp32: 1/d has no bound that a 16-bit cast could use,
+and positive pairs), so no scatter is needed; it adds 1/d_an once per active positive instead of forming
+#{p : active}/d_an (fewer live tiles, within a few fp32 roundings of it). Weights stay fp32: 1/d has no bound that a 16-bit cast could use,
 so 16-bit rows are upcast and multiplied by ``_tiles.split_tf32_dot`` (exact for them, weights kept to ~2^-21).
 Forward and backward compute S with the same BLOCK_K and orientation (x_blk · y_blkᵀ), so on the GPU the backward
 sees the forward's fp32 distances and counts exactly its triplets. Deterministic: no atomics, fixed-order sums.
@@ -169,7 +171,7 @@ def _triplet_grad_kernel(
             for k in range(0, P):
                 dap = tl.load(dap_ptr + base + k, mask=oth_ok, other=float("-inf"))
                 act = (((dap[:, None] - dist) + mg) > 0.0) & (dist > 0.0)
-                h += tl.where(act, 1.0 / dist, 0.0)
+                h += tl.where(act, 1.0 / tl.where(act, dist, 1.0), 0.0)
                 pc = tl.load(pcol_ptr + base + k, mask=oth_ok, other=-1)
                 pa = tl.load(pact_ptr + base + k, mask=oth_ok, other=0.0)
                 wk = tl.where((pa > 0.0) & (dap > 0.0), pa / tl.where(dap > 0.0, dap, 1.0), 0.0)
