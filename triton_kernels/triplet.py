@@ -192,6 +192,9 @@ def _triplet_grad_kernel(
                 act = neg & (((dap[:, None] - dist) + mg) > 0.0)
                 nact += act.to(tl.float32)
                 pmask = own_ok & (pid_d == 0)
+                # the count of this (row, k) may have been stored by another thread of the program (a row
+                # vector is replicated across threads): a block barrier makes that store visible first
+                tl.debug_barrier()
                 prev = tl.load(pact_own + k, mask=pmask, other=0.0)
                 tl.store(pact_own + k, prev + tl.sum(act.to(tl.float32), 1), mask=pmask)
             h = tl.where((nact > 0.0) & (dist > 0.0), nact / tl.where(dist > 0.0, dist, 1.0), 0.0)
