@@ -19,6 +19,7 @@ TRITON_MODULES = {
     "batch_softmax": ("batch_softmax_fwd", "batch_softmax_bwd"),
     "xent": ("xent_fwd", "xent_bwd"),
     "hinge_pair": ("hinge_pair_fwd", "hinge_pair_bwd"),
+    "triplet": ("triplet_fwd", "triplet_bwd"),
     "selection": ("knn_fwd", "hardest_negatives_fwd"),
     "metrics": ("metrics_pass",),
     "contextual": ("contextual_fwd", "contextual_bwd"),

@@ -4,8 +4,8 @@ pytorch-metric-learning's ``TripletMarginLoss`` with its defaults, computed by o
 (``flashdml::triplet_fwd``): the anchor–positive distances first (few per anchor), then one streaming sweep over
 the tiles of ``S = x̂ ŷᵀ`` that turns each row into the anchor's distances and tests every negative against the
 anchor's positives; and one recompute sweep backward (``triplet_bwd``). Memory O((B + M)·d + Σ_a |P_a|): neither
-the B×M distance matrix nor the triplet list is stored. Compiled for the CPU (csrc/cpu/triplet.cpp) and CUDA
-(csrc/cuda/triplet.cu: the same passes on 64 x 64 S tiles).
+the B×M distance matrix nor the triplet list is stored. Compiled for the CPU (csrc/cpu/triplet.cpp), CUDA
+(csrc/cuda/triplet.cu: the same passes on 64 x 64 S tiles) and Triton (triton_kernels/triplet.py).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ FAMILY = registry.register(registry.Family(
     name="triplet",
     reference={TRIPLET_OP: _reference.triplet_margin},
     compiled={"triplet_fwd": registry.LossAutograd("triplet_bwd", grad_inputs=("x", "y"), saved_outputs=(2,))},
-    backends=("cpu", "cuda"),
+    backends=("cpu", "cuda", "triton"),
 ))
 
 
