@@ -83,6 +83,14 @@ def split_tf32_dot(w, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def distance_tile(s, sq_a, sq_b):
+    """The L2 distance tile ``sqrt(max(|a|² + |b|² − 2 s, 0))`` from an S tile (rows a, columns b) and the rows'
+    squared norms, with the correctly rounded square root (``sqrt_rn``, as the CPU kernels' IEEE sqrt): one helper,
+    so the triplet forward and both backward passes evaluate the same expression."""
+    return tl.sqrt_rn(tl.maximum((sq_a[:, None] + sq_b[None, :]) - 2.0 * s, 0.0))
+
+
+@triton.jit
 def sp_sig(t):
     """(softplus(t), sigmoid(t)) for t in [-inf, inf), without overflow (one exp2 shared by both).
 

@@ -49,7 +49,7 @@ from .. import _debug
 from .._schemas import triton_op
 from . import _tiles
 from ._aot import gemm_specs, torch_dtype_names
-from ._tiles import s_tile, split_tf32_dot, wrap_triton
+from ._tiles import distance_tile, s_tile, split_tf32_dot, wrap_triton
 from .batch_softmax import finalize_grad
 from .xent import LSE_CONFIGS
 
@@ -68,13 +68,6 @@ _DY_32 = dict(_DX_32, BLOCK_D=32)  # (BLOCK_D = 64 spills 8 bytes on sm_80)
 BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_DX_32, _DY_32)}
 assert all(FWD_CONFIGS[t]["BLOCK_K"] == BWD_CONFIGS[t][dy]["BLOCK_K"] for t in FWD_CONFIGS for dy in (0, 1)), \
     "forward and backward must compute S with the same BLOCK_K"
-
-
-@triton.jit
-def _distances(s, sq_a, sq_b):
-    """The distance tile sqrt(max(|x̂_a|² + |ŷ_n|² − 2 s, 0)) from an S tile (rows a, columns n); one helper so
-    that the forward and both backward variants evaluate the same expression."""
-    return tl.sqrt(tl.maximum((sq_a[:, None] + sq_b[None, :]) - 2.0 * s, 0.0))
 
 
 @triton.jit
@@ -103,7 +96,7 @@ def _triplet_stats_kernel(
         s = s_tile(x_ptr, y_ptr, rows, cols, row_ok, col_ok, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         key_c = tl.load(rkey_ptr + cols, mask=col_ok, other=-2)
         sq_c = tl.load(ysq_ptr + cols, mask=col_ok, other=0.0)
-        dist = _distances(s, sq_r, sq_c)
+        dist = distance_tile(s, sq_r, sq_c)
         neg = (key_r[:, None] != key_c[None, :]) & row_ok[:, None] & col_ok[None, :]
         for k in range(0, P):
             dap = tl.load(dap_rows + k, mask=row_ok, other=float("-inf"))
@@ -162,7 +155,7 @@ def _triplet_grad_kernel(
             s = s_tile(x_ptr, y_ptr, oth, own, oth_ok, own_ok, D, PRECISION, BLOCK_N, BLOCK_M, BLOCK_K)
             key_a = tl.load(key_ptr + oth, mask=oth_ok, other=-1)
             sq_a = tl.load(xsq_ptr + oth, mask=oth_ok, other=0.0)
-            dist = _distances(s, sq_a, sq_j)
+            dist = distance_tile(s, sq_a, sq_j)
             # +inf off the negatives: no hinge is active there (fewer live tiles in the k loop than a mask)
             dist = tl.where((key_a[:, None] != key_j[None, :]) & oth_ok[:, None] & own_ok[None, :], dist,
                             float("inf"))
@@ -184,7 +177,7 @@ def _triplet_grad_kernel(
             s = s_tile(x_ptr, y_ptr, own, oth, own_ok, oth_ok, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             key_n = tl.load(rkey_ptr + oth, mask=oth_ok, other=-2)
             sq_n = tl.load(ysq_ptr + oth, mask=oth_ok, other=0.0)
-            dist = _distances(s, sq_i, sq_n)
+            dist = distance_tile(s, sq_i, sq_n)
             neg = (key_i[:, None] != key_n[None, :]) & own_ok[:, None] & oth_ok[None, :]
             nact = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for k in range(0, P):
