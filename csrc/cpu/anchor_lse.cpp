@@ -8,13 +8,7 @@
 // also sums dL/dS * S for the temperature's gradient. The kind is a template argument: one kernel per loss, the
 // per-pair formula inlined in the hot loops.
 //
-// No trapping math in this file: GCC will not vectorise exp_poly's float -> int conversion while it must keep
-// floating-point exceptions exact (-ftrapping-math, its default), so without this the exp loops run scalar, ~4x
-// slower. The option changes no value (no reassociation, no fast-math); it is set before every include so that
-// all inline code of this translation unit is compiled alike.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
+// The exp loops vectorise because setup.py compiles the CPU sources with -fno-trapping-math (see there).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
