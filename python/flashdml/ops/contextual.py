@@ -104,8 +104,9 @@ def contextual_loss(
             should then already be unit vectors (``D = 2 − 2S`` assumes it).
         {{process_group_loss_arg}}
             The loss is that of the concatenated batch, identical on every rank; the local rows receive W × the
-            gradient. For now every rank gathers the rows and computes the whole loss (W × the one-process work;
-            docs/spec.md §5).
+            gradient. Each rank computes its own rows against the gathered batch (thresholds, neighbour lists,
+            hinge terms); the O(B·k²) sparse stage runs on every rank on the gathered neighbour lists
+            (docs/spec.md §5.2).
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); the gradient comes back in the input dtype. NaN
