@@ -36,8 +36,9 @@ from . import _comm
 from ._local import prepare_shard
 from ._shard import row_chunk
 
-_REALS = ("context_weight", "contrastive_weight", "reg_weight", "reg_target", "pos_margin", "neg_margin",
-          "ste_slope")
+# checked in the one-process op's order (the first bad argument names the same error)
+_REALS = ("ste_slope", "context_weight", "contrastive_weight", "reg_weight", "reg_target", "pos_margin",
+          "neg_margin")
 
 
 def _unit_rows(x: Tensor, normalize: bool) -> Tensor:
