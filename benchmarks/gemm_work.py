@@ -23,8 +23,8 @@ loops. ``s`` is the FLOPs of S tiles (``_tiles.s_tile`` and the inline K loops),
   pairs (2·|P|·d: softplus(LSE − z_p) needs the finished LSE, so the positives are visited in a second pass, only
   the positives).
 * backward: per gradient side one S recompute and one gradient GEMM (2·B·M·d each), two sides (dx, dy) for every
-  loss — in self mode too, as none of the ops derives dy from dx (W is symmetric for the hinge-pair losses and
-  XE's global partition, so they could). The gradient GEMM counts ``GRAD_TERMS`` products where the numerics
+  Triton loss — in self mode too, as none of them derives dy from dx (W is symmetric for the hinge-pair losses and
+  XE's global partition, so they could; the CUDA XE op does, and its column counts one side). The gradient GEMM counts ``GRAD_TERMS`` products where the numerics
   need them: 16-bit rows of the hinge-pair and anchor-LSE losses multiply a 16-bit head and tail of W
   (``_tiles.weights_dot``), those of the contextual and triplet losses a TF32 head and tail (``split_tf32_dot``),
   docs/gpu.md's precision table. Why one S per side: a program owns a block of rows and reduces over the other
@@ -36,8 +36,9 @@ loops. ``s`` is the FLOPs of S tiles (``_tiles.s_tile`` and the inline K loops),
 **Approximate launches** (dry mode reads zeros back from the kernels): the contextual loss's list-overflow rerun
 (an extra ``_ctx_list_kernel`` launch over the overflowing rows on real data) never happens and its sparse stage
 (C++, no Triton launch) is replaced by zeros; the hardest-negatives passes run over a zero histogram (same launches).
-The column-split count comes from a CPU device (1 split); the FLOPs do not depend on it (splits are whole column
-blocks), only the grid does.
+The two CUDA columns are analytic (``cuda_backward``: the backward grids of csrc/cuda, no launch recorded; the
+minimum there counts one product per gradient GEMM, as the CUDA kernels make one). The column-split count comes
+from a CPU device (1 split); the FLOPs do not depend on it (splits are whole column blocks), only the grid does.
 """
 from __future__ import annotations
 
@@ -300,6 +301,40 @@ def restructured(launch):
     return launch
 
 
+# ------------------------------------------------------------------------------ CUDA backward (analytic, no launches)
+# csrc/cuda: bs_grad_kernel (batch softmax) and pair_grad_kernel (XE / NT-Xent, anchor-LSE, hinge pairs, triplet),
+# grid (cdiv(n_own, kBM), cdiv(d, kDV), splits); each block streams its split's 64-row tiles of the other side, an S
+# tile (K loop in kBK slices) and one G·B product of [64 x 64] x [64 x kDV] each. tests/test_gemm_work.py checks
+# these constants and the grid against the sources. The restructured kernels (grid.y = 1, the chunks looped inside
+# the block) are modelled by CUDA_D_CHUNKS_IN_GRID = False.
+CUDA_TILE = 64
+CUDA_KDV = {torch.float32: 64, torch.bfloat16: 128, torch.float16: 128}
+CUDA_BK = {torch.float32: 16, torch.bfloat16: 32, torch.float16: 32}
+CUDA_D_CHUNKS_IN_GRID = True
+# op -> gradient passes the CUDA op launches (XE with the global partition in self mode copies dy from dx: its W
+# is symmetric); None: not modelled (the contextual loss's CUDA backward runs the hinge kernels plus ATen ops).
+CUDA_SIDES = {"batch_softmax": 2, "batch_softmax_sym": 2, "cross_example_softmax": 1, "ntxent": 2, "supcon": 2,
+              "threshold_consistent_margin": 2, "contextual_loss": None, "triplet_margin": 2}
+
+
+def cuda_backward(name: str, B: int, M: int, d: int, dtype: torch.dtype):
+    """(backward FLOPs, S computations per pass) of the CUDA op, or None where not modelled."""
+    sides = CUDA_SIDES.get(name)
+    if not sides:
+        return None
+    kdv, bk, t = CUDA_KDV[dtype], CUDA_BK[dtype], CUDA_TILE
+    if name == "triplet_margin":  # rows augmented with the squared-norm columns: [x̂, 1, 0..] / [ŷ, 0, 1..]
+        vw = 4 if dtype == torch.float32 else 8
+        d = cdiv(d + 2, vw) * vw
+    flops, per_pass = 0, []
+    for n_own, n_other in ((B, M), (M, B))[:sides]:
+        nrb, ntiles, nch = cdiv(n_own, t), cdiv(n_other, t), cdiv(d, kdv)
+        s_blocks = nrb * (nch if CUDA_D_CHUNKS_IN_GRID else 1) * ntiles
+        flops += s_blocks * 2 * t * t * cdiv(d, bk) * bk + nrb * nch * ntiles * 2 * t * t * kdv
+        per_pass.append(nch if CUDA_D_CHUNKS_IN_GRID else 1)
+    return flops, per_pass
+
+
 class Row(NamedTuple):
     op: str
     dtype: str
@@ -309,6 +344,8 @@ class Row(NamedTuple):
     bwd_abs: float | None  # backward FLOPs / (one S + single-term gradient GEMMs)
     s_per_pass: str       # S recomputes per backward pass (dx + dy)
     bwd_after: float | None  # backward / minimum predicted for the restructured kernels (same tiles)
+    cuda_bwd: float | None = None  # CUDA backward / its minimum (one product per gradient GEMM, its sides)
+    cuda_s: str = ""               # S per CUDA backward pass
 
 
 def measure(name: str, B: int, d: int, dtype: torch.dtype) -> Row:
@@ -329,20 +366,26 @@ def measure(name: str, B: int, d: int, dtype: torch.dtype) -> Row:
         after = sum((launch_work(restructured(launch)) for launch in bwd), Work()).total / bwd_min
         per_pass = " + ".join(f"{w.s / (2 * B * M * launch.params['D']):g}"
                               for w, launch in zip(works, bwd) if w.s)
+    cuda = cuda_backward(name, B, M, d, dtype)
+    cuda_ratio = cuda_s = None
+    if cuda:
+        cuda_ratio = cuda[0] / (len(cuda[1]) * 2 * S)
+        cuda_s = " + ".join(str(n) for n in cuda[1])
     return Row(LABEL.get(name, name), str(dtype).replace("torch.", ""), d, fwd_work.total / fwd_min, ratio_b,
-               ratio_abs, per_pass, after)
+               ratio_abs, per_pass, after, cuda_ratio, cuda_s or "")
 
 
 def table(B: int = 4096, ds=(64, 128, 256, 512, 1024), dtypes=(torch.float32, torch.bfloat16), ops=None) -> str:
     lines = ["| op | dtype | d | fwd / min | bwd / min | bwd / abs. min | S per bwd pass (dx + dy) | "
-             "bwd / min, restructured (predicted) |", "|---|---|---|---|---|---|---|---|"]
+             "bwd / min, restructured (predicted) | CUDA bwd / min | CUDA S per bwd pass |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ops or OPS:
         for dtype in dtypes:
             for d in ds:
                 r = measure(name, B, d, dtype)
                 f = (lambda v: "—" if v is None else f"{v:.2f}")
                 lines.append(f"| {r.op} | {r.dtype} | {r.d} | {r.fwd:.2f} | {f(r.bwd)} | {f(r.bwd_abs)} | "
-                             f"{r.s_per_pass or '—'} | {f(r.bwd_after)} |")
+                             f"{r.s_per_pass or '—'} | {f(r.bwd_after)} | {f(r.cuda_bwd)} | {r.cuda_s or '—'} |")
     return "\n".join(lines)
 
 

@@ -161,3 +161,31 @@ def test_forward_work_within_limit_of_the_minimum(name, dtype, d):
 @pytest.mark.parametrize("name,dtype,d", list(_cases(True)))
 def test_backward_work_within_limit_of_the_minimum(name, dtype, d):
     assert 1.0 <= _row(name, dtype, d).bwd <= LIMIT
+
+
+def test_cuda_model_matches_the_sources():
+    """The analytic CUDA backward (gemm_work.cuda_backward) reads its tile sizes, its grid and the XE symmetry copy
+    from csrc/cuda; when the restructured kernels drop the d-chunk grid axis this fails until
+    CUDA_D_CHUNKS_IN_GRID is flipped."""
+    import re
+
+    cuda = os.path.join(ROOT, "csrc", "cuda")
+
+    def src(name):
+        with open(os.path.join(cuda, name)) as f:
+            return f.read()
+
+    tg = src("tile_gemm.cuh")
+    assert f"constexpr int kBM = {gemm_work.CUDA_TILE};" in tg and f"constexpr int kBN = {gemm_work.CUDA_TILE};" in tg
+    for struct, dtype in (("struct TileCfg<float> {", torch.float32), ("struct TileCfg16 {", torch.bfloat16)):
+        body = tg[tg.index(struct):tg.index("};", tg.index(struct))]
+        assert f"kBK = {gemm_work.CUDA_BK[dtype]};" in body and f"kDV = {gemm_work.CUDA_KDV[dtype]};" in body
+    chunked = re.compile(r"_grad_kernel<[^;]*?<<<dim3\(unsigned\(nrb\), unsigned\(nch\), unsigned\(nsplit\)\)")
+    for name in ("batch_softmax.cu", "xent.cu", "anchor_lse.cu", "hinge_pair.cu", "triplet.cu"):
+        assert bool(chunked.search(src(name))) == gemm_work.CUDA_D_CHUNKS_IN_GRID, name
+    assert ("dy.copy_(dx)" in src("xent.cu")) == (gemm_work.CUDA_SIDES["cross_example_softmax"] == 1)
+    assert "s.dp = (s.d + 2 + vw - 1) / vw * vw;" in src("triplet.cu")
+    # the model itself: fp32 batch softmax at d = 512 computes S 8 times per side (kDV = 64)
+    flops, per_pass = gemm_work.cuda_backward("batch_softmax", 256, 256, 512, torch.float32)
+    assert per_pass == [8, 8]
+    assert flops == 2 * (4 * 8 * 4 * 2 * 64 * 64 * 512 + 4 * 8 * 4 * 2 * 64 * 64 * 64)
