@@ -78,6 +78,11 @@ def test_model_matches_the_interpreters_dots(name, dtype, counted_dots):
                                       for launch, m, e in zip(log, modelled, executed) if m != e]
         total += sum(executed)
     assert total > 0
+    # the dry run (no kernel executes, outputs zero) makes the same launches with the same modelled work
+    dry = gemm_work.record(name, x, y, labels, dry=True)
+    for real_log, dry_log in zip((fwd, bwd), dry):
+        assert [(a.kernel, a.grid, gemm_work.launch_work(a)) for a in real_log] == \
+            [(b.kernel, b.grid, gemm_work.launch_work(b)) for b in dry_log]
 
 
 def test_every_kernel_has_a_model():
@@ -189,3 +194,14 @@ def test_cuda_model_matches_the_sources():
     flops, per_pass = gemm_work.cuda_backward("batch_softmax", 256, 256, 512, torch.float32)
     assert per_pass == [8, 8]
     assert flops == 2 * (4 * 8 * 4 * 2 * 64 * 64 * 512 + 4 * 8 * 4 * 2 * 64 * 64 * 64)
+
+
+def test_cli_prints_the_table(capsys):
+    """``python -m benchmarks --op gemm_work`` is accepted; the module's own CLI prints one row per (op, dtype, d)."""
+    from benchmarks.__main__ import parse
+
+    assert parse(["--op", "gemm_work"]).op == ["gemm_work"]
+    assert gemm_work.main(["--B", "256", "--d", "64,128", "--op", "knn", "--op", "ntxent"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 2 * 2 * 2
+    assert any(r.startswith("| ntxent | float32 | 128 | ") and "| 2 + 2 |" in r for r in rows)
