@@ -28,10 +28,12 @@ def parse(argv):
     ap.add_argument("--time-budget", type=float,
                     help="seconds for the whole run: cells not started by then are recorded as not run "
                     "(default: none; 240 with --gpu --quick)")
-    ap.add_argument("--op", action="append", choices=OPS + ("distributed",), metavar="NAME",
+    ap.add_argument("--op", action="append", choices=OPS + ("distributed", "gemm_work"), metavar="NAME",
                     help=f"only this op ({', '.join(OPS)}); alone it runs the shapes its targets are stated at. "
                     "`--op distributed` runs the global-batch losses over gloo ranks instead "
-                    "(benchmarks/distributed.py, its own runner: it spawns the ranks)")
+                    "(benchmarks/distributed.py, its own runner: it spawns the ranks); `--op gemm_work` prints the "
+                    "GEMM-work table of the Triton kernels (benchmarks/gemm_work.py: FLOPs per launch from the "
+                    "grids, no kernel runs; its own options via python -m benchmarks.gemm_work)")
     ap.add_argument("--providers", help="comma-separated provider names to run (default: all)")
     ap.add_argument("--budget", type=float, help="timing seconds per cell (default 0.3 quick, 5 otherwise)")
     ap.add_argument("--timeout", type=float, help="seconds per cell before it is recorded as a timeout "
@@ -61,6 +63,10 @@ def main(argv=None) -> int:
         from . import distributed
 
         return distributed.main([])
+    if args.op and "gemm_work" in args.op:
+        from . import gemm_work
+
+        return gemm_work.main([])
     mode = args.mode or ("targets" if args.op else "quick")
     if args.gpu:
         mode = "gpu-full" if mode == "full" else "gpu-quick"

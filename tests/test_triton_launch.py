@@ -125,3 +125,37 @@ def test_the_ops_launch_through_the_guard(monkeypatch):
     sel.knn_impl(x, y, 2, False)
     sel.hardest_negatives_impl(x, y, torch.arange(6), torch.arange(7) % 3, 3, False)
     assert len(launched) >= 8 and len(looked_up) == len(launched)
+
+
+def test_launch_log_records_and_dry_mode_skips(fake_cuda):
+    """record_launches() logs (kernel, grid, params bound to the kernel's names); dry mode logs without launching
+    and zero-fills the launchers' outputs; outside the block nothing is recorded."""
+    from flashdml import _debug
+    from flashdml.triton_kernels import _launch_log
+
+    launches, _, _ = fake_cuda
+
+    def my_kernel():
+        pass
+
+    class Kernel:
+        arg_names = ["x_ptr", "B", "BLOCK"]
+        fn = staticmethod(my_kernel)
+
+    kernel = Kernel()
+    x = torch.zeros(2)
+    with _launch_log.record_launches() as log:
+        _tiles.wrap_triton(kernel)[(3, 2)](x, 5, BLOCK=16, num_warps=4)
+    assert len(launches) == 1 and len(log.launches) == 1
+    rec = log.launches[0]
+    assert rec.kernel == "my_kernel" and rec.grid == (3, 2)
+    assert rec.params["x_ptr"] is x and rec.params["B"] == 5 and rec.params["BLOCK"] == 16
+    assert rec.params["num_warps"] == 4
+    with _launch_log.record_launches(dry=True) as dry:
+        _tiles.wrap_triton(kernel)[(1,)](x, 7, BLOCK=8)
+        out = _debug.new_output((3,), dtype=torch.float32, device="cpu")
+        assert torch.equal(out, torch.zeros(3))
+    assert len(launches) == 1 and [r.params["B"] for r in dry.launches] == [7]
+    _tiles.wrap_triton(kernel)[(1,)](x, 9, BLOCK=8)
+    assert len(launches) == 2 and len(log.launches) == 1 and len(dry.launches) == 1
+    assert _launch_log.current() is None and not _debug._zero

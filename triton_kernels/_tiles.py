@@ -19,6 +19,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .._math import normalized_rows, normalized_rows_backward
+from . import _launch_log
 
 LOG2E = 1.4426950408889634
 FP16_TARGET = 2.0**14  # the largest |W| entry is scaled to <= 2^14 before an fp16 tensor-core product
@@ -201,6 +202,7 @@ class wrap_triton:  # noqa: N801 -- a drop-in for torch.library.wrap_triton, sam
     goes through one ``torch.cuda.device(...)`` guard here (tests/test_triton_schemas.py checks both). Under
     ``torch.compile`` / export tracing and for fake or non-CUDA tensors there is nothing to guard and the
     launch is torch's unchanged (Inductor places the device guards of the code it generates itself).
+    Inside ``_launch_log.record_launches()`` each launch is also recorded (and in its dry mode not run).
     """
 
     def __init__(self, kernel):
@@ -211,6 +213,8 @@ class wrap_triton:  # noqa: N801 -- a drop-in for torch.library.wrap_triton, sam
         run = self._wrapped[grid]
 
         def launch(*args, **kwargs):
+            if _launch_log.record(self.kernel, grid, args, kwargs):
+                return None
             device = launch_device(args)
             if device is None or device.type != "cuda" or torch.compiler.is_compiling() \
                     or any(is_fake(a) for a in args if isinstance(a, Tensor)):

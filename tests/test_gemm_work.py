@@ -1,0 +1,207 @@
+"""The GEMM-work model (benchmarks/gemm_work.py, issue 16): per launch it must equal the tl.dot FLOPs the Triton
+interpreter executes, and the ops' forward / backward work must stay within 1.15x of the documented minimum.
+
+The validation runs every Triton op forward and backward at a small ragged shape (B = 53: a partial row block and a
+class of one; d = 3·64 + 5: several BLOCK_D chunks of every configuration, a padded K tail) with the interpreter's
+dot replaced by one that counts 2·M·N·K per executed ``tl.dot`` and attributes it to the launch being recorded.
+The ratio tests run the launchers dry (no kernel runs) at B = 1024.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import pkgutil
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import gemm_work  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = (torch.float32, torch.bfloat16)
+DS = (64, 128, 256, 512, 1024)
+LIMIT = 1.15
+
+
+@pytest.fixture
+def counted_dots():
+    """While active, every interpreted tl.dot adds 2·M·N·K to counts[id(launches)][index] of the launch being
+    recorded (``launches``: the active log's list, the one gemm_work.record returns). Bf16 dots follow
+    tests/triton_numerics.py (the interpreter alone multiplies bf16 bit patterns), so the data-dependent host
+    decisions see sane values."""
+    from triton.runtime import interpreter
+
+    from flashdml.triton_kernels import _launch_log
+    from triton_numerics import tensor_core_dots
+
+    counts: dict = {}
+    builder = interpreter.InterpreterBuilder
+    with tensor_core_dots():
+        inner = builder.create_dot
+
+        def counting(self, a, b, d, *rest):
+            log = _launch_log.current()
+            assert log is not None, "a tl.dot outside a recorded launch"
+            m, k = a.data.shape
+            k2, n = b.data.shape
+            assert k == k2
+            per = counts.setdefault(id(log.launches), {})
+            at = len(log.launches) - 1
+            per[at] = per.get(at, 0) + 2 * m * n * k
+            return inner(self, a, b, d, *rest)
+
+        builder.create_dot = counting
+        try:
+            yield counts
+        finally:
+            builder.create_dot = inner
+
+
+@pytest.mark.skipif(not INTERPRET, reason="counts the interpreter's dots")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(gemm_work.OPS))
+def test_model_matches_the_interpreters_dots(name, dtype, counted_dots):
+    x, y, labels = gemm_work.inputs(name, 53, 3 * 64 + 5, dtype)
+    fwd, bwd = gemm_work.record(name, x, y, labels, dry=False)
+    assert fwd, "the forward made no launch"
+    total = 0
+    for log in (fwd, bwd):
+        counted = counted_dots.get(id(log), {})
+        modelled = [gemm_work.launch_work(launch).total for launch in log]
+        executed = [counted.get(i, 0) for i in range(len(log))]
+        assert modelled == executed, [(launch.kernel, launch.grid, m, e)
+                                      for launch, m, e in zip(log, modelled, executed) if m != e]
+        total += sum(executed)
+    assert total > 0
+    # the dry run (no kernel executes, outputs zero) makes the same launches with the same modelled work
+    dry = gemm_work.record(name, x, y, labels, dry=True)
+    for real_log, dry_log in zip((fwd, bwd), dry):
+        assert [(a.kernel, a.grid, gemm_work.launch_work(a)) for a in real_log] == \
+            [(b.kernel, b.grid, gemm_work.launch_work(b)) for b in dry_log]
+
+
+def test_every_kernel_has_a_model():
+    """Every @triton.jit kernel of the package (a ``*_kernel`` with arg_names) has an entry in the model's table:
+    a new kernel fails here until its FLOPs are modelled (or it is listed as dot-free)."""
+    import flashdml.triton_kernels as pkg
+
+    names = set()
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        names |= {n for n, v in vars(module).items() if n.endswith("_kernel") and hasattr(v, "arg_names")}
+    assert len(names) >= 20
+    assert sorted(names - set(gemm_work.KERNELS)) == []
+
+
+def test_model_counts_each_d_chunk_and_the_restructured_grid():
+    """The stream model by hand: one S tile per column tile and program, a gradient product per owned d-chunk;
+    removing the d-chunk grid axis (the restructured backward) keeps the products and drops the S recomputes."""
+    from flashdml.triton_kernels._launch_log import Launch
+
+    p = dict(B=100, M=100, D=208, cols_per_split=64, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, DY=False,
+             x_ptr=torch.zeros(1), y_ptr=torch.zeros(1))
+    launch = Launch("_xent_grad_kernel", (2, 4, 2), p)
+    # split 0: columns [0, 64) = 4 tiles, split 1: [64, 100) = 3 tiles; S tile 13 K steps of 64x16x16
+    s_tile = 13 * 2 * 64 * 16 * 16
+    work = gemm_work.launch_work(launch)
+    assert work.s == 2 * 4 * 7 * s_tile
+    assert work.grad == 2 * 4 * 7 * 2 * 64 * 16 * 64
+    after = gemm_work.launch_work(gemm_work.restructured(launch))
+    assert after.s == 2 * 7 * s_tile and after.grad == work.grad
+    assert gemm_work.launch_work(Launch("knn_merge_kernel", (3,), {})) == gemm_work.Work(0, 0)
+    with pytest.raises(KeyError):
+        gemm_work.launch_work(Launch("unknown_kernel", (1,), {}))
+
+
+# ----------------------------------------------------------------------------------- ratios against the minimum
+CHUNK = "S recomputed per d-chunk until the backward restructure lands"
+WIDE = "gradient tile wider than d (BLOCK_D = 128 > d = 64): the padded columns are multiplied too"
+F32, BF16 = torch.float32, torch.bfloat16
+_ALL = (128, 256, 512, 1024)
+# The backward cases over 1.15x on main (2026-12-07, docs/benchmarks/gemm_work_before_2026-12-07.md), by cause.
+# CHUNK cases should pass once every program computes each S tile once (bwdtri, bwdcuda): flip them then.
+_SOFTMAX = {F32: _ALL, BF16: (256, 512, 1024)}
+_SPLIT = {F32: _ALL, BF16: _ALL}
+BWD_CHUNK = {"batch_softmax": _SOFTMAX, "batch_softmax_sym": _SOFTMAX, "cross_example_softmax": _SOFTMAX,
+             "ntxent": _SOFTMAX, "supcon": _SPLIT, "threshold_consistent_margin": _SPLIT, "contextual_loss": _SPLIT,
+             "triplet_margin": {F32: (64,) + _ALL, BF16: (64,) + _ALL}}
+BWD_WIDE = {("batch_softmax", BF16), ("batch_softmax_sym", BF16), ("cross_example_softmax", BF16), ("ntxent", BF16),
+            ("supcon", BF16), ("threshold_consistent_margin", BF16), ("contextual_loss", F32),
+            ("contextual_loss", BF16)}  # at d = 64
+FWD_KNOWN = {("metrics", BF16): "fp16 / bf16 compute S twice: the histogram pass is separate from the top-k pass "
+                                "(both in one kernel spill with the 64-row tensor-core tiles)"}
+
+
+@functools.lru_cache(maxsize=None)
+def _row(name, dtype, d):
+    return gemm_work.measure(name, 1024, d, dtype)
+
+
+def _cases(backward: bool):
+    for name, (_, sides) in gemm_work.OPS.items():
+        if backward and not sides:
+            continue
+        for dtype in DTYPES:
+            for d in DS:
+                marks = []
+                if backward and d in BWD_CHUNK.get(name, {}).get(dtype, ()):
+                    marks = [pytest.mark.xfail(strict=True, reason=CHUNK)]
+                elif backward and d == 64 and (name, dtype) in BWD_WIDE:
+                    marks = [pytest.mark.xfail(strict=True, reason=WIDE)]
+                elif not backward and (name, dtype) in FWD_KNOWN:
+                    marks = [pytest.mark.xfail(strict=True, reason=FWD_KNOWN[name, dtype])]
+                yield pytest.param(name, dtype, d, marks=marks, id=f"{name}-{str(dtype)[6:]}-d{d}")
+
+
+@pytest.mark.parametrize("name,dtype,d", list(_cases(False)))
+def test_forward_work_within_limit_of_the_minimum(name, dtype, d):
+    assert 1.0 <= _row(name, dtype, d).fwd <= LIMIT
+
+
+@pytest.mark.parametrize("name,dtype,d", list(_cases(True)))
+def test_backward_work_within_limit_of_the_minimum(name, dtype, d):
+    assert 1.0 <= _row(name, dtype, d).bwd <= LIMIT
+
+
+def test_cuda_model_matches_the_sources():
+    """The analytic CUDA backward (gemm_work.cuda_backward) reads its tile sizes, its grid and the XE symmetry copy
+    from csrc/cuda; when the restructured kernels drop the d-chunk grid axis this fails until
+    CUDA_D_CHUNKS_IN_GRID is flipped."""
+    import re
+
+    cuda = os.path.join(ROOT, "csrc", "cuda")
+
+    def src(name):
+        with open(os.path.join(cuda, name)) as f:
+            return f.read()
+
+    tg = src("tile_gemm.cuh")
+    assert f"constexpr int kBM = {gemm_work.CUDA_TILE};" in tg and f"constexpr int kBN = {gemm_work.CUDA_TILE};" in tg
+    for struct, dtype in (("struct TileCfg<float> {", torch.float32), ("struct TileCfg16 {", torch.bfloat16)):
+        body = tg[tg.index(struct):tg.index("};", tg.index(struct))]
+        assert f"kBK = {gemm_work.CUDA_BK[dtype]};" in body and f"kDV = {gemm_work.CUDA_KDV[dtype]};" in body
+    chunked = re.compile(r"_grad_kernel<[^;]*?<<<dim3\(unsigned\(nrb\), unsigned\(nch\), unsigned\(nsplit\)\)")
+    for name in ("batch_softmax.cu", "xent.cu", "anchor_lse.cu", "hinge_pair.cu", "triplet.cu"):
+        assert bool(chunked.search(src(name))) == gemm_work.CUDA_D_CHUNKS_IN_GRID, name
+    assert ("dy.copy_(dx)" in src("xent.cu")) == (gemm_work.CUDA_SIDES["cross_example_softmax"] == 1)
+    assert "s.dp = (s.d + 2 + vw - 1) / vw * vw;" in src("triplet.cu")
+    # the model itself: fp32 batch softmax at d = 512 computes S 8 times per side (kDV = 64)
+    flops, per_pass = gemm_work.cuda_backward("batch_softmax", 256, 256, 512, torch.float32)
+    assert per_pass == [8, 8]
+    assert flops == 2 * (4 * 8 * 4 * 2 * 64 * 64 * 512 + 4 * 8 * 4 * 2 * 64 * 64 * 64)
+
+
+def test_cli_prints_the_table(capsys):
+    """``python -m benchmarks --op gemm_work`` is accepted; the module's own CLI prints one row per (op, dtype, d)."""
+    from benchmarks.__main__ import parse
+
+    assert parse(["--op", "gemm_work"]).op == ["gemm_work"]
+    assert gemm_work.main(["--B", "256", "--d", "64,128", "--op", "knn", "--op", "ntxent"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + 2 * 2 * 2
+    assert any(r.startswith("| ntxent | float32 | 128 | ") and "| 2 + 2 |" in r for r in rows)
