@@ -45,6 +45,14 @@ def _class_counts(g: Global) -> Tensor:
     return torch.where(classes[at] == g.row_labels, counts[at], torch.zeros_like(at))
 
 
+def nonfinite_rows(batch) -> int:
+    """How many entries of this rank's own tensors (``x``, and ``y`` in cross mode) are NaN or infinite."""
+    n = int((~torch.isfinite(batch.x)).sum()) if batch.x.numel() else 0
+    if not batch.self_mode and batch.y is not None and batch.y.numel():
+        n += int((~torch.isfinite(batch.y)).sum())
+    return n
+
+
 # ------------------------------------------------------------------------------------ streamed PyTorch path
 def _row_terms(kind: int, S: Tensor, pos: Tensor, neg: Tensor, prm, t) -> Tensor:
     """``ℓ_a`` of a chunk of rows from its similarities (differentiable; the reference's formulas)."""
@@ -169,12 +177,15 @@ def _anchor_lse(kind: int, x, labels, y, ref_labels, prm, temperature, group) ->
     if kind == SUPCON:
         g.anchors = (t,)
     n = g.x.shape[0]
+    out_dtype = torch.float64 if batch.x.dtype == torch.float64 else torch.float32
     same = _class_counts(g) if n else torch.zeros(0, dtype=torch.int64, device=dev)
     n_pos_row = same - (1 if g.self_mode else 0)
     n_neg_row = g.col_labels.shape[0] - same
     counts = torch.tensor([float(n_pos_row.sum()), float(count_negatives(g.row_labels, g.col_labels)) if n else 0.0,
-                          float(n)], dtype=torch.float64, device=dev)
-    n_pos, n_neg, n_rows = (float(v) for v in sum_over_ranks(counts, g.rows))
+                          float(n), float(nonfinite_rows(batch))], dtype=torch.float64, device=dev)
+    n_pos, n_neg, n_rows, bad = (float(v) for v in sum_over_ranks(counts, g.rows))
+    if bad:  # a NaN or an infinity anywhere in the global batch: NaN on every rank (the library's rule)
+        return finish(torch.full((), float("nan"), dtype=out_dtype, device=dev), None, g) * float("nan")
     zero = (n_pos <= 1 and n_neg <= 1) or (kind == SUPCON and (n_pos == 0 or n_neg == 0))
 
     # ℓ_a of the local rows (float64 on the fused path), and what its backward needs
@@ -204,7 +215,6 @@ def _anchor_lse(kind: int, x, labels, y, ref_labels, prm, temperature, group) ->
     total, count = (float(v) for v in sum_over_ranks(part, g.rows))
     if kind == MULTI_SIMILARITY:
         count = n_rows
-    out_dtype = torch.float64 if batch.x.dtype == torch.float64 else torch.float32
     if zero or count == 0:
         return finish(torch.zeros((), dtype=out_dtype, device=dev), None, g)
     value = torch.tensor(total / count, dtype=out_dtype, device=dev)

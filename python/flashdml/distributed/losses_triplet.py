@@ -25,6 +25,7 @@ from .._math import l2_normalize
 from .._validation import check_real
 from . import _fused
 from ._comm import sum_over_ranks
+from .losses_anchor_lse import nonfinite_rows
 from ._shard import Global, finish, prepare_shard, row_chunk, self_pair_mask, setup, streamed_sum
 
 OP = "triplet_margin"
@@ -85,20 +86,23 @@ def triplet_margin(x: Tensor, labels: Optional[Tensor], y: Optional[Tensor] = No
     n = g.x.shape[0]
     out_dtype = torch.float64 if batch.x.dtype == torch.float64 else torch.float32
     xd, Yd = g.x.detach().contiguous(), g.Y.detach().contiguous()
-    local = torch.zeros(2, dtype=torch.float64, device=dev)  # hinge sum, active count
-    if n and Yd.shape[0]:
+    local = torch.zeros(3, dtype=torch.float64, device=dev)  # hinge sum, active count, non-finite entries
+    local[2] = float(nonfinite_rows(batch))
+    if n and Yd.shape[0] and not local[2]:
         with torch.no_grad():
             if ops is not None:
                 _, sums, counts = ops.triplet_fwd(xd, Yd, g.row_labels, g.col_labels, margin, False)
-                local = torch.stack([sums.double().reshape(()), counts.double().reshape(())])
+                local[:2] = torch.stack([sums.double().reshape(()), counts.double().reshape(())])
             else:
                 xh = l2_normalize(xd.to(out_dtype))
                 Yh = l2_normalize(Yd.to(out_dtype))
                 step = row_chunk(Yh.shape[0])
                 for r0 in range(0, n, step):
                     s, c = _chunk_hinges(g, r0, xh[r0:r0 + step], Yh, margin, False)
-                    local += torch.stack([s, c.double()])
-    total, count = (float(v) for v in sum_over_ranks(local, g.rows))
+                    local[:2] += torch.stack([s, c.double()])
+    total, count, bad = (float(v) for v in sum_over_ranks(local, g.rows))
+    if bad:  # a NaN or an infinity anywhere in the global batch: NaN on every rank (the library's rule)
+        return finish(torch.full((), float("nan"), dtype=out_dtype, device=dev), None, g) * float("nan")
     if count == 0:
         return finish(torch.zeros((), dtype=out_dtype, device=dev), None, g)
     value = torch.tensor(total / count, dtype=out_dtype, device=dev)
