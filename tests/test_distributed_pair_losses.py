@@ -191,6 +191,43 @@ def _mismatch_cases(rank, world):
     return out
 
 
+def _zero_cases(rank, world):
+    """Every row its own class (no positive pair in the global batch): 0 and a zero gradient on every rank,
+    the float64 and the fp32 path, as in one process."""
+    import torch.distributed as dist
+
+    import flashdml as fd
+
+    out = []
+    for dtype in DTYPES:
+        x, _, _, _, sx, _ = _data(world, "self", dtype)
+        lab = torch.arange(sum(sx))
+        for op in (fd.supcon, fd.circle, fd.triplet_margin):
+            xl = _cut(x, sx, rank).clone().requires_grad_()
+            loss = op(xl, _cut(lab, sx, rank), process_group=dist.group.WORLD)
+            loss.backward()
+            out.append((float(loss), float(xl.grad.abs().sum()), float(op(x, lab))))
+    return out
+
+
+def _nan_cases(rank, world):
+    """A NaN in the last rank's shard: the loss is NaN on every rank, with NaN gradients (the library's rule)."""
+    import torch.distributed as dist
+
+    import flashdml as fd
+
+    out = []
+    for dtype in DTYPES:
+        x, _, labels, _, sx, _ = _data(world, "self", dtype)
+        x[-1, 0] = float("nan")
+        for op in (fd.supcon, fd.multi_similarity, fd.circle, fd.triplet_margin):
+            xl = _cut(x, sx, rank).clone().requires_grad_()
+            loss = op(xl, _cut(labels, sx, rank), process_group=dist.group.WORLD)
+            loss.backward()
+            out.append(bool(loss.isnan()) and bool(xl.grad.isnan().all()))
+    return out
+
+
 WRAPPER_ROWS = 5  # per rank: pml's wrapper all-gathers equal shapes
 
 
@@ -231,6 +268,8 @@ def _all_cases(rank, world):
     res["modules"] = _module_cases(rank, world)
     res["mismatch"] = _mismatch_cases(rank, world)
     res["wrapper"] = _wrapper_cases(rank, world)
+    res["zero"] = _zero_cases(rank, world)
+    res["nan"] = _nan_cases(rank, world)
     buf = io.BytesIO()  # plain bytes: tensors sent through the queue would be shared memory of an exited process
     torch.save(res, buf)
     return buf.getvalue()
@@ -317,3 +356,5 @@ def test_pair_losses_over_ranks_equal_the_one_process_loss(world):
     assert all(all(res["modules"]) for res in results), [res["modules"] for res in results]
     _check_mismatch(results)
     _check_wrapper(results)
+    assert all(v == (0.0, 0.0, 0.0) for res in results for v in res["zero"]), [res["zero"] for res in results]
+    assert all(all(res["nan"]) for res in results), [res["nan"] for res in results]
