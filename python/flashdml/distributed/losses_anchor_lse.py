@@ -15,6 +15,9 @@ piecewise constant: exact).
   LSEs and weights and returns exactly its part of the global gradient.
 * float64, or no compiled backend: a streamed PyTorch driver (row chunks × the gathered columns, recomputed in
   backward; memory O(chunk · B_global)).
+
+A NaN or an infinity in any rank's shard makes the value and the gradients NaN on every rank, as in one process
+(the count of such entries rides on the first reduction).
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ constant: exact).
   fused kernel cannot run self mode here: a triplet's positive and negative may lie in different column blocks
   (this rank's own rows, where the kernel drops the diagonal, and the other ranks' rows), and the kernel only
   forms triplets within one call's columns.
+
+A NaN or an infinity in any rank's shard makes the value and the gradients NaN on every rank, as in one process.
 """
 from __future__ import annotations
 
