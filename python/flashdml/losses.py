@@ -363,6 +363,7 @@ class _AnchorLoss(nn.Module):
     **self._kwargs())``."""
 
     _fn = ""
+    process_group = None
 
     def _kwargs(self) -> dict:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -371,7 +372,8 @@ class _AnchorLoss(nn.Module):
                 ref_labels: Optional[Tensor] = None) -> Tensor:
         import flashdml
 
-        return getattr(flashdml, self._fn)(embeddings, labels, ref_emb, ref_labels, **self._kwargs())
+        return getattr(flashdml, self._fn)(embeddings, labels, ref_emb, ref_labels, **self._kwargs(),
+                                           process_group=self.process_group)
 
 
 class SupConLoss(_AnchorLoss):
@@ -381,6 +383,8 @@ class SupConLoss(_AnchorLoss):
     Args:
         temperature: ``> 0``; a float, or the initial value when ``learnable_temperature``.
         learnable_temperature: make the temperature an ``nn.Parameter``.
+        process_group: a ``torch.distributed`` group: each rank passes its shard and gets the loss of the global
+            batch (docs/spec.md §5). Default ``None``: one process.
 
     ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
     with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
@@ -401,8 +405,9 @@ class SupConLoss(_AnchorLoss):
 
     _fn = "supcon"
 
-    def __init__(self, temperature: float = 0.1, learnable_temperature: bool = False):
+    def __init__(self, temperature: float = 0.1, learnable_temperature: bool = False, process_group=None):
         super().__init__()
+        self.process_group = process_group
         self.temperature = _temperature_parameter(temperature, learnable_temperature)
 
     def _kwargs(self):
@@ -417,6 +422,8 @@ class MultiSimilarityLoss(_AnchorLoss):
         alpha: the positives' scale ``α > 0``.
         beta: the negatives' scale ``β > 0``.
         base: the similarity both terms are centred on.
+        process_group: a ``torch.distributed`` group: each rank passes its shard and gets the loss of the global
+            batch (docs/spec.md §5). Default ``None``: one process.
 
     ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
     with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
@@ -437,8 +444,9 @@ class MultiSimilarityLoss(_AnchorLoss):
 
     _fn = "multi_similarity"
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5):
+    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, process_group=None):
         super().__init__()
+        self.process_group = process_group
         self.alpha, self.beta, self.base = alpha, beta, base
 
     def _kwargs(self):
@@ -454,6 +462,8 @@ class CircleLoss(_AnchorLoss):
     Args:
         m: the relaxation margin.
         gamma: the scale ``γ``.
+        process_group: a ``torch.distributed`` group: each rank passes its shard and gets the loss of the global
+            batch (docs/spec.md §5). Default ``None``: one process.
 
     ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
     with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
@@ -474,8 +484,9 @@ class CircleLoss(_AnchorLoss):
 
     _fn = "circle"
 
-    def __init__(self, m: float = 0.4, gamma: float = 80.0):
+    def __init__(self, m: float = 0.4, gamma: float = 80.0, process_group=None):
         super().__init__()
+        self.process_group = process_group
         self.m, self.gamma = m, gamma
 
     def _kwargs(self):
@@ -489,6 +500,8 @@ class TripletMarginLoss(_AnchorLoss):
 
     Args:
         margin: the margin between the positive and the negative distance.
+        process_group: a ``torch.distributed`` group: each rank passes its shard and gets the loss of the global
+            batch (docs/spec.md §5). Default ``None``: one process.
 
     ``forward(embeddings, labels=None, ref_emb=None, ref_labels=None)``: self mode with ``labels``; cross mode
     with ``ref_emb`` and ``ref_labels`` (as the function's ``y``, ``ref_labels``).
@@ -511,8 +524,9 @@ class TripletMarginLoss(_AnchorLoss):
 
     _fn = "triplet_margin"
 
-    def __init__(self, margin: float = 0.05):
+    def __init__(self, margin: float = 0.05, process_group=None):
         super().__init__()
+        self.process_group = process_group
         self.margin = margin
 
     def _kwargs(self):

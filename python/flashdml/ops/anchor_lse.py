@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
+from .._docs import shared_doc
 from .._math import nan_if_nonfinite
 from .._validation import TemperatureLike, check_real, check_temperature, prepare_batch
 from ..reference.anchor_lse import _check_ms_params
@@ -31,6 +32,13 @@ FAMILY = registry.register(registry.Family(
                                                       saved_outputs=(1,))},
     backends=("cpu", "cuda", "triton"),
 ))
+
+
+def _dist():
+    """The process-group drivers (imported on first use: ``torch.distributed`` stays out of plain calls)."""
+    from ..distributed import losses_anchor_lse
+
+    return losses_anchor_lse
 
 
 def _fused(op: str, kind: int, x, labels, y, ref_labels, temperature: Optional[TemperatureLike],
@@ -50,6 +58,7 @@ def _fused(op: str, kind: int, x, labels, y, ref_labels, temperature: Optional[T
     return nan_if_nonfinite(loss, batch.x, batch.y)
 
 
+@shared_doc
 def supcon(
     x: Tensor,
     labels: Optional[Tensor],
@@ -57,6 +66,7 @@ def supcon(
     ref_labels: Optional[Tensor] = None,
     *,
     temperature: TemperatureLike = 0.1,
+    process_group=None,
 ) -> Tensor:
     """Supervised contrastive loss (docs/spec.md §6.1), pytorch-metric-learning's ``SupConLoss``, fused.
 
@@ -75,6 +85,7 @@ def supcon(
             mode.
         temperature (float or Tensor): ``τ > 0`` (at least 1e-12, finite); a Python number or a 0-dim floating
             tensor, learnable when it has ``requires_grad=True``. Default 0.1.
+        {{process_group_loss_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); 0 with a zero gradient when the batch has no
@@ -102,12 +113,15 @@ def supcon(
         True
         >>> loss.backward()
     """
+    if process_group is not None:  # docs/spec.md §5
+        return _dist().supcon(x, labels, y, ref_labels, temperature=temperature, process_group=process_group)
     loss = _fused("supcon", SUPCON, x, labels, y, ref_labels, temperature)
     if loss is not None:
         return loss
     return _reference.supcon(x, labels, y, ref_labels, temperature=temperature)
 
 
+@shared_doc
 def multi_similarity(
     x: Tensor,
     labels: Optional[Tensor],
@@ -117,6 +131,7 @@ def multi_similarity(
     alpha: float = 2.0,
     beta: float = 50.0,
     base: float = 0.5,
+    process_group=None,
 ) -> Tensor:
     """Multi-Similarity loss (docs/spec.md §6.2), pytorch-metric-learning's ``MultiSimilarityLoss``, fused.
 
@@ -131,6 +146,7 @@ def multi_similarity(
         alpha (float): the positive scale ``α``, finite, non-zero. Default 2.
         beta (float): the negative scale ``β``, finite, non-zero. Default 50.
         base (float): the similarity offset, finite. Default 0.5.
+        {{process_group_loss_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); gradients come back in the input dtype. NaN when
@@ -155,6 +171,9 @@ def multi_similarity(
         True
         >>> loss.backward()
     """
+    if process_group is not None:  # docs/spec.md §5
+        return _dist().multi_similarity(x, labels, y, ref_labels, alpha=alpha, beta=beta, base=base,
+                                        process_group=process_group)
     alpha, beta, base = _check_ms_params(alpha, beta, base)
     loss = _fused("multi_similarity", MULTI_SIMILARITY, x, labels, y, ref_labels, None, alpha, beta, base)
     if loss is not None:
@@ -162,6 +181,7 @@ def multi_similarity(
     return _reference.multi_similarity(x, labels, y, ref_labels, alpha=alpha, beta=beta, base=base)
 
 
+@shared_doc
 def circle(
     x: Tensor,
     labels: Optional[Tensor],
@@ -170,6 +190,7 @@ def circle(
     *,
     m: float = 0.4,
     gamma: float = 80.0,
+    process_group=None,
 ) -> Tensor:
     """Circle loss (docs/spec.md §6.3), pytorch-metric-learning's ``CircleLoss``, fused.
 
@@ -185,6 +206,7 @@ def circle(
         ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
         m (float): the relaxation margin, finite. Default 0.4.
         gamma (float): the scale ``γ``, finite. Default 80.
+        {{process_group_loss_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); gradients come back in the input dtype. NaN when
@@ -209,6 +231,8 @@ def circle(
         True
         >>> loss.backward()
     """
+    if process_group is not None:  # docs/spec.md §5
+        return _dist().circle(x, labels, y, ref_labels, m=m, gamma=gamma, process_group=process_group)
     m, gamma = check_real(m, "m"), check_real(gamma, "gamma")
     loss = _fused("circle", CIRCLE, x, labels, y, ref_labels, None, m, gamma)
     if loss is not None:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as _reference
+from .._docs import shared_doc
 from .._math import nan_if_nonfinite
 from .._validation import check_real, prepare_batch
 from . import registry
@@ -29,6 +30,14 @@ FAMILY = registry.register(registry.Family(
 ))
 
 
+def _dist():
+    """The process-group driver (imported on first use: ``torch.distributed`` stays out of plain calls)."""
+    from ..distributed import losses_triplet
+
+    return losses_triplet
+
+
+@shared_doc
 def triplet_margin(
     x: Tensor,
     labels: Optional[Tensor],
@@ -36,6 +45,7 @@ def triplet_margin(
     ref_labels: Optional[Tensor] = None,
     *,
     margin: float = 0.05,
+    process_group=None,
 ) -> Tensor:
     """Triplet margin loss over every triplet of the batch (docs/spec.md §6.4), as pytorch-metric-learning's
     ``TripletMarginLoss(margin)`` with its defaults.
@@ -55,6 +65,7 @@ def triplet_margin(
             ``ref_emb``). Default ``None``: self mode (``y = x``, ``ref_labels = labels``).
         ref_labels (Tensor, optional): integer ``[M]``; required in cross mode with labels.
         margin (float): added to ``d_ap − d_an``, any finite number. Default 0.05.
+        {{process_group_loss_arg}}
 
     Returns:
         Tensor: the 0-dim fp32 loss (float64 for float64 input); gradients come back in the input dtype. NaN when
@@ -83,6 +94,8 @@ def triplet_margin(
         >>> gallery, gallery_labels = torch.randn(32, 8), torch.arange(32) // 8
         >>> cross = fd.triplet_margin(emb, labels, gallery, gallery_labels)   # anchors vs a gallery
     """
+    if process_group is not None:  # docs/spec.md §5
+        return _dist().triplet_margin(x, labels, y, ref_labels, margin=margin, process_group=process_group)
     margin = check_real(margin, "margin")
     batch = prepare_batch(x, y, labels, ref_labels, pair_mode_default=True)
     ops = _dispatch.select(TRIPLET_OP, batch.x)

@@ -32,7 +32,7 @@ from pytorch_metric_learning.reducers import AvgNonZeroReducer, MeanReducer
 import flashdml as _fd
 from flashdml._docs import shared_doc
 
-from .losses import _FlashdmlForward, _is_real, _plain_distance
+from .losses import _FlashdmlForward, _group_kw, _is_real, _plain_distance
 
 __all__ = ["SupConLoss", "MultiSimilarityLoss", "CircleLoss", "TripletMarginLoss"]
 
@@ -69,7 +69,8 @@ class _PairFused(_FlashdmlForward):
         args = super()._fused_args(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if args is None or args[0].dtype not in _FUSED_DTYPES:
             return None
-        if self._pair_shortcut and max(_pair_counts(args[1], args[3])) <= 1:
+        # (with process_group the shortcut is the global batch's, which the functional op decides)
+        if self._pair_shortcut and self.process_group is None and max(_pair_counts(args[1], args[3])) <= 1:
             return None
         return args
 
@@ -83,6 +84,8 @@ class SupConLoss(_PairFused, _pml_losses.SupConLoss):
 
     Args:
         temperature: ``> 0``, float or 0-dim tensor. **kwargs: pml's (``distance``, ``reducer``, ...).
+        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
+            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
     {{pml_dropin_returns_raises}}
 
@@ -102,7 +105,7 @@ class SupConLoss(_PairFused, _pml_losses.SupConLoss):
                 and (_is_real(t) or (isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point())))
 
     def _flashdml_loss(self, x, labels, y, ref_labels):
-        return _fd.supcon(x, labels, y, ref_labels, temperature=self.temperature)
+        return _fd.supcon(x, labels, y, ref_labels, temperature=self.temperature, **_group_kw(self))
 
 
 @shared_doc
@@ -114,6 +117,8 @@ class MultiSimilarityLoss(_PairFused, _pml_losses.MultiSimilarityLoss):
 
     Args:
         alpha, beta, base, **kwargs: pml's constructor arguments.
+        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
+            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
     {{pml_dropin_returns_raises}}
 
@@ -131,7 +136,8 @@ class MultiSimilarityLoss(_PairFused, _pml_losses.MultiSimilarityLoss):
                 and _is_real(self.alpha, self.beta, self.base))
 
     def _flashdml_loss(self, x, labels, y, ref_labels):
-        return _fd.multi_similarity(x, labels, y, ref_labels, alpha=self.alpha, beta=self.beta, base=self.base)
+        return _fd.multi_similarity(x, labels, y, ref_labels, alpha=self.alpha, beta=self.beta, base=self.base,
+                                    **_group_kw(self))
 
 
 @shared_doc
@@ -143,6 +149,8 @@ class CircleLoss(_PairFused, _pml_losses.CircleLoss):
 
     Args:
         m, gamma, **kwargs: pml's constructor arguments.
+        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
+            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
     {{pml_dropin_returns_raises}}
 
@@ -162,7 +170,7 @@ class CircleLoss(_PairFused, _pml_losses.CircleLoss):
                 and (self.op, self.on, self.delta_p, self.delta_n) == (1 + m, -m, 1 - m, m))
 
     def _flashdml_loss(self, x, labels, y, ref_labels):
-        return _fd.circle(x, labels, y, ref_labels, m=self.m, gamma=self.gamma)
+        return _fd.circle(x, labels, y, ref_labels, m=self.m, gamma=self.gamma, **_group_kw(self))
 
 
 @shared_doc
@@ -176,6 +184,8 @@ class TripletMarginLoss(_PairFused, _pml_losses.TripletMarginLoss):
 
     Args:
         margin, swap, smooth_loss, triplets_per_anchor, **kwargs: pml's constructor arguments.
+        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
+            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
 
     {{pml_dropin_returns_raises}}
 
@@ -198,4 +208,4 @@ class TripletMarginLoss(_PairFused, _pml_losses.TripletMarginLoss):
                 and _is_real(self.margin))
 
     def _flashdml_loss(self, x, labels, y, ref_labels):
-        return _fd.triplet_margin(x, labels, y, ref_labels, margin=self.margin)
+        return _fd.triplet_margin(x, labels, y, ref_labels, margin=self.margin, **_group_kw(self))
