@@ -82,6 +82,9 @@ def _contextual_cases(rank, world):
         loss.backward()
     out["again"] = (loss.detach(), x.grad)
     out["work"] = work.calls
+    # the loss module takes the same keyword and gives the same bits
+    module = fd.losses.ContextualLoss(**opts, process_group=pg)
+    out["module"] = module(x.detach(), _shard(lab, world, rank)).detach()
     # errors, on every rank alike: k above the global batch, a collapsed batch, a mismatched k
     errors = {}
     xl, ll = _shard(X, world, rank).float(), _shard(lab, world, rank)
@@ -128,8 +131,9 @@ def test_contextual_equals_one_process_with_local_work(world):
             assert g.dtype == dtype and g.shape == (sizes[rank], D)
             tol = dict(rtol=2e-3, atol=1e-5) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(g, world * _shard(grad, world, rank), **tol, msg=name)
-    for r in res:  # run to run: the same bits
+    for r in res:  # run to run: the same bits; the module is the function
         assert all(torch.equal(a, b) for a, b in zip(r["again"], r["fp32"]))
+        assert torch.equal(r["module"], r["fp32"][0])
     # the dense work: S rows computed (mm outputs with B columns) = this rank's rows, once forward and once
     # backward; no one-process contextual kernel on the whole batch; no B × B tensor anywhere
     for rank, r in enumerate(res):

@@ -324,6 +324,8 @@ class ContextualLoss(nn.Module):
         neg_margin: ``m−`` of the contrastive term.
         ste_slope: the straight-through estimator's slope.
         normalize: cosine similarity (default) or raw dot products.
+        process_group: a ``torch.distributed`` group: each rank passes its shard and gets the loss of the global
+            batch (docs/spec.md §5). Default ``None``: one process.
 
     ``forward(embeddings, labels, ref_emb=None, ref_labels=None)``: self mode only (the loss is defined on the
     batch's own neighbourhoods).
@@ -344,8 +346,9 @@ class ContextualLoss(nn.Module):
 
     def __init__(self, k: int = 4, eps: float = 0.05, context_weight: float = 0.4, contrastive_weight: float = 0.5,
                  reg_weight: float = 0.1, reg_target: float = 0.25, pos_margin: float = 0.75, neg_margin: float = 0.6,
-                 ste_slope: float = 10.0, normalize: bool = True):
+                 ste_slope: float = 10.0, normalize: bool = True, process_group=None):
         super().__init__()
+        self.process_group = process_group
         self.kwargs = dict(k=k, eps=eps, context_weight=context_weight, contrastive_weight=contrastive_weight,
                            reg_weight=reg_weight, reg_target=reg_target, pos_margin=pos_margin,
                            neg_margin=neg_margin, ste_slope=ste_slope, normalize=normalize)
@@ -353,7 +356,7 @@ class ContextualLoss(nn.Module):
     def forward(self, embeddings: Tensor, labels: Optional[Tensor] = None, ref_emb: Optional[Tensor] = None,
                 ref_labels: Optional[Tensor] = None) -> Tensor:
         _no_cross_mode(self, ref_emb, ref_labels)
-        return ops.contextual.contextual_loss(embeddings, labels, **self.kwargs)
+        return ops.contextual.contextual_loss(embeddings, labels, **self.kwargs, process_group=self.process_group)
 
 
 # --------------------------------------------------------------------------- pytorch-metric-learning's pair losses
