@@ -23,9 +23,11 @@ Forward, nothing B×B stored:
     ``_tiles.hinge_finalize_kernel`` reduces the hinge partials; t_i / h_i = the k-th / (k//2)-th of the
     merged split lists (torch.topk over splits·K values per row). k > 64 takes the thresholds from the kNN op
     (``selection.knn_impl``, same BLOCK_K, so the same fp32 S); this kernel then only supplies the hinge terms.
- 2. ``_ctx_list_kernel`` recomputes S (same BLOCK_K: on the GPU the same fp32 values) and writes, per row, the
-    columns with ``fl(−D + ε) >= t_i`` in ascending order into a fixed-capacity list (and the count); rows whose
-    band is larger than the capacity are rerun, gathered, with a capacity of their largest count: exact always.
+ 2. ``_ctx_list_kernel`` recomputes S (same BLOCK_K: on the GPU the same fp32 values; row block x column split,
+    ``_tiles.num_splits``) and writes, per row and split, the split's columns with ``fl(−D + ε) >= t_i`` in
+    ascending order into a fixed-capacity list (and the count); the row's split lists are concatenated in split
+    order; rows with a split count over the capacity are rerun, gathered, with a capacity of their largest count:
+    exact always, and the same lists for any number of splits.
  3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx: ``contextual_stage_loss``) on the device in O(B·k²),
     L_reg in O(B·d).
 Backward (docs/spec.md's closed form, the CPU split of dL_ctx/dS into sparse + row-constant + label-block parts, from
