@@ -36,7 +36,8 @@ def _cuda_include():
 #        1/8 grid so that similarities are exact and many pairs tie with the margins; exact int64 counts.
 #  selection: kNN (rounds of 32, exclude_diagonal) and hardest negatives (radix select), embeddings on a 1/8 grid
 #        with repeated rows: exact ties everywhere, indices compared bit for bit; k = 1 .. all candidates.
-#  contextual: the neighbour-list pass (fixed capacity, gathered overflow rerun) on a 1/8 grid with repeated rows:
+#  contextual: the neighbour-list pass (fixed capacity per column split, gathered overflow rerun; 132 and 1 SMs)
+#        on a 1/8 grid with repeated rows:
 #        N(i), the P / clamp flags and the column order equal docs/spec.md §2.5 step 3's fp32 tests bit for bit.
 #  metrics: the metrics pass (per-row top-k in rounds of 32, fine pair and per-class OPIS histograms), self / cross
 #        mode, row subsets, classes with one sample, keep 0 .. all candidates, embeddings on a scaled 1/8 grid (exact

@@ -179,6 +179,39 @@ def test_column_splits_and_k_above_the_register_list():
     _compare(x, labels, k=17, eps=0.05)
 
 
+def _grid_rows(B, d, pool, seed):
+    """Rows drawn from a pool of ``pool`` vectors on a 1/8 grid: S exact in fp32 in any summation order (so the
+    gathered rerun sees the same bits under the interpreter's BLAS as well) and ties everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(-4, 5, (pool, d), generator=g).float() / 8
+    return base[torch.randint(0, pool, (B,), generator=g)]
+
+
+def test_list_pass_column_splits_bit_for_bit():
+    """The list pass with several column splits (B = 300: five 64-column blocks; 2 and 5 splits) gives the CSR
+    of one split bit for bit — ptr, columns (ascending), flags — with cap = 16 (some rows' bands overflow: the
+    gathered rerun) and the default capacity, on rows with many exact ties (threshold ties, duplicates)."""
+    tk = _tk()
+    for seed, k, eps in ((36, 4, 0.25), (37, 8, 0.0)):
+        xp = tk._tiles.pad16(_grid_rows(300, 6, 40, seed).to(DEV))
+        B = xp.shape[0]
+        t, h, _, _ = tk._stats(xp, torch.zeros(B, dtype=torch.int32, device=DEV), k, 0.75, 0.6, 1)
+        thr = torch.stack([t, h], 1).contiguous()
+        for cap in (16, tk.list_capacity(k)):
+            with poison_outputs():
+                one = tk.neighbour_lists(xp, t, h, eps, cap, num_splits=1)
+            sizes = (one[0][1:] - one[0][:-1]).cpu()
+            if cap == 16:
+                assert (sizes > 16).any() and (sizes <= 16).any(), "some rows only must overflow"
+            for ns in (2, 5):
+                with poison_outputs():
+                    cnt = tk._lists(xp, torch.arange(B, dtype=torch.int32, device=DEV), thr, eps, cap, ns)[2]
+                    many = tk.neighbour_lists(xp, t, h, eps, cap, num_splits=ns)
+                assert cnt.shape == (B, ns) and torch.equal(cnt.sum(1).cpu(), sizes)
+                for a, b in zip(one, many):
+                    assert a.dtype == b.dtype and torch.equal(a, b), (seed, cap, ns)
+
+
 def test_backward_splits_match_one_split():
     tk = _tk()
     x, labels = _batch(50, 20, 5, 34)

@@ -311,3 +311,34 @@ def test_single_metric_functions_dispatch_to_triton(monkeypatch):
     ref = fd.reference.evaluate(x, labels, metrics=("recall_at_k", "map_at_r"), ks=(1, 3))
     assert r == pytest.approx({1: ref["recall@1"], 3: ref["recall@3"]}, abs=1e-12)
     assert m == pytest.approx(ref["map@r"], abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- tracing the op
+def _trace_args():
+    x = grid_data(9, 4, 0).to(DEVICE)
+    lab = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4], device=DEVICE)
+    return (x, x, lab, lab, torch.arange(9, device=DEVICE), torch.full((9,), 3, device=DEVICE), True, True, 256)
+
+
+def test_metrics_op_opcheck_with_aot_dispatch():
+    """torch.library.opcheck of flashdml_triton::metrics_pass including its AOT-dispatch test (tracing with fake
+    tensors under functionalisation, as torch.compile does): its output sizes depend on the data (sum of keep, the
+    rows' classes), so the op must be traced through its fake kernel, never by running its body on fake tensors
+    (the body reads sizes on the host)."""
+    res = torch.library.opcheck(torch.ops.flashdml_triton.metrics_pass.default, _trace_args(),
+                                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    assert set(res.values()) == {"SUCCESS"}, res
+
+
+def test_metrics_op_compiles_through_its_fake():
+    """torch.compile (fullgraph, AOT dispatch with functionalisation: aot_eager) traces the op on fake tensors
+    through its fake kernel (data-dependent output sizes) and the compiled function gives the eager op's outputs."""
+    torch._dynamo.reset()
+
+    def f(x, y, labels, ref_labels, rows, keep):
+        return torch.ops.flashdml_triton.metrics_pass(x, y, labels, ref_labels, rows, keep, True, True, 256)
+
+    args = _trace_args()[:6]
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*args)
+    for a, b in zip(got, f(*args)):
+        assert torch.equal(a, b)

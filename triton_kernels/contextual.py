@@ -23,9 +23,11 @@ Forward, nothing B×B stored:
     ``_tiles.hinge_finalize_kernel`` reduces the hinge partials; t_i / h_i = the k-th / (k//2)-th of the
     merged split lists (torch.topk over splits·K values per row). k > 64 takes the thresholds from the kNN op
     (``selection.knn_impl``, same BLOCK_K, so the same fp32 S); this kernel then only supplies the hinge terms.
- 2. ``_ctx_list_kernel`` recomputes S (same BLOCK_K: on the GPU the same fp32 values) and writes, per row, the
-    columns with ``fl(−D + ε) >= t_i`` in ascending order into a fixed-capacity list (and the count); rows whose
-    band is larger than the capacity are rerun, gathered, with a capacity of their largest count: exact always.
+ 2. ``_ctx_list_kernel`` recomputes S (same BLOCK_K: on the GPU the same fp32 values; row block x column split,
+    ``_tiles.num_splits``) and writes, per row and split, the split's columns with ``fl(−D + ε) >= t_i`` in
+    ascending order into a fixed-capacity list (and the count); the row's split lists are concatenated in split
+    order; rows with a split count over the capacity are rerun, gathered, with a capacity of their largest count:
+    exact always, and the same lists for any number of splits.
  3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx: ``contextual_stage_loss``) on the device in O(B·k²),
     L_reg in O(B·d).
 Backward (docs/spec.md's closed form, the CPU split of dL_ctx/dS into sparse + row-constant + label-block parts, from
@@ -132,12 +134,15 @@ def _ctx_stats_kernel(
 
 @triton.jit
 def _ctx_list_kernel(
-    x_ptr, rows_ptr, thr_ptr, col_ptr, flag_ptr, cnt_ptr, eps, n_rows, B, D, cap,
+    x_ptr, rows_ptr, thr_ptr, col_ptr, flag_ptr, cnt_ptr, eps, n_rows, B, D, cap, cols_per_split,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """For the rows rows[r] (r < n_rows): cnt[r] = |N(i)| and the first min(cnt, cap) columns of N(i), ascending,
-    in col[r, :], with flags FLAG_IN_P: u >= h_i (in P(i)), FLAG_CLAMPED: −D == 0; u = fl(−D + ε), N: u >= t_i
-    (thr[i] = (t_i, h_i)), docs/spec.md §2.5 step 3's inclusive fp32 tests."""
+    """Program (row block, split), ns = the number of splits: for the rows rows[r] (r < n_rows),
+    cnt[r, split] = |N(i) ∩ the split's columns| and the first min(cnt, cap) of those columns, ascending, in
+    col[r, split, :], with flags FLAG_IN_P: u >= h_i (in P(i)), FLAG_CLAMPED: −D == 0; u = fl(−D + ε), N: u >= t_i
+    (thr[i] = (t_i, h_i)), docs/spec.md §2.5 step 3's inclusive fp32 tests. The splits cover ascending column
+    ranges, so the row's lists read in split order are N(i) in ascending column order."""
+    pid_s = tl.program_id(1)
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     r_ok = r < n_rows
     rows = tl.load(rows_ptr + r, mask=r_ok, other=0)
@@ -145,10 +150,13 @@ def _ctx_list_kernel(
     h = tl.load(thr_ptr + rows.to(tl.int64) * 2 + 1, mask=r_ok, other=0.0)
     e = tl.full([], eps, tl.float32)
     cnt = tl.zeros([BLOCK_M], tl.int32)
-    base = r.to(tl.int64)[:, None] * cap
-    for start_n in range(0, B, BLOCK_N):
+    at = r.to(tl.int64) * tl.num_programs(1) + pid_s  # (r, split) of the [n_rows, ns] counts / lists
+    base = at[:, None] * cap
+    n_lo = pid_s * cols_per_split
+    n_hi = tl.minimum(n_lo + cols_per_split, B)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < B
+        col_ok = cols < n_hi
         s = s_tile(x_ptr, x_ptr, rows, cols, r_ok, col_ok, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         dr = 2.0 - 2.0 * s  # −D, as in the stats kernel; clamped entries give 0
         nd = tl.where(dr > 0.0, -dr, 0.0)
@@ -161,7 +169,7 @@ def _ctx_list_kernel(
         tl.store(col_ptr + base + slot, tl.broadcast_to(cols[None, :], [BLOCK_M, BLOCK_N]), mask=ok)
         tl.store(flag_ptr + base + slot, flag.to(tl.uint8), mask=ok)
         cnt += tl.sum(n32, 1)
-    tl.store(cnt_ptr + r, cnt, mask=r_ok)
+    tl.store(cnt_ptr + at, cnt, mask=r_ok)
 
 
 @triton.jit
@@ -291,39 +299,46 @@ def _stats(xp: Tensor, key: Tensor, k: int, pos_margin: float, neg_margin: float
     return top[:, k - 1].contiguous(), top[:, k // 2 - 1].contiguous(), lcon, counts
 
 
-def _lists(xp: Tensor, rows: Tensor, thr: Tensor, eps: float, cap: int):
+def _lists(xp: Tensor, rows: Tensor, thr: Tensor, eps: float, cap: int, num_splits: Optional[int]):
+    """One list pass over the rows ``rows``: (col [n, ns, cap], flag [n, ns, cap], cnt [n, ns]) per (row, split)."""
     n = rows.shape[0]
     cfg = LIST_CONFIGS[xp.dtype]
-    col = _debug.new_output((n, cap), dtype=torch.int32, device=xp.device)
-    flag = torch.empty((n, cap), dtype=torch.uint8, device=xp.device)
+    rp = triton.cdiv(n, cfg["BLOCK_M"])
+    ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(xp.shape[0], cfg["BLOCK_N"]), num_splits)
+    col = _debug.new_output((n, ns, cap), dtype=torch.int32, device=xp.device)
+    flag = torch.empty((n, ns, cap), dtype=torch.uint8, device=xp.device)
     if _debug.poison_enabled():  # uint8 cannot hold the integer sentinel: the unused high bits instead (as the C++)
         flag.fill_(0xFC)
-    cnt = _debug.new_output((n,), dtype=torch.int32, device=xp.device)
-    wrap_triton(_ctx_list_kernel)[(triton.cdiv(n, cfg["BLOCK_M"]),)](
-        xp, rows, thr, col, flag, cnt, float(eps), n, xp.shape[0], xp.shape[1], cap,
+    cnt = _debug.new_output((n, ns), dtype=torch.int32, device=xp.device)
+    wrap_triton(_ctx_list_kernel)[(rp, ns)](
+        xp, rows, thr, col, flag, cnt, float(eps), n, xp.shape[0], xp.shape[1], cap, per * cfg["BLOCK_N"],
         PRECISION=_tiles.precision(xp.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
-    return col, flag, cnt
+    return col, flag, cnt.to(torch.int64)
 
 
-def neighbour_lists(xp: Tensor, t: Tensor, h: Tensor, eps: float, cap: int) -> tuple[Tensor, Tensor, Tensor]:
-    """N(i) as CSR (ptr int64 [B + 1], col int32, flag uint8), exact: rows over capacity are rerun with the
-    capacity of the largest count (one host synchronisation)."""
+def neighbour_lists(xp: Tensor, t: Tensor, h: Tensor, eps: float, cap: int,
+                    num_splits: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """N(i) as CSR (ptr int64 [B + 1], col int32, flag uint8), exact. The list pass splits the columns (enough
+    programs for a small B); each (row, split) keeps up to ``cap`` columns and its exact count, and the row's
+    split lists are concatenated in split order (= ascending columns). Rows with a split over capacity are rerun,
+    gathered, with the capacity of their largest split count (one host synchronisation); the result does not
+    depend on the number of splits."""
     B, dev = xp.shape[0], xp.device
     thr = torch.stack([t, h], 1).contiguous()
     rows = torch.arange(B, dtype=torch.int32, device=dev)
-    col, flag, cnt = _lists(xp, rows, thr, eps, cap)
-    cnt64 = cnt.to(torch.int64)
-    keep = torch.arange(cap, device=dev)[None, :] < cnt64[:, None]
-    over = torch.nonzero(cnt64 > cap).reshape(-1)
+    col, flag, cnt = _lists(xp, rows, thr, eps, cap, num_splits)
+    ns = cnt.shape[1]
+    keep = torch.arange(cap, device=dev)[None, None, :] < cnt[:, :, None]
+    over = torch.nonzero((cnt > cap).any(1)).reshape(-1)
     if over.numel():  # the exact overflow path: only these rows, with room for all of their neighbours
-        big = triton.cdiv(int(cnt64[over].max()), 16) * 16
-        col2, flag2, cnt2 = _lists(xp, over.to(torch.int32), thr, eps, big)
-        torch._check(bool((cnt2.to(torch.int64) == cnt64[over]).all()), lambda: "contextual: list recount differs")
+        big = triton.cdiv(int(cnt[over].max()), 16) * 16
+        col2, flag2, cnt2 = _lists(xp, over.to(torch.int32), thr, eps, big, num_splits)
+        torch._check(bool((cnt2.sum(1) == cnt[over].sum(1)).all()), lambda: "contextual: list recount differs")
         keep[over] = False
-        keep2 = torch.arange(big, device=dev)[None, :] < cnt2.to(torch.int64)[:, None]
-        r1 = torch.arange(B, device=dev)[:, None].expand(B, cap)[keep]
-        r2 = over[:, None].expand(-1, big)[keep2]
+        keep2 = torch.arange(big, device=dev)[None, None, :] < cnt2[:, :, None]
+        r1 = torch.arange(B, device=dev)[:, None, None].expand(B, ns, cap)[keep]
+        r2 = over[:, None, None].expand(-1, cnt2.shape[1], big)[keep2]
         allr = torch.cat([r1, r2])
         order = torch.argsort(allr * B + torch.cat([col[keep], col2[keep2]]).to(torch.int64))
         c_out = torch.cat([col[keep], col2[keep2]])[order]
@@ -331,7 +346,7 @@ def neighbour_lists(xp: Tensor, t: Tensor, h: Tensor, eps: float, cap: int) -> t
     else:
         c_out, f_out = col[keep], flag[keep]
     ptr = torch.zeros(B + 1, dtype=torch.int64, device=dev)
-    ptr[1:] = torch.cumsum(cnt64, 0)
+    ptr[1:] = torch.cumsum(cnt.sum(1), 0)
     return ptr, c_out.contiguous(), f_out.contiguous()
 
 
@@ -349,7 +364,7 @@ def fwd_impl(x: Tensor, labels: Tensor, k: int, eps: float, context_weight: floa
     key = _tiles.label_index(labels, labels, False, sorted_rows=False)[0]
     xp = _tiles.pad16(x)
     t, h, lcon, counts = _stats(xp, key, k, pos_margin, neg_margin, num_splits)
-    ptr, col, flag = neighbour_lists(xp, t, h, eps, cap or list_capacity(k))
+    ptr, col, flag = neighbour_lists(xp, t, h, eps, cap or list_capacity(k), num_splits)
     lc = _stage_ops().contextual_stage_loss(ptr, col, flag, labels)
     colsum = x.double().sum(0)
     lr = (colsum.square().sum() / (float(B) * float(B)) - reg_target) ** 2
@@ -452,11 +467,12 @@ def _specs() -> list[AOTSpec]:
                 c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B",))
         c = LIST_CONFIGS[dtype]
         sig = {"x_ptr": f"*{t}", "rows_ptr": "*i32", "thr_ptr": "*fp32", "col_ptr": "*i32", "flag_ptr": "*u8",
-               "cnt_ptr": "*i32", "eps": "fp32", "n_rows": "i32", "B": "i32", "D": "i32", "cap": "i32"}
+               "cnt_ptr": "*i32", "eps": "fp32", "n_rows": "i32", "B": "i32", "D": "i32", "cap": "i32",
+               "cols_per_split": "i32"}
         specs += with_alignments(AOTSpec(
             f"contextual_list_{t}", _ctx_list_kernel, sig,
             dict(PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"]),
-            c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cap"), ("B", "n_rows"))
+            c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cap", "cols_per_split"), ("B", "n_rows"))
         sig = {"x_ptr": f"*{t}", "key_ptr": "*i32", "rowv_ptr": "*fp32", "a_ptr": "*fp32", "scls_ptr": "*i32",
                "sval_ptr": "*fp32", "w_ptr": "*fp32", "part_ptr": "*fp32", "pos_margin": "fp32",
                "neg_margin": "fp32", "B": "i32", "D": "i32", "cols_per_split": "i32", "n_slots": "i32"}

@@ -174,32 +174,38 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
     rows, keep = rows.to(torch.int64).contiguous(), keep.to(torch.int64).contiguous()
     labels, ref_labels = labels.to(torch.int64).contiguous(), ref_labels.to(torch.int64).contiguous()
     C = M - 1 if self_mode else M
-    if R and bool(((rows < 0) | (rows >= B)).any()):
-        raise ValueError("metrics_pass: row index out of range")
-    if R and bool(((keep < 0) | (keep > C)).any()):
-        raise ValueError("metrics_pass: keep must be in [0, number of candidates]")
     opis = opis_bins > 0
     fine = bool(pair_hist) or opis
     key_x, key_y, _, _ = _tiles.label_index(labels, ref_labels, self_mode, sorted_rows=False)
     n_cls, rcls = 0, key_x  # rcls: a placeholder pointer unless opis
-    if opis and R:
-        classes = torch.unique(ref_labels)  # dense class ids in label order (the CPU op's LabelIndex)
-        cls = torch.searchsorted(classes, labels[rows])
-        if bool((cls[1:] < cls[:-1]).any()):
-            raise ValueError("metrics_pass: rows must be sorted by class")
-        first = int(cls[0])
-        n_cls = int(cls[-1]) - first + 1
-        rcls = (cls - first).to(torch.int32).contiguous()
     lopts = dict(dtype=torch.int64, device=dev)
     offsets = torch.zeros(R + 1, **lopts)
     offsets[1:] = torch.cumsum(keep, 0)
-    total = int(offsets[-1])
+    # every size and check the host needs, read in one synchronisation
+    zero = torch.zeros((), **lopts)
+    if R:
+        safe = rows.clamp(0, B - 1) if B else rows  # (out-of-range rows are reported below)
+        cls = torch.searchsorted(torch.unique(ref_labels), labels[safe]) if opis and B else rows
+        facts = torch.stack([offsets[-1], keep.max(), ((rows < 0) | (rows >= B)).any().long(),
+                             ((keep < 0) | (keep > C)).any().long(), (cls[1:] < cls[:-1]).any().long(),
+                             cls[0], cls[-1]]).tolist()
+    else:
+        facts = [0] * 7
+    total, max_keep, bad_row, bad_keep, unsorted, first, last = facts
+    if bad_row:
+        raise ValueError("metrics_pass: row index out of range")
+    if bad_keep:
+        raise ValueError("metrics_pass: keep must be in [0, number of candidates]")
+    if opis and R:  # dense class ids in label order (the CPU op's LabelIndex)
+        if unsorted:
+            raise ValueError("metrics_pass: rows must be sorted by class")
+        n_cls = last - first + 1
+        rcls = (cls - first).to(torch.int32).contiguous()
     indices = _debug.new_output((total + 1,), dtype=torch.int64, device=dev)  # + a trash slot for the copies
     values = _debug.new_output((total + 1,), dtype=torch.float32, device=dev)
     hist = torch.zeros((2, PAIR_BINS) if fine else (0, 0), **lopts)
     cls_hist = torch.zeros((n_cls, 2, opis_bins) if opis else (0, 2, 0), **lopts)
     cpos, cneg = cls_hist[:, 0], cls_hist[:, 1]
-    max_keep = int(keep.max()) if R else 0
     rounds = triton.cdiv(max_keep, K)
     if R == 0 or M == 0 or (rounds == 0 and not fine):
         return offsets, indices[:total], values[:total], hist, cpos.clone(), cneg.clone()
@@ -256,7 +262,7 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
     return offsets, indices, values, hist, cpos.clone(), cneg.clone()
 
 
-@triton_op("metrics_pass")
+@triton_op("metrics_pass", decompose=False)  # data-dependent sizes: traced through its fake
 def metrics_pass(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, rows: Tensor, keep: Tensor,
                  self_mode: bool, pair_hist: bool, opis_bins: int
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

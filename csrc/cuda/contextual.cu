@@ -7,8 +7,9 @@
 //     from the kNN op (knn_fwd_cuda, self included); L_con's hinge sums / counts from hinge_pair_fwd_cuda (strict,
 //     diagonal kept); both called directly (ops_cuda.h). Both compute each tile with the same s_tile_rect call as the
 //     list pass below, so all passes see bitwise the same fp32 S.
-//  2. ctx_list_kernel (contextual_kernels.cuh): N(i) in a fixed-capacity list per row with the exact count; rows
-//     over the capacity are gathered and rerun with a capacity of their largest count (exact always).
+//  2. ctx_list_kernel (contextual_kernels.cuh): N(i) in a fixed-capacity list per row and column split with the
+//     exact count, split lists concatenated in split order; rows over the capacity are gathered and rerun with a
+//     capacity of their largest count (exact always).
 //  3. The sparse stage (|N(i) ∩ N(j)|, W, R, Z, js, L_ctx) as ATen ops on the device, O(B·k²):
 //     ctx_stage::loss (csrc/aten/contextual_stage.h, the device-generic stage the Triton backend uses too).
 // Backward (docs/spec.md's closed form as in the CPU op: dL_ctx/dS = 2·ste_slope·C ⊙ (SP + u 1ᵀ + LB)): ctx_stage::grad
@@ -45,40 +46,48 @@ void check_cuda_limits(const char* op, const Tensor& x) {
 }
 
 // ------------------------------------------------------------------------------------------ the list pass
+// Column splits (plan_splits): a small B still fills the GPU. Each (row, split) keeps up to cap columns and its
+// exact count; outputs col / flag [na, nsplit, cap], cnt [na, nsplit].
 template <typename T>
 void launch_lists(const Tensor& xa, const Tensor& rows, const Tensor& x, const Tensor& thr, float eps, int64_t cap,
-                  Tensor& col, Tensor& flag, Tensor& cnt, cudaStream_t stream) {
+                  int64_t nsplit, int64_t tps, Tensor& col, Tensor& flag, Tensor& cnt, cudaStream_t stream) {
   using DT = typename DeviceType<T>::type;
   const int64_t na = xa.size(0);
-  ctx_list_kernel<DT><<<unsigned((na + kBM - 1) / kBM), kThreads, 0, stream>>>(
+  ctx_list_kernel<DT><<<dim3(unsigned((na + kBM - 1) / kBM), unsigned(nsplit)), kThreads, 0, stream>>>(
       dptr<T>(xa), na, rows.defined() ? rows.data_ptr<int64_t>() : nullptr, dptr<T>(x), x.size(0), x.size(1),
-      thr.data_ptr<float>(), eps, cap, col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>(), cnt.data_ptr<int32_t>());
+      thr.data_ptr<float>(), eps, cap, tps, col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>(),
+      cnt.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// N(i) as CSR, exact whatever the split: a row's split lists are concatenated in split order (ascending columns);
+// rows with a split over the capacity are gathered and rerun with a capacity of their largest split count.
 std::tuple<Tensor, Tensor, Tensor> neighbour_lists(const Tensor& x, const Tensor& thr, float eps, int64_t cap) {
   const int64_t B = x.size(0);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto run = [&](const Tensor& xa, const Tensor& rows, int64_t cp) {
     const int64_t na = xa.size(0);
-    Tensor col = at::empty({na, cp}, x.options().dtype(at::kInt));
-    Tensor flag = at::empty({na, cp}, x.options().dtype(at::kByte));
-    Tensor cnt = at::empty({na}, x.options().dtype(at::kInt));
-    FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "contextual_fwd",
-                                 [&] { launch_lists<scalar_t>(xa, rows, x, thr, eps, cp, col, flag, cnt, stream); });
+    const auto [nsplit, tps] = plan_splits((na + kBM - 1) / kBM, (B + kBN - 1) / kBN);
+    Tensor col = at::empty({na, nsplit, cp}, x.options().dtype(at::kInt));
+    Tensor flag = at::empty({na, nsplit, cp}, x.options().dtype(at::kByte));
+    Tensor cnt = at::empty({na, nsplit}, x.options().dtype(at::kInt));
+    FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "contextual_fwd", [&] {
+      launch_lists<scalar_t>(xa, rows, x, thr, eps, cp, nsplit, tps, col, flag, cnt, stream);
+    });
     return std::make_tuple(col, flag, cnt.to(at::kLong));
   };
   auto [col, flag, cnt] = run(x, Tensor(), cap);
-  Tensor keep = at::arange(cap, cnt.options()).unsqueeze(0) < cnt.unsqueeze(1);
-  const Tensor over = at::nonzero(cnt > cap).reshape(-1);
+  const int64_t ns = cnt.size(1);
+  Tensor keep = at::arange(cap, cnt.options()).view({1, 1, cap}) < cnt.unsqueeze(2);
+  const Tensor over = at::nonzero((cnt > cap).any(1)).reshape(-1);
   Tensor c_out, f_out;
   if (over.numel() > 0) {  // the exact overflow path: these rows again, gathered, with room for all neighbours
     const int64_t big = (cnt.index_select(0, over).max().item<int64_t>() + 15) / 16 * 16;
     auto [col2, flag2, cnt2] = run(vec_ready(x.index_select(0, over)), over, big);
     keep.index_fill_(0, over, false);
-    const Tensor keep2 = at::arange(big, cnt.options()).unsqueeze(0) < cnt2.unsqueeze(1);
-    const Tensor r1 = at::arange(B, cnt.options()).unsqueeze(1).expand({B, cap}).masked_select(keep);
-    const Tensor r2 = over.unsqueeze(1).expand({over.numel(), big}).masked_select(keep2);
+    const Tensor keep2 = at::arange(big, cnt.options()).view({1, 1, big}) < cnt2.unsqueeze(2);
+    const Tensor r1 = at::arange(B, cnt.options()).view({B, 1, 1}).expand({B, ns, cap}).masked_select(keep);
+    const Tensor r2 = over.view({-1, 1, 1}).expand({over.numel(), cnt2.size(1), big}).masked_select(keep2);
     const Tensor cc = at::cat({col.masked_select(keep), col2.masked_select(keep2)});
     const Tensor order = at::argsort(at::cat({r1, r2}) * B + cc.to(at::kLong));
     c_out = cc.index_select(0, order);
@@ -88,7 +97,7 @@ std::tuple<Tensor, Tensor, Tensor> neighbour_lists(const Tensor& x, const Tensor
     f_out = flag.masked_select(keep);
   }
   Tensor ptr = at::zeros({B + 1}, cnt.options());
-  ptr.narrow(0, 1, B).copy_(at::cumsum(cnt, 0));
+  ptr.narrow(0, 1, B).copy_(at::cumsum(cnt.sum(1), 0));
   return {ptr, c_out, f_out};
 }
 

@@ -143,11 +143,25 @@ def register_fakes(namespace: str) -> None:
             torch.library.register_fake(f"{namespace}::{name}")(fake)
 
 
-def triton_op(name: str):
+def _keep_opaque(mode, op, types, args, kwargs):
+    """FunctionalTensorMode rule that leaves the op as one node (what torch.export does for every triton_op)."""
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+def triton_op(name: str, decompose: bool = True):
     """Decorator: define ``flashdml_triton::<name>`` with ``SCHEMAS[name]`` and the shared fake kernel.
-    The decorated function's parameters must carry the schema's names."""
+    The decorated function's parameters must carry the schema's names.
+
+    ``decompose=False`` for an op whose output sizes depend on the data (its body reads them on the host): when
+    torch.compile / AOT dispatch functionalises a graph, torch.library.triton_op would trace the body itself on
+    fake tensors; this keeps the op as one node that the fake kernel describes instead (with unbacked sizes), and
+    the body runs, on real tensors, only when the op executes."""
     def define(fn):
         op = torch.library.triton_op(f"{TRITON_NAMESPACE}::{name}", fn, mutates_args=(), schema=SCHEMAS[name])
         op.register_fake(FAKES[name])
+        if not decompose:
+            from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+            op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
         return op
     return define
