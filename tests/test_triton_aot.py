@@ -7,8 +7,9 @@ shared memory within the architecture's per-block limit. sm_86 stands for the sm
 sm_89 parts (A10, A40, L4, L40, RTX 30xx / 40xx) allow 99 KiB per block, so a config that fits an A100 or H100 but
 not 99 KiB would fail to launch there (the configs are launched as written on every GPU; the largest use 64 KiB).
 GEMM kernels must use tensor cores for fp16/bf16: ``mma.sync`` on sm_80 / sm_86 and ``wgmma`` on sm_90. fp32 GEMM
-kernels use the exact IEEE dot (``input_precision="ieee"``), which Triton lowers to FMA instructions on every
-architecture — asserted too, so a change shows up.
+kernels use the exact IEEE dot (``input_precision="ieee"``) by default, which Triton lowers to FMA instructions on every
+architecture — asserted too, so a change shows up; their TF32 copies (``_aot.precision_variants``, launched when the
+user allows TF32) must use tensor cores like fp16 / bf16.
 The interpreter accepts code the compiler rejects, so this complements tests/test_triton_*.py.
 """
 from __future__ import annotations
@@ -53,14 +54,33 @@ def test_compiles_without_spills(spec, cc, aot):
     assert usage["shared_dynamic"] + usage["shared"] <= SMEM_LIMIT[cc], f"shared memory over the limit: {info}"
     if not spec.gemm:
         return
-    if spec.dtype in ("fp16", "bf16"):
+    # fp16 / bf16, and fp32 with the TF32 opt-in (PRECISION="tf32", the specs' "_tf32" copies): tensor cores
+    if spec.dtype in ("fp16", "bf16") or spec.constexprs.get("PRECISION") == "tf32":
         if cc >= 90:  # every tl.dot on wgmma: no fallback to sm_80-style mma.sync
             assert _aot.has_wgmma(compiled), f"{spec.name}: no wgmma in the sm_{cc} PTX"
             assert not _aot.has_mma(compiled), f"{spec.name}: some tl.dot fell back to mma.sync on sm_{cc}"
         else:
             assert _aot.has_mma(compiled), f"{spec.name}: no mma.sync in the sm_{cc} PTX"
     else:  # fp32 with input_precision="ieee": exact FMA dot, no tensor cores on either architecture
+        assert spec.constexprs.get("PRECISION") == "ieee", spec.name
         assert not _aot.has_wgmma(compiled) and not _aot.has_mma(compiled), spec.name
+
+
+def test_fp32_specs_come_in_both_precisions():
+    """Every fp32 GEMM spec is compiled as launched by default ("ieee") and with the TF32 opt-in ("tf32"), except
+    the metrics pass, which stays exact."""
+    by_name = {s.name: s for s in SPECS}
+    fp32 = [s for s in SPECS if s.dtype == "fp32" and s.gemm]
+    assert fp32
+    for spec in fp32:
+        if spec.name.endswith(_aot.TF32_SUFFIX):
+            assert spec.constexprs["PRECISION"] == "tf32", spec.name
+            base = by_name[spec.name[:-len(_aot.TF32_SUFFIX)]]
+            assert base.constexprs == dict(spec.constexprs, PRECISION="ieee"), spec.name
+        elif spec.name.startswith("metrics_"):
+            assert spec.name + _aot.TF32_SUFFIX not in by_name
+        else:
+            assert spec.constexprs["PRECISION"] == "ieee" and spec.name + _aot.TF32_SUFFIX in by_name, spec.name
 
 
 # Every integer argument of every kernel also compiled as the constant 1, as Triton's JIT specialises it at run
