@@ -117,7 +117,13 @@ def int_one_specs(specs: Optional[list] = None) -> list[AOTSpec]:
     specs = all_specs() if specs is None else specs
     chosen: dict = {}
     for spec in specs:
-        key = (_jit_function(spec.kernel).fn, tuple(sorted((k, repr(v)) for k, v in spec.constexprs.items())))
+        # The "tf32" copies of precision_variants differ from their "ieee" spec only in the input_precision
+        # attribute of the dots (no kernel branches on PRECISION; split_tf32_dot branches on GPREC, which the
+        # copies keep), so they share the "ieee" spec's group.
+        consts = dict(spec.constexprs)
+        if spec.name.endswith(TF32_SUFFIX) and consts.get("PRECISION") == "tf32":
+            consts["PRECISION"] = "ieee"
+        key = (_jit_function(spec.kernel).fn, tuple(sorted((k, repr(v)) for k, v in consts.items())))
         chosen.setdefault(key, spec)
     return [int_one_variant(spec, arg) for spec in chosen.values()
             for arg, t in spec.signature.items() if t in ("i32", "i64")]
@@ -352,8 +358,36 @@ def has_mma(compiled) -> bool:
     return re.search(r"\bmma\.sync\.aligned", compiled.asm["ptx"]) is not None
 
 
+# Kernel modules whose fp32 S tiles stay exact ("ieee") even when the user allows TF32 (their launchers pass
+# exact=True to _tiles.precision): the metrics pass, whose re-ranking bound assumes fp32 products.
+EXACT_FP32_MODULES = ("metrics",)
+TF32_SUFFIX = "_tf32"
+
+
+def precision_variants(specs: list, tf32: bool = True) -> list[AOTSpec]:
+    """``specs`` with each fp32 spec that has a ``PRECISION`` constexpr in both precisions its launcher can use.
+
+    fp32 launches pass ``PRECISION=_tiles.precision(torch.float32)``, which is "ieee" by default and "tf32" when
+    the user opted into TF32 at launch time. The modules build their specs with that same call at import, so the
+    value depends on the flags then; here every such spec becomes the "ieee" one under its own name plus (``tf32``)
+    a copy with ``PRECISION="tf32"`` named ``<name>_tf32``, whatever the flags were at import (a compile subprocess,
+    which looks specs up by name, then sees the same list). Other constexprs (e.g. the contextual gradient's
+    ``GPREC``) are left alone.
+    """
+    out = []
+    for spec in specs:
+        if spec.dtype != "fp32" or spec.constexprs.get("PRECISION") not in ("ieee", "tf32"):
+            out.append(spec)
+            continue
+        for prec, suffix in (("ieee", ""), ("tf32", TF32_SUFFIX))[:2 if tf32 else 1]:
+            consts = dict(spec.constexprs, PRECISION=prec)
+            out.append(dataclasses.replace(spec, name=spec.name + suffix, constexprs=consts))
+    return out
+
+
 def all_specs() -> list[AOTSpec]:
-    """AOT_SPECS of every kernel module in this package (modules whose name starts with "_" are skipped)."""
+    """AOT_SPECS of every kernel module in this package (modules whose name starts with "_" are skipped), with the
+    fp32 TF32 variants of :func:`precision_variants`."""
     specs: list[AOTSpec] = []
     package = __name__.rsplit(".", 1)[0]
     pkg = importlib.import_module(package)
@@ -361,7 +395,7 @@ def all_specs() -> list[AOTSpec]:
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{package}.{info.name}")
-        specs.extend(getattr(module, "AOT_SPECS", []))
+        specs.extend(precision_variants(getattr(module, "AOT_SPECS", []), info.name not in EXACT_FP32_MODULES))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

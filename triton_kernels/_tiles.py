@@ -224,9 +224,36 @@ class wrap_triton:  # noqa: N801 -- a drop-in for torch.library.wrap_triton, sam
         return launch
 
 
-def precision(dtype: torch.dtype) -> str:
-    # fp32: exact fp32 products/sums (FMA dot) so results match the reference; fp16/bf16 ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def tf32_opted_in() -> bool:
+    """Whether the user allowed TF32 for fp32 matmuls on CUDA, read now, with PyTorch's own rule.
+
+    ``torch.backends.cuda.matmul.fp32_precision`` is the setting cuBLAS obeys: it is "tf32" after
+    ``torch.backends.cuda.matmul.allow_tf32 = True`` or ``torch.set_float32_matmul_precision("high" / "medium")``
+    (the legacy setters write it too), after ``torch.backends.cuda.matmul.fp32_precision = "tf32"``, or when it is
+    "none" and inherits the generic ``torch.backends.fp32_precision = "tf32"``; an explicit "ieee" there wins over a
+    generic "tf32". Torch versions without that attribute: the legacy ``get_float32_matmul_precision()``.
+    """
+    matmul = torch.backends.cuda.matmul
+    try:
+        return matmul.fp32_precision == "tf32"
+    except (AttributeError, RuntimeError):
+        return torch.get_float32_matmul_precision() != "highest"
+
+
+def precision(dtype: torch.dtype, exact: bool = False) -> str:
+    """``input_precision`` of the S-tile ``tl.dot`` for rows of ``dtype``, read at launch time.
+
+    fp16 / bf16: "tf32" (the setting is ignored for 16-bit operands: tensor cores, fp32 accumulation). fp32:
+    "ieee" — exact fp32 products and sums on FMA units, the default — unless the user opted into TF32 for fp32
+    matmuls (:func:`tf32_opted_in`); then "tf32" (operands rounded to TF32, 2^-11, on tensor cores) like
+    ``torch.matmul``. ``exact=True``: always "ieee" for fp32, for callers whose error bounds assume fp32 products
+    (the metrics pass). Every launcher calls this at launch, so a forward and its backward each read the setting
+    then: flipping it between them makes the backward recompute S in the other precision, as a matmul's backward
+    would use the setting in force when it runs.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if not exact and tf32_opted_in() else "ieee"
 
 
 @functools.lru_cache(maxsize=None)

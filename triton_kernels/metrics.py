@@ -239,8 +239,9 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
             wrap_triton(_metrics_pass_kernel)[(rp, ns)](
                 xp, yp, sub, sub_keep, key_x, key_y, rcls, bound, part if tk else dummy, hist if fn else dummy,
                 cls_hist if opis and fn else dummy, rn, M, xp.shape[1], per * bn, int(self_mode), int(opis), shift,
-                opis_bins, TOPK=tk, FINE=fn, USE_BOUND=rd > 0, PRECISION=_tiles.precision(x.dtype), BLOCK_M=bm,
-                BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], K=K, **_tiles.launch(cfg))
+                opis_bins, TOPK=tk, FINE=fn, USE_BOUND=rd > 0, BLOCK_M=bm, BLOCK_N=bn,
+                # exact fp32 S even with TF32 allowed: the re-ranking's err = (d + 16)·2^-24 assumes fp32 products
+                PRECISION=_tiles.precision(x.dtype, exact=True), BLOCK_K=cfg["BLOCK_K"], K=K, **_tiles.launch(cfg))
         if not topk:
             break
         vals = _debug.new_output((rn, K), dtype=torch.float32, device=dev)

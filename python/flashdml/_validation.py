@@ -139,7 +139,12 @@ def prepare_batch(
 
 
 def check_temperature(temperature: TemperatureLike, device: torch.device, name: str = "temperature") -> Tensor:
-    """A positive Python number or 0-dim tensor; returned as a 0-dim float32 tensor (grad kept if learnable)."""
+    """A positive Python number or 0-dim tensor; returned as a 0-dim float32 tensor (grad kept if learnable).
+
+    A Python number or a CPU tensor is checked here (``ValueError`` / ``TypeError``); a 0-dim tensor on a GPU is
+    not read on the host (no per-call synchronisation): an invalid value there makes the result NaN
+    (:func:`nan_unless_valid`; docs/gpu.md, "Host synchronisations"). Under torch.compile the check runs as an op.
+    """
     if isinstance(temperature, Tensor):
         if temperature.dim() != 0:
             raise ValueError(f"{name} must be a Python number or a 0-dim tensor, got shape {tuple(temperature.shape)}")
@@ -149,13 +154,30 @@ def check_temperature(temperature: TemperatureLike, device: torch.device, name: 
             raise ValueError(f"{name} is on {temperature.device} but the embeddings are on {device} (mixed devices)")
         if _is_compiling():  # no host sync in a traced graph: the check runs as an op, when the graph runs
             torch.ops.flashdml_checks.temperature(temperature.detach(), name)
-        else:
+        elif host_readable(temperature):  # reading a CPU tensor does not wait for a device
             _check_temperature_value(float(temperature.detach()), name)
+        else:
+            return nan_unless_valid(temperature.to(device=device, dtype=torch.float32))
         return temperature.to(device=device, dtype=torch.float32)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"{name} must be a Python number or a 0-dim tensor, got {type(temperature).__name__}")
     _check_temperature_value(float(temperature), name)
-    return torch.tensor(float(temperature), dtype=torch.float32, device=device)
+    # a fill on the device, not torch.tensor(...): that copies from the host and waits for the copy
+    return torch.full((), float(temperature), dtype=torch.float32, device=device)
+
+
+def host_readable(t: Tensor) -> bool:
+    """Whether reading ``t``'s value on the host costs no device synchronisation (a CPU tensor). Tests patch it to
+    take the device path with CPU tensors."""
+    return t.device.type == "cpu"
+
+
+def nan_unless_valid(t: Tensor) -> Tensor:
+    """A device-resident temperature is not read on the host (that would synchronise on every call): a value that
+    ``_check_temperature_value`` rejects (<= 0, below MIN_TEMPERATURE, NaN, infinite) becomes NaN here, so the loss
+    and every gradient come out NaN instead of a wrong finite number. The gradient still reaches a valid ``t``."""
+    ok = (t >= MIN_TEMPERATURE) & torch.isfinite(t)
+    return torch.where(ok, t, torch.full_like(t, float("nan")))
 
 
 MIN_TEMPERATURE = 1e-12  # 1/τ² (the scale of the temperature's gradient) stays finite in fp32 above it

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _validation
 from .._math import nonfinite_gives_nan
 from .._validation import check_positive_int, check_real, check_temperature, prepare_batch
 from .similarity import _global_topk_flat, _pair_masks, _similarity_matrix
@@ -40,8 +41,10 @@ def _temperature(temperature, like: Tensor) -> Tensor:
     """Validated temperature as a 0-dim tensor of ``like``'s dtype/device (keeps a learnable tensor's graph)."""
     check_temperature(temperature, like.device)  # raises TypeError/ValueError naming "temperature"
     if isinstance(temperature, Tensor):
-        return temperature.to(device=like.device, dtype=like.dtype)
-    return torch.tensor(float(temperature), dtype=like.dtype, device=like.device)
+        t = temperature.to(device=like.device, dtype=like.dtype)
+        # a GPU tensor is not read on the host: an invalid value becomes NaN here too (no wrong finite loss)
+        return t if _validation.host_readable(temperature) else _validation.nan_unless_valid(t)
+    return torch.full((), float(temperature), dtype=like.dtype, device=like.device)  # a fill, no host copy
 
 
 def _masked_logsumexp(z: Tensor, mask: Tensor, dim: Optional[int] = None):
