@@ -24,8 +24,12 @@ namespace bs {
 // exactly one split, so exactly once).
 // Shared memory: staging 2 x 5120 B (fp16/bf16) or 2 x 4352 B (fp32) + St 17408 B + column labels 512 B +
 // merge 2048 B = 30208 B / 28672 B, static (< 48 KiB).
+// (256, 2): without a minimum block count ptxas (CUDA 13.0, sm_80) keeps the fp32 version at 64 registers and
+// spills 28 bytes (8 bytes of stack) once expf is the accurate version (no --use_fast_math); with it, 96-110
+// registers and no spills on sm_80 / sm_90 (the fp16 / bf16 versions used 72 / 90 before: 2 instead of 3 blocks
+// per SM by registers for fp16, which only a GPU can say whether it matters).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     bs_lse_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const int64_t* __restrict__ labels,
                   const float* __restrict__ tau, int64_t n, int64_t d, int64_t tiles_per_split, bool vec,
                   float* __restrict__ part_max, float* __restrict__ part_sum, float* __restrict__ diag) {

@@ -157,7 +157,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       __syncthreads();  // St consumed (Yc overwrites it), Gt complete
       {
         uint4 pre[4];
-        load_yc<T>(pre, Oth, noth, d, col0, 0, /*vec=*/true);
+        // column offset blockIdx.y * kDV = 0 (grid y = 1), a run-time value on purpose: with a literal 0 ptxas
+        // (CUDA 13.0) spills 4-68 bytes in some fp16 / bf16 versions of this kernel (sm_80, sm_90)
+        load_yc<T>(pre, Oth, noth, d, col0, int64_t(blockIdx.y) * C::kDV, /*vec=*/true);
         store_yc<T>(Yc, pre);
       }
       __syncthreads();  // Yc visible
@@ -187,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   if constexpr (!kChunked) {
     __syncthreads();  // all products done: the St region is free for the epilogue staging
-    prod.store(part + int64_t(blockIdx.z) * nout * d, d, row0, nout, 0, d, St);
+    prod.store(part + int64_t(blockIdx.z) * nout * d, d, row0, nout, int64_t(blockIdx.y) * C::kDV, d, St);
   }
 
   if constexpr (Op::kGz) {
