@@ -9,8 +9,8 @@ Environment:
   MAX_JOBS                parallel compile jobs for ninja (default: number of CPUs)
 
 Importing this file builds nothing (the build runs under ``__main__``, as setuptools' build backend runs it): the
-toolkit discovery (``find_cuda_home``) and the architecture choice (``cuda_arch_list``) are importable, e.g. by
-tests/test_cuda_emulation.py and tests/test_setup_arch.py.
+toolkit discovery (``find_cuda_home``), the architecture choice (``cuda_arch_list``) and the nvcc flags
+(``NVCC_FLAGS``) are importable, e.g. by tests/test_cuda_emulation.py and tests/test_setup_arch.py.
 """
 from __future__ import annotations
 
@@ -64,6 +64,13 @@ def pip_cuda_include_dirs() -> list[str]:
                 dirs.append(d)
     return dirs
 
+
+# nvcc flags of the CUDA kernels. No --use_fast_math, nor the parts of it (-ftz=true, --prec-div=false,
+# --prec-sqrt=false): it flushes fp32 denormals to zero and turns expf / logf / division / sqrtf into approximate
+# instructions, which the CPU emulation of the kernels (tests/cuda_emulation: g++ with IEEE libm) does not model.
+# A kernel that wants a fast intrinsic calls it by name (__expf, ...) so the choice is visible in its source
+# (docs/gpu.md, "Precision"). tests/test_setup_arch.py checks this list.
+NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo", "-Xptxas=-v", "--expt-relaxed-constexpr"]
 
 # The CUDA kernels need sm_80 or newer: the bf16 wmma fragments of tile_gemm.cuh do not exist before Ampere, and
 # the CPU and CUDA sources are one extension, so a failed CUDA compile would cost the CPU backend too. Older
@@ -159,8 +166,7 @@ def main() -> None:
             define_macros=[("FLASHDML_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
-                         "--expt-relaxed-constexpr"],
+                "nvcc": list(NVCC_FLAGS),
             },
             extra_link_args=["-fopenmp"],
         )

@@ -29,7 +29,7 @@ DTYPES_MANGLED = ("If", "I6__half", "I13__nv_bfloat16")
 BATCH_SOFTMAX_TEMPLATED = ("bs_lse_kernel", "bs_grad_kernel", "reduce_splits_kernel")
 BATCH_SOFTMAX_PLAIN = ("finalize_lse_kernel", "scaled_sum_kernel")
 # csrc/cuda/xent.cu (cross-example softmax / NT-Xent) and hinge_pair.cu (TCM / margin contrastive); the shared
-# pair_grad_kernel<T, Op, kOutY, kExact> (pair_tiles.cuh) must exist per dtype for each op's weight functor.
+# pair_grad_kernel<T, Op, kOutY, kExact, kChunked> (pair_tiles.cuh) must exist per dtype for each op's weight functor.
 XENT_TEMPLATED = ("xe_lse_kernel", "xe_pos_kernel", "pair_reduce_kernel")
 XENT_PLAIN = ("xe_count_kernel", "xe_row_lse_kernel", "xe_scalars_kernel", "xe_rows_kernel", "xe_final_kernel",
               "xe_bwd_prep_kernel", "xe_dtau_kernel")
@@ -170,7 +170,14 @@ def test_every_kernel_is_built_for_sm80_and_sm90():
         for op in PAIR_GRAD_OPS:
             for dt in DTYPES_MANGLED:
                 hits = [n for n in names if "pair_grad_kernel" + dt in n and op in n]
-                assert len(hits) == 2, f"{arch}: pair_grad_kernel<{dt}, {op}> expected for dx and dy, found {hits}"
+                # dx and dy, each as kChunked = false (d <= kDV) and true (the d-chunk loop inside the block);
+                # the last template argument (bool) mangles to Lb0E / Lb1E before the closing EEv
+                assert len(hits) == 4, f"{arch}: pair_grad_kernel<{dt}, {op}> expected for dx / dy x 2, found {hits}"
+                assert sum("Lb1EEEv" in n for n in hits) == 2, f"{arch}: chunked pair_grad_kernel<{dt}, {op}>"
+        for dt in DTYPES_MANGLED:
+            for chunked in ("Lb0EEEv", "Lb1EEEv"):
+                hits = [n for n in names if "bs_grad_kernel" + dt in n and chunked in n]
+                assert len(hits) == 1, f"{arch}: bs_grad_kernel<{dt}, {chunked[2]}> expected once, found {hits}"
     assert set(usage[ARCHS[0]]) == set(usage[ARCHS[1]]), "the two architectures hold different kernel sets"
 
 

@@ -5,9 +5,11 @@ There is no GPU here, so `tests/cuda_emulation/` compiles the real kernel code o
 small emulation of the CUDA features it uses (every CUDA thread a std::thread, __syncthreads a barrier, wmma
 fragments by their API semantics) and runs the host pipeline of each csrc/cuda/*.cu against a dense float64
 reference: ragged shapes, all label kinds and modes, 1 and 132 SMs (so the column splits run), aligned and
-misaligned (scalar-load, or for the pair losses host-padded) inputs. It checks the kernels' index math, tiling,
-reductions and formulas; it does not check timing, the hardware fragment layout, or the ATen wrappers
-(tests/test_cuda_build.py and the GPU tests cover what they can).
+misaligned (scalar-load, or for the pair losses host-padded) inputs, and for every backward pass d over several
+kDV column chunks (d = 389 / 392) with the count of S tiles each launch computed asserted to be row blocks x tiles
+(each tile once, not once per chunk of d). It checks the kernels' index math, tiling, reductions and formulas;
+it does not check timing, the hardware fragment layout, or the ATen wrappers (tests/test_cuda_build.py and the
+GPU tests cover what they can).
 """
 import importlib.util
 import os

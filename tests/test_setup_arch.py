@@ -97,3 +97,20 @@ def test_main_uses_the_choice(setup_module):
 
     src = inspect.getsource(setup_module.main)
     assert "cuda_arch_list(" in src and 'os.environ["TORCH_CUDA_ARCH_LIST"] = archs' in src
+
+
+def test_nvcc_flags_keep_ieee_float_math(setup_module):
+    """The CUDA kernels build without fast math: --use_fast_math flushes fp32 denormals to zero and makes expf,
+    logf, division and sqrtf approximate, none of which the CPU emulation of the kernels (tests/cuda_emulation,
+    g++ with IEEE libm) models, so its float64 comparisons would no longer vouch for the GPU build."""
+    import inspect
+
+    flags = setup_module.NVCC_FLAGS
+    joined = " ".join(flags)
+    for bad in ("--use_fast_math", "-use_fast_math", "-ftz=true", "--ftz=true", "--prec-div=false",
+                "-prec-div=false", "--prec-sqrt=false", "-prec-sqrt=false"):
+        assert bad not in joined, f"{bad} in setup.py's NVCC_FLAGS"
+    assert "-Xptxas=-v" in flags and "-O3" in flags  # the list is the real one, not an empty stand-in
+    # main() compiles with exactly this list
+    src = inspect.getsource(setup_module.main)
+    assert '"nvcc": list(NVCC_FLAGS)' in src

@@ -76,16 +76,16 @@ void run_grad(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, 
   using DT = typename DeviceType<T>::type;
   const int64_t n = A.size(0), d = A.size(1);
   const int64_t nrb = (n + kBM - 1) / kBM, ntiles = (n + kBN - 1) / kBN;
-  const int64_t nch = (d + TileCfg<DT>::kDV - 1) / TileCfg<DT>::kDV;
-  TORCH_CHECK(nch <= 65535, "batch_softmax_bwd: embedding dimension too large for the CUDA kernel");
-  const auto [nsplit, tps] = plan_splits(nrb * nch, ntiles);
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);  // no chunk axis: the d chunks loop inside each block
   at::Tensor part = at::empty({nsplit * n * d}, A.options().dtype(at::kFloat));
   float* dtp = nullptr;
   if (dtau_part != nullptr) {
     *dtau_part = at::empty({nsplit * nrb}, A.options().dtype(at::kFloat));
     dtp = dtau_part->data_ptr<float>();
   }
-  bs_grad_kernel<DT><<<dim3(unsigned(nrb), unsigned(nch), unsigned(nsplit)), kThreads, 0, stream>>>(
+  // one chunk of d: the accumulator stays in registers; more: running sums per chunk in part
+  const auto kernel = d <= TileCfg<DT>::kDV ? bs_grad_kernel<DT, false> : bs_grad_kernel<DT, true>;
+  kernel<<<dim3(unsigned(nrb), 1u, unsigned(nsplit)), kThreads, 0, stream>>>(
       dptr<T>(A), dptr<T>(Bm), labels, tau, lse_r, lse_c, n, d, tps, use_vec<DT>(A, Bm, d), part.data_ptr<float>(),
       dtp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -24,8 +24,12 @@ namespace bs {
 // exactly one split, so exactly once).
 // Shared memory: staging 2 x 5120 B (fp16/bf16) or 2 x 4352 B (fp32) + St 17408 B + column labels 512 B +
 // merge 2048 B = 30208 B / 28672 B, static (< 48 KiB).
+// (256, 2): without a minimum block count ptxas (CUDA 13.0, sm_80) keeps the fp32 version at 64 registers and
+// spills 28 bytes (8 bytes of stack) once expf is the accurate version (no --use_fast_math); with it, 96-110
+// registers and no spills on sm_80 / sm_90 (the fp16 / bf16 versions used 72 / 90 before: 2 instead of 3 blocks
+// per SM by registers for fp16, which only a GPU can say whether it matters).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     bs_lse_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const int64_t* __restrict__ labels,
                   const float* __restrict__ tau, int64_t n, int64_t d, int64_t tiles_per_split, bool vec,
                   float* __restrict__ part_max, float* __restrict__ part_sum, float* __restrict__ diag) {
@@ -138,23 +142,28 @@ __global__ void __launch_bounds__(kSumThreads)
 }
 
 // ---- bs_grad_kernel --------------------------------------------------------------------------------------
-// grid (ceil(n / 64), ceil(d / kDV), nsplit), 256 threads; kDV = 128 (fp16/bf16) or 64 (fp32).
-// Block (rb, ch, s): rows 64 rb .. of A, output columns kDV ch .. of the gradient, column tiles of split s.
-// Per tile: S tile (K loop over all of d: recomputed once per column chunk ch, the price of keeping the
-// 64 x kDV accumulator in registers for any d), then thread (r = t % 64, q = t / 64) turns its 16 entries into
+// grid (ceil(n / 64), 1, nsplit), 256 threads; kDV = 128 (fp16/bf16) or 64 (fp32).
+// Block (rb, 0, s): rows 64 rb .. of A, all d output columns of the gradient, column tiles of split s.
+// Per tile, once: S tile (K loop over all of d), then thread (r = t % 64, q = t / 64) turns its 16 entries into
 // the unscaled weight g (batch_softmax.h) and writes it to Gt[c][r] (GType: the input type on the tensor-core
-// path, |g| <= 2 so no range trouble), then acc[64 x kDV] += G * B[col0 .. + 63][kDV ch .. + kDV - 1].
-// Epilogue: acc (unscaled, fp32) -> part[s][row][col]; blocks with ch == 0 also write sum(g z) of their
-// entries to dtau_part[s * gridDim.x + rb] when dtau_part is given.
+// path, |g| <= 2 so no range trouble). Then, for each chunk of kDV columns of d:
+// acc[64 x kDV] += G * B[col0 .. + 63][chunk]. kChunked = false (the host's choice for d <= kDV): the accumulator
+// stays in registers across the tiles and is stored once at the end; kChunked = true (any d): each chunk's running
+// sum is kept in this block's own rows of part[s] and read back on the next tile (GbProduct::load / store, the
+// same element-to-thread mapping: deterministic, no atomics, no extra barrier), as in pair_grad_kernel
+// (pair_tiles.cuh, which also says why these are two instantiations and not a run-time branch).
+// Epilogue: acc (unscaled, fp32) -> part[s][row][col]; the block also writes sum(g z) of its entries to
+// dtau_part[s * gridDim.x + rb] when dtau_part is given.
 // lse_r is indexed by A's rows, lse_c by B's rows; either may be null (term absent).
 //   dx: A = x, B = y, lse_r = row_lse, lse_c = symmetric ? col_lse : null
 //   dy: A = y, B = x, lse_r = symmetric ? col_lse : null, lse_c = row_lse   (S^T entries, same g_ij)
-// Shared memory: staging 2 x 5120 / 2 x 4352 B; St 17408 B, which is reused for the B chunk Yc (64 x 136 x 2 B
-// = 64 x 68 x 4 B = 17408 B) once St is consumed and for the epilogue staging (10240 B); Gt 9216 B (16-bit)
+// Shared memory: staging 2 x 5120 / 2 x 4352 B (also the per-warp staging of the chunk loop's partial sums on
+// the tensor-core path, 10240 B); St 17408 B, which is reused for the B chunk Yc (64 x 136 x 2 B
+// = 64 x 68 x 4 B = 17408 B) once St is consumed and for the final epilogue staging (10240 B); Gt 9216 B (16-bit)
 // or 17408 B (fp32); labels / lse of the tile's columns 768 B; 32 B reduction = 37664 B (fp16/bf16),
 // 44320 B (fp32): static, < 48 KiB. __launch_bounds__(256, 2) caps registers at 128 so that 2 blocks (16 warps)
 // fit per SM; the 64 x kDV accumulator takes 32 of them (tensor cores) or 16 (fp32).
-template <typename T>
+template <typename T, bool kChunked>
 __global__ void __launch_bounds__(kThreads, 2)
     bs_grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const int64_t* __restrict__ labels,
                    const float* __restrict__ tau, const float* __restrict__ lse_r, const float* __restrict__ lse_c,
@@ -185,7 +194,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int t = threadIdx.x;
   const int r = t % kBM, q = t / kBM;
   const int64_t row0 = int64_t(blockIdx.x) * kBM;
-  const int64_t dv0 = int64_t(blockIdx.y) * C::kDV;
   const int64_t gi = row0 + r;
   const bool has_labels = labels != nullptr;
   const bool use_r = lse_r != nullptr, use_c = lse_c != nullptr;
@@ -196,12 +204,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t tile_begin = int64_t(blockIdx.z) * tiles_per_split;
   const int64_t tile_end = tile_begin + tiles_per_split < ntiles ? tile_begin + tiles_per_split : ntiles;
 
+  float* stage = static_cast<float*>(Xs);  // kChunked: free between s_tile calls; kWarps x 16 x 20 floats (wmma)
+  static_assert(!C::kTensorCore || 2 * C::kStageBytes >= kWarps * 16 * 20 * 4, "chunk-loop staging fits in Xs, Ys");
+
   GbProduct<T> prod;
   prod.zero();
   float gz = 0.f;  // sum of g * z over this thread's entries (for dtemperature)
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t col0 = tile * kBN;
-    __syncthreads();  // the previous tile's Gt, Yc (= St), lab_c, lse_cs are fully consumed
+    __syncthreads();  // the previous tile's Gt, Yc (= St), lab_c, lse_cs, staging are fully consumed
     if (t < kBN) {
       const int64_t gj = col0 + t;
       lab_c[t] = (has_labels && gj < n) ? labels[gj] : 0;
@@ -224,21 +235,48 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       Gt[c * C::kLdG + r] = from_float<GType>(g);
     }
-    __syncthreads();  // St consumed (Yc overwrites it), Gt complete
-    {
-      // Not prefetched before the weights on purpose: holding 16 more registers there costs spills at the
-      // 128-register cap that keeps 2 blocks (16 warps) per SM; the other resident block hides this latency.
-      uint4 pre[4];
-      load_yc<T>(pre, Bm, n, d, col0, dv0, vec);
-      store_yc<T>(Yc, pre);
+    if constexpr (!kChunked) {  // d <= kDV: one chunk, the accumulator stays in registers across the tiles
+      __syncthreads();  // St consumed (Yc overwrites it), Gt complete
+      {
+        // Not prefetched before the weights on purpose: holding 16 more registers there costs spills at the
+        // 128-register cap that keeps 2 blocks (16 warps) per SM; the other resident block hides this latency.
+        // The column offset is blockIdx.y * kDV = 0 (grid y = 1), deliberately a run-time value: with a literal 0
+        // ptxas (CUDA 13.0, sm_80) spills 8-20 bytes in the fp16 / bf16 versions of this kernel.
+        uint4 pre[4];
+        load_yc<T>(pre, Bm, n, d, col0, int64_t(blockIdx.y) * C::kDV, vec);
+        store_yc<T>(Yc, pre);
+      }
+      __syncthreads();  // Yc visible
+      prod.mma(Gt, Yc);
+    } else {
+      const int64_t nch = (d + C::kDV - 1) / C::kDV;
+#pragma unroll 1  // one chunk's product at a time (an unrolled copy would hold a second set of addresses)
+      for (int64_t ch = 0; ch < nch; ++ch) {
+        const int64_t dv0 = ch * C::kDV;
+        __syncthreads();  // ch = 0: St consumed (Yc overwrites it), Gt complete; later: previous chunk's Yc read
+        {
+          uint4 pre[4];
+          load_yc<T>(pre, Bm, n, d, col0, dv0, vec);
+          store_yc<T>(Yc, pre);
+        }
+        // this chunk's running sum: 0 on the split's first tile, else what this thread stored on the last one
+        if (tile == tile_begin) {
+          prod.zero();
+        } else {
+          prod.load(part + int64_t(blockIdx.z) * n * d, d, row0, n, dv0, d, stage);
+        }
+        __syncthreads();  // Yc visible
+        prod.mma(Gt, Yc);
+        prod.store(part + int64_t(blockIdx.z) * n * d, d, row0, n, dv0, d, stage);
+      }
     }
-    __syncthreads();  // Yc visible
-    prod.mma(Gt, Yc);
   }
-  __syncthreads();  // all products done: St region is free for the epilogue staging
-  prod.store(part + int64_t(blockIdx.z) * n * d, d, row0, n, dv0, d, St);
+  if constexpr (!kChunked) {
+    __syncthreads();  // all products done: the St region is free for the epilogue staging
+    prod.store(part + int64_t(blockIdx.z) * n * d, d, row0, n, int64_t(blockIdx.y) * C::kDV, d, St);
+  }
 
-  if (dtau_part != nullptr && blockIdx.y == 0) {  // uniform per block
+  if (dtau_part != nullptr) {  // uniform per block
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) gz += __shfl_xor_sync(0xffffffffu, gz, off);
     if (t % 32 == 0) red[t / 32] = gz;

@@ -36,13 +36,21 @@ __device__ __forceinline__ void s_tile_rect(const T* __restrict__ A, int64_t na,
 }
 
 // ---- pair_grad_kernel ------------------------------------------------------------------------------------
-// grid (ceil(nout / 64), ceil(d / kDV), nsplit), 256 threads: the structure of bs_grad_kernel (batch softmax)
-// for a rectangular S and any per-element weight. Block (rb, ch, s): output rows 64 rb .. (rows of x when
-// kOutY = false -> dx, rows of y when kOutY = true -> dy), output columns kDV ch .., tiles of the other side in
-// split s. Per tile: S tile; weights g = op.weight(...) -> Gt (GType: the input type on the tensor-core path;
-// ops keep |g| <= 2^14); acc += G * (other side's rows, kDV columns). Epilogue: unscaled fp32 acc ->
-// part[s][row][col]; with Op::kGz, blocks with ch == 0 write the sum of g s over their entries to
-// gz_part[s * gridDim.x + rb].
+// grid (ceil(nout / 64), 1, nsplit), 256 threads: the structure of bs_grad_kernel (batch softmax) for a
+// rectangular S and any per-element weight. Block (rb, 0, s): output rows 64 rb .. (rows of x when kOutY = false
+// -> dx, rows of y when kOutY = true -> dy), all d output columns, tiles of the other side in split s. Per tile:
+// S tile and weights g = op.weight(...) -> Gt (GType: the input type on the tensor-core path; ops keep
+// |g| <= 2^14), each computed once; then for each chunk of kDV columns of d: acc += G * (other side's rows,
+// those columns). kChunked = false (the host's choice when d <= kDV: one chunk): the 64 x kDV accumulator stays
+// in registers across the tiles and is stored once at the end. kChunked = true (any d): each chunk's running
+// sum lives in this block's own rows of part[s] (unscaled fp32): read back (GbProduct::load; nothing to read on
+// the split's first tile), multiplied, stored again. Two instantiations rather than a run-time branch: the
+// accumulator live across the S tile in the first and the chunk loop's state in the second do not both fit the
+// (256, 2) register budget (a run-time branch spilled 8-16 bytes, bs_grad_kernel fp16 / bf16 on sm_80). Only
+// this block touches those rows and each thread reads back what it wrote itself, so it is deterministic and needs
+// no atomics or extra barriers. With Op::kGz the block also writes the sum of g s over
+// its entries to gz_part[s * gridDim.x + rb] (once per block: g is formed once per tile).
+// Splits are never empty (plan_splits), so every block writes all of its rows of part[s].
 // The S tile of the dy pass: kExact = false computes it as y x^T (natural layout); kExact = true computes it as
 // x y^T, the exact call the forward made on that tile, so the weights see bitwise the forward's values (needed
 // where a weight is a threshold test on s), and reads it transposed with a conflict-free thread mapping.
@@ -50,10 +58,11 @@ __device__ __forceinline__ void s_tile_rect(const T* __restrict__ A, int64_t na,
 // void load() (reads device scalars once per thread); float weight(XInfo, YInfo, bool same_index, float s)
 // (must not trap on zeroed infos: entries outside the matrix are evaluated and then masked); static constexpr
 // bool kGz (accumulate sum g s).
-// Shared memory: staging 2 x 5120 / 2 x 4352 B; St 17408 B (reused for the B chunk and the epilogue staging);
-// Gt 9216 / 17408 B; 64 tile-side and 64 output-row infos (16 B slots); 32 B = 38944 B (fp16 / bf16), 45600 B
-// (fp32), static. (256, 2): <= 128 registers, 2 blocks / SM (ptxas: 118-128, no spills, sm_80 and sm_90).
-template <typename T, class Op, bool kOutY, bool kExact>
+// Shared memory: staging 2 x 5120 / 2 x 4352 B (also the per-warp epilogue staging of the chunk loop on the
+// tensor-core path, 10240 B); St 17408 B (reused for the B chunk and the final epilogue staging); Gt 9216 /
+// 17408 B; 64 tile-side and 64 output-row infos (16 B slots); 32 B = 38944 B (fp16 / bf16), 45600 B (fp32),
+// static. (256, 2): <= 128 registers, 2 blocks / SM, no spills (ptxas, sm_80 and sm_90).
+template <typename T, class Op, bool kOutY, bool kExact, bool kChunked>
 __global__ void __launch_bounds__(kThreads, 2)
     pair_grad_kernel(const T* __restrict__ X, const T* __restrict__ Y, int64_t nx, int64_t ny, int64_t d, Op op,
                      int64_t tiles_per_split, float* __restrict__ part, float* __restrict__ gz_part) {
@@ -94,7 +103,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int cb = kExact ? t % 4 : (t / kBM) * (kBN / 4);
   constexpr int cs = kExact ? 4 : 1;
   const int64_t row0 = int64_t(blockIdx.x) * kBM;
-  const int64_t dv0 = int64_t(blockIdx.y) * C::kDV;
   const int64_t go = row0 + r;
   Op o = op;
   o.load();
@@ -108,13 +116,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t ntiles = (noth + kBN - 1) / kBN;
   const int64_t tile_begin = int64_t(blockIdx.z) * tiles_per_split;
   const int64_t tile_end = tile_begin + tiles_per_split < ntiles ? tile_begin + tiles_per_split : ntiles;
+  float* stage = static_cast<float*>(Xs);  // kChunked: free between s_tile calls; kWarps x 16 x 20 floats (wmma)
+  static_assert(!C::kTensorCore || 2 * C::kStageBytes >= kWarps * 16 * 20 * 4, "chunk-loop staging fits in Xs, Ys");
 
   GbProduct<T> prod;
   prod.zero();
   float gz = 0.f;
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t col0 = tile * kBN;
-    __syncthreads();  // the previous tile's Gt, Yc (= St), tinfo are fully consumed
+    __syncthreads();  // the previous tile's Gt, Yc (= St), tinfo, staging are fully consumed
     if (t < kBN) {
       TileInfo ti{};
       if (col0 + t < noth) {
@@ -143,20 +153,47 @@ __global__ void __launch_bounds__(kThreads, 2)
       if constexpr (Op::kGz) gz = fmaf(g, s, gz);
       Gt[c * C::kLdG + r] = from_float<GType>(g);
     }
-    __syncthreads();  // St consumed (Yc overwrites it), Gt complete
-    {
-      uint4 pre[4];
-      load_yc<T>(pre, Oth, noth, d, col0, dv0, /*vec=*/true);
-      store_yc<T>(Yc, pre);
+    if constexpr (!kChunked) {  // d <= kDV: one chunk, the accumulator stays in registers across the tiles
+      __syncthreads();  // St consumed (Yc overwrites it), Gt complete
+      {
+        uint4 pre[4];
+        // column offset blockIdx.y * kDV = 0 (grid y = 1), a run-time value on purpose: with a literal 0 ptxas
+        // (CUDA 13.0) spills 4-68 bytes in some fp16 / bf16 versions of this kernel (sm_80, sm_90)
+        load_yc<T>(pre, Oth, noth, d, col0, int64_t(blockIdx.y) * C::kDV, /*vec=*/true);
+        store_yc<T>(Yc, pre);
+      }
+      __syncthreads();  // Yc visible
+      prod.mma(Gt, Yc);
+    } else {
+      const int64_t nch = (d + C::kDV - 1) / C::kDV;
+#pragma unroll 1  // one chunk's product at a time (an unrolled copy would hold a second set of addresses)
+      for (int64_t ch = 0; ch < nch; ++ch) {
+        const int64_t dv0 = ch * C::kDV;
+        __syncthreads();  // ch = 0: St consumed (Yc overwrites it), Gt complete; later: previous chunk's Yc read
+        {
+          uint4 pre[4];
+          load_yc<T>(pre, Oth, noth, d, col0, dv0, /*vec=*/true);
+          store_yc<T>(Yc, pre);
+        }
+        // this chunk's running sum: 0 on the split's first tile, else what this thread stored on the last one
+        if (tile == tile_begin) {
+          prod.zero();
+        } else {
+          prod.load(part + int64_t(blockIdx.z) * nout * d, d, row0, nout, dv0, d, stage);
+        }
+        __syncthreads();  // Yc visible
+        prod.mma(Gt, Yc);
+        prod.store(part + int64_t(blockIdx.z) * nout * d, d, row0, nout, dv0, d, stage);
+      }
     }
-    __syncthreads();  // Yc visible
-    prod.mma(Gt, Yc);
   }
-  __syncthreads();  // all products done: the St region is free for the epilogue staging
-  prod.store(part + int64_t(blockIdx.z) * nout * d, d, row0, nout, dv0, d, St);
+  if constexpr (!kChunked) {
+    __syncthreads();  // all products done: the St region is free for the epilogue staging
+    prod.store(part + int64_t(blockIdx.z) * nout * d, d, row0, nout, int64_t(blockIdx.y) * C::kDV, d, St);
+  }
 
   if constexpr (Op::kGz) {
-    if (gz_part != nullptr && blockIdx.y == 0) {  // uniform per block
+    if (gz_part != nullptr) {  // uniform per block
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) gz += __shfl_xor_sync(0xffffffffu, gz, off);
       if (t % 32 == 0) red[t / 32] = gz;

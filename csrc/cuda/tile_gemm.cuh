@@ -153,6 +153,9 @@ template <typename T>
 __device__ __forceinline__ void s_tile(const T* __restrict__ A, const T* __restrict__ Bm, int64_t nrows, int64_t d,
                                        int64_t row0, int64_t col0, bool vec, void* Xs, void* Ys, float* St) {
   using C = TileCfg<T>;
+#ifdef FLASHDML_EMULATION
+  flashdml_emu_on_s_tile();  // tests/cuda_emulation/emu.h counts the S tiles a launch computes
+#endif
   const int t = threadIdx.x;
   const int lrow = t / 4;             // 0..63: local row of the chunk this thread loads
   const int lk = (t % 4) * C::kVW;    // first k of the chunk inside the K slice
@@ -233,7 +236,9 @@ namespace cuda {
 
 // Second product of the backward passes: acc[64 x kDV] += G[64 x 64] * Yc[64 x kDV], where the G tile is kept
 // column-major in shared memory as Gt[k * kLdG + m] (GType) and Yc[k * kLdY + n] holds rows col0 .. col0 + 63,
-// columns dv0 .. dv0 + kDV - 1 of the B operand (zero outside the matrix).
+// columns dv0 .. dv0 + kDV - 1 of the B operand (zero outside the matrix). store writes acc to a row-major fp32
+// matrix and load reads it back with the same element-to-thread mapping, so a backward pass with d > kDV can keep
+// one running sum per chunk of d in global memory while computing each S tile only once.
 template <typename T, bool kTC = TileCfg<T>::kTensorCore>
 struct GbProduct;
 
@@ -310,7 +315,8 @@ struct GbProduct<T, true> {  // tensor cores: warp w owns rows 32 (w % 2) .., co
       for (int j = 0; j < 2; ++j) {
         nvcuda::wmma::store_matrix_sync(ws, acc[i][j], 20, nvcuda::wmma::mem_row_major);
         __syncwarp();
-#pragma unroll
+#pragma unroll 1  // a rolled loop: unrolled, the 32 global addresses of load / store are hoisted out of a
+                  // backward pass's chunk loop and spill at the (256, 2) register cap
         for (int e = 0; e < 8; ++e) {
           const int idx = lane + 32 * e;
           const int rr = idx / 16, cc = idx % 16;
@@ -319,6 +325,36 @@ struct GbProduct<T, true> {  // tensor cores: warp w owns rows 32 (w % 2) .., co
           if (gr < nrows && gc < ncols) out[gr * ld + gc] = ws[rr * 20 + cc];
         }
         __syncwarp();
+      }
+    }
+  }
+
+  // The inverse of store: acc(m, n) = in[(row0 + m) * ld + dv0 + n] (0 outside rows < nrows, columns < ncols).
+  // `in` is deliberately not const __restrict__: the kernel writes this memory, so the load must not be turned
+  // into a read-only-cache (ld.global.nc) load.
+  // Every lane reads exactly the global elements it wrote in store (same idx -> (rr, cc) mapping), so a value
+  // stored earlier by this block needs no barrier before it is read back here. The values pass through the
+  // warp's own 16 x 20 slice of `stage` (the same slices as store), ordered by __syncwarp on both sides.
+  __device__ __forceinline__ void load(const float* in, int64_t ld, int64_t row0, int64_t nrows,
+                                       int64_t dv0, int64_t ncols, float* stage) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = warp % 2, wn = warp / 2;
+    float* ws = stage + warp * (16 * 20);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll 1  // as in store
+        for (int e = 0; e < 8; ++e) {
+          const int idx = lane + 32 * e;
+          const int rr = idx / 16, cc = idx % 16;
+          const int64_t gr = row0 + 32 * wm + 16 * i + rr;
+          const int64_t gc = dv0 + 32 * wn + 16 * j + cc;
+          ws[rr * 20 + cc] = gr < nrows && gc < ncols ? in[gr * ld + gc] : 0.f;
+        }
+        __syncwarp();
+        nvcuda::wmma::load_matrix_sync(acc[i][j], ws, 20, nvcuda::wmma::mem_row_major);
+        __syncwarp();  // every lane has its fragment before the slice is written again
       }
     }
   }
@@ -352,6 +388,21 @@ struct GbProduct<T, false> {  // exact fp32 SIMT: thread t owns rows 4 (t / 16) 
       for (int b = 0; b < 4; ++b) {
         const int64_t gc = dv0 + 4 * tx + b;
         if (gr < nrows && gc < ncols) out[gr * ld + gc] = acc[a][b];
+      }
+    }
+  }
+
+  // The inverse of store (each thread reads back the elements it wrote; 0 outside the bounds).
+  __device__ __forceinline__ void load(const float* in, int64_t ld, int64_t row0, int64_t nrows,
+                                       int64_t dv0, int64_t ncols, float* /*stage*/) {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+      const int64_t gr = row0 + 4 * ty + a;
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const int64_t gc = dv0 + 4 * tx + b;
+        acc[a][b] = gr < nrows && gc < ncols ? in[gr * ld + gc] : 0.f;
       }
     }
   }

@@ -155,12 +155,13 @@ at::Tensor run_grad(const Setup& s, const TripletOp& op, const float* scale, cud
   const int64_t nx = s.B, ny = s.M, d = s.dp;
   const int64_t nout = kOutY ? ny : nx, noth = kOutY ? nx : ny;
   const int64_t nrb = (nout + kBM - 1) / kBM, ntiles = (noth + kBN - 1) / kBN;
-  const int64_t nch = (d + TileCfg<DT>::kDV - 1) / TileCfg<DT>::kDV;
-  TORCH_CHECK(nch <= 65535, "triplet_bwd: embedding dimension too large for the CUDA kernel");
-  const auto [nsplit, tps] = plan_splits(nrb * nch, ntiles);
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);  // no chunk axis: the d chunks loop inside each block
   const auto fopts = s.xh.options().dtype(at::kFloat);
   at::Tensor part = at::empty({nsplit * nout * d}, fopts);
-  pair_grad_kernel<DT, TripletOp, kOutY, kOutY><<<dim3(unsigned(nrb), unsigned(nch), unsigned(nsplit)), kThreads, 0,
+  // one chunk of d: the accumulator stays in registers; more: running sums per chunk in part (pair_tiles.cuh)
+  const auto kernel = d <= TileCfg<DT>::kDV ? pair_grad_kernel<DT, TripletOp, kOutY, kOutY, false>
+                                          : pair_grad_kernel<DT, TripletOp, kOutY, kOutY, true>;
+  kernel<<<dim3(unsigned(nrb), 1u, unsigned(nsplit)), kThreads, 0,
                                                   stream>>>(dptr<T>(s.xa), dptr<T>(s.ya), nx, ny, d, op, tps,
                                                             part.data_ptr<float>(), nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -63,16 +63,17 @@ void run_grad(const at::Tensor& x, const at::Tensor& y, const XentOp& op, const 
   const int64_t nx = x.size(0), ny = y.size(0), d = x.size(1), d_out = out.size(1);
   const int64_t nout = kOutY ? ny : nx, noth = kOutY ? nx : ny;
   const int64_t nrb = (nout + kBM - 1) / kBM, ntiles = (noth + kBN - 1) / kBN;
-  const int64_t nch = (d + TileCfg<DT>::kDV - 1) / TileCfg<DT>::kDV;
-  TORCH_CHECK(nch <= 65535, "xent_bwd: embedding dimension too large for the CUDA kernel");
-  const auto [nsplit, tps] = plan_splits(nrb * nch, ntiles);
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);  // no chunk axis: the d chunks loop inside each block
   at::Tensor part = at::empty({nsplit * nout * d}, x.options().dtype(at::kFloat));
   float* gzp = nullptr;
   if (gz_part != nullptr) {
     *gz_part = at::empty({nsplit * nrb}, x.options().dtype(at::kFloat));
     gzp = gz_part->data_ptr<float>();
   }
-  pair_grad_kernel<DT, XentOp, kOutY, false><<<dim3(unsigned(nrb), unsigned(nch), unsigned(nsplit)), kThreads, 0,
+  // one chunk of d: the accumulator stays in registers; more: running sums per chunk in part (pair_tiles.cuh)
+  const auto kernel = d <= TileCfg<DT>::kDV ? pair_grad_kernel<DT, XentOp, kOutY, false, false>
+                                          : pair_grad_kernel<DT, XentOp, kOutY, false, true>;
+  kernel<<<dim3(unsigned(nrb), 1u, unsigned(nsplit)), kThreads, 0,
                                                stream>>>(dptr<T>(x), dptr<T>(y), nx, ny, d, op, tps,
                                                          part.data_ptr<float>(), gzp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -44,15 +44,15 @@ Fwd run_fwd(const T* x, const T* y, int64_t B, int64_t M, int64_t d, const std::
 template <class T, int K, bool kOutY>
 void run_grad(const T* x, const T* y, int64_t nx, int64_t ny, int64_t d, int64_t d_out, const AnchorOp<K>& op,
               const float* sc, T* out, std::vector<float>* gz) {
-  using C = TileCfg<T>;
   const int64_t nout = kOutY ? ny : nx, noth = kOutY ? nx : ny;
-  const int64_t nrb = (nout + kBM - 1) / kBM, ntiles = (noth + kBN - 1) / kBN, nch = (d + C::kDV - 1) / C::kDV;
-  const auto [nsplit, tps] = plan_splits(nrb * nch, ntiles);
+  const int64_t nrb = (nout + kBM - 1) / kBM, ntiles = (noth + kBN - 1) / kBN;
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);
   std::vector<float> part(nsplit * nout * d, std::nanf(""));
   float* gzp = nullptr;
   if (gz) { gz->assign(nsplit * nrb, std::nanf("")); gzp = gz->data(); }
-  emu_launch({U(nrb), U(nch), U(nsplit)}, kThreads, [&] {
-    pair::pair_grad_kernel<T, AnchorOp<K>, kOutY, false>(x, y, nx, ny, d, op, tps, part.data(), gzp); });
+  launch_counting_s_tiles("anchor_lse grad pass", d, nrb, ntiles, [&] {
+    emu_launch({U(nrb), 1, U(nsplit)}, kThreads, [&] {
+      (d <= TileCfg<T>::kDV ? pair::pair_grad_kernel<T, AnchorOp<K>, kOutY, false, false> : pair::pair_grad_kernel<T, AnchorOp<K>, kOutY, false, true>)(x, y, nx, ny, d, op, tps, part.data(), gzp); }); });
   emu_launch({3, 1, 1}, 256, [&] { pair::pair_reduce_kernel<T>(part.data(), int(nsplit), nout, d, d_out, sc + 1, out); });
 }
 
@@ -221,6 +221,8 @@ int main(int argc, char** argv) {
       {70, 70, 16, kPair, kDistinct, 132, false}, {70, 130, 3, kCross, kClasses, 1, false},
       {130, 70, 16, kCross, kClasses, 132, true}, {130, 130, 24, kSelf, kClasses, 1, false},
       {70, 70, 8, kSelf, kOneClass, 132, false}, {37, 37, 16, kSelf, kDistinct, 132, false},
+      // d over several kDV chunks (389 = 3 x 128 + 5 = 6 x 64 + 5, padded to 392), split with several tiles (1 SM)
+      {130, 70, 389, kCross, kClasses, 1, false}, {70, 70, 389, kSelf, kClasses, 132, true},
   };
   int n = 0;
   for (const Case& c : cases) {

@@ -70,3 +70,19 @@ static void check(const std::string& what, const std::vector<double>& got, const
     std::printf("FAIL %s: err %.3e scale %.3e ok %d\n", what.c_str(), err, scale, int(ok));
   }
 }
+
+// Runs one backward-pass launch and checks that it computed every S tile exactly once: a pass over nrb row blocks
+// and ntiles column tiles makes nrb * ntiles S products (emu.h counts the s_tile calls), however many kDV-column
+// chunks of d it loops over. A grid with a chunk axis would recompute each tile once per chunk.
+template <class F>
+void launch_counting_s_tiles(const char* what, int64_t d, int64_t nrb, int64_t ntiles, F launch) {
+  g_s_tiles = 0;
+  launch();
+  ++checks;
+  const long got = g_s_tiles.load(), want = long(nrb * ntiles);
+  if (got != want) {
+    ++failures;
+    std::printf("FAIL %s d=%ld: %ld S tiles computed, want %ld (%ld row blocks x %ld tiles)\n", what, long(d), got,
+                want, long(nrb), long(ntiles));
+  }
+}

@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <vector_types.h>
 #include <vector_functions.h>
+#include <atomic>
 #include <barrier>
 #include <thread>
 #include <vector>
@@ -42,6 +43,12 @@ inline std::vector<std::unique_ptr<std::barrier<>>> g_warp_bar;
 inline float g_shfl[1024];
 inline std::atomic<long> g_shared_writes{0};
 
+// The kernels' emulation hooks (#ifdef FLASHDML_EMULATION): tile_gemm.cuh's s_tile calls this once per S tile a
+// block computes; thread 0 counts it, so g_s_tiles is the number of (block, tile) S products since the last reset.
+#define FLASHDML_EMULATION 1
+inline std::atomic<long> g_s_tiles{0};
+inline void flashdml_emu_on_s_tile();
+
 inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { g_warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int off) {
@@ -57,6 +64,7 @@ template <class T> inline T __ldg(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0 || (sizeof(T) == 16 && reinterpret_cast<uintptr_t>(p) % 16 != 0)) {
     std::fprintf(stderr, "misaligned __ldg\n"); std::abort(); }
   return *p; }
+inline void flashdml_emu_on_s_tile() { if (threadIdx.x == 0) g_s_tiles.fetch_add(1); }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 
 namespace nvcuda { namespace wmma {
@@ -88,6 +96,10 @@ void mma_sync(fragment<accumulator,16,16,16,float>& d, const fragment<matrix_a,1
   for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) {
     float s = c.v[m][n]; for (int k = 0; k < 16; ++k) s += a.v[m][k] * b.v[k][n]; out[m][n] = s; }
   std::memcpy(d.v, out, sizeof out);
+}
+inline void load_matrix_sync(fragment<accumulator,16,16,16,float>& f, const float* p, unsigned ld, layout_t l) {
+  check_ptr(p, ld, 4);
+  for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) f.v[m][n] = l == mem_row_major ? p[m * ld + n] : p[m + n * ld];
 }
 inline void store_matrix_sync(float* p, const fragment<accumulator,16,16,16,float>& f, unsigned ld, layout_t l) {
   check_ptr(p, ld, 4);

@@ -19,13 +19,13 @@ using namespace flashdml::cuda::hp;
 template <class T, bool kOutY>
 void run_grad(const T* x, const T* y, int64_t nx, int64_t ny, int64_t d, int64_t d_out, const HingeOp& op,
               const float* w, T* out) {
-  using C = TileCfg<T>;
   const int64_t nout = kOutY ? ny : nx, noth = kOutY ? nx : ny;
-  const int64_t nrb = (nout + kBM - 1) / kBM, ntiles = (noth + kBN - 1) / kBN, nch = (d + C::kDV - 1) / C::kDV;
-  const auto [nsplit, tps] = plan_splits(nrb * nch, ntiles);
+  const int64_t nrb = (nout + kBM - 1) / kBM, ntiles = (noth + kBN - 1) / kBN;
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);
   std::vector<float> part(nsplit * nout * d, std::nanf(""));
-  emu_launch({U(nrb), U(nch), U(nsplit)}, kThreads, [&] {
-    pair::pair_grad_kernel<T, HingeOp, kOutY, kOutY>(x, y, nx, ny, d, op, tps, part.data(), nullptr); });
+  launch_counting_s_tiles("hinge_pair grad pass", d, nrb, ntiles, [&] {
+    emu_launch({U(nrb), 1, U(nsplit)}, kThreads, [&] {
+      (d <= TileCfg<T>::kDV ? pair::pair_grad_kernel<T, HingeOp, kOutY, kOutY, false> : pair::pair_grad_kernel<T, HingeOp, kOutY, kOutY, true>)(x, y, nx, ny, d, op, tps, part.data(), nullptr); }); });
   emu_launch({3, 1, 1}, 256, [&] { pair::pair_reduce_kernel<T>(part.data(), int(nsplit), nout, d, d_out, w + 2, out); });
 }
 
@@ -131,6 +131,8 @@ int main(int argc, char** argv) {
       {70, 70, 8, kSelf, kOneClass, false, 132, false}, {37, 37, 16, kSelf, kDistinct, true, 132, false},
       {70, 37, 1, kCross, kOneClass, true, 132, false},  {200, 150, 40, kCross, kClasses, false, 1, false},
       {150, 150, 72, kSelf, kClasses, true, 132, false}, {150, 150, 72, kSelf, kClasses, false, 132, true},
+      // d over several kDV chunks (389 = 3 x 128 + 5 = 6 x 64 + 5, padded to 392), split with several tiles (1 SM)
+      {130, 70, 389, kCross, kClasses, false, 1, false}, {70, 70, 389, kSelf, kClasses, true, 132, true},
   };
   int n = 0;
   for (const S& s : cases) {

@@ -22,13 +22,13 @@ using namespace flashdml::cuda::tri;
 template <class T, bool kOutY>
 std::vector<float> run_grad(const T* xa, const T* ya, int64_t B, int64_t M, int64_t dp, const TripletOp& op,
                             const float* scale) {
-  using C = TileCfg<T>;
   const int64_t nout = kOutY ? M : B, noth = kOutY ? B : M;
-  const int64_t nrb = (nout + kBM - 1) / kBM, ntiles = (noth + kBN - 1) / kBN, nch = (dp + C::kDV - 1) / C::kDV;
-  const auto [nsplit, tps] = plan_splits(nrb * nch, ntiles);
+  const int64_t nrb = (nout + kBM - 1) / kBM, ntiles = (noth + kBN - 1) / kBN;
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);
   std::vector<float> part(nsplit * nout * dp, std::nanf("")), out(nout * dp, std::nanf(""));
-  emu_launch({U(nrb), U(nch), U(nsplit)}, kThreads, [&] {
-    pair::pair_grad_kernel<T, TripletOp, kOutY, kOutY>(xa, ya, B, M, dp, op, tps, part.data(), nullptr); });
+  launch_counting_s_tiles("triplet grad pass", dp, nrb, ntiles, [&] {
+    emu_launch({U(nrb), 1, U(nsplit)}, kThreads, [&] {
+      (dp <= TileCfg<T>::kDV ? pair::pair_grad_kernel<T, TripletOp, kOutY, kOutY, false> : pair::pair_grad_kernel<T, TripletOp, kOutY, kOutY, true>)(xa, ya, B, M, dp, op, tps, part.data(), nullptr); }); });
   emu_launch({3, 1, 1}, 256, [&] { pair::pair_reduce_kernel<float>(part.data(), int(nsplit), nout, dp, dp, scale, out.data()); });
   return out;
 }
@@ -195,6 +195,8 @@ int main(int argc, char** argv) {
       {70, 130, 3, kCross, kClasses, 1},    {130, 70, 24, kCross, kClasses, 132}, {130, 130, 16, kSelf, kClasses, 1},
       {70, 70, 8, kSelf, kOneClass, 132},   {37, 37, 16, kSelf, kDistinct, 132},  {70, 37, 5, kCross, kOneClass, 132},
       {150, 150, 72, kSelf, kClasses, 132}, {70, 70, 7, kPair, kDistinct, 1},
+      // d over several kDV chunks (389 = 3 x 128 + 5 = 6 x 64 + 5, padded to 392), split with several tiles (1 SM)
+      {130, 70, 389, kCross, kClasses, 1},  {70, 70, 389, kSelf, kClasses, 132},
   };
   int n = 0;
   for (const S& s : cases) {

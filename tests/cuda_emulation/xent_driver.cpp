@@ -50,15 +50,15 @@ FwdOut run_fwd(const T* x, const T* y, int64_t B, int64_t M, int64_t d, const st
 template <class T, bool kOutY>
 void run_grad(const T* x, const T* y, int64_t nx, int64_t ny, int64_t d, int64_t d_out, const XentOp& op, const float* w,
               T* out, std::vector<float>* gz) {
-  using C = TileCfg<T>;
   const int64_t nout = kOutY ? ny : nx, noth = kOutY ? nx : ny;
-  const int64_t nrb = (nout + kBM - 1) / kBM, ntiles = (noth + kBN - 1) / kBN, nch = (d + C::kDV - 1) / C::kDV;
-  const auto [nsplit, tps] = plan_splits(nrb * nch, ntiles);
+  const int64_t nrb = (nout + kBM - 1) / kBM, ntiles = (noth + kBN - 1) / kBN;
+  const auto [nsplit, tps] = plan_splits(nrb, ntiles);
   std::vector<float> part(nsplit * nout * d, std::nanf(""));
   float* gzp = nullptr;
   if (gz) { gz->assign(nsplit * nrb, std::nanf("")); gzp = gz->data(); }
-  emu_launch({U(nrb), U(nch), U(nsplit)}, kThreads, [&] {
-    pair::pair_grad_kernel<T, XentOp, kOutY, false>(x, y, nx, ny, d, op, tps, part.data(), gzp); });
+  launch_counting_s_tiles("xent grad pass", d, nrb, ntiles, [&] {
+    emu_launch({U(nrb), 1, U(nsplit)}, kThreads, [&] {
+      (d <= TileCfg<T>::kDV ? pair::pair_grad_kernel<T, XentOp, kOutY, false, false> : pair::pair_grad_kernel<T, XentOp, kOutY, false, true>)(x, y, nx, ny, d, op, tps, part.data(), gzp); }); });
   emu_launch({3, 1, 1}, 256, [&] { pair::pair_reduce_kernel<T>(part.data(), int(nsplit), nout, d, d_out, w + 2, out); });
 }
 
@@ -174,6 +174,9 @@ int main(int argc, char** argv) {
       {130, 70, 16, kCross, kClasses, 132, true}, {130, 130, 16, kSelf, kClasses, 1, false},
       {70, 70, 8, kSelf, kOneClass, 132, false}, {37, 37, 16, kSelf, kDistinct, 132, false},
       {70, 37, 1, kCross, kOneClass, 132, false}, {130, 130, 24, kPair, kDistinct, 1, false},
+      // d over several kDV chunks (389 = 3 x 128 + 5 = 6 x 64 + 5, padded to 392): the chunk loop inside a block,
+      // with (1 SM) and without (132 SMs) running sums read back across the tiles of a split
+      {130, 70, 389, kCross, kClasses, 1, false}, {70, 70, 389, kSelf, kClasses, 132, true},
   };
   int n = 0;
   for (const S& s : cases) {

@@ -1,7 +1,7 @@
 // exp for the CPU hot loops: a branch-free polynomial that GCC vectorises inside `#pragma omp simd` loops
 // (glibc's expf does not vectorise without -ffast-math). Max relative error ~2 ulp over the range the softmax
 // kernels use (arguments <= 0). Arguments below -87.3 return ~1e-38 rather than 0: callers that need an
-// exact 0 (masked entries) select it explicitly. On the device, CUDA kernels use __expf instead.
+// exact 0 (masked entries) select it explicitly. CUDA kernels call expf (the accurate device one: no fast math).
 #pragma once
 
 #include <cstdint>
