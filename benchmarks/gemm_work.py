@@ -303,14 +303,15 @@ def restructured(launch):
 
 # ------------------------------------------------------------------------------ CUDA backward (analytic, no launches)
 # csrc/cuda: bs_grad_kernel (batch softmax) and pair_grad_kernel (XE / NT-Xent, anchor-LSE, hinge pairs, triplet),
-# grid (cdiv(n_own, kBM), cdiv(d, kDV), splits); each block streams its split's 64-row tiles of the other side, an S
-# tile (K loop in kBK slices) and one G·B product of [64 x 64] x [64 x kDV] each. tests/test_gemm_work.py checks
-# these constants and the grid against the sources. The restructured kernels (grid.y = 1, the chunks looped inside
-# the block) are modelled by CUDA_D_CHUNKS_IN_GRID = False.
+# grid (cdiv(n_own, kBM), 1, splits); each block streams its split's 64-row tiles of the other side, one S tile per
+# tile (K loop in kBK slices) and, for each kDV chunk of d looped inside the block, one G·B product of
+# [64 x 64] x [64 x kDV]. tests/test_gemm_work.py checks these constants and the grid against the sources.
+# CUDA_D_CHUNKS_IN_GRID = True models the earlier kernels (grid (.., cdiv(d, kDV), ..): S recomputed per chunk),
+# which the "before" table used.
 CUDA_TILE = 64
 CUDA_KDV = {torch.float32: 64, torch.bfloat16: 128, torch.float16: 128}
 CUDA_BK = {torch.float32: 16, torch.bfloat16: 32, torch.float16: 32}
-CUDA_D_CHUNKS_IN_GRID = True
+CUDA_D_CHUNKS_IN_GRID = False
 # op -> gradient passes the CUDA op launches (XE with the global partition in self mode copies dy from dx: its W
 # is symmetric); None: not modelled (the contextual loss's CUDA backward runs the hinge kernels plus ATen ops).
 CUDA_SIDES = {"batch_softmax": 2, "batch_softmax_sym": 2, "cross_example_softmax": 1, "ntxent": 2, "supcon": 2,

@@ -190,10 +190,10 @@ def test_cuda_model_matches_the_sources():
         assert bool(chunked.search(src(name))) == gemm_work.CUDA_D_CHUNKS_IN_GRID, name
     assert ("dy.copy_(dx)" in src("xent.cu")) == (gemm_work.CUDA_SIDES["cross_example_softmax"] == 1)
     assert "s.dp = (s.d + 2 + vw - 1) / vw * vw;" in src("triplet.cu")
-    # the model itself: fp32 batch softmax at d = 512 computes S 8 times per side (kDV = 64)
+    # the model itself: fp32 batch softmax at d = 512 computes S once per side and 8 products of kDV = 64 columns
     flops, per_pass = gemm_work.cuda_backward("batch_softmax", 256, 256, 512, torch.float32)
-    assert per_pass == [8, 8]
-    assert flops == 2 * (4 * 8 * 4 * 2 * 64 * 64 * 512 + 4 * 8 * 4 * 2 * 64 * 64 * 64)
+    assert per_pass == [1, 1]
+    assert flops == 2 * (4 * 1 * 4 * 2 * 64 * 64 * 512 + 4 * 8 * 4 * 2 * 64 * 64 * 64)
 
 
 def test_cli_prints_the_table(capsys):
