@@ -297,6 +297,17 @@ def launch(cfg: dict) -> dict:
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
+def chunk_config(cfg: dict, one_chunk: bool) -> dict:
+    """The tile configuration of a gradient launch: ``cfg`` itself when d fits one BLOCK_D chunk (ONE_CHUNK, the
+    register accumulator), else ``cfg`` with BLOCK_D = its ``CHUNK_D`` (default: BLOCK_D halved, at least 16, the
+    narrowest tl.dot). The chunked loop holds the weight tile across the chunks and reads and writes each chunk of
+    the partial rows through a [BLOCK_M, BLOCK_D] tile of 64-bit pointers: at the one-chunk width that spilled
+    12–48 bytes on sm_80 / sm_90 (tests/test_triton_aot.py), and some fp32 / triplet passes need a quarter."""
+    if one_chunk:
+        return cfg
+    return dict(cfg, BLOCK_D=cfg.get("CHUNK_D", max(16, cfg["BLOCK_D"] // 2)))
+
+
 def pow2_prescale(bound: Tensor) -> Tensor:
     """0-dim fp32 power of two ``p`` with ``p · bound <= 2^14`` (1 when bound is 0), computed on the device.
 

@@ -61,7 +61,8 @@ from ._tiles import accumulate_chunks, chunk_dot, row_chunk, s_tile, wrap_triton
 _FWD_16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 _FWD_32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
 _BWD_16 = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
-_BWD_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=4, num_stages=2)
+# CHUNK_D: the chunk width when d spans several chunks (_tiles.chunk_config; fp32 at 32 spilled 8-16 B on sm_80).
+_BWD_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, num_warps=4, num_stages=2)
 FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: _FWD_32}
 BWD_CONFIGS = {torch.float16: _BWD_16, torch.bfloat16: _BWD_16, torch.float32: _BWD_32}
 FINALIZE_BLOCK = 1024  # the single-program LSE merge
@@ -309,7 +310,8 @@ def _grad(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, grad_loss
           num_splits: Optional[int]) -> None:
     """out = dL/d(a rows) for one side; a and b are already padded to a 16-divisible width (out is not)."""
     B, D = a.shape
-    cfg = BWD_CONFIGS[a.dtype]
+    one = D <= BWD_CONFIGS[a.dtype]["BLOCK_D"]
+    cfg = _tiles.chunk_config(BWD_CONFIGS[a.dtype], one)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     row_programs = triton.cdiv(B, bm)
     n_splits, per = _tiles.num_splits(a.device, row_programs, triton.cdiv(B, bn), num_splits)
@@ -326,7 +328,7 @@ def _grad(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, grad_loss
         a, b, lab, tau, ref if lse_a is None else lse_a, ref if lse_b is None else lse_b, part, dt,
         B, D, per * bn, prescale,
         HAS_LABELS=labels is not None, USE_A=lse_a is not None, USE_B=lse_b is not None, DTEMP=dtemp is not None,
-        ONE_CHUNK=D <= bd, PRECISION=_tiles.precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd,
+        ONE_CHUNK=one, PRECISION=_tiles.precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd,
         **_tiles.launch(cfg))
     finalize_grad(part, out, grad_loss, tau, dt, dtemp, coef_a / (B * prescale), coef_a / B)
 
@@ -397,6 +399,7 @@ def _specs() -> list[AOTSpec]:
                        "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "part_ptr": "*fp32", "dt_ptr": "*fp32",
                        "B": "i32", "D": "i32", "cols_per_split": "i32", "prescale": "fp32"}
                 for one in (False, True):  # d in one BLOCK_D chunk (register accumulator) or several
+                    bc = _tiles.chunk_config(BWD_CONFIGS[dtype], one)
                     specs.append(AOTSpec(
                         f"batch_softmax_grad_{tag}_{'dx' if dtemp else 'dy'}{'_sym' if use_a and use_b else ''}"
                         f"{'_1chunk' if one else ''}",

@@ -362,7 +362,8 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, tau: Tensor, lse
           self_mode: bool, lse_stride: int, num_splits: Optional[int]) -> None:
     B, M, D = xp.shape[0], yp.shape[0], xp.shape[1]
     n_own, n_other = (M, B) if dy else (B, M)
-    cfg = BWD_CONFIGS[xp.dtype][dy]
+    one = D <= BWD_CONFIGS[xp.dtype][dy]["BLOCK_D"]
+    cfg = _tiles.chunk_config(BWD_CONFIGS[xp.dtype][dy], one)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     rp = triton.cdiv(n_own, bm)
     ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(n_other, bn), num_splits)
@@ -370,7 +371,7 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, tau: Tensor, lse
     dt = _debug.new_output((ns * rp if not dy else 1,), dtype=torch.float32, device=xp.device)
     wrap_triton(_xent_grad_kernel)[(rp, ns)](
         xp, yp, key_x, key_y, tau, lse, coef, npos, scale, part, dt, B, M, D, per * bn, int(self_mode),
-        lse_stride, DY=dy, ONE_CHUNK=D <= bd, PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn,
+        lse_stride, DY=dy, ONE_CHUNK=one, PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
     finalize_grad(part, out, grad_eff, tau, dt, dtemp)
 
@@ -454,7 +455,8 @@ def _specs() -> list[AOTSpec]:
             c = BWD_CONFIGS[dtype][dy]
             for one in (False, True):  # d in one BLOCK_D chunk (register accumulator) or several
                 specs += gemm_specs(f"xent_grad_{t}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}",
-                                    _xent_grad_kernel, sig, c, t, dict(DY=dy, ONE_CHUNK=one, PRECISION=prec))
+                                    _xent_grad_kernel, sig, _tiles.chunk_config(c, one), t,
+                                    dict(DY=dy, ONE_CHUNK=one, PRECISION=prec))
     for glob in (False, True):
         tag = "global" if glob else "rows"
         sig = {"m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32", "B": "i32", "n_splits": "i32"}
