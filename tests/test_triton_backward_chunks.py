@@ -173,3 +173,16 @@ def test_chunked_matches_one_chunk(family, monkeypatch):
         assert not torch.isnan(a).any(), f"{family}: NaN in the chunked result (an unwritten partial row?)"
         assert a.abs().max() > 0, family
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_chunked_launches_have_specs(family, monkeypatch):
+    """The chunked gradient launches (ONE_CHUNK=False, the narrower chunk width of ``_tiles.chunk_config``) match
+    AOT specs, so tests/test_triton_aot.py compiles and resource-checks what they run."""
+    from test_triton_xent import assert_launches_have_specs, recorded_launches
+
+    module, table, make = FAMILIES[family]
+    launches = recorded_launches(module, monkeypatch, make(_chunked_d(_fp32_configs(table))))
+    grads = [launch for launch in launches if launch[0].fn.__name__ == GRAD_KERNELS[family]]
+    assert len(grads) == 2 and all(kwargs["ONE_CHUNK"] is False for _, _, kwargs in grads)
+    assert_launches_have_specs(grads)
