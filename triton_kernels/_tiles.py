@@ -300,12 +300,13 @@ def launch(cfg: dict) -> dict:
 def chunk_config(cfg: dict, one_chunk: bool) -> dict:
     """The tile configuration of a gradient launch: ``cfg`` itself when d fits one BLOCK_D chunk (ONE_CHUNK, the
     register accumulator), else ``cfg`` with BLOCK_D = its ``CHUNK_D`` (default: BLOCK_D halved, at least 16, the
-    narrowest tl.dot). The chunked loop holds the weight tile across the chunks and reads and writes each chunk of
+    narrowest tl.dot) and num_warps = its ``CHUNK_WARPS`` if given. The chunked loop holds the weight tile across the chunks and reads and writes each chunk of
     the partial rows through a [BLOCK_M, BLOCK_D] tile of 64-bit pointers: at the one-chunk width that spilled
     12–48 bytes on sm_80 / sm_90 (tests/test_triton_aot.py), and some fp32 / triplet passes need a quarter."""
     if one_chunk:
         return cfg
-    return dict(cfg, BLOCK_D=cfg.get("CHUNK_D", max(16, cfg["BLOCK_D"] // 2)))
+    return dict(cfg, BLOCK_D=cfg.get("CHUNK_D", max(16, cfg["BLOCK_D"] // 2)),
+                num_warps=cfg.get("CHUNK_WARPS", cfg["num_warps"]))
 
 
 def pow2_prescale(bound: Tensor) -> Tensor:
