@@ -84,6 +84,51 @@ def split_tf32_dot(w, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def chunk_dot(w, b, acc, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + w · b`` with a gradient kernel's dot variant: DOT 0 a plain ``tl.dot`` of ``w`` cast to the rows'
+    dtype, 1 ``weights_dot`` (16-bit head and tail of ``w``), 2 ``split_tf32_dot`` (rows upcast to fp32)."""
+    if DOT == 0:
+        acc = tl.dot(w.to(b.dtype), b, acc, input_precision=PRECISION)
+    elif DOT == 1:
+        acc = weights_dot(w, b, acc, PRECISION)
+    else:
+        acc = split_tf32_dot(w, b.to(tl.float32), acc, PRECISION)
+    return acc
+
+
+@triton.jit
+def row_chunk(ptr, rows, ok, c0, D, BLOCK_D: tl.constexpr):
+    """(pointers, mask) of the columns [c0, c0 + BLOCK_D) of the D-long rows ``rows`` (int64) where ``ok``."""
+    cols = c0 + tl.arange(0, BLOCK_D)
+    return ptr + rows[:, None] * D + cols[None, :], ok[:, None] & (cols < D)[None, :]
+
+
+@triton.jit
+def accumulate_chunks(w, b_ptr, b_rows, b_ok, out_ptr, out_rows, out_ok, D, not_first,
+                      DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[out_rows, :] += w · b[b_rows, :]`` over all of d, BLOCK_D columns at a time, for one weight tile ``w``
+    (already oriented [own rows, other rows]; the dy passes hand in ``tl.trans(w)``). ``out`` holds a program's
+    fp32 partial rows, which no other program touches; on the program's first tile (``not_first`` false) the
+    previous value is taken as 0 instead of loaded, so the buffer needs no clearing. Each element gets its tile
+    terms added in tile order, as a register accumulator would, so the sums are the same.
+
+    This is how a gradient kernel computes each S tile (and its weights) once whatever d is: the caller loops
+    over its tiles and hands every weight tile here. Row indices are int64.
+    """
+    for c0 in range(0, D, BLOCK_D):
+        b_at, b_mask = row_chunk(b_ptr, b_rows, b_ok, c0, D, BLOCK_D)
+        b = tl.load(b_at, mask=b_mask, other=0.0)
+        at, mask = row_chunk(out_ptr, out_rows, out_ok, c0, D, BLOCK_D)
+        acc = tl.load(at, mask=mask & not_first, other=0.0)
+        acc = chunk_dot(w, b, acc, DOT, PRECISION)
+        tl.store(at, acc, mask=mask)
+    # The next tile reloads these elements, and in the layout of that load an element may belong to another
+    # thread of the program than the one that stored it (the dot's accumulator layout differs from the load's):
+    # a block barrier orders every store of this tile before any load of the next.
+    tl.debug_barrier()
+
+
+@triton.jit
 def distance_tile(s, sq_a, sq_b):
     """The L2 distance tile ``sqrt(max(|a|² + |b|² − 2 s, 0))`` from an S tile (rows a, columns b) and the rows'
     squared norms, with the correctly rounded square root (``sqrt_rn``, as the CPU kernels' IEEE sqrt): one helper,
@@ -281,6 +326,18 @@ def pad16(t: Tensor) -> Tensor:
 
 def launch(cfg: dict) -> dict:
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def chunk_config(cfg: dict, one_chunk: bool) -> dict:
+    """The tile configuration of a gradient launch: ``cfg`` itself when d fits one BLOCK_D chunk (ONE_CHUNK, the
+    register accumulator), else ``cfg`` with BLOCK_D = its ``CHUNK_D`` (default: BLOCK_D halved, at least 16, the
+    narrowest tl.dot) and num_warps = its ``CHUNK_WARPS`` if given. The chunked loop holds the weight tile across the chunks and reads and writes each chunk of
+    the partial rows through a [BLOCK_M, BLOCK_D] tile of 64-bit pointers: at the one-chunk width that spilled
+    12–48 bytes on sm_80 / sm_90 (tests/test_triton_aot.py), and some fp32 / triplet passes need a quarter."""
+    if one_chunk:
+        return cfg
+    return dict(cfg, BLOCK_D=cfg.get("CHUNK_D", max(16, cfg["BLOCK_D"] // 2)),
+                num_warps=cfg.get("CHUNK_WARPS", cfg["num_warps"]))
 
 
 def pow2_prescale(bound: Tensor) -> Tensor:

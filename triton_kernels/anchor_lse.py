@@ -26,7 +26,8 @@ Backward: ``_grad_kernel`` recomputes each S tile (same orientation and K order 
 per-pair weight W = w_a·exp(f − LSE)·f' (− u_a on SupCon's positives), in units of dL/dz for SupCon (z = s/τ, so
 the finalize's 1/τ and dτ = −τ⁻¹ Σ W z apply as for NT-Xent) and of dL/ds otherwise; scaled by a power of two
 (``_tiles.pow2_prescale``) and multiplied on tensor cores with ``_tiles.weights_dot`` into W·ŷ (dx) or Wᵀ·x̂ (dy)
-per column split. ``batch_softmax.finalize_grad`` sums the splits in a fixed order. No atomics.
+per column split; a program computes each of its S tiles once and walks all of d for it (in BLOCK_D chunks,
+``_tiles.accumulate_chunks``, when d does not fit one). ``batch_softmax.finalize_grad`` sums the splits in a fixed order. No atomics.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
-from ._tiles import anchor_logit, online_lse_pair, s_tile, sp_sig, weights_dot, wrap_triton
+from ._tiles import (accumulate_chunks, anchor_logit, chunk_dot, online_lse_pair, row_chunk, s_tile, sp_sig,
+                     wrap_triton)
 from .batch_softmax import finalize_grad
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,7 +60,9 @@ _FWD_16 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 _FWD_32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
 _DX_16 = dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
 _DY_16 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=2)
-_DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2)
+# CHUNK_D / CHUNK_WARPS: the chunked path's width and warps (_tiles.chunk_config; fp32 dx spilled 4-16 B at
+# 8 warps with 32 columns (sm_90) or 16 (sm_80), and at 4 warps with 32 (sm_80); 16 columns at 4 warps do not).
+_DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, CHUNK_WARPS=4, num_warps=8, num_stages=2)
 _DY_32 = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=4, num_stages=2)
 FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: _FWD_32}
 BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_DX_32, _DY_32)}
@@ -215,15 +219,16 @@ def _finalize_kernel(ell_ptr, cc_ptr, stats_ptr, loss_ptr, B, M, self_mode, KIND
 def _grad_kernel(
     x_ptr, y_ptr, lab_ptr, ref_ptr, tau_ptr, stats_ptr, scale_ptr, part_ptr, dt_ptr,
     B, M, D, cols_per_split, self_mode, p0, p1, p2,
-    DY: tl.constexpr, KIND: tl.constexpr, PRECISION: tl.constexpr,
+    DY: tl.constexpr, KIND: tl.constexpr, ONE_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dx (DY=False): part[split, i, c] = Σ_{j in split} p·W_ij ŷ[j, c] over a block of x rows i, and
-    dt[split, block] = Σ p·W_ij z_ij (SupCon). dy (DY=True): part[split, j, c] = Σ_{i in split} p·W_ij x̂[i, c]
-    over a block of y rows j. W: the module docstring; the S tile is x_blk · y_blkᵀ in both variants."""
+    """dx (DY=False): part[split, i, :] = Σ_{j in split} p·W_ij ŷ[j, :] over a block of x rows i, and
+    dt[split, block] = Σ p·W_ij z_ij (SupCon). dy (DY=True): part[split, j, :] = Σ_{i in split} p·W_ij x̂[i, :]
+    over a block of y rows j. W: the module docstring; the S tile is x_blk · y_blkᵀ in both variants. Each S tile
+    is computed once: ONE_CHUNK (D <= BLOCK_D) keeps the product in registers, otherwise it is added to the
+    partial rows chunk by chunk (``_tiles.accumulate_chunks``)."""
     pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_s = tl.program_id(1)
     if KIND == 0:
         q0 = 1.0 / tl.load(tau_ptr)
     else:
@@ -232,13 +237,14 @@ def _grad_kernel(
     if DY:
         n_own = M
         n_other = B
+        b_ptr = x_ptr
     else:
         n_own = B
         n_other = M
+        b_ptr = y_ptr
     own = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     own_ok = own < n_own
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = dcols < D
+    out_rows = pid_s.to(tl.int64) * n_own + own
     if DY:  # own rows are y rows: their labels are loop-invariant
         lab_j = tl.load(ref_ptr + own, mask=own_ok, other=0)
     else:  # own rows are x rows: labels and row statistics are loop-invariant
@@ -277,20 +283,20 @@ def _grad_kernel(
         w = w_i[:, None] * tl.math.exp2(tl.minimum(f - lse, 0.0) * LOG2E) * g - tl.where(same, u_i[:, None], 0.0)
         w = tl.where(ok, w, 0.0) * scale
         if DY:
-            b = tl.load(x_ptr + xi.to(tl.int64)[:, None] * D + dcols[None, :],
-                        mask=xi_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = weights_dot(tl.trans(w), b, acc, PRECISION)
+            w = tl.trans(w)
+        elif KIND == 0:
+            dt += tl.sum(w * (s * q0), 1)
+        if ONE_CHUNK:
+            b_at, b_mask = row_chunk(b_ptr, oth.to(tl.int64), oth_ok, 0, D, BLOCK_D)
+            acc = chunk_dot(w, tl.load(b_at, mask=b_mask, other=0.0), acc, 1, PRECISION)
         else:
-            if KIND == 0:
-                dt += tl.sum(w * (s * q0), 1)
-            b = tl.load(y_ptr + yj.to(tl.int64)[:, None] * D + dcols[None, :],
-                        mask=yj_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = weights_dot(w, b, acc, PRECISION)
-    out = (pid_s.to(tl.int64) * n_own + own)[:, None] * D + dcols[None, :]
-    tl.store(part_ptr + out, acc, mask=own_ok[:, None] & d_ok[None, :])
+            accumulate_chunks(w, b_ptr, oth.to(tl.int64), oth_ok, part_ptr, out_rows, own_ok, D, start_n > n_lo,
+                              1, PRECISION, BLOCK_D)
+    if ONE_CHUNK:
+        at, mask = row_chunk(part_ptr, out_rows, own_ok, 0, D, BLOCK_D)
+        tl.store(at, acc, mask=mask)
     if not DY:
-        if pid_d == 0:
-            tl.store(dt_ptr + pid_s * tl.num_programs(0) + pid_m, tl.sum(dt, 0))
+        tl.store(dt_ptr + pid_s * tl.num_programs(0) + pid_m, tl.sum(dt, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,15 +352,16 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, tau: Tensor, tau
           params: tuple, self_mode: bool, num_splits: Optional[int]) -> None:
     B, M, D = xp.shape[0], yp.shape[0], xp.shape[1]
     n_own, n_other = (M, B) if dy else (B, M)
-    cfg = BWD_CONFIGS[xp.dtype][dy]
+    one = D <= BWD_CONFIGS[xp.dtype][dy]["BLOCK_D"]
+    cfg = _tiles.chunk_config(BWD_CONFIGS[xp.dtype][dy], one)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    rp, dc = triton.cdiv(n_own, bm), triton.cdiv(D, bd)
-    ns, per = _tiles.num_splits(xp.device, rp * dc, triton.cdiv(n_other, bn), num_splits)
+    rp = triton.cdiv(n_own, bm)
+    ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(n_other, bn), num_splits)
     part = _debug.new_output((ns, n_own, D), dtype=torch.float32, device=xp.device)
     dt = _debug.new_output((ns * rp if dtemp is not None else 1,), dtype=torch.float32, device=xp.device)
-    wrap_triton(_grad_kernel)[(rp, dc, ns)](
+    wrap_triton(_grad_kernel)[(rp, ns)](
         xp, yp, key_x, key_y, tau, stats, scale, part, dt, B, M, D, per * bn, int(self_mode), *params,
-        DY=dy, KIND=kind, PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        DY=dy, KIND=kind, ONE_CHUNK=one, PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
         BLOCK_D=bd, **_tiles.launch(cfg))
     finalize_grad(part, out, grad_eff, tau_div, dt, dtemp)
 
@@ -426,9 +433,10 @@ def _specs() -> list[AOTSpec]:
             sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "lab_ptr": "*i32", "ref_ptr": "*i32", "tau_ptr": "*fp32",
                    "stats_ptr": "*fp32", "scale_ptr": "*fp32", "part_ptr": "*fp32", "dt_ptr": "*fp32", "B": "i32",
                    "M": "i32", "D": "i32", "cols_per_split": "i32", **par}
-            for dy in (False, True):
-                specs += gemm_specs(f"anchor_lse_grad_{t}_k{kind}_{'dy' if dy else 'dx'}", _grad_kernel, sig,
-                                    BWD_CONFIGS[dtype][dy], t, dict(DY=dy, KIND=kind, PRECISION=prec))
+            for dy, one in ((False, False), (False, True), (True, False), (True, True)):  # one: d in one chunk
+                name = f"anchor_lse_grad_{t}_k{kind}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}"
+                specs += gemm_specs(name, _grad_kernel, sig, _tiles.chunk_config(BWD_CONFIGS[dtype][dy], one), t,
+                                    dict(DY=dy, KIND=kind, ONE_CHUNK=one, PRECISION=prec))
     for kind in KINDS:
         sig = {"part_ptr": "*fp32", "cc_ptr": "*i64", "stats_ptr": "*fp32", "ell_ptr": "*fp32", "B": "i32",
                "M": "i32", "n_splits": "i32", "self_mode": "i32", "p0": "fp32", "p1": "fp32"}

@@ -19,9 +19,10 @@ over ``n_splits`` programs per row block (flash-decoding style) so that small ba
 per-split partials are merged by ``_lse_finalize_kernel`` (one program, fixed order), which also writes the loss.
 ``col_lse`` is the same kernel on ``(y, x)``.
 
-Backward: ``_grad_partial_kernel`` owns a block of rows of ``a`` and a chunk of ``BLOCK_D`` output columns,
-recomputes the S tiles of its column split, turns them into ``W = dL/dz · B / a`` (probabilities minus the
-diagonal, in [-2, 2]) and accumulates ``W @ b`` on tensor cores. dx uses ``(a, b) = (x, y)``, dy uses ``(y, x)``
+Backward: ``_grad_partial_kernel`` owns a block of rows of ``a`` and one column split, recomputes each S tile of
+the split once, turns it into ``W = dL/dz · B / a`` (probabilities minus the diagonal, in [-2, 2]) and accumulates
+``W @ b`` on tensor cores over all of d (in registers when d fits one ``BLOCK_D`` chunk, else chunk by chunk into
+the program's own fp32 partial rows, ``_tiles.accumulate_chunks``). dx uses ``(a, b) = (x, y)``, dy uses ``(y, x)``
 (rows of ``Sᵀ``), so no atomics are needed. ``_grad_finalize_kernel`` sums the split partials in a fixed order,
 applies ``grad · a / (B τ)`` and casts; it also reduces the per-program ``Σ W z`` partials into dτ.
 Everything is deterministic and nothing B×B is stored. A d that is not a multiple of 16 is zero-padded (an O(B·d)
@@ -41,7 +42,7 @@ from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, torch_dtype_names
-from ._tiles import wrap_triton
+from ._tiles import accumulate_chunks, chunk_dot, row_chunk, s_tile, wrap_triton
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tile configurations (what production launches use; AOT_SPECS below is generated from the same tables, and
@@ -52,7 +53,7 @@ from ._tiles import wrap_triton
 #   byte loaded, so the K loop is not L2-bound. Compiles to 255 / ~235 registers (sm_80 / sm_90), no spills.
 #   backward BLOCK_M=128 rows x BLOCK_D=128 output columns (64 fp32 registers per thread at 8 warps) plus a
 #   128x32 recomputed S tile: BLOCK_N=64 spilled on sm_80 in the symmetric dx variant, 32 does not. BLOCK_D=128
-#   covers d <= 128 in one chunk; a larger d is split over the grid and the S tile is recomputed per chunk.
+#   covers d <= 128 in one chunk; for a larger d the program walks the chunks for every S tile (computed once).
 # fp32: exact IEEE dot, which Triton lowers to FMAs (no tensor cores: tf32 would use them but does not match
 #   the fp32 reference); small K steps keep the unrolled FMA operands in registers.
 # Column splits (`_tiles.num_splits`) give ~2 waves of programs when B alone gives too few row blocks (B <= ~16k).
@@ -60,7 +61,8 @@ from ._tiles import wrap_triton
 _FWD_16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 _FWD_32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
 _BWD_16 = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
-_BWD_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=4, num_stages=2)
+# CHUNK_D: the chunk width when d spans several chunks (_tiles.chunk_config; fp32 at 32 spilled 8-16 B on sm_80).
+_BWD_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, num_warps=4, num_stages=2)
 FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: _FWD_32}
 BWD_CONFIGS = {torch.float16: _BWD_16, torch.bfloat16: _BWD_16, torch.float32: _BWD_32}
 FINALIZE_BLOCK = 1024  # the single-program LSE merge
@@ -156,24 +158,22 @@ def _grad_partial_kernel(
     a_ptr, b_ptr, lab_ptr, tau_ptr, lse_a_ptr, lse_b_ptr, part_ptr, dt_ptr,
     B, D, cols_per_split, prescale,
     HAS_LABELS: tl.constexpr, USE_A: tl.constexpr, USE_B: tl.constexpr, DTEMP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """part[split, i, c] = Σ_{j in split} prescale·W_ij b[j, c] for a row block i and a chunk c of BLOCK_D columns.
+    """part[split, i, :] = Σ_{j in split} prescale·W_ij b[j, :] for a row block i.
 
     W_ij = [USE_A](exp(z_ij - lse_a_i) M_ij - δ_ij) + [USE_B](exp(z_ij - lse_b_j) M_ij - δ_ij), z = a bᵀ/τ,
-    M = allowed mask (symmetric in i, j). dt[split, row block] = Σ W_ij z_ij (written by the d-chunk 0 programs).
+    M = allowed mask (symmetric in i, j). dt[split, row block] = Σ W_ij z_ij. Each S tile is computed once:
+    ONE_CHUNK (D <= BLOCK_D) keeps the product in registers, otherwise it is added to the partial rows chunk by
+    chunk (``_tiles.accumulate_chunks``).
     """
     pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_s = tl.program_id(1)
     inv_tau = 1.0 / tl.load(tau_ptr)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
-    a_rows = a_ptr + rows.to(tl.int64)[:, None] * D
-    offs_k = tl.arange(0, BLOCK_K)
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = dcols < D
+    out_rows = pid_s.to(tl.int64) * B + rows
     if HAS_LABELS:
         lab_r = tl.load(lab_ptr + rows, mask=row_ok, other=0)
     if USE_A:
@@ -185,14 +185,7 @@ def _grad_partial_kernel(
     for start_n in range(n_lo, n_hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < n_hi
-        b_rows = b_ptr + cols.to(tl.int64)[:, None] * D
-        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < D
-            a = tl.load(a_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            s = tl.dot(a, tl.trans(b), s, input_precision=PRECISION)
+        s = s_tile(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         z = s * inv_tau
         diag = rows[:, None] == cols[None, :]
         ok = row_ok[:, None] & col_ok[None, :]
@@ -208,13 +201,17 @@ def _grad_partial_kernel(
             w += tl.where(ok, tl.math.exp2((z - lse_b[None, :]) * 1.4426950408889634), 0.0) - dlt
         if DTEMP:
             dt += tl.sum(w * z, 1)
-        bt = tl.load(b_rows + dcols[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot((w * prescale).to(bt.dtype), bt, acc, input_precision=PRECISION)
-    out = (pid_s.to(tl.int64) * B + rows)[:, None] * D + dcols[None, :]
-    tl.store(part_ptr + out, acc, mask=row_ok[:, None] & d_ok[None, :])
+        if ONE_CHUNK:
+            b_at, b_mask = row_chunk(b_ptr, cols.to(tl.int64), col_ok, 0, D, BLOCK_D)
+            acc = chunk_dot(w * prescale, tl.load(b_at, mask=b_mask, other=0.0), acc, 0, PRECISION)
+        else:
+            accumulate_chunks(w * prescale, b_ptr, cols.to(tl.int64), col_ok, part_ptr, out_rows, row_ok, D,
+                              start_n > n_lo, 0, PRECISION, BLOCK_D)
+    if ONE_CHUNK:
+        at, mask = row_chunk(part_ptr, out_rows, row_ok, 0, D, BLOCK_D)
+        tl.store(at, acc, mask=mask)
     if DTEMP:
-        if pid_d == 0:
-            tl.store(dt_ptr + pid_s * tl.num_programs(0) + pid_m, tl.sum(dt, 0))
+        tl.store(dt_ptr + pid_s * tl.num_programs(0) + pid_m, tl.sum(dt, 0))
 
 
 @triton.jit
@@ -313,10 +310,11 @@ def _grad(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, grad_loss
           num_splits: Optional[int]) -> None:
     """out = dL/d(a rows) for one side; a and b are already padded to a 16-divisible width (out is not)."""
     B, D = a.shape
-    cfg = BWD_CONFIGS[a.dtype]
+    one = D <= BWD_CONFIGS[a.dtype]["BLOCK_D"]
+    cfg = _tiles.chunk_config(BWD_CONFIGS[a.dtype], one)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    row_programs, d_chunks = triton.cdiv(B, bm), triton.cdiv(D, bd)
-    n_splits, per = _tiles.num_splits(a.device, row_programs * d_chunks, triton.cdiv(B, bn), num_splits)
+    row_programs = triton.cdiv(B, bm)
+    n_splits, per = _tiles.num_splits(a.device, row_programs, triton.cdiv(B, bn), num_splits)
     # fp16 has a narrow exponent range (normal numbers from 6e-5): W (|W| <= 2, typical entries ~1/B) is scaled by
     # 2^14 before the fp16 cast (|W|·2^14 <= 32768 < 65504), so probabilities down to ~4e-9 stay normal; the power
     # of two is removed exactly in the finalize. bf16 has fp32's range and needs no scaling.
@@ -326,11 +324,11 @@ def _grad(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, grad_loss
                            device=a.device)
     lab = labels if labels is not None else a
     ref = lse_a if lse_a is not None else lse_b
-    wrap_triton(_grad_partial_kernel)[(row_programs, d_chunks, n_splits)](
+    wrap_triton(_grad_partial_kernel)[(row_programs, n_splits)](
         a, b, lab, tau, ref if lse_a is None else lse_a, ref if lse_b is None else lse_b, part, dt,
         B, D, per * bn, prescale,
         HAS_LABELS=labels is not None, USE_A=lse_a is not None, USE_B=lse_b is not None, DTEMP=dtemp is not None,
-        PRECISION=_tiles.precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd,
+        ONE_CHUNK=one, PRECISION=_tiles.precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd,
         **_tiles.launch(cfg))
     finalize_grad(part, out, grad_loss, tau, dt, dtemp, coef_a / (B * prescale), coef_a / B)
 
@@ -400,16 +398,19 @@ def _specs() -> list[AOTSpec]:
                 sig = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "lab_ptr": lab, "tau_ptr": "*fp32",
                        "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "part_ptr": "*fp32", "dt_ptr": "*fp32",
                        "B": "i32", "D": "i32", "cols_per_split": "i32", "prescale": "fp32"}
-                specs.append(AOTSpec(
-                    f"batch_softmax_grad_{tag}_{'dx' if dtemp else 'dy'}{'_sym' if use_a and use_b else ''}",
-                    _grad_partial_kernel, sig,
-                    dict(HAS_LABELS=has_labels, USE_A=use_a, USE_B=use_b, DTEMP=dtemp,
-                         PRECISION=_tiles.precision(dtype), BLOCK_M=bc["BLOCK_M"], BLOCK_N=bc["BLOCK_N"],
-                         BLOCK_K=bc["BLOCK_K"], BLOCK_D=bc["BLOCK_D"]),
-                    bc["num_warps"], bc["num_stages"], dtype=t, gemm=True))
+                for one in (False, True):  # d in one BLOCK_D chunk (register accumulator) or several
+                    bc = _tiles.chunk_config(BWD_CONFIGS[dtype], one)
+                    specs.append(AOTSpec(
+                        f"batch_softmax_grad_{tag}_{'dx' if dtemp else 'dy'}{'_sym' if use_a and use_b else ''}"
+                        f"{'_1chunk' if one else ''}",
+                        _grad_partial_kernel, sig,
+                        dict(HAS_LABELS=has_labels, USE_A=use_a, USE_B=use_b, DTEMP=dtemp, ONE_CHUNK=one,
+                             PRECISION=_tiles.precision(dtype), BLOCK_M=bc["BLOCK_M"], BLOCK_N=bc["BLOCK_N"],
+                             BLOCK_K=bc["BLOCK_K"], BLOCK_D=bc["BLOCK_D"]),
+                        bc["num_warps"], bc["num_stages"], dtype=t, gemm=True))
         # B not a multiple of 16 (d always is: the launchers pad it), for the heaviest GEMM variants.
-        for spec in [sp for sp in specs if sp.dtype == t and sp.name.endswith(("_lse_" + t + "_labels",
-                                                                                  t + "_labels_dx_sym"))]:
+        heavy = ("_lse_" + t + "_labels", t + "_labels_dx_sym", t + "_labels_dx_sym_1chunk")
+        for spec in [sp for sp in specs if sp.dtype == t and sp.name.endswith(heavy)]:
             ptrs = tuple(k for k, v in spec.signature.items() if v.startswith("*")) + ("D", "cols_per_split")
             specs.append(dataclasses.replace(spec, name=spec.name + "_unaligned_B", aligned=ptrs))
         for dtemp in (False, True):

@@ -35,9 +35,9 @@ Backward (docs/spec.md's closed form, the CPU split of dL_ctx/dS into sparse + r
 clamp flags) with O(nnz·d) gathers; the row-constant part u_i, the label block LB_ij = ρ'_i(κ_j)(c_i − a_j), the
 L_reg constant and the hinge gradients are formed tile by tile in one recompute pass (``_ctx_grad_kernel``, dx and
 dyᵀ variants, fp32 weights, split-tf32 / ieee dot: ``_grad_precision``) and reduced over splits in a fixed order. Deterministic (the sparse
-stage's sums too: sorted, fixed-order segment sums, no atomics). Cost note: each gradient program
-recomputes its S tiles once per BLOCK_D chunk of d (dx: 128 columns, dy: 32), so for d > 128 the backward does
-several S GEMMs (not tuned on a GPU yet).
+stage's sums too: sorted, fixed-order segment sums, no atomics). Each gradient program (row block × column split)
+computes each of its S tiles once and walks all of d for it, BLOCK_D columns at a time (``_tiles.accumulate_chunks``;
+dx: 128 columns, so d <= 128 stays in registers, dy: 16 / 32), whatever d is.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ from .. import _debug, _math
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
-from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile, split_tf32_dot, wrap_triton
+from ._tiles import (HINGE_FINAL_BLOCK, accumulate_chunks, chunk_dot, hard_pairs, hinge_finalize_kernel, row_chunk,
+                     s_tile, wrap_triton)
 from ._topk import merge_sorted, row_topk
 from .selection import KNN_CONFIGS, knn_impl
 
@@ -65,11 +66,12 @@ STATS_CONFIGS = {t: (dict(c, num_warps=4, num_stages=1) if t != torch.float32 el
 _LIST_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
 _LIST_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)  # 8 warps spill (sm_90, ragged B)
 LIST_CONFIGS = {torch.float16: _LIST_16, torch.bfloat16: _LIST_16, torch.float32: _LIST_32}
-# dx covers d <= 128 in one chunk (S is recomputed per BLOCK_D chunk of d); dy only 32 (64 spills: its S tile is
-# [other, own] and the transposed weights go through shared memory).
+# dx covers d <= 128 in one chunk (a larger d is walked chunk by chunk, each S tile computed once); dy only 32 (64
+# spills: its S tile is [other, own] and the transposed weights go through shared memory).
 _G16 = (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=1))
-_G32 = (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=128, num_warps=8, num_stages=2),
+# CHUNK_D: the chunk width when d spans several chunks (_tiles.chunk_config; fp32 dx at 32 / 64 spilled on sm_90).
+_G32 = (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=128, CHUNK_D=16, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=4, num_stages=2))
 GRAD_CONFIGS = {torch.float16: _G16, torch.bfloat16: _G16, torch.float32: _G32}  # [dtype][dy]
 assert all(LIST_CONFIGS[t]["BLOCK_K"] == STATS_CONFIGS[t]["BLOCK_K"] == GRAD_CONFIGS[t][dy]["BLOCK_K"]
@@ -176,16 +178,17 @@ def _ctx_list_kernel(
 def _ctx_grad_kernel(
     x_ptr, key_ptr, rowv_ptr, a_ptr, scls_ptr, sval_ptr, w_ptr, part_ptr, pos_margin, neg_margin,
     B, D, cols_per_split, n_slots,
-    DY: tl.constexpr, PRECISION: tl.constexpr, GPREC: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    DY: tl.constexpr, ONE_CHUNK: tl.constexpr, PRECISION: tl.constexpr, GPREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The dense part of dL/dS, applied: G_ij = g_reg + [hp] g_hp + [hn] g_hn + C_ij s_ctx (u_i + LB_ij),
     LB_ij = Σ_q [key_j == scls[i, q]] sval[i, q] · (c_i − a_j) (w = (g_reg, g_hp, g_hn, s_ctx), rowv[i] = (u_i, c_i)).
     DY=False: part[split, i, :] = Σ_j G_ij x_j over a block of rows i; DY=True: part[split, j, :] = Σ_i G_ij x_i over
-    a block of columns j. The S tile is x_i · x_jᵀ in both (the forward's orientation)."""
+    a block of columns j. The S tile is x_i · x_jᵀ in both (the forward's orientation), computed once: ONE_CHUNK
+    (D <= BLOCK_D) keeps G·x in registers, otherwise every tile's product is added to the partial rows chunk by
+    chunk (``_tiles.accumulate_chunks``)."""
     pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_s = tl.program_id(1)
     mp = tl.full([], pos_margin, tl.float32)
     mn = tl.full([], neg_margin, tl.float32)
     g_reg = tl.load(w_ptr)
@@ -194,8 +197,7 @@ def _ctx_grad_kernel(
     s_ctx = tl.load(w_ptr + 3)
     own = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     own_ok = own < B
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = dcols < D
+    out_rows = pid_s.to(tl.int64) * B + own
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n_lo = pid_s * cols_per_split
     n_hi = tl.minimum(n_lo + cols_per_split, B)
@@ -223,14 +225,17 @@ def _ctx_grad_kernel(
         keep = valid & ((2.0 - 2.0 * s) > 0.0)
         g = tl.where(valid, g_reg, 0.0) + tl.where(hp, g_hp, 0.0) + tl.where(hn, g_hn, 0.0)
         g += tl.where(keep, s_ctx * (u_i[:, None] + rho * (c_i[:, None] - a_j[None, :])), 0.0)
-        b = tl.load(x_ptr + oth.to(tl.int64)[:, None] * D + dcols[None, :],
-                    mask=oth_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         if DY:
-            acc = split_tf32_dot(tl.trans(g), b, acc, GPREC)
+            g = tl.trans(g)
+        if ONE_CHUNK:
+            b_at, b_mask = row_chunk(x_ptr, oth.to(tl.int64), oth_ok, 0, D, BLOCK_D)
+            acc = chunk_dot(g, tl.load(b_at, mask=b_mask, other=0.0), acc, 2, GPREC)
         else:
-            acc = split_tf32_dot(g, b, acc, GPREC)
-    out = (pid_s.to(tl.int64) * B + own)[:, None] * D + dcols[None, :]
-    tl.store(part_ptr + out, acc, mask=own_ok[:, None] & d_ok[None, :])
+            accumulate_chunks(g, x_ptr, oth.to(tl.int64), oth_ok, part_ptr, out_rows, own_ok, D, start_n > n_lo,
+                              2, GPREC, BLOCK_D)
+    if ONE_CHUNK:
+        at, mask = row_chunk(part_ptr, out_rows, own_ok, 0, D, BLOCK_D)
+        tl.store(at, acc, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,14 +416,15 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, c
     w = torch.stack([g_reg, g_hp, g_hn, s_ctx]).float()
     xp = _tiles.pad16(x)
     for dy in (False, True):
-        cfg = GRAD_CONFIGS[x.dtype][dy]
+        one = xp.shape[1] <= GRAD_CONFIGS[x.dtype][dy]["BLOCK_D"]
+        cfg = _tiles.chunk_config(GRAD_CONFIGS[x.dtype][dy], one)
         bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-        rp, dc = triton.cdiv(B, bm), triton.cdiv(xp.shape[1], bd)
-        ns, per = _tiles.num_splits(dev, rp * dc, triton.cdiv(B, bn), num_splits)
+        rp = triton.cdiv(B, bm)
+        ns, per = _tiles.num_splits(dev, rp, triton.cdiv(B, bn), num_splits)
         part = _debug.new_output((ns, B, xp.shape[1]), dtype=torch.float32, device=dev)
-        wrap_triton(_ctx_grad_kernel)[(rp, dc, ns)](
+        wrap_triton(_ctx_grad_kernel)[(rp, ns)](
             xp, key, rowv, a_col, scls, sval, w, part, float(pos_margin), float(neg_margin), B, xp.shape[1],
-            per * bn, scls.shape[1], DY=dy, PRECISION=_tiles.precision(x.dtype),
+            per * bn, scls.shape[1], DY=dy, ONE_CHUNK=one, PRECISION=_tiles.precision(x.dtype),
             GPREC=_grad_precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
         out += part.sum(0)[:, :d]
@@ -476,11 +482,11 @@ def _specs() -> list[AOTSpec]:
         sig = {"x_ptr": f"*{t}", "key_ptr": "*i32", "rowv_ptr": "*fp32", "a_ptr": "*fp32", "scls_ptr": "*i32",
                "sval_ptr": "*fp32", "w_ptr": "*fp32", "part_ptr": "*fp32", "pos_margin": "fp32",
                "neg_margin": "fp32", "B": "i32", "D": "i32", "cols_per_split": "i32", "n_slots": "i32"}
-        for dy in (False, True):
-            c = GRAD_CONFIGS[dtype][dy]
+        for dy, one in ((False, False), (False, True), (True, False), (True, True)):  # one: d in one chunk
+            c = _tiles.chunk_config(GRAD_CONFIGS[dtype][dy], one)
             specs += with_alignments(AOTSpec(
-                f"contextual_grad_{t}_{'dy' if dy else 'dx'}", _ctx_grad_kernel, sig,
-                dict(DY=dy, PRECISION=prec, GPREC=_grad_precision(dtype),
+                f"contextual_grad_{t}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}", _ctx_grad_kernel, sig,
+                dict(DY=dy, ONE_CHUNK=one, PRECISION=prec, GPREC=_grad_precision(dtype),
                      BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_D=c["BLOCK_D"]),
                 c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B", "n_slots"))
     return specs

@@ -29,7 +29,8 @@ pair, so it selects the pairs the forward counted; this cannot be checked withou
 may round differently per tile shape, which is why the margin-tie tests use exactly representable similarities).
 W = dL/ds is −w+/#hp, +w−/#hn or 0, prescaled by a power of two for the tensor-core product W·y (dx) or Wᵀ·x (dy)
 (``_tiles.weights_dot``: for fp16 / bf16 rows W is split into a 16-bit head and tail, so the constants are not
-rounded to 16 bits).
+rounded to 16 bits). A program computes each of its S tiles once and walks all of d for it (``_tiles.accumulate_chunks``
+when d does not fit one BLOCK_D chunk).
 The batch-softmax ``_grad_finalize_kernel`` sums the split partials in a fixed order and rescales.
 Deterministic, no atomics, nothing B×M stored; d is zero-padded to a multiple of 16.
 """
@@ -46,7 +47,8 @@ from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
-from ._tiles import HINGE_FINAL_BLOCK, hard_pairs, hinge_finalize_kernel, s_tile, weights_dot, wrap_triton
+from ._tiles import (HINGE_FINAL_BLOCK, accumulate_chunks, chunk_dot, hard_pairs, hinge_finalize_kernel, row_chunk,
+                     s_tile, wrap_triton)
 from .batch_softmax import finalize_grad
 from .xent import BWD_CONFIGS as _XENT_BWD_CONFIGS, LSE_CONFIGS
 
@@ -104,15 +106,16 @@ def _hinge_stats_kernel(
 def _hinge_grad_kernel(
     x_ptr, y_ptr, lab_ptr, ref_ptr, w_ptr, part_ptr, pos_margin, neg_margin,
     B, M, D, cols_per_split, drop_diagonal, strict,
-    DY: tl.constexpr, PRECISION: tl.constexpr,
+    DY: tl.constexpr, ONE_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dx (DY=False): part[split, i, c] = Σ_{j in split} W_ij y[j, c] over a block of x rows i; dy (DY=True):
-    part[split, j, c] = Σ_{i in split} W_ij x[i, c] over a block of y rows j. W = w[0] on hard positives, w[1] on
-    hard negatives (prescaled dL/ds), 0 elsewhere; the S tile is x_blk · y_blkᵀ in both variants."""
+    """dx (DY=False): part[split, i, :] = Σ_{j in split} W_ij y[j, :] over a block of x rows i; dy (DY=True):
+    part[split, j, :] = Σ_{i in split} W_ij x[i, :] over a block of y rows j. W = w[0] on hard positives, w[1] on
+    hard negatives (prescaled dL/ds), 0 elsewhere; the S tile is x_blk · y_blkᵀ in both variants. Each S tile is
+    computed once: ONE_CHUNK (D <= BLOCK_D) keeps the product in registers, otherwise it is added to the partial
+    rows chunk by chunk (``_tiles.accumulate_chunks``)."""
     pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_s = tl.program_id(1)
     mp = tl.full([], pos_margin, tl.float32)
     mn = tl.full([], neg_margin, tl.float32)
     wp = tl.load(w_ptr)
@@ -120,13 +123,14 @@ def _hinge_grad_kernel(
     if DY:
         n_own = M
         n_other = B
+        b_ptr = x_ptr
     else:
         n_own = B
         n_other = M
+        b_ptr = y_ptr
     own = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     own_ok = own < n_own
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = dcols < D
+    out_rows = pid_s.to(tl.int64) * n_own + own
     if DY:
         lab_j = tl.load(ref_ptr + own, mask=own_ok, other=0)
     else:
@@ -148,15 +152,16 @@ def _hinge_grad_kernel(
         hp, hn = hard_pairs(s, lab_i, lab_j, xi, yj, xi_ok, yj_ok, mp, mn, drop_diagonal, strict)
         w = tl.where(hp, wp, tl.where(hn, wn, 0.0))
         if DY:
-            b = tl.load(x_ptr + xi.to(tl.int64)[:, None] * D + dcols[None, :],
-                        mask=xi_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = weights_dot(tl.trans(w), b, acc, PRECISION)
+            w = tl.trans(w)
+        if ONE_CHUNK:
+            b_at, b_mask = row_chunk(b_ptr, oth.to(tl.int64), oth_ok, 0, D, BLOCK_D)
+            acc = chunk_dot(w, tl.load(b_at, mask=b_mask, other=0.0), acc, 1, PRECISION)
         else:
-            b = tl.load(y_ptr + yj.to(tl.int64)[:, None] * D + dcols[None, :],
-                        mask=yj_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = weights_dot(w, b, acc, PRECISION)
-    out = (pid_s.to(tl.int64) * n_own + own)[:, None] * D + dcols[None, :]
-    tl.store(part_ptr + out, acc, mask=own_ok[:, None] & d_ok[None, :])
+            accumulate_chunks(w, b_ptr, oth.to(tl.int64), oth_ok, part_ptr, out_rows, own_ok, D, start_n > n_lo,
+                              1, PRECISION, BLOCK_D)
+    if ONE_CHUNK:
+        at, mask = row_chunk(part_ptr, out_rows, own_ok, 0, D, BLOCK_D)
+        tl.store(at, acc, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,14 +205,15 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, wts: Tensor, gra
           num_splits: Optional[int]) -> None:
     B, M, D = xp.shape[0], yp.shape[0], xp.shape[1]
     n_own, n_other = (M, B) if dy else (B, M)
-    cfg = BWD_CONFIGS[xp.dtype][dy]
+    one_chunk = D <= BWD_CONFIGS[xp.dtype][dy]["BLOCK_D"]
+    cfg = _tiles.chunk_config(BWD_CONFIGS[xp.dtype][dy], one_chunk)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    rp, dc = triton.cdiv(n_own, bm), triton.cdiv(D, bd)
-    ns, per = _tiles.num_splits(xp.device, rp * dc, triton.cdiv(n_other, bn), num_splits)
+    rp = triton.cdiv(n_own, bm)
+    ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(n_other, bn), num_splits)
     part = _debug.new_output((ns, n_own, D), dtype=torch.float32, device=xp.device)
-    wrap_triton(_hinge_grad_kernel)[(rp, dc, ns)](
+    wrap_triton(_hinge_grad_kernel)[(rp, ns)](
         xp, yp, key_x, key_y, wts, part, float(pos_margin), float(neg_margin), B, M, D, per * bn,
-        int(drop_diagonal), int(strict), DY=dy, PRECISION=_tiles.precision(xp.dtype),
+        int(drop_diagonal), int(strict), DY=dy, ONE_CHUNK=one_chunk, PRECISION=_tiles.precision(xp.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
     finalize_grad(part, out, grad_eff, one, part, None)
 
@@ -278,8 +284,10 @@ def _specs() -> list[AOTSpec]:
                "cols_per_split": "i32", "drop_diagonal": "i32", "strict": "i32"}
         for dy in (False, True):
             c = BWD_CONFIGS[dtype][dy]
-            specs += gemm_specs(f"hinge_grad_{t}_{'dy' if dy else 'dx'}", _hinge_grad_kernel, sig, c, t,
-                                dict(DY=dy, PRECISION=prec))
+            for one in (False, True):  # d in one BLOCK_D chunk (register accumulator) or several
+                specs += gemm_specs(f"hinge_grad_{t}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}",
+                                    _hinge_grad_kernel, sig, _tiles.chunk_config(c, one), t,
+                                    dict(DY=dy, ONE_CHUNK=one, PRECISION=prec))
     sig = {"psum_ptr": "*fp64", "pcnt_ptr": "*i64", "loss_ptr": "*fp32", "sums_ptr": "*fp32", "counts_ptr": "*i64",
            "n_prog": "i32", "pos_weight": "fp32", "neg_weight": "fp32"}
     specs += with_alignments(AOTSpec("hinge_finalize", hinge_finalize_kernel, sig, dict(BLOCK=HINGE_FINAL_BLOCK),

@@ -33,6 +33,8 @@ writes the per-positive counts #{n : active} (per column split); the glue adds t
 and positive pairs), so no scatter is needed; it adds 1/d_an once per active positive instead of forming
 #{p : active}/d_an (fewer live tiles, within a few fp32 roundings of it). Weights stay fp32: 1/d has no bound that a 16-bit cast could use,
 so 16-bit rows are upcast and multiplied by ``_tiles.split_tf32_dot`` (exact for them, weights kept to ~2^-21).
+A program (row block × column split) computes each of its S tiles once and walks all of d for it (in BLOCK_D
+chunks, ``_tiles.accumulate_chunks``, when d does not fit one).
 Forward and backward compute S with the same BLOCK_K and orientation (x_blk · y_blkᵀ), so on the GPU the backward
 sees the forward's fp32 distances and counts exactly its triplets. Deterministic: no atomics, fixed-order sums.
 """
@@ -49,7 +51,7 @@ from .. import _debug
 from .._schemas import triton_op
 from . import _tiles
 from ._aot import gemm_specs, torch_dtype_names
-from ._tiles import distance_tile, s_tile, split_tf32_dot, wrap_triton
+from ._tiles import accumulate_chunks, chunk_dot, distance_tile, row_chunk, s_tile, wrap_triton
 from .batch_softmax import finalize_grad
 from .xent import LSE_CONFIGS
 
@@ -61,10 +63,11 @@ _FWD_16 = dict(LSE_CONFIGS[torch.float16], BLOCK_N=64)
 FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: LSE_CONFIGS[torch.float32]}
 # BWD_CONFIGS[dtype][dy]. The 16-bit dy pass needs 64 other rows (its S tile is [other, own] and a wgmma tile has
 # >= 64 rows), so it takes a narrower BLOCK_D to stay clear of spills on sm_80.
-_DX_16 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=2)
+# CHUNK_D: the chunk width when d spans several chunks (_tiles.chunk_config; dx at 32 spilled 40-48 B on sm_80).
+_DX_16 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64, CHUNK_D=16, num_warps=8, num_stages=2)
 _DY_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=2)
-_DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2)
-_DY_32 = dict(_DX_32, BLOCK_D=32)  # (BLOCK_D = 64 spills 8 bytes on sm_80)
+_DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, num_warps=8, num_stages=2)
+_DY_32 = dict(_DX_32, BLOCK_D=32, CHUNK_D=16)  # (BLOCK_D = 64 spills 8 bytes on sm_80)
 BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_DX_32, _DY_32)}
 assert all(FWD_CONFIGS[t]["BLOCK_K"] == BWD_CONFIGS[t][dy]["BLOCK_K"] for t in FWD_CONFIGS for dy in (0, 1)), \
     "forward and backward must compute S with the same BLOCK_K"
@@ -113,28 +116,31 @@ def _triplet_stats_kernel(
 def _triplet_grad_kernel(
     x_ptr, y_ptr, key_ptr, rkey_ptr, xsq_ptr, ysq_ptr, dap_ptr, pcol_ptr, pact_ptr, part_ptr, margin,
     B, M, D, P, cols_per_split,
-    DY: tl.constexpr, PRECISION: tl.constexpr,
+    DY: tl.constexpr, ONE_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dx (DY=False, programs own x rows i): part[split, i, c] = Σ_n H_in (y[n, c] − x[i, c]) over the negatives
-    n of the split, and pact[split, i, k] = #{n in split : (i, k, n) active} (written by the programs of the first
-    d chunk). dy (DY=True, programs own y rows j): part[split, j, c] = Σ_a H_aj (x[a, c] − y[j, c]) over the x rows
-    a of the split, H with the positive pairs' −pact/d_ap (pact: the complete counts [B, P]). The S tile is
-    x_blk · y_blkᵀ in both variants."""
+    n of the split, and pact[split, i, k] = #{n in split : (i, k, n) active}. dy (DY=True, programs own y rows j):
+    part[split, j, c] = Σ_a H_aj (x[a, c] − y[j, c]) over the x rows a of the split, H with the positive pairs'
+    −pact/d_ap (pact: the complete counts [B, P]). The S tile is x_blk · y_blkᵀ in both variants, computed once:
+    ONE_CHUNK (D <= BLOCK_D) keeps H·rows in registers, otherwise every tile's product is added to the partial rows
+    chunk by chunk (``_tiles.accumulate_chunks``) and the −rowsum(H)·own-row term applied in a last pass."""
     pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_s = tl.program_id(1)
     mg = tl.full([], margin, tl.float32)
     if DY:
         n_own = M
         n_other = B
+        b_ptr = x_ptr
+        own_ptr = y_ptr
     else:
         n_own = B
         n_other = M
+        b_ptr = y_ptr
+        own_ptr = x_ptr
     own = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     own_ok = own < n_own
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = dcols < D
+    out_rows = pid_s.to(tl.int64) * n_own + own
     if DY:
         key_j = tl.load(rkey_ptr + own, mask=own_ok, other=-2)
         sq_j = tl.load(ysq_ptr + own, mask=own_ok, other=0.0)
@@ -170,9 +176,7 @@ def _triplet_grad_kernel(
                 wk = tl.where((pa > 0.0) & (dap > 0.0), pa / tl.where(dap > 0.0, dap, 1.0), 0.0)
                 h -= tl.where(pc[:, None] == own[None, :], wk[:, None], 0.0)
             hsum += tl.sum(h, 0)
-            b = tl.load(x_ptr + oth.to(tl.int64)[:, None] * D + dcols[None, :],
-                        mask=oth_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            acc = split_tf32_dot(tl.trans(h), b, acc, PRECISION)
+            h = tl.trans(h)
         else:
             s = s_tile(x_ptr, y_ptr, own, oth, own_ok, oth_ok, D, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
             key_n = tl.load(rkey_ptr + oth, mask=oth_ok, other=-2)
@@ -184,7 +188,7 @@ def _triplet_grad_kernel(
                 dap = tl.load(dap_own + k, mask=own_ok, other=float("-inf"))
                 act = neg & (((dap[:, None] - dist) + mg) > 0.0)
                 nact += act.to(tl.float32)
-                pmask = own_ok & (pid_d == 0)
+                pmask = own_ok
                 # the count of this (row, k) may have been stored by another thread of the program (a row
                 # vector is replicated across threads): a block barrier makes that store visible first
                 tl.debug_barrier()
@@ -192,18 +196,24 @@ def _triplet_grad_kernel(
                 tl.store(pact_own + k, prev + tl.sum(act.to(tl.float32), 1), mask=pmask)
             h = tl.where((nact > 0.0) & (dist > 0.0), nact / tl.where(dist > 0.0, dist, 1.0), 0.0)
             hsum += tl.sum(h, 1)
-            b = tl.load(y_ptr + oth.to(tl.int64)[:, None] * D + dcols[None, :],
-                        mask=oth_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            acc = split_tf32_dot(h, b, acc, PRECISION)
-    if DY:
-        mine = tl.load(y_ptr + own.to(tl.int64)[:, None] * D + dcols[None, :],
-                       mask=own_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    else:
-        mine = tl.load(x_ptr + own.to(tl.int64)[:, None] * D + dcols[None, :],
-                       mask=own_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    acc -= hsum[:, None] * mine
-    out = (pid_s.to(tl.int64) * n_own + own)[:, None] * D + dcols[None, :]
-    tl.store(part_ptr + out, acc, mask=own_ok[:, None] & d_ok[None, :])
+        if ONE_CHUNK:
+            b_at, b_mask = row_chunk(b_ptr, oth.to(tl.int64), oth_ok, 0, D, BLOCK_D)
+            acc = chunk_dot(h, tl.load(b_at, mask=b_mask, other=0.0), acc, 2, PRECISION)
+        else:
+            accumulate_chunks(h, b_ptr, oth.to(tl.int64), oth_ok, part_ptr, out_rows, own_ok, D, start_n > n_lo,
+                              2, PRECISION, BLOCK_D)
+    if ONE_CHUNK:
+        mine_at, mine_mask = row_chunk(own_ptr, own.to(tl.int64), own_ok, 0, D, BLOCK_D)
+        acc -= hsum[:, None] * tl.load(mine_at, mask=mine_mask, other=0.0).to(tl.float32)
+        at, mask = row_chunk(part_ptr, out_rows, own_ok, 0, D, BLOCK_D)
+        tl.store(at, acc, mask=mask)
+    else:  # every program has at least one tile, so its partial rows are written (and ordered by the barrier)
+        for c0 in range(0, D, BLOCK_D):
+            mine_at, mine_mask = row_chunk(own_ptr, own.to(tl.int64), own_ok, c0, D, BLOCK_D)
+            at, mask = row_chunk(part_ptr, out_rows, own_ok, c0, D, BLOCK_D)
+            rows = tl.load(at, mask=mask, other=0.0)
+            tl.store(at, rows - hsum[:, None] * tl.load(mine_at, mask=mine_mask, other=0.0).to(tl.float32),
+                     mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,21 +282,22 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, margin: f
 
 def _grad_pass(st: _Setup, pact: Tensor, part: Tensor, margin: float, dy: bool, ns: int, per: int) -> None:
     B, M, D = st.xp.shape[0], st.yp.shape[0], st.xp.shape[1]
-    cfg = BWD_CONFIGS[st.xp.dtype][dy]
+    one = D <= BWD_CONFIGS[st.xp.dtype][dy]["BLOCK_D"]
+    cfg = _tiles.chunk_config(BWD_CONFIGS[st.xp.dtype][dy], one)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    rp, dc = triton.cdiv(M if dy else B, bm), triton.cdiv(D, bd)
-    wrap_triton(_triplet_grad_kernel)[(rp, dc, ns)](
+    rp = triton.cdiv(M if dy else B, bm)
+    wrap_triton(_triplet_grad_kernel)[(rp, ns)](
         st.xp, st.yp, st.key_x, st.key_y, st.xsq, st.ysq, st.dap, st.pcol, pact, part, float(margin),
-        B, M, D, st.P, per * bn, DY=dy, PRECISION=_tiles.precision(st.xp.dtype),
+        B, M, D, st.P, per * bn, DY=dy, ONE_CHUNK=one, PRECISION=_tiles.precision(st.xp.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
 
 
 def _splits(st: _Setup, dy: bool, num_splits: Optional[int]) -> tuple[int, int]:
     """(column splits, column blocks per split) of a gradient pass."""
-    B, M, D = st.xp.shape[0], st.yp.shape[0], st.xp.shape[1]
+    B, M = st.xp.shape[0], st.yp.shape[0]
     n_own, n_other = (M, B) if dy else (B, M)
     cfg = BWD_CONFIGS[st.xp.dtype][dy]
-    rp = triton.cdiv(n_own, cfg["BLOCK_M"]) * triton.cdiv(D, cfg["BLOCK_D"])
+    rp = triton.cdiv(n_own, cfg["BLOCK_M"])
     return _tiles.num_splits(st.xp.device, rp, triton.cdiv(n_other, cfg["BLOCK_N"]), num_splits)
 
 
@@ -353,8 +364,10 @@ def _specs() -> list:
                             dict(PRECISION=prec), batch=("B", "M", "P"))
         sig = dict(common, pcol_ptr="*i32", pact_ptr="*fp32", part_ptr="*fp32", **tail)
         for dy in (False, True):
-            specs += gemm_specs(f"triplet_grad_{t}_{'dy' if dy else 'dx'}", _triplet_grad_kernel, sig,
-                                BWD_CONFIGS[dtype][dy], t, dict(DY=dy, PRECISION=prec), batch=("B", "M", "P"))
+            for one in (False, True):  # d in one BLOCK_D chunk (register accumulator) or several
+                specs += gemm_specs(f"triplet_grad_{t}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}",
+                                    _triplet_grad_kernel, sig, _tiles.chunk_config(BWD_CONFIGS[dtype][dy], one), t,
+                                    dict(DY=dy, ONE_CHUNK=one, PRECISION=prec), batch=("B", "M", "P"))
     return specs
 
 

@@ -32,7 +32,8 @@ Forward (nothing B×M is stored):
 Backward: ``_xent_grad_kernel`` recomputes S tiles (always as x_blk · y_blkᵀ, the forward's orientation and K
 order) and forms W = dL/dz: −sigmoid(lse_i − z)/|P| on positives, coef_i·exp(z − lse_i) on negatives (|W| <= 1),
 times a power-of-two prescale p (see ``_tiles.pow2_prescale``) before the tensor-core product W·y (dx, programs
-own x rows) or Wᵀ·x (dy, programs own y rows). The batch-softmax ``_grad_finalize_kernel`` sums the column-split
+own x rows) or Wᵀ·x (dy, programs own y rows). A program (row block × column split) computes each of its S
+tiles once and walks all of d for it (``_tiles.accumulate_chunks``). The batch-softmax ``_grad_finalize_kernel`` sums the column-split
 partials in a fixed order and applies grad/(p·τ); it also reduces the Σ p·W·z partials into dτ. No atomics,
 nothing B×M stored; d is zero-padded to a multiple of 16 (O((B + M)·d) copy) so every GEMM load is vectorised.
 """
@@ -49,7 +50,7 @@ from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
 from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
-from ._tiles import s_tile, sp_sig, wrap_triton
+from ._tiles import accumulate_chunks, chunk_dot, row_chunk, s_tile, sp_sig, wrap_triton
 from .batch_softmax import finalize_grad
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,7 +63,8 @@ from .batch_softmax import finalize_grad
 #   backward: 128 owned rows x 128 output columns (64 fp32 accumulator registers per thread at 8 warps) per
 #     program. dx recomputes [128 own x 32 other] S tiles (64 other rows spill 16 bytes on sm_80); dy needs 64
 #     other rows, because its S tile is [other, own] (the forward's orientation) and a wgmma tile has >= 64 rows.
-#     BLOCK_D = 128 covers d <= 128 in one chunk; a larger d is split over the grid and S recomputed per chunk.
+#     BLOCK_D = 128 covers d <= 128 in one chunk (ONE_CHUNK: the product stays in registers); a larger d is
+#     walked chunk by chunk inside the program, each S tile computed once (_tiles.accumulate_chunks).
 # ---------------------------------------------------------------------------------------------------------------
 _LSE_16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 _LSE_32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
@@ -233,15 +235,16 @@ def _xent_finalize_kernel(sp_ptr, sg_ptr, npos_ptr, loss_ptr, coef_ptr, B, n_spl
 def _xent_grad_kernel(
     x_ptr, y_ptr, lab_ptr, ref_ptr, tau_ptr, lse_ptr, coef_ptr, npos_ptr, scale_ptr, part_ptr, dt_ptr,
     B, M, D, cols_per_split, self_mode, lse_stride,
-    DY: tl.constexpr, PRECISION: tl.constexpr,
+    DY: tl.constexpr, ONE_CHUNK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dx (DY=False): part[split, i, c] = Σ_{j in split} p·W_ij y[j, c] over a block of x rows i, and
-    dt[split, block] = Σ p·W_ij z_ij. dy (DY=True): part[split, j, c] = Σ_{i in split} p·W_ij x[i, c] over a block
-    of y rows j. W = dL/dz (module docstring); the S tile is x_blk · y_blkᵀ in both variants."""
+    """dx (DY=False): part[split, i, :] = Σ_{j in split} p·W_ij y[j, :] over a block of x rows i, and
+    dt[split, block] = Σ p·W_ij z_ij. dy (DY=True): part[split, j, :] = Σ_{i in split} p·W_ij x[i, :] over a block
+    of y rows j. W = dL/dz (module docstring); the S tile is x_blk · y_blkᵀ in both variants. Each S tile is
+    computed once: ONE_CHUNK (D <= BLOCK_D) keeps the product in registers, otherwise every tile's product is
+    added to the partial rows chunk by chunk (``_tiles.accumulate_chunks``)."""
     pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_s = tl.program_id(1)
     inv_tau = 1.0 / tl.load(tau_ptr)
     scale = tl.load(scale_ptr)
     npos = tl.load(npos_ptr)
@@ -249,13 +252,14 @@ def _xent_grad_kernel(
     if DY:
         n_own = M
         n_other = B
+        b_ptr = x_ptr
     else:
         n_own = B
         n_other = M
+        b_ptr = y_ptr
     own = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     own_ok = own < n_own
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = dcols < D
+    out_rows = pid_s.to(tl.int64) * n_own + own
     if DY:  # own rows are y rows (columns of S): their keys are loop-invariant
         lab_j = tl.load(ref_ptr + own, mask=own_ok, other=0)
     else:  # own rows are x rows: keys, lse and coef are loop-invariant
@@ -286,19 +290,20 @@ def _xent_grad_kernel(
         w_neg = coef_i[:, None] * tl.math.exp2(tl.minimum(z - lse_i[:, None], 0.0) * 1.4426950408889634)
         w = tl.where(ok & same, -sig * inv_p, tl.where(ok & ~same, w_neg, 0.0)) * scale
         if DY:
-            b = tl.load(x_ptr + xi.to(tl.int64)[:, None] * D + dcols[None, :],
-                        mask=xi_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.dot(tl.trans(w.to(b.dtype)), b, acc, input_precision=PRECISION)
+            w = tl.trans(w)
         else:
             dt += tl.sum(w * z, 1)
-            b = tl.load(y_ptr + yj.to(tl.int64)[:, None] * D + dcols[None, :],
-                        mask=yj_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = tl.dot(w.to(b.dtype), b, acc, input_precision=PRECISION)
-    out = (pid_s.to(tl.int64) * n_own + own)[:, None] * D + dcols[None, :]
-    tl.store(part_ptr + out, acc, mask=own_ok[:, None] & d_ok[None, :])
+        if ONE_CHUNK:
+            b_at, b_mask = row_chunk(b_ptr, oth.to(tl.int64), oth_ok, 0, D, BLOCK_D)
+            acc = chunk_dot(w, tl.load(b_at, mask=b_mask, other=0.0), acc, 0, PRECISION)
+        else:
+            accumulate_chunks(w, b_ptr, oth.to(tl.int64), oth_ok, part_ptr, out_rows, own_ok, D, start_n > n_lo,
+                              0, PRECISION, BLOCK_D)
+    if ONE_CHUNK:
+        at, mask = row_chunk(part_ptr, out_rows, own_ok, 0, D, BLOCK_D)
+        tl.store(at, acc, mask=mask)
     if not DY:
-        if pid_d == 0:
-            tl.store(dt_ptr + pid_s * tl.num_programs(0) + pid_m, tl.sum(dt, 0))
+        tl.store(dt_ptr + pid_s * tl.num_programs(0) + pid_m, tl.sum(dt, 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,16 +362,17 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, tau: Tensor, lse
           self_mode: bool, lse_stride: int, num_splits: Optional[int]) -> None:
     B, M, D = xp.shape[0], yp.shape[0], xp.shape[1]
     n_own, n_other = (M, B) if dy else (B, M)
-    cfg = BWD_CONFIGS[xp.dtype][dy]
+    one = D <= BWD_CONFIGS[xp.dtype][dy]["BLOCK_D"]
+    cfg = _tiles.chunk_config(BWD_CONFIGS[xp.dtype][dy], one)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    rp, dc = triton.cdiv(n_own, bm), triton.cdiv(D, bd)
-    ns, per = _tiles.num_splits(xp.device, rp * dc, triton.cdiv(n_other, bn), num_splits)
+    rp = triton.cdiv(n_own, bm)
+    ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(n_other, bn), num_splits)
     part = _debug.new_output((ns, n_own, D), dtype=torch.float32, device=xp.device)
     dt = _debug.new_output((ns * rp if not dy else 1,), dtype=torch.float32, device=xp.device)
-    wrap_triton(_xent_grad_kernel)[(rp, dc, ns)](
+    wrap_triton(_xent_grad_kernel)[(rp, ns)](
         xp, yp, key_x, key_y, tau, lse, coef, npos, scale, part, dt, B, M, D, per * bn, int(self_mode),
-        lse_stride, DY=dy, PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_D=bd, **_tiles.launch(cfg))
+        lse_stride, DY=dy, ONE_CHUNK=one, PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
     finalize_grad(part, out, grad_eff, tau, dt, dtemp)
 
 
@@ -447,8 +453,10 @@ def _specs() -> list[AOTSpec]:
                "self_mode": "i32", "lse_stride": "i32"}
         for dy in (False, True):
             c = BWD_CONFIGS[dtype][dy]
-            specs += gemm_specs(f"xent_grad_{t}_{'dy' if dy else 'dx'}", _xent_grad_kernel, sig, c, t,
-                                dict(DY=dy, PRECISION=prec))
+            for one in (False, True):  # d in one BLOCK_D chunk (register accumulator) or several
+                specs += gemm_specs(f"xent_grad_{t}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}",
+                                    _xent_grad_kernel, sig, _tiles.chunk_config(c, one), t,
+                                    dict(DY=dy, ONE_CHUNK=one, PRECISION=prec))
     for glob in (False, True):
         tag = "global" if glob else "rows"
         sig = {"m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32", "B": "i32", "n_splits": "i32"}
