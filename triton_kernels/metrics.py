@@ -182,7 +182,6 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
     offsets = torch.zeros(R + 1, **lopts)
     offsets[1:] = torch.cumsum(keep, 0)
     # every size and check the host needs, read in one synchronisation
-    zero = torch.zeros((), **lopts)
     if R:
         safe = rows.clamp(0, B - 1) if B else rows  # (out-of-range rows are reported below)
         cls = torch.searchsorted(torch.unique(ref_labels), labels[safe]) if opis and B else rows
