@@ -27,7 +27,7 @@ from torch import Tensor
 from .._math import l2_normalize
 from ..ops.selection import _add_rows, _normalized, _pair_dots, count_negatives
 from ._comm import logsumexp_over_ranks, sum_over_ranks
-from ._shard import Global, finish, row_chunk
+from ._shard import Global, KernelShare, finish, row_chunk
 
 _NEG_INF = float("-inf")
 
@@ -98,14 +98,8 @@ def _negatives_surrogate(blk: _Block, x: Tensor, lab: Tensor, t: Tensor, normali
     return acc[0], dy, acc[1]
 
 
-class _XentShare(torch.autograd.Function):
+class _XentShare(KernelShare):
     """Value 0; backward: this rank's share of the global XE / NT-Xent gradient, by the backward kernel."""
-
-    @staticmethod
-    def forward(ctx, x, Y, t, state):
-        ctx.state = state
-        ctx.save_for_backward(x, Y, t)
-        return x.new_zeros((), dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
@@ -187,13 +181,7 @@ def xent(g: Global, ops, t: Tensor, normalize: bool, global_partition: bool, n_p
     return finish(value.float(), share, g)
 
 
-class _HingeShare(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, Y, state):
-        ctx.state = state
-        ctx.save_for_backward(x, Y)
-        return x.new_zeros((), dtype=torch.float32)
-
+class _HingeShare(KernelShare):
     @staticmethod
     def backward(ctx, grad):
         st = ctx.state

@@ -123,6 +123,20 @@ def self_pair_mask(g: Global, r0: int, rn: int) -> Optional[Tensor]:
     return rows[:, None] == torch.arange(g.cols.total, device=g.x.device)[None, :]
 
 
+class KernelShare(torch.autograd.Function):
+    """Base of the fused drivers' gradient carriers. The value is 0 (the driver computes the loss value apart, from
+    the statistics reduced over ranks); ``apply(*tensors, state)`` saves the tensors and keeps ``state`` (the
+    global statistics the backward kernel takes) on ``ctx``. A subclass defines only ``backward``: the backward
+    kernel on this rank's rows × the gathered columns, one gradient per ``apply`` argument (None for ``state``)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        *tensors, state = args
+        ctx.state = state
+        ctx.save_for_backward(*tensors)
+        return tensors[0].new_zeros((), dtype=torch.float32)
+
+
 def finish(value: Tensor, share: Optional[Tensor], g: Global) -> Tensor:
     """The global ``value`` (identical on every rank) carrying the gradient of ``W · share``. ``share`` may be
     ``None`` (an empty shard, or nothing to differentiate): the result still hangs on the inputs with a zero

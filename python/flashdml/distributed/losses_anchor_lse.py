@@ -33,7 +33,8 @@ from ..reference.anchor_lse import _check_ms_params
 from ..reference.losses import _masked_logsumexp, _softplus
 from . import _fused
 from ._comm import sum_over_ranks
-from ._shard import Global, finish, normalized, prepare_shard, row_chunk, self_pair_mask, setup, streamed_sum
+from ._shard import (Global, KernelShare, finish, normalized, prepare_shard, row_chunk, self_pair_mask, setup,
+                     streamed_sum)
 
 _NEG_INF = float("-inf")
 _NAMES = {SUPCON: "supcon", MULTI_SIMILARITY: "multi_similarity", CIRCLE: "circle"}
@@ -137,14 +138,8 @@ def _supcon_positive_sums(g: Global, t: Tensor, xd: Tensor, Yd: Tensor) -> Tenso
     return out
 
 
-class _AnchorShare(torch.autograd.Function):
+class _AnchorShare(KernelShare):
     """Value 0; backward: this rank's share of the global gradient, by ``anchor_lse_bwd`` on each block."""
-
-    @staticmethod
-    def forward(ctx, x, Y, t, state):
-        ctx.state = state
-        ctx.save_for_backward(x, Y, t)
-        return x.new_zeros((), dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad):

@@ -28,7 +28,7 @@ from .._validation import check_real
 from . import _fused
 from ._comm import sum_over_ranks
 from .losses_anchor_lse import nonfinite_rows
-from ._shard import Global, finish, prepare_shard, row_chunk, self_pair_mask, setup, streamed_sum
+from ._shard import Global, KernelShare, finish, prepare_shard, row_chunk, self_pair_mask, setup, streamed_sum
 
 OP = "triplet_margin"
 
@@ -59,14 +59,8 @@ def _chunk_hinges(g: Global, r0: int, xc: Tensor, Yh: Tensor, margin: float, wit
     return total, count
 
 
-class _TripletShare(torch.autograd.Function):
+class _TripletShare(KernelShare):
     """Value 0; backward: ``triplet_bwd`` on this rank's rows × the gathered columns with the global count."""
-
-    @staticmethod
-    def forward(ctx, x, Y, state):
-        ctx.state = state
-        ctx.save_for_backward(x, Y)
-        return x.new_zeros((), dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad):
