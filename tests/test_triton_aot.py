@@ -46,15 +46,15 @@ def aot(request):
 # first compile of these variants): on sm_90 32-row tiles cannot use wgmma (some dots stay on mma.sync) and a few
 # kernels get 8 bytes of stack; on sm_80 two gradient kernels spill 8 bytes. They still compile and run on tensor
 # cores; a TF32-specific config per kernel is left to the config owners. Names without "_unaligned" (both match).
-# The gradient kernels' entries are their one-chunk variants (d <= BLOCK_D, register accumulator; the chunked
-# variants' narrower tiles compile cleanly).
+# The gradient kernels' dy passes are listed in both variants on sm_90 (the one-chunk "_1chunk" spec, d <= BLOCK_D,
+# and the chunked one); on sm_80 only some one-chunk variants spill.
+_GRAD_DY = [("anchor_lse_grad", "_k0_dy"), ("anchor_lse_grad", "_k1_dy"), ("anchor_lse_grad", "_k2_dy"),
+            ("contextual_grad", "_dy"), ("hinge_grad", "_dy"), ("triplet_grad", "_dy"), ("xent_grad", "_dy")]
 _TF32_SM90_OPEN = {f"{n}_fp32{v}_tf32" for n, v in [
-    ("anchor_lse_grad", "_k0_dy_1chunk"), ("anchor_lse_grad", "_k1_dy_1chunk"), ("anchor_lse_grad", "_k2_dy_1chunk"),
-    ("contextual_grad", "_dy_1chunk"), ("contextual_list", ""), ("contextual_stats", "_k16"),
-    ("contextual_stats", "_k64"), ("hinge_grad", "_dy_1chunk"), ("hinge_stats", ""), ("selection_hneg_collect", ""),
-    ("selection_hneg_hist", ""), ("selection_hneg_count", ""), ("selection_knn_partial", "_k64"),
-    ("selection_knn_partial", "_k64_bound"), ("triplet_grad", "_dy_1chunk"), ("triplet_stats", ""),
-    ("xent_grad", "_dy_1chunk")]}
+    *_GRAD_DY, *((n, v + "_1chunk") for n, v in _GRAD_DY), ("contextual_list", ""), ("contextual_stats", "_k16"),
+    ("contextual_stats", "_k64"), ("hinge_stats", ""), ("selection_hneg_collect", ""), ("selection_hneg_hist", ""),
+    ("selection_hneg_count", ""), ("selection_knn_partial", "_k64"), ("selection_knn_partial", "_k64_bound"),
+    ("triplet_stats", "")]}
 TF32_OPEN = {(n, 90) for n in _TF32_SM90_OPEN} | {(f"{n}_fp32{v}_1chunk_tf32", 80) for n, v in [
     ("anchor_lse_grad", "_k0_dx"), ("anchor_lse_grad", "_k2_dx"), ("hinge_grad", "_dy"), ("xent_grad", "_dy")]}
 
