@@ -24,6 +24,10 @@ Returns:
 
 Raises:
     pml's errors (mismatched shapes, ...); flashdml's ``ValueError`` / ``TypeError`` for bad fused inputs.""",
+    # Args of a pml drop-in: its process group.
+    "pml_dropin_process_group_arg": """\
+process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
+    batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.""",
     # Args: the process group of the global-batch losses (docs/spec.md §5).
     "process_group_loss_arg": """\
 process_group (ProcessGroup, optional): ``None`` (default): one process. A ``torch.distributed`` group (e.g.

@@ -84,8 +84,7 @@ class SupConLoss(_PairFused, _pml_losses.SupConLoss):
 
     Args:
         temperature: ``> 0``, float or 0-dim tensor. **kwargs: pml's (``distance``, ``reducer``, ...).
-        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
-            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
+        {{pml_dropin_process_group_arg}}
 
     {{pml_dropin_returns_raises}}
 
@@ -117,8 +116,7 @@ class MultiSimilarityLoss(_PairFused, _pml_losses.MultiSimilarityLoss):
 
     Args:
         alpha, beta, base, **kwargs: pml's constructor arguments.
-        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
-            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
+        {{pml_dropin_process_group_arg}}
 
     {{pml_dropin_returns_raises}}
 
@@ -149,8 +147,7 @@ class CircleLoss(_PairFused, _pml_losses.CircleLoss):
 
     Args:
         m, gamma, **kwargs: pml's constructor arguments.
-        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
-            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
+        {{pml_dropin_process_group_arg}}
 
     {{pml_dropin_returns_raises}}
 
@@ -184,8 +181,7 @@ class TripletMarginLoss(_PairFused, _pml_losses.TripletMarginLoss):
 
     Args:
         margin, swap, smooth_loss, triplets_per_anchor, **kwargs: pml's constructor arguments.
-        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
-            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
+        {{pml_dropin_process_group_arg}}
 
     {{pml_dropin_returns_raises}}
 

@@ -200,8 +200,7 @@ class ThresholdConsistentMarginLoss(_FlashdmlForward, _pml_losses.ThresholdConsi
 
     Args:
         lambda_plus, lambda_minus, margin_plus, margin_minus, **kwargs: pml's constructor arguments.
-        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
-            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
+        {{pml_dropin_process_group_arg}}
 
     {{pml_dropin_returns_raises}}
 
@@ -246,8 +245,7 @@ class NTXentLoss(_FlashdmlForward, _pml_losses.NTXentLoss):
 
     Args:
         temperature: ``> 0``, float or 0-dim tensor. **kwargs: pml's (``distance``, ``reducer``, ...).
-        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
-            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
+        {{pml_dropin_process_group_arg}}
 
     {{pml_dropin_returns_raises}}
 
@@ -301,8 +299,7 @@ class ContrastiveLoss(_FlashdmlForward, _pml_losses.ContrastiveLoss):
     Args:
         pos_margin, neg_margin, **kwargs: pml's constructor arguments (pass ``distance=CosineSimilarity()`` for
             the fused path).
-        process_group: ``None`` (default) or a ``torch.distributed`` group: the fused loss of the concatenated
-            batch over the ranks' shards (docs/spec.md §5); a call only pml could run raises ``ValueError``.
+        {{pml_dropin_process_group_arg}}
 
     {{pml_dropin_returns_raises}}
 
