@@ -235,41 +235,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       Gt[c * C::kLdG + r] = from_float<GType>(g);
     }
-    if constexpr (!kChunked) {  // d <= kDV: one chunk, the accumulator stays in registers across the tiles
-      __syncthreads();  // St consumed (Yc overwrites it), Gt complete
-      {
-        // Not prefetched before the weights on purpose: holding 16 more registers there costs spills at the
-        // 128-register cap that keeps 2 blocks (16 warps) per SM; the other resident block hides this latency.
-        // The column offset is blockIdx.y * kDV = 0 (grid y = 1), deliberately a run-time value: with a literal 0
-        // ptxas (CUDA 13.0, sm_80) spills 8-20 bytes in the fp16 / bf16 versions of this kernel.
-        uint4 pre[4];
-        load_yc<T>(pre, Bm, n, d, col0, int64_t(blockIdx.y) * C::kDV, vec);
-        store_yc<T>(Yc, pre);
-      }
-      __syncthreads();  // Yc visible
-      prod.mma(Gt, Yc);
-    } else {
-      const int64_t nch = (d + C::kDV - 1) / C::kDV;
-#pragma unroll 1  // one chunk's product at a time (an unrolled copy would hold a second set of addresses)
-      for (int64_t ch = 0; ch < nch; ++ch) {
-        const int64_t dv0 = ch * C::kDV;
-        __syncthreads();  // ch = 0: St consumed (Yc overwrites it), Gt complete; later: previous chunk's Yc read
-        {
-          uint4 pre[4];
-          load_yc<T>(pre, Bm, n, d, col0, dv0, vec);
-          store_yc<T>(Yc, pre);
-        }
-        // this chunk's running sum: 0 on the split's first tile, else what this thread stored on the last one
-        if (tile == tile_begin) {
-          prod.zero();
-        } else {
-          prod.load(part + int64_t(blockIdx.z) * n * d, d, row0, n, dv0, d, stage);
-        }
-        __syncthreads();  // Yc visible
-        prod.mma(Gt, Yc);
-        prod.store(part + int64_t(blockIdx.z) * n * d, d, row0, n, dv0, d, stage);
-      }
-    }
+    // Yc is not prefetched before the weights on purpose: holding 16 more registers there costs spills at the
+    // 128-register cap that keeps 2 blocks (16 warps) per SM; the other resident block hides this latency.
+    gb_tile_products<T, kChunked>(prod, Gt, Yc, Bm, n, d, col0, vec, part + int64_t(blockIdx.z) * n * d, n, row0,
+                                  tile == tile_begin, stage);
   }
   if constexpr (!kChunked) {
     __syncthreads();  // all products done: the St region is free for the epilogue staging

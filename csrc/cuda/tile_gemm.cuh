@@ -408,5 +408,55 @@ struct GbProduct<T, false> {  // exact fp32 SIMT: thread t owns rows 4 (t / 16) 
   }
 };
 
+
+// The G·B products of one tile of a gradient kernel, once Gt (the tile's weights) is complete: the caller's S tile
+// staging (St, which Yc aliases) is consumed by the first barrier here. Output rows row0 .. of the block, the other
+// side's rows col0 .. as B (nb rows, d columns); part: this split's partial rows [nrows][d].
+//  * kChunked = false (the host's choice for d <= kDV): one chunk, prod accumulates in registers across the tiles
+//    and the caller stores it once at the end. Its column offset blockIdx.y * kDV is 0 (grid y = 1) but kept a
+//    run-time value on purpose: with a literal 0 ptxas (CUDA 13.0) spills 4-68 bytes in some fp16 / bf16 versions
+//    of the gradient kernels (sm_80, sm_90).
+//  * kChunked = true (any d): every kDV chunk of d in turn; the block's running sum for the chunk is read back from
+//    part (what this thread stored on the previous tile; zero on the split's first tile), multiplied into and
+//    stored again — the rows belong to this block alone, so no atomics. stage: kWarps x 16 x 20 floats of shared
+//    memory free at this point (the wmma path's staging).
+template <typename T, bool kChunked>
+__device__ __forceinline__ void gb_tile_products(GbProduct<T>& prod, const void* Gt, void* Yc,
+                                                 const T* __restrict__ Bm, int64_t nb, int64_t d, int64_t col0,
+                                                 bool vec, float* part, int64_t nrows, int64_t row0, bool first_tile,
+                                                 float* stage) {
+  using C = TileCfg<T>;
+  if constexpr (!kChunked) {
+    __syncthreads();  // St consumed (Yc overwrites it), Gt complete
+    {
+      uint4 pre[4];
+      load_yc<T>(pre, Bm, nb, d, col0, int64_t(blockIdx.y) * C::kDV, vec);
+      store_yc<T>(Yc, pre);
+    }
+    __syncthreads();  // Yc visible
+    prod.mma(Gt, Yc);
+  } else {
+    const int64_t nch = (d + C::kDV - 1) / C::kDV;
+#pragma unroll 1  // one chunk's product at a time (an unrolled copy would hold a second set of addresses)
+    for (int64_t ch = 0; ch < nch; ++ch) {
+      const int64_t dv0 = ch * C::kDV;
+      __syncthreads();  // ch = 0: St consumed (Yc overwrites it), Gt complete; later: previous chunk's Yc read
+      {
+        uint4 pre[4];
+        load_yc<T>(pre, Bm, nb, d, col0, dv0, vec);
+        store_yc<T>(Yc, pre);
+      }
+      if (first_tile) {
+        prod.zero();
+      } else {
+        prod.load(part, d, row0, nrows, dv0, d, stage);
+      }
+      __syncthreads();  // Yc visible
+      prod.mma(Gt, Yc);
+      prod.store(part, d, row0, nrows, dv0, d, stage);
+    }
+  }
+}
+
 }  // namespace cuda
 }  // namespace flashdml
