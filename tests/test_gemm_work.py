@@ -164,9 +164,12 @@ def test_grad_config_narrows_one_chunk_tiles():
     assert _tiles.grad_config(wide, 16) == (dict(wide, BLOCK_D=64), True)
     assert _tiles.grad_config(wide, 80) == (wide, True)
     assert _tiles.grad_config(wide, 144) == (dict(wide, BLOCK_D=16), False)
+    staged = dict(wide, NARROW_STAGES=1)  # a config's own pipeline depth for its narrowed tile
+    assert _tiles.grad_config(staged, 64) == (dict(staged, BLOCK_D=64, num_stages=1), True)
+    assert _tiles.grad_config(staged, 128)[0]["num_stages"] == _tiles.grad_config(staged, 144)[0]["num_stages"] == 2
     narrow = dict(wide, BLOCK_D=32)
     assert _tiles.grad_config(narrow, 32) == (narrow, True)  # never widened
-    for cfg in (wide, dict(wide, BLOCK_D=64), narrow):
+    for cfg in (wide, staged, dict(wide, BLOCK_D=64), narrow):
         variants = {(one, tuple(sorted(c.items()))) for _, one, c in _tiles.grad_variants(cfg)}
         chosen = {(one, tuple(sorted(c.items())))
                   for c, one in (_tiles.grad_config(cfg, d) for d in range(16, 400, 16))}
@@ -249,3 +252,32 @@ def test_cli_prints_the_table(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 2 * 2 * 2
     assert any(r.startswith("| ntxent | float32 | 128 | ") and "| 1 + 1 |" in r for r in rows)  # S once per side
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the gradient kernels in the interpreter")
+@pytest.mark.parametrize("family", ["xent", "batch_softmax", "anchor_lse", "hinge_pair", "triplet", "contextual"])
+def test_narrowed_tile_gives_the_same_gradients(family, monkeypatch):
+    """The 64-column tile at d <= 64 changes only how the gradient product is tiled: with the fp32 gradient
+    configurations widened to BLOCK_D = 128, a backward at d = 40 (48 padded) launches BLOCK_D = 64 and gives the
+    gradients of the full-width tile (_tiles.NARROW_D emptied) to fp32 rounding. Also runs the full-width one-chunk
+    path, which the families' own tests at d <= 16 no longer reach for 16-bit rows."""
+    from flashdml.triton_kernels import _launch_log, _tiles
+    from test_triton_backward_chunks import FAMILIES, GRAD_KERNELS
+
+    module, table, make = FAMILIES[family]
+    widened = dict(table)
+    widened[torch.float32] = (tuple(dict(c, BLOCK_D=128) for c in table[torch.float32])
+                              if isinstance(table[torch.float32], tuple) else dict(table[torch.float32], BLOCK_D=128))
+    monkeypatch.setattr(module, "GRAD_CONFIGS" if family == "contextual" else "BWD_CONFIGS", widened)
+    backward = make(40)
+    results, widths = [], []
+    for narrow in ((64,), ()):
+        monkeypatch.setattr(_tiles, "NARROW_D", narrow)
+        with _launch_log.record_launches() as log:
+            out = backward()
+        results.append(out if isinstance(out, tuple) else (out,))
+        widths.append({launch.params["BLOCK_D"] for launch in log.launches if launch.kernel == GRAD_KERNELS[family]})
+    assert widths == [{64}, {128}]
+    for narrowed, full in zip(*results):
+        assert not torch.isnan(narrowed).any() and narrowed.abs().max() > 0, family
+        torch.testing.assert_close(narrowed, full, rtol=1e-5, atol=1e-7)

@@ -361,7 +361,13 @@ def grad_config(cfg: dict, d: int) -> tuple[dict, bool]:
     if d > cfg["BLOCK_D"]:
         return chunk_config(cfg, False), False
     fits = [w for w in NARROW_D if d <= w < cfg["BLOCK_D"]]
-    return (dict(cfg, BLOCK_D=min(fits)) if fits else cfg), True
+    return (narrow_config(cfg, min(fits)) if fits else cfg), True
+
+
+def narrow_config(cfg: dict, width: int) -> dict:
+    """``cfg`` as a one-chunk tile ``width`` columns wide, with its ``NARROW_STAGES`` if given (a config whose
+    narrowed variant compiles better with another pipeline depth)."""
+    return dict(cfg, BLOCK_D=width, num_stages=cfg.get("NARROW_STAGES", cfg["num_stages"]))
 
 
 def grad_variants(cfg: dict) -> list[tuple[str, bool, dict]]:
@@ -369,7 +375,7 @@ def grad_variants(cfg: dict) -> list[tuple[str, bool, dict]]:
     the AOT specs: the chunked loop (suffix ""), one chunk at the configured width ("_1chunk") and one chunk at
     each narrower width of :data:`NARROW_D` ("_1chunk_d64", ...)."""
     out = [("", False, chunk_config(cfg, False)), ("_1chunk", True, cfg)]
-    out += [(f"_1chunk_d{w}", True, dict(cfg, BLOCK_D=w)) for w in sorted(NARROW_D, reverse=True)
+    out += [(f"_1chunk_d{w}", True, narrow_config(cfg, w)) for w in sorted(NARROW_D, reverse=True)
             if w < cfg["BLOCK_D"]]
     return out
 

@@ -60,7 +60,9 @@ from ._tiles import accumulate_chunks, chunk_dot, row_chunk, s_tile, wrap_triton
 # ---------------------------------------------------------------------------------------------------------------
 _FWD_16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 _FWD_32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
-_BWD_16 = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
+# NARROW_STAGES: stages of the 64-column tile at d <= 64 (_tiles.grad_config; with 2 the dy pass without labels
+# spilled 8 B on sm_80). Its K loop then has one BLOCK_K = 64 step, so there is nothing to pipeline anyway.
+_BWD_16 = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, NARROW_STAGES=1, num_warps=8, num_stages=2)
 # CHUNK_D: the chunk width when d spans several chunks (_tiles.chunk_config; fp32 at 32 spilled 8-16 B on sm_80).
 _BWD_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, num_warps=4, num_stages=2)
 FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: _FWD_32}
