@@ -329,15 +329,55 @@ def launch(cfg: dict) -> dict:
 
 
 def chunk_config(cfg: dict, one_chunk: bool) -> dict:
-    """The tile configuration of a gradient launch: ``cfg`` itself when d fits one BLOCK_D chunk (ONE_CHUNK, the
-    register accumulator), else ``cfg`` with BLOCK_D = its ``CHUNK_D`` (default: BLOCK_D halved, at least 16, the
-    narrowest tl.dot) and num_warps = its ``CHUNK_WARPS`` if given. The chunked loop holds the weight tile across the chunks and reads and writes each chunk of
-    the partial rows through a [BLOCK_M, BLOCK_D] tile of 64-bit pointers: at the one-chunk width that spilled
-    12–48 bytes on sm_80 / sm_90 (tests/test_triton_aot.py), and some fp32 / triplet passes need a quarter."""
+    """The tile configuration of a gradient launch (the launchers ask :func:`grad_config`, which uses this): ``cfg``
+    itself when d fits one BLOCK_D chunk (ONE_CHUNK, the register accumulator), else ``cfg`` with BLOCK_D = its
+    ``CHUNK_D`` (default: BLOCK_D halved, at least 16, the narrowest tl.dot) and num_warps = its ``CHUNK_WARPS`` if
+    given. The chunked loop holds the weight tile across the chunks and reads and writes each chunk of the partial
+    rows through a [BLOCK_M, BLOCK_D] tile of 64-bit pointers: at the one-chunk width that spilled 12–48 bytes on
+    sm_80 / sm_90 (tests/test_triton_aot.py), and some fp32 / triplet passes need a quarter."""
     if one_chunk:
         return cfg
     return dict(cfg, BLOCK_D=cfg.get("CHUNK_D", max(16, cfg["BLOCK_D"] // 2)),
                 num_warps=cfg.get("CHUNK_WARPS", cfg["num_warps"]))
+
+
+# The narrower widths a one-chunk gradient tile takes when d leaves part of the configured BLOCK_D unused
+# (grad_config). Each width below a config's BLOCK_D is one more compiled variant of that config (grad_variants,
+# checked by tests/test_triton_aot.py), so the list stays short: 64 is the width the common d = 64 needs, and a
+# 128-column tile at d = 64 multiplies as many zero columns as real ones. Narrower widths (32, 16: tl.dot's
+# smallest) would serve d <= 32 at the cost of a variant per config each.
+NARROW_D = (64,)
+
+
+def grad_config(cfg: dict, d: int) -> tuple[dict, bool]:
+    """(tile configuration, ONE_CHUNK) of a gradient launch whose rows are ``d`` columns wide (16-padded), from
+    the kernel's configured ``cfg``: every gradient launcher asks this one function.
+
+    d > BLOCK_D: the chunked loop (:func:`chunk_config`). Otherwise one chunk, BLOCK_D narrowed to the smallest
+    of :data:`NARROW_D` that still holds d when that is below the configured width: the gradient product's
+    N side is BLOCK_D whatever d is, so the narrower tile skips the zero columns beyond d. The S tile, its K
+    loop and the weights do not depend on BLOCK_D, so the gradient is the same up to how the dot groups its
+    sums (tests/test_gemm_work.py checks that every launch this returns has its AOT spec)."""
+    if d > cfg["BLOCK_D"]:
+        return chunk_config(cfg, False), False
+    fits = [w for w in NARROW_D if d <= w < cfg["BLOCK_D"]]
+    return (narrow_config(cfg, min(fits)) if fits else cfg), True
+
+
+def narrow_config(cfg: dict, width: int) -> dict:
+    """``cfg`` as a one-chunk tile ``width`` columns wide, with its ``NARROW_STAGES`` if given (a config whose
+    narrowed variant compiles better with another pipeline depth)."""
+    return dict(cfg, BLOCK_D=width, num_stages=cfg.get("NARROW_STAGES", cfg["num_stages"]))
+
+
+def grad_variants(cfg: dict) -> list[tuple[str, bool, dict]]:
+    """Every (name suffix, ONE_CHUNK, tile configuration) that :func:`grad_config` can return for ``cfg``, for
+    the AOT specs: the chunked loop (suffix ""), one chunk at the configured width ("_1chunk") and one chunk at
+    each narrower width of :data:`NARROW_D` ("_1chunk_d64", ...)."""
+    out = [("", False, chunk_config(cfg, False)), ("_1chunk", True, cfg)]
+    out += [(f"_1chunk_d{w}", True, narrow_config(cfg, w)) for w in sorted(NARROW_D, reverse=True)
+            if w < cfg["BLOCK_D"]]
+    return out
 
 
 def pow2_prescale(bound: Tensor) -> Tensor:

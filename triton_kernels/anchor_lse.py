@@ -352,8 +352,7 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, tau: Tensor, tau
           params: tuple, self_mode: bool, num_splits: Optional[int]) -> None:
     B, M, D = xp.shape[0], yp.shape[0], xp.shape[1]
     n_own, n_other = (M, B) if dy else (B, M)
-    one = D <= BWD_CONFIGS[xp.dtype][dy]["BLOCK_D"]
-    cfg = _tiles.chunk_config(BWD_CONFIGS[xp.dtype][dy], one)
+    cfg, one = _tiles.grad_config(BWD_CONFIGS[xp.dtype][dy], D)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     rp = triton.cdiv(n_own, bm)
     ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(n_other, bn), num_splits)
@@ -433,10 +432,11 @@ def _specs() -> list[AOTSpec]:
             sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "lab_ptr": "*i32", "ref_ptr": "*i32", "tau_ptr": "*fp32",
                    "stats_ptr": "*fp32", "scale_ptr": "*fp32", "part_ptr": "*fp32", "dt_ptr": "*fp32", "B": "i32",
                    "M": "i32", "D": "i32", "cols_per_split": "i32", **par}
-            for dy, one in ((False, False), (False, True), (True, False), (True, True)):  # one: d in one chunk
-                name = f"anchor_lse_grad_{t}_k{kind}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}"
-                specs += gemm_specs(name, _grad_kernel, sig, _tiles.chunk_config(BWD_CONFIGS[dtype][dy], one), t,
-                                    dict(DY=dy, KIND=kind, ONE_CHUNK=one, PRECISION=prec))
+            for dy in (False, True):
+                for suffix, one, gc in _tiles.grad_variants(BWD_CONFIGS[dtype][dy]):  # chunked / one / narrowed
+                    name = f"anchor_lse_grad_{t}_k{kind}_{'dy' if dy else 'dx'}{suffix}"
+                    specs += gemm_specs(name, _grad_kernel, sig, gc, t,
+                                        dict(DY=dy, KIND=kind, ONE_CHUNK=one, PRECISION=prec))
     for kind in KINDS:
         sig = {"part_ptr": "*fp32", "cc_ptr": "*i64", "stats_ptr": "*fp32", "ell_ptr": "*fp32", "B": "i32",
                "M": "i32", "n_splits": "i32", "self_mode": "i32", "p0": "fp32", "p1": "fp32"}

@@ -60,7 +60,9 @@ from ._tiles import accumulate_chunks, chunk_dot, row_chunk, s_tile, wrap_triton
 # ---------------------------------------------------------------------------------------------------------------
 _FWD_16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 _FWD_32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
-_BWD_16 = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
+# NARROW_STAGES: stages of the 64-column tile at d <= 64 (_tiles.grad_config; with 2 the dy pass without labels
+# spilled 8 B on sm_80). Its K loop then has one BLOCK_K = 64 step, so there is nothing to pipeline anyway.
+_BWD_16 = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, NARROW_STAGES=1, num_warps=8, num_stages=2)
 # CHUNK_D: the chunk width when d spans several chunks (_tiles.chunk_config; fp32 at 32 spilled 8-16 B on sm_80).
 _BWD_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, num_warps=4, num_stages=2)
 FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: _FWD_32}
@@ -310,8 +312,7 @@ def _grad(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, grad_loss
           num_splits: Optional[int]) -> None:
     """out = dL/d(a rows) for one side; a and b are already padded to a 16-divisible width (out is not)."""
     B, D = a.shape
-    one = D <= BWD_CONFIGS[a.dtype]["BLOCK_D"]
-    cfg = _tiles.chunk_config(BWD_CONFIGS[a.dtype], one)
+    cfg, one = _tiles.grad_config(BWD_CONFIGS[a.dtype], D)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     row_programs = triton.cdiv(B, bm)
     n_splits, per = _tiles.num_splits(a.device, row_programs, triton.cdiv(B, bn), num_splits)
@@ -398,11 +399,10 @@ def _specs() -> list[AOTSpec]:
                 sig = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "lab_ptr": lab, "tau_ptr": "*fp32",
                        "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "part_ptr": "*fp32", "dt_ptr": "*fp32",
                        "B": "i32", "D": "i32", "cols_per_split": "i32", "prescale": "fp32"}
-                for one in (False, True):  # d in one BLOCK_D chunk (register accumulator) or several
-                    bc = _tiles.chunk_config(BWD_CONFIGS[dtype], one)
+                for suffix, one, bc in _tiles.grad_variants(BWD_CONFIGS[dtype]):  # chunked / one chunk / narrowed
                     specs.append(AOTSpec(
                         f"batch_softmax_grad_{tag}_{'dx' if dtemp else 'dy'}{'_sym' if use_a and use_b else ''}"
-                        f"{'_1chunk' if one else ''}",
+                        f"{suffix}",
                         _grad_partial_kernel, sig,
                         dict(HAS_LABELS=has_labels, USE_A=use_a, USE_B=use_b, DTEMP=dtemp, ONE_CHUNK=one,
                              PRECISION=_tiles.precision(dtype), BLOCK_M=bc["BLOCK_M"], BLOCK_N=bc["BLOCK_N"],

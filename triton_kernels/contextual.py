@@ -416,8 +416,7 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, c
     w = torch.stack([g_reg, g_hp, g_hn, s_ctx]).float()
     xp = _tiles.pad16(x)
     for dy in (False, True):
-        one = xp.shape[1] <= GRAD_CONFIGS[x.dtype][dy]["BLOCK_D"]
-        cfg = _tiles.chunk_config(GRAD_CONFIGS[x.dtype][dy], one)
+        cfg, one = _tiles.grad_config(GRAD_CONFIGS[x.dtype][dy], xp.shape[1])
         bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
         rp = triton.cdiv(B, bm)
         ns, per = _tiles.num_splits(dev, rp, triton.cdiv(B, bn), num_splits)
@@ -482,10 +481,10 @@ def _specs() -> list[AOTSpec]:
         sig = {"x_ptr": f"*{t}", "key_ptr": "*i32", "rowv_ptr": "*fp32", "a_ptr": "*fp32", "scls_ptr": "*i32",
                "sval_ptr": "*fp32", "w_ptr": "*fp32", "part_ptr": "*fp32", "pos_margin": "fp32",
                "neg_margin": "fp32", "B": "i32", "D": "i32", "cols_per_split": "i32", "n_slots": "i32"}
-        for dy, one in ((False, False), (False, True), (True, False), (True, True)):  # one: d in one chunk
-            c = _tiles.chunk_config(GRAD_CONFIGS[dtype][dy], one)
+        for dy, (suffix, one, c) in [(dy, v) for dy in (False, True)
+                                     for v in _tiles.grad_variants(GRAD_CONFIGS[dtype][dy])]:
             specs += with_alignments(AOTSpec(
-                f"contextual_grad_{t}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}", _ctx_grad_kernel, sig,
+                f"contextual_grad_{t}_{'dy' if dy else 'dx'}{suffix}", _ctx_grad_kernel, sig,
                 dict(DY=dy, ONE_CHUNK=one, PRECISION=prec, GPREC=_grad_precision(dtype),
                      BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_D=c["BLOCK_D"]),
                 c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B", "n_slots"))

@@ -205,8 +205,7 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, wts: Tensor, gra
           num_splits: Optional[int]) -> None:
     B, M, D = xp.shape[0], yp.shape[0], xp.shape[1]
     n_own, n_other = (M, B) if dy else (B, M)
-    one_chunk = D <= BWD_CONFIGS[xp.dtype][dy]["BLOCK_D"]
-    cfg = _tiles.chunk_config(BWD_CONFIGS[xp.dtype][dy], one_chunk)
+    cfg, one_chunk = _tiles.grad_config(BWD_CONFIGS[xp.dtype][dy], D)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     rp = triton.cdiv(n_own, bm)
     ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(n_other, bn), num_splits)
@@ -284,10 +283,9 @@ def _specs() -> list[AOTSpec]:
                "cols_per_split": "i32", "drop_diagonal": "i32", "strict": "i32"}
         for dy in (False, True):
             c = BWD_CONFIGS[dtype][dy]
-            for one in (False, True):  # d in one BLOCK_D chunk (register accumulator) or several
-                specs += gemm_specs(f"hinge_grad_{t}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}",
-                                    _hinge_grad_kernel, sig, _tiles.chunk_config(c, one), t,
-                                    dict(DY=dy, ONE_CHUNK=one, PRECISION=prec))
+            for suffix, one, gc in _tiles.grad_variants(c):  # chunked, one chunk, narrowed one chunk
+                specs += gemm_specs(f"hinge_grad_{t}_{'dy' if dy else 'dx'}{suffix}", _hinge_grad_kernel, sig, gc,
+                                    t, dict(DY=dy, ONE_CHUNK=one, PRECISION=prec))
     sig = {"psum_ptr": "*fp64", "pcnt_ptr": "*i64", "loss_ptr": "*fp32", "sums_ptr": "*fp32", "counts_ptr": "*i64",
            "n_prog": "i32", "pos_weight": "fp32", "neg_weight": "fp32"}
     specs += with_alignments(AOTSpec("hinge_finalize", hinge_finalize_kernel, sig, dict(BLOCK=HINGE_FINAL_BLOCK),

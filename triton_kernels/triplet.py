@@ -282,8 +282,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, margin: f
 
 def _grad_pass(st: _Setup, pact: Tensor, part: Tensor, margin: float, dy: bool, ns: int, per: int) -> None:
     B, M, D = st.xp.shape[0], st.yp.shape[0], st.xp.shape[1]
-    one = D <= BWD_CONFIGS[st.xp.dtype][dy]["BLOCK_D"]
-    cfg = _tiles.chunk_config(BWD_CONFIGS[st.xp.dtype][dy], one)
+    cfg, one = _tiles.grad_config(BWD_CONFIGS[st.xp.dtype][dy], D)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     rp = triton.cdiv(M if dy else B, bm)
     wrap_triton(_triplet_grad_kernel)[(rp, ns)](
@@ -364,10 +363,9 @@ def _specs() -> list:
                             dict(PRECISION=prec), batch=("B", "M", "P"))
         sig = dict(common, pcol_ptr="*i32", pact_ptr="*fp32", part_ptr="*fp32", **tail)
         for dy in (False, True):
-            for one in (False, True):  # d in one BLOCK_D chunk (register accumulator) or several
-                specs += gemm_specs(f"triplet_grad_{t}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}",
-                                    _triplet_grad_kernel, sig, _tiles.chunk_config(BWD_CONFIGS[dtype][dy], one), t,
-                                    dict(DY=dy, ONE_CHUNK=one, PRECISION=prec), batch=("B", "M", "P"))
+            for suffix, one, gc in _tiles.grad_variants(BWD_CONFIGS[dtype][dy]):  # chunked / one / narrowed
+                specs += gemm_specs(f"triplet_grad_{t}_{'dy' if dy else 'dx'}{suffix}", _triplet_grad_kernel, sig,
+                                    gc, t, dict(DY=dy, ONE_CHUNK=one, PRECISION=prec), batch=("B", "M", "P"))
     return specs
 
 

@@ -63,8 +63,9 @@ from .batch_softmax import finalize_grad
 #   backward: 128 owned rows x 128 output columns (64 fp32 accumulator registers per thread at 8 warps) per
 #     program. dx recomputes [128 own x 32 other] S tiles (64 other rows spill 16 bytes on sm_80); dy needs 64
 #     other rows, because its S tile is [other, own] (the forward's orientation) and a wgmma tile has >= 64 rows.
-#     BLOCK_D = 128 covers d <= 128 in one chunk (ONE_CHUNK: the product stays in registers); a larger d is
-#     walked chunk by chunk inside the program, each S tile computed once (_tiles.accumulate_chunks).
+#     BLOCK_D = 128 covers d <= 128 in one chunk (ONE_CHUNK: the product stays in registers; d <= 64 launches a
+#     64-column tile, _tiles.grad_config); a larger d is walked chunk by chunk inside the program, each S tile
+#     computed once (_tiles.accumulate_chunks).
 # ---------------------------------------------------------------------------------------------------------------
 _LSE_16 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 _LSE_32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
@@ -362,8 +363,7 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, tau: Tensor, lse
           self_mode: bool, lse_stride: int, num_splits: Optional[int]) -> None:
     B, M, D = xp.shape[0], yp.shape[0], xp.shape[1]
     n_own, n_other = (M, B) if dy else (B, M)
-    one = D <= BWD_CONFIGS[xp.dtype][dy]["BLOCK_D"]
-    cfg = _tiles.chunk_config(BWD_CONFIGS[xp.dtype][dy], one)
+    cfg, one = _tiles.grad_config(BWD_CONFIGS[xp.dtype][dy], D)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     rp = triton.cdiv(n_own, bm)
     ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(n_other, bn), num_splits)
@@ -453,10 +453,9 @@ def _specs() -> list[AOTSpec]:
                "self_mode": "i32", "lse_stride": "i32"}
         for dy in (False, True):
             c = BWD_CONFIGS[dtype][dy]
-            for one in (False, True):  # d in one BLOCK_D chunk (register accumulator) or several
-                specs += gemm_specs(f"xent_grad_{t}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}",
-                                    _xent_grad_kernel, sig, _tiles.chunk_config(c, one), t,
-                                    dict(DY=dy, ONE_CHUNK=one, PRECISION=prec))
+            for suffix, one, gc in _tiles.grad_variants(c):  # chunked, one chunk, narrowed one chunk
+                specs += gemm_specs(f"xent_grad_{t}_{'dy' if dy else 'dx'}{suffix}", _xent_grad_kernel, sig, gc,
+                                    t, dict(DY=dy, ONE_CHUNK=one, PRECISION=prec))
     for glob in (False, True):
         tag = "global" if glob else "rows"
         sig = {"m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32", "B": "i32", "n_splits": "i32"}
