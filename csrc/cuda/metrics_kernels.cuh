@@ -48,7 +48,7 @@ FLASHDML_HD constexpr int hash_table_bytes(int log2cap) { return log2cap > 0 ? (
 struct BlockCounts {
   uint32_t* keys;
   uint32_t* counts;
-  uint32_t* used;  // slots claimed since the last flush
+  uint32_t* used;  // slots claimed before this tile since the last flush (each thread adds its claims per tile)
   int log2cap;     // 0: no table, every count is a global atomic
   unsigned long long* hist;
   unsigned long long* cls;  // cls + the block's first class row (nullptr without OPIS)
@@ -57,8 +57,9 @@ struct BlockCounts {
   __device__ __forceinline__ void global_add(uint32_t key, unsigned long long n) const {
     atomicAdd((key & kClsKey) != 0 ? cls + (key & ~kClsKey) : hist + key, n);
   }
-  // Adds 1 to the slot of `key`; false when its probe window is full of other keys.
-  __device__ __forceinline__ bool insert(uint32_t key) const {
+  // Adds 1 to the slot of `key`; false when its probe window is full of other keys. A slot this thread claims
+  // counts in `claimed` (added to *used once per tile, not one shared atomic on one word per new key).
+  __device__ __forceinline__ bool insert(uint32_t key, uint32_t& claimed) const {
     const uint32_t mask = (1u << log2cap) - 1u;
     const uint32_t h = ((key ^ (key >> 15)) * 0x9E3779B1u) >> (32 - log2cap);
     for (int p = 0; p < kHashProbes; ++p) {
@@ -67,7 +68,7 @@ struct BlockCounts {
       if (k == kHashEmpty) {
         k = atomicCAS(keys + slot, kHashEmpty, key);
         if (k == kHashEmpty) {
-          atomicAdd(used, 1u);
+          ++claimed;
           k = key;
         }
       }
@@ -78,12 +79,12 @@ struct BlockCounts {
     }
     return false;
   }
-  __device__ __forceinline__ void add(uint32_t key) const {
-    if (log2cap <= 0 || !insert(key)) global_add(key, 1ull);
+  __device__ __forceinline__ void add(uint32_t key, uint32_t& claimed) const {
+    if (log2cap <= 0 || !insert(key, claimed)) global_add(key, 1ull);
   }
   // one count of cls[off] (off relative to the block's first class row)
-  __device__ __forceinline__ void add_cls(int64_t off) const {
-    if (cls_keys) add(kClsKey | uint32_t(off));
+  __device__ __forceinline__ void add_cls(int64_t off, uint32_t& claimed) const {
+    if (cls_keys) add(kClsKey | uint32_t(off), claimed);
     else atomicAdd(cls + off, 1ull);
   }
   // Every thread of the block: slots t, t + kThreads, .. to global memory, cleared. The caller syncs before (the
@@ -114,8 +115,8 @@ struct BlockCounts {
 //    insert one after another — and part[(s R + r) kK + j] = the list, descending (kNoKey where fewer). A block
 //    none of whose rows needs anything skips the tiles (and still writes its empty lists).
 // Shared memory: staging + St + lists + 64 column classes + flag = 44292 B (fp16 / bf16), 42756 B (fp32), static,
-// plus the table's dynamic shared memory (ptxas, sm_80: 110 / 122 / 108 registers for fp16 / bf16 / fp32 under
-// (256, 2); sm_90: 114 / 126 / 107; no spills, no stack).
+// plus the table's dynamic shared memory (ptxas, sm_80: 112 / 110 / 106 registers for fp16 / bf16 / fp32 under
+// (256, 2); sm_90: 116 / 114 / 105; no spills, no stack).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     metrics_pass_kernel(const T* __restrict__ Xq, int64_t R, const T* __restrict__ Y, int64_t M, int64_t d,
@@ -177,6 +178,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t tile_stop = tile_begin + tiles_per_split < ntiles ? tile_begin + tiles_per_split : ntiles;
   const int64_t tile_end = run ? tile_stop : tile_begin;
   int64_t unflushed = 0;  // tiles counted since the table's last flush
+  uint32_t claimed = 0;   // table slots this thread claimed in the current tile
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t col0 = tile * kBN;
     __syncthreads();  // the previous tile's St and cls_c are consumed
@@ -191,8 +193,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int64_t j = col0 + c;
         const int32_t b = similarity_bin(St[c * kLdS + r]);
         const bool same = cls_c[c] == ci;
-        if (!self_mode || j > gi) tab.add(uint32_t((same ? 0 : kSimBins) + b));
-        if (cls != nullptr && (!same || j > gi)) tab.add_cls(cls_row + (same ? 0 : bins) + coarse_bin(b, shift));
+        if (!self_mode || j > gi) tab.add(uint32_t((same ? 0 : kSimBins) + b), claimed);
+        if (cls != nullptr && (!same || j > gi))
+          tab.add_cls(cls_row + (same ? 0 : bins) + coarse_bin(b, shift), claimed);
       }
     }
     if (part != nullptr) {
@@ -212,6 +215,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
     if (lg > 0) {
+      if (claimed != 0) atomicAdd(tab.used, claimed);
+      claimed = 0;
       __syncthreads();  // the tile's inserts are done; *used is final
       if (*tab.used > (1u << (lg - 1)) || ++unflushed == kHashFlushTiles) {  // uniform over the block
         tab.flush(t);
