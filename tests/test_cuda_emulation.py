@@ -13,6 +13,7 @@ GPU tests cover what they can).
 """
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 
@@ -43,7 +44,8 @@ def _cuda_include():
 #        N(i), the P / clamp flags and the column order equal docs/spec.md §2.5 step 3's fp32 tests bit for bit.
 #  metrics: the metrics pass (per-row top-k in rounds of 32, fine pair and per-class OPIS histograms), self / cross
 #        mode, row subsets, classes with one sample, keep 0 .. all candidates, embeddings on a scaled 1/8 grid (exact
-#        S, values on bin edges): lists and integer histograms compared exactly.
+#        S, values on bin edges): lists and integer histograms compared exactly. The histograms go through the
+#        kernel's block hash tables (4096 slots); test_metrics_block_tables adds other capacities and the atomics.
 #  triplet: triplet margin loss over every triplet, self / cross / pair mode, B != M, one class (no negatives), all
 #        labels distinct (no positives), ragged d, rows repeated in their class (d_ap = 0); a margin with no hinge
 #        within 2e-5 of 0, so the int64 count equals the float64 one exactly; loss, dL/dx^ and dL/dy^ compared.
@@ -82,3 +84,28 @@ def test_cuda_kernels_match_float64_reference(build_driver, driver_name, dtype_i
     out = subprocess.run([driver, str(dtype_index)], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"{driver_name} {name}: {out.stdout[-3000:]}{out.stderr[-3000:]}"
     assert out.stdout.strip().endswith("0 failures"), out.stdout[-2000:]
+
+
+_ATOMICS = re.compile(r"^atomics (\w+) .*: pairs (\d+) counts (\d+) table (\d+) per-pair (\d+)$", re.M)
+
+
+@pytest.mark.parametrize("dtype_index,name", [(0, "fp32"), (1, "fp16"), (2, "bf16")])
+def test_metrics_block_tables(build_driver, dtype_index, name):
+    """The metrics pass's block hash tables (csrc/cuda/metrics_kernels.cuh, BlockCounts; `metrics_driver <dtype>
+    table`): the histograms equal the float64 model's exactly with tables of 0 (one global atomic per count, the
+    kernel before the tables), 2, 16 and 4096 slots (the small ones overflow, most counts take the global fallback),
+    with NaN rows, OPIS classes, self / cross mode and ragged sizes; and the global histogram atomics the emulation
+    counts: on clustered embeddings (similarities concentrated in a few thousand fine bins per block) at most
+    pairs / 8 with the table, while the per-pair path makes one per count (more than pairs / 8); on random
+    directions (spread over ~10^4 bins per block) the table gains little, but never adds atomics."""
+    driver = build_driver("metrics")
+    out = subprocess.run([driver, str(dtype_index), "table"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"metrics table {name}: {out.stdout[-3000:]}{out.stderr[-3000:]}"
+    assert out.stdout.strip().endswith("0 failures"), out.stdout[-2000:]
+    stats = [(m[0], *map(int, m[1:])) for m in _ATOMICS.findall(out.stdout)]
+    assert [s[0] for s in stats] == ["clustered", "clustered", "random"], out.stdout[-2000:]
+    for what, pairs, counts, table, per_pair in stats:
+        assert per_pair == counts >= pairs > 0, (what, pairs, counts, per_pair)
+        assert table <= per_pair, (what, table, per_pair)
+        if what == "clustered":
+            assert 8 * table <= pairs < 8 * per_pair, (what, pairs, table, per_pair)

@@ -3,8 +3,9 @@
 //
 // One streaming pass over S = x[rows] y^T in 64 x 64 tiles (metrics_kernels.cuh), nothing R x M stored:
 //  * round 0 adds every pair to the fine histograms (flashdml/histogram.h bins; self mode the pairs j > i) and, for
-//    OPIS, to its row's class histograms (positives j > i, negatives any j), integer atomics into [2, 2^16] and
-//    [T_rows, 2, bins] (deterministic counts);
+//    OPIS, to its row's class histograms (positives j > i, negatives any j), [2, 2^16] and [T_rows, 2, bins]
+//    integer counts (deterministic), gathered per block in a shared-memory hash table that reaches global memory
+//    once per key and flush (metrics_kernels.cuh, BlockCounts; its size: hash_log2 below);
 //  * per-row top-k: ceil(max keep / 32) rounds of metrics_pass_kernel, each keeping per row and column split the 32
 //    largest packed keys below the previous round's last key (shared-memory lists), merged in split order by the kNN
 //    merge kernel (selection_kernels.cuh) and copied into the ragged outputs (metrics_scatter_kernel). Blocks whose
@@ -32,6 +33,31 @@ namespace cuda {
 namespace {
 
 using namespace met;
+
+// log2 of the hash table's slots for metrics_pass_kernel `kernel` on the current device: the largest table (at most
+// 2^kHashMaxLog2 slots) that keeps two blocks per SM — the kernel's launch bounds — next to its static shared memory
+// and the per-block reservation (sm_80: 4096 slots, sm_86 / sm_89: 512, sm_90: 8192). Opts the kernel in to that
+// much dynamic shared memory (above the default 48 KiB per block when needed). 0 (no table) if even the smallest
+// does not fit one block.
+int hash_log2(const void* kernel) {
+  int dev = 0, per_sm = 0, optin = 0, reserved = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
+  cudaFuncAttributes fa{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  const int64_t fits = int64_t(optin) - int64_t(fa.sharedSizeBytes);
+  const int64_t two_per_sm = std::min<int64_t>(int64_t(per_sm) / 2 - reserved - int64_t(fa.sharedSizeBytes), fits);
+  int lg = kHashMaxLog2;
+  while (lg > kHashMinLog2 && hash_table_bytes(lg) > two_per_sm) --lg;
+  if (hash_table_bytes(lg) > fits) return 0;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, hash_table_bytes(lg)));
+  // a hint: the shared-memory / L1 split that holds two such blocks (the tiles are staged in shared memory anyway)
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      int(cudaSharedmemCarveoutMaxShared)));
+  return lg;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> metrics_pass_cuda(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& labels_in, const at::Tensor& ref_labels_in,
@@ -105,12 +131,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto* cls_p = opis && n_cls > 0 ? reinterpret_cast<unsigned long long*>(cls_hist.data_ptr<int64_t>()) : nullptr;
     for (int64_t rd = 0; rd < std::max<int64_t>(rounds, 1); ++rd) {
       FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "metrics_pass", [&] {
-        metrics_pass_kernel<typename DeviceType<scalar_t>::type>
-            <<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+        auto* kernel = &metrics_pass_kernel<typename DeviceType<scalar_t>::type>;
+        const int lg = rd == 0 && fine ? hash_log2(reinterpret_cast<const void*>(kernel)) : 0;
+        kernel<<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, hash_table_bytes(lg), stream>>>(
                 dptr<scalar_t>(xq), R, dptr<scalar_t>(yv), M, d, tps, rows.data_ptr<int64_t>(),
                 keep.data_ptr<int64_t>(), row_cls.data_ptr<int32_t>(), col_cls.data_ptr<int32_t>(), cls_first,
                 self_mode, shift, opis_bins, int(rd), rd > 0 ? bound_p : nullptr, rounds > 0 ? part_p : nullptr,
-                rd == 0 ? hist_p : nullptr, rd == 0 ? cls_p : nullptr);
+                rd == 0 ? hist_p : nullptr, rd == 0 ? cls_p : nullptr, lg);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
       if (rounds == 0) break;

@@ -22,19 +22,101 @@ using pair::s_tile_rect;
 using sel::kCols;
 using sel::kK;
 
+// ---- block-private histogram counts -----------------------------------------------------------------------
+// The fine histogram (2 x 2^16 counters) does not fit a block's shared memory, so a block counts its pairs in an
+// open-addressing hash table there instead (dynamic shared memory: keys[cap], counts[cap], one fill counter; cap
+// = 2^log2cap, chosen by the host from the device's shared memory) and adds each used slot's count to global memory
+// once per flush: the global atomics per flush are the number of distinct keys, not of pairs. Keys (32 bit):
+//   hist index (same ? 0 : 2^16) + bin                    (< 2^17, top bit clear)
+//   kClsKey | (index into cls - the block's first class row) (the block's rows span at most 64 classes; a block
+//                                                             whose class rows would not fit 31 bits skips the table)
+// A key is inserted with a shared atomicCAS at one of kHashProbes consecutive slots after its hash; when all of them
+// hold other keys, the pair's count goes straight to the global atomic (as without the table). So the totals are
+// exact whatever the data: every pair adds 1 either to a slot (later flushed once) or to global memory, and integer
+// sums do not depend on the order. The table is flushed (each used slot -> one global atomicAdd of its count, then
+// cleared) after a tile that leaves it more than half full, every kHashFlushTiles tiles (a slot gets at most 4096
+// per tile: its 32-bit count cannot wrap) and at the block's end.
+constexpr uint32_t kHashEmpty = 0xffffffffu;
+constexpr uint32_t kClsKey = 0x80000000u;
+constexpr int kHashProbes = 8;
+constexpr int kHashMinLog2 = 8, kHashMaxLog2 = 13;  // the host's range: 256 .. 8192 slots (2 .. 64 KiB)
+constexpr int64_t kHashFlushTiles = int64_t(1) << 19;
+
+// Dynamic shared memory of a table with 2^log2cap slots (log2cap <= 0: no table).
+FLASHDML_HD constexpr int hash_table_bytes(int log2cap) { return log2cap > 0 ? (8 << log2cap) + 16 : 0; }
+
+struct BlockCounts {
+  uint32_t* keys;
+  uint32_t* counts;
+  uint32_t* used;  // slots claimed before this tile since the last flush (each thread adds its claims per tile)
+  int log2cap;     // 0: no table, every count is a global atomic
+  unsigned long long* hist;
+  unsigned long long* cls;  // cls + the block's first class row (nullptr without OPIS)
+  bool cls_keys;            // the block's class offsets fit a key
+
+  __device__ __forceinline__ void global_add(uint32_t key, unsigned long long n) const {
+    atomicAdd((key & kClsKey) != 0 ? cls + (key & ~kClsKey) : hist + key, n);
+  }
+  // Adds 1 to the slot of `key`; false when its probe window is full of other keys. A slot this thread claims
+  // counts in `claimed` (added to *used once per tile, not one shared atomic on one word per new key).
+  __device__ __forceinline__ bool insert(uint32_t key, uint32_t& claimed) const {
+    const uint32_t mask = (1u << log2cap) - 1u;
+    const uint32_t h = ((key ^ (key >> 15)) * 0x9E3779B1u) >> (32 - log2cap);
+    for (int p = 0; p < kHashProbes; ++p) {
+      const uint32_t slot = (h + uint32_t(p)) & mask;
+      uint32_t k = *reinterpret_cast<volatile uint32_t*>(keys + slot);  // slots only go empty -> key until a flush
+      if (k == kHashEmpty) {
+        k = atomicCAS(keys + slot, kHashEmpty, key);
+        if (k == kHashEmpty) {
+          ++claimed;
+          k = key;
+        }
+      }
+      if (k == key) {
+        atomicAdd(counts + slot, 1u);
+        return true;
+      }
+    }
+    return false;
+  }
+  __device__ __forceinline__ void add(uint32_t key, uint32_t& claimed) const {
+    if (log2cap <= 0 || !insert(key, claimed)) global_add(key, 1ull);
+  }
+  // one count of cls[off] (off relative to the block's first class row)
+  __device__ __forceinline__ void add_cls(int64_t off, uint32_t& claimed) const {
+    if (cls_keys) add(kClsKey | uint32_t(off), claimed);
+    else atomicAdd(cls + off, 1ull);
+  }
+  // Every thread of the block: slots t, t + kThreads, .. to global memory, cleared. The caller syncs before (the
+  // inserts are done) and after (before the table is used again) and resets *used.
+  __device__ __forceinline__ void flush(int t) const {
+    for (int s = t; s < (1 << log2cap); s += kThreads) {
+      const uint32_t k = keys[s];
+      if (k != kHashEmpty) {
+        global_add(k, counts[s]);
+        keys[s] = kHashEmpty;
+        counts[s] = 0;
+      }
+    }
+  }
+};
+
 // ---- metrics_pass_kernel -----------------------------------------------------------------------------------
 // grid (ceil(R / 64), nsplit), 256 threads; block (rb, s): query rows 64 rb .. (Xq = x[rows], gathered on the host;
 // rows[] gives each one's index i in x) against the reference tiles of split s. Thread t owns query row t % 64 and
 // the 16 tile columns 16 (t / 64) ...
 //  * round 0 with `hist` (nullable): per pair, hist[(same ? 0 : 2^16) + bin] += 1 (self mode: j > i only); with
 //    `cls` (nullable): cls[(row_cls - cls_first) 2 bins + (same ? 0 : bins) + (bin >> shift)] += 1 for the
-//    positives j > i and every negative (integer atomics: deterministic counts).
+//    positives j > i and every negative (integer counts: deterministic). With log2cap > 0 the counts gather in
+//    the block's hash table (BlockCounts, dynamic shared memory of hash_table_bytes(log2cap)) and reach global
+//    memory once per key and flush; log2cap = 0 (no dynamic shared memory): one global atomic per count.
 //  * with `part` (nullable): rows with keep > round kK keep their kK largest keys (pack_key; NaN and, in self mode,
 //    (i, i) are no candidates; with `bound`, only keys < bound[r]) in shared memory — the four threads of a row
 //    insert one after another — and part[(s R + r) kK + j] = the list, descending (kNoKey where fewer). A block
 //    none of whose rows needs anything skips the tiles (and still writes its empty lists).
-// Shared memory: staging + St + lists + 64 column classes + flag = 44292 B (fp16 / bf16), 42756 B (fp32), static
-// (ptxas, sm_80: 95 / 108 / 94 registers for fp16 / bf16 / fp32 under (256, 2), no spills).
+// Shared memory: staging + St + lists + 64 column classes + flag = 44292 B (fp16 / bf16), 42756 B (fp32), static,
+// plus the table's dynamic shared memory (ptxas, sm_80: 112 / 110 / 106 registers for fp16 / bf16 / fp32 under
+// (256, 2); sm_90: 116 / 114 / 105; no spills, no stack).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     metrics_pass_kernel(const T* __restrict__ Xq, int64_t R, const T* __restrict__ Y, int64_t M, int64_t d,
@@ -42,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                         const int32_t* __restrict__ row_cls, const int32_t* __restrict__ col_cls, int32_t cls_first,
                         bool self_mode, int shift, int64_t bins, int round, const uint64_t* __restrict__ bound,
                         uint64_t* __restrict__ part, unsigned long long* __restrict__ hist,
-                        unsigned long long* __restrict__ cls) {
+                        unsigned long long* __restrict__ cls, int log2cap) {
   using C = TileCfg<T>;
   constexpr int kOffY = C::kStageBytes;
   constexpr int kOffS = 2 * C::kStageBytes;
@@ -54,6 +136,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   uint64_t* lists = reinterpret_cast<uint64_t*>(smem + kOffL);
   int32_t* cls_c = reinterpret_cast<int32_t*>(smem + kOffC);
   int* busy = reinterpret_cast<int*>(smem + kOffC + kBN * 4);
+#ifdef FLASHDML_EMULATION
+  unsigned char* dyn = flashdml_emu_dynamic_smem();  // tests/cuda_emulation/emu.h
+#else
+  extern __shared__ __align__(16) unsigned char dyn[];
+#endif
 
   const int t = threadIdx.x;
   const int r = t % kBM, q = t / kBM;
@@ -64,7 +151,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int32_t ci = in ? row_cls[rq] : -1;  // -1: the label is absent among the references (matches nothing)
   const bool topk = part != nullptr && in && keep[rq] > int64_t(round) * kK;
   const uint64_t ub = bound != nullptr && in ? bound[rq] : ~uint64_t(0);
-  const int64_t cls_row = (int64_t(ci) - cls_first) * 2 * bins;
+  // the block's rows are sorted by class (with cls): its class rows are cls_lo .. cls_hi
+  const int64_t cls_lo = cls != nullptr ? int64_t(row_cls[row0]) : 0;
+  const int64_t cls_hi = cls != nullptr ? int64_t(row_cls[row0 + kBM <= R ? row0 + kBM - 1 : R - 1]) : 0;
+  const int64_t cls_row = (int64_t(ci) - cls_lo) * 2 * bins;  // relative to the block's first class row
+  const int lg = hist != nullptr ? log2cap : 0;
+  const BlockCounts tab{reinterpret_cast<uint32_t*>(dyn), reinterpret_cast<uint32_t*>(dyn) + (lg > 0 ? 1 << lg : 0),
+                        reinterpret_cast<uint32_t*>(dyn) + (lg > 0 ? 2 << lg : 0), lg, hist,
+                        cls != nullptr ? cls + (cls_lo - cls_first) * 2 * bins : nullptr,
+                        (cls_hi - cls_lo + 1) * 2 * bins < int64_t(kClsKey) - 1};
+  for (int s = t; s < (lg > 0 ? 1 << lg : 0); s += kThreads) {
+    tab.keys[s] = kHashEmpty;
+    tab.counts[s] = 0;
+  }
+  if (t == 0 && lg > 0) *tab.used = 0;
   uint64_t* list = lists + r * kK;
   for (int j = q; j < kK; j += kThreads / kBM) list[j] = kNoKey;
   if (t == 0) *busy = 0;
@@ -77,6 +177,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t tile_begin = int64_t(blockIdx.y) * tiles_per_split;
   const int64_t tile_stop = tile_begin + tiles_per_split < ntiles ? tile_begin + tiles_per_split : ntiles;
   const int64_t tile_end = run ? tile_stop : tile_begin;
+  int64_t unflushed = 0;  // tiles counted since the table's last flush
+  uint32_t claimed = 0;   // table slots this thread claimed in the current tile
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t col0 = tile * kBN;
     __syncthreads();  // the previous tile's St and cls_c are consumed
@@ -91,9 +193,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int64_t j = col0 + c;
         const int32_t b = similarity_bin(St[c * kLdS + r]);
         const bool same = cls_c[c] == ci;
-        if (!self_mode || j > gi) atomicAdd(hist + (same ? 0 : kSimBins) + b, 1ull);
+        if (!self_mode || j > gi) tab.add(uint32_t((same ? 0 : kSimBins) + b), claimed);
         if (cls != nullptr && (!same || j > gi))
-          atomicAdd(cls + cls_row + (same ? 0 : bins) + coarse_bin(b, shift), 1ull);
+          tab.add_cls(cls_row + (same ? 0 : bins) + coarse_bin(b, shift), claimed);
       }
     }
     if (part != nullptr) {
@@ -112,8 +214,20 @@ __global__ void __launch_bounds__(kThreads, 2)
         __syncthreads();
       }
     }
+    if (lg > 0) {
+      if (claimed != 0) atomicAdd(tab.used, claimed);
+      claimed = 0;
+      __syncthreads();  // the tile's inserts are done; *used is final
+      if (*tab.used > (1u << (lg - 1)) || ++unflushed == kHashFlushTiles) {  // uniform over the block
+        tab.flush(t);
+        unflushed = 0;
+        __syncthreads();  // every thread has read *used and flushed its slots
+        if (t == 0) *tab.used = 0;
+      }
+    }
   }
   __syncthreads();
+  if (lg > 0 && *tab.used != 0) tab.flush(t);
   if (part != nullptr && in) {
     uint64_t* out = part + (int64_t(blockIdx.y) * R + rq) * kK;
     for (int j = q; j < kK; j += kThreads / kBM) out[j] = list[j];

@@ -13,9 +13,19 @@
 #include <vector>
 
 // The integer atomics the histogram kernels use (selection's radix select, the metrics pass), on host threads.
+// g_u64_atomics counts the 64-bit ones: the kernels use them only on global histograms (selection's radix
+// select, the metrics pass; the metrics pass's block tables are 32-bit shared memory), so around one launch it
+// is that launch's global histogram atomics.
+inline std::atomic<long> g_u64_atomics{0};
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_add(v); }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  g_u64_atomics.fetch_add(1, std::memory_order_relaxed);
   return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
+// atomicCAS on a 32-bit word (the metrics pass's shared-memory hash table): the old value.
+inline unsigned atomicCAS(unsigned* p, unsigned compare, unsigned val) {
+  std::atomic_ref<unsigned>(*p).compare_exchange_strong(compare, val);
+  return compare;
 }
 
 // SMs the emulated device has (launch_utils.cuh's plan_splits reads the real count): 132 (H100) or 1.

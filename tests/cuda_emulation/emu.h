@@ -122,3 +122,17 @@ template <class F> void emu_launch(EmuDim grid, unsigned nthreads, F body) {
     for (auto& h : th) h.join();
   }
 }
+
+// Dynamic shared memory (`extern __shared__`; a kernel reads it through flashdml_emu_dynamic_smem() under
+// FLASHDML_EMULATION): one buffer of dyn_bytes, refilled with a 0xA5 pattern before every block, as the hardware
+// gives a block uninitialised shared memory. emu_launch_dyn is emu_launch with the launch's dynamic size.
+inline std::vector<unsigned long long> g_dyn_smem;
+inline unsigned char* flashdml_emu_dynamic_smem() { return reinterpret_cast<unsigned char*>(g_dyn_smem.data()); }
+template <class F> void emu_launch_dyn(EmuDim grid, unsigned nthreads, size_t dyn_bytes, F body) {
+  g_dyn_smem.assign((dyn_bytes + 7) / 8 + 1, 0);
+  emu_launch(grid, nthreads, [&] {
+    if (threadIdx.x == 0) std::memset(g_dyn_smem.data(), 0xA5, g_dyn_smem.size() * 8);
+    __syncthreads();  // the block's threads start on the refilled buffer
+    body();
+  });
+}

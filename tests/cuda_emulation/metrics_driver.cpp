@@ -27,13 +27,17 @@ struct PassOut {
   std::vector<double> val;
   std::vector<int64_t> hist, cpos, cneg;
   int64_t n_cls = 0;
+  long atomics = 0;  // global histogram atomics of the round-0 launch
 };
+
+// log2 of the block hash table's slots (metrics.cu's hash_log2): 12 = 4096 slots, what an A100 (sm_80) gets.
+static int g_hash_log2 = 12;
 
 // metrics.cu's pipeline: classes, gather x[rows] (zero-padded to kVW, aligned), rounds of partial + merge + scatter.
 template <class T>
 PassOut pipeline(const T* x, const T* y, int64_t B, int64_t M, int64_t d, const std::vector<int64_t>& lab,
                  const std::vector<int64_t>& ref, const std::vector<int64_t>& rows, const std::vector<int64_t>& keep,
-                 bool self_mode, bool pair_hist, int64_t opis_bins) {
+                 bool self_mode, bool pair_hist, int64_t opis_bins, int log2cap = g_hash_log2) {
   const int64_t R = int64_t(rows.size());
   int shift = 0;
   while ((kSimBins >> shift) > opis_bins) ++shift;
@@ -69,11 +73,14 @@ PassOut pipeline(const T* x, const T* y, int64_t B, int64_t M, int64_t d, const 
   std::vector<float> vals(R * kK, std::nanf(""));
   std::vector<int64_t> idx(R * kK, -777);
   for (int64_t rd = 0; rd < std::max<int64_t>(rounds, 1); ++rd) {
-    emu_launch({U(nrb), U(nsplit), 1}, kThreads, [&] {
+    const int lg = rd == 0 && fine ? log2cap : 0;
+    g_u64_atomics = 0;
+    emu_launch_dyn({U(nrb), U(nsplit), 1}, kThreads, size_t(hash_table_bytes(lg)), [&] {
       metrics_pass_kernel<T>(xq.data(), R, yv.data(), M, dp, tps, rows.data(), keep.data(), row_cls.data(),
                              col_cls.data(), cls_first, self_mode, shift, opis_bins, int(rd),
                              rd > 0 ? bound.data() : nullptr, rounds > 0 ? part.data() : nullptr,
-                             rd == 0 && fine ? hist.data() : nullptr, rd == 0 && opis ? cls.data() : nullptr); });
+                             rd == 0 && fine ? hist.data() : nullptr, rd == 0 && opis ? cls.data() : nullptr, lg); });
+    if (rd == 0) o.atomics = g_u64_atomics.load();
     if (rounds == 0) break;
     emu_launch({U((R + sel::kMergeRows - 1) / sel::kMergeRows), 1, 1}, sel::kMergeRows, [&] {
       sel::knn_merge_kernel(part.data(), R, int(nsplit), kK, 0, kK, vals.data(), idx.data(),
@@ -120,7 +127,8 @@ PassOut model(const std::vector<double>& S, int64_t M, const std::vector<int64_t
     for (int64_t t = 0; t < keep[r]; ++t) { o.idx.push_back(c[t]); o.val.push_back(s[c[t]]); }
     o.offsets[r + 1] = o.offsets[r] + keep[r];
     for (int64_t j = 0; j < M; ++j) {
-      const int64_t b = std::clamp<int64_t>(int64_t(std::floor((s[j] + 1.0) * (kSimBins / 2))), 0, kSimBins - 1);
+      const int64_t b = std::isnan(s[j]) ? 0  // the kernel's similarity_bin: NaN -> bin 0
+                        : std::clamp<int64_t>(int64_t(std::floor((s[j] + 1.0) * (kSimBins / 2))), 0, kSimBins - 1);
       const bool same = lab[i] == ref[j];
       if (fine && (!self_mode || j > i)) ++o.hist[(same ? 0 : kSimBins) + b];
       if (opis) {
@@ -146,7 +154,7 @@ std::vector<int64_t> labels_with_singletons(int64_t n, std::mt19937& rng, int64_
 
 template <class T>
 void one_case(int64_t B, int64_t M, int64_t d, bool self_mode, int rows_kind, int keep_kind, bool pair_hist,
-              int64_t opis_bins, unsigned seed) {
+              int64_t opis_bins, unsigned seed, int log2cap = g_hash_log2, int nan_rows = 0) {
   if (self_mode) M = B;
   std::mt19937 rng(seed);
   int p = 0;
@@ -158,6 +166,7 @@ void one_case(int64_t B, int64_t M, int64_t d, bool self_mode, int rows_kind, in
   std::vector<T> xb(B * d), yb(M * d);
   for (int64_t i = 0; i < B; ++i) { const int64_t q = rng() % pool; for (int64_t e = 0; e < d; ++e) xb[i * d + e] = to_t<T>(rows_pool[q * d + e]); }
   for (int64_t j = 0; j < M; ++j) { const int64_t q = rng() % pool; for (int64_t e = 0; e < d; ++e) yb[j * d + e] = to_t<T>(rows_pool[q * d + e]); }
+  for (int e = 0; e < nan_rows; ++e) xb[(rng() % B) * d + rng() % d] = to_t<T>(std::nanf(""));  // NaN rows (keep 0)
   const T* x = xb.data();
   const T* y = self_mode ? x : yb.data();
   std::vector<int64_t> lab = labels_with_singletons(B, rng, 1);
@@ -178,11 +187,11 @@ void one_case(int64_t B, int64_t M, int64_t d, bool self_mode, int rows_kind, in
   }
   if (keep_kind >= 2) keep[0] = C;
   char tag[200];
-  std::snprintf(tag, sizeof tag, "%s B=%ld M=%ld d=%ld self=%d R=%ld keep=%d hist=%d opis=%ld sms=%d",
+  std::snprintf(tag, sizeof tag, "%s B=%ld M=%ld d=%ld self=%d R=%ld keep=%d hist=%d opis=%ld sms=%d table=2^%d nan=%d",
                 sizeof(T) == 4 ? "fp32" : (std::is_same_v<T, __half> ? "fp16" : "bf16"), long(B), long(M), long(d),
-                int(self_mode), long(R), keep_kind, int(pair_hist), long(opis_bins), g_sms);
+                int(self_mode), long(R), keep_kind, int(pair_hist), long(opis_bins), g_sms, log2cap, nan_rows);
   if (std::getenv("VERBOSE")) std::printf("%s\n", tag);
-  const PassOut got = pipeline<T>(x, y, B, M, d, lab, ref, rows, keep, self_mode, pair_hist, opis_bins);
+  const PassOut got = pipeline<T>(x, y, B, M, d, lab, ref, rows, keep, self_mode, pair_hist, opis_bins, log2cap);
   const PassOut want = model(S, M, lab, ref, rows, keep, self_mode, pair_hist, opis_bins);
   auto check = [&](bool ok, const char* what) {
     ++checks;
@@ -195,8 +204,98 @@ void one_case(int64_t B, int64_t M, int64_t d, bool self_mode, int rows_kind, in
   check(got.n_cls == want.n_cls && got.cpos == want.cpos && got.cneg == want.cneg, "class histograms");
 }
 
+// The block hash tables' global atomics (metrics_kernels.cuh, BlockCounts): rows = normalised (class centre +
+// noise · N(0, 1) per coordinate), one class per label. `noise` small: a well-trained, clustered embedding whose
+// pairs of one block fall in a few thousand fine bins. The table (2^g_hash_log2 slots) and the per-pair path
+// (log2cap 0, one global atomic per count: what the kernel did before the tables) must give the same histograms;
+// the per-pair path makes exactly one atomic per count, and with want_few the table at most pairs / 8.
+template <class T>
+void atomics_case(const char* what, int64_t B, int64_t M, int64_t d, int classes, float noise, bool self_mode,
+                  int64_t opis_bins, bool want_few, unsigned seed) {
+  if (self_mode) M = B;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> g(0.f, 1.f);
+  std::vector<float> centre(classes * d);
+  for (auto& e : centre) e = g(rng);
+  auto rows_of = [&](int64_t n, std::vector<T>& v, std::vector<int64_t>& lab) {
+    v.resize(n * d);
+    lab.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      lab[i] = int64_t(rng() % classes);
+      std::vector<float> r(d);
+      double nn = 0;
+      for (int64_t e = 0; e < d; ++e) { r[e] = centre[lab[i] * d + e] + noise * g(rng); nn += double(r[e]) * r[e]; }
+      for (int64_t e = 0; e < d; ++e) v[i * d + e] = to_t<T>(float(r[e] / std::sqrt(nn)));
+    }
+  };
+  std::vector<T> xb, yb;
+  std::vector<int64_t> lab, ref;
+  rows_of(B, xb, lab);
+  if (self_mode) { yb = xb; ref = lab; } else rows_of(M, yb, ref);
+  std::vector<int64_t> rows(B);
+  std::iota(rows.begin(), rows.end(), 0);
+  if (opis_bins > 0) std::stable_sort(rows.begin(), rows.end(), [&](int64_t a, int64_t b) { return lab[a] < lab[b]; });
+  const std::vector<int64_t> keep(B, 0);
+  const PassOut tab = pipeline<T>(xb.data(), yb.data(), B, M, d, lab, ref, rows, keep, self_mode, true, opis_bins);
+  const PassOut old = pipeline<T>(xb.data(), yb.data(), B, M, d, lab, ref, rows, keep, self_mode, true, opis_bins, 0);
+  int64_t pairs = 0, counts = 0;
+  for (int64_t c : old.hist) pairs += c;
+  counts = pairs;
+  for (int64_t c : old.cpos) counts += c;
+  for (int64_t c : old.cneg) counts += c;
+  char tag[160];
+  std::snprintf(tag, sizeof tag, "%s %s B=%ld M=%ld d=%ld self=%d opis=%ld", what,
+                sizeof(T) == 4 ? "fp32" : (std::is_same_v<T, __half> ? "fp16" : "bf16"), long(B), long(M), long(d),
+                int(self_mode), long(opis_bins));
+  std::printf("atomics %s: pairs %ld counts %ld table %ld per-pair %ld\n", tag, long(pairs), long(counts),
+              tab.atomics, old.atomics);
+  auto check = [&](bool ok, const char* w) {
+    ++checks;
+    if (!ok) { ++failures; std::printf("FAIL %s: %s\n", tag, w); }
+  };
+  check(pairs == (self_mode ? B * (B - 1) / 2 : B * M), "every pair counted once");
+  check(tab.hist == old.hist, "pair histogram: table == per-pair atomics");
+  check(tab.n_cls == old.n_cls && tab.cpos == old.cpos && tab.cneg == old.cneg, "class histograms: table == per-pair");
+  check(old.atomics == counts, "per-pair path: one global atomic per count");
+  check(tab.atomics <= old.atomics, "the table never adds atomics");
+  if (want_few) check(8 * tab.atomics <= pairs, "table: global atomics <= pairs / 8");
+}
+
+// The block tables: exact histograms (against the float64 model) with every capacity (0: the per-pair path; 2 and
+// 16 slots: the tables overflow all the time, most counts take the global fallback; the default 4096 for the NaN
+// cases, main's cases cover the rest), NaN rows, OPIS, ragged sizes, 1 and 132 SMs; then the global atomics of
+// clustered and of spread-out (random directions) embeddings.
+template <class T>
+void table_cases() {
+  struct Case { int64_t B, M, d; bool self; int rows, keep; int64_t opis; int sms; int nan; };
+  const std::vector<Case> cases = {
+      {130, 130, 16, true, 0, 3, 4096, 132, 0}, {37, 70, 129, false, 1, 2, 0, 132, 0},
+      {70, 70, 129, true, 1, 2, 65536, 1, 0},   {66, 66, 8, true, 0, 1, 256, 1, 5},
+      {70, 45, 5, false, 1, 1, 0, 132, 4},
+  };
+  for (int lg : {0, 1, 4, g_hash_log2})
+    for (const Case& c : cases) {
+      if (lg == g_hash_log2 && c.nan == 0) continue;  // the default table: main's cases
+      g_sms = c.sms;
+      one_case<T>(c.B, c.M, c.d, c.self, c.rows, c.keep, true, c.opis, unsigned(c.B * 31 + c.M + lg), lg, c.nan);
+    }
+  g_sms = 1;  // one column split: a block streams every tile of its rows, as on a big batch
+  atomics_case<T>("clustered", 256, 1024, 32, 4, 0.005f, false, 0, true, 11);
+  atomics_case<T>("clustered", 512, 512, 32, 4, 0.005f, true, 256, true, 12);
+  atomics_case<T>("random", 256, 1024, 32, 256, 10.f, false, 0, false, 13);
+  g_sms = 132;
+}
+
+// Usage: metrics_driver [dtype 0|1|2] [table]: with "table", the block hash table cases (table_cases) instead.
 int main(int argc, char** argv) {
   const int which = argc > 1 ? std::atoi(argv[1]) : -1;
+  if (argc > 2 && std::string(argv[2]) == "table") {
+    if (which < 0 || which == 0) table_cases<float>();
+    if (which < 0 || which == 1) table_cases<__half>();
+    if (which < 0 || which == 2) table_cases<__nv_bfloat16>();
+    std::printf("table cases: %d checks, %d failures\n", checks, failures);
+    return failures != 0;
+  }
   // rows_kind: 0 all, 1 shuffled subset; keep_kind: 0 all candidates, 1 none, 2 mixed <= 40, 3 mixed <= all
   struct Case { int64_t B, M, d; bool self; int rows, keep; bool hist; int64_t opis; int sms; };
   const std::vector<Case> cases = {
