@@ -4,8 +4,9 @@
 // y is x) and the gradients mapped back to the raw rows (normalize_rows.h).
 //
 // Nothing B x M is stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma for fp16 /
-// bf16, exact-fp32 FFMA for fp32; pair_tiles.cuh) and reduces them on the spot. Deterministic: no atomics, every
-// partial is reduced in a fixed order, exact int64 counts; temperature and grad_loss are read on the device.
+// bf16, exact-fp32 FFMA for fp32 or wmma TF32 after the TF32 opt-in; pair_tiles.cuh) and reduces them on the
+// spot. Deterministic: no atomics, every partial is reduced in a fixed order, exact int64 counts; temperature and
+// grad_loss are read on the device.
 //
 // Forward:  al_fwd_kernel  -> per split, per row: online LSE of the positives' and the negatives' logits and
 //                             the sum of the positive logits;
