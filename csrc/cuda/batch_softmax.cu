@@ -1,10 +1,10 @@
 // CUDA backend of batch softmax / InfoNCE (docs/spec.md §2.1): flashdml::batch_softmax_fwd / batch_softmax_bwd.
 //
-// Nothing B x B is ever stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma tensor
-// cores for fp16 / bf16, exact-fp32 SIMT FFMA for fp32 or TF32 tensor cores after the user's TF32 opt-in) and
-// reduces them on the spot. Per-element formulas (allowed pairs, gradient weight) come from
-// flashdml/batch_softmax.h and the online LSE from flashdml/online_lse.h, shared with the CPU kernels. Deterministic: no atomics; column work split across
-// blocks ("splits", for occupancy at small B) produces partials that later kernels reduce in a fixed order.
+// Nothing B x B is ever stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma tensor cores
+// for fp16 / bf16, exact-fp32 SIMT FFMA for fp32 or TF32 tensor cores after the user's TF32 opt-in) and reduces them on
+// the spot. Per-element formulas (allowed pairs, gradient weight) come from flashdml/batch_softmax.h and the online LSE
+// from flashdml/online_lse.h, shared with the CPU kernels. Deterministic: no atomics; column work split across blocks
+// ("splits", for occupancy at small B) produces partials that later kernels reduce in a fixed order.
 //
 // Forward:  bs_lse_kernel (x, y)  -> per-split (max, sum) per row + z_ii;  finalize_lse_kernel -> row_lse,
 //           per-row loss terms;  symmetric: the same two on (y, x) -> col_lse (the allowed test is symmetric

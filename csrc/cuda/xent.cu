@@ -1,10 +1,11 @@
 // CUDA backend of cross-example softmax (docs/spec.md §2.2, global_partition = true) and NT-Xent (docs/spec.md §2.1b,
 // global_partition = false): flashdml::xent_fwd / xent_bwd (schemas and output meaning: csrc/ops.cpp).
 //
-// Nothing B x M is stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma for fp16 /
-// bf16, exact-fp32 FFMA for fp32 or wmma TF32 after the TF32 opt-in; pair_tiles.cuh: rectangular tiles) and
-// reduces them on the spot. Per-element formulas: flashdml/xent.h. Deterministic: no atomics, every partial is
-// reduced in a fixed order; column work is split across blocks ("splits") for occupancy at small B. temperature / grad_loss are read on the device.
+// Nothing B x M is stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma for fp16 / bf16,
+// exact-fp32 FFMA for fp32 or wmma TF32 after the TF32 opt-in; pair_tiles.cuh: rectangular tiles) and reduces them on
+// the spot. Per-element formulas: flashdml/xent.h. Deterministic: no atomics, every partial is reduced in a fixed
+// order; column work is split across blocks ("splits") for occupancy at small B. temperature / grad_loss are read on
+// the device.
 // normalize = true: the rows are normalised on entry (once in self mode) and dx, dy mapped back to the raw rows
 // (normalize_rows.h).
 //
