@@ -53,10 +53,15 @@ PAIR_GRAD_OPS = ("XentOp", "HingeOp", "TripletOp", "AnchorOpILi0EE", "AnchorOpIL
 TEMPLATED = (BATCH_SOFTMAX_TEMPLATED + XENT_TEMPLATED + HINGE_TEMPLATED + SELECTION_TEMPLATED + CONTEXTUAL_TEMPLATED
              + METRICS_TEMPLATED + TRIPLET_TEMPLATED + ANCHOR_LSE_TEMPLATED)
 PLAIN = BATCH_SOFTMAX_PLAIN + XENT_PLAIN + HINGE_PLAIN + SELECTION_PLAIN + METRICS_PLAIN + ANCHOR_LSE_PLAIN
-# their fp16 / bf16 versions must use HMMA, their fp32 versions must not
+# their fp16 / bf16 versions must use HMMA; fp32: the exact version (template flag kTF32 = false) must not, the
+# TF32 version (kTF32 = true, launched after the user's TF32 opt-in; docs/gpu.md) must. The flag is each kernel's
+# last template argument, so it mangles to Lb0E / Lb1E just before the closing EEEv.
 TENSOR_CORE_KERNELS = ("bs_lse_kernel", "bs_grad_kernel", "xe_lse_kernel", "xe_pos_kernel", "hp_stats_kernel",
                        "pair_grad_kernel", "knn_partial_kernel", "hn_pass_kernel", "ctx_list_kernel",
                        "metrics_pass_kernel", "tri_stats_kernel", "al_fwd_kernel")
+EXACT_ONLY_KERNELS = ("metrics_pass_kernel",)  # no TF32 flavour: its error bound assumes fp32 products
+TF32_FLAG = re.compile(r"Lb([01])EEEv")  # the last template argument (kTF32) of an S-tile kernel
+CHUNKED_TF32 = re.compile(r"Lb([01])ELb([01])EEEv")  # (kChunked, kTF32) of bs_grad_kernel / pair_grad_kernel
 
 
 def _extension_so() -> Optional[str]:
@@ -170,14 +175,20 @@ def test_every_kernel_is_built_for_sm80_and_sm90():
         for op in PAIR_GRAD_OPS:
             for dt in DTYPES_MANGLED:
                 hits = [n for n in names if "pair_grad_kernel" + dt in n and op in n]
-                # dx and dy, each as kChunked = false (d <= kDV) and true (the d-chunk loop inside the block);
-                # the last template argument (bool) mangles to Lb0E / Lb1E before the closing EEv
-                assert len(hits) == 4, f"{arch}: pair_grad_kernel<{dt}, {op}> expected for dx / dy x 2, found {hits}"
-                assert sum("Lb1EEEv" in n for n in hits) == 2, f"{arch}: chunked pair_grad_kernel<{dt}, {op}>"
+                # dx and dy, each as kChunked = false (d <= kDV) and true (the d-chunk loop inside the block),
+                # fp32 each also as kTF32 = true (the TF32 opt-in); (kChunked, kTF32) mangle before the closing EEEv
+                flavours = sorted(CHUNKED_TF32.search(n).groups() for n in hits)
+                want = [("0", "0"), ("1", "0")] + ([("0", "1"), ("1", "1")] if dt == "If" else [])
+                assert flavours == sorted(want * 2), f"{arch}: pair_grad_kernel<{dt}, {op}>: {hits}"
         for dt in DTYPES_MANGLED:
-            for chunked in ("Lb0EEEv", "Lb1EEEv"):
-                hits = [n for n in names if "bs_grad_kernel" + dt in n and chunked in n]
-                assert len(hits) == 1, f"{arch}: bs_grad_kernel<{dt}, {chunked[2]}> expected once, found {hits}"
+            hits = [n for n in names if "bs_grad_kernel" + dt in n]
+            flavours = sorted(CHUNKED_TF32.search(n).groups() for n in hits)
+            want = [("0", "0"), ("1", "0")] + ([("0", "1"), ("1", "1")] if dt == "If" else [])
+            assert flavours == sorted(want), f"{arch}: bs_grad_kernel<{dt}, kChunked, kTF32>: {hits}"
+        for base in TENSOR_CORE_KERNELS:  # every fp32 S-tile kernel in both flavours (metrics: exact only)
+            flags = {m.group(1) for n in names if base + "If" in n for m in [TF32_FLAG.search(n)] if m}
+            want = set() if base in EXACT_ONLY_KERNELS else {"0", "1"}
+            assert flags == want, f"{arch}: {base}<float> kTF32 instantiations {sorted(flags)}, want {sorted(want)}"
     assert set(usage[ARCHS[0]]) == set(usage[ARCHS[1]]), "the two architectures hold different kernel sets"
 
 
@@ -206,7 +217,11 @@ def test_half_precision_tiles_use_tensor_cores():
                 assert hits, f"{arch}: no SASS for {base}<{dt}>"
                 assert all("HMMA" in sass[arch][n] for n in hits), f"{arch}: {base}<{dt}> has no HMMA instruction"
             fp32 = [n for n in sass.get(arch, {}) if base + "If" in n]
-            assert fp32 and all("HMMA" not in sass[arch][n] for n in fp32), f"{arch}: {base}<float> must stay exact fp32"
+            tf32 = [n for n in fp32 if base not in EXACT_ONLY_KERNELS and TF32_FLAG.search(n).group(1) == "1"]
+            exact = [n for n in fp32 if n not in tf32]
+            assert exact and all("HMMA" not in sass[arch][n] for n in exact), \
+                f"{arch}: {base}<float> must stay exact fp32"
+            assert all("HMMA" in sass[arch][n] for n in tf32), f"{arch}: {base}<float, kTF32 = true> has no HMMA"
 
 
 # ---- numerics on a GPU ----------------------------------------------------------------------------------

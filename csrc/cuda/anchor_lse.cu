@@ -4,8 +4,9 @@
 // y is x) and the gradients mapped back to the raw rows (normalize_rows.h).
 //
 // Nothing B x M is stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma for fp16 /
-// bf16, exact-fp32 FFMA for fp32; pair_tiles.cuh) and reduces them on the spot. Deterministic: no atomics, every
-// partial is reduced in a fixed order, exact int64 counts; temperature and grad_loss are read on the device.
+// bf16, exact-fp32 FFMA for fp32 or wmma TF32 after the TF32 opt-in; pair_tiles.cuh) and reduces them on the
+// spot. Deterministic: no atomics, every partial is reduced in a fixed order, exact int64 counts; temperature and
+// grad_loss are read on the device.
 //
 // Forward:  al_fwd_kernel  -> per split, per row: online LSE of the positives' and the negatives' logits and
 //                             the sum of the positive logits;
@@ -38,7 +39,7 @@ namespace cuda {
 namespace {
 
 using namespace al;
-using pair::pair_grad_kernel;
+using pair::pair_grad_kernel_for;
 using pair::pair_reduce_kernel;
 
 // The kind as a compile-time constant: fn(std::integral_constant<int, K>{}).
@@ -68,7 +69,7 @@ std::pair<at::Tensor, at::Tensor> prepared_rows(const at::Tensor& x_raw, const a
 // per-block sums of G s. x, y: vec_ready (padded length d); out: [rows, out.size(1)] with out.size(1) <= d.
 template <typename T, int K, bool kOutY>
 void run_grad(const at::Tensor& x, const at::Tensor& y, const AnchorOp<K>& op, const float* sc, at::Tensor& out,
-              at::Tensor* gz_part, cudaStream_t stream) {
+              at::Tensor* gz_part, bool tf32, cudaStream_t stream) {
   using DT = typename DeviceType<T>::type;
   const int64_t nx = x.size(0), ny = y.size(0), d = x.size(1), d_out = out.size(1);
   const int64_t nout = kOutY ? ny : nx, noth = kOutY ? nx : ny;
@@ -81,8 +82,7 @@ void run_grad(const at::Tensor& x, const at::Tensor& y, const AnchorOp<K>& op, c
     gzp = gz_part->data_ptr<float>();
   }
   // one chunk of d: the accumulator stays in registers; more: running sums per chunk in part (pair_tiles.cuh)
-  const auto kernel = d <= TileCfg<DT>::kDV ? pair_grad_kernel<DT, AnchorOp<K>, kOutY, false, false>
-                                          : pair_grad_kernel<DT, AnchorOp<K>, kOutY, false, true>;
+  const auto kernel = pair_grad_kernel_for<DT, AnchorOp<K>, kOutY, false>(d, tf32);
   kernel<<<dim3(unsigned(nrb), 1u, unsigned(nsplit)), kThreads,
                                                     0, stream>>>(dptr<T>(x), dptr<T>(y), nx, ny, d, op, tps,
                                                                  part.data_ptr<float>(), gzp);
@@ -123,11 +123,14 @@ std::tuple<at::Tensor, at::Tensor> anchor_lse_fwd_cuda(const at::Tensor& x_raw, 
   int64_t* npos_row = iws.data_ptr<int64_t>();
   int64_t* blk = npos_row + B;
   const Params prm = host_params(kind, p0, p1, p2);
+  const bool tf32 = fp32_matmul_tf32_opted_in();  // fp32 S tiles in TF32 (flashdml/tf32.h)
 
   FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "anchor_lse_fwd", [&] {
     using DT = typename DeviceType<scalar_t>::type;
     with_kind(kind, [&](auto k) {
-      al_fwd_kernel<DT, decltype(k)::value><<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+      constexpr int K = decltype(k)::value;
+      const auto kernel = tf32 ? al_fwd_kernel<DT, K, kTf32Able<DT>> : al_fwd_kernel<DT, K, false>;
+      kernel<<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
           dptr<scalar_t>(x), dptr<scalar_t>(y), labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), B, M, d,
           tau.data_ptr<float>(), prm, self_mode, tps, part.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -169,6 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_lse_bwd_cuda(
                                                   tau.data_ptr<float>(), int(kind), float(p1), sc.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor gz_part;
+  const bool tf32 = fp32_matmul_tf32_opted_in();  // the S tiles the backward recomputes (flashdml/tf32.h)
   FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "anchor_lse_bwd", [&] {
     with_kind(kind, [&](auto k) {
       constexpr int K = decltype(k)::value;
@@ -179,8 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> anchor_lse_bwd_cuda(
       op.sc = sc.data_ptr<float>();
       op.prm = host_params(kind, p0, p1, p2);
       op.self_mode = self_mode;
-      run_grad<scalar_t, K, false>(x, y, op, sc.data_ptr<float>(), dx, K == kSupCon ? &gz_part : nullptr, stream);
-      run_grad<scalar_t, K, true>(x, y, op, sc.data_ptr<float>(), dy, nullptr, stream);
+      run_grad<scalar_t, K, false>(x, y, op, sc.data_ptr<float>(), dx, K == kSupCon ? &gz_part : nullptr, tf32,
+                                   stream);
+      run_grad<scalar_t, K, true>(x, y, op, sc.data_ptr<float>(), dy, nullptr, tf32, stream);
     });
   });
   al_dtemp_kernel<<<1, kOneBlock, 0, stream>>>(gz_part.defined() ? gz_part.data_ptr<float>() : nullptr,

@@ -60,7 +60,7 @@ __device__ __forceinline__ int64_t al_class_size(const int64_t* __restrict__ sor
 // (max, sum) of each set into its two OnlineLse states, plus the plain sum of f_p (SupCon's mean over positives).
 // The 4 states of a row merge in fixed order into part[k][s][row], k < kParts. SupCon reads 1 / tau on the
 // device (prm.p0 is replaced). Shared: staging + St + column labels + merge (33792 / 32256 B fp16 / fp32).
-template <typename T, int K>
+template <typename T, int K, bool kTF32 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     al_fwd_kernel(const T* __restrict__ X, const T* __restrict__ Y, const int64_t* __restrict__ lab_x,
                   const int64_t* __restrict__ lab_y, int64_t B, int64_t M, int64_t d, const float* __restrict__ tau,
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t col0 = tile * kBN;
     __syncthreads();  // the previous tile's St and lab_c are consumed
     if (t < kBN) lab_c[t] = col0 + t < M ? lab_y[col0 + t] : 0;
-    s_tile_rect<T>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
+    s_tile_rect<T, kTF32>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
     __syncthreads();
     float fv[kCols];
     unsigned pmask = 0u, nmask = 0u;

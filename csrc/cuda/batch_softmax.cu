@@ -1,10 +1,10 @@
 // CUDA backend of batch softmax / InfoNCE (docs/spec.md §2.1): flashdml::batch_softmax_fwd / batch_softmax_bwd.
 //
-// Nothing B x B is ever stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma tensor
-// cores for fp16 / bf16, exact-fp32 SIMT FFMA for fp32) and reduces them on the spot. Per-element formulas
-// (allowed pairs, gradient weight) come from flashdml/batch_softmax.h and the online LSE from
-// flashdml/online_lse.h, shared with the CPU kernels. Deterministic: no atomics; column work split across
-// blocks ("splits", for occupancy at small B) produces partials that later kernels reduce in a fixed order.
+// Nothing B x B is ever stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma tensor cores
+// for fp16 / bf16, exact-fp32 SIMT FFMA for fp32 or TF32 tensor cores after the user's TF32 opt-in) and reduces them on
+// the spot. Per-element formulas (allowed pairs, gradient weight) come from flashdml/batch_softmax.h and the online LSE
+// from flashdml/online_lse.h, shared with the CPU kernels. Deterministic: no atomics; column work split across blocks
+// ("splits", for occupancy at small B) produces partials that later kernels reduce in a fixed order.
 //
 // Forward:  bs_lse_kernel (x, y)  -> per-split (max, sum) per row + z_ii;  finalize_lse_kernel -> row_lse,
 //           per-row loss terms;  symmetric: the same two on (y, x) -> col_lse (the allowed test is symmetric
@@ -50,7 +50,7 @@ bool use_vec(const at::Tensor& a, const at::Tensor& b, int64_t d) {
 // Per-row LSE of z = A B^T / tau over the allowed set -> lse[0 .. n), terms[0 .. n) = lse_i - z_ii.
 template <typename T>
 void run_lse(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, const float* tau, float* lse,
-             float* terms, cudaStream_t stream) {
+             float* terms, bool tf32, cudaStream_t stream) {
   using DT = typename DeviceType<T>::type;
   const int64_t n = A.size(0), d = A.size(1);
   const int64_t nrb = (n + kBM - 1) / kBM, ntiles = (n + kBN - 1) / kBN;
@@ -59,7 +59,8 @@ void run_lse(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, c
   float* part_max = ws.data_ptr<float>();
   float* part_sum = part_max + nsplit * n;
   float* diag = part_sum + nsplit * n;
-  bs_lse_kernel<DT><<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+  const auto kernel = tf32 ? bs_lse_kernel<DT, kTf32Able<DT>> : bs_lse_kernel<DT, false>;
+  kernel<<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
       dptr<T>(A), dptr<T>(Bm), labels, tau, n, d, tps, use_vec<DT>(A, Bm, d), part_max, part_sum, diag);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finalize_lse_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(part_max, part_sum, diag, int(nsplit), n, lse,
@@ -72,7 +73,7 @@ void run_lse(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, c
 template <typename T>
 void run_grad(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, const float* tau, const float* lse_r,
               const float* lse_c, float host_scale, const float* grad, at::Tensor& out, at::Tensor* dtau_part,
-              cudaStream_t stream) {
+              bool tf32, cudaStream_t stream) {
   using DT = typename DeviceType<T>::type;
   const int64_t n = A.size(0), d = A.size(1);
   const int64_t nrb = (n + kBM - 1) / kBM, ntiles = (n + kBN - 1) / kBN;
@@ -84,7 +85,10 @@ void run_grad(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, 
     dtp = dtau_part->data_ptr<float>();
   }
   // one chunk of d: the accumulator stays in registers; more: running sums per chunk in part
-  const auto kernel = d <= TileCfg<DT>::kDV ? bs_grad_kernel<DT, false> : bs_grad_kernel<DT, true>;
+  constexpr bool kTf = kTf32Able<DT>;
+  const bool one = d <= TileCfg<DT>::kDV;
+  const auto kernel = one ? (tf32 ? bs_grad_kernel<DT, false, kTf> : bs_grad_kernel<DT, false, false>)
+                          : (tf32 ? bs_grad_kernel<DT, true, kTf> : bs_grad_kernel<DT, true, false>);
   kernel<<<dim3(unsigned(nrb), 1u, unsigned(nsplit)), kThreads, 0, stream>>>(
       dptr<T>(A), dptr<T>(Bm), labels, tau, lse_r, lse_c, n, d, tps, use_vec<DT>(A, Bm, d), part.data_ptr<float>(),
       dtp);
@@ -119,10 +123,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_fwd_cuda(const at::
   at::Tensor col_lse = new_output({symmetric ? n : 0}, fopts);
   at::Tensor terms = at::empty({symmetric ? 2 * n : n}, fopts);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const bool tf32 = fp32_matmul_tf32_opted_in();  // fp32 S tiles in TF32 (flashdml/tf32.h), both passes
   const float* tp = tau.data_ptr<float>();
   FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "batch_softmax", [&] {
-    run_lse<scalar_t>(x, y, lab, tp, row_lse.data_ptr<float>(), terms.data_ptr<float>(), stream);
-    if (symmetric) run_lse<scalar_t>(y, x, lab, tp, col_lse.data_ptr<float>(), terms.data_ptr<float>() + n, stream);
+    run_lse<scalar_t>(x, y, lab, tp, row_lse.data_ptr<float>(), terms.data_ptr<float>(), tf32, stream);
+    if (symmetric) {
+      run_lse<scalar_t>(y, x, lab, tp, col_lse.data_ptr<float>(), terms.data_ptr<float>() + n, tf32, stream);
+    }
   });
   scaled_sum_kernel<<<1, kSumThreads, 0, stream>>>(terms.data_ptr<float>(), terms.numel(),
                                                    batch_softmax_scale(n, symmetric), nullptr, nullptr,
@@ -160,9 +167,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_softmax_bwd_cuda(
   const float* rl = row_lse.data_ptr<float>();
   const float* cl = symmetric ? col_lse.data_ptr<float>() : nullptr;
   at::Tensor dtau_part;
+  const bool tf32 = fp32_matmul_tf32_opted_in();  // the S tiles the backward recomputes (flashdml/tf32.h)
   FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "batch_softmax", [&] {
-    run_grad<scalar_t>(x, y, lab, tp, rl, cl, scale, gp, dx, &dtau_part, stream);
-    run_grad<scalar_t>(y, x, lab, tp, cl, rl, scale, gp, dy, nullptr, stream);
+    run_grad<scalar_t>(x, y, lab, tp, rl, cl, scale, gp, dx, &dtau_part, tf32, stream);
+    run_grad<scalar_t>(y, x, lab, tp, cl, rl, scale, gp, dy, nullptr, tf32, stream);
   });
   scaled_sum_kernel<<<1, kSumThreads, 0, stream>>>(dtau_part.data_ptr<float>(), dtau_part.numel(), -scale, gp, tp,
                                                    dtemp.data_ptr<float>());

@@ -28,7 +28,7 @@ namespace bs {
 // spills 28 bytes (8 bytes of stack) once expf is the accurate version (no --use_fast_math); with it, 96-110
 // registers and no spills on sm_80 / sm_90 (the fp16 / bf16 versions used 72 / 90 before: 2 instead of 3 blocks
 // per SM by registers for fp16, which only a GPU can say whether it matters).
-template <typename T>
+template <typename T, bool kTF32 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     bs_lse_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const int64_t* __restrict__ labels,
                   const float* __restrict__ tau, int64_t n, int64_t d, int64_t tiles_per_split, bool vec,
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t col0 = tile * kBN;
     __syncthreads();  // the previous tile's St and lab_c are fully consumed
     if (has_labels && t < kBN) lab_c[t] = col0 + t < n ? labels[col0 + t] : 0;
-    s_tile<T>(A, Bm, n, d, row0, col0, vec, Xs, Ys, St);
+    s_tile<T, kTF32>(A, Bm, n, d, row0, col0, vec, Xs, Ys, St);
     __syncthreads();  // St and lab_c visible
     // This thread's 16 logits of the tile (-inf where not allowed / outside the matrix), folded into its
     // state as one partial (tile max, sum exp(z - tile max)): 17 exps per 16 entries, no divergent branches.
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(kSumThreads)
 // or 17408 B (fp32); labels / lse of the tile's columns 768 B; 32 B reduction = 37664 B (fp16/bf16),
 // 44320 B (fp32): static, < 48 KiB. __launch_bounds__(256, 2) caps registers at 128 so that 2 blocks (16 warps)
 // fit per SM; the 64 x kDV accumulator takes 32 of them (tensor cores) or 16 (fp32).
-template <typename T, bool kChunked>
+template <typename T, bool kChunked, bool kTF32 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     bs_grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const int64_t* __restrict__ labels,
                    const float* __restrict__ tau, const float* __restrict__ lse_r, const float* __restrict__ lse_c,
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       lab_c[t] = (has_labels && gj < n) ? labels[gj] : 0;
       lse_cs[t] = (use_c && gj < n) ? lse_c[gj] : 0.f;
     }
-    s_tile<T>(A, Bm, n, d, row0, col0, vec, Xs, Ys, St);
+    s_tile<T, kTF32>(A, Bm, n, d, row0, col0, vec, Xs, Ys, St);
     __syncthreads();  // St, lab_c, lse_cs visible
 #pragma unroll
     for (int cc = 0; cc < kBN / 4; ++cc) {

@@ -50,10 +50,12 @@ void check_cuda_limits(const char* op, const Tensor& x) {
 // exact count; outputs col / flag [na, nsplit, cap], cnt [na, nsplit].
 template <typename T>
 void launch_lists(const Tensor& xa, const Tensor& rows, const Tensor& x, const Tensor& thr, float eps, int64_t cap,
-                  int64_t nsplit, int64_t tps, Tensor& col, Tensor& flag, Tensor& cnt, cudaStream_t stream) {
+                  int64_t nsplit, int64_t tps, Tensor& col, Tensor& flag, Tensor& cnt, bool tf32,
+                  cudaStream_t stream) {
   using DT = typename DeviceType<T>::type;
   const int64_t na = xa.size(0);
-  ctx_list_kernel<DT><<<dim3(unsigned((na + kBM - 1) / kBM), unsigned(nsplit)), kThreads, 0, stream>>>(
+  const auto kernel = tf32 ? ctx_list_kernel<DT, kTf32Able<DT>> : ctx_list_kernel<DT, false>;
+  kernel<<<dim3(unsigned((na + kBM - 1) / kBM), unsigned(nsplit)), kThreads, 0, stream>>>(
       dptr<T>(xa), na, rows.defined() ? rows.data_ptr<int64_t>() : nullptr, dptr<T>(x), x.size(0), x.size(1),
       thr.data_ptr<float>(), eps, cap, tps, col.data_ptr<int32_t>(), flag.data_ptr<uint8_t>(),
       cnt.data_ptr<int32_t>());
@@ -65,6 +67,9 @@ void launch_lists(const Tensor& xa, const Tensor& rows, const Tensor& x, const T
 std::tuple<Tensor, Tensor, Tensor> neighbour_lists(const Tensor& x, const Tensor& thr, float eps, int64_t cap) {
   const int64_t B = x.size(0);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // fp32 S tiles in TF32 (flashdml/tf32.h): read like knn_fwd_cuda / hinge_pair_fwd_cuda read it in the same op
+  // call, so the list pass sees the S values the thresholds were taken from
+  const bool tf32 = fp32_matmul_tf32_opted_in();
   auto run = [&](const Tensor& xa, const Tensor& rows, int64_t cp) {
     const int64_t na = xa.size(0);
     const auto [nsplit, tps] = plan_splits((na + kBM - 1) / kBM, (B + kBN - 1) / kBN);
@@ -72,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor> neighbour_lists(const Tensor& x, const Tensor
     Tensor flag = at::empty({na, nsplit, cp}, x.options().dtype(at::kByte));
     Tensor cnt = at::empty({na, nsplit}, x.options().dtype(at::kInt));
     FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "contextual_fwd", [&] {
-      launch_lists<scalar_t>(xa, rows, x, thr, eps, cp, nsplit, tps, col, flag, cnt, stream);
+      launch_lists<scalar_t>(xa, rows, x, thr, eps, cp, nsplit, tps, col, flag, cnt, tf32, stream);
     });
     return std::make_tuple(col, flag, cnt.to(at::kLong));
   };

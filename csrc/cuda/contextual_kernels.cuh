@@ -30,7 +30,7 @@ constexpr int kCols = kBN / 4;  // columns of a tile per thread: thread t has ro
 // ascending column order; cnt[lr nsplit + sp] = |N(i) ∩ the split's columns| (all of it, also past cap: the host
 // reruns such rows with a larger cap). The host concatenates a row's split lists in split order (= ascending
 // columns), so the lists do not depend on nsplit. Shared memory: staging + St + 1 KiB of counts.
-template <typename T>
+template <typename T, bool kTF32 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     ctx_list_kernel(const T* __restrict__ Xa, int64_t na, const int64_t* __restrict__ rows, const T* __restrict__ X,
                     int64_t B, int64_t d, const float* __restrict__ thr, float eps, int64_t cap, int64_t tps,
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t tile = t_lo; tile < t_hi; ++tile) {
     const int64_t col0 = tile * kBN;
     __syncthreads();  // the previous tile's St and counts are consumed
-    s_tile_rect<T>(Xa, na, X, B, d, row0, col0, smem, smem + kOffY, St);
+    s_tile_rect<T, kTF32>(Xa, na, X, B, d, row0, col0, smem, smem + kOffY, St);
     __syncthreads();
     const int ncols = ok ? (B - col0 < kBN ? int(B - col0) : kBN) : 0;
     unsigned members = 0;

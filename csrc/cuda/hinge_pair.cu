@@ -37,12 +37,12 @@ namespace cuda {
 namespace {
 
 using namespace hp;
-using pair::pair_grad_kernel;
+using pair::pair_grad_kernel_for;
 using pair::pair_reduce_kernel;
 
 // out = w[2] * G Oth over the rows of Out; kOutY: the dy pass on the forward's (x, y) tiles, read transposed.
 template <typename T, bool kOutY>
-void run_grad(const at::Tensor& x, const at::Tensor& y, const HingeOp& op, const float* w, at::Tensor& out,
+void run_grad(const at::Tensor& x, const at::Tensor& y, const HingeOp& op, const float* w, at::Tensor& out, bool tf32,
               cudaStream_t stream) {
   using DT = typename DeviceType<T>::type;
   const int64_t nx = x.size(0), ny = y.size(0), d = x.size(1), d_out = out.size(1);
@@ -51,8 +51,7 @@ void run_grad(const at::Tensor& x, const at::Tensor& y, const HingeOp& op, const
   const auto [nsplit, tps] = plan_splits(nrb, ntiles);  // no chunk axis: the d chunks loop inside each block
   at::Tensor part = at::empty({nsplit * nout * d}, x.options().dtype(at::kFloat));
   // one chunk of d: the accumulator stays in registers; more: running sums per chunk in part (pair_tiles.cuh)
-  const auto kernel = d <= TileCfg<DT>::kDV ? pair_grad_kernel<DT, HingeOp, kOutY, kOutY, false>
-                                          : pair_grad_kernel<DT, HingeOp, kOutY, kOutY, true>;
+  const auto kernel = pair_grad_kernel_for<DT, HingeOp, kOutY, kOutY>(d, tf32);
   kernel<<<dim3(unsigned(nrb), 1u, unsigned(nsplit)), kThreads, 0,
                                                 stream>>>(dptr<T>(x), dptr<T>(y), nx, ny, d, op, tps,
                                                           part.data_ptr<float>(), nullptr);
@@ -93,9 +92,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hinge_pair_fwd_cuda(const at::Ten
   const int64_t nblk = nrb * nsplit;
   at::Tensor part_sum = at::empty({2 * nblk}, x.options().dtype(at::kDouble));
   at::Tensor part_cnt = at::empty({2 * nblk}, x.options().dtype(at::kLong));
+  const bool tf32 = fp32_matmul_tf32_opted_in();  // fp32 S tiles in TF32 (flashdml/tf32.h)
   FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "hinge_pair", [&] {
     using DT = typename DeviceType<scalar_t>::type;
-    hp_stats_kernel<DT><<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+    const auto kernel = tf32 ? hp_stats_kernel<DT, kTf32Able<DT>> : hp_stats_kernel<DT, false>;
+    kernel<<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
         dptr<scalar_t>(x), dptr<scalar_t>(y), labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), B, M, d,
         tps, static_cast<float>(pos_margin), static_cast<float>(neg_margin), strict, drop_diagonal,
         part_sum.data_ptr<double>(), part_cnt.data_ptr<int64_t>());
@@ -141,9 +142,12 @@ std::tuple<at::Tensor, at::Tensor> hinge_pair_bwd_cuda(const at::Tensor& grad_lo
   op.mn = static_cast<float>(neg_margin);
   op.strict = strict;
   op.drop_diagonal = drop_diagonal;
+  // the S tiles the backward recomputes (flashdml/tf32.h); the margin tests see the forward's values only if the
+  // setting did not change in between
+  const bool tf32 = fp32_matmul_tf32_opted_in();
   FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "hinge_pair", [&] {
-    run_grad<scalar_t, false>(x, y, op, w.data_ptr<float>(), dx, stream);
-    run_grad<scalar_t, true>(x, y, op, w.data_ptr<float>(), dy, stream);
+    run_grad<scalar_t, false>(x, y, op, w.data_ptr<float>(), dx, tf32, stream);
+    run_grad<scalar_t, true>(x, y, op, w.data_ptr<float>(), dy, tf32, stream);
   });
   return {raw_rows_grad(dx, x_raw, normalize), raw_rows_grad(dy, y_raw, normalize)};
 }

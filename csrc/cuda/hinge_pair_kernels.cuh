@@ -35,7 +35,7 @@ __device__ __forceinline__ int hinge_kind(int64_t label_i, int64_t label_j, bool
 // 256 partials are reduced by a fixed tree (in the St region) -> part_sum[2 b + {0, 1}] (double),
 // part_cnt[2 b + {0, 1}] (int64), b = blockIdx.y * gridDim.x + blockIdx.x; {0, 1} = {positive, negative}.
 // Shared memory: staging + St + column labels = 28160 B (fp16 / bf16), 26624 B (fp32).
-template <typename T>
+template <typename T, bool kTF32 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     hp_stats_kernel(const T* __restrict__ X, const T* __restrict__ Y, const int64_t* __restrict__ lab_x,
                     const int64_t* __restrict__ lab_y, int64_t B, int64_t M, int64_t d, int64_t tiles_per_split,
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t col0 = tile * kBN;
     __syncthreads();  // the previous tile's St and lab_c are consumed
     if (t < kBN) lab_c[t] = col0 + t < M ? lab_y[col0 + t] : 0;
-    s_tile_rect<T>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
+    s_tile_rect<T, kTF32>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
     __syncthreads();
     const int ncols = gi < B ? (M - col0 < kBN ? int(M - col0) : kBN) : 0;
     const int cdiag = gi >= col0 && gi < col0 + kBN ? int(gi - col0) : -1;

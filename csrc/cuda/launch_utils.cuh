@@ -11,7 +11,10 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
+
+#include "flashdml/tf32.h"
 
 namespace flashdml {
 namespace cuda {
@@ -38,6 +41,12 @@ template <typename T>
 inline const typename DeviceType<T>::type* dptr(const at::Tensor& t) {
   return reinterpret_cast<const typename DeviceType<T>::type*>(t.data_ptr<T>());
 }
+
+// The S-tile kernels' kTF32 template argument for rows of DT when an op call decided `tf32`
+// (fp32_matmul_tf32_opted_in, read once per call so every pass of it sees the same S): only fp32 has a TF32
+// flavour, so for fp16 / bf16 both choices name the one instantiation, `tf32 ? k<DT, kTf32Able<DT>> : k<DT, false>`.
+template <typename DT>
+constexpr bool kTf32Able = std::is_same_v<DT, float>;
 
 inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 

@@ -27,12 +27,12 @@ namespace pair {
 // address (A + (row0 + l) d). The k loop and the products are those of s_tile, so two calls on the same
 // (x rows, y rows) tile give bitwise the same values. (The shifted base may point before the allocation when
 // na < 64; only in-bounds addresses are dereferenced, and d % kVW == 0 keeps it 16-byte aligned.)
-template <typename T>
+template <typename T, bool kTF32 = false>
 __device__ __forceinline__ void s_tile_rect(const T* __restrict__ A, int64_t na, const T* __restrict__ Bm, int64_t nb,
                                             int64_t d, int64_t row0, int64_t col0, void* Xs, void* Ys, float* St) {
   const int64_t sa = na - row0 >= kBM ? 0 : kBM - (na - row0);
   const int64_t sb = nb - col0 >= kBN ? 0 : kBN - (nb - col0);
-  s_tile<T>(A + (row0 - sa) * d, Bm + (col0 - sb) * d, kBM, d, sa, sb, /*vec=*/true, Xs, Ys, St);
+  s_tile<T, kTF32>(A + (row0 - sa) * d, Bm + (col0 - sb) * d, kBM, d, sa, sb, /*vec=*/true, Xs, Ys, St);
 }
 
 // ---- pair_grad_kernel ------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ __device__ __forceinline__ void s_tile_rect(const T* __restrict__ A, int64_t na,
 // tensor-core path, 10240 B); St 17408 B (reused for the B chunk and the final epilogue staging); Gt 9216 /
 // 17408 B; 64 tile-side and 64 output-row infos (16 B slots); 32 B = 38944 B (fp16 / bf16), 45600 B (fp32),
 // static. (256, 2): <= 128 registers, 2 blocks / SM, no spills (ptxas, sm_80 and sm_90).
-template <typename T, class Op, bool kOutY, bool kExact, bool kChunked>
+template <typename T, class Op, bool kOutY, bool kExact, bool kChunked, bool kTF32 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     pair_grad_kernel(const T* __restrict__ X, const T* __restrict__ Y, int64_t nx, int64_t ny, int64_t d, Op op,
                      int64_t tiles_per_split, float* __restrict__ part, float* __restrict__ gz_part) {
@@ -133,9 +133,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       tinfo[t] = ti;
     }
     if constexpr (kExact) {
-      s_tile_rect<T>(X, nx, Y, ny, d, col0, row0, Xs, Ys, St);  // x rows col0.. vs y rows row0..
+      s_tile_rect<T, kTF32>(X, nx, Y, ny, d, col0, row0, Xs, Ys, St);  // x rows col0.. vs y rows row0..
     } else {
-      s_tile_rect<T>(Out, nout, Oth, noth, d, row0, col0, Xs, Ys, St);
+      s_tile_rect<T, kTF32>(Out, nout, Oth, noth, d, row0, col0, Xs, Ys, St);
     }
     __syncthreads();  // St, tinfo visible
     // Valid tile columns (0 for a row outside the matrix) and the local column of the pair (i, i), in int.
@@ -175,6 +175,18 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
   }
+}
+
+// The pair_grad_kernel instantiation a launch of d columns uses: kChunked iff d > kDV; kTF32 iff the op call
+// decided TF32 and the rows are fp32 (fp16 / bf16 have one flavour). Host code (the .cu files, the emulation).
+template <typename T, class Op, bool kOutY, bool kExact>
+auto pair_grad_kernel_for(int64_t d, bool tf32) {
+  constexpr bool kTf = std::is_same_v<T, float>;
+  if (d <= TileCfg<T>::kDV) {
+    return tf32 ? pair_grad_kernel<T, Op, kOutY, kExact, false, kTf>
+                : pair_grad_kernel<T, Op, kOutY, kExact, false, false>;
+  }
+  return tf32 ? pair_grad_kernel<T, Op, kOutY, kExact, true, kTf> : pair_grad_kernel<T, Op, kOutY, kExact, true, false>;
 }
 
 // ---- pair_reduce_kernel ----------------------------------------------------------------------------------

@@ -68,10 +68,12 @@ std::tuple<at::Tensor, at::Tensor> knn_fwd_cuda(const at::Tensor& x_raw, const a
   at::Tensor bound = at::empty({rounds > 1 ? B : 1}, kopts);
   uint64_t* part_p = reinterpret_cast<uint64_t*>(part.data_ptr<int64_t>());
   uint64_t* bound_p = reinterpret_cast<uint64_t*>(bound.data_ptr<int64_t>());
+  const bool tf32 = fp32_matmul_tf32_opted_in();  // fp32 S tiles in TF32 (flashdml/tf32.h), the same every round
   for (int64_t r = 0; r < rounds; ++r) {
     FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "selection", [&] {
-      knn_partial_kernel<typename DeviceType<scalar_t>::type>
-          <<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+      using DT = typename DeviceType<scalar_t>::type;
+      const auto kernel = tf32 ? knn_partial_kernel<DT, kTf32Able<DT>> : knn_partial_kernel<DT, false>;
+      kernel<<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
               dptr<scalar_t>(x), dptr<scalar_t>(y), B, M, d, tps, exclude_diagonal, r > 0 ? bound_p : nullptr,
               part_p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -114,12 +116,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hardest_negatives_fwd_cuda(const 
   at::Tensor flat = new_output({k}, lopts);
   auto* hist_p = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
   const int passes[3][2] = {{21, 32}, {10, 21}, {0, 10}};
+  const bool tf32 = fp32_matmul_tf32_opted_in();  // fp32 S tiles in TF32 (flashdml/tf32.h), the same every pass
   FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "selection", [&] {
     using DT = typename DeviceType<scalar_t>::type;
     const dim3 grid(static_cast<unsigned>(nrb), static_cast<unsigned>(nsplit));
+    constexpr bool kTf = kTf32Able<DT>;
+    const auto pass0 = tf32 ? hn_pass_kernel<DT, 0, kTf> : hn_pass_kernel<DT, 0, false>;
+    const auto pass1 = tf32 ? hn_pass_kernel<DT, 1, kTf> : hn_pass_kernel<DT, 1, false>;
+    const auto pass2 = tf32 ? hn_pass_kernel<DT, 2, kTf> : hn_pass_kernel<DT, 2, false>;
     for (const auto& p : passes) {
       hist.zero_();
-      hn_pass_kernel<DT, 0><<<grid, kThreads, 0, stream>>>(
+      pass0<<<grid, kThreads, 0, stream>>>(
           dptr<scalar_t>(x), dptr<scalar_t>(y), labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), B, M, d,
           tps, int(nsplit), self_mode, p[0], p[1], state.data_ptr<int64_t>(), hist_p, nullptr, nullptr, nullptr,
           nullptr);
@@ -127,14 +134,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hardest_negatives_fwd_cuda(const 
       hn_select_kernel<<<1, 32, 0, stream>>>(hist_p, p[1] - p[0], k, state.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    hn_pass_kernel<DT, 1><<<grid, kThreads, 0, stream>>>(
+    pass1<<<grid, kThreads, 0, stream>>>(
         dptr<scalar_t>(x), dptr<scalar_t>(y), labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), B, M, d,
         tps, int(nsplit), self_mode, 0, 0, state.data_ptr<int64_t>(), nullptr, cnt.data_ptr<int64_t>(), nullptr,
         nullptr, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const at::Tensor c2 = cnt.reshape({2, B * nsplit});
     const at::Tensor base = (c2.cumsum(1) - c2).contiguous();
-    hn_pass_kernel<DT, 2><<<grid, kThreads, 0, stream>>>(
+    pass2<<<grid, kThreads, 0, stream>>>(
         dptr<scalar_t>(x), dptr<scalar_t>(y), labels.data_ptr<int64_t>(), ref_labels.data_ptr<int64_t>(), B, M, d,
         tps, int(nsplit), self_mode, 0, 0, state.data_ptr<int64_t>(), nullptr, nullptr, base.data_ptr<int64_t>(),
         values.data_ptr<float>(), flat.data_ptr<int64_t>());

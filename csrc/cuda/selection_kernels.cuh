@@ -29,7 +29,7 @@ constexpr int kMergeRows = 64;    // rows per block of knn_merge_kernel
 // candidates one after another (barrier between them). With `bound` only keys < bound[row] are candidates.
 // part[(s B + row) kK + j] = the row's list, descending (kNoKey where the split has fewer candidates).
 // Shared memory: staging + St + lists = 43776 B (fp16 / bf16), 42240 B (fp32), static.
-template <typename T>
+template <typename T, bool kTF32 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     knn_partial_kernel(const T* __restrict__ X, const T* __restrict__ Y, int64_t B, int64_t M, int64_t d,
                        int64_t tiles_per_split, bool exclude_diag, const uint64_t* __restrict__ bound,
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t col0 = tile * kBN;
     __syncthreads();  // the previous tile's St is consumed, the lists are initialised
-    s_tile_rect<T>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
+    s_tile_rect<T, kTF32>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
     __syncthreads();
     const int ncols = gi < B ? (M - col0 < kBN ? int(M - col0) : kBN) : 0;
     for (int p = 0; p < kThreads / kBM; ++p) {
@@ -122,7 +122,7 @@ static __global__ void __launch_bounds__(kMergeRows, 1)
 //    state[2] is not written: every store stays below k = state[2] + state[3].
 // Shared memory: staging + St + 64 column labels + (pass 0) 2048-bin histogram + 2 x 256 int64 rank counts:
 // at most 40448 B (fp16 / bf16 histogram pass), static.
-template <typename T, int kPass>
+template <typename T, int kPass, bool kTF32 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     hn_pass_kernel(const T* __restrict__ X, const T* __restrict__ Y, const int64_t* __restrict__ lab_x,
                    const int64_t* __restrict__ lab_y, int64_t B, int64_t M, int64_t d, int64_t tiles_per_split,
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t col0 = tile * kBN;
     __syncthreads();  // the previous tile's St, lab_c and rank counts are consumed
     if (t < kBN) lab_c[t] = col0 + t < M ? lab_y[col0 + t] : 0;
-    s_tile_rect<T>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
+    s_tile_rect<T, kTF32>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
     __syncthreads();
     const int ncols = gi < B ? (M - col0 < kBN ? int(M - col0) : kBN) : 0;
     int my_gt = 0, my_eq = 0;

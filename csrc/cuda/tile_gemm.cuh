@@ -10,6 +10,12 @@
 //  * fp32: exact-fp32 SIMT FFMA (no TF32), register tile 4 x 4 per thread (thread t: rows 4*(t/16)..,
 //      cols 4*(t%16)..). K slice kBK = 16; staging transposed [kBK][64 + 4] so every k step reads one float4
 //      of A and one of B. G*B product: 64 x kDV (= 64) output, same 4 x 4 mapping.
+//  * fp32 with kTF32 = true (the host's choice when the user opted into TF32 for fp32 matmuls, see
+//      launch_utils.cuh: use_tf32): the S tile only, on tensor cores: nvcuda::wmma m16n16k8 with tf32 operand
+//      fragments, each element rounded by __float_to_tf32 (round to nearest, ties away, 10 mantissa bits),
+//      fp32 accumulation. Same staging, K slice and block shape as the exact fp32 flavour (the fragments read
+//      the transposed buffers as col-major A / row-major B), same warp layout as the 16-bit path (warp w:
+//      rows 16*(w%4).., cols 32*(w/4)..). The G*B product stays exact fp32 SIMT.
 // Global loads go through one 16-byte chunk per thread per operand per K slice (64 rows x 4 chunks), with a
 // register prefetch of the next slice while the current one is multiplied. Rows >= n and k >= d are
 // zero-filled, so ragged B and any d >= 1 need no other special case. Vector (16-byte) loads are used only
@@ -149,7 +155,127 @@ __device__ __forceinline__ void simt_mma_4x4(float (&acc)[4][4], const float* As
 // must call it. On return St is written by this thread but NOT yet visible to others: the caller syncs.
 // The first in-loop barrier also guarantees that every thread has finished whatever it did before the call
 // (d >= 1, so the loop runs at least once), so St / Xs / Ys may be reused freely by the caller before.
+// Rounds every element of a tf32 operand fragment to TF32 (what the tensor cores multiply; without it they
+// would drop the low 13 bits instead of rounding).
+template <class Frag>
+__device__ __forceinline__ void round_to_tf32(Frag& f) {
+#pragma unroll
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = nvcuda::wmma::__float_to_tf32(f.x[i]);
+}
+
+// The accumulator of one S tile and the products of one K slice of it, per flavour (see the top of the file).
+// Xs / Ys hold the staged slice; store writes the finished tile to St[n * kLdS + m].
+template <typename T, bool kTF32, bool kTC = TileCfg<T>::kTensorCore>
+struct STileAcc;
+
+template <typename T, bool kTF32>
+struct STileAcc<T, kTF32, true> {  // fp16 / bf16: wmma 16x16x16, warp w: rows 16 (w % 4) .., cols 32 (w / 4) ..
+  using C = TileCfg<T>;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+
+  __device__ __forceinline__ void zero() {
+    nvcuda::wmma::fill_fragment(acc[0], 0.f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.f);
+  }
+  __device__ __forceinline__ void slice(const void* Xs, const void* Ys) {
+    namespace wmma = nvcuda::wmma;
+    const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
+    const T* xs = static_cast<const T*>(Xs);
+    const T* ys = static_cast<const T*>(Ys);
+#pragma unroll
+    for (int kk = 0; kk < C::kBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;  // (m, k) at xs[m * ld + k]
+      wmma::load_matrix_sync(fa, xs + (16 * wm) * C::kLdX + kk, C::kLdX);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // (k, n) at ys[n * ld + k]
+        wmma::load_matrix_sync(fb, ys + (32 * wn + 16 * j) * C::kLdX + kk, C::kLdX);
+        wmma::mma_sync(acc[j], fa, fb, acc[j]);
+      }
+    }
+  }
+  __device__ __forceinline__ void store(float* St) {
+    const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {  // (m, n) at St[n * kLdS + m]
+      nvcuda::wmma::store_matrix_sync(St + (32 * wn + 16 * j) * kLdS + 16 * wm, acc[j], kLdS,
+                                      nvcuda::wmma::mem_col_major);
+    }
+  }
+};
+
 template <typename T>
+struct STileAcc<T, false, false> {  // exact fp32 SIMT: thread t: rows 4 (t / 16) .., cols 4 (t % 16) ..
+  using C = TileCfg<T>;
+  float acc[4][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) acc[a][b] = 0.f;
+    }
+  }
+  __device__ __forceinline__ void slice(const void* Xs, const void* Ys) {
+    simt_mma_4x4<C::kBK>(acc, static_cast<const float*>(Xs), C::kLdX, static_cast<const float*>(Ys), C::kLdX,
+                         threadIdx.x / 16, threadIdx.x % 16);
+  }
+  __device__ __forceinline__ void store(float* St) {
+    const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {  // column 4 tx + b holds rows 4 ty .. 4 ty + 3
+      *reinterpret_cast<float4*>(St + (4 * tx + b) * kLdS + 4 * ty) =
+          make_float4(acc[0][b], acc[1][b], acc[2][b], acc[3][b]);
+    }
+  }
+};
+
+template <typename T>
+struct STileAcc<T, true, false> {  // fp32 in TF32: wmma m16n16k8 tf32, the 16-bit path's warp layout
+  using C = TileCfg<T>;
+  static_assert(C::kBK % 8 == 0 && C::kLdX % 4 == 0, "k steps of 8; ldm a multiple of 16 bytes");
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> acc[2];
+
+  __device__ __forceinline__ void zero() {
+    nvcuda::wmma::fill_fragment(acc[0], 0.f);
+    nvcuda::wmma::fill_fragment(acc[1], 0.f);
+  }
+  __device__ __forceinline__ void slice(const void* Xs, const void* Ys) {
+    namespace wmma = nvcuda::wmma;
+    const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
+    const float* xs = static_cast<const float*>(Xs);  // transposed staging: (m, k) at xs[k * ld + m]
+    const float* ys = static_cast<const float*>(Ys);  //                     (k, n) at ys[k * ld + n]
+#pragma unroll
+    for (int kk = 0; kk < C::kBK; kk += 8) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fa;
+      wmma::load_matrix_sync(fa, xs + kk * C::kLdX + 16 * wm, C::kLdX);
+      round_to_tf32(fa);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, ys + kk * C::kLdX + 32 * wn + 16 * j, C::kLdX);
+        round_to_tf32(fb);
+        wmma::mma_sync(acc[j], fa, fb, acc[j]);
+      }
+    }
+  }
+  __device__ __forceinline__ void store(float* St) {
+    const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {  // (m, n) at St[n * kLdS + m]
+      nvcuda::wmma::store_matrix_sync(St + (32 * wn + 16 * j) * kLdS + 16 * wm, acc[j], kLdS,
+                                      nvcuda::wmma::mem_col_major);
+    }
+  }
+};
+
+// S tile: St[n * kLdS + m] = sum_k A[row0 + m][k] * B[col0 + n][k], m, n < 64, fp32, rows >= nrows are 0.
+// kTF32 (fp32 rows only; ignored for fp16 / bf16): the products on tensor cores in TF32 (STileAcc).
+// Xs / Ys: two staging buffers of TileCfg<T>::kStageBytes. Contains __syncthreads(); every thread of the block
+// must call it. On return St is written by this thread but NOT yet visible to others: the caller syncs.
+// The first in-loop barrier also guarantees that every thread has finished whatever it did before the call
+// (d >= 1, so the loop runs at least once), so St / Xs / Ys may be reused freely by the caller before.
+template <typename T, bool kTF32 = false>
 __device__ __forceinline__ void s_tile(const T* __restrict__ A, const T* __restrict__ Bm, int64_t nrows, int64_t d,
                                        int64_t row0, int64_t col0, bool vec, void* Xs, void* Ys, float* St) {
   using C = TileCfg<T>;
@@ -164,68 +290,20 @@ __device__ __forceinline__ void s_tile(const T* __restrict__ A, const T* __restr
   uint4 pa = load_chunk<T>(A, row0 + lrow, nrows, lk, d, vec);
   uint4 pb = load_chunk<T>(Bm, col0 + lrow, nrows, lk, d, vec);
 
-  if constexpr (C::kTensorCore) {
-    namespace wmma = nvcuda::wmma;
-    const int warp = t / 32;
-    const int wm = warp % 4;  // rows 16 wm .. 16 wm + 15
-    const int wn = warp / 4;  // cols 32 wn .. 32 wn + 31
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-    wmma::fill_fragment(acc[0], 0.f);
-    wmma::fill_fragment(acc[1], 0.f);
-    const T* xs = static_cast<const T*>(Xs);
-    const T* ys = static_cast<const T*>(Ys);
-    for (int64_t k0 = 0; k0 < d; k0 += C::kBK) {
-      __syncthreads();  // nobody still reads the staging buffers (or anything from before the call)
-      stage_chunk<T>(Xs, lrow, lk, pa);
-      stage_chunk<T>(Ys, lrow, lk, pb);
-      __syncthreads();
-      if (k0 + C::kBK < d) {  // prefetch the next slice while this one is multiplied
-        pa = load_chunk<T>(A, row0 + lrow, nrows, k0 + C::kBK + lk, d, vec);
-        pb = load_chunk<T>(Bm, col0 + lrow, nrows, k0 + C::kBK + lk, d, vec);
-      }
-#pragma unroll
-      for (int kk = 0; kk < C::kBK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;  // (m, k) at xs[m * ld + k]
-        wmma::load_matrix_sync(fa, xs + (16 * wm) * C::kLdX + kk, C::kLdX);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;  // (k, n) at ys[n * ld + k]
-          wmma::load_matrix_sync(fb, ys + (32 * wn + 16 * j) * C::kLdX + kk, C::kLdX);
-          wmma::mma_sync(acc[j], fa, fb, acc[j]);
-        }
-      }
+  STileAcc<T, kTF32> acc;
+  acc.zero();
+  for (int64_t k0 = 0; k0 < d; k0 += C::kBK) {
+    __syncthreads();  // nobody still reads the staging buffers (or anything from before the call)
+    stage_chunk<T>(Xs, lrow, lk, pa);
+    stage_chunk<T>(Ys, lrow, lk, pb);
+    __syncthreads();
+    if (k0 + C::kBK < d) {  // prefetch the next slice while this one is multiplied
+      pa = load_chunk<T>(A, row0 + lrow, nrows, k0 + C::kBK + lk, d, vec);
+      pb = load_chunk<T>(Bm, col0 + lrow, nrows, k0 + C::kBK + lk, d, vec);
     }
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {  // (m, n) at St[n * kLdS + m]
-      wmma::store_matrix_sync(St + (32 * wn + 16 * j) * kLdS + 16 * wm, acc[j], kLdS, wmma::mem_col_major);
-    }
-  } else {
-    const int ty = t / 16, tx = t % 16;
-    float acc[4][4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a) {
-#pragma unroll
-      for (int b = 0; b < 4; ++b) acc[a][b] = 0.f;
-    }
-    const float* xs = static_cast<const float*>(Xs);
-    const float* ys = static_cast<const float*>(Ys);
-    for (int64_t k0 = 0; k0 < d; k0 += C::kBK) {
-      __syncthreads();
-      stage_chunk<T>(Xs, lrow, lk, pa);
-      stage_chunk<T>(Ys, lrow, lk, pb);
-      __syncthreads();
-      if (k0 + C::kBK < d) {
-        pa = load_chunk<T>(A, row0 + lrow, nrows, k0 + C::kBK + lk, d, vec);
-        pb = load_chunk<T>(Bm, col0 + lrow, nrows, k0 + C::kBK + lk, d, vec);
-      }
-      simt_mma_4x4<C::kBK>(acc, xs, C::kLdX, ys, C::kLdX, ty, tx);
-    }
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {  // column 4 tx + b holds rows 4 ty .. 4 ty + 3
-      *reinterpret_cast<float4*>(St + (4 * tx + b) * kLdS + 4 * ty) =
-          make_float4(acc[0][b], acc[1][b], acc[2][b], acc[3][b]);
-    }
+    acc.slice(Xs, Ys);
   }
+  acc.store(St);
 }
 
 }  // namespace cuda

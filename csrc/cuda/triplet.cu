@@ -40,7 +40,7 @@ namespace cuda {
 namespace {
 
 using namespace tri;
-using pair::pair_grad_kernel;
+using pair::pair_grad_kernel_for;
 using pair::pair_reduce_kernel;
 
 // Everything both passes derive from the inputs.
@@ -53,6 +53,7 @@ struct Setup {
   at::Tensor pos_anchor, pos_col;  // int64 [P]
   at::Tensor pos_dist;          // fp32 [P]
   int64_t B = 0, M = 0, d = 0, dp = 0, npos = 0, max_pos = 0;
+  bool tf32 = false;            // fp32 S tiles in TF32 (flashdml/tf32.h), read once per op call
 };
 
 at::Tensor augmented(const at::Tensor& rows, int64_t dp, int64_t one_col) {
@@ -66,6 +67,7 @@ at::Tensor augmented(const at::Tensor& rows, int64_t dp, int64_t one_col) {
 Setup make_setup(const at::Tensor& x_raw, const at::Tensor& y_raw, const at::Tensor& labels,
                  const at::Tensor& ref_labels, bool self_mode, cudaStream_t stream) {
   Setup s;
+  s.tf32 = fp32_matmul_tf32_opted_in();
   std::tie(s.xh, s.yh) = kernel_rows(x_raw, y_raw, /*normalize=*/true);
   s.B = s.xh.size(0);
   s.M = s.yh.size(0);
@@ -137,8 +139,9 @@ void run_stats(const Setup& s, double margin, at::Tensor& part_sum, at::Tensor& 
     part_cnt = at::empty({nrb * nsplit}, opts.dtype(at::kLong));
   }
   FLASHDML_CUDA_DTYPE_DISPATCH(s.xh.scalar_type(), "triplet", [&] {
-    tri_stats_kernel<typename DeviceType<scalar_t>::type, kPos>
-        <<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+    using DT = typename DeviceType<scalar_t>::type;
+    const auto kernel = s.tf32 ? tri_stats_kernel<DT, kPos, kTf32Able<DT>> : tri_stats_kernel<DT, kPos, false>;
+    kernel<<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
             dptr<scalar_t>(s.xa), dptr<scalar_t>(s.ya), s.B, s.M, s.dp, tps, s.cls_x.data_ptr<int32_t>(),
             s.cls_y.data_ptr<int32_t>(), s.xsq.data_ptr<float>(), s.ysq.data_ptr<float>(),
             s.pos_ptr.data_ptr<int64_t>(), s.pos_dist.data_ptr<float>(), static_cast<float>(margin),
@@ -159,8 +162,7 @@ at::Tensor run_grad(const Setup& s, const TripletOp& op, const float* scale, cud
   const auto fopts = s.xh.options().dtype(at::kFloat);
   at::Tensor part = at::empty({nsplit * nout * d}, fopts);
   // one chunk of d: the accumulator stays in registers; more: running sums per chunk in part (pair_tiles.cuh)
-  const auto kernel = d <= TileCfg<DT>::kDV ? pair_grad_kernel<DT, TripletOp, kOutY, kOutY, false>
-                                          : pair_grad_kernel<DT, TripletOp, kOutY, kOutY, true>;
+  const auto kernel = pair_grad_kernel_for<DT, TripletOp, kOutY, kOutY>(d, s.tf32);
   kernel<<<dim3(unsigned(nrb), 1u, unsigned(nsplit)), kThreads, 0,
                                                   stream>>>(dptr<T>(s.xa), dptr<T>(s.ya), nx, ny, d, op, tps,
                                                             part.data_ptr<float>(), nullptr);

@@ -49,7 +49,7 @@ __device__ __forceinline__ float tri_inf() { return __uint_as_float(0x7f800000u)
 // kPos = true (backward): pos_cnt[s * npos + q] += #{active n in the split's tiles} for each positive pair q
 //   (one thread owns each (s, q): no atomics; the buffer starts at 0).
 // Shared memory: staging + St + 4 x 64 row / column entries (fp32: 26624 B, fp16 / bf16: 28672 B).
-template <typename T, bool kPos>
+template <typename T, bool kPos, bool kTF32 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     tri_stats_kernel(const T* __restrict__ X, const T* __restrict__ Y, int64_t B, int64_t M, int64_t d,
                      int64_t tiles_per_split, const int32_t* __restrict__ cls_x, const int32_t* __restrict__ cls_y,
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       ccls[t] = gj < M ? cls_y[gj] : -1;
       csq[t] = gj < M ? ysq[gj] : 0.f;
     }
-    s_tile_rect<T>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
+    s_tile_rect<T, kTF32>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
     __syncthreads();
     for (int e = t; e < kBM * kBN; e += kThreads) {
       const int c = e / kBM, rr = e % kBM;

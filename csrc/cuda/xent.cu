@@ -1,10 +1,11 @@
 // CUDA backend of cross-example softmax (docs/spec.md §2.2, global_partition = true) and NT-Xent (docs/spec.md §2.1b,
 // global_partition = false): flashdml::xent_fwd / xent_bwd (schemas and output meaning: csrc/ops.cpp).
 //
-// Nothing B x M is stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma for fp16 /
-// bf16, exact-fp32 FFMA for fp32; pair_tiles.cuh: rectangular tiles) and reduces them on the spot. Per-element
-// formulas: flashdml/xent.h. Deterministic: no atomics, every partial is reduced in a fixed order; column work is
-// split across blocks ("splits") for occupancy at small B. temperature / grad_loss are read on the device.
+// Nothing B x M is stored: every kernel recomputes 64 x 64 tiles of S = x y^T (tile_gemm.cuh: wmma for fp16 / bf16,
+// exact-fp32 FFMA for fp32 or wmma TF32 after the TF32 opt-in; pair_tiles.cuh: rectangular tiles) and reduces them on
+// the spot. Per-element formulas: flashdml/xent.h. Deterministic: no atomics, every partial is reduced in a fixed
+// order; column work is split across blocks ("splits") for occupancy at small B. temperature / grad_loss are read on
+// the device.
 // normalize = true: the rows are normalised on entry (once in self mode) and dx, dy mapped back to the raw rows
 // (normalize_rows.h).
 //
@@ -41,7 +42,7 @@ namespace cuda {
 namespace {
 
 using namespace xe;
-using pair::pair_grad_kernel;
+using pair::pair_grad_kernel_for;
 using pair::pair_reduce_kernel;
 
 // |P| partials: one int64 per block of 256 rows of x (cnt_part, ncnt entries).
@@ -58,7 +59,7 @@ void run_count(const at::Tensor& labels, const at::Tensor& ref_labels, bool self
 // x, y: vec_ready (padded length d); out: [rows, out.size(1)] with out.size(1) <= d.
 template <typename T, bool kOutY>
 void run_grad(const at::Tensor& x, const at::Tensor& y, const XentOp& op, const float* w, at::Tensor& out,
-              at::Tensor* gz_part, cudaStream_t stream) {
+              at::Tensor* gz_part, bool tf32, cudaStream_t stream) {
   using DT = typename DeviceType<T>::type;
   const int64_t nx = x.size(0), ny = y.size(0), d = x.size(1), d_out = out.size(1);
   const int64_t nout = kOutY ? ny : nx, noth = kOutY ? nx : ny;
@@ -71,8 +72,7 @@ void run_grad(const at::Tensor& x, const at::Tensor& y, const XentOp& op, const 
     gzp = gz_part->data_ptr<float>();
   }
   // one chunk of d: the accumulator stays in registers; more: running sums per chunk in part (pair_tiles.cuh)
-  const auto kernel = d <= TileCfg<DT>::kDV ? pair_grad_kernel<DT, XentOp, kOutY, false, false>
-                                          : pair_grad_kernel<DT, XentOp, kOutY, false, true>;
+  const auto kernel = pair_grad_kernel_for<DT, XentOp, kOutY, false>(d, tf32);
   kernel<<<dim3(unsigned(nrb), 1u, unsigned(nsplit)), kThreads, 0,
                                                stream>>>(dptr<T>(x), dptr<T>(y), nx, ny, d, op, tps,
                                                          part.data_ptr<float>(), gzp);
@@ -124,9 +124,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& x
   const int64_t* ly = ref_labels.data_ptr<int64_t>();
 
   run_count(labels, ref_labels, self_mode, cnt_part, nrow_blk, stream);
+  const bool tf32 = fp32_matmul_tf32_opted_in();  // fp32 S tiles in TF32 (flashdml/tf32.h), both tile passes
   FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "xent", [&] {
     using DT = typename DeviceType<scalar_t>::type;
-    xe_lse_kernel<DT><<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+    const auto kernel = tf32 ? xe_lse_kernel<DT, kTf32Able<DT>> : xe_lse_kernel<DT, false>;
+    kernel<<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
         dptr<scalar_t>(x), dptr<scalar_t>(y), lx, ly, B, M, d, tp, self_mode, tps, part_a, part_b);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -138,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_fwd_cuda(const at::Tensor& x
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "xent", [&] {
     using DT = typename DeviceType<scalar_t>::type;
-    xe_pos_kernel<DT><<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
+    const auto kernel = tf32 ? xe_pos_kernel<DT, kTf32Able<DT>> : xe_pos_kernel<DT, false>;
+    kernel<<<dim3(unsigned(nrb), unsigned(nsplit)), kThreads, 0, stream>>>(
         dptr<scalar_t>(x), dptr<scalar_t>(y), lx, ly, B, M, d, tp, lse.data_ptr<float>(), !global_partition,
         self_mode, tps, part_a, part_b);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -194,12 +197,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> xent_bwd_cuda(
   op.per_row = !global_partition;
   op.self_mode = self_mode;
   at::Tensor gz_part;
+  const bool tf32 = fp32_matmul_tf32_opted_in();  // the S tiles the backward recomputes (flashdml/tf32.h)
   FLASHDML_CUDA_DTYPE_DISPATCH(x.scalar_type(), "xent", [&] {
-    run_grad<scalar_t, false>(x, y, op, w.data_ptr<float>(), dx, &gz_part, stream);
+    run_grad<scalar_t, false>(x, y, op, w.data_ptr<float>(), dx, &gz_part, tf32, stream);
     if (global_partition && self_mode) {
       dy.copy_(dx);  // G is symmetric (same sets, same weights for (i, j) and (j, i)) and y = x: G^T x = G y
     } else {
-      run_grad<scalar_t, true>(x, y, op, w.data_ptr<float>(), dy, nullptr, stream);
+      run_grad<scalar_t, true>(x, y, op, w.data_ptr<float>(), dy, nullptr, tf32, stream);
     }
   });
   xe_dtau_kernel<<<1, kOneBlock, 0, stream>>>(gz_part.data_ptr<float>(), gz_part.numel(), w.data_ptr<float>(),

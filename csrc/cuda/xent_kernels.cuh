@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kRowThreads, 1)
 // Thread t owns row r = t % 64 and tile columns 16 (t / 64) .. + 15; per tile it folds the negatives' z into its
 // OnlineLse (one merge of the tile's (max, sum)); the 4 states of a row merge in fixed order into
 // part_max / part_sum[s][row]. Shared: staging + St + column labels + merge = 30208 / 28672 B (as bs_lse_kernel).
-template <typename T>
+template <typename T, bool kTF32 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     xe_lse_kernel(const T* __restrict__ X, const T* __restrict__ Y, const int64_t* __restrict__ lab_x,
                   const int64_t* __restrict__ lab_y, int64_t B, int64_t M, int64_t d, const float* __restrict__ tau,
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t col0 = tile * kBN;
     __syncthreads();  // the previous tile's St and lab_c are consumed
     if (t < kBN) lab_c[t] = col0 + t < M ? lab_y[col0 + t] : 0;
-    s_tile_rect<T>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
+    s_tile_rect<T, kTF32>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
     __syncthreads();
     float zs[kBN / 4];
     float tmax = kNegInf;
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kOneBlock, 1)
 // tiles are multiplied; thread (r, q) sums softplus(lse - z) and sigmoid(lse - z) over its positives
 // (lse = lse[0] for XE, lse[row] for NT-Xent; lse = -inf adds 0 to both). The 4 partials of a row are added in
 // fixed order -> part_sp / part_sg[s][row]. Shared: as xe_lse_kernel + one flag (30224 / 28688 B).
-template <typename T>
+template <typename T, bool kTF32 = false>
 __global__ void __launch_bounds__(kThreads, 2)
     xe_pos_kernel(const T* __restrict__ X, const T* __restrict__ Y, const int64_t* __restrict__ lab_x,
                   const int64_t* __restrict__ lab_y, int64_t B, int64_t M, int64_t d, const float* __restrict__ tau,
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (any) flag[0] = 1;  // every writer stores the same value
     __syncthreads();
     if (flag[0] == 0) continue;  // uniform: no positive in this tile
-    s_tile_rect<T>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
+    s_tile_rect<T, kTF32>(X, B, Y, M, d, row0, col0, smem, smem + kOffY, St);
     __syncthreads();
 #pragma unroll 4
     for (int cc = 0; cc < kBN / 4; ++cc) {

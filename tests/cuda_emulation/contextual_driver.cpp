@@ -36,7 +36,7 @@ Lists list_pipeline(const std::vector<T>& x, int64_t B, int64_t dp, const std::v
     flag.assign(na * ns * cp, 0xFC);
     cnt.assign(na * ns, -7777777);
     emu_launch({U((na + kBM - 1) / kBM), U(ns), 1}, kThreads, [&] {
-      ctx_list_kernel<T>(xa, na, rows, x.data(), B, dp, thr.data(), eps, cp, tps, col.data(), flag.data(),
+      ctx_list_kernel<T, kEmuTf32<T>>(xa, na, rows, x.data(), B, dp, thr.data(), eps, cp, tps, col.data(), flag.data(),
                          cnt.data()); });
     return ns;
   };

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -26,6 +27,20 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
 inline unsigned atomicCAS(unsigned* p, unsigned compare, unsigned val) {
   std::atomic_ref<unsigned>(*p).compare_exchange_strong(compare, val);
   return compare;
+}
+
+// The TF32 flavour of the fp32 S tile (tile_gemm.cuh, kTF32 = true: what the .cu files launch when the user opted
+// into TF32). Built with -DFLASHDML_EMU_TF32=1, the drivers launch it for fp32 and check against TF32 bounds.
+#ifndef FLASHDML_EMU_TF32
+#define FLASHDML_EMU_TF32 0
+#endif
+template <class T>
+constexpr bool kEmuTf32 = FLASHDML_EMU_TF32 != 0 && std::is_same_v<T, float>;
+// One S entry of unit rows with d columns in TF32 is within tf32_delta_s(d) of the exact value: operands rounded to
+// TF32 (u = 2^-11 each), fp32 sums (tests/test_triton_tf32.py uses the same bound).
+inline double tf32_delta_s(int64_t d) {
+  const double u = std::ldexp(1.0, -11);
+  return 2 * u + u * u + double(d + 2) * std::ldexp(1.0, -24);
 }
 
 // SMs the emulated device has (launch_utils.cuh's plan_splits reads the real count): 132 (H100) or 1.
@@ -78,6 +93,23 @@ static void check(const std::string& what, const std::vector<double>& got, const
   if (!ok || err > tol * scale) {
     ++failures;
     std::printf("FAIL %s: err %.3e scale %.3e ok %d\n", what.c_str(), err, scale, int(ok));
+  }
+}
+
+// Max abs error <= bound (for values whose error bound is absolute, e.g. an LSE of TF32 logits); NaN always fails.
+static void check_abs(const std::string& what, const std::vector<double>& got, const std::vector<double>& want,
+                      double bound) {
+  ++checks;
+  double err = 0;
+  bool ok = got.size() == want.size();
+  for (size_t i = 0; ok && i < got.size(); ++i) {
+    if (std::isinf(want[i]) || std::isinf(got[i])) { ok = got[i] == want[i]; continue; }
+    if (!std::isfinite(got[i])) { ok = false; break; }
+    err = std::max(err, std::abs(got[i] - want[i]));
+  }
+  if (!ok || err > bound) {
+    ++failures;
+    std::printf("FAIL %s: err %.3e bound %.3e ok %d\n", what.c_str(), err, bound, int(ok));
   }
 }
 

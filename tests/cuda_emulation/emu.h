@@ -107,6 +107,53 @@ inline void store_matrix_sync(float* p, const fragment<accumulator,16,16,16,floa
   if (threadIdx.x % 32 != 0) return;
   for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) (l == mem_row_major ? p[m * ld + n] : p[m + n * ld]) = f.v[m][n];
 }
+
+// TF32 (the fp32 S tile's opt-in flavour, tile_gemm.cuh STileAcc<float, true>): m16n16k8 fragments with
+// precision::tf32 operands. Operand fragments expose num_elements / x[] like the real ones (here x holds the whole
+// 16 x 8 or 8 x 16 operand, row-major); __float_to_tf32 is cvt.rna.tf32.f32 (round to nearest, ties away from zero,
+// keep 10 mantissa bits, low 13 bits zero). mma_sync multiplies what the hardware reads of a tf32 operand (the
+// top 19 bits, i.e. an unrounded operand is truncated) and accumulates in fp32 in k order.
+namespace precision { struct tf32 {}; }
+inline float __float_to_tf32(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) { u += 0x1000u; u &= ~0x1fffu; }  // finite: half an ulp up in magnitude, cut
+  float r; std::memcpy(&r, &u, 4); return r;
+}
+inline float tf32_bits(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u &= ~0x1fffu;
+  float r; std::memcpy(&r, &u, 4); return r;
+}
+template <class L> struct fragment<matrix_a, 16, 16, 8, precision::tf32, L> {
+  static constexpr int num_elements = 16 * 8; float x[16 * 8];  // (m, k) at x[m * 8 + k]
+};
+template <class L> struct fragment<matrix_b, 16, 16, 8, precision::tf32, L> {
+  static constexpr int num_elements = 8 * 16; float x[8 * 16];  // (k, n) at x[k * 16 + n]
+};
+inline void fill_fragment(fragment<accumulator,16,16,8,float>& f, float x) { for (auto& r : f.v) for (auto& e : r) e = x; }
+inline void load_matrix_sync(fragment<matrix_a,16,16,8,precision::tf32,row_major>& f, const float* p, unsigned ld) {
+  check_ptr(p, ld, 4); for (int m = 0; m < 16; ++m) for (int k = 0; k < 8; ++k) f.x[m * 8 + k] = p[m * ld + k]; }
+inline void load_matrix_sync(fragment<matrix_a,16,16,8,precision::tf32,col_major>& f, const float* p, unsigned ld) {
+  check_ptr(p, ld, 4); for (int m = 0; m < 16; ++m) for (int k = 0; k < 8; ++k) f.x[m * 8 + k] = p[m + k * ld]; }
+inline void load_matrix_sync(fragment<matrix_b,16,16,8,precision::tf32,row_major>& f, const float* p, unsigned ld) {
+  check_ptr(p, ld, 4); for (int k = 0; k < 8; ++k) for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = p[k * ld + n]; }
+inline void load_matrix_sync(fragment<matrix_b,16,16,8,precision::tf32,col_major>& f, const float* p, unsigned ld) {
+  check_ptr(p, ld, 4); for (int k = 0; k < 8; ++k) for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = p[k + n * ld]; }
+template <class LA, class LB>
+void mma_sync(fragment<accumulator,16,16,8,float>& d, const fragment<matrix_a,16,16,8,precision::tf32,LA>& a,
+              const fragment<matrix_b,16,16,8,precision::tf32,LB>& b, const fragment<accumulator,16,16,8,float>& c) {
+  float out[16][16];
+  for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) {
+    float s = c.v[m][n];
+    for (int k = 0; k < 8; ++k) s += tf32_bits(a.x[m * 8 + k]) * tf32_bits(b.x[k * 16 + n]);  // product exact in fp32
+    out[m][n] = s; }
+  std::memcpy(d.v, out, sizeof out);
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator,16,16,8,float>& f, unsigned ld, layout_t l) {
+  check_ptr(p, ld, 4);
+  if (threadIdx.x % 32 != 0) return;  // as for 16x16x16: lane 0 writes the tile every lane holds
+  for (int m = 0; m < 16; ++m) for (int n = 0; n < 16; ++n) (l == mem_row_major ? p[m * ld + n] : p[m + n * ld]) = f.v[m][n];
+}
 }}  // namespace nvcuda::wmma
 
 // Runs kernel body for every block of the grid, nthreads std::threads per block.

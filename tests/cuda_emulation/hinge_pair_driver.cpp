@@ -25,7 +25,7 @@ void run_grad(const T* x, const T* y, int64_t nx, int64_t ny, int64_t d, int64_t
   std::vector<float> part(nsplit * nout * d, std::nanf(""));
   launch_counting_s_tiles("hinge_pair grad pass", d, nrb, ntiles, [&] {
     emu_launch({U(nrb), 1, U(nsplit)}, kThreads, [&] {
-      (d <= TileCfg<T>::kDV ? pair::pair_grad_kernel<T, HingeOp, kOutY, kOutY, false> : pair::pair_grad_kernel<T, HingeOp, kOutY, kOutY, true>)(x, y, nx, ny, d, op, tps, part.data(), nullptr); }); });
+      pair::pair_grad_kernel_for<T, HingeOp, kOutY, kOutY>(d, kEmuTf32<T>)(x, y, nx, ny, d, op, tps, part.data(), nullptr); }); });
   emu_launch({3, 1, 1}, 256, [&] { pair::pair_reduce_kernel<T>(part.data(), int(nsplit), nout, d, d_out, w + 2, out); });
 }
 
@@ -92,7 +92,7 @@ void one_case(int64_t B, int64_t M, int64_t d, Mode mode, Labels lk, bool strict
   std::vector<int64_t> part_cnt(2 * nblk, -777), counts(2, -777);
   float loss_out = std::nanf(""); std::vector<float> sums(2, std::nanf(""));
   emu_launch({U(nrb), U(nsplit), 1}, kThreads, [&] {
-    hp_stats_kernel<T>(xk, yk, lab.data(), ref.data(), B, M, dp, tps, mp, mn, strict, drop, part_sum.data(), part_cnt.data()); });
+    hp_stats_kernel<T, kEmuTf32<T>>(xk, yk, lab.data(), ref.data(), B, M, dp, tps, mp, mn, strict, drop, part_sum.data(), part_cnt.data()); });
   emu_launch({1, 1, 1}, kOneBlock, [&] { hp_final_kernel(part_sum.data(), part_cnt.data(), nblk, wp, wn, &loss_out, sums.data(), counts.data()); });
   std::vector<float> w(3, std::nanf(""));
   emu_launch({1, 1, 1}, 32, [&] { hp_bwd_prep_kernel(counts.data(), &grad, wp, wn, w.data()); });

@@ -31,7 +31,7 @@ void knn_pipeline(const T* x, const T* y, int64_t B, int64_t M, int64_t d, int64
   for (int64_t r = 0; r < rounds; ++r) {
     const uint64_t* b_in = r > 0 ? bound.data() : nullptr;
     emu_launch({U(nrb), U(nsplit), 1}, kThreads, [&] {
-      knn_partial_kernel<T>(x, y, B, M, d, tps, excl, b_in, part.data()); });
+      knn_partial_kernel<T, kEmuTf32<T>>(x, y, B, M, d, tps, excl, b_in, part.data()); });
     uint64_t* b_out = r + 1 < rounds ? bound.data() : nullptr;
     const int take = int(std::min<int64_t>(kK, k - r * kK));
     emu_launch({U((B + kMergeRows - 1) / kMergeRows), 1, 1}, kMergeRows, [&] {
@@ -54,19 +54,19 @@ void hn_pipeline(const T* x, const T* y, const int64_t* lab, const int64_t* ref,
   for (const auto& p : passes) {
     std::fill(hist.begin(), hist.end(), 0ull);
     emu_launch({U(nrb), U(nsplit), 1}, kThreads, [&] {
-      hn_pass_kernel<T, 0>(x, y, lab, ref, B, M, d, tps, int(nsplit), self_mode, p[0], p[1], state.data(),
+      hn_pass_kernel<T, 0, kEmuTf32<T>>(x, y, lab, ref, B, M, d, tps, int(nsplit), self_mode, p[0], p[1], state.data(),
                            hist.data(), nullptr, nullptr, nullptr, nullptr); });
     emu_launch({1, 1, 1}, 32, [&] { hn_select_kernel(hist.data(), p[1] - p[0], k, state.data()); });
   }
   emu_launch({U(nrb), U(nsplit), 1}, kThreads, [&] {
-    hn_pass_kernel<T, 1>(x, y, lab, ref, B, M, d, tps, int(nsplit), self_mode, 0, 0, state.data(), nullptr,
+    hn_pass_kernel<T, 1, kEmuTf32<T>>(x, y, lab, ref, B, M, d, tps, int(nsplit), self_mode, 0, 0, state.data(), nullptr,
                          cnt.data(), nullptr, nullptr, nullptr); });
   for (int c = 0; c < 2; ++c) {
     int64_t run = 0;
     for (int64_t e = 0; e < B * nsplit; ++e) { base[c * B * nsplit + e] = run; run += cnt[c * B * nsplit + e]; }
   }
   emu_launch({U(nrb), U(nsplit), 1}, kThreads, [&] {
-    hn_pass_kernel<T, 2>(x, y, lab, ref, B, M, d, tps, int(nsplit), self_mode, 0, 0, state.data(), nullptr,
+    hn_pass_kernel<T, 2, kEmuTf32<T>>(x, y, lab, ref, B, M, d, tps, int(nsplit), self_mode, 0, 0, state.data(), nullptr,
                          nullptr, base.data(), vals.data(), flat.data()); });
   std::vector<int64_t> order(k);
   std::iota(order.begin(), order.end(), 0);
