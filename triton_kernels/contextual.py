@@ -51,7 +51,7 @@ from torch import Tensor
 from .. import _debug, _math
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
-from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
+from ._aot import AOTSpec, spec_precisions, with_alignments
 from ._tiles import (HINGE_FINAL_BLOCK, accumulate_chunks, chunk_dot, hard_pairs, hinge_finalize_kernel, row_chunk,
                      s_tile, wrap_triton)
 from ._topk import merge_sorted, row_topk
@@ -277,7 +277,7 @@ def _stats(xp: Tensor, key: Tensor, k: int, pos_margin: float, neg_margin: float
            num_splits: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(t [B], h [B], L_con fp32 [], hinge counts int64 [2])."""
     B, dev = xp.shape[0], xp.device
-    cfg = STATS_CONFIGS[xp.dtype]
+    cfg, prec = _tiles.launch_config(STATS_CONFIGS[xp.dtype], xp.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     K = topk_list_len(k)
     rp = triton.cdiv(B, bm)
@@ -287,7 +287,7 @@ def _stats(xp: Tensor, key: Tensor, k: int, pos_margin: float, neg_margin: float
     pcnt = _debug.new_output((2, ns * B), dtype=torch.int64, device=dev)
     wrap_triton(_ctx_stats_kernel)[(rp, ns)](
         xp, key, part, psum, pcnt, float(pos_margin), float(neg_margin), B, xp.shape[1], per * bn,
-        PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
         K=K or TOPK_KS[-1], **_tiles.launch(cfg))
     lcon = _debug.new_output((), dtype=torch.float32, device=dev)
     sums = _debug.new_output((2,), dtype=torch.float32, device=dev)
@@ -307,7 +307,7 @@ def _stats(xp: Tensor, key: Tensor, k: int, pos_margin: float, neg_margin: float
 def _lists(xp: Tensor, rows: Tensor, thr: Tensor, eps: float, cap: int, num_splits: Optional[int]):
     """One list pass over the rows ``rows``: (col [n, ns, cap], flag [n, ns, cap], cnt [n, ns]) per (row, split)."""
     n = rows.shape[0]
-    cfg = LIST_CONFIGS[xp.dtype]
+    cfg, prec = _tiles.launch_config(LIST_CONFIGS[xp.dtype], xp.dtype)
     rp = triton.cdiv(n, cfg["BLOCK_M"])
     ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(xp.shape[0], cfg["BLOCK_N"]), num_splits)
     col = _debug.new_output((n, ns, cap), dtype=torch.int32, device=xp.device)
@@ -317,7 +317,7 @@ def _lists(xp: Tensor, rows: Tensor, thr: Tensor, eps: float, cap: int, num_spli
     cnt = _debug.new_output((n, ns), dtype=torch.int32, device=xp.device)
     wrap_triton(_ctx_list_kernel)[(rp, ns)](
         xp, rows, thr, col, flag, cnt, float(eps), n, xp.shape[0], xp.shape[1], cap, per * cfg["BLOCK_N"],
-        PRECISION=_tiles.precision(xp.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        PRECISION=prec, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
     return col, flag, cnt.to(torch.int64)
 
@@ -416,15 +416,16 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, c
     w = torch.stack([g_reg, g_hp, g_hn, s_ctx]).float()
     xp = _tiles.pad16(x)
     for dy in (False, True):
-        one = xp.shape[1] <= GRAD_CONFIGS[x.dtype][dy]["BLOCK_D"]
-        cfg = _tiles.chunk_config(GRAD_CONFIGS[x.dtype][dy], one)
+        base, prec = _tiles.launch_config(GRAD_CONFIGS[x.dtype][dy], x.dtype)
+        one = xp.shape[1] <= base["BLOCK_D"]
+        cfg = _tiles.chunk_config(base, one)
         bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
         rp = triton.cdiv(B, bm)
         ns, per = _tiles.num_splits(dev, rp, triton.cdiv(B, bn), num_splits)
         part = _debug.new_output((ns, B, xp.shape[1]), dtype=torch.float32, device=dev)
         wrap_triton(_ctx_grad_kernel)[(rp, ns)](
             xp, key, rowv, a_col, scls, sval, w, part, float(pos_margin), float(neg_margin), B, xp.shape[1],
-            per * bn, scls.shape[1], DY=dy, ONE_CHUNK=one, PRECISION=_tiles.precision(x.dtype),
+            per * bn, scls.shape[1], DY=dy, ONE_CHUNK=one, PRECISION=prec,
             GPREC=_grad_precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
         out += part.sum(0)[:, :d]
@@ -456,14 +457,11 @@ def contextual_bwd(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: fl
 # ---------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (aligned and ragged batch; d is padded to 16, split widths are multiples of BLOCK_N).
 # ---------------------------------------------------------------------------------------------------------------
-_TL = {getattr(torch, k): v for k, v in TRITON_TYPE_NAMES.items()}
-
-
-def _specs() -> list[AOTSpec]:
+def _specs(tf32: bool = False) -> list[AOTSpec]:
+    """The specs of the default launches; ``tf32=True``: the fp32 ones under the TF32 opt-in (AOT_SPECS_TF32)."""
     specs = []
-    for dtype, t in _TL.items():
-        prec = _tiles.precision(dtype)
-        c = STATS_CONFIGS[dtype]
+    for dtype, t, prec in spec_precisions(tf32):
+        c = _tiles.precision_config(STATS_CONFIGS[dtype], dtype, prec)
         sig = {"x_ptr": f"*{t}", "key_ptr": "*i32", "part_ptr": "*fp32", "psum_ptr": "*fp64", "pcnt_ptr": "*i64",
                "pos_margin": "fp32", "neg_margin": "fp32", "B": "i32", "D": "i32", "cols_per_split": "i32"}
         for K in TOPK_KS:
@@ -471,7 +469,7 @@ def _specs() -> list[AOTSpec]:
                 f"contextual_stats_{t}_k{K}", _ctx_stats_kernel, sig,
                 dict(PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], K=K),
                 c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B",))
-        c = LIST_CONFIGS[dtype]
+        c = _tiles.precision_config(LIST_CONFIGS[dtype], dtype, prec)
         sig = {"x_ptr": f"*{t}", "rows_ptr": "*i32", "thr_ptr": "*fp32", "col_ptr": "*i32", "flag_ptr": "*u8",
                "cnt_ptr": "*i32", "eps": "fp32", "n_rows": "i32", "B": "i32", "D": "i32", "cap": "i32",
                "cols_per_split": "i32"}
@@ -483,7 +481,7 @@ def _specs() -> list[AOTSpec]:
                "sval_ptr": "*fp32", "w_ptr": "*fp32", "part_ptr": "*fp32", "pos_margin": "fp32",
                "neg_margin": "fp32", "B": "i32", "D": "i32", "cols_per_split": "i32", "n_slots": "i32"}
         for dy, one in ((False, False), (False, True), (True, False), (True, True)):  # one: d in one chunk
-            c = _tiles.chunk_config(GRAD_CONFIGS[dtype][dy], one)
+            c = _tiles.chunk_config(_tiles.precision_config(GRAD_CONFIGS[dtype][dy], dtype, prec), one)
             specs += with_alignments(AOTSpec(
                 f"contextual_grad_{t}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}", _ctx_grad_kernel, sig,
                 dict(DY=dy, ONE_CHUNK=one, PRECISION=prec, GPREC=_grad_precision(dtype),
@@ -493,3 +491,4 @@ def _specs() -> list[AOTSpec]:
 
 
 AOT_SPECS = _specs()
+AOT_SPECS_TF32 = _specs(tf32=True)

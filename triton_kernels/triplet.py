@@ -50,7 +50,7 @@ from torch import Tensor
 from .. import _debug
 from .._schemas import triton_op
 from . import _tiles
-from ._aot import gemm_specs, torch_dtype_names
+from ._aot import gemm_specs, spec_precisions
 from ._tiles import accumulate_chunks, chunk_dot, distance_tile, row_chunk, s_tile, wrap_triton
 from .batch_softmax import finalize_grad
 from .xent import LSE_CONFIGS
@@ -265,7 +265,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, margin: f
     st = _Setup(x, y, labels, ref_labels, self_mode)
     B, M = x.shape[0], y.shape[0]
     dev = x.device
-    cfg = FWD_CONFIGS[x.dtype]
+    cfg, prec = _tiles.launch_config(FWD_CONFIGS[x.dtype], x.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     rp = triton.cdiv(B, bm)
     ns, per = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
@@ -274,7 +274,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, margin: f
     wrap_triton(_triplet_stats_kernel)[(rp, ns)](
         st.xp, st.yp, st.key_x, st.key_y, st.xsq, st.ysq, st.dap, psum, pcnt, float(margin),
         B, M, st.xp.shape[1], st.P, per * bn,
-        PRECISION=_tiles.precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
+        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
     total, count = psum.sum(), pcnt.sum()  # fixed-order reductions of the per-program partials
     loss = torch.where(count > 0, total / count.clamp_min(1).to(torch.float64), 0.0).to(torch.float32)
     return loss, total.to(torch.float32).reshape(1), count.reshape(1)
@@ -282,13 +282,14 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, margin: f
 
 def _grad_pass(st: _Setup, pact: Tensor, part: Tensor, margin: float, dy: bool, ns: int, per: int) -> None:
     B, M, D = st.xp.shape[0], st.yp.shape[0], st.xp.shape[1]
-    one = D <= BWD_CONFIGS[st.xp.dtype][dy]["BLOCK_D"]
-    cfg = _tiles.chunk_config(BWD_CONFIGS[st.xp.dtype][dy], one)
+    base, prec = _tiles.launch_config(BWD_CONFIGS[st.xp.dtype][dy], st.xp.dtype)
+    one = D <= base["BLOCK_D"]
+    cfg = _tiles.chunk_config(base, one)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     rp = triton.cdiv(M if dy else B, bm)
     wrap_triton(_triplet_grad_kernel)[(rp, ns)](
         st.xp, st.yp, st.key_x, st.key_y, st.xsq, st.ysq, st.dap, st.pcol, pact, part, float(margin),
-        B, M, D, st.P, per * bn, DY=dy, ONE_CHUNK=one, PRECISION=_tiles.precision(st.xp.dtype),
+        B, M, D, st.P, per * bn, DY=dy, ONE_CHUNK=one, PRECISION=prec,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
 
 
@@ -296,7 +297,7 @@ def _splits(st: _Setup, dy: bool, num_splits: Optional[int]) -> tuple[int, int]:
     """(column splits, column blocks per split) of a gradient pass."""
     B, M = st.xp.shape[0], st.yp.shape[0]
     n_own, n_other = (M, B) if dy else (B, M)
-    cfg = BWD_CONFIGS[st.xp.dtype][dy]
+    cfg = _tiles.launch_config(BWD_CONFIGS[st.xp.dtype][dy], st.xp.dtype)[0]  # the tiles _grad_pass launches
     rp = triton.cdiv(n_own, cfg["BLOCK_M"])
     return _tiles.num_splits(st.xp.device, rp, triton.cdiv(n_other, cfg["BLOCK_N"]), num_splits)
 
@@ -352,23 +353,26 @@ def triplet_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_lab
 # Ahead-of-time compile specs (aligned and ragged batch; d is padded, split widths are multiples of BLOCK_N). The
 # gradient finalize is batch_softmax._grad_finalize_kernel, compiled by that module.
 # ---------------------------------------------------------------------------------------------------------------
-def _specs() -> list:
+def _specs(tf32: bool = False) -> list:
+    """The specs of the default launches; ``tf32=True``: the fp32 ones under the TF32 opt-in (AOT_SPECS_TF32)."""
     specs = []
-    for dtype, t in torch_dtype_names().items():
-        prec = _tiles.precision(dtype)
+    for dtype, t, prec in spec_precisions(tf32):
         common = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "key_ptr": "*i32", "rkey_ptr": "*i32", "xsq_ptr": "*fp32",
                   "ysq_ptr": "*fp32", "dap_ptr": "*fp32"}
         tail = {"margin": "fp32", "B": "i32", "M": "i32", "D": "i32", "P": "i32", "cols_per_split": "i32"}
         sig = dict(common, psum_ptr="*fp64", pcnt_ptr="*i64", **tail)
-        specs += gemm_specs(f"triplet_stats_{t}", _triplet_stats_kernel, sig, FWD_CONFIGS[dtype], t,
+        specs += gemm_specs(f"triplet_stats_{t}", _triplet_stats_kernel, sig,
+                            _tiles.precision_config(FWD_CONFIGS[dtype], dtype, prec), t,
                             dict(PRECISION=prec), batch=("B", "M", "P"))
         sig = dict(common, pcol_ptr="*i32", pact_ptr="*fp32", part_ptr="*fp32", **tail)
         for dy in (False, True):
             for one in (False, True):  # d in one BLOCK_D chunk (register accumulator) or several
+                c = _tiles.chunk_config(_tiles.precision_config(BWD_CONFIGS[dtype][dy], dtype, prec), one)
                 specs += gemm_specs(f"triplet_grad_{t}_{'dy' if dy else 'dx'}{'_1chunk' if one else ''}",
-                                    _triplet_grad_kernel, sig, _tiles.chunk_config(BWD_CONFIGS[dtype][dy], one), t,
+                                    _triplet_grad_kernel, sig, c, t,
                                     dict(DY=dy, ONE_CHUNK=one, PRECISION=prec), batch=("B", "M", "P"))
     return specs
 
 
 AOT_SPECS = _specs()
+AOT_SPECS_TF32 = _specs(tf32=True)
