@@ -62,8 +62,12 @@ _DX_16 = dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=64, BLOCK_D=128, num_warps=8, num
 _DY_16 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=2)
 # CHUNK_D / CHUNK_WARPS: the chunked path's width and warps (_tiles.chunk_config; fp32 dx spilled 4-16 B at
 # 8 warps with 32 columns (sm_90) or 16 (sm_80), and at 4 warps with 32 (sm_80); 16 columns at 4 warps do not).
-_DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, CHUNK_WARPS=4, num_warps=8, num_stages=2)
-_DY_32 = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=4, num_stages=2)
+# TF32 (_tiles.precision_config): dx at 4 warps (8 spill 8-16 B on sm_80 with one 64-column chunk); dy with a
+# 64 x 64 S tile ([other, own]: 16 or 32 rows of it are no wgmma tile on sm_90) at 8 warps. BLOCK_K stays 16.
+_DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, CHUNK_WARPS=4, num_warps=8, num_stages=2,
+              TF32=dict(num_warps=4))
+_DY_32 = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=4, num_stages=2,
+              TF32=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8))
 FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: _FWD_32}
 BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_DX_32, _DY_32)}
 ROW_BLOCK = 1024

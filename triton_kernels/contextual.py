@@ -61,21 +61,30 @@ from .selection import KNN_CONFIGS, knn_impl
 # per dtype (64 fp16/bf16, 16 fp32), so all passes (and the kNN fallback for k > 64) see the same fp32 S entry.
 # fp16 / bf16 at 4 warps, 1 stage (8 warps: 8 B of stack on sm_90; 2 stages: K = 64 spills on sm_90 for a ragged
 # B); fp32 at the kNN's 8 warps, 2 stages (4 warps: spills on sm_90). ptxas -v via tests/test_triton_aot.py.
-STATS_CONFIGS = {t: (dict(c, num_warps=4, num_stages=1) if t != torch.float32 else dict(c))
+# fp32 with TF32 (_tiles.precision_config): the kNN's 64-row wgmma tiles, at 4 warps and 1 stage (8 warps: 8 B of
+# stack on sm_90 with 1 or 2 stages; 4 warps with 2 stages: K = 64 spills 8 B on sm_90 for a ragged B).
+STATS_CONFIGS = {t: (dict(c, num_warps=4, num_stages=1) if t != torch.float32
+                     else dict(c, TF32=dict(c["TF32"], num_warps=4, num_stages=1)))
                  for t, c in KNN_CONFIGS.items()}
 _LIST_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
-_LIST_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)  # 8 warps spill (sm_90, ragged B)
+_LIST_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2,  # 8 warps spill (sm_90, ragged B)
+                TF32=dict(BLOCK_M=64, num_warps=8))  # TF32: 64-row wgmma tiles; 4 warps spill with 64 rows
 LIST_CONFIGS = {torch.float16: _LIST_16, torch.bfloat16: _LIST_16, torch.float32: _LIST_32}
 # dx covers d <= 128 in one chunk (a larger d is walked chunk by chunk, each S tile computed once); dy only 32 (64
 # spills: its S tile is [other, own] and the transposed weights go through shared memory).
 _G16 = (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=1))
 # CHUNK_D: the chunk width when d spans several chunks (_tiles.chunk_config; fp32 dx at 32 / 64 spilled on sm_90).
+# TF32 dy: its S tile is [other, own] = [BLOCK_N, BLOCK_M], so BLOCK_N = 64 for a wgmma tile on sm_90; the
+# gradient product stays exact (GPREC "ieee", FMA), so 32 own rows are fine, and 64 own rows spill.
 _G32 = (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=128, CHUNK_D=16, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=4, num_stages=2))
+        dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=4, num_stages=2,
+             TF32=dict(BLOCK_M=32, BLOCK_N=64, num_warps=8)))
 GRAD_CONFIGS = {torch.float16: _G16, torch.bfloat16: _G16, torch.float32: _G32}  # [dtype][dy]
-assert all(LIST_CONFIGS[t]["BLOCK_K"] == STATS_CONFIGS[t]["BLOCK_K"] == GRAD_CONFIGS[t][dy]["BLOCK_K"]
-           for t in LIST_CONFIGS for dy in (0, 1)), "every pass must compute S with the same BLOCK_K"
+# With TF32 as by default, every pass (and the kNN fallback) must compute S with the same BLOCK_K.
+assert all(len({_tiles.precision_config(c, t, p)["BLOCK_K"]
+                for c in (LIST_CONFIGS[t], STATS_CONFIGS[t], KNN_CONFIGS[t], *GRAD_CONFIGS[t])}) == 1
+           for t in LIST_CONFIGS for p in ("ieee", "tf32")), "every pass must compute S with the same BLOCK_K"
 TOPK_KS = (16, 64)  # register list lengths of the stats kernel (<= BLOCK_N); k > 64: its K = 64 list is unused
 # (the hinge terms still come from it) and the thresholds come from the kNN op
 DEFAULT_CAP = 64  # neighbour list capacity per row: max(DEFAULT_CAP, 4k) rounded up to 16

@@ -54,12 +54,15 @@ from .xent import BWD_CONFIGS as _XENT_BWD_CONFIGS, LSE_CONFIGS
 
 # Tile configurations: the forward uses the XE LSE-pass tiles, the backward the XE gradient tiles (same BLOCK_K per
 # dtype, so forward and backward compute each similarity identically). See xent.py for the register budget.
-FWD_CONFIGS = LSE_CONFIGS
+# TF32 (_tiles.precision_config): the fp32 stats pass at 4 warps (8 warps: 8 B of stack on sm_90); the dy pass
+# inherits XE's TF32 override (64 other rows). BLOCK_K is unchanged.
+FWD_CONFIGS = {**LSE_CONFIGS, torch.float32: dict(LSE_CONFIGS[torch.float32], TF32=dict(num_warps=4))}
 # The gradient configurations of XE, except the 16-bit dy pass: its head + tail weight products
 # (``_tiles.weights_dot``) need a second [BLOCK_N, BLOCK_M] 16-bit tile, which spills on sm_80 with BLOCK_D = 128.
 _DY_16 = dict(_XENT_BWD_CONFIGS[torch.float16][1], BLOCK_D=64)
 BWD_CONFIGS = {t: (dx, _DY_16 if t != torch.float32 else dy) for t, (dx, dy) in _XENT_BWD_CONFIGS.items()}
-assert all(FWD_CONFIGS[t]["BLOCK_K"] == BWD_CONFIGS[t][dy]["BLOCK_K"] for t in FWD_CONFIGS for dy in (0, 1)), \
+assert all(_tiles.precision_config(FWD_CONFIGS[t], t, p)["BLOCK_K"] == _tiles.precision_config(c, t, p)["BLOCK_K"]
+           for t in FWD_CONFIGS for c in BWD_CONFIGS[t] for p in ("ieee", "tf32")), \
     "forward and backward must compute S with the same BLOCK_K"
 
 

@@ -60,12 +60,16 @@ from ._topk import MERGE_ROWS, NO_KEY, knn_merge_kernel, merge_sorted, ordered_u
 
 # Tile configurations (AOT_SPECS below is generated from them; tests/test_triton_aot.py compiles every one for
 # sm_80 / sm_90 and rejects spills). BLOCK_N >= the largest K, so ``tl.topk`` of a tile always yields K keys.
+# "TF32": the fp32 entries' overrides under the TF32 opt-in (_tiles.precision_config): 64-row tiles, as a wgmma
+# tile on sm_90 has 64 rows (32 rows fall back to mma.sync), and 8 warps for the hardest-negatives passes (4
+# spill with 64 rows). BLOCK_K stays 16, so the kNN rounds, the hardest-negatives passes and the contextual
+# loss's passes (which use the kNN BLOCK_K) keep computing bitwise the same S as each other.
 _KNN_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
-_KNN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
+_KNN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2, TF32=dict(BLOCK_M=64))
 KNN_CONFIGS = {torch.float16: _KNN_16, torch.bfloat16: _KNN_16, torch.float32: _KNN_32}
 KNN_KS = (64,)  # register list length; k > 64 runs rounds of K = 64. (K = 16 / 32 spill on sm_90: ptxas -v)
 _HN_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)  # 4 warps: collect spills
-_HN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
+_HN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, TF32=dict(BLOCK_M=64, num_warps=8))
 HNEG_CONFIGS = {torch.float16: _HN_16, torch.bfloat16: _HN_16, torch.float32: _HN_32}
 NBINS = 2048
 MAX_SPLIT_COLS = 2**24  # columns per program of the hardest-negatives passes (int32 counts: BLOCK_M * 2^24 < 2^31)

@@ -60,16 +60,20 @@ from .xent import LSE_CONFIGS
 # per dtype (so both compute each similarity identically) with smaller tiles than XE, as its weights and the rows
 # they multiply are fp32 tiles (the 16-bit rows are upcast for the split-TF32 product).
 _FWD_16 = dict(LSE_CONFIGS[torch.float16], BLOCK_N=64)
-FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: LSE_CONFIGS[torch.float32]}
+# TF32 (_tiles.precision_config): the fp32 stats pass at 4 warps (8: 8 B of stack on sm_90) and a dy pass with 64
+# other rows (its S tile is [other, own]; 16 rows fall back to mma.sync on sm_90). BLOCK_K is unchanged.
+FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16,
+               torch.float32: dict(LSE_CONFIGS[torch.float32], TF32=dict(num_warps=4))}
 # BWD_CONFIGS[dtype][dy]. The 16-bit dy pass needs 64 other rows (its S tile is [other, own] and a wgmma tile has
 # >= 64 rows), so it takes a narrower BLOCK_D to stay clear of spills on sm_80.
 # CHUNK_D: the chunk width when d spans several chunks (_tiles.chunk_config; dx at 32 spilled 40-48 B on sm_80).
 _DX_16 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64, CHUNK_D=16, num_warps=8, num_stages=2)
 _DY_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=2)
 _DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, num_warps=8, num_stages=2)
-_DY_32 = dict(_DX_32, BLOCK_D=32, CHUNK_D=16)  # (BLOCK_D = 64 spills 8 bytes on sm_80)
+_DY_32 = dict(_DX_32, BLOCK_D=32, CHUNK_D=16, TF32=dict(BLOCK_N=64))  # (BLOCK_D = 64 spills 8 bytes on sm_80)
 BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_DX_32, _DY_32)}
-assert all(FWD_CONFIGS[t]["BLOCK_K"] == BWD_CONFIGS[t][dy]["BLOCK_K"] for t in FWD_CONFIGS for dy in (0, 1)), \
+assert all(_tiles.precision_config(FWD_CONFIGS[t], t, p)["BLOCK_K"] == _tiles.precision_config(c, t, p)["BLOCK_K"]
+           for t in FWD_CONFIGS for c in BWD_CONFIGS[t] for p in ("ieee", "tf32")), \
     "forward and backward must compute S with the same BLOCK_K"
 
 

@@ -73,10 +73,13 @@ _POS_32 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
 _DX_16 = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
 _DY_16 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
 _BWD_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2)
+# TF32 dy (_tiles.precision_config): 64 other rows, for the reason of the 16-bit dy pass above (16 fall back to
+# mma.sync on sm_90, and spilled 8 B on sm_80 with one chunk). Same BLOCK_K, so still the forward's S.
+_DY_32 = dict(_BWD_32, TF32=dict(BLOCK_N=64))
 LSE_CONFIGS = {torch.float16: _LSE_16, torch.bfloat16: _LSE_16, torch.float32: _LSE_32}
 POS_CONFIGS = {torch.float16: _POS_16, torch.bfloat16: _POS_16, torch.float32: _POS_32}
 # BWD_CONFIGS[dtype][dy]
-BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_BWD_32, _BWD_32)}
+BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_BWD_32, _DY_32)}
 MERGE_BLOCK = 1024
 
 
