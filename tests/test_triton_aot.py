@@ -9,7 +9,8 @@ not 99 KiB would fail to launch there (the configs are launched as written on ev
 GEMM kernels must use tensor cores for fp16/bf16: ``mma.sync`` on sm_80 / sm_86 and ``wgmma`` on sm_90. fp32 GEMM
 kernels use the exact IEEE dot (``input_precision="ieee"``) by default, which Triton lowers to FMA instructions on every
 architecture — asserted too, so a change shows up; their TF32 copies (``_aot.precision_variants``, launched when the
-user allows TF32) must use tensor cores like fp16 / bf16.
+user allows TF32, with the TF32 tiles of their configs: ``_tiles.precision_config``) must use tensor cores like
+fp16 / bf16, every ``tl.dot`` on wgmma on sm_90.
 The interpreter accepts code the compiler rejects, so this complements tests/test_triton_*.py.
 """
 from __future__ import annotations
@@ -42,36 +43,9 @@ def aot(request):
     return {(spec.name, cc): (c, _aot.resource_usage(c)) for (spec, cc), c in zip(items, compiled)}
 
 
-# TF32 copies whose fp32 tile configs (tuned for the FMA dot) do not yet fit the tensor-core path (triton 3.8,
-# first compile of these variants): on sm_90 32-row tiles cannot use wgmma (some dots stay on mma.sync) and a few
-# kernels get 8 bytes of stack; on sm_80 two gradient kernels spill 8 bytes. They still compile and run on tensor
-# cores; a TF32-specific config per kernel is left to the config owners. Names without "_unaligned" (both match).
-# The gradient kernels' dy passes are listed in both variants on sm_90 (the one-chunk "_1chunk" spec, d <= BLOCK_D,
-# and the chunked one); on sm_80 only some one-chunk variants spill.
-_GRAD_DY = [("anchor_lse_grad", "_k0_dy"), ("anchor_lse_grad", "_k1_dy"), ("anchor_lse_grad", "_k2_dy"),
-            ("contextual_grad", "_dy"), ("hinge_grad", "_dy"), ("triplet_grad", "_dy"), ("xent_grad", "_dy")]
-_TF32_SM90_OPEN = {f"{n}_fp32{v}_tf32" for n, v in [
-    *_GRAD_DY, *((n, v + "_1chunk") for n, v in _GRAD_DY), ("contextual_list", ""), ("contextual_stats", "_k16"),
-    ("contextual_stats", "_k64"), ("hinge_stats", ""), ("selection_hneg_collect", ""), ("selection_hneg_hist", ""),
-    ("selection_hneg_count", ""), ("selection_knn_partial", "_k64"), ("selection_knn_partial", "_k64_bound"),
-    ("triplet_stats", "")]}
-TF32_OPEN = {(n, 90) for n in _TF32_SM90_OPEN} | {(f"{n}_fp32{v}_1chunk_tf32", 80) for n, v in [
-    ("anchor_lse_grad", "_k0_dx"), ("anchor_lse_grad", "_k2_dx"), ("hinge_grad", "_dy"), ("xent_grad", "_dy")]}
-
-
 @pytest.mark.parametrize("cc", ARCHS, ids=lambda cc: f"sm{cc}")
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_compiles_without_spills(spec, cc, aot):
-    if (spec.name.replace("_unaligned", ""), cc) in TF32_OPEN:
-        try:
-            _check_compiled(spec, cc, aot)
-        except AssertionError as exc:
-            pytest.xfail(f"known TF32 config issue: {exc}")
-        return
-    _check_compiled(spec, cc, aot)
-
-
-def _check_compiled(spec, cc, aot):
     compiled, usage = aot[(spec.name, cc)]
     info = f"{spec.name} sm_{cc}: {usage}"
     if cc in SPILL_CHECKED:
@@ -95,19 +69,99 @@ def _check_compiled(spec, cc, aot):
 
 def test_fp32_specs_come_in_both_precisions():
     """Every fp32 GEMM spec is compiled as launched by default ("ieee") and with the TF32 opt-in ("tf32"), except
-    the metrics pass, which stays exact."""
+    the metrics pass, which stays exact. A TF32 spec may have tiles of its own (BLOCK_M / BLOCK_N / BLOCK_D, warps,
+    stages: the config's TF32 overrides, ``_tiles.precision_config``); everything else is its "ieee" spec's."""
     by_name = {s.name: s for s in SPECS}
     fp32 = [s for s in SPECS if s.dtype == "fp32" and s.gemm]
     assert fp32
+    own = ("PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_D")
+    retiled = 0
     for spec in fp32:
         if spec.name.endswith(_aot.TF32_SUFFIX):
             assert spec.constexprs["PRECISION"] == "tf32", spec.name
             base = by_name[spec.name[:-len(_aot.TF32_SUFFIX)]]
-            assert base.constexprs == dict(spec.constexprs, PRECISION="ieee"), spec.name
+            assert base.constexprs["PRECISION"] == "ieee", spec.name
+            assert {k: v for k, v in spec.constexprs.items() if k not in own} == \
+                {k: v for k, v in base.constexprs.items() if k not in own}, spec.name
+            assert (spec.kernel, spec.signature, spec.aligned) == (base.kernel, base.signature, base.aligned)
+            retiled += (spec.constexprs, spec.num_warps, spec.num_stages) != \
+                (dict(base.constexprs, PRECISION="tf32"), base.num_warps, base.num_stages)
         elif spec.name.startswith("metrics_"):
             assert spec.name + _aot.TF32_SUFFIX not in by_name
         else:
             assert spec.constexprs["PRECISION"] == "ieee" and spec.name + _aot.TF32_SUFFIX in by_name, spec.name
+    assert retiled > 0  # some kernels do have TF32 tiles of their own
+
+
+def test_tf32_passes_keep_one_block_k():
+    """Passes that must see bitwise the same S (a forward and its backward recompute, the kNN rounds, the
+    hardest-negatives passes, the contextual passes and their kNN fallback) are the fp32 GEMM specs of one kernel
+    module (the contextual loss's with selection's); s_tile's value depends on BLOCK_K, so each such group has one
+    BLOCK_K in each precision, whatever tiles TF32 gives it."""
+    groups: dict = {}
+    for spec in SPECS:
+        if spec.dtype != "fp32" or not spec.gemm:
+            continue
+        module = _aot._jit_function(spec.kernel).fn.__module__.rsplit(".", 1)[1]
+        module = "selection" if module == "contextual" else module
+        groups.setdefault((module, spec.constexprs["PRECISION"]), set()).add(spec.constexprs["BLOCK_K"])
+    assert {m for m, p in groups if p == "tf32"} >= {"selection", "xent", "hinge_pair", "anchor_lse", "triplet"}
+    assert all(len(ks) == 1 for ks in groups.values()), groups
+
+
+def _launch_spec(launch, specs):
+    """The spec a recorded launch (``_launch_log.Launch``) compiles as: same kernel, constexprs, argument types,
+    warps and stages; None if there is none."""
+    names = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
+             torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8"}
+
+    def ttype(v):
+        if isinstance(v, torch.Tensor):
+            return names[v.dtype]
+        return "i32" if isinstance(v, int) and not isinstance(v, bool) else "fp32" if isinstance(v, float) else None
+
+    p = launch.params
+    for spec in specs:
+        if (_aot._jit_function(spec.kernel).fn.__name__ == launch.kernel and spec.num_warps == p["num_warps"]
+                and spec.num_stages == p["num_stages"]
+                and all(k in p and p[k] == v for k, v in spec.constexprs.items())
+                and all(k in p and ttype(p[k]) == t for k, t in spec.signature.items())):
+            return spec
+    return None
+
+
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_fp32_launches_have_specs_in_either_precision(tf32):
+    """Every launch of every Triton op on fp32 rows (forward and backward; d in one gradient chunk and in several; a
+    ragged batch), recorded without running (``_launch_log``, through benchmarks/gemm_work.py's op drivers), is an
+    AOT spec: with the TF32 opt-in the S-tile dots get PRECISION "tf32" and the "_tf32" spec with that config's
+    TF32 tiles, by default "ieee" and the plain spec."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import gemm_work
+
+    matmul = torch.backends.cuda.matmul
+    saved = (torch.backends.fp32_precision, matmul.fp32_precision)
+    torch.backends.fp32_precision = "none"
+    matmul.fp32_precision = "tf32" if tf32 else "ieee"
+    try:
+        for name in gemm_work.OPS:
+            for d in (40, 3 * 64 + 5):
+                x, y, labels = gemm_work.inputs(name, 53, d, torch.float32)
+                fwd, bwd = gemm_work.record(name, x, y, labels)
+                precisions = set()
+                for launch in fwd + bwd:
+                    spec = _launch_spec(launch, SPECS)
+                    assert spec is not None, f"{name} d={d}: no AOT spec for {launch.kernel} {launch.params}"
+                    if "PRECISION" in spec.constexprs:
+                        precisions.add(spec.constexprs["PRECISION"])
+                        assert spec.name.endswith(_aot.TF32_SUFFIX) == (spec.constexprs["PRECISION"] == "tf32")
+                exact = name == "metrics"
+                assert precisions == {"tf32" if tf32 and not exact else "ieee"}, (name, precisions)
+    finally:
+        torch.backends.fp32_precision, matmul.fp32_precision = saved
 
 
 # Every integer argument of every kernel also compiled as the constant 1, as Triton's JIT specialises it at run

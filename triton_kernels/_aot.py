@@ -117,9 +117,10 @@ def int_one_specs(specs: Optional[list] = None) -> list[AOTSpec]:
     specs = all_specs() if specs is None else specs
     chosen: dict = {}
     for spec in specs:
-        # The "tf32" copies of precision_variants differ from their "ieee" spec only in the input_precision
-        # attribute of the dots (no kernel branches on PRECISION; split_tf32_dot branches on GPREC, which the
-        # copies keep), so they share the "ieee" spec's group.
+        # A "tf32" copy of precision_variants with the "ieee" spec's tiles differs from it only in the
+        # input_precision attribute of the dots (no kernel branches on PRECISION; split_tf32_dot branches on GPREC,
+        # which the copies keep), so it shares the "ieee" spec's group; one with its own TF32 tiles
+        # (_tiles.precision_config) is a group of its own.
         consts = dict(spec.constexprs)
         if spec.name.endswith(TF32_SUFFIX) and consts.get("PRECISION") == "tf32":
             consts["PRECISION"] = "ieee"
@@ -364,30 +365,48 @@ EXACT_FP32_MODULES = ("metrics",)
 TF32_SUFFIX = "_tf32"
 
 
-def precision_variants(specs: list, tf32: bool = True) -> list[AOTSpec]:
+def spec_precisions(tf32: bool = False) -> list[tuple]:
+    """``(torch dtype, Triton type name, PRECISION)`` for a kernel module's ``_specs(tf32)`` loop: every dtype with the
+    precision its launches use by default (fp16 / bf16 "tf32", fp32 "ieee"); ``tf32=True``: fp32 only, with
+    "tf32" (the launches under the user's TF32 opt-in). The module looks its tile configs up with
+    ``_tiles.precision_config(table[dtype], dtype, prec)``, the call its launchers make, so the specs have the
+    tiles that are launched whatever the flags are at import."""
+    import torch
+
+    if tf32:
+        return [(torch.float32, TRITON_TYPE_NAMES["float32"], "tf32")]
+    return [(d, t, "ieee" if d == torch.float32 else "tf32") for d, t in torch_dtype_names().items()]
+
+
+def precision_variants(specs: list, tf32_specs: Optional[list] = None) -> list[AOTSpec]:
     """``specs`` with each fp32 spec that has a ``PRECISION`` constexpr in both precisions its launcher can use.
 
     fp32 launches pass ``PRECISION=_tiles.precision(torch.float32)``, which is "ieee" by default and "tf32" when
-    the user opted into TF32 at launch time. The modules build their specs with that same call at import, so the
-    value depends on the flags then; here every such spec becomes the "ieee" one under its own name plus (``tf32``)
-    a copy with ``PRECISION="tf32"`` named ``<name>_tf32``, whatever the flags were at import (a compile subprocess,
-    which looks specs up by name, then sees the same list). Other constexprs (e.g. the contextual gradient's
-    ``GPREC``) are left alone.
+    the user opted into TF32 at launch time, with the tile config ``_tiles.precision_config`` gives for it. A
+    module's ``AOT_SPECS`` hold the "ieee" specs, its ``AOT_SPECS_TF32`` the same specs built for "tf32" (fp32
+    only, same names, the TF32 tile configs); here each fp32 spec of ``specs`` is kept and followed by its TF32
+    twin from ``tf32_specs``, named ``<name>_tf32``. ``tf32_specs=None``: no TF32 copies (a module whose fp32
+    launches stay exact). Other constexprs (e.g. the contextual gradient's ``GPREC``) are the module's.
     """
+    twins = {s.name: s for s in tf32_specs or []}
     out = []
     for spec in specs:
         if spec.dtype != "fp32" or spec.constexprs.get("PRECISION") not in ("ieee", "tf32"):
             out.append(spec)
             continue
-        for prec, suffix in (("ieee", ""), ("tf32", TF32_SUFFIX))[:2 if tf32 else 1]:
-            consts = dict(spec.constexprs, PRECISION=prec)
-            out.append(dataclasses.replace(spec, name=spec.name + suffix, constexprs=consts))
+        out.append(dataclasses.replace(spec, constexprs=dict(spec.constexprs, PRECISION="ieee")))
+        if tf32_specs is None:
+            continue
+        twin = twins.get(spec.name)
+        if twin is None or twin.constexprs.get("PRECISION") != "tf32":
+            raise ValueError(f"{spec.name}: no TF32 spec of that name with PRECISION='tf32' in AOT_SPECS_TF32")
+        out.append(dataclasses.replace(twin, name=spec.name + TF32_SUFFIX))
     return out
 
 
 def all_specs() -> list[AOTSpec]:
     """AOT_SPECS of every kernel module in this package (modules whose name starts with "_" are skipped), with the
-    fp32 TF32 variants of :func:`precision_variants`."""
+    fp32 TF32 variants of :func:`precision_variants` (from each module's AOT_SPECS_TF32)."""
     specs: list[AOTSpec] = []
     package = __name__.rsplit(".", 1)[0]
     pkg = importlib.import_module(package)
@@ -395,7 +414,8 @@ def all_specs() -> list[AOTSpec]:
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{package}.{info.name}")
-        specs.extend(precision_variants(getattr(module, "AOT_SPECS", []), info.name not in EXACT_FP32_MODULES))
+        tf32 = None if info.name in EXACT_FP32_MODULES else getattr(module, "AOT_SPECS_TF32", [])
+        specs.extend(precision_variants(getattr(module, "AOT_SPECS", []), tf32))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

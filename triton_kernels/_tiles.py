@@ -301,6 +301,33 @@ def precision(dtype: torch.dtype, exact: bool = False) -> str:
     return "tf32" if not exact and tf32_opted_in() else "ieee"
 
 
+TF32_KEY = "TF32"  # a config entry's overrides for fp32 launches under the TF32 opt-in (precision_config)
+
+
+def precision_config(cfg: dict, dtype: torch.dtype, prec: str) -> dict:
+    """The tile configuration of a launch with rows of ``dtype`` whose S tiles use ``input_precision=prec``.
+
+    An fp32 entry of a kernel's config table is tuned for the exact FMA dot ("ieee"). Where that shape does not
+    suit the tensor-core dot that "tf32" selects (on sm_90 a wgmma tile needs 64 rows in every ``tl.dot``, and
+    some shapes spill or use stack there), the entry carries a ``"TF32"`` dict of overrides, applied here for
+    fp32 with prec "tf32". Every other launch gets its entry as it is (16-bit rows also pass "tf32", but their
+    entries have no overrides and are never changed). This is the one place that decides the TF32 tiles: the
+    launchers call it through :func:`launch_config` and the AOT specs (``_specs(tf32=True)`` of each kernel
+    module) call it with "tf32", so every TF32 launch has a compiled and resource-checked spec.
+    """
+    if dtype != torch.float32 or prec != "tf32" or TF32_KEY not in cfg:
+        return cfg
+    base = {k: v for k, v in cfg.items() if k != TF32_KEY}
+    return dict(base, **cfg[TF32_KEY])
+
+
+def launch_config(cfg: dict, dtype: torch.dtype, exact: bool = False) -> tuple[dict, str]:
+    """``(tile config, PRECISION)`` of a launch now: :func:`precision` read once, and the config for it
+    (:func:`precision_config`). A launcher passes the returned precision as the kernel's ``PRECISION``."""
+    prec = precision(dtype, exact)
+    return precision_config(cfg, dtype, prec), prec
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -41,7 +41,7 @@ from torch import Tensor
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
-from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
+from ._aot import AOTSpec, gemm_specs, spec_precisions, with_alignments
 from ._tiles import (accumulate_chunks, anchor_logit, chunk_dot, online_lse_pair, row_chunk, s_tile, sp_sig,
                      wrap_triton)
 from .batch_softmax import finalize_grad
@@ -62,8 +62,12 @@ _DX_16 = dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=64, BLOCK_D=128, num_warps=8, num
 _DY_16 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_D=64, num_warps=8, num_stages=2)
 # CHUNK_D / CHUNK_WARPS: the chunked path's width and warps (_tiles.chunk_config; fp32 dx spilled 4-16 B at
 # 8 warps with 32 columns (sm_90) or 16 (sm_80), and at 4 warps with 32 (sm_80); 16 columns at 4 warps do not).
-_DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, CHUNK_WARPS=4, num_warps=8, num_stages=2)
-_DY_32 = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=4, num_stages=2)
+# TF32 (_tiles.precision_config): dx at 4 warps (8 spill 8-16 B on sm_80 with one 64-column chunk); dy with a
+# 64 x 64 S tile ([other, own]: 16 or 32 rows of it are no wgmma tile on sm_90) at 8 warps. BLOCK_K stays 16.
+_DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, CHUNK_WARPS=4, num_warps=8, num_stages=2,
+              TF32=dict(num_warps=4))
+_DY_32 = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=4, num_stages=2,
+              TF32=dict(BLOCK_M=64, BLOCK_N=64, num_warps=8))
 FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: _FWD_32}
 BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_DX_32, _DY_32)}
 ROW_BLOCK = 1024
@@ -330,14 +334,14 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperatu
     D = xp.shape[1]
     key_x, key_y, _, _ = _tiles.label_index(labels, ref_labels, self_mode, sorted_rows=False)
     cc = _class_cols(labels, ref_labels)
-    cfg = FWD_CONFIGS[x.dtype]
+    cfg, prec = _tiles.launch_config(FWD_CONFIGS[x.dtype], x.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     rp = triton.cdiv(B, bm)
     ns, per = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
     part = _debug.new_output((N_PARTS, ns, B), dtype=torch.float32, device=dev)
     wrap_triton(_fwd_partial_kernel)[(rp, ns)](
         xp, yp, key_x, key_y, temperature, part, B, M, D, per * bn, int(self_mode), float(p0), float(p1),
-        float(p2), KIND=kind, PRECISION=_tiles.precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        float(p2), KIND=kind, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
         **_tiles.launch(cfg))
     wrap_triton(_row_merge_kernel)[(triton.cdiv(B, ROW_BLOCK),)](
         part, cc, stats, ell, B, M, ns, int(self_mode), float(p0), float(p1), KIND=kind, BLOCK=ROW_BLOCK,
@@ -352,7 +356,8 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, tau: Tensor, tau
           params: tuple, self_mode: bool, num_splits: Optional[int]) -> None:
     B, M, D = xp.shape[0], yp.shape[0], xp.shape[1]
     n_own, n_other = (M, B) if dy else (B, M)
-    cfg, one = _tiles.grad_config(BWD_CONFIGS[xp.dtype][dy], D)
+    base, prec = _tiles.launch_config(BWD_CONFIGS[xp.dtype][dy], xp.dtype)
+    cfg, one = _tiles.grad_config(base, D)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     rp = triton.cdiv(n_own, bm)
     ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(n_other, bn), num_splits)
@@ -360,7 +365,7 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, tau: Tensor, tau
     dt = _debug.new_output((ns * rp if dtemp is not None else 1,), dtype=torch.float32, device=xp.device)
     wrap_triton(_grad_kernel)[(rp, ns)](
         xp, yp, key_x, key_y, tau, stats, scale, part, dt, B, M, D, per * bn, int(self_mode), *params,
-        DY=dy, KIND=kind, ONE_CHUNK=one, PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        DY=dy, KIND=kind, ONE_CHUNK=one, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
         BLOCK_D=bd, **_tiles.launch(cfg))
     finalize_grad(part, out, grad_eff, tau_div, dt, dtemp)
 
@@ -419,21 +424,23 @@ def anchor_lse_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_
 # hints of an aligned and of a ragged batch (d is padded to a multiple of 16; split widths are multiples of
 # BLOCK_N). The gradient finalize is batch_softmax._grad_finalize_kernel, compiled by that module's specs.
 # ---------------------------------------------------------------------------------------------------------------
-def _specs() -> list[AOTSpec]:
+def _specs(tf32: bool = False) -> list[AOTSpec]:
+    """The specs of the default launches; ``tf32=True``: the fp32 ones under the TF32 opt-in (AOT_SPECS_TF32)."""
     specs = []
     par = {"self_mode": "i32", "p0": "fp32", "p1": "fp32", "p2": "fp32"}
-    for dtype, t in torch_dtype_names().items():
-        prec = _tiles.precision(dtype)
+    for dtype, t, prec in spec_precisions(tf32):
         for kind in KINDS:
             sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "lab_ptr": "*i32", "ref_ptr": "*i32", "tau_ptr": "*fp32",
                    "part_ptr": "*fp32", "B": "i32", "M": "i32", "D": "i32", "cols_per_split": "i32", **par}
-            specs += gemm_specs(f"anchor_lse_fwd_{t}_k{kind}", _fwd_partial_kernel, sig, FWD_CONFIGS[dtype], t,
+            specs += gemm_specs(f"anchor_lse_fwd_{t}_k{kind}", _fwd_partial_kernel, sig,
+                                _tiles.precision_config(FWD_CONFIGS[dtype], dtype, prec), t,
                                 dict(KIND=kind, PRECISION=prec))
             sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "lab_ptr": "*i32", "ref_ptr": "*i32", "tau_ptr": "*fp32",
                    "stats_ptr": "*fp32", "scale_ptr": "*fp32", "part_ptr": "*fp32", "dt_ptr": "*fp32", "B": "i32",
                    "M": "i32", "D": "i32", "cols_per_split": "i32", **par}
             for dy in (False, True):
-                for suffix, one, gc in _tiles.grad_variants(BWD_CONFIGS[dtype][dy]):  # chunked / one / narrowed
+                c = _tiles.precision_config(BWD_CONFIGS[dtype][dy], dtype, prec)
+                for suffix, one, gc in _tiles.grad_variants(c):  # chunked / one / narrowed
                     name = f"anchor_lse_grad_{t}_k{kind}_{'dy' if dy else 'dx'}{suffix}"
                     specs += gemm_specs(name, _grad_kernel, sig, gc, t,
                                         dict(DY=dy, KIND=kind, ONE_CHUNK=one, PRECISION=prec))
@@ -450,3 +457,4 @@ def _specs() -> list[AOTSpec]:
 
 
 AOT_SPECS = _specs()
+AOT_SPECS_TF32 = _specs(tf32=True)

@@ -41,7 +41,7 @@ from torch import Tensor
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
-from ._aot import AOTSpec, torch_dtype_names
+from ._aot import AOTSpec, spec_precisions
 from ._tiles import accumulate_chunks, chunk_dot, row_chunk, s_tile, wrap_triton
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def finalize_grad(part: Tensor, out: Tensor, grad: Tensor, tau: Tensor, dt: Tens
 def _row_lse(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, lse: Tensor, loss: Tensor,
              scale: float, accumulate: bool, num_splits: Optional[int]) -> None:
     B, D = a.shape
-    cfg = FWD_CONFIGS[a.dtype]
+    cfg, prec = _tiles.launch_config(FWD_CONFIGS[a.dtype], a.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     row_programs = triton.cdiv(B, bm)
     n_splits, per = _tiles.num_splits(a.device, row_programs, triton.cdiv(B, bn), num_splits)
@@ -273,7 +273,7 @@ def _row_lse(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, lse: T
     lab = labels if labels is not None else a
     wrap_triton(_lse_partial_kernel)[(row_programs, n_splits)](
         a, b, lab, tau, m, l, dg, B, D, per * bn,
-        HAS_LABELS=labels is not None, PRECISION=_tiles.precision(a.dtype),
+        HAS_LABELS=labels is not None, PRECISION=prec,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
     wrap_triton(_lse_finalize_kernel)[(1,)](
         m, l, dg, lse, loss, B, n_splits, scale,
@@ -312,7 +312,8 @@ def _grad(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, grad_loss
           num_splits: Optional[int]) -> None:
     """out = dL/d(a rows) for one side; a and b are already padded to a 16-divisible width (out is not)."""
     B, D = a.shape
-    cfg, one = _tiles.grad_config(BWD_CONFIGS[a.dtype], D)
+    base, prec = _tiles.launch_config(BWD_CONFIGS[a.dtype], a.dtype)
+    cfg, one = _tiles.grad_config(base, D)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     row_programs = triton.cdiv(B, bm)
     n_splits, per = _tiles.num_splits(a.device, row_programs, triton.cdiv(B, bn), num_splits)
@@ -329,7 +330,7 @@ def _grad(a: Tensor, b: Tensor, labels: Optional[Tensor], tau: Tensor, grad_loss
         a, b, lab, tau, ref if lse_a is None else lse_a, ref if lse_b is None else lse_b, part, dt,
         B, D, per * bn, prescale,
         HAS_LABELS=labels is not None, USE_A=lse_a is not None, USE_B=lse_b is not None, DTEMP=dtemp is not None,
-        ONE_CHUNK=one, PRECISION=_tiles.precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd,
+        ONE_CHUNK=one, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd,
         **_tiles.launch(cfg))
     finalize_grad(part, out, grad_loss, tau, dt, dtemp, coef_a / (B * prescale), coef_a / B)
 
@@ -376,13 +377,11 @@ def batch_softmax_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Optional[
 # ---------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs: every constexpr combination the launchers above can produce.
 # ---------------------------------------------------------------------------------------------------------------
-_TL = torch_dtype_names()
-
-
-def _specs() -> list[AOTSpec]:
+def _specs(tf32: bool = False) -> list[AOTSpec]:
+    """The specs of the default launches; ``tf32=True``: the fp32 ones under the TF32 opt-in (AOT_SPECS_TF32)."""
     specs = []
-    for dtype, t in _TL.items():
-        fc, bc = FWD_CONFIGS[dtype], BWD_CONFIGS[dtype]
+    for dtype, t, prec in spec_precisions(tf32):
+        fc = _tiles.precision_config(FWD_CONFIGS[dtype], dtype, prec)
         for has_labels in (False, True):
             lab = "*i64" if has_labels else f"*{t}"
             tag = f"{t}_{'labels' if has_labels else 'nolabels'}"
@@ -390,7 +389,7 @@ def _specs() -> list[AOTSpec]:
                    "l_ptr": "*fp32", "dg_ptr": "*fp32", "B": "i32", "D": "i32", "cols_per_split": "i32"}
             specs.append(AOTSpec(
                 f"batch_softmax_lse_{tag}", _lse_partial_kernel, sig,
-                dict(HAS_LABELS=has_labels, PRECISION=_tiles.precision(dtype), BLOCK_M=fc["BLOCK_M"],
+                dict(HAS_LABELS=has_labels, PRECISION=prec, BLOCK_M=fc["BLOCK_M"],
                      BLOCK_N=fc["BLOCK_N"], BLOCK_K=fc["BLOCK_K"]),
                 fc["num_warps"], fc["num_stages"], dtype=t, gemm=True))
             # (USE_A, USE_B, DTEMP): dx plain, dx symmetric, dy plain, dy symmetric.
@@ -399,13 +398,14 @@ def _specs() -> list[AOTSpec]:
                 sig = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "lab_ptr": lab, "tau_ptr": "*fp32",
                        "lse_a_ptr": "*fp32", "lse_b_ptr": "*fp32", "part_ptr": "*fp32", "dt_ptr": "*fp32",
                        "B": "i32", "D": "i32", "cols_per_split": "i32", "prescale": "fp32"}
-                for suffix, one, bc in _tiles.grad_variants(BWD_CONFIGS[dtype]):  # chunked / one chunk / narrowed
+                bcfg = _tiles.precision_config(BWD_CONFIGS[dtype], dtype, prec)
+                for suffix, one, bc in _tiles.grad_variants(bcfg):  # chunked / one chunk / narrowed
                     specs.append(AOTSpec(
                         f"batch_softmax_grad_{tag}_{'dx' if dtemp else 'dy'}{'_sym' if use_a and use_b else ''}"
                         f"{suffix}",
                         _grad_partial_kernel, sig,
                         dict(HAS_LABELS=has_labels, USE_A=use_a, USE_B=use_b, DTEMP=dtemp, ONE_CHUNK=one,
-                             PRECISION=_tiles.precision(dtype), BLOCK_M=bc["BLOCK_M"], BLOCK_N=bc["BLOCK_N"],
+                             PRECISION=prec, BLOCK_M=bc["BLOCK_M"], BLOCK_N=bc["BLOCK_N"],
                              BLOCK_K=bc["BLOCK_K"], BLOCK_D=bc["BLOCK_D"]),
                         bc["num_warps"], bc["num_stages"], dtype=t, gemm=True))
         # B not a multiple of 16 (d always is: the launchers pad it), for the heaviest GEMM variants.
@@ -432,3 +432,4 @@ def _specs() -> list[AOTSpec]:
 
 
 AOT_SPECS = _specs()
+AOT_SPECS_TF32 = _specs(tf32=True)

@@ -51,7 +51,7 @@ from torch import Tensor
 from .. import _debug, _math
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
-from ._aot import TRITON_TYPE_NAMES, AOTSpec, with_alignments
+from ._aot import AOTSpec, spec_precisions, with_alignments
 from ._tiles import (HINGE_FINAL_BLOCK, accumulate_chunks, chunk_dot, hard_pairs, hinge_finalize_kernel, row_chunk,
                      s_tile, wrap_triton)
 from ._topk import merge_sorted, row_topk
@@ -61,21 +61,30 @@ from .selection import KNN_CONFIGS, knn_impl
 # per dtype (64 fp16/bf16, 16 fp32), so all passes (and the kNN fallback for k > 64) see the same fp32 S entry.
 # fp16 / bf16 at 4 warps, 1 stage (8 warps: 8 B of stack on sm_90; 2 stages: K = 64 spills on sm_90 for a ragged
 # B); fp32 at the kNN's 8 warps, 2 stages (4 warps: spills on sm_90). ptxas -v via tests/test_triton_aot.py.
-STATS_CONFIGS = {t: (dict(c, num_warps=4, num_stages=1) if t != torch.float32 else dict(c))
+# fp32 with TF32 (_tiles.precision_config): the kNN's 64-row wgmma tiles, at 4 warps and 1 stage (8 warps: 8 B of
+# stack on sm_90 with 1 or 2 stages; 4 warps with 2 stages: K = 64 spills 8 B on sm_90 for a ragged B).
+STATS_CONFIGS = {t: (dict(c, num_warps=4, num_stages=1) if t != torch.float32
+                     else dict(c, TF32=dict(c["TF32"], num_warps=4, num_stages=1)))
                  for t, c in KNN_CONFIGS.items()}
 _LIST_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
-_LIST_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)  # 8 warps spill (sm_90, ragged B)
+_LIST_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2,  # 8 warps spill (sm_90, ragged B)
+                TF32=dict(BLOCK_M=64, num_warps=8))  # TF32: 64-row wgmma tiles; 4 warps spill with 64 rows
 LIST_CONFIGS = {torch.float16: _LIST_16, torch.bfloat16: _LIST_16, torch.float32: _LIST_32}
 # dx covers d <= 128 in one chunk (a larger d is walked chunk by chunk, each S tile computed once); dy only 32 (64
 # spills: its S tile is [other, own] and the transposed weights go through shared memory).
 _G16 = (dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=16, num_warps=8, num_stages=1))
 # CHUNK_D: the chunk width when d spans several chunks (_tiles.chunk_config; fp32 dx at 32 / 64 spilled on sm_90).
+# TF32 dy: its S tile is [other, own] = [BLOCK_N, BLOCK_M], so BLOCK_N = 64 for a wgmma tile on sm_90; the
+# gradient product stays exact (GPREC "ieee", FMA), so 32 own rows are fine, and 64 own rows spill.
 _G32 = (dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=128, CHUNK_D=16, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=4, num_stages=2))
+        dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=32, num_warps=4, num_stages=2,
+             TF32=dict(BLOCK_M=32, BLOCK_N=64, num_warps=8)))
 GRAD_CONFIGS = {torch.float16: _G16, torch.bfloat16: _G16, torch.float32: _G32}  # [dtype][dy]
-assert all(LIST_CONFIGS[t]["BLOCK_K"] == STATS_CONFIGS[t]["BLOCK_K"] == GRAD_CONFIGS[t][dy]["BLOCK_K"]
-           for t in LIST_CONFIGS for dy in (0, 1)), "every pass must compute S with the same BLOCK_K"
+# With TF32 as by default, every pass (and the kNN fallback) must compute S with the same BLOCK_K.
+assert all(len({_tiles.precision_config(c, t, p)["BLOCK_K"]
+                for c in (LIST_CONFIGS[t], STATS_CONFIGS[t], KNN_CONFIGS[t], *GRAD_CONFIGS[t])}) == 1
+           for t in LIST_CONFIGS for p in ("ieee", "tf32")), "every pass must compute S with the same BLOCK_K"
 TOPK_KS = (16, 64)  # register list lengths of the stats kernel (<= BLOCK_N); k > 64: its K = 64 list is unused
 # (the hinge terms still come from it) and the thresholds come from the kNN op
 DEFAULT_CAP = 64  # neighbour list capacity per row: max(DEFAULT_CAP, 4k) rounded up to 16
@@ -277,7 +286,7 @@ def _stats(xp: Tensor, key: Tensor, k: int, pos_margin: float, neg_margin: float
            num_splits: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(t [B], h [B], L_con fp32 [], hinge counts int64 [2])."""
     B, dev = xp.shape[0], xp.device
-    cfg = STATS_CONFIGS[xp.dtype]
+    cfg, prec = _tiles.launch_config(STATS_CONFIGS[xp.dtype], xp.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     K = topk_list_len(k)
     rp = triton.cdiv(B, bm)
@@ -287,7 +296,7 @@ def _stats(xp: Tensor, key: Tensor, k: int, pos_margin: float, neg_margin: float
     pcnt = _debug.new_output((2, ns * B), dtype=torch.int64, device=dev)
     wrap_triton(_ctx_stats_kernel)[(rp, ns)](
         xp, key, part, psum, pcnt, float(pos_margin), float(neg_margin), B, xp.shape[1], per * bn,
-        PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
         K=K or TOPK_KS[-1], **_tiles.launch(cfg))
     lcon = _debug.new_output((), dtype=torch.float32, device=dev)
     sums = _debug.new_output((2,), dtype=torch.float32, device=dev)
@@ -307,7 +316,7 @@ def _stats(xp: Tensor, key: Tensor, k: int, pos_margin: float, neg_margin: float
 def _lists(xp: Tensor, rows: Tensor, thr: Tensor, eps: float, cap: int, num_splits: Optional[int]):
     """One list pass over the rows ``rows``: (col [n, ns, cap], flag [n, ns, cap], cnt [n, ns]) per (row, split)."""
     n = rows.shape[0]
-    cfg = LIST_CONFIGS[xp.dtype]
+    cfg, prec = _tiles.launch_config(LIST_CONFIGS[xp.dtype], xp.dtype)
     rp = triton.cdiv(n, cfg["BLOCK_M"])
     ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(xp.shape[0], cfg["BLOCK_N"]), num_splits)
     col = _debug.new_output((n, ns, cap), dtype=torch.int32, device=xp.device)
@@ -317,7 +326,7 @@ def _lists(xp: Tensor, rows: Tensor, thr: Tensor, eps: float, cap: int, num_spli
     cnt = _debug.new_output((n, ns), dtype=torch.int32, device=xp.device)
     wrap_triton(_ctx_list_kernel)[(rp, ns)](
         xp, rows, thr, col, flag, cnt, float(eps), n, xp.shape[0], xp.shape[1], cap, per * cfg["BLOCK_N"],
-        PRECISION=_tiles.precision(xp.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        PRECISION=prec, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
     return col, flag, cnt.to(torch.int64)
 
@@ -416,14 +425,15 @@ def bwd_impl(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: float, c
     w = torch.stack([g_reg, g_hp, g_hn, s_ctx]).float()
     xp = _tiles.pad16(x)
     for dy in (False, True):
-        cfg, one = _tiles.grad_config(GRAD_CONFIGS[x.dtype][dy], xp.shape[1])
+        base, prec = _tiles.launch_config(GRAD_CONFIGS[x.dtype][dy], x.dtype)
+        cfg, one = _tiles.grad_config(base, xp.shape[1])
         bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
         rp = triton.cdiv(B, bm)
         ns, per = _tiles.num_splits(dev, rp, triton.cdiv(B, bn), num_splits)
         part = _debug.new_output((ns, B, xp.shape[1]), dtype=torch.float32, device=dev)
         wrap_triton(_ctx_grad_kernel)[(rp, ns)](
             xp, key, rowv, a_col, scls, sval, w, part, float(pos_margin), float(neg_margin), B, xp.shape[1],
-            per * bn, scls.shape[1], DY=dy, ONE_CHUNK=one, PRECISION=_tiles.precision(x.dtype),
+            per * bn, scls.shape[1], DY=dy, ONE_CHUNK=one, PRECISION=prec,
             GPREC=_grad_precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
         out += part.sum(0)[:, :d]
@@ -455,14 +465,11 @@ def contextual_bwd(grad_loss: Tensor, x: Tensor, labels: Tensor, k: int, eps: fl
 # ---------------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (aligned and ragged batch; d is padded to 16, split widths are multiples of BLOCK_N).
 # ---------------------------------------------------------------------------------------------------------------
-_TL = {getattr(torch, k): v for k, v in TRITON_TYPE_NAMES.items()}
-
-
-def _specs() -> list[AOTSpec]:
+def _specs(tf32: bool = False) -> list[AOTSpec]:
+    """The specs of the default launches; ``tf32=True``: the fp32 ones under the TF32 opt-in (AOT_SPECS_TF32)."""
     specs = []
-    for dtype, t in _TL.items():
-        prec = _tiles.precision(dtype)
-        c = STATS_CONFIGS[dtype]
+    for dtype, t, prec in spec_precisions(tf32):
+        c = _tiles.precision_config(STATS_CONFIGS[dtype], dtype, prec)
         sig = {"x_ptr": f"*{t}", "key_ptr": "*i32", "part_ptr": "*fp32", "psum_ptr": "*fp64", "pcnt_ptr": "*i64",
                "pos_margin": "fp32", "neg_margin": "fp32", "B": "i32", "D": "i32", "cols_per_split": "i32"}
         for K in TOPK_KS:
@@ -470,7 +477,7 @@ def _specs() -> list[AOTSpec]:
                 f"contextual_stats_{t}_k{K}", _ctx_stats_kernel, sig,
                 dict(PRECISION=prec, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], K=K),
                 c["num_warps"], c["num_stages"], dtype=t, gemm=True), ("D", "cols_per_split"), ("B",))
-        c = LIST_CONFIGS[dtype]
+        c = _tiles.precision_config(LIST_CONFIGS[dtype], dtype, prec)
         sig = {"x_ptr": f"*{t}", "rows_ptr": "*i32", "thr_ptr": "*fp32", "col_ptr": "*i32", "flag_ptr": "*u8",
                "cnt_ptr": "*i32", "eps": "fp32", "n_rows": "i32", "B": "i32", "D": "i32", "cap": "i32",
                "cols_per_split": "i32"}
@@ -481,8 +488,8 @@ def _specs() -> list[AOTSpec]:
         sig = {"x_ptr": f"*{t}", "key_ptr": "*i32", "rowv_ptr": "*fp32", "a_ptr": "*fp32", "scls_ptr": "*i32",
                "sval_ptr": "*fp32", "w_ptr": "*fp32", "part_ptr": "*fp32", "pos_margin": "fp32",
                "neg_margin": "fp32", "B": "i32", "D": "i32", "cols_per_split": "i32", "n_slots": "i32"}
-        for dy, (suffix, one, c) in [(dy, v) for dy in (False, True)
-                                     for v in _tiles.grad_variants(GRAD_CONFIGS[dtype][dy])]:
+        for dy, (suffix, one, c) in [(dy, v) for dy in (False, True) for v in
+                                     _tiles.grad_variants(_tiles.precision_config(GRAD_CONFIGS[dtype][dy], dtype, prec))]:
             specs += with_alignments(AOTSpec(
                 f"contextual_grad_{t}_{'dy' if dy else 'dx'}{suffix}", _ctx_grad_kernel, sig,
                 dict(DY=dy, ONE_CHUNK=one, PRECISION=prec, GPREC=_grad_precision(dtype),
@@ -492,3 +499,4 @@ def _specs() -> list[AOTSpec]:
 
 
 AOT_SPECS = _specs()
+AOT_SPECS_TF32 = _specs(tf32=True)

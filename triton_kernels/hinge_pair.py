@@ -46,7 +46,7 @@ from torch import Tensor
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
-from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
+from ._aot import AOTSpec, gemm_specs, spec_precisions, with_alignments
 from ._tiles import (HINGE_FINAL_BLOCK, accumulate_chunks, chunk_dot, hard_pairs, hinge_finalize_kernel, row_chunk,
                      s_tile, wrap_triton)
 from .batch_softmax import finalize_grad
@@ -54,12 +54,15 @@ from .xent import BWD_CONFIGS as _XENT_BWD_CONFIGS, LSE_CONFIGS
 
 # Tile configurations: the forward uses the XE LSE-pass tiles, the backward the XE gradient tiles (same BLOCK_K per
 # dtype, so forward and backward compute each similarity identically). See xent.py for the register budget.
-FWD_CONFIGS = LSE_CONFIGS
+# TF32 (_tiles.precision_config): the fp32 stats pass at 4 warps (8 warps: 8 B of stack on sm_90); the dy pass
+# inherits XE's TF32 override (64 other rows). BLOCK_K is unchanged.
+FWD_CONFIGS = {**LSE_CONFIGS, torch.float32: dict(LSE_CONFIGS[torch.float32], TF32=dict(num_warps=4))}
 # The gradient configurations of XE, except the 16-bit dy pass: its head + tail weight products
 # (``_tiles.weights_dot``) need a second [BLOCK_N, BLOCK_M] 16-bit tile, which spills on sm_80 with BLOCK_D = 128.
 _DY_16 = dict(_XENT_BWD_CONFIGS[torch.float16][1], BLOCK_D=64)
 BWD_CONFIGS = {t: (dx, _DY_16 if t != torch.float32 else dy) for t, (dx, dy) in _XENT_BWD_CONFIGS.items()}
-assert all(FWD_CONFIGS[t]["BLOCK_K"] == BWD_CONFIGS[t][dy]["BLOCK_K"] for t in FWD_CONFIGS for dy in (0, 1)), \
+assert all(_tiles.precision_config(FWD_CONFIGS[t], t, p)["BLOCK_K"] == _tiles.precision_config(c, t, p)["BLOCK_K"]
+           for t in FWD_CONFIGS for c in BWD_CONFIGS[t] for p in ("ieee", "tf32")), \
     "forward and backward must compute S with the same BLOCK_K"
 
 
@@ -184,7 +187,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, pos_margi
     counts = _debug.new_output((2,), dtype=torch.int64, device=dev)
     key_x, key_y, _, _ = _tiles.label_index(labels, ref_labels, False, sorted_rows=False)
     xp, yp = _tiles.pad16_pair(x, y)
-    cfg = FWD_CONFIGS[x.dtype]
+    cfg, prec = _tiles.launch_config(FWD_CONFIGS[x.dtype], x.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     rp = triton.cdiv(B, bm)
     ns, per = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
@@ -193,7 +196,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, pos_margi
     wrap_triton(_hinge_stats_kernel)[(rp, ns)](
         xp, yp, key_x, key_y, psum, pcnt, float(pos_margin), float(neg_margin), B, M, xp.shape[1], per * bn,
         int(drop_diagonal), int(strict),
-        PRECISION=_tiles.precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
+        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
     wrap_triton(hinge_finalize_kernel)[(1,)](
         psum, pcnt, loss, sums, counts, ns * rp, float(pos_weight), float(neg_weight),
         BLOCK=HINGE_FINAL_BLOCK, num_warps=4, num_stages=1)
@@ -205,14 +208,15 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, wts: Tensor, gra
           num_splits: Optional[int]) -> None:
     B, M, D = xp.shape[0], yp.shape[0], xp.shape[1]
     n_own, n_other = (M, B) if dy else (B, M)
-    cfg, one_chunk = _tiles.grad_config(BWD_CONFIGS[xp.dtype][dy], D)
+    base, prec = _tiles.launch_config(BWD_CONFIGS[xp.dtype][dy], xp.dtype)
+    cfg, one_chunk = _tiles.grad_config(base, D)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     rp = triton.cdiv(n_own, bm)
     ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(n_other, bn), num_splits)
     part = _debug.new_output((ns, n_own, D), dtype=torch.float32, device=xp.device)
     wrap_triton(_hinge_grad_kernel)[(rp, ns)](
         xp, yp, key_x, key_y, wts, part, float(pos_margin), float(neg_margin), B, M, D, per * bn,
-        int(drop_diagonal), int(strict), DY=dy, ONE_CHUNK=one_chunk, PRECISION=_tiles.precision(xp.dtype),
+        int(drop_diagonal), int(strict), DY=dy, ONE_CHUNK=one_chunk, PRECISION=prec,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
     finalize_grad(part, out, grad_eff, one, part, None)
 
@@ -265,14 +269,11 @@ def hinge_pair_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_
 # Ahead-of-time compile specs (aligned and ragged batch; d is padded, split widths are multiples of BLOCK_N, the
 # flags get no hint). The gradient finalize is batch_softmax._grad_finalize_kernel, compiled by that module.
 # ---------------------------------------------------------------------------------------------------------------
-_TL = torch_dtype_names()
-
-
-def _specs() -> list[AOTSpec]:
+def _specs(tf32: bool = False) -> list[AOTSpec]:
+    """The specs of the default launches; ``tf32=True``: the fp32 ones under the TF32 opt-in (AOT_SPECS_TF32)."""
     specs = []
-    for dtype, t in _TL.items():
-        prec = _tiles.precision(dtype)
-        c = FWD_CONFIGS[dtype]
+    for dtype, t, prec in spec_precisions(tf32):
+        c = _tiles.precision_config(FWD_CONFIGS[dtype], dtype, prec)
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "lab_ptr": "*i32", "ref_ptr": "*i32", "psum_ptr": "*fp64",
                "pcnt_ptr": "*i64", "pos_margin": "fp32", "neg_margin": "fp32", "B": "i32", "M": "i32", "D": "i32",
                "cols_per_split": "i32", "drop_diagonal": "i32", "strict": "i32"}
@@ -282,7 +283,7 @@ def _specs() -> list[AOTSpec]:
                "part_ptr": "*fp32", "pos_margin": "fp32", "neg_margin": "fp32", "B": "i32", "M": "i32", "D": "i32",
                "cols_per_split": "i32", "drop_diagonal": "i32", "strict": "i32"}
         for dy in (False, True):
-            c = BWD_CONFIGS[dtype][dy]
+            c = _tiles.precision_config(BWD_CONFIGS[dtype][dy], dtype, prec)
             for suffix, one, gc in _tiles.grad_variants(c):  # chunked, one chunk, narrowed one chunk
                 specs += gemm_specs(f"hinge_grad_{t}_{'dy' if dy else 'dx'}{suffix}", _hinge_grad_kernel, sig, gc,
                                     t, dict(DY=dy, ONE_CHUNK=one, PRECISION=prec))
@@ -294,3 +295,4 @@ def _specs() -> list[AOTSpec]:
 
 
 AOT_SPECS = _specs()
+AOT_SPECS_TF32 = _specs(tf32=True)

@@ -54,18 +54,22 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
-from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
+from ._aot import AOTSpec, gemm_specs, spec_precisions, with_alignments
 from ._tiles import s_tile, wrap_triton
 from ._topk import MERGE_ROWS, NO_KEY, knn_merge_kernel, merge_sorted, ordered_u32, pack_key, row_topk
 
 # Tile configurations (AOT_SPECS below is generated from them; tests/test_triton_aot.py compiles every one for
 # sm_80 / sm_90 and rejects spills). BLOCK_N >= the largest K, so ``tl.topk`` of a tile always yields K keys.
+# "TF32": the fp32 entries' overrides under the TF32 opt-in (_tiles.precision_config): 64-row tiles, as a wgmma
+# tile on sm_90 has 64 rows (32 rows fall back to mma.sync), and 8 warps for the hardest-negatives passes (4
+# spill with 64 rows). BLOCK_K stays 16, so the kNN rounds, the hardest-negatives passes and the contextual
+# loss's passes (which use the kNN BLOCK_K) keep computing bitwise the same S as each other.
 _KNN_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
-_KNN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)
+_KNN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2, TF32=dict(BLOCK_M=64))
 KNN_CONFIGS = {torch.float16: _KNN_16, torch.bfloat16: _KNN_16, torch.float32: _KNN_32}
 KNN_KS = (64,)  # register list length; k > 64 runs rounds of K = 64. (K = 16 / 32 spill on sm_90: ptxas -v)
 _HN_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)  # 4 warps: collect spills
-_HN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2)
+_HN_32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2, TF32=dict(BLOCK_M=64, num_warps=8))
 HNEG_CONFIGS = {torch.float16: _HN_16, torch.bfloat16: _HN_16, torch.float32: _HN_32}
 NBINS = 2048
 MAX_SPLIT_COLS = 2**24  # columns per program of the hardest-negatives passes (int32 counts: BLOCK_M * 2^24 < 2^31)
@@ -226,7 +230,7 @@ def knn_impl(x: Tensor, y: Tensor, k: int, exclude_diagonal: bool,
     values = _debug.new_output((B, k), dtype=torch.float32, device=dev)
     indices = _debug.new_output((B, k), dtype=torch.int64, device=dev)
     xp, yp = _tiles.pad16_pair(x, y)
-    cfg = KNN_CONFIGS[x.dtype]
+    cfg, prec = _tiles.launch_config(KNN_CONFIGS[x.dtype], x.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     K = knn_list_len(k)
     rp = triton.cdiv(B, bm)
@@ -237,7 +241,7 @@ def knn_impl(x: Tensor, y: Tensor, k: int, exclude_diagonal: bool,
     for r in range(n_rounds):
         wrap_triton(_knn_partial_kernel)[(rp, ns)](
             xp, yp, bound, part, B, M, xp.shape[1], per * bn, int(exclude_diagonal),
-            USE_BOUND=r > 0, PRECISION=_tiles.precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn,
+            USE_BOUND=r > 0, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_K=cfg["BLOCK_K"], K=K, **_tiles.launch(cfg))
         wrap_triton(knn_merge_kernel)[(triton.cdiv(B, MERGE_ROWS),)](
             part, values, indices, bound, B, ns, k, r * K, min(K, k - r * K),
@@ -281,7 +285,7 @@ def hardest_negatives_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Ten
         if k > n_neg:
             raise ValueError(f"k = {k} is larger than the number of negative pairs ({n_neg})")
     xp, yp = _tiles.pad16_pair(x, y)
-    cfg = HNEG_CONFIGS[x.dtype]
+    cfg, prec = _tiles.launch_config(HNEG_CONFIGS[x.dtype], x.dtype)  # one precision and config for all passes
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     rp = triton.cdiv(B, bm)
     if num_splits is None and M > MAX_SPLIT_COLS:  # per-program int32 histogram counts stay below 2^31
@@ -297,7 +301,7 @@ def hardest_negatives_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Ten
     def run(pass_id, bin_shift=0, match_shift=0):
         wrap_triton(_hneg_pass_kernel)[(rp, ns)](
             xp, yp, key_x, key_y, state, hist, cnt, base, values, flat, B, M, xp.shape[1], per * bn, ns,
-            int(self_mode), bin_shift, match_shift, PASS=pass_id, PRECISION=_tiles.precision(x.dtype),
+            int(self_mode), bin_shift, match_shift, PASS=pass_id, PRECISION=prec,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], NBINS=NBINS, **_tiles.launch(cfg))
 
     # 1. radix select: prefix of the k-th largest key, 11 + 11 + 10 bits.
@@ -345,14 +349,11 @@ def hardest_negatives_fwd(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tens
 # Ahead-of-time compile specs: every constexpr / dtype combination the launchers produce, with the 16-divisibility
 # hints of an aligned batch (B, M multiples of 16) and of a ragged one (d is always padded to a multiple of 16).
 # ---------------------------------------------------------------------------------------------------------------
-_TL = torch_dtype_names()
-
-
-def _specs() -> list[AOTSpec]:
+def _specs(tf32: bool = False) -> list[AOTSpec]:
+    """The specs of the default launches; ``tf32=True``: the fp32 ones under the TF32 opt-in (AOT_SPECS_TF32)."""
     specs = []
-    for dtype, t in _TL.items():
-        prec = _tiles.precision(dtype)
-        c = KNN_CONFIGS[dtype]
+    for dtype, t, prec in spec_precisions(tf32):
+        c = _tiles.precision_config(KNN_CONFIGS[dtype], dtype, prec)
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "bound_ptr": "*i64", "part_ptr": "*i64", "B": "i32",
                "M": "i32", "D": "i32", "cols_per_split": "i32", "exclude_diag": "i32"}
         for K in KNN_KS:
@@ -360,7 +361,7 @@ def _specs() -> list[AOTSpec]:
                 name = f"selection_knn_partial_{t}_k{K}{'_bound' if use_bound else ''}"
                 specs += gemm_specs(name, _knn_partial_kernel, sig, c, t,
                                     dict(USE_BOUND=use_bound, PRECISION=prec, K=K))
-        c = HNEG_CONFIGS[dtype]
+        c = _tiles.precision_config(HNEG_CONFIGS[dtype], dtype, prec)
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "kx_ptr": "*i32", "ky_ptr": "*i32", "state_ptr": "*i64",
                "hist_ptr": "*i64", "cnt_ptr": "*i32", "base_ptr": "*i64", "val_ptr": "*fp32", "flat_ptr": "*i64",
                "B": "i32", "M": "i32", "D": "i32", "cols_per_split": "i32", "n_splits": "i32", "self_mode": "i32",
@@ -379,3 +380,4 @@ def _specs() -> list[AOTSpec]:
 
 
 AOT_SPECS = _specs()
+AOT_SPECS_TF32 = _specs(tf32=True)

@@ -50,7 +50,7 @@ from torch import Tensor
 from .. import _debug
 from .._schemas import triton_op
 from . import _tiles
-from ._aot import gemm_specs, torch_dtype_names
+from ._aot import gemm_specs, spec_precisions
 from ._tiles import accumulate_chunks, chunk_dot, distance_tile, row_chunk, s_tile, wrap_triton
 from .batch_softmax import finalize_grad
 from .xent import LSE_CONFIGS
@@ -60,16 +60,20 @@ from .xent import LSE_CONFIGS
 # per dtype (so both compute each similarity identically) with smaller tiles than XE, as its weights and the rows
 # they multiply are fp32 tiles (the 16-bit rows are upcast for the split-TF32 product).
 _FWD_16 = dict(LSE_CONFIGS[torch.float16], BLOCK_N=64)
-FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16, torch.float32: LSE_CONFIGS[torch.float32]}
+# TF32 (_tiles.precision_config): the fp32 stats pass at 4 warps (8: 8 B of stack on sm_90) and a dy pass with 64
+# other rows (its S tile is [other, own]; 16 rows fall back to mma.sync on sm_90). BLOCK_K is unchanged.
+FWD_CONFIGS = {torch.float16: _FWD_16, torch.bfloat16: _FWD_16,
+               torch.float32: dict(LSE_CONFIGS[torch.float32], TF32=dict(num_warps=4))}
 # BWD_CONFIGS[dtype][dy]. The 16-bit dy pass needs 64 other rows (its S tile is [other, own] and a wgmma tile has
 # >= 64 rows), so it takes a narrower BLOCK_D to stay clear of spills on sm_80.
 # CHUNK_D: the chunk width when d spans several chunks (_tiles.chunk_config; dx at 32 spilled 40-48 B on sm_80).
 _DX_16 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, BLOCK_D=64, CHUNK_D=16, num_warps=8, num_stages=2)
 _DY_16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, num_warps=8, num_stages=2)
 _DX_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, CHUNK_D=16, num_warps=8, num_stages=2)
-_DY_32 = dict(_DX_32, BLOCK_D=32, CHUNK_D=16)  # (BLOCK_D = 64 spills 8 bytes on sm_80)
+_DY_32 = dict(_DX_32, BLOCK_D=32, CHUNK_D=16, TF32=dict(BLOCK_N=64))  # (BLOCK_D = 64 spills 8 bytes on sm_80)
 BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_DX_32, _DY_32)}
-assert all(FWD_CONFIGS[t]["BLOCK_K"] == BWD_CONFIGS[t][dy]["BLOCK_K"] for t in FWD_CONFIGS for dy in (0, 1)), \
+assert all(_tiles.precision_config(FWD_CONFIGS[t], t, p)["BLOCK_K"] == _tiles.precision_config(c, t, p)["BLOCK_K"]
+           for t in FWD_CONFIGS for c in BWD_CONFIGS[t] for p in ("ieee", "tf32")), \
     "forward and backward must compute S with the same BLOCK_K"
 
 
@@ -265,7 +269,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, margin: f
     st = _Setup(x, y, labels, ref_labels, self_mode)
     B, M = x.shape[0], y.shape[0]
     dev = x.device
-    cfg = FWD_CONFIGS[x.dtype]
+    cfg, prec = _tiles.launch_config(FWD_CONFIGS[x.dtype], x.dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     rp = triton.cdiv(B, bm)
     ns, per = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
@@ -274,7 +278,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, margin: f
     wrap_triton(_triplet_stats_kernel)[(rp, ns)](
         st.xp, st.yp, st.key_x, st.key_y, st.xsq, st.ysq, st.dap, psum, pcnt, float(margin),
         B, M, st.xp.shape[1], st.P, per * bn,
-        PRECISION=_tiles.precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
+        PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], **_tiles.launch(cfg))
     total, count = psum.sum(), pcnt.sum()  # fixed-order reductions of the per-program partials
     loss = torch.where(count > 0, total / count.clamp_min(1).to(torch.float64), 0.0).to(torch.float32)
     return loss, total.to(torch.float32).reshape(1), count.reshape(1)
@@ -282,12 +286,13 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, margin: f
 
 def _grad_pass(st: _Setup, pact: Tensor, part: Tensor, margin: float, dy: bool, ns: int, per: int) -> None:
     B, M, D = st.xp.shape[0], st.yp.shape[0], st.xp.shape[1]
-    cfg, one = _tiles.grad_config(BWD_CONFIGS[st.xp.dtype][dy], D)
+    base, prec = _tiles.launch_config(BWD_CONFIGS[st.xp.dtype][dy], st.xp.dtype)
+    cfg, one = _tiles.grad_config(base, D)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     rp = triton.cdiv(M if dy else B, bm)
     wrap_triton(_triplet_grad_kernel)[(rp, ns)](
         st.xp, st.yp, st.key_x, st.key_y, st.xsq, st.ysq, st.dap, st.pcol, pact, part, float(margin),
-        B, M, D, st.P, per * bn, DY=dy, ONE_CHUNK=one, PRECISION=_tiles.precision(st.xp.dtype),
+        B, M, D, st.P, per * bn, DY=dy, ONE_CHUNK=one, PRECISION=prec,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
 
 
@@ -295,7 +300,7 @@ def _splits(st: _Setup, dy: bool, num_splits: Optional[int]) -> tuple[int, int]:
     """(column splits, column blocks per split) of a gradient pass."""
     B, M = st.xp.shape[0], st.yp.shape[0]
     n_own, n_other = (M, B) if dy else (B, M)
-    cfg = BWD_CONFIGS[st.xp.dtype][dy]
+    cfg = _tiles.launch_config(BWD_CONFIGS[st.xp.dtype][dy], st.xp.dtype)[0]  # the tiles _grad_pass launches
     rp = triton.cdiv(n_own, cfg["BLOCK_M"])
     return _tiles.num_splits(st.xp.device, rp, triton.cdiv(n_other, cfg["BLOCK_N"]), num_splits)
 
@@ -351,22 +356,25 @@ def triplet_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_lab
 # Ahead-of-time compile specs (aligned and ragged batch; d is padded, split widths are multiples of BLOCK_N). The
 # gradient finalize is batch_softmax._grad_finalize_kernel, compiled by that module.
 # ---------------------------------------------------------------------------------------------------------------
-def _specs() -> list:
+def _specs(tf32: bool = False) -> list:
+    """The specs of the default launches; ``tf32=True``: the fp32 ones under the TF32 opt-in (AOT_SPECS_TF32)."""
     specs = []
-    for dtype, t in torch_dtype_names().items():
-        prec = _tiles.precision(dtype)
+    for dtype, t, prec in spec_precisions(tf32):
         common = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "key_ptr": "*i32", "rkey_ptr": "*i32", "xsq_ptr": "*fp32",
                   "ysq_ptr": "*fp32", "dap_ptr": "*fp32"}
         tail = {"margin": "fp32", "B": "i32", "M": "i32", "D": "i32", "P": "i32", "cols_per_split": "i32"}
         sig = dict(common, psum_ptr="*fp64", pcnt_ptr="*i64", **tail)
-        specs += gemm_specs(f"triplet_stats_{t}", _triplet_stats_kernel, sig, FWD_CONFIGS[dtype], t,
+        specs += gemm_specs(f"triplet_stats_{t}", _triplet_stats_kernel, sig,
+                            _tiles.precision_config(FWD_CONFIGS[dtype], dtype, prec), t,
                             dict(PRECISION=prec), batch=("B", "M", "P"))
         sig = dict(common, pcol_ptr="*i32", pact_ptr="*fp32", part_ptr="*fp32", **tail)
         for dy in (False, True):
-            for suffix, one, gc in _tiles.grad_variants(BWD_CONFIGS[dtype][dy]):  # chunked / one / narrowed
+            c = _tiles.precision_config(BWD_CONFIGS[dtype][dy], dtype, prec)
+            for suffix, one, gc in _tiles.grad_variants(c):  # chunked / one / narrowed
                 specs += gemm_specs(f"triplet_grad_{t}_{'dy' if dy else 'dx'}{suffix}", _triplet_grad_kernel, sig,
                                     gc, t, dict(DY=dy, ONE_CHUNK=one, PRECISION=prec), batch=("B", "M", "P"))
     return specs
 
 
 AOT_SPECS = _specs()
+AOT_SPECS_TF32 = _specs(tf32=True)

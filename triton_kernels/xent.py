@@ -49,7 +49,7 @@ from torch import Tensor
 from .. import _debug
 from .._schemas import triton_op  # the op's schema and fake kernel from the one table
 from . import _tiles
-from ._aot import AOTSpec, gemm_specs, torch_dtype_names, with_alignments
+from ._aot import AOTSpec, gemm_specs, spec_precisions, with_alignments
 from ._tiles import accumulate_chunks, chunk_dot, row_chunk, s_tile, sp_sig, wrap_triton
 from .batch_softmax import finalize_grad
 
@@ -74,10 +74,13 @@ _POS_32 = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2)
 _DX_16 = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
 _DY_16 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, num_warps=8, num_stages=2)
 _BWD_32 = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, BLOCK_D=64, num_warps=8, num_stages=2)
+# TF32 dy (_tiles.precision_config): 64 other rows, for the reason of the 16-bit dy pass above (16 fall back to
+# mma.sync on sm_90, and spilled 8 B on sm_80 with one chunk). Same BLOCK_K, so still the forward's S.
+_DY_32 = dict(_BWD_32, TF32=dict(BLOCK_N=64))
 LSE_CONFIGS = {torch.float16: _LSE_16, torch.bfloat16: _LSE_16, torch.float32: _LSE_32}
 POS_CONFIGS = {torch.float16: _POS_16, torch.bfloat16: _POS_16, torch.float32: _POS_32}
 # BWD_CONFIGS[dtype][dy]
-BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_BWD_32, _BWD_32)}
+BWD_CONFIGS = {torch.float16: (_DX_16, _DY_16), torch.bfloat16: (_DX_16, _DY_16), torch.float32: (_BWD_32, _DY_32)}
 MERGE_BLOCK = 1024
 
 
@@ -331,7 +334,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperatu
     prec = _tiles.precision(x.dtype)
     key_x, key_y, npos, (px, py, lo, hi) = _tiles.label_index(labels, ref_labels, self_mode, sorted_rows=True)
     # 1. negative LSE per row and split, merged per row or globally.
-    cfg = LSE_CONFIGS[x.dtype]
+    cfg = _tiles.precision_config(LSE_CONFIGS[x.dtype], x.dtype, prec)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     rp = triton.cdiv(B, bm)
     ns, per = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
@@ -343,7 +346,7 @@ def fwd_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, temperatu
     wrap_triton(_lse_merge_kernel)[(1 if global_partition else triton.cdiv(B, MERGE_BLOCK),)](
         m_part, l_part, lse, B, ns, GLOBAL=global_partition, BLOCK=MERGE_BLOCK, num_warps=4, num_stages=1)
     # 2. softplus / sigmoid sums over the positive pairs (label-sorted blocks).
-    cfg = POS_CONFIGS[x.dtype]
+    cfg = _tiles.precision_config(POS_CONFIGS[x.dtype], x.dtype, prec)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     rp = triton.cdiv(B, bm)
     ns, _ = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
@@ -363,7 +366,8 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, tau: Tensor, lse
           self_mode: bool, lse_stride: int, num_splits: Optional[int]) -> None:
     B, M, D = xp.shape[0], yp.shape[0], xp.shape[1]
     n_own, n_other = (M, B) if dy else (B, M)
-    cfg, one = _tiles.grad_config(BWD_CONFIGS[xp.dtype][dy], D)
+    base, prec = _tiles.launch_config(BWD_CONFIGS[xp.dtype][dy], xp.dtype)
+    cfg, one = _tiles.grad_config(base, D)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     rp = triton.cdiv(n_own, bm)
     ns, per = _tiles.num_splits(xp.device, rp, triton.cdiv(n_other, bn), num_splits)
@@ -371,7 +375,7 @@ def _grad(xp: Tensor, yp: Tensor, key_x: Tensor, key_y: Tensor, tau: Tensor, lse
     dt = _debug.new_output((ns * rp if not dy else 1,), dtype=torch.float32, device=xp.device)
     wrap_triton(_xent_grad_kernel)[(rp, ns)](
         xp, yp, key_x, key_y, tau, lse, coef, npos, scale, part, dt, B, M, D, per * bn, int(self_mode),
-        lse_stride, DY=dy, ONE_CHUNK=one, PRECISION=_tiles.precision(xp.dtype), BLOCK_M=bm, BLOCK_N=bn,
+        lse_stride, DY=dy, ONE_CHUNK=one, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_K=cfg["BLOCK_K"], BLOCK_D=bd, **_tiles.launch(cfg))
     finalize_grad(part, out, grad_eff, tau, dt, dtemp)
 
@@ -428,20 +432,17 @@ def xent_bwd(grad_loss: Tensor, x: Tensor, y: Tensor, labels: Tensor, ref_labels
 # multiple of 16 and the split widths are multiples of BLOCK_N; flags (self_mode, lse_stride) get no hint.
 # (The gradient finalize is batch_softmax._grad_finalize_kernel, compiled by that module's specs.)
 # ---------------------------------------------------------------------------------------------------------------
-_TL = torch_dtype_names()
-
-
-def _specs() -> list[AOTSpec]:
+def _specs(tf32: bool = False) -> list[AOTSpec]:
+    """The specs of the default launches; ``tf32=True``: the fp32 ones under the TF32 opt-in (AOT_SPECS_TF32)."""
     specs = []
-    for dtype, t in _TL.items():
-        prec = _tiles.precision(dtype)
-        c = LSE_CONFIGS[dtype]
+    for dtype, t, prec in spec_precisions(tf32):
+        c = _tiles.precision_config(LSE_CONFIGS[dtype], dtype, prec)
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "lab_ptr": "*i32", "ref_ptr": "*i32", "tau_ptr": "*fp32",
                "m_ptr": "*fp32", "l_ptr": "*fp32", "B": "i32", "M": "i32", "D": "i32", "cols_per_split": "i32",
                "self_mode": "i32"}
         specs += gemm_specs(f"xent_neg_lse_{t}", _neg_lse_kernel, sig, c, t,
                             dict(PRECISION=prec))
-        c = POS_CONFIGS[dtype]
+        c = _tiles.precision_config(POS_CONFIGS[dtype], dtype, prec)
         sig = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "px_ptr": "*i64", "py_ptr": "*i64", "lo_ptr": "*i64",
                "hi_ptr": "*i64", "tau_ptr": "*fp32", "lse_ptr": "*fp32", "sp_ptr": "*fp32", "sg_ptr": "*fp32",
                "B": "i32", "D": "i32", "n_splits": "i32", "self_mode": "i32", "lse_stride": "i32"}
@@ -452,7 +453,7 @@ def _specs() -> list[AOTSpec]:
                "part_ptr": "*fp32", "dt_ptr": "*fp32", "B": "i32", "M": "i32", "D": "i32", "cols_per_split": "i32",
                "self_mode": "i32", "lse_stride": "i32"}
         for dy in (False, True):
-            c = BWD_CONFIGS[dtype][dy]
+            c = _tiles.precision_config(BWD_CONFIGS[dtype][dy], dtype, prec)
             for suffix, one, gc in _tiles.grad_variants(c):  # chunked, one chunk, narrowed one chunk
                 specs += gemm_specs(f"xent_grad_{t}_{'dy' if dy else 'dx'}{suffix}", _xent_grad_kernel, sig, gc,
                                     t, dict(DY=dy, ONE_CHUNK=one, PRECISION=prec))
@@ -469,3 +470,4 @@ def _specs() -> list[AOTSpec]:
 
 
 AOT_SPECS = _specs()
+AOT_SPECS_TF32 = _specs(tf32=True)
