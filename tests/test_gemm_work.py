@@ -126,8 +126,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 BWD_WIDE = {("batch_softmax", BF16), ("batch_softmax_sym", BF16), ("cross_example_softmax", BF16), ("ntxent", BF16),
             ("supcon", BF16), ("threshold_consistent_margin", BF16), ("contextual_loss", F32),
             ("contextual_loss", BF16)}  # at d = 64
-FWD_KNOWN = {("metrics", BF16): "fp16 / bf16 compute S twice: the histogram pass is separate from the top-k pass "
-                                "(both in one kernel spill with the 64-row tensor-core tiles)"}
+FWD_KNOWN: dict = {}  # forward cases over the limit, (op, dtype) -> reason (none at present)
 
 
 @functools.lru_cache(maxsize=None)
