@@ -191,6 +191,31 @@ def test_raw_pass_matches_dense_model_and_cpu_kernel(case):
         assert_same(got, cpu, "triton vs CPU kernel")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_each_round_computes_s_once(dtype):
+    """The launches of the pass (recorded dry: no kernel runs): round 0 makes the top-k lists and both histograms in
+    one kernel for every dtype (fp16 / bf16 used to make a histogram-only pass over S first), the later rounds of
+    the rows keeping more than 64 only lists; a call keeping nothing makes one histogram-only launch."""
+    from flashdml.triton_kernels import _launch_log
+
+    B = 150
+    x = grid_data(B, 8, 3).to(dtype)
+    labels = torch.sort(labels_with_singletons(B, 3)).values  # rows in class order (OPIS)
+    keep = torch.full((B,), 10)
+    keep[:2] = 130  # two rows need three rounds
+
+    def passes(keep):
+        with _launch_log.record_launches(dry=True) as log:
+            tm.metrics_pass_impl(x, x, labels, labels, torch.arange(B), keep, True, True, 256)
+        return [(a.params["TOPK"], a.params["FINE"], a.params["USE_BOUND"], a.grid[0]) for a in log.launches
+                if a.kernel == "_metrics_pass_kernel"]
+
+    bm = tm.CONFIGS[dtype][0]["BLOCK_M"]
+    later = -(-2 // tm.CONFIGS[dtype][1]["BLOCK_M"])
+    assert passes(keep) == [(True, True, False, -(-B // bm)), (True, False, True, later), (True, False, True, later)]
+    assert passes(torch.zeros(B, dtype=torch.int64)) == [(False, True, False, -(-B // bm))]
+
+
 def _cuda_kernel_available():
     try:
         return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(

@@ -24,8 +24,10 @@ owns BLOCK_M query rows and one column split; per tile it
   ``tl.atomic_add`` (order-free: the counts are deterministic); class histograms live in one [T, 2, bins] buffer
   so a pair costs one atomic per grid.
 
-fp32 does both in the same kernel (one pass). fp16 / bf16 (64-row tiles for wgmma) would spill with both in one
-kernel, so there the histograms get their own pass over S first (two cheap tensor-core GEMMs).
+Every dtype does both in the same kernel, so S is computed once for the lists and the histograms. fp16 / bf16 use
+64-row tensor-core tiles (the wgmma minimum) with BLOCK_K = 32, which fits the top-64 lists, the S tile and the
+histogram indices in registers without spills (at BLOCK_K = 64 the fused kernel spilled, and the histograms used to
+get a pass of their own). Histogram-only calls (every keep 0) launch the same kernel with the top-k part off.
 
 Rows keeping more than 64 run extra rounds over only those rows (histograms off), each restricted to keys below the
 previous round's last key (keys are unique, so the rounds are exact and disjoint). The splits' lists are merged by
@@ -52,18 +54,19 @@ PAIR_BINS = 1 << 16  # fine grid (csrc/include/flashdml/histogram.h)
 _PAIR_BINS = tl.constexpr(PAIR_BINS)
 K = 64               # register list length (selection.KNN_KS); keep > 64 runs rounds
 # Tile configurations (AOT_SPECS below is generated from them; tests/test_triton_aot.py compiles every one for
-# sm_80 / sm_90 and rejects spills): per dtype (kernels with histograms, top-k only kernels). Every kernel of a dtype
-# has the same BLOCK_K and precision, so all of them see bitwise the same S (_tiles.s_tile). fp32 top-k only runs
-# 64-row tiles: with the kNN kernel's 32 rows ptxas (13.x) settles some variants at 80 registers with a few spilled
-# bytes on sm_90. FUSED: top-k and histograms in one kernel (fp16 / bf16 with 64-row wgmma tiles would spill).
-_T16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2)
+# sm_80 / sm_86 / sm_90 and rejects spills on sm_80 / sm_90): per dtype (kernels with histograms, top-k only
+# kernels). Every kernel of a dtype has the same BLOCK_K and precision, so all of them see bitwise the same S
+# (_tiles.s_tile). Every dtype runs top-k and histograms in one kernel (one S pass). fp32 top-k only runs 64-row
+# tiles: with the kNN kernel's 32 rows ptxas (13.x) settles some variants at 80 registers with a few spilled bytes
+# on sm_90. fp16 / bf16: 64-row tiles (the wgmma minimum on sm_90); with BLOCK_K = 64 the fused kernel spilled
+# 16-52 bytes on sm_80 / sm_90 (the K step's operand tiles next to the top-64 lists), BLOCK_K = 32 does not.
+_T16 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2)
 CONFIGS = {
     torch.float16: (_T16, _T16),
     torch.bfloat16: (_T16, _T16),
     torch.float32: (dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
                     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)),
 }
-FUSED = {torch.float32: True, torch.float16: False, torch.bfloat16: False}
 
 
 @triton.jit
@@ -224,23 +227,19 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
         rn = sub.shape[0]
         topk = rounds > 0
         hist_now = fine and rd == 0
-        # fp32 fuses the histograms into the first top-k pass; fp16 / bf16 (64-row wgmma tiles) would spill, so
-        # they make a histogram-only pass first (S twice: tensor-core GEMMs are cheap next to the selection)
-        launches = [(topk, hist_now)] if FUSED[x.dtype] or not (topk and hist_now) else [(False, True), (True, False)]
-        for tk, fn in launches:
-            cfg = CONFIGS[x.dtype][0 if fn else 1]
-            bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-            rp = triton.cdiv(rn, bm)
-            ns, per = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
-            if tk:
-                part = _debug.new_output((ns, rn, K), dtype=torch.int64, device=dev)
-                n_parts = ns
-            wrap_triton(_metrics_pass_kernel)[(rp, ns)](
-                xp, yp, sub, sub_keep, key_x, key_y, rcls, bound, part if tk else dummy, hist if fn else dummy,
-                cls_hist if opis and fn else dummy, rn, M, xp.shape[1], per * bn, int(self_mode), int(opis), shift,
-                opis_bins, TOPK=tk, FINE=fn, USE_BOUND=rd > 0, BLOCK_M=bm, BLOCK_N=bn,
-                # exact fp32 S even with TF32 allowed: the re-ranking's err = (d + 16)·2^-24 assumes fp32 products
-                PRECISION=_tiles.precision(x.dtype, exact=True), BLOCK_K=cfg["BLOCK_K"], K=K, **_tiles.launch(cfg))
+        # one launch: the histograms (first round only) ride along the top-k pass, S is computed once
+        cfg = CONFIGS[x.dtype][0 if hist_now else 1]
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        rp = triton.cdiv(rn, bm)
+        ns, per = _tiles.num_splits(dev, rp, triton.cdiv(M, bn), num_splits)
+        if topk:
+            part = _debug.new_output((ns, rn, K), dtype=torch.int64, device=dev)
+        wrap_triton(_metrics_pass_kernel)[(rp, ns)](
+            xp, yp, sub, sub_keep, key_x, key_y, rcls, bound, part if topk else dummy, hist if hist_now else dummy,
+            cls_hist if opis and hist_now else dummy, rn, M, xp.shape[1], per * bn, int(self_mode), int(opis), shift,
+            opis_bins, TOPK=topk, FINE=hist_now, USE_BOUND=rd > 0, BLOCK_M=bm, BLOCK_N=bn,
+            # exact fp32 S even with TF32 allowed: the re-ranking's err = (d + 16)·2^-24 assumes fp32 products
+            PRECISION=_tiles.precision(x.dtype, exact=True), BLOCK_K=cfg["BLOCK_K"], K=K, **_tiles.launch(cfg))
         if not topk:
             break
         vals = _debug.new_output((rn, K), dtype=torch.float32, device=dev)
@@ -248,7 +247,7 @@ def metrics_pass_impl(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, 
         more = rd + 1 < rounds
         new_bound = _debug.new_output((rn,), dtype=torch.int64, device=dev) if more else dummy
         wrap_triton(knn_merge_kernel)[(triton.cdiv(rn, MERGE_ROWS),)](
-            part, vals, idx, new_bound, rn, n_parts, K, 0, K, WRITE_BOUND=more, K=K, BLOCK_R=MERGE_ROWS,
+            part, vals, idx, new_bound, rn, ns, K, 0, K, WRITE_BOUND=more, K=K, BLOCK_R=MERGE_ROWS,
             num_warps=4, num_stages=1)
         bound = new_bound
         # ragged copy: entry j of the round goes to offsets[r] + rd K + j while rd K + j < keep[r]
@@ -270,8 +269,9 @@ def metrics_pass(x: Tensor, y: Tensor, labels: Tensor, ref_labels: Tensor, rows:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (tests/test_triton_aot.py): per dtype the histogram-only pass, the first top-k pass,
-# the bounded later rounds and (fp32) the fused top-k + histogram pass, aligned and ragged. The merge kernel is
+# Ahead-of-time compile specs (tests/test_triton_aot.py): per dtype the histogram-only pass (every keep 0), the
+# top-k only first pass (no histograms asked), the bounded later rounds and the fused top-k + histogram pass,
+# aligned and ragged. The merge kernel is
 # _topk.knn_merge_kernel, compiled through selection.py's specs (which cover the launch made here).
 # ---------------------------------------------------------------------------------------------------------------
 def _specs() -> list[AOTSpec]:
@@ -282,9 +282,8 @@ def _specs() -> list[AOTSpec]:
                "ky_ptr": "*i32", "rcls_ptr": "*i32", "bound_ptr": "*i64", "part_ptr": "*i64", "hist_ptr": "*i64",
                "cls_ptr": "*i64", "R": "i32", "M": "i32", "D": "i32", "cols_per_split": "i32",
                "self_mode": "i32", "opis": "i32", "opis_shift": "i32", "opis_bins": "i32"}
-        variants = [(False, True, False, "hist"), (True, False, False, "topk"), (True, False, True, "topk_bound")]
-        if FUSED[dtype]:
-            variants.append((True, True, False, "topk_hist"))
+        variants = [(False, True, False, "hist"), (True, False, False, "topk"), (True, False, True, "topk_bound"),
+                    (True, True, False, "topk_hist")]
         for topk, fine, use_bound, tag in variants:
             c = c_fine if fine else c_topk
             specs += with_alignments(AOTSpec(
