@@ -35,3 +35,18 @@ def poison_triton_outputs(monkeypatch):
 
     monkeypatch.setattr(_debug, "new_output", new_output)
     return calls
+
+
+@pytest.fixture
+def restore_precision_flags():
+    """The test starts from PyTorch's default fp32 matmul precision (no TF32) and leaves the flags as it found
+    them (tests of the TF32 opt-in: tests/test_triton_tf32.py, tests/test_cuda_tf32.py)."""
+    matmul = torch.backends.cuda.matmul
+    saved = (torch.backends.fp32_precision, matmul.fp32_precision)
+    torch.backends.fp32_precision = "none"
+    matmul.fp32_precision = "none"
+    try:
+        yield
+    finally:
+        torch.backends.fp32_precision, matmul.fp32_precision = saved
+        torch.get_float32_matmul_precision()  # the legacy view must stay readable (no legacy / new mix)

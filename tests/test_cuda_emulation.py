@@ -57,19 +57,25 @@ DRIVERS = ("batch_softmax", "xent", "hinge_pair", "selection", "contextual", "me
 
 @pytest.fixture(scope="module")
 def build_driver(tmp_path_factory):
+    return driver_builder(tmp_path_factory.mktemp("cuda_emulation"))
+
+
+def driver_builder(out_dir, defines=(), suffix=""):
+    """``get(name)`` -> the path of tests/cuda_emulation/<name>_driver.cpp compiled with g++ into ``out_dir``
+    (once per name; ``defines`` as -D flags). Skips the test when there are no CUDA headers or no g++."""
     include = _cuda_include()
     if include is None or not os.path.isfile(os.path.join(include, "cuda_fp16.h")):
         pytest.skip("no CUDA toolkit headers (cuda_fp16.h) to emulate the kernels with")
     if shutil.which("g++") is None:
         pytest.skip("g++ not found")
-    out_dir = tmp_path_factory.mktemp("cuda_emulation")
     built = {}
 
     def get(name):
         if name not in built:
-            exe = str(out_dir / f"{name}_driver")
-            cmd = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{include}", f"-I{ROOT}/csrc/cuda",
-                   f"-I{ROOT}/csrc/include", f"{ROOT}/tests/cuda_emulation/{name}_driver.cpp", "-o", exe]
+            exe = str(out_dir / f"{name}_driver{suffix}")
+            cmd = ["g++", "-std=c++20", "-O2", "-pthread", *(f"-D{d}" for d in defines), f"-I{include}",
+                   f"-I{ROOT}/csrc/cuda", f"-I{ROOT}/csrc/include", f"{ROOT}/tests/cuda_emulation/{name}_driver.cpp",
+                   "-o", exe]
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             built[name] = exe
         return built[name]

@@ -1,9 +1,9 @@
 """The TF32 opt-in of the CUDA C++ backend's fp32 kernels, checked without a GPU.
 
 * The host's decision: every csrc/cuda/*.cu op reads ``flashdml::fp32_matmul_tf32_opted_in()``
-  (csrc/include/flashdml/tf32.h: ATen's fp32 precision of CUDA matmuls) once per call. A small extension compiled here from
-  that header must agree with the Triton backend's ``_tiles.tf32_opted_in()`` under every way PyTorch offers to
-  set it.
+  (csrc/include/flashdml/tf32.h: ATen's fp32 precision of CUDA matmuls) once per call. A small extension
+  compiled here from that header must agree with the Triton backend's ``_tiles.tf32_opted_in()`` under every
+  way PyTorch offers to set it.
 * The tile: ``tests/cuda_emulation/tf32_driver.cpp`` runs the fp32 S tile's two flavours (tile_gemm.cuh) under the
   CPU emulation. The exact flavour equals the fp32 FMA chain bit for bit (what the code computed before the TF32
   flavour existed, so without the opt-in nothing changes); the TF32 flavour equals the sum of the operands rounded
@@ -25,29 +25,17 @@ import subprocess
 import pytest
 import torch
 
-from test_cuda_emulation import ROOT, _cuda_include
+from test_cuda_emulation import ROOT, driver_builder
 
 
 @pytest.fixture(scope="module")
 def build_tf32(tmp_path_factory):
-    include = _cuda_include()
-    if include is None or not os.path.isfile(os.path.join(include, "cuda_fp16.h")):
-        pytest.skip("no CUDA toolkit headers (cuda_fp16.h) to emulate the kernels with")
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not found")
+    """``get(name, tf32=True)``: the emulation driver, with tf32 built with -DFLASHDML_EMU_TF32=1 (the fp32
+    kernels' TF32 flavour)."""
     out_dir = tmp_path_factory.mktemp("cuda_tf32")
-
-    def get(name, tf32=True):
-        exe = str(out_dir / f"{name}_driver{'_tf32' if tf32 else ''}")
-        if not os.path.exists(exe):
-            cmd = ["g++", "-std=c++20", "-O2", "-pthread", f"-I{include}", f"-I{ROOT}/csrc/cuda",
-                   f"-I{ROOT}/csrc/include", f"{ROOT}/tests/cuda_emulation/{name}_driver.cpp", "-o", exe]
-            if tf32:
-                cmd.insert(1, "-DFLASHDML_EMU_TF32=1")
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-        return exe
-
-    return get
+    builders = {True: driver_builder(out_dir, defines=("FLASHDML_EMU_TF32=1",), suffix="_tf32"),
+                False: driver_builder(out_dir)}
+    return lambda name, tf32=True: builders[tf32](name)
 
 
 # ---- the host's decision ----------------------------------------------------------------------------------------
@@ -68,18 +56,6 @@ def probe(tmp_path_factory):
     return load_inline("flashdml_tf32_probe", cpp_sources=[_PROBE], functions=["cuda_fp32_tf32"],
                        extra_include_paths=[os.path.join(ROOT, "csrc", "include")], build_directory=str(build),
                        verbose=False)
-
-
-@pytest.fixture
-def restore_precision_flags():
-    matmul = torch.backends.cuda.matmul
-    saved = (torch.backends.fp32_precision, matmul.fp32_precision)
-    torch.backends.fp32_precision = "none"
-    matmul.fp32_precision = "none"
-    try:
-        yield
-    finally:
-        torch.backends.fp32_precision, matmul.fp32_precision = saved
 
 
 def _settings():

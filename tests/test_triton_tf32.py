@@ -31,7 +31,9 @@ import pytest
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(not INTERPRET, reason="checks the interpreter's dot (TRITON_INTERPRET=1)")
+# Every test starts from PyTorch's defaults (no TF32) and leaves the flags as it found them (tests/conftest.py).
+pytestmark = [pytest.mark.skipif(not INTERPRET, reason="checks the interpreter's dot (TRITON_INTERPRET=1)"),
+              pytest.mark.usefixtures("restore_precision_flags")]
 
 import flashdml as fd  # noqa: E402
 from flashdml.triton_kernels import _tiles  # noqa: E402
@@ -43,18 +45,6 @@ TAU = 0.1
 DELTA_S = 2 * U + U * U + (D + 2) * 2.0**-24
 
 
-@pytest.fixture(autouse=True)
-def restore_precision_flags():
-    """Every test starts from PyTorch's defaults (no TF32) and leaves the flags as it found them."""
-    matmul = torch.backends.cuda.matmul
-    saved = (torch.backends.fp32_precision, matmul.fp32_precision)
-    torch.backends.fp32_precision = "none"
-    matmul.fp32_precision = "none"
-    try:
-        yield
-    finally:
-        torch.backends.fp32_precision, matmul.fp32_precision = saved
-        torch.get_float32_matmul_precision()  # the legacy view must stay readable (no legacy / new mix)
 
 
 def _set_tf32(on: bool) -> None:

@@ -168,15 +168,30 @@ __device__ __forceinline__ void round_to_tf32(Frag& f) {
 template <typename T, bool kTF32, bool kTC = TileCfg<T>::kTensorCore>
 struct STileAcc;
 
-template <typename T, bool kTF32>
-struct STileAcc<T, kTF32, true> {  // fp16 / bf16: wmma 16x16x16, warp w: rows 16 (w % 4) .., cols 32 (w / 4) ..
-  using C = TileCfg<T>;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+// The wmma flavours' accumulator (k = 16 for fp16 / bf16, 8 for TF32): warp w holds the S rows 16 (w % 4) .. and
+// columns 32 (w / 4) .. as two 16 x 16 fragments.
+template <int kK>
+struct WarpPairAcc {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, kK, float> acc[2];
 
   __device__ __forceinline__ void zero() {
     nvcuda::wmma::fill_fragment(acc[0], 0.f);
     nvcuda::wmma::fill_fragment(acc[1], 0.f);
   }
+  __device__ __forceinline__ void store(float* St) {
+    const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {  // (m, n) at St[n * kLdS + m]
+      nvcuda::wmma::store_matrix_sync(St + (32 * wn + 16 * j) * kLdS + 16 * wm, acc[j], kLdS,
+                                      nvcuda::wmma::mem_col_major);
+    }
+  }
+};
+
+template <typename T, bool kTF32>
+struct STileAcc<T, kTF32, true> : WarpPairAcc<16> {  // fp16 / bf16: wmma 16x16x16
+  using C = TileCfg<T>;
+
   __device__ __forceinline__ void slice(const void* Xs, const void* Ys) {
     namespace wmma = nvcuda::wmma;
     const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
@@ -192,14 +207,6 @@ struct STileAcc<T, kTF32, true> {  // fp16 / bf16: wmma 16x16x16, warp w: rows 1
         wmma::load_matrix_sync(fb, ys + (32 * wn + 16 * j) * C::kLdX + kk, C::kLdX);
         wmma::mma_sync(acc[j], fa, fb, acc[j]);
       }
-    }
-  }
-  __device__ __forceinline__ void store(float* St) {
-    const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {  // (m, n) at St[n * kLdS + m]
-      nvcuda::wmma::store_matrix_sync(St + (32 * wn + 16 * j) * kLdS + 16 * wm, acc[j], kLdS,
-                                      nvcuda::wmma::mem_col_major);
     }
   }
 };
@@ -231,15 +238,10 @@ struct STileAcc<T, false, false> {  // exact fp32 SIMT: thread t: rows 4 (t / 16
 };
 
 template <typename T>
-struct STileAcc<T, true, false> {  // fp32 in TF32: wmma m16n16k8 tf32, the 16-bit path's warp layout
+struct STileAcc<T, true, false> : WarpPairAcc<8> {  // fp32 in TF32: wmma m16n16k8 tf32, same warp layout
   using C = TileCfg<T>;
   static_assert(C::kBK % 8 == 0 && C::kLdX % 4 == 0, "k steps of 8; ldm a multiple of 16 bytes");
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> acc[2];
 
-  __device__ __forceinline__ void zero() {
-    nvcuda::wmma::fill_fragment(acc[0], 0.f);
-    nvcuda::wmma::fill_fragment(acc[1], 0.f);
-  }
   __device__ __forceinline__ void slice(const void* Xs, const void* Ys) {
     namespace wmma = nvcuda::wmma;
     const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
@@ -257,14 +259,6 @@ struct STileAcc<T, true, false> {  // fp32 in TF32: wmma m16n16k8 tf32, the 16-b
         round_to_tf32(fb);
         wmma::mma_sync(acc[j], fa, fb, acc[j]);
       }
-    }
-  }
-  __device__ __forceinline__ void store(float* St) {
-    const int warp = threadIdx.x / 32, wm = warp % 4, wn = warp / 4;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {  // (m, n) at St[n * kLdS + m]
-      nvcuda::wmma::store_matrix_sync(St + (32 * wn + 16 * j) * kLdS + 16 * wm, acc[j], kLdS,
-                                      nvcuda::wmma::mem_col_major);
     }
   }
 };
