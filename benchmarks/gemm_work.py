@@ -305,11 +305,14 @@ def restructured(launch):
 # csrc/cuda: bs_grad_kernel (batch softmax) and pair_grad_kernel (XE / NT-Xent, anchor-LSE, hinge pairs, triplet),
 # grid (cdiv(n_own, kBM), 1, splits); each block streams its split's 64-row tiles of the other side, one S tile per
 # tile (K loop in kBK slices) and, for each kDV chunk of d looped inside the block, one G·B product of
-# [64 x 64] x [64 x kDV]. tests/test_gemm_work.py checks these constants and the grid against the sources.
+# [64 x 64] x [64 x kDV]; when d fits in kDVNarrow columns (64: only narrower than kDV for fp16 / bf16), one
+# product of [64 x 64] x [64 x kDVNarrow] instead (gb_plan in tile_gemm.cuh). tests/test_gemm_work.py checks
+# these constants and the grid against the sources.
 # CUDA_D_CHUNKS_IN_GRID = True models the earlier kernels (grid (.., cdiv(d, kDV), ..): S recomputed per chunk),
 # which the "before" table used.
 CUDA_TILE = 64
 CUDA_KDV = {torch.float32: 64, torch.bfloat16: 128, torch.float16: 128}
+CUDA_KDV_NARROW = {torch.float32: 64, torch.bfloat16: 64, torch.float16: 64}
 CUDA_BK = {torch.float32: 16, torch.bfloat16: 32, torch.float16: 32}
 CUDA_D_CHUNKS_IN_GRID = False
 # op -> gradient passes the CUDA op launches (XE with the global partition in self mode copies dy from dx: its W
@@ -327,6 +330,8 @@ def cuda_backward(name: str, B: int, M: int, d: int, dtype: torch.dtype):
     if name == "triplet_margin":  # rows augmented with the squared-norm columns: [x̂, 1, 0..] / [ŷ, 0, 1..]
         vw = 4 if dtype == torch.float32 else 8
         d = cdiv(d + 2, vw) * vw
+    if d <= CUDA_KDV_NARROW[dtype]:  # the host's choice is made on the launched d (triplet: the augmented rows)
+        kdv = CUDA_KDV_NARROW[dtype]
     flops, per_pass = 0, []
     for n_own, n_other in ((B, M), (M, B))[:sides]:
         nrb, ntiles, nch = cdiv(n_own, t), cdiv(n_other, t), cdiv(d, kdv)
@@ -334,6 +339,15 @@ def cuda_backward(name: str, B: int, M: int, d: int, dtype: torch.dtype):
         flops += s_blocks * 2 * t * t * cdiv(d, bk) * bk + nrb * nch * ntiles * 2 * t * t * kdv
         per_pass.append(nch if CUDA_D_CHUNKS_IN_GRID else 1)
     return flops, per_pass
+
+
+def cuda_ratio(name: str, B: int, M: int, d: int, dtype: torch.dtype):
+    """(CUDA backward FLOPs / its minimum — one S and one single-term gradient product per pass —, S per pass),
+    or None where not modelled."""
+    cuda = cuda_backward(name, B, M, d, dtype)
+    if not cuda:
+        return None
+    return cuda[0] / (len(cuda[1]) * 2 * (2 * B * M * d)), cuda[1]
 
 
 class Row(NamedTuple):
@@ -367,13 +381,12 @@ def measure(name: str, B: int, d: int, dtype: torch.dtype) -> Row:
         after = sum((launch_work(restructured(launch)) for launch in bwd), Work()).total / bwd_min
         per_pass = " + ".join(f"{w.s / (2 * B * M * launch.params['D']):g}"
                               for w, launch in zip(works, bwd) if w.s)
-    cuda = cuda_backward(name, B, M, d, dtype)
-    cuda_ratio = cuda_s = None
+    cuda = cuda_ratio(name, B, M, d, dtype)
+    c_ratio = c_s = None
     if cuda:
-        cuda_ratio = cuda[0] / (len(cuda[1]) * 2 * S)
-        cuda_s = " + ".join(str(n) for n in cuda[1])
+        c_ratio, c_s = cuda[0], " + ".join(str(n) for n in cuda[1])
     return Row(LABEL.get(name, name), str(dtype).replace("torch.", ""), d, fwd_work.total / fwd_min, ratio_b,
-               ratio_abs, per_pass, after, cuda_ratio, cuda_s or "")
+               ratio_abs, per_pass, after, c_ratio, c_s or "")
 
 
 def table(B: int = 4096, ds=(64, 128, 256, 512, 1024), dtypes=(torch.float32, torch.bfloat16), ops=None) -> str:

@@ -60,8 +60,18 @@ TENSOR_CORE_KERNELS = ("bs_lse_kernel", "bs_grad_kernel", "xe_lse_kernel", "xe_p
                        "pair_grad_kernel", "knn_partial_kernel", "hn_pass_kernel", "ctx_list_kernel",
                        "metrics_pass_kernel", "tri_stats_kernel", "al_fwd_kernel")
 EXACT_ONLY_KERNELS = ("metrics_pass_kernel",)  # no TF32 flavour: its error bound assumes fp32 products
-TF32_FLAG = re.compile(r"Lb([01])EEEv")  # the last template argument (kTF32) of an S-tile kernel
-CHUNKED_TF32 = re.compile(r"Lb([01])ELb([01])EEEv")  # (kChunked, kTF32) of bs_grad_kernel / pair_grad_kernel
+# kTF32 of an S-tile kernel: its last template argument, or the one before the G·B width kW of the gradient kernels
+TF32_FLAG = re.compile(r"Lb([01])E(?:Li\d+E)?EEv")
+# (kChunked, kTF32, kW) of bs_grad_kernel / pair_grad_kernel
+CHUNKED_TF32 = re.compile(r"Lb([01])ELb([01])ELi(\d+)EEEv")
+
+
+def _grad_flavours(dt: str) -> list:
+    """(kChunked, kTF32, kW) of the gradient kernels per dtype: one kDV chunk, the chunk loop and, for fp16 / bf16,
+    the 64-column one-chunk product of d <= 64 (gb_plan); fp32 (kDV = 64) in both TF32 flavours."""
+    if dt == "If":
+        return [("0", "0", "64"), ("1", "0", "64"), ("0", "1", "64"), ("1", "1", "64")]
+    return [("0", "0", "64"), ("0", "0", "128"), ("1", "0", "128")]
 
 
 def _extension_so() -> Optional[str]:
@@ -176,15 +186,14 @@ def test_every_kernel_is_built_for_sm80_and_sm90():
             for dt in DTYPES_MANGLED:
                 hits = [n for n in names if "pair_grad_kernel" + dt in n and op in n]
                 # dx and dy, each as kChunked = false (d <= kDV) and true (the d-chunk loop inside the block),
-                # fp32 each also as kTF32 = true (the TF32 opt-in); (kChunked, kTF32) mangle before the closing EEEv
+                # fp32 each also as kTF32 = true (the TF32 opt-in), fp16 / bf16 also with the 64-column product;
+                # (kChunked, kTF32, kW) mangle before the closing EEEv
                 flavours = sorted(CHUNKED_TF32.search(n).groups() for n in hits)
-                want = [("0", "0"), ("1", "0")] + ([("0", "1"), ("1", "1")] if dt == "If" else [])
-                assert flavours == sorted(want * 2), f"{arch}: pair_grad_kernel<{dt}, {op}>: {hits}"
+                assert flavours == sorted(_grad_flavours(dt) * 2), f"{arch}: pair_grad_kernel<{dt}, {op}>: {hits}"
         for dt in DTYPES_MANGLED:
             hits = [n for n in names if "bs_grad_kernel" + dt in n]
             flavours = sorted(CHUNKED_TF32.search(n).groups() for n in hits)
-            want = [("0", "0"), ("1", "0")] + ([("0", "1"), ("1", "1")] if dt == "If" else [])
-            assert flavours == sorted(want), f"{arch}: bs_grad_kernel<{dt}, kChunked, kTF32>: {hits}"
+            assert flavours == sorted(_grad_flavours(dt)), f"{arch}: bs_grad_kernel<{dt}, kChunked, kTF32, kW>: {hits}"
         for base in TENSOR_CORE_KERNELS:  # every fp32 S-tile kernel in both flavours (metrics: exact only)
             flags = {m.group(1) for n in names if base + "If" in n for m in [TF32_FLAG.search(n)] if m}
             want = set() if base in EXACT_ONLY_KERNELS else {"0", "1"}

@@ -7,8 +7,9 @@ fragments by their API semantics) and runs the host pipeline of each csrc/cuda/*
 reference: ragged shapes, all label kinds and modes, 1 and 132 SMs (so the column splits run), aligned and
 misaligned (scalar-load, or for the pair losses host-padded) inputs, and for every backward pass d over several
 kDV column chunks (d = 389 / 392) with the count of S tiles each launch computed asserted to be row blocks x tiles
-(each tile once, not once per chunk of d). It checks the kernels' index math, tiling, reductions and formulas;
-it does not check timing, the hardware fragment layout, or the ATen wrappers (tests/test_cuda_build.py and the
+(each tile once, not once per chunk of d), and for fp16 / bf16 the 64-column G·B product of d <= 64 (batch
+softmax and xent: d = 64 and the ragged d = 40, besides the smaller d every driver runs). It checks the
+kernels' index math, tiling, reductions and formulas; it does not check timing, the hardware fragment layout, or the ATen wrappers (tests/test_cuda_build.py and the
 GPU tests cover what they can).
 """
 import importlib.util

@@ -84,11 +84,9 @@ void run_grad(const at::Tensor& A, const at::Tensor& Bm, const int64_t* labels, 
     *dtau_part = at::empty({nsplit * nrb}, A.options().dtype(at::kFloat));
     dtp = dtau_part->data_ptr<float>();
   }
-  // one chunk of d: the accumulator stays in registers; more: running sums per chunk in part
-  constexpr bool kTf = kTf32Able<DT>;
-  const bool one = d <= TileCfg<DT>::kDV;
-  const auto kernel = one ? (tf32 ? bs_grad_kernel<DT, false, kTf> : bs_grad_kernel<DT, false, false>)
-                          : (tf32 ? bs_grad_kernel<DT, true, kTf> : bs_grad_kernel<DT, true, false>);
+  // one chunk of d (64 columns wide for 16-bit rows at d <= 64): the accumulator stays in registers; more:
+  // running sums per chunk in part
+  const auto kernel = bs_grad_kernel_for<DT>(d, tf32);
   kernel<<<dim3(unsigned(nrb), 1u, unsigned(nsplit)), kThreads, 0, stream>>>(
       dptr<T>(A), dptr<T>(Bm), labels, tau, lse_r, lse_c, n, d, tps, use_vec<DT>(A, Bm, d), part.data_ptr<float>(),
       dtp);

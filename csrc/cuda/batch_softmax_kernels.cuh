@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "flashdml/batch_softmax.h"
 #include "flashdml/common.h"
@@ -162,8 +163,9 @@ __global__ void __launch_bounds__(kSumThreads)
 // = 64 x 68 x 4 B = 17408 B) once St is consumed and for the final epilogue staging (10240 B); Gt 9216 B (16-bit)
 // or 17408 B (fp32); labels / lse of the tile's columns 768 B; 32 B reduction = 37664 B (fp16/bf16),
 // 44320 B (fp32): static, < 48 KiB. __launch_bounds__(256, 2) caps registers at 128 so that 2 blocks (16 warps)
-// fit per SM; the 64 x kDV accumulator takes 32 of them (tensor cores) or 16 (fp32).
-template <typename T, bool kChunked, bool kTF32 = false>
+// fit per SM; the 64 x kDV accumulator takes 32 of them (tensor cores) or 16 (fp32). kW: the product's width,
+// kDV or (16-bit rows, d <= 64: bs_grad_kernel_for) kDVNarrow = 64, whose accumulator takes 16 registers.
+template <typename T, bool kChunked, bool kTF32 = false, int kW = TileCfg<T>::kDV>
 __global__ void __launch_bounds__(kThreads, 2)
     bs_grad_kernel(const T* __restrict__ A, const T* __restrict__ Bm, const int64_t* __restrict__ labels,
                    const float* __restrict__ tau, const float* __restrict__ lse_r, const float* __restrict__ lse_c,
@@ -207,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   float* stage = static_cast<float*>(Xs);  // kChunked: free between s_tile calls; kWarps x 16 x 20 floats (wmma)
   static_assert(!C::kTensorCore || 2 * C::kStageBytes >= kWarps * 16 * 20 * 4, "chunk-loop staging fits in Xs, Ys");
 
-  GbProduct<T> prod;
+  GbProduct<T, kW> prod;
   prod.zero();
   float gz = 0.f;  // sum of g * z over this thread's entries (for dtemperature)
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
@@ -237,12 +239,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     // Yc is not prefetched before the weights on purpose: holding 16 more registers there costs spills at the
     // 128-register cap that keeps 2 blocks (16 warps) per SM; the other resident block hides this latency.
-    gb_tile_products<T, kChunked>(prod, Gt, Yc, Bm, n, d, col0, vec, part + int64_t(blockIdx.z) * n * d, n, row0,
+    gb_tile_products<T, kChunked, kW>(prod, Gt, Yc, Bm, n, d, col0, vec, part + int64_t(blockIdx.z) * n * d, n, row0,
                                   tile == tile_begin, stage);
   }
   if constexpr (!kChunked) {
     __syncthreads();  // all products done: the St region is free for the epilogue staging
-    prod.store(part + int64_t(blockIdx.z) * n * d, d, row0, n, int64_t(blockIdx.y) * C::kDV, d, St);
+    prod.store(part + int64_t(blockIdx.z) * n * d, d, row0, n, int64_t(blockIdx.y) * kW, d, St);
   }
 
   if (dtau_part != nullptr) {  // uniform per block
@@ -271,6 +273,18 @@ __global__ void reduce_splits_kernel(const float* __restrict__ part, int nsplit,
     for (int sp = 0; sp < nsplit; ++sp) s += part[sp * total + e];
     out[e] = from_float<T>(scale * s);
   }
+}
+
+// The bs_grad_kernel instantiation a launch of d columns uses (gb_plan, as pair_grad_kernel_for): kChunked iff
+// d > kDV, a kDVNarrow-wide product iff d <= kDVNarrow; kTF32 iff tf32 and the rows are fp32. Host code.
+template <typename T>
+auto bs_grad_kernel_for(int64_t d, bool tf32) {
+  constexpr bool kTf = std::is_same_v<T, float>;
+  constexpr int kN = TileCfg<T>::kDVNarrow;
+  const GbPlan plan = gb_plan<T>(d);
+  if (plan == GbPlan::kNarrow) return tf32 ? bs_grad_kernel<T, false, kTf, kN> : bs_grad_kernel<T, false, false, kN>;
+  if (plan == GbPlan::kOne) return tf32 ? bs_grad_kernel<T, false, kTf> : bs_grad_kernel<T, false, false>;
+  return tf32 ? bs_grad_kernel<T, true, kTf> : bs_grad_kernel<T, true, false>;
 }
 
 }  // namespace bs

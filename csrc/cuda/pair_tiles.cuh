@@ -42,8 +42,9 @@ __device__ __forceinline__ void s_tile_rect(const T* __restrict__ A, int64_t na,
 // S tile and weights g = op.weight(...) -> Gt (GType: the input type on the tensor-core path; ops keep
 // |g| <= 2^14), each computed once; then for each chunk of kDV columns of d: acc += G * (other side's rows,
 // those columns). kChunked = false (the host's choice when d <= kDV: one chunk): the 64 x kDV accumulator stays
-// in registers across the tiles and is stored once at the end. kChunked = true (any d): each chunk's running
-// sum lives in this block's own rows of part[s] (unscaled fp32): read back (GbProduct::load; nothing to read on
+// in registers across the tiles and is stored once at the end; with 16-bit rows and d <= 64 the product is
+// kW = kDVNarrow = 64 columns wide instead of kDV = 128 (no half of it zero padding; pair_grad_kernel_for).
+// kChunked = true (any d): each chunk's running sum lives in this block's own rows of part[s] (unscaled fp32): read back (GbProduct::load; nothing to read on
 // the split's first tile), multiplied, stored again. Two instantiations rather than a run-time branch: the
 // accumulator live across the S tile in the first and the chunk loop's state in the second do not both fit the
 // (256, 2) register budget (a run-time branch spilled 8-16 bytes, bs_grad_kernel fp16 / bf16 on sm_80). Only
@@ -62,7 +63,8 @@ __device__ __forceinline__ void s_tile_rect(const T* __restrict__ A, int64_t na,
 // tensor-core path, 10240 B); St 17408 B (reused for the B chunk and the final epilogue staging); Gt 9216 /
 // 17408 B; 64 tile-side and 64 output-row infos (16 B slots); 32 B = 38944 B (fp16 / bf16), 45600 B (fp32),
 // static. (256, 2): <= 128 registers, 2 blocks / SM, no spills (ptxas, sm_80 and sm_90).
-template <typename T, class Op, bool kOutY, bool kExact, bool kChunked, bool kTF32 = false>
+template <typename T, class Op, bool kOutY, bool kExact, bool kChunked, bool kTF32 = false,
+          int kW = TileCfg<T>::kDV>
 __global__ void __launch_bounds__(kThreads, 2)
     pair_grad_kernel(const T* __restrict__ X, const T* __restrict__ Y, int64_t nx, int64_t ny, int64_t d, Op op,
                      int64_t tiles_per_split, float* __restrict__ part, float* __restrict__ gz_part) {
@@ -119,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   float* stage = static_cast<float*>(Xs);  // kChunked: free between s_tile calls; kWarps x 16 x 20 floats (wmma)
   static_assert(!C::kTensorCore || 2 * C::kStageBytes >= kWarps * 16 * 20 * 4, "chunk-loop staging fits in Xs, Ys");
 
-  GbProduct<T> prod;
+  GbProduct<T, kW> prod;
   prod.zero();
   float gz = 0.f;
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
@@ -153,12 +155,12 @@ __global__ void __launch_bounds__(kThreads, 2)
       if constexpr (Op::kGz) gz = fmaf(g, s, gz);
       Gt[c * C::kLdG + r] = from_float<GType>(g);
     }
-    gb_tile_products<T, kChunked>(prod, Gt, Yc, Oth, noth, d, col0, /*vec=*/true,
+    gb_tile_products<T, kChunked, kW>(prod, Gt, Yc, Oth, noth, d, col0, /*vec=*/true,
                                   part + int64_t(blockIdx.z) * nout * d, nout, row0, tile == tile_begin, stage);
   }
   if constexpr (!kChunked) {
     __syncthreads();  // all products done: the St region is free for the epilogue staging
-    prod.store(part + int64_t(blockIdx.z) * nout * d, d, row0, nout, int64_t(blockIdx.y) * C::kDV, d, St);
+    prod.store(part + int64_t(blockIdx.z) * nout * d, d, row0, nout, int64_t(blockIdx.y) * kW, d, St);
   }
 
   if constexpr (Op::kGz) {
@@ -177,12 +179,19 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-// The pair_grad_kernel instantiation a launch of d columns uses: kChunked iff d > kDV; kTF32 iff the op call
-// decided TF32 and the rows are fp32 (fp16 / bf16 have one flavour). Host code (the .cu files, the emulation).
+// The pair_grad_kernel instantiation a launch of d columns uses (gb_plan): kChunked iff d > kDV, a kDVNarrow-wide
+// product iff d <= kDVNarrow (16-bit rows; for fp32 that is the kDV instantiation); kTF32 iff the op call decided
+// TF32 and the rows are fp32 (fp16 / bf16 have one flavour). Host code (the .cu files, the emulation).
 template <typename T, class Op, bool kOutY, bool kExact>
 auto pair_grad_kernel_for(int64_t d, bool tf32) {
   constexpr bool kTf = std::is_same_v<T, float>;
-  if (d <= TileCfg<T>::kDV) {
+  constexpr int kN = TileCfg<T>::kDVNarrow;
+  const GbPlan plan = gb_plan<T>(d);
+  if (plan == GbPlan::kNarrow) {
+    return tf32 ? pair_grad_kernel<T, Op, kOutY, kExact, false, kTf, kN>
+                : pair_grad_kernel<T, Op, kOutY, kExact, false, false, kN>;
+  }
+  if (plan == GbPlan::kOne) {
     return tf32 ? pair_grad_kernel<T, Op, kOutY, kExact, false, kTf>
                 : pair_grad_kernel<T, Op, kOutY, kExact, false, false>;
   }

@@ -6,7 +6,9 @@
 //  * fp16 / bf16 (TileCfg<T>::kTensorCore): nvcuda::wmma 16x16x16 tensor-core MMA, fp32 accumulate.
 //      K slice kBK = 32; staging Xs/Ys row-major [64][kBK + 8] (16-byte loads/stores, 80-byte row pitch).
 //      S tile: warp w owns rows 16*(w%4).., cols 32*(w/4).. (1 x 2 fragments).
-//      G*B product: 64 x kDV (= 128) output, warp w owns rows 32*(w%2).., cols 32*(w/2).. (2 x 2 fragments).
+//      G*B product: 64 x kDV (= 128) output, warp w owns rows 32*(w%2).., cols 32*(w/2).. (2 x 2 fragments);
+//      or, when d <= kDVNarrow (= 64, the host's choice: gb_plan), 64 x 64 output, warp w owns rows 16*(w%4)..,
+//      cols 32*(w/4).. (1 x 2 fragments), so no half of the product is zero padding.
 //  * fp32: exact-fp32 SIMT FFMA (no TF32), register tile 4 x 4 per thread (thread t: rows 4*(t/16)..,
 //      cols 4*(t%16)..). K slice kBK = 16; staging transposed [kBK][64 + 4] so every k step reads one float4
 //      of A and one of B. G*B product: 64 x kDV (= 64) output, same 4 x 4 mapping.
@@ -50,6 +52,7 @@ struct TileCfg<float> {
   static constexpr int kVW = 4;         // elements per 16-byte chunk
   static constexpr int kBK = 16;        // K slice of the S product
   static constexpr int kDV = 64;        // output columns of the G * B product per block
+  static constexpr int kDVNarrow = 64;  // no narrower product for fp32 (same as kDV: same instantiation)
   static constexpr int kLdX = kBM + 4;  // Xs[k][m], Ys[k][n] (transposed staging)
   static constexpr int kStageBytes = kBK * kLdX * 4;
   static constexpr int kLdG = kBM + 4;  // Gt[k][m] (fp32)
@@ -62,6 +65,7 @@ struct TileCfg16 {
   static constexpr int kVW = 8;
   static constexpr int kBK = 32;
   static constexpr int kDV = 128;
+  static constexpr int kDVNarrow = 64;  // output columns of the one-chunk product when d <= 64
   static constexpr int kLdX = kBK + 8;  // Xs[m][k], Ys[n][k] (row-major staging)
   static constexpr int kStageBytes = kBM * kLdX * 2;
   static constexpr int kLdG = kBM + 8;  // Gt[k][m] (16-bit)
@@ -311,42 +315,55 @@ namespace cuda {
 // columns dv0 .. dv0 + kDV - 1 of the B operand (zero outside the matrix). store writes acc to a row-major fp32
 // matrix and load reads it back with the same element-to-thread mapping, so a backward pass with d > kDV can keep
 // one running sum per chunk of d in global memory while computing each S tile only once.
-template <typename T, bool kTC = TileCfg<T>::kTensorCore>
+// kW: the product's output width (columns of d per chunk), TileCfg's kDV or, for the 16-bit one-chunk case
+// d <= 64, kDVNarrow; Yc keeps its kLdY pitch either way.
+template <typename T, int kW = TileCfg<T>::kDV, bool kTC = TileCfg<T>::kTensorCore>
 struct GbProduct;
 
-// Loads (into registers) the 64 x kDV chunk of B that the product needs: 4 chunks of 16 bytes per thread,
-// chunk idx = t + 256 p covers row idx / 16, columns (idx % 16) * kVW .. + kVW.
-template <typename T>
-__device__ __forceinline__ void load_yc(uint4 (&pre)[4], const T* __restrict__ Bm, int64_t nrows, int64_t d,
-                                        int64_t col0, int64_t dv0, bool vec) {
+// 16-byte chunks of the 64 x kW chunk of B per thread (4 for kDV, 2 for the 16-bit kDVNarrow).
+template <typename T, int kW>
+constexpr int kYcPer = kBN * (kW / TileCfg<T>::kVW) / kThreads;
+
+// Loads (into registers) the 64 x kW chunk of B that the product needs: kYcPer chunks of 16 bytes per thread,
+// chunk idx = t + 256 p covers row idx / (kW / kVW), columns (idx % (kW / kVW)) * kVW .. + kVW.
+template <typename T, int kW>
+__device__ __forceinline__ void load_yc(uint4 (&pre)[kYcPer<T, kW>], const T* __restrict__ Bm, int64_t nrows,
+                                        int64_t d, int64_t col0, int64_t dv0, bool vec) {
   using C = TileCfg<T>;
-  static_assert(C::kDV / C::kVW == 16 && kBN * 16 == 4 * kThreads, "Yc chunk mapping");
+  constexpr int kCpr = kW / C::kVW;  // chunks per row
+  static_assert(kBN * kCpr == kYcPer<T, kW> * kThreads && kW <= C::kDV, "Yc chunk mapping");
 #pragma unroll
-  for (int p = 0; p < 4; ++p) {
+  for (int p = 0; p < kYcPer<T, kW>; ++p) {
     const int idx = threadIdx.x + kThreads * p;
-    pre[p] = load_chunk<T>(Bm, col0 + idx / 16, nrows, dv0 + (idx % 16) * C::kVW, d, vec);
+    pre[p] = load_chunk<T>(Bm, col0 + idx / kCpr, nrows, dv0 + (idx % kCpr) * C::kVW, d, vec);
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_yc(void* Yc, const uint4 (&pre)[4]) {
+template <typename T, int kW>
+__device__ __forceinline__ void store_yc(void* Yc, const uint4 (&pre)[kYcPer<T, kW>]) {
   using C = TileCfg<T>;
   using Raw = typename C::Raw;
+  constexpr int kCpr = kW / C::kVW;
 #pragma unroll
-  for (int p = 0; p < 4; ++p) {
+  for (int p = 0; p < kYcPer<T, kW>; ++p) {
     const int idx = threadIdx.x + kThreads * p;
-    *reinterpret_cast<uint4*>(static_cast<Raw*>(Yc) + (idx / 16) * C::kLdY + (idx % 16) * C::kVW) = pre[p];
+    *reinterpret_cast<uint4*>(static_cast<Raw*>(Yc) + (idx / kCpr) * C::kLdY + (idx % kCpr) * C::kVW) = pre[p];
   }
 }
 
-template <typename T>
-struct GbProduct<T, true> {  // tensor cores: warp w owns rows 32 (w % 2) .., cols 32 (w / 2) .. (2 x 2 frags)
+// Tensor cores, 8 warps over the 64 x kW output in 16 x 16 fragments, 32 columns per warp: kW = 128: warp w owns
+// rows 32 (w % 2) .., cols 32 (w / 2) .. (2 x 2 frags); kW = 64: rows 16 (w % 4) .., cols 32 (w / 4) .. (1 x 2).
+template <typename T, int kW>
+struct GbProduct<T, kW, true> {
   using C = TileCfg<T>;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  static_assert(kW == 64 || kW == 128, "8 warps x 32 columns: 64 or 128 output columns");
+  static constexpr int kFM = kW / 64;       // fragments per warp along m
+  static constexpr int kWM = 4 / kFM;       // warps along m
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[kFM][2];
 
   __device__ __forceinline__ void zero() {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kFM; ++i) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
     }
@@ -357,17 +374,19 @@ struct GbProduct<T, true> {  // tensor cores: warp w owns rows 32 (w % 2) .., co
     const T* Gt = static_cast<const T*>(Gt_);
     const T* Yc = static_cast<const T*>(Yc_);
     const int warp = threadIdx.x / 32;
-    const int wm = warp % 2, wn = warp / 2;
+    const int wm = warp % kWM, wn = warp / kWM;
 #pragma unroll 1
     for (int kk = 0; kk < kBN; kk += 16) {  // not unrolled: keeps only one k step of fragments live
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[2];  // (m, k) at Gt[k * ld + m]
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];  // (k, n) at Yc[k * ld + n]
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa[kFM];  // (m, k) at Gt[k * ld + m]
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];    // (k, n) at Yc[k * ld + n]
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], Gt + kk * C::kLdG + 32 * wm + 16 * i, C::kLdG);
+      for (int i = 0; i < kFM; ++i) {
+        wmma::load_matrix_sync(fa[i], Gt + kk * C::kLdG + 16 * kFM * wm + 16 * i, C::kLdG);
+      }
 #pragma unroll
       for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], Yc + kk * C::kLdY + 32 * wn + 16 * j, C::kLdY);
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < kFM; ++i) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
       }
@@ -379,10 +398,10 @@ struct GbProduct<T, true> {  // tensor cores: warp w owns rows 32 (w % 2) .., co
   __device__ __forceinline__ void store(float* __restrict__ out, int64_t ld, int64_t row0, int64_t nrows,
                                         int64_t dv0, int64_t ncols, float* stage) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm = warp % 2, wn = warp / 2;
+    const int wm = warp % kWM, wn = warp / kWM;
     float* ws = stage + warp * (16 * 20);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kFM; ++i) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         nvcuda::wmma::store_matrix_sync(ws, acc[i][j], 20, nvcuda::wmma::mem_row_major);
@@ -392,7 +411,7 @@ struct GbProduct<T, true> {  // tensor cores: warp w owns rows 32 (w % 2) .., co
         for (int e = 0; e < 8; ++e) {
           const int idx = lane + 32 * e;
           const int rr = idx / 16, cc = idx % 16;
-          const int64_t gr = row0 + 32 * wm + 16 * i + rr;
+          const int64_t gr = row0 + 16 * kFM * wm + 16 * i + rr;
           const int64_t gc = dv0 + 32 * wn + 16 * j + cc;
           if (gr < nrows && gc < ncols) out[gr * ld + gc] = ws[rr * 20 + cc];
         }
@@ -410,17 +429,17 @@ struct GbProduct<T, true> {  // tensor cores: warp w owns rows 32 (w % 2) .., co
   __device__ __forceinline__ void load(const float* in, int64_t ld, int64_t row0, int64_t nrows,
                                        int64_t dv0, int64_t ncols, float* stage) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wm = warp % 2, wn = warp / 2;
+    const int wm = warp % kWM, wn = warp / kWM;
     float* ws = stage + warp * (16 * 20);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kFM; ++i) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
 #pragma unroll 1  // as in store
         for (int e = 0; e < 8; ++e) {
           const int idx = lane + 32 * e;
           const int rr = idx / 16, cc = idx % 16;
-          const int64_t gr = row0 + 32 * wm + 16 * i + rr;
+          const int64_t gr = row0 + 16 * kFM * wm + 16 * i + rr;
           const int64_t gc = dv0 + 32 * wn + 16 * j + cc;
           ws[rr * 20 + cc] = gr < nrows && gc < ncols ? in[gr * ld + gc] : 0.f;
         }
@@ -432,9 +451,10 @@ struct GbProduct<T, true> {  // tensor cores: warp w owns rows 32 (w % 2) .., co
   }
 };
 
-template <typename T>
-struct GbProduct<T, false> {  // exact fp32 SIMT: thread t owns rows 4 (t / 16) .., cols 4 (t % 16) ..
+template <typename T, int kW>
+struct GbProduct<T, kW, false> {  // exact fp32 SIMT: thread t owns rows 4 (t / 16) .., cols 4 (t % 16) ..
   using C = TileCfg<T>;
+  static_assert(kW == C::kDV, "one width for fp32");
   float acc[4][4];
 
   __device__ __forceinline__ void zero() {
@@ -492,31 +512,32 @@ struct GbProduct<T, false> {  // exact fp32 SIMT: thread t owns rows 4 (t / 16) 
 //    part (what this thread stored on the previous tile; zero on the split's first tile), multiplied into and
 //    stored again — the rows belong to this block alone, so no atomics. stage: kWarps x 16 x 20 floats of shared
 //    memory free at this point (the wmma path's staging).
-template <typename T, bool kChunked>
-__device__ __forceinline__ void gb_tile_products(GbProduct<T>& prod, const void* Gt, void* Yc,
+// kW: the chunk width (TileCfg's kDV; kDVNarrow for the one-chunk 16-bit case d <= 64, see gb_plan).
+template <typename T, bool kChunked, int kW = TileCfg<T>::kDV>
+__device__ __forceinline__ void gb_tile_products(GbProduct<T, kW>& prod, const void* Gt, void* Yc,
                                                  const T* __restrict__ Bm, int64_t nb, int64_t d, int64_t col0,
                                                  bool vec, float* part, int64_t nrows, int64_t row0, bool first_tile,
                                                  float* stage) {
-  using C = TileCfg<T>;
+  static_assert(!kChunked || kW == TileCfg<T>::kDV, "the chunk loop uses the full width");
   if constexpr (!kChunked) {
     __syncthreads();  // St consumed (Yc overwrites it), Gt complete
     {
-      uint4 pre[4];
-      load_yc<T>(pre, Bm, nb, d, col0, int64_t(blockIdx.y) * C::kDV, vec);
-      store_yc<T>(Yc, pre);
+      uint4 pre[kYcPer<T, kW>];
+      load_yc<T, kW>(pre, Bm, nb, d, col0, int64_t(blockIdx.y) * kW, vec);
+      store_yc<T, kW>(Yc, pre);
     }
     __syncthreads();  // Yc visible
     prod.mma(Gt, Yc);
   } else {
-    const int64_t nch = (d + C::kDV - 1) / C::kDV;
+    const int64_t nch = (d + kW - 1) / kW;
 #pragma unroll 1  // one chunk's product at a time (an unrolled copy would hold a second set of addresses)
     for (int64_t ch = 0; ch < nch; ++ch) {
-      const int64_t dv0 = ch * C::kDV;
+      const int64_t dv0 = ch * kW;
       __syncthreads();  // ch = 0: St consumed (Yc overwrites it), Gt complete; later: previous chunk's Yc read
       {
-        uint4 pre[4];
-        load_yc<T>(pre, Bm, nb, d, col0, dv0, vec);
-        store_yc<T>(Yc, pre);
+        uint4 pre[kYcPer<T, kW>];
+        load_yc<T, kW>(pre, Bm, nb, d, col0, dv0, vec);
+        store_yc<T, kW>(Yc, pre);
       }
       if (first_tile) {
         prod.zero();
@@ -528,6 +549,16 @@ __device__ __forceinline__ void gb_tile_products(GbProduct<T>& prod, const void*
       prod.store(part, d, row0, nrows, dv0, d, stage);
     }
   }
+}
+
+// The host's choice of G·B product for a gradient launch of d columns, shared by every gradient kernel's launcher
+// (and the emulation drivers): kNarrow: one chunk of kDVNarrow columns (16-bit rows, d <= 64; for fp32 kDVNarrow
+// = kDV, so this is kOne); kOne: one chunk of kDV columns, accumulated in registers; kChunked: the chunk loop.
+enum class GbPlan { kNarrow, kOne, kChunked };
+template <typename T>
+inline GbPlan gb_plan(int64_t d) {
+  if (d <= TileCfg<T>::kDVNarrow) return GbPlan::kNarrow;
+  return d <= TileCfg<T>::kDV ? GbPlan::kOne : GbPlan::kChunked;
 }
 
 }  // namespace cuda

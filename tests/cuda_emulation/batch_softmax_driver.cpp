@@ -30,7 +30,7 @@ void run_grad(const T* A, const T* Bm, int64_t n, int64_t d, const int64_t* labe
   float* dp = nullptr;
   if (dtp) { dtp->assign(nsplit * nrb, std::nanf("")); dp = dtp->data(); }
   launch_counting_s_tiles("batch_softmax grad pass", d, nrb, ntiles, [&] {
-    emu_launch({unsigned(nrb), 1, unsigned(nsplit)}, kThreads, [&] { (d <= TileCfg<T>::kDV ? bs_grad_kernel<T, false, kEmuTf32<T>> : bs_grad_kernel<T, true, kEmuTf32<T>>)(A, Bm, labels, tau, lr, lc, n, d, tps, vec, part.data(), dp); }); });
+    emu_launch({unsigned(nrb), 1, unsigned(nsplit)}, kThreads, [&] { bs_grad_kernel_for<T>(d, kEmuTf32<T>)(A, Bm, labels, tau, lr, lc, n, d, tps, vec, part.data(), dp); }); });
   emu_launch({3, 1, 1}, 256, [&] { reduce_splits_kernel<T>(part.data(), int(nsplit), n * d, scale, grad, tau, out); });
 }
 
@@ -115,6 +115,8 @@ int main(int argc, char** argv) {
   const int which = argc > 1 ? std::atoi(argv[1]) : -1;
   struct S { int64_t n, d; };
   std::vector<S> shapes = {{1, 1}, {2, 3}, {5, 1}, {37, 129}, {65, 128}, {70, 3}, {130, 16}, {129, 24}, {64, 64},
+                          // 16-bit d <= 64: the 64-column G·B product (d = 64 full, 40 ragged, n = 130 scalar)
+                          {129, 64}, {130, 40},
                           // d over several kDV chunks: 389 = 3 x 128 + 5 = 6 x 64 + 5 (n = 130: scalar loads),
                           // 392 (vector loads); run with one label kind only (they are slow to emulate)
                           {130, 389}, {129, 392}};

@@ -183,6 +183,9 @@ int main(int argc, char** argv) {
       {130, 70, 16, kCross, kClasses, 132, true}, {130, 130, 16, kSelf, kClasses, 1, false},
       {70, 70, 8, kSelf, kOneClass, 132, false}, {37, 37, 16, kSelf, kDistinct, 132, false},
       {70, 37, 1, kCross, kOneClass, 132, false}, {130, 130, 24, kPair, kDistinct, 1, false},
+      // 16-bit d <= 64: the 64-column G·B product over several tiles (d = 64; d = 40 with misaligned inputs; 1 SM: one
+      // split holding all the tiles)
+      {130, 70, 64, kCross, kClasses, 132, false}, {70, 130, 40, kSelf, kClasses, 1, true},
       // d over several kDV chunks (389 = 3 x 128 + 5 = 6 x 64 + 5, padded to 392): the chunk loop inside a block,
       // with (1 SM) and without (132 SMs) running sums read back across the tiles of a split
       {130, 70, 389, kCross, kClasses, 1, false}, {70, 70, 389, kSelf, kClasses, 132, true},
