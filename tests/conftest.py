@@ -37,16 +37,20 @@ def poison_triton_outputs(monkeypatch):
     return calls
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_precision_flags():
-    """The test starts from PyTorch's default fp32 matmul precision (no TF32) and leaves the flags as it found
-    them (tests of the TF32 opt-in: tests/test_triton_tf32.py, tests/test_cuda_tf32.py)."""
-    matmul = torch.backends.cuda.matmul
-    saved = (torch.backends.fp32_precision, matmul.fp32_precision)
-    torch.backends.fp32_precision = "none"
-    matmul.fp32_precision = "none"
+    """Every test starts from PyTorch's default fp32 matmul precision (no TF32) and leaves the flags as it found
+    them. A test that sets them (the TF32 opt-in tests, benchmarks/gpu.py's precision modes) cannot leak an opt-in
+    into later tests, whose Triton launches would then pick the TF32 configs."""
+    # torch.set_float32_matmul_precision writes the CUDA and the oneDNN matmul settings: restore both, and the
+    # generic one, or a later test would run with a leftover opt-in (or a legacy / new mix that raises)
+    backends = (torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "none"
     try:
         yield
     finally:
-        torch.backends.fp32_precision, matmul.fp32_precision = saved
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
         torch.get_float32_matmul_precision()  # the legacy view must stay readable (no legacy / new mix)
