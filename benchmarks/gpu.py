@@ -40,7 +40,12 @@ def apply_precision(prec: str | None, dtype: bool = True):
         raise ValueError(f"unknown precision {prec!r} (one of {PRECISIONS})")
     import torch
 
-    old_dtype, old_prec = torch.get_default_dtype(), torch.get_float32_matmul_precision()
+    # Save each fp32 precision setting the calls below write (generic, CUDA / oneDNN matmul, cuDNN), not the
+    # legacy get_float32_matmul_precision(): that one summarises them, and setting its value back can turn on
+    # TF32 for CUDA matmuls where only the oneDNN setting had been changed.
+    settings = [torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul, torch.backends.cudnn.conv,
+                torch.backends.cudnn.rnn]
+    old_dtype, old_prec = torch.get_default_dtype(), [s.fp32_precision for s in settings]
     tf32 = prec == "tf32"
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -51,7 +56,8 @@ def apply_precision(prec: str | None, dtype: bool = True):
         yield
     finally:
         torch.set_default_dtype(old_dtype)
-        torch.set_float32_matmul_precision(old_prec)
+        for setting, value in zip(settings, old_prec):
+            setting.fp32_precision = value
 
 
 def _template(op: Op) -> dict:

@@ -145,6 +145,19 @@ def test_benchmarks_gpu_run_without_gpu(tmp_path):
     assert r.stdout.count("no CUDA device") == 1
 
 
+def test_apply_precision_restores_each_setting():
+    """Only oneDNN's matmul set (as torch.set_float32_matmul_precision("medium") followed by a reset of the CUDA
+    one leaves it): the legacy getter reads "medium", and restoring that value would opt CUDA matmuls into TF32."""
+    from benchmarks.gpu import apply_precision
+
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    cuda_before = torch.backends.cuda.matmul.fp32_precision
+    with apply_precision("tf32", dtype=False):
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.fp32_precision == cuda_before != "tf32"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+
+
 def test_apply_precision_sets_and_restores():
     from benchmarks.gpu import apply_precision
 
